@@ -1,0 +1,486 @@
+//! Job configuration: one TOML file per job, parsed into plain structs.
+//!
+//! Every section denies unknown keys, every key has a documented default (see
+//! `docs/config.md`), and `--set section.key=value` overrides any key before the
+//! structs are built, so an override is checked exactly like the file.
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// A whole job.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub training: TrainingConfig,
+    pub eval: EvalConfig,
+    pub checkpoint: CheckpointConfig,
+    pub logging: LoggingConfig,
+}
+
+/// `[model]`: where the weights and the tokenizer come from.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// A Hugging Face model directory (`config.json` + `model.safetensors` or
+    /// `pytorch_model.bin`). Mutually exclusive with `config`.
+    pub path: Option<PathBuf>,
+    /// A `config.json` alone: the model starts from random weights.
+    pub config: Option<PathBuf>,
+    /// `tokenizer.json`; defaults to `<path>/tokenizer.json`.
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// Where text documents end inside a plain-text file.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DocumentBoundary {
+    /// One or more blank lines end a document (paragraphs).
+    #[default]
+    BlankLine,
+    /// Every non-empty line is a document (as `datasets`' "text" loader).
+    Line,
+    /// A whole file is one document.
+    File,
+}
+
+/// Input file format.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum InputFormat {
+    /// From the extension: `.jsonl`/`.json` -> jsonl, anything else -> text.
+    #[default]
+    Auto,
+    Text,
+    Jsonl,
+}
+
+/// `[data]`: inputs, preparation and masking.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Input files or glob patterns, relative to the config file's folder.
+    pub files: Vec<String>,
+    pub format: InputFormat,
+    /// Field holding the text in JSON lines.
+    pub text_field: String,
+    pub document_boundary: DocumentBoundary,
+    /// Tokens per training example (chunk).
+    pub block_size: usize,
+    /// Fraction of chunks held out for evaluation.
+    pub test_fraction: f64,
+    /// Seed of the train/test split.
+    pub split_seed: u64,
+    /// Where the prepared token store is written; default `<output_dir>/data`.
+    pub prepared_dir: Option<PathBuf>,
+    /// Probability that a (non-special) token is chosen for prediction.
+    pub mlm_probability: f64,
+    /// Of the chosen tokens: fraction replaced by the mask token.
+    pub mask_replace_prob: f64,
+    /// Of the chosen tokens: fraction replaced by a random token.
+    pub random_replace_prob: f64,
+    /// Threads that mask batches ahead of the model.
+    pub masker_threads: usize,
+    /// Batches kept ready ahead of the model.
+    pub prefetch_batches: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            files: Vec::new(),
+            format: InputFormat::Auto,
+            text_field: "text".into(),
+            document_boundary: DocumentBoundary::BlankLine,
+            block_size: 128,
+            test_fraction: 0.05,
+            split_seed: 42,
+            prepared_dir: None,
+            mlm_probability: 0.15,
+            mask_replace_prob: 0.8,
+            random_replace_prob: 0.1,
+            masker_threads: 2,
+            prefetch_batches: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    /// bf16 compute copies of the weights, fp32 master weights and optimizer.
+    Bf16,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    #[default]
+    Linear,
+    Cosine,
+    Constant,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceChoice {
+    /// The GPU when one is visible, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// `[training]`: the optimisation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainingConfig {
+    /// Checkpoints, metrics and (by default) prepared data go here; relative
+    /// paths are relative to the config file's folder.
+    pub output_dir: PathBuf,
+    pub seed: u64,
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (0: run all epochs).
+    pub max_steps: usize,
+    /// Examples per forward pass (per worker).
+    pub batch_size: usize,
+    pub grad_accum_steps: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_eps: f64,
+    /// Warmup as a fraction of the total steps (used when `warmup_steps` is 0).
+    pub warmup_ratio: f64,
+    pub warmup_steps: usize,
+    pub schedule: Schedule,
+    /// Global gradient-norm clipping (0: off).
+    pub max_grad_norm: f64,
+    pub precision: Precision,
+    pub device: DeviceChoice,
+    /// Intra-op CPU threads for libtorch (0: libtorch's default).
+    pub threads: usize,
+    /// Log the training loss every this many optimizer steps.
+    pub log_every: usize,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        Self {
+            output_dir: PathBuf::from("runs/mlm"),
+            seed: 42,
+            epochs: 1,
+            max_steps: 0,
+            batch_size: 8,
+            grad_accum_steps: 1,
+            lr: 5e-5,
+            weight_decay: 0.01,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            warmup_ratio: 0.0,
+            warmup_steps: 0,
+            schedule: Schedule::Linear,
+            max_grad_norm: 1.0,
+            precision: Precision::Fp32,
+            device: DeviceChoice::Auto,
+            threads: 0,
+            log_every: 10,
+        }
+    }
+}
+
+/// `[eval]`: held-out perplexity and fill-mask probes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Evaluate every this many optimizer steps (0: only at epoch ends).
+    pub every_steps: usize,
+    /// Evaluate before the first step (the "before" perplexity).
+    pub at_start: bool,
+    pub at_epoch_end: bool,
+    pub batch_size: usize,
+    /// Evaluate on at most this many test chunks (0: all).
+    pub max_chunks: usize,
+    /// Seed of the fixed evaluation masks.
+    pub mask_seed: u64,
+    /// Sentences with the mask token, predicted before and after training.
+    pub fill_mask: Vec<String>,
+    pub top_k: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            every_steps: 0,
+            at_start: true,
+            at_epoch_end: true,
+            batch_size: 16,
+            max_chunks: 0,
+            mask_seed: 1234,
+            fill_mask: Vec::new(),
+            top_k: 5,
+        }
+    }
+}
+
+/// `[checkpoint]`: what is written and kept.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Save every this many optimizer steps (0: only at epoch ends and the end).
+    pub every_steps: usize,
+    /// Step checkpoints kept (`best/` is kept apart from these).
+    pub keep_last: usize,
+    /// Keep the lowest-perplexity model in `best/`.
+    pub save_best: bool,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self { every_steps: 0, keep_last: 1, save_best: true }
+    }
+}
+
+/// `[logging]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// Progress bars: "auto" (when attached to a terminal), "always", "never".
+    pub progress: String,
+    /// JSON-lines metrics file, relative to the output directory.
+    pub metrics_file: String,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self { progress: "auto".into(), metrics_file: "metrics.jsonl".into() }
+    }
+}
+
+impl Config {
+    /// Reads `path`, applies `key=value` overrides, and resolves relative paths
+    /// against the config file's folder.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let mut value: toml::Table = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), one_line(&e.to_string())))?;
+        // Without overrides, parse the text itself: its errors carry line and column.
+        let parsed = if overrides.is_empty() {
+            toml::from_str::<Config>(&text).map_err(|e| one_line(&e.to_string()))
+        } else {
+            for o in overrides {
+                apply_override(&mut value, o)?;
+            }
+            Config::deserialize(value).map_err(|e| locate(&text, &e))
+        };
+        let mut cfg = parsed.map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        cfg.resolve_paths(&base);
+        cfg.validate().with_context(|| format!("invalid config {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    /// Parses a config from TOML text (paths stay as written).
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let cfg: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!(one_line(&e.to_string())))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(p) = self.model.path.as_mut() {
+            fix(p)
+        }
+        if let Some(p) = self.model.config.as_mut() {
+            fix(p)
+        }
+        if let Some(p) = self.model.tokenizer.as_mut() {
+            fix(p)
+        }
+        if let Some(p) = self.data.prepared_dir.as_mut() {
+            fix(p)
+        }
+        fix(&mut self.training.output_dir);
+        for f in self.data.files.iter_mut() {
+            if Path::new(f).is_relative() {
+                *f = base.join(&*f).to_string_lossy().into_owned();
+            }
+        }
+    }
+
+    /// Checks values that parse but make no sense, naming the key.
+    pub fn validate(&self) -> Result<()> {
+        let m = &self.model;
+        match (&m.path, &m.config) {
+            (None, None) => bail!("[model]: set `path` (a model directory) or `config` (a config.json for random init)"),
+            (Some(_), Some(_)) => bail!("[model]: `path` and `config` are exclusive: set one"),
+            (None, Some(_)) if m.tokenizer.is_none() => {
+                bail!("[model]: `tokenizer` is required when the model starts from `config`")
+            }
+            _ => {}
+        }
+        let d = &self.data;
+        if d.block_size < 8 {
+            bail!("data.block_size = {} is too small (at least 8)", d.block_size);
+        }
+        if !(0.0..1.0).contains(&d.test_fraction) {
+            bail!("data.test_fraction = {} must be in [0, 1)", d.test_fraction);
+        }
+        if !(d.mlm_probability > 0.0 && d.mlm_probability < 1.0) {
+            bail!("data.mlm_probability = {} must be in (0, 1)", d.mlm_probability);
+        }
+        if d.mask_replace_prob < 0.0
+            || d.random_replace_prob < 0.0
+            || d.mask_replace_prob + d.random_replace_prob > 1.0
+        {
+            bail!(
+                "data.mask_replace_prob + data.random_replace_prob = {} must be within [0, 1], each non-negative",
+                d.mask_replace_prob + d.random_replace_prob
+            );
+        }
+        if d.masker_threads == 0 {
+            bail!("data.masker_threads must be at least 1");
+        }
+        let t = &self.training;
+        if t.batch_size == 0 {
+            bail!("training.batch_size must be at least 1");
+        }
+        if t.grad_accum_steps == 0 {
+            bail!("training.grad_accum_steps must be at least 1");
+        }
+        if t.epochs == 0 && t.max_steps == 0 {
+            bail!("training.epochs and training.max_steps are both 0: nothing to train");
+        }
+        if !(t.lr >= 0.0 && t.lr.is_finite()) {
+            bail!("training.lr = {} must be a finite non-negative number", t.lr);
+        }
+        if !(0.0..=1.0).contains(&t.warmup_ratio) {
+            bail!("training.warmup_ratio = {} must be in [0, 1]", t.warmup_ratio);
+        }
+        if t.log_every == 0 {
+            bail!("training.log_every must be at least 1");
+        }
+        if self.eval.batch_size == 0 {
+            bail!("eval.batch_size must be at least 1");
+        }
+        match self.logging.progress.as_str() {
+            "auto" | "always" | "never" => {}
+            other => bail!("logging.progress = {other:?}: expected \"auto\", \"always\" or \"never\""),
+        }
+        Ok(())
+    }
+
+    /// Where the prepared token store lives.
+    pub fn prepared_dir(&self) -> PathBuf {
+        self.data.prepared_dir.clone().unwrap_or_else(|| self.training.output_dir.join("data"))
+    }
+
+    /// The tokenizer file.
+    pub fn tokenizer_path(&self) -> PathBuf {
+        match (&self.model.tokenizer, &self.model.path) {
+            (Some(t), _) => t.clone(),
+            (None, Some(p)) => p.join("tokenizer.json"),
+            (None, None) => PathBuf::from("tokenizer.json"),
+        }
+    }
+}
+
+/// Applies one `section.key=value` override. The value is parsed as TOML
+/// (numbers, booleans, arrays) and taken as a string when it is not valid TOML.
+pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
+    let (key, raw) = assignment
+        .split_once('=')
+        .with_context(|| format!("--set {assignment:?}: expected section.key=value"))?;
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
+        bail!("--set {assignment:?}: the key must be section.key (e.g. training.lr)");
+    }
+    let raw = raw.trim();
+    let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").expect("parsed key"),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let section = table
+        .entry(parts[0].to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let toml::Value::Table(section) = section else {
+        bail!("--set {assignment:?}: `{}` is not a section", parts[0]);
+    };
+    section.insert(parts[1].to_string(), value);
+    Ok(())
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Turns a serde error on the parsed table into one line, adding the line of the
+/// offending key in the file when we can find it (serde loses spans once the
+/// table has been merged with overrides).
+fn locate(text: &str, err: &toml::de::Error) -> String {
+    let msg = one_line(&err.to_string());
+    let key = msg
+        .split('`')
+        .nth(1)
+        .filter(|_| msg.starts_with("unknown field") || msg.contains("invalid"))
+        .map(str::to_string);
+    if let Some(k) = key {
+        if let Some((n, _)) = text
+            .lines()
+            .enumerate()
+            .find(|(_, l)| l.trim_start().starts_with(&format!("{k} ")) || l.trim_start().starts_with(&format!("{k}=")))
+        {
+            return format!("line {}: {msg}", n + 1);
+        }
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "[model]\npath = \"m\"\n";
+
+    #[test]
+    fn defaults_fill_missing_keys() {
+        let c = Config::from_toml(MIN).unwrap();
+        assert_eq!(c.data.block_size, 128);
+        assert_eq!(c.data.mlm_probability, 0.15);
+        assert_eq!(c.training.precision, Precision::Fp32);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, format!("{MIN}[training]\nlr = 1e-4\nlearning_rate = 3\n")).unwrap();
+        let e = format!("{:#}", Config::load(&p, &[]).unwrap_err());
+        assert!(e.contains("learning_rate") && e.contains("line 5"), "{e}");
+    }
+
+    #[test]
+    fn overrides_replace_and_type_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, MIN).unwrap();
+        let c = Config::load(&p, &["training.lr=3e-5".into(), "training.precision=bf16".into()]).unwrap();
+        assert_eq!(c.training.lr, 3e-5);
+        assert_eq!(c.training.precision, Precision::Bf16);
+        assert!(c.model.path.unwrap().starts_with(dir.path()));
+        let e = format!("{:#}", Config::load(&p, &["training.batch_size=lots".into()]).unwrap_err());
+        assert!(e.contains("batch_size") || e.contains("invalid type"), "{e}");
+        assert!(Config::load(&p, &["training.batch_size=0".into()]).is_err());
+    }
+}

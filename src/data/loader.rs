@@ -1,0 +1,254 @@
+//! Batches for training and evaluation: per-epoch chunk order, sharding across
+//! ranks, and masking in background threads a few batches ahead of the model.
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{bounded, Receiver};
+
+use super::masking::{mask_chunk, MaskingParams};
+use super::rng::{hash_words, SplitMix64};
+use super::store::TokenStore;
+
+/// Stream id separating the epoch shuffle from the masks.
+const ORDER_STREAM: u64 = 0x004F_5244_4552; // "ORDER"
+
+/// One batch of masked chunks, row-major `[rows, block_size]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    pub input_ids: Vec<i64>,
+    /// Original ids at masked positions, -100 elsewhere.
+    pub labels: Vec<i64>,
+    pub rows: usize,
+    pub block_size: usize,
+    /// Store index of each row's chunk.
+    pub chunk_ids: Vec<u64>,
+    /// Positions with a label (the loss is averaged over these).
+    pub n_masked: usize,
+}
+
+/// Masks the chunks `ids` of `store` into one batch.
+pub fn make_batch(store: &TokenStore, p: &MaskingParams, ids: &[u32], seed: u64, epoch: u64) -> Batch {
+    let bs = store.block_size();
+    let (mut input_ids, mut labels) = (vec![0i64; ids.len() * bs], vec![0i64; ids.len() * bs]);
+    let mut n_masked = 0;
+    for (r, &id) in ids.iter().enumerate() {
+        let span = r * bs..(r + 1) * bs;
+        n_masked +=
+            mask_chunk(store.chunk(id as usize), p, seed, epoch, id as u64, &mut input_ids[span.clone()], &mut labels[span]);
+    }
+    Batch { input_ids, labels, rows: ids.len(), block_size: bs, chunk_ids: ids.iter().map(|&i| i as u64).collect(), n_masked }
+}
+
+/// The order of chunk ids `0..n_chunks` in `epoch`: a Fisher-Yates shuffle
+/// seeded by `(seed, epoch)`, identical on every rank.
+pub fn epoch_order(n_chunks: usize, seed: u64, epoch: u64) -> Vec<u32> {
+    assert!(n_chunks <= u32::MAX as usize, "more than 2^32 chunks");
+    let mut v: Vec<u32> = (0..n_chunks as u32).collect();
+    SplitMix64::new(hash_words(&[seed, epoch, u64::MAX, ORDER_STREAM])).shuffle(&mut v);
+    v
+}
+
+/// The ids of rank `rank` out of `world`: every `world`-th id from `rank`.
+pub fn rank_shard(order: &[u32], rank: usize, world: usize) -> Vec<u32> {
+    assert!(world > 0 && rank < world, "rank {rank} out of world size {world}");
+    order.iter().skip(rank).step_by(world).copied().collect()
+}
+
+/// The batches of one epoch on one rank, masked by background threads and
+/// delivered in order. Batch `i` holds `ids[i*batch_size..(i+1)*batch_size]`;
+/// the incomplete last batch is dropped, so there are `ids.len() / batch_size`
+/// batches. Dropping the stream stops and joins its threads.
+pub struct BatchStream {
+    receivers: Vec<Receiver<Batch>>,
+    workers: Vec<JoinHandle<()>>,
+    start: usize,
+    next: usize,
+    n_batches: usize,
+}
+
+impl BatchStream {
+    /// Starts masking at batch `start_batch` (a resume skips the earlier batches
+    /// without masking them). Worker `w` of `threads` masks the batches `i` with
+    /// `(i - start_batch) % threads == w`; about `prefetch` batches (at least one
+    /// per thread) wait ready ahead of the consumer.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Arc<TokenStore>,
+        params: Arc<MaskingParams>,
+        ids: Vec<u32>,
+        batch_size: usize,
+        start_batch: usize,
+        seed: u64,
+        epoch: u64,
+        threads: usize,
+        prefetch: usize,
+    ) -> Self {
+        assert!(batch_size > 0, "batch_size must be positive");
+        let threads = threads.max(1);
+        let n_batches = ids.len() / batch_size;
+        let cap = prefetch.div_ceil(threads).max(1);
+        let ids = Arc::new(ids);
+        let (mut receivers, mut workers) = (Vec::new(), Vec::new());
+        for w in 0..threads {
+            let (tx, rx) = bounded(cap);
+            let (store, params, ids) = (store.clone(), params.clone(), ids.clone());
+            let handle = std::thread::Builder::new()
+                .name(format!("mlm-masker-{w}"))
+                .spawn(move || {
+                    let mut i = start_batch + w;
+                    while i < n_batches {
+                        let b = make_batch(&store, &params, &ids[i * batch_size..(i + 1) * batch_size], seed, epoch);
+                        if tx.send(b).is_err() {
+                            return; // the stream was dropped
+                        }
+                        i += threads;
+                    }
+                })
+                .expect("cannot spawn a masker thread");
+            receivers.push(rx);
+            workers.push(handle);
+        }
+        Self { receivers, workers, start: start_batch, next: start_batch, n_batches }
+    }
+
+    /// Batches in the whole epoch (including those skipped by `start_batch`).
+    pub fn n_batches(&self) -> usize {
+        self.n_batches
+    }
+
+    /// Index of the batch the next call to `next` returns.
+    pub fn position(&self) -> usize {
+        self.next
+    }
+}
+
+impl Iterator for BatchStream {
+    type Item = Batch;
+
+    fn next(&mut self) -> Option<Batch> {
+        if self.next >= self.n_batches {
+            return None;
+        }
+        let w = (self.next - self.start) % self.receivers.len();
+        let batch = self.receivers[w]
+            .recv()
+            .unwrap_or_else(|_| panic!("masker thread {w} stopped before batch {} (it panicked)", self.next));
+        self.next += 1;
+        Some(batch)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = self.n_batches.saturating_sub(self.next);
+        (left, Some(left))
+    }
+}
+
+impl ExactSizeIterator for BatchStream {}
+
+impl Drop for BatchStream {
+    fn drop(&mut self) {
+        // Closing the channels makes blocked senders fail, so workers return.
+        self.receivers.clear();
+        for h in self.workers.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Evaluation batches over the first `max_chunks` chunks of `store` (0: all),
+/// in store order, the last partial batch kept. Masks are fixed: they depend on
+/// `mask_seed` only (epoch `u64::MAX`), so every evaluation sees the same ones.
+pub fn eval_batches(store: &TokenStore, params: &MaskingParams, batch_size: usize, max_chunks: usize, mask_seed: u64) -> Vec<Batch> {
+    assert!(batch_size > 0, "batch_size must be positive");
+    let n = if max_chunks == 0 { store.len() } else { max_chunks.min(store.len()) };
+    let ids: Vec<u32> = (0..n as u32).collect();
+    ids.chunks(batch_size).map(|c| make_batch(store, params, c, mask_seed, u64::MAX)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DataConfig;
+    use crate::data::{store::write_tokens, testutil};
+
+    const BLOCK: usize = 64;
+
+    fn fixture(chunks: usize) -> (tempfile::TempDir, Arc<TokenStore>, Arc<MaskingParams>) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("train.tokens");
+        write_tokens(&p, testutil::corpus_tokens(chunks * BLOCK).chunks(BLOCK)).unwrap();
+        let store = Arc::new(TokenStore::open(&p, BLOCK).unwrap());
+        let params = Arc::new(MaskingParams::new(&DataConfig::default(), testutil::tokenizer()));
+        (d, store, params)
+    }
+
+    #[test]
+    fn epoch_order_is_a_seeded_permutation() {
+        let a = epoch_order(500, 42, 0);
+        assert_eq!(a, epoch_order(500, 42, 0));
+        assert_ne!(a, epoch_order(500, 42, 1));
+        assert_ne!(a, epoch_order(500, 41, 0));
+        let mut s = a.clone();
+        s.sort();
+        assert_eq!(s, (0..500).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn rank_shards_partition_the_order() {
+        let order = epoch_order(103, 1, 0);
+        let shards: Vec<Vec<u32>> = (0..4).map(|r| rank_shard(&order, r, 4)).collect();
+        assert_eq!(shards[1][..3], [order[1], order[5], order[9]]);
+        assert_eq!(shards.iter().map(Vec::len).collect::<Vec<_>>(), vec![26, 26, 26, 25]);
+        let mut all: Vec<u32> = shards.concat();
+        all.sort();
+        assert_eq!(all, (0..103).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn stream_resumed_at_batch_k_yields_the_rest_of_the_full_stream() {
+        let (_d, store, params) = fixture(90);
+        let ids = rank_shard(&epoch_order(store.len(), 42, 2), 1, 2);
+        let full: Vec<Batch> = BatchStream::new(store.clone(), params.clone(), ids.clone(), 4, 0, 42, 2, 2, 3).collect();
+        assert_eq!(full.len(), 45 / 4);
+        assert_eq!(full[2].chunk_ids, ids[8..12].iter().map(|&i| i as u64).collect::<Vec<_>>());
+        assert!(full.iter().all(|b| b.rows == 4 && b.input_ids.len() == 4 * BLOCK && b.n_masked > 0));
+        let resumed = BatchStream::new(store, params, ids, 4, 7, 42, 2, 3, 2);
+        assert_eq!((resumed.len(), resumed.position()), (4, 7));
+        assert_eq!(resumed.collect::<Vec<_>>(), full[7..]);
+    }
+
+    #[test]
+    fn thread_count_does_not_change_the_batches() {
+        let (_d, store, params) = fixture(60);
+        let ids = epoch_order(store.len(), 3, 0);
+        let one: Vec<Batch> = BatchStream::new(store.clone(), params.clone(), ids.clone(), 5, 0, 3, 0, 1, 1).collect();
+        let two: Vec<Batch> = BatchStream::new(store.clone(), params.clone(), ids.clone(), 5, 0, 3, 0, 2, 8).collect();
+        assert_eq!(one, two);
+        let other_epoch: Vec<Batch> = BatchStream::new(store, params, ids, 5, 0, 3, 1, 2, 8).collect();
+        assert_ne!(one[0].labels, other_epoch[0].labels);
+    }
+
+    #[test]
+    fn dropping_a_stream_mid_epoch_stops_its_threads() {
+        let (_d, store, params) = fixture(60);
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            let mut s = BatchStream::new(store, params, (0..60).collect(), 1, 0, 0, 0, 3, 1);
+            s.next().unwrap();
+            drop(s);
+            tx.send(()).unwrap();
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(20)).expect("dropping the stream hung");
+    }
+
+    #[test]
+    fn eval_batches_are_fixed_and_keep_the_last_partial_batch() {
+        let (_d, store, params) = fixture(23);
+        let a = eval_batches(&store, &params, 5, 0, 1234);
+        assert_eq!(a.iter().map(|b| b.rows).collect::<Vec<_>>(), vec![5, 5, 5, 5, 3]);
+        assert_eq!(a[4].chunk_ids, vec![20, 21, 22]);
+        assert_eq!(a, eval_batches(&store, &params, 5, 0, 1234));
+        assert_ne!(a[0].labels, eval_batches(&store, &params, 5, 0, 1).remove(0).labels);
+        assert_eq!(eval_batches(&store, &params, 4, 10, 1234).iter().map(|b| b.rows).sum::<usize>(), 10);
+    }
+}

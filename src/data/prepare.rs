@@ -1,0 +1,418 @@
+//! `prepare`: input files -> tokenized, chunked, split token store on disk.
+//!
+//! Mirrors Hugging Face `run_mlm`'s default path: each document is tokenized with
+//! its special tokens (`[CLS] ... [SEP]`), all documents are concatenated in file
+//! order, cut into `block_size` chunks and the remainder dropped (`group_texts`).
+//! Chunks are then split into train/test by a seeded shuffle.
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+use tracing::{info, warn};
+
+use super::rng::{hash_words, SplitMix64};
+use super::source::{expand_files, read_documents};
+use super::store::{write_tokens, Manifest, Prepared, SourceInfo, FORMAT_VERSION, MANIFEST, TEST_FILE, TRAIN_FILE};
+use super::tokenizer::{hex, TextTokenizer};
+use crate::config::{Config, DataConfig};
+
+/// Stream id separating the split shuffle from other uses of `split_seed`.
+const SPLIT_STREAM: u64 = 0x0053_504C_4954; // "SPLIT"
+
+/// Prepares the token store in `cfg.prepared_dir()`, or reuses the one there
+/// when it was made from the same inputs and settings (same `inputs_key`).
+pub fn prepare(cfg: &Config, tok: &TextTokenizer, show_progress: bool) -> Result<Prepared> {
+    let d = &cfg.data;
+    let files = expand_files(&d.files)?;
+    if files.is_empty() {
+        bail!("data.files is empty: list the text or JSON-lines files to train on");
+    }
+    let mut sources = hash_sources(&files)?;
+    let key = inputs_key(d, tok, &sources);
+    let dir = cfg.prepared_dir();
+    if dir.join(MANIFEST).exists() {
+        match Prepared::open(&dir) {
+            Ok(p) if p.manifest.inputs_key == key => {
+                info!("reusing prepared data at {}", dir.display());
+                return Ok(p);
+            }
+            Ok(_) => info!("inputs or data settings changed: preparing {} again", dir.display()),
+            Err(e) => warn!("prepared data at {} is unusable ({e:#}): preparing again", dir.display()),
+        }
+    }
+
+    let t0 = Instant::now();
+    let pb = progress_bar(show_progress, sources.iter().map(|s| s.bytes).sum());
+    let (tokens, counts) = tokenize_files(&files, d, tok, &pb)?;
+    pb.finish_and_clear();
+    let secs = t0.elapsed().as_secs_f64();
+    for (s, (docs, toks)) in sources.iter_mut().zip(counts) {
+        (s.documents, s.tokens) = (docs, toks);
+    }
+    let documents: usize = sources.iter().map(|s| s.documents).sum();
+    check_corpus(&files, documents, tokens.len(), d.block_size)?;
+    let bs = d.block_size;
+    let n = tokens.len() / bs;
+    let (train_ids, test_ids) = split_chunks(n, d.test_fraction, d.split_seed)?;
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        block_size: bs,
+        tokenizer_sha256: tok.hash.clone(),
+        vocab_size: tok.vocab_size,
+        inputs_key: key,
+        sources,
+        documents,
+        tokens: tokens.len(),
+        dropped_tokens: tokens.len() % bs,
+        train_chunks: train_ids.len(),
+        test_chunks: test_ids.len(),
+    };
+    let chunk = |i: &u32| &tokens[*i as usize * bs..(*i as usize + 1) * bs];
+    write_atomically(&dir, |tmp| {
+        write_tokens(&tmp.join(TRAIN_FILE), train_ids.iter().map(chunk))?;
+        write_tokens(&tmp.join(TEST_FILE), test_ids.iter().map(chunk))?;
+        let p = tmp.join(MANIFEST);
+        std::fs::write(&p, serde_json::to_vec_pretty(&manifest)?).with_context(|| format!("cannot write {}", p.display()))?;
+        File::open(&p)?.sync_all().with_context(|| format!("cannot sync {}", p.display()))
+    })?;
+    info!(
+        documents,
+        tokens = manifest.tokens,
+        train_chunks = manifest.train_chunks,
+        test_chunks = manifest.test_chunks,
+        dropped_tokens = manifest.dropped_tokens,
+        tokens_per_s = (manifest.tokens as f64 / secs.max(1e-9)).round(),
+        "prepared data at {}",
+        dir.display()
+    );
+    Prepared::open(&dir)
+}
+
+/// The documents of `d.files` tokenized and concatenated, cut to a whole number
+/// of `d.block_size` chunks (no store on disk: for one-off evaluation). Fails
+/// like [`prepare`] on an empty or too small corpus.
+pub fn tokenize_to_chunks(d: &DataConfig, tok: &TextTokenizer) -> Result<Vec<u32>> {
+    let files = expand_files(&d.files)?;
+    if files.is_empty() {
+        bail!("no input files given");
+    }
+    let (mut tokens, counts) = tokenize_files(&files, d, tok, &indicatif::ProgressBar::hidden())?;
+    check_corpus(&files, counts.iter().map(|c| c.0).sum(), tokens.len(), d.block_size)?;
+    tokens.truncate(tokens.len() / d.block_size * d.block_size);
+    Ok(tokens)
+}
+
+/// (documents, tokens) of one input file.
+type FileCounts = (usize, usize);
+
+/// Reads and tokenizes `files` in order (documents in parallel, order kept):
+/// all tokens concatenated, and (documents, tokens) per file. `pb` advances by
+/// bytes.
+fn tokenize_files(
+    files: &[PathBuf],
+    d: &DataConfig,
+    tok: &TextTokenizer,
+    pb: &indicatif::ProgressBar,
+) -> Result<(Vec<u32>, Vec<FileCounts>)> {
+    let (mut tokens, mut counts, mut done) = (Vec::new(), Vec::new(), 0);
+    for file in files {
+        let docs = read_documents(file, d)?;
+        // Indexed parallel collect keeps document order.
+        let encoded: Vec<Vec<u32>> = docs
+            .par_iter()
+            .map(|doc| {
+                let ids = tok.encode_document(doc);
+                pb.inc(doc.len() as u64);
+                ids
+            })
+            .collect::<Result<_>>()
+            .with_context(|| format!("cannot tokenize {}", file.display()))?;
+        let n: usize = encoded.iter().map(Vec::len).sum();
+        tokens.reserve(n);
+        encoded.iter().for_each(|e| tokens.extend_from_slice(e));
+        counts.push((docs.len(), n));
+        done += std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+        pb.set_position(done);
+    }
+    Ok((tokens, counts))
+}
+
+/// The errors of a corpus too small to make one chunk.
+fn check_corpus(files: &[PathBuf], documents: usize, tokens: usize, block_size: usize) -> Result<()> {
+    if documents == 0 || tokens == 0 {
+        bail!("no text found in {}", list_files(files));
+    }
+    if tokens < block_size {
+        bail!("corpus has {tokens} tokens, fewer than data.block_size = {block_size}: add text or lower data.block_size");
+    }
+    Ok(())
+}
+
+/// Splits chunk ids `0..n` into (train, test), each ascending: a shuffle seeded
+/// by `seed` puts `round(n * test_fraction)` ids (at least 1 when the fraction is
+/// positive, and leaving at least one for training) in test.
+pub fn split_chunks(n: usize, test_fraction: f64, seed: u64) -> Result<(Vec<u32>, Vec<u32>)> {
+    if n > u32::MAX as usize {
+        bail!("corpus makes {n} chunks, more than 2^32: raise data.block_size");
+    }
+    if test_fraction > 0.0 && n < 2 {
+        bail!(
+            "corpus makes {n} chunk of data.block_size tokens, but a train/test split (data.test_fraction = {test_fraction}) needs at least 2: add text, lower data.block_size, or set data.test_fraction = 0"
+        );
+    }
+    let n_test = if test_fraction > 0.0 { ((n as f64 * test_fraction).round() as usize).clamp(1, n - 1) } else { 0 };
+    let mut ids: Vec<u32> = (0..n as u32).collect();
+    SplitMix64::new(hash_words(&[seed, SPLIT_STREAM])).shuffle(&mut ids);
+    let (mut test, mut train) = (ids[..n_test].to_vec(), ids[n_test..].to_vec());
+    test.sort_unstable();
+    train.sort_unstable();
+    Ok((train, test))
+}
+
+/// Hashes every input file (in parallel); counts are filled in later.
+fn hash_sources(files: &[PathBuf]) -> Result<Vec<SourceInfo>> {
+    files
+        .par_iter()
+        .map(|f| {
+            let path = std::fs::canonicalize(f).with_context(|| format!("cannot resolve input file {}", f.display()))?;
+            let mut file = File::open(f).with_context(|| format!("cannot read input file {}", f.display()))?;
+            let (mut h, mut buf, mut bytes) = (Sha256::new(), vec![0u8; 1 << 20], 0u64);
+            loop {
+                let k = file.read(&mut buf).with_context(|| format!("cannot read input file {}", f.display()))?;
+                if k == 0 {
+                    break;
+                }
+                h.update(&buf[..k]);
+                bytes += k as u64;
+            }
+            Ok(SourceInfo { path, bytes, sha256: hex(&h.finalize()), documents: 0, tokens: 0 })
+        })
+        .collect()
+}
+
+/// SHA-256 over everything that shapes the store.
+fn inputs_key(d: &DataConfig, tok: &TextTokenizer, sources: &[SourceInfo]) -> String {
+    let files: Vec<_> = sources.iter().map(|s| (&s.path, s.bytes, &s.sha256)).collect();
+    let v = serde_json::json!({
+        "format_version": FORMAT_VERSION,
+        "files": files,
+        "format": d.format,
+        "text_field": d.text_field,
+        "document_boundary": d.document_boundary,
+        "block_size": d.block_size,
+        "test_fraction": d.test_fraction,
+        "split_seed": d.split_seed,
+        "tokenizer_sha256": tok.hash,
+    });
+    hex(&Sha256::digest(v.to_string().as_bytes()))
+}
+
+fn list_files(files: &[PathBuf]) -> String {
+    let mut s: Vec<String> = files.iter().take(3).map(|f| f.display().to_string()).collect();
+    if files.len() > 3 {
+        s.push(format!("and {} more files", files.len() - 3));
+    }
+    s.join(", ")
+}
+
+fn progress_bar(show: bool, total: u64) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "tokenizing {bar:40} {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, eta {eta})",
+    ) {
+        pb.set_style(style);
+    }
+    pb
+}
+
+/// Removes a temporary directory unless disarmed.
+struct TempDirGuard(Option<PathBuf>);
+
+impl Drop for TempDirGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|f| f.sync_all()).with_context(|| format!("cannot sync directory {}", dir.display()))
+}
+
+/// Builds `dir` in a sibling temporary directory, fsyncs it and swaps it in, so
+/// a failure or a crash never leaves a half-written store under `dir`.
+fn write_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = dir.file_name().with_context(|| format!("prepared dir {} has no name", dir.display()))?;
+    let name = name.to_string_lossy();
+    std::fs::create_dir_all(&parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    let pid = std::process::id();
+    let tmp = parent.join(format!("{name}.tmp-{pid}"));
+    let old = parent.join(format!("{name}.old-{pid}"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let mut guard = TempDirGuard(Some(tmp.clone()));
+    write(&tmp)?;
+    sync_dir(&tmp)?;
+    if dir.exists() {
+        let _ = std::fs::remove_dir_all(&old);
+        std::fs::rename(dir, &old).with_context(|| format!("cannot move aside {}", dir.display()))?;
+    }
+    if let Err(e) = std::fs::rename(&tmp, dir) {
+        let _ = std::fs::rename(&old, dir);
+        return Err(e).with_context(|| format!("cannot move {} to {}", tmp.display(), dir.display()));
+    }
+    guard.0 = None;
+    if old.exists() {
+        if let Err(e) = std::fs::remove_dir_all(&old) {
+            warn!("cannot remove old prepared data {}: {e}", old.display());
+        }
+    }
+    sync_dir(&parent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{source, testutil};
+    use std::os::unix::fs::MetadataExt;
+
+    fn config(dir: &Path, files: Vec<String>, block_size: usize) -> Config {
+        let mut c = Config::default();
+        c.data.files = files;
+        c.data.block_size = block_size;
+        c.data.test_fraction = 0.1;
+        c.data.prepared_dir = Some(dir.join("data"));
+        c
+    }
+
+    fn corpus(k: usize) -> Vec<String> {
+        testutil::corpus_files().iter().take(k).map(|p| p.to_string_lossy().into_owned()).collect()
+    }
+
+    fn inode(p: &Path) -> u64 {
+        std::fs::metadata(p).unwrap().ino()
+    }
+
+    fn siblings(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn prepared_store_holds_concatenated_chunks_split_by_seed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tok = testutil::tokenizer();
+        let cfg = config(tmp.path(), corpus(12), 64);
+        let p = prepare(&cfg, tok, false).unwrap();
+        let mut all = Vec::new();
+        for f in source::expand_files(&cfg.data.files).unwrap() {
+            for doc in source::read_documents(&f, &cfg.data).unwrap() {
+                all.extend(tok.encode_document(&doc).unwrap());
+            }
+        }
+        let m = &p.manifest;
+        assert_eq!((m.tokens, m.dropped_tokens, m.sources.len()), (all.len(), all.len() % 64, 12));
+        assert_eq!(m.train_chunks + m.test_chunks, all.len() / 64);
+        assert_eq!(m.test_chunks, ((all.len() / 64) as f64 * 0.1).round() as usize);
+        let (train, test) = split_chunks(all.len() / 64, 0.1, cfg.data.split_seed).unwrap();
+        for (k, &id) in train.iter().enumerate() {
+            assert_eq!(p.train.chunk(k), &all[id as usize * 64..(id as usize + 1) * 64]);
+        }
+        for (k, &id) in test.iter().enumerate() {
+            assert_eq!(p.test.chunk(k), &all[id as usize * 64..(id as usize + 1) * 64]);
+        }
+        assert_eq!(siblings(tmp.path()), vec!["data"]);
+    }
+
+    #[test]
+    fn unchanged_inputs_reuse_the_store_and_changed_settings_rebuild_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tok = testutil::tokenizer();
+        let mut cfg = config(tmp.path(), corpus(3), 32);
+        let first = prepare(&cfg, tok, false).unwrap();
+        let train = first.dir.join(TRAIN_FILE);
+        let ino = inode(&train);
+        let again = prepare(&cfg, tok, false).unwrap();
+        assert_eq!(inode(&train), ino);
+        assert_eq!(again.manifest, first.manifest);
+        cfg.data.block_size = 48;
+        let rebuilt = prepare(&cfg, tok, false).unwrap();
+        assert_ne!(rebuilt.manifest.inputs_key, first.manifest.inputs_key);
+        assert_eq!(rebuilt.manifest.block_size, 48);
+        assert_eq!(siblings(tmp.path()), vec!["data"]);
+    }
+
+    #[test]
+    fn failed_prepare_leaves_existing_store_untouched() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tok = testutil::tokenizer();
+        let mut cfg = config(tmp.path(), corpus(2), 32);
+        let before = prepare(&cfg, tok, false).unwrap().manifest;
+        let bad = tmp.path().join("bad.txt");
+        std::fs::write(&bad, b"fine text\n\xc3\x28 broken").unwrap();
+        cfg.data.files.push(bad.to_string_lossy().into_owned());
+        let e = format!("{:#}", prepare(&cfg, tok, false).unwrap_err());
+        assert!(e.contains("bad.txt") && e.contains("offset 10"), "{e}");
+        assert_eq!(Prepared::open(&tmp.path().join("data")).unwrap().manifest, before);
+        assert_eq!(siblings(tmp.path()), vec!["bad.txt", "data"]);
+    }
+
+    #[test]
+    fn too_little_text_is_a_clear_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tok = testutil::tokenizer();
+        let f = tmp.path().join("a.txt");
+        let files = vec![f.to_string_lossy().into_owned()];
+        std::fs::write(&f, "\n  \n").unwrap();
+        let e = prepare(&config(tmp.path(), files.clone(), 16), tok, false).unwrap_err().to_string();
+        assert!(e.starts_with("no text found in") && e.contains("a.txt"), "{e}");
+        std::fs::write(&f, "just a few words").unwrap();
+        let e = prepare(&config(tmp.path(), files.clone(), 16), tok, false).unwrap_err().to_string();
+        assert!(e.contains("corpus has 6 tokens, fewer than data.block_size = 16"), "{e}");
+        std::fs::write(&f, "one two three four five six seven eight nine ten eleven twelve").unwrap();
+        let e = prepare(&config(tmp.path(), files, 8), tok, false).unwrap_err().to_string();
+        assert!(e.contains("needs at least 2"), "{e}");
+        assert_eq!(siblings(tmp.path()), vec!["a.txt"]);
+    }
+
+    #[test]
+    fn tokenize_to_chunks_matches_the_prepared_tokens() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tok = testutil::tokenizer();
+        let cfg = config(tmp.path(), corpus(2), 64);
+        let tokens = tokenize_to_chunks(&cfg.data, tok).unwrap();
+        let m = prepare(&cfg, tok, false).unwrap().manifest;
+        assert_eq!(tokens.len(), m.tokens - m.dropped_tokens);
+        assert_eq!(tokens.len() % 64, 0);
+        assert_eq!(tokens[0], 101);
+    }
+
+    #[test]
+    fn split_is_deterministic_disjoint_and_sorted() {
+        let (train, test) = split_chunks(1000, 0.05, 42).unwrap();
+        assert_eq!((train.len(), test.len()), (950, 50));
+        assert_eq!(split_chunks(1000, 0.05, 42).unwrap(), (train.clone(), test.clone()));
+        assert_ne!(split_chunks(1000, 0.05, 43).unwrap().1, test);
+        assert!(train.windows(2).all(|w| w[0] < w[1]) && test.windows(2).all(|w| w[0] < w[1]));
+        let mut all: Vec<u32> = train.iter().chain(&test).copied().collect();
+        all.sort();
+        assert_eq!(all, (0..1000).collect::<Vec<_>>());
+        assert_eq!(split_chunks(3, 0.001, 1).unwrap().1.len(), 1);
+        assert_eq!(split_chunks(2, 0.9, 1).unwrap().0.len(), 1);
+        assert!(split_chunks(5, 0.0, 1).unwrap().1.is_empty());
+    }
+}

@@ -1,0 +1,246 @@
+//! The prepared token store: `train.tokens` / `test.tokens` (little-endian
+//! `u32`, one fixed-size chunk after another) and `manifest.json`.
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// Version of the on-disk layout; bumped on incompatible changes.
+pub const FORMAT_VERSION: u32 = 1;
+/// File names inside the prepared directory.
+pub const MANIFEST: &str = "manifest.json";
+pub const TRAIN_FILE: &str = "train.tokens";
+pub const TEST_FILE: &str = "test.tokens";
+
+/// One input file as it was prepared.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SourceInfo {
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub sha256: String,
+    pub documents: usize,
+    /// Tokens of this file's documents, special tokens included.
+    pub tokens: usize,
+}
+
+/// `manifest.json`: what the store holds and what it was made from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub block_size: usize,
+    pub tokenizer_sha256: String,
+    pub vocab_size: usize,
+    /// SHA-256 over every setting and input that shapes the store: the prepared
+    /// data is reused only when this matches.
+    pub inputs_key: String,
+    pub sources: Vec<SourceInfo>,
+    pub documents: usize,
+    /// Tokens before chunking.
+    pub tokens: usize,
+    /// Tokens of the incomplete last chunk, dropped (as HF `group_texts`).
+    pub dropped_tokens: usize,
+    pub train_chunks: usize,
+    pub test_chunks: usize,
+}
+
+impl Manifest {
+    /// Reads `<dir>/manifest.json`.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let p = dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        let m: Manifest = serde_json::from_str(&text).with_context(|| format!("{} is not a valid manifest", p.display()))?;
+        if m.format_version != FORMAT_VERSION {
+            bail!("{}: format_version {} (expected {FORMAT_VERSION}); prepare the data again", p.display(), m.format_version);
+        }
+        Ok(m)
+    }
+}
+
+enum Backing {
+    Map(memmap2::Mmap),
+    /// Tokens in memory: from [`TokenStore::from_tokens`], or where the mapping cannot be viewed as `u32` in place (big-endian
+    /// hosts, or a misaligned map, which mmap never gives in practice).
+    Owned(Vec<u32>),
+}
+
+/// One memory-mapped `.tokens` file, viewed as chunks of `block_size` ids.
+pub struct TokenStore {
+    backing: Backing,
+    block_size: usize,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for TokenStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TokenStore({}, {} chunks of {})", self.path.display(), self.len(), self.block_size)
+    }
+}
+
+impl TokenStore {
+    /// Maps `path`; its length must be a whole number of chunks.
+    pub fn open(path: &Path, block_size: usize) -> Result<Self> {
+        assert!(block_size > 0, "block_size must be positive");
+        let file = File::open(path).with_context(|| format!("cannot open token file {}", path.display()))?;
+        let len = file.metadata().with_context(|| format!("cannot stat {}", path.display()))?.len() as usize;
+        if !len.is_multiple_of(block_size * 4) {
+            bail!(
+                "{}: {len} bytes is not a whole number of {block_size}-token chunks (truncated or wrong block_size); prepare the data again",
+                path.display()
+            );
+        }
+        // SAFETY: the store is written once into a fresh directory and then only
+        // read; replacing it renames directories, which leaves this inode intact.
+        let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+        let aligned = (map.as_ptr() as usize).is_multiple_of(std::mem::align_of::<u32>());
+        let backing = if cfg!(target_endian = "little") && aligned {
+            Backing::Map(map)
+        } else {
+            Backing::Owned(map.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())).collect())
+        };
+        Ok(Self { backing, block_size, path: path.to_path_buf() })
+    }
+
+    /// An in-memory store over `tokens` (the incomplete last chunk is dropped),
+    /// for one-off evaluation without a prepared directory.
+    pub fn from_tokens(mut tokens: Vec<u32>, block_size: usize) -> Self {
+        assert!(block_size > 0, "block_size must be positive");
+        tokens.truncate(tokens.len() / block_size * block_size);
+        Self { backing: Backing::Owned(tokens), block_size, path: PathBuf::from("<memory>") }
+    }
+
+    fn tokens(&self) -> &[u32] {
+        match &self.backing {
+            // SAFETY: little-endian host, 4-byte aligned pointer, length in bytes
+            // a multiple of 4 (checked in `open`), and every bit pattern is a u32.
+            Backing::Map(m) => unsafe { std::slice::from_raw_parts(m.as_ptr() as *const u32, m.len() / 4) },
+            Backing::Owned(v) => v,
+        }
+    }
+
+    /// Number of chunks.
+    pub fn len(&self) -> usize {
+        self.tokens().len() / self.block_size
+    }
+
+    /// Whether the store holds no chunk.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Tokens per chunk.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// The file this store maps.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Chunk `i` (panics when out of range).
+    pub fn chunk(&self, i: usize) -> &[u32] {
+        &self.tokens()[i * self.block_size..(i + 1) * self.block_size]
+    }
+}
+
+/// Writes `chunks` (each `block_size` long) to `path` as little-endian `u32`
+/// and fsyncs the file.
+pub fn write_tokens<'a>(path: &Path, chunks: impl IntoIterator<Item = &'a [u32]>) -> Result<()> {
+    let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    let mut buf = Vec::new();
+    for c in chunks {
+        buf.clear();
+        buf.extend(c.iter().flat_map(|t| t.to_le_bytes()));
+        w.write_all(&buf).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    let file = w.into_inner().map_err(|e| e.into_error()).with_context(|| format!("cannot write {}", path.display()))?;
+    file.sync_all().with_context(|| format!("cannot sync {}", path.display()))
+}
+
+/// A prepared directory, opened. The stores are shared (`Arc`) so masker
+/// threads can hold them.
+#[derive(Debug)]
+pub struct Prepared {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub train: Arc<TokenStore>,
+    pub test: Arc<TokenStore>,
+}
+
+impl Prepared {
+    /// Opens `<dir>/manifest.json` and both token files, checking their chunk
+    /// counts against the manifest.
+    pub fn open(dir: &Path) -> Result<Prepared> {
+        let manifest = Manifest::read(dir)?;
+        let train = TokenStore::open(&dir.join(TRAIN_FILE), manifest.block_size)?;
+        let test = TokenStore::open(&dir.join(TEST_FILE), manifest.block_size)?;
+        if train.len() != manifest.train_chunks || test.len() != manifest.test_chunks {
+            bail!(
+                "{}: token files hold {}/{} train/test chunks, the manifest says {}/{}; prepare the data again",
+                dir.display(),
+                train.len(),
+                test.len(),
+                manifest.train_chunks,
+                manifest.test_chunks
+            );
+        }
+        Ok(Prepared { dir: dir.to_path_buf(), manifest, train: Arc::new(train), test: Arc::new(test) })
+    }
+
+    /// A shared handle on the training split.
+    pub fn train_arc(&self) -> Arc<TokenStore> {
+        self.train.clone()
+    }
+
+    /// A shared handle on the test split.
+    pub fn test_arc(&self) -> Arc<TokenStore> {
+        self.test.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_round_trip_through_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x.tokens");
+        let data: Vec<u32> = (0..40).map(|i| i * 1_000_003).collect();
+        write_tokens(&p, data.chunks(8)).unwrap();
+        let s = TokenStore::open(&p, 8).unwrap();
+        assert_eq!(s.len(), 5);
+        assert_eq!(s.chunk(3), &data[24..32]);
+        let bytes = std::fs::read(&p).unwrap();
+        assert_eq!(&bytes[4..8], &1_000_003u32.to_le_bytes());
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<TokenStore>();
+    }
+
+    #[test]
+    fn in_memory_store_drops_the_incomplete_chunk() {
+        let s = TokenStore::from_tokens((0..20).collect(), 8);
+        assert_eq!((s.len(), s.chunk(1)), (2, &[8, 9, 10, 11, 12, 13, 14, 15][..]));
+    }
+
+    #[test]
+    fn empty_file_is_an_empty_store() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("e.tokens");
+        write_tokens(&p, std::iter::empty()).unwrap();
+        assert!(TokenStore::open(&p, 16).unwrap().is_empty());
+    }
+
+    #[test]
+    fn truncated_file_is_refused_with_its_name() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t.tokens");
+        std::fs::write(&p, [0u8; 36]).unwrap();
+        let e = TokenStore::open(&p, 8).unwrap_err().to_string();
+        assert!(e.contains("t.tokens") && e.contains("whole number"), "{e}");
+    }
+}

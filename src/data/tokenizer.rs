@@ -1,0 +1,163 @@
+//! The model's `tokenizer.json`, loaded with Hugging Face `tokenizers`.
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+/// A loaded tokenizer with the ids the data pipeline needs.
+#[derive(Clone)]
+pub struct TextTokenizer {
+    /// The Hugging Face tokenizer, with padding and truncation disabled.
+    pub inner: tokenizers::Tokenizer,
+    /// Id of the mask token (`[MASK]` or `<mask>`).
+    pub mask_id: u32,
+    /// Id of the padding token (`[PAD]` or `<pad>`).
+    pub pad_id: u32,
+    /// Vocabulary size including added tokens.
+    pub vocab_size: usize,
+    /// Ids of the added tokens marked special, sorted.
+    pub special_ids: Vec<u32>,
+    /// SHA-256 (hex) of the file's bytes.
+    pub hash: String,
+    /// The file it was loaded from.
+    pub path: PathBuf,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextTokenizer")
+            .field("path", &self.path)
+            .field("vocab_size", &self.vocab_size)
+            .field("mask_id", &self.mask_id)
+            .field("pad_id", &self.pad_id)
+            .field("special_ids", &self.special_ids)
+            .finish()
+    }
+}
+
+impl TextTokenizer {
+    /// Loads `tokenizer.json`; errors name the file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read tokenizer file {}", path.display()))?;
+        let hash = hex(&Sha256::digest(&bytes));
+        let mut inner = tokenizers::Tokenizer::from_bytes(&bytes)
+            .map_err(|e| anyhow!("{} is not a valid tokenizer.json: {e}", path.display()))?;
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| anyhow!("{}: cannot disable truncation: {e}", path.display()))?;
+        let added = inner.get_added_tokens_decoder();
+        let mut special: Vec<(u32, String)> =
+            added.iter().filter(|(_, t)| t.special).map(|(&id, t)| (id, t.content.clone())).collect();
+        special.sort();
+        let find = |names: &[&str]| special.iter().find(|(_, c)| names.contains(&c.as_str())).map(|(id, _)| *id);
+        let Some(mask_id) = find(&["[MASK]", "<mask>"]) else {
+            bail!("{}: no mask token (a special token \"[MASK]\" or \"<mask>\"); an MLM tokenizer needs one", path.display());
+        };
+        let Some(pad_id) = find(&["[PAD]", "<pad>"]) else {
+            bail!("{}: no padding token (a special token \"[PAD]\" or \"<pad>\")", path.display());
+        };
+        let vocab_size = inner.get_vocab_size(true);
+        Ok(Self {
+            inner,
+            mask_id,
+            pad_id,
+            vocab_size,
+            special_ids: special.into_iter().map(|(id, _)| id).collect(),
+            hash,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Token ids of one document with the special tokens the tokenizer adds
+    /// (`[CLS] ... [SEP]` for BERT), as Hugging Face `run_mlm` does per text.
+    pub fn encode_document(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| anyhow!("tokenizer {} failed: {e}", self.path.display()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids`, special tokens included.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        self.decode_with(ids, false)
+    }
+
+    /// Decodes `ids`, dropping special tokens when `skip_special` (HF's
+    /// `skip_special_tokens`).
+    pub fn decode_with(&self, ids: &[u32], skip_special: bool) -> String {
+        self.inner
+            .decode(ids, skip_special)
+            .unwrap_or_else(|_| ids.iter().map(|&i| self.token_str(i)).collect::<Vec<_>>().join(" "))
+    }
+
+    /// The vocabulary entry of `id` (`<id N?>` when the id is out of range).
+    pub fn token_str(&self, id: u32) -> String {
+        self.inner.id_to_token(id).unwrap_or_else(|| format!("<id {id}?>"))
+    }
+
+    /// Whether `id` is a special token.
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special_ids.binary_search(&id).is_ok()
+    }
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::testutil;
+
+    #[test]
+    fn bert_tokenizer_ids_and_document_wrapping() {
+        let t = testutil::tokenizer();
+        assert_eq!((t.mask_id, t.pad_id, t.vocab_size), (103, 0, 30522));
+        assert_eq!(t.special_ids, vec![0, 100, 101, 102, 103]);
+        assert_eq!(t.hash.len(), 64);
+        let ids = t.encode_document("Hello world").unwrap();
+        assert_eq!((ids[0], *ids.last().unwrap()), (101, 102));
+        assert_eq!(t.decode(&ids), "[CLS] hello world [SEP]");
+        assert_eq!(t.token_str(103), "[MASK]");
+    }
+
+    #[test]
+    fn long_documents_are_not_truncated_or_padded() {
+        let t = testutil::tokenizer();
+        let text = "word ".repeat(2000);
+        assert_eq!(t.encode_document(&text).unwrap().len(), 2002);
+        assert_eq!(t.encode_document("a").unwrap().len(), 3);
+    }
+
+    #[test]
+    fn load_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.json");
+        let e = format!("{:#}", TextTokenizer::load(&missing).unwrap_err());
+        assert!(e.contains("nope.json"), "{e}");
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, "{\"not\": \"a tokenizer\"}").unwrap();
+        let e = format!("{:#}", TextTokenizer::load(&bad).unwrap_err());
+        assert!(e.contains("bad.json") && e.contains("not a valid tokenizer"), "{e}");
+    }
+
+    #[test]
+    fn tokenizer_without_mask_token_is_refused() {
+        let src = std::fs::read_to_string(testutil::tokenizer_path()).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&src).unwrap();
+        for t in v["added_tokens"].as_array_mut().unwrap() {
+            if t["content"] == "[MASK]" {
+                t["special"] = false.into();
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("nomask.json");
+        std::fs::write(&p, v.to_string()).unwrap();
+        let e = format!("{:#}", TextTokenizer::load(&p).unwrap_err());
+        assert!(e.contains("nomask.json") && e.contains("no mask token"), "{e}");
+    }
+}

@@ -1,0 +1,303 @@
+//! BERT with its masked-language-model head.
+//!
+//! Devlin, Chang, Lee, Toutanova: "BERT: Pre-training of Deep Bidirectional
+//! Transformers for Language Understanding" (NAACL 2019, arXiv:1810.04805).
+//! Matches `transformers.BertForMaskedLM` (post-LayerNorm encoder, absolute
+//! position embeddings); parameter names are Hugging Face's, e.g.
+//! `bert.encoder.layer.0.attention.self.query.weight`. The decoder of the head is
+//! tied to `bert.embeddings.word_embeddings.weight`; only its bias,
+//! `cls.predictions.bias`, is a parameter of its own.
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use tch::{nn, Tensor};
+
+use super::layers::{additive_mask, attention, Activation, Embedding, LayerNorm, Linear};
+
+/// `BertConfig`: the keys of `config.json` this model reads, with HF's defaults.
+/// Other keys are kept by `MaskedLm::config_json` and written back untouched.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct BertConfig {
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub intermediate_size: i64,
+    pub hidden_act: String,
+    pub hidden_dropout_prob: f64,
+    pub attention_probs_dropout_prob: f64,
+    pub max_position_embeddings: i64,
+    pub type_vocab_size: i64,
+    pub initializer_range: f64,
+    pub layer_norm_eps: f64,
+    pub pad_token_id: Option<i64>,
+    pub position_embedding_type: String,
+}
+
+impl Default for BertConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 30522,
+            hidden_size: 768,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            intermediate_size: 3072,
+            hidden_act: "gelu".into(),
+            hidden_dropout_prob: 0.1,
+            attention_probs_dropout_prob: 0.1,
+            max_position_embeddings: 512,
+            type_vocab_size: 2,
+            initializer_range: 0.02,
+            layer_norm_eps: 1e-12,
+            pad_token_id: Some(0),
+            position_embedding_type: "absolute".into(),
+        }
+    }
+}
+
+impl BertConfig {
+    fn validate(&self) -> Result<Activation> {
+        if self.position_embedding_type != "absolute" {
+            bail!(
+                "position_embedding_type {:?} in config.json is not supported (only \"absolute\")",
+                self.position_embedding_type
+            );
+        }
+        if self.num_attention_heads <= 0 || self.hidden_size % self.num_attention_heads != 0 {
+            bail!(
+                "hidden_size {} in config.json is not a multiple of num_attention_heads {}",
+                self.hidden_size,
+                self.num_attention_heads
+            );
+        }
+        Activation::parse(&self.hidden_act)
+    }
+}
+
+/// `bert.embeddings`: word + token type (always 0) + absolute position, LayerNorm, dropout.
+#[derive(Debug)]
+struct BertEmbeddings {
+    word_embeddings: Embedding,
+    position_embeddings: Embedding,
+    token_type_embeddings: Embedding,
+    layer_norm: LayerNorm,
+    dropout: f64,
+}
+
+impl BertEmbeddings {
+    fn new(p: &nn::Path, c: &BertConfig) -> Self {
+        let std = c.initializer_range;
+        Self {
+            word_embeddings: Embedding::new(
+                &(p / "word_embeddings"),
+                c.vocab_size,
+                c.hidden_size,
+                std,
+                c.pad_token_id,
+            ),
+            position_embeddings: Embedding::new(
+                &(p / "position_embeddings"),
+                c.max_position_embeddings,
+                c.hidden_size,
+                std,
+                None,
+            ),
+            token_type_embeddings: Embedding::new(
+                &(p / "token_type_embeddings"),
+                c.type_vocab_size,
+                c.hidden_size,
+                std,
+                None,
+            ),
+            layer_norm: LayerNorm::new(&(p / "LayerNorm"), c.hidden_size, c.layer_norm_eps),
+            dropout: c.hidden_dropout_prob,
+        }
+    }
+
+    /// `input_ids` [b, s] -> [b, s, h]
+    fn forward(&self, input_ids: &Tensor, train: bool) -> Tensor {
+        let s = input_ids.size()[1];
+        let positions = Tensor::arange(s, (tch::Kind::Int64, input_ids.device()));
+        // Same order of additions as HF: (word + token_type) + position.
+        let x = self.word_embeddings.forward(input_ids) + self.token_type_embeddings.weight.get(0);
+        let x = x + self.position_embeddings.forward(&positions);
+        self.layer_norm.forward(&x).dropout(self.dropout, train)
+    }
+}
+
+/// `attention.self` + `attention.output` of one layer.
+#[derive(Debug)]
+struct BertAttention {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    output_dense: Linear,
+    output_layer_norm: LayerNorm,
+    heads: i64,
+    attention_dropout: f64,
+    hidden_dropout: f64,
+}
+
+impl BertAttention {
+    fn new(p: &nn::Path, c: &BertConfig) -> Self {
+        let (h, std) = (c.hidden_size, c.initializer_range);
+        let (s, o) = (p / "self", p / "output");
+        Self {
+            query: Linear::new(&(&s / "query"), h, h, std),
+            key: Linear::new(&(&s / "key"), h, h, std),
+            value: Linear::new(&(&s / "value"), h, h, std),
+            output_dense: Linear::new(&(&o / "dense"), h, h, std),
+            output_layer_norm: LayerNorm::new(&(&o / "LayerNorm"), h, c.layer_norm_eps),
+            heads: c.num_attention_heads,
+            attention_dropout: c.attention_probs_dropout_prob,
+            hidden_dropout: c.hidden_dropout_prob,
+        }
+    }
+
+    /// `x` [b, s, h], `bias` [b, 1, 1, s] -> [b, s, h]
+    fn forward(&self, x: &Tensor, bias: &Tensor, train: bool) -> Tensor {
+        let p = if train { self.attention_dropout } else { 0.0 };
+        let ctx = attention(
+            &self.query.forward(x),
+            &self.key.forward(x),
+            &self.value.forward(x),
+            bias,
+            self.heads,
+            p,
+        );
+        let out = self
+            .output_dense
+            .forward(&ctx)
+            .dropout(self.hidden_dropout, train);
+        self.output_layer_norm.forward(&(out + x))
+    }
+}
+
+/// `bert.encoder.layer.N`: attention, then `intermediate` + `output` (the FFN).
+#[derive(Debug)]
+struct BertLayer {
+    attention: BertAttention,
+    intermediate: Linear,
+    output: Linear,
+    output_layer_norm: LayerNorm,
+    act: Activation,
+    dropout: f64,
+}
+
+impl BertLayer {
+    fn new(p: &nn::Path, c: &BertConfig, act: Activation) -> Self {
+        let std = c.initializer_range;
+        Self {
+            attention: BertAttention::new(&(p / "attention"), c),
+            intermediate: Linear::new(
+                &(p / "intermediate" / "dense"),
+                c.hidden_size,
+                c.intermediate_size,
+                std,
+            ),
+            output: Linear::new(
+                &(p / "output" / "dense"),
+                c.intermediate_size,
+                c.hidden_size,
+                std,
+            ),
+            output_layer_norm: LayerNorm::new(
+                &(p / "output" / "LayerNorm"),
+                c.hidden_size,
+                c.layer_norm_eps,
+            ),
+            act,
+            dropout: c.hidden_dropout_prob,
+        }
+    }
+
+    fn forward(&self, x: &Tensor, bias: &Tensor, train: bool) -> Tensor {
+        let x = self.attention.forward(x, bias, train);
+        let y = self
+            .output
+            .forward(&self.act.forward(&self.intermediate.forward(&x)))
+            .dropout(self.dropout, train);
+        self.output_layer_norm.forward(&(y + x))
+    }
+}
+
+/// `cls.predictions`: transform (dense, act, LayerNorm), then the tied decoder + bias.
+#[derive(Debug)]
+struct BertLmHead {
+    dense: Linear,
+    layer_norm: LayerNorm,
+    bias: Tensor,
+    act: Activation,
+}
+
+impl BertLmHead {
+    fn new(p: &nn::Path, c: &BertConfig, act: Activation) -> Self {
+        let t = p / "transform";
+        Self {
+            dense: Linear::new(
+                &(&t / "dense"),
+                c.hidden_size,
+                c.hidden_size,
+                c.initializer_range,
+            ),
+            layer_norm: LayerNorm::new(&(&t / "LayerNorm"), c.hidden_size, c.layer_norm_eps),
+            bias: p.zeros("bias", &[c.vocab_size]),
+            act,
+        }
+    }
+
+    /// `x` [..., h], `decoder` = word embeddings [vocab, h] -> [..., vocab]
+    fn forward(&self, x: &Tensor, decoder: &Tensor) -> Tensor {
+        let x = self
+            .layer_norm
+            .forward(&self.act.forward(&self.dense.forward(x)));
+        x.linear(decoder, Some(&self.bias))
+    }
+}
+
+/// `BertForMaskedLM`: `bert.embeddings`, `bert.encoder.layer.*`, `cls.predictions`.
+#[derive(Debug)]
+pub struct BertForMaskedLM {
+    pub config: BertConfig,
+    embeddings: BertEmbeddings,
+    layers: Vec<BertLayer>,
+    head: BertLmHead,
+}
+
+impl BertForMaskedLM {
+    /// Creates the parameters under `root` (the VarStore root), HF-initialised.
+    pub fn new(root: &nn::Path, config: BertConfig) -> Result<Self> {
+        let act = config.validate()?;
+        let bert = root / "bert";
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| BertLayer::new(&(&bert / "encoder" / "layer" / i), &config, act))
+            .collect();
+        Ok(Self {
+            embeddings: BertEmbeddings::new(&(&bert / "embeddings"), &config),
+            layers,
+            head: BertLmHead::new(&(root / "cls" / "predictions"), &config, act),
+            config,
+        })
+    }
+
+    /// `input_ids`, `attention_mask` [b, s] -> last hidden state [b, s, h]
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        train: bool,
+    ) -> Tensor {
+        let mut x = self.embeddings.forward(input_ids, train);
+        let bias = additive_mask(attention_mask, x.kind());
+        for layer in &self.layers {
+            x = layer.forward(&x, &bias, train);
+        }
+        x
+    }
+
+    /// `hidden` [..., h] -> logits [..., vocab]
+    pub fn mlm_head(&self, hidden: &Tensor) -> Tensor {
+        self.head
+            .forward(hidden, &self.embeddings.word_embeddings.weight)
+    }
+}

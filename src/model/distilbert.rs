@@ -1,0 +1,257 @@
+//! DistilBERT with its masked-language-model head.
+//!
+//! Sanh, Debut, Chaumond, Wolf: "DistilBERT, a distilled version of BERT: smaller,
+//! faster, cheaper and lighter" (arXiv:1910.01108).
+//! Matches `transformers.DistilBertForMaskedLM`: no token type embeddings,
+//! LayerNorm eps fixed at 1e-12, a `vocab_transform` / `vocab_layer_norm` /
+//! `vocab_projector` head whose projector weight is tied to
+//! `distilbert.embeddings.word_embeddings.weight` (its bias,
+//! `vocab_projector.bias`, is a parameter of its own).
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use tch::{nn, Tensor};
+
+use super::layers::{additive_mask, attention, Activation, Embedding, LayerNorm, Linear};
+
+/// DistilBERT hard-codes this epsilon in every LayerNorm.
+const LAYER_NORM_EPS: f64 = 1e-12;
+
+/// `DistilBertConfig`: the keys of `config.json` this model reads, with HF's defaults.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct DistilBertConfig {
+    pub vocab_size: i64,
+    pub max_position_embeddings: i64,
+    pub sinusoidal_pos_embds: bool,
+    pub n_layers: i64,
+    pub n_heads: i64,
+    pub dim: i64,
+    pub hidden_dim: i64,
+    pub dropout: f64,
+    pub attention_dropout: f64,
+    pub activation: String,
+    pub initializer_range: f64,
+    pub pad_token_id: Option<i64>,
+}
+
+impl Default for DistilBertConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 30522,
+            max_position_embeddings: 512,
+            sinusoidal_pos_embds: false,
+            n_layers: 6,
+            n_heads: 12,
+            dim: 768,
+            hidden_dim: 4 * 768,
+            dropout: 0.1,
+            attention_dropout: 0.1,
+            activation: "gelu".into(),
+            initializer_range: 0.02,
+            pad_token_id: Some(0),
+        }
+    }
+}
+
+impl DistilBertConfig {
+    fn validate(&self) -> Result<Activation> {
+        if self.n_heads <= 0 || self.dim % self.n_heads != 0 {
+            bail!(
+                "dim {} in config.json is not a multiple of n_heads {}",
+                self.dim,
+                self.n_heads
+            );
+        }
+        Activation::parse(&self.activation)
+    }
+}
+
+/// `distilbert.embeddings`: word + position, LayerNorm, dropout.
+#[derive(Debug)]
+struct Embeddings {
+    word_embeddings: Embedding,
+    position_embeddings: Embedding,
+    layer_norm: LayerNorm,
+    dropout: f64,
+}
+
+impl Embeddings {
+    fn new(p: &nn::Path, c: &DistilBertConfig) -> Self {
+        let std = c.initializer_range;
+        let mut position_embeddings = Embedding::new(
+            &(p / "position_embeddings"),
+            c.max_position_embeddings,
+            c.dim,
+            std,
+            None,
+        );
+        if c.sinusoidal_pos_embds {
+            tch::no_grad(|| {
+                let table = sinusoidal_table(c.max_position_embeddings, c.dim);
+                position_embeddings.weight.copy_(&table);
+            });
+        }
+        Self {
+            word_embeddings: Embedding::new(
+                &(p / "word_embeddings"),
+                c.vocab_size,
+                c.dim,
+                std,
+                c.pad_token_id,
+            ),
+            position_embeddings,
+            layer_norm: LayerNorm::new(&(p / "LayerNorm"), c.dim, LAYER_NORM_EPS),
+            dropout: c.dropout,
+        }
+    }
+
+    /// `input_ids` [b, s] -> [b, s, dim]
+    fn forward(&self, input_ids: &Tensor, train: bool) -> Tensor {
+        let s = input_ids.size()[1];
+        let positions = Tensor::arange(s, (tch::Kind::Int64, input_ids.device()));
+        let x =
+            self.word_embeddings.forward(input_ids) + self.position_embeddings.forward(&positions);
+        self.layer_norm.forward(&x).dropout(self.dropout, train)
+    }
+}
+
+/// HF's `create_sinusoidal_embeddings`: sin on even columns, cos on odd ones.
+fn sinusoidal_table(n_pos: i64, dim: i64) -> Tensor {
+    let table: Vec<f32> = (0..n_pos)
+        .flat_map(|pos| {
+            (0..dim).map(move |j| {
+                let angle = pos as f64 / 10000f64.powf(2.0 * (j / 2) as f64 / dim as f64);
+                (if j % 2 == 0 { angle.sin() } else { angle.cos() }) as f32
+            })
+        })
+        .collect();
+    Tensor::from_slice(&table).view([n_pos, dim])
+}
+
+/// `distilbert.transformer.layer.N`: attention (`q_lin`, `k_lin`, `v_lin`, `out_lin`),
+/// `sa_layer_norm`, `ffn` (`lin1`, `lin2`), `output_layer_norm`.
+#[derive(Debug)]
+struct TransformerBlock {
+    q_lin: Linear,
+    k_lin: Linear,
+    v_lin: Linear,
+    out_lin: Linear,
+    sa_layer_norm: LayerNorm,
+    lin1: Linear,
+    lin2: Linear,
+    output_layer_norm: LayerNorm,
+    heads: i64,
+    act: Activation,
+    dropout: f64,
+    attention_dropout: f64,
+}
+
+impl TransformerBlock {
+    fn new(p: &nn::Path, c: &DistilBertConfig, act: Activation) -> Self {
+        let (d, std) = (c.dim, c.initializer_range);
+        let (a, f) = (p / "attention", p / "ffn");
+        Self {
+            q_lin: Linear::new(&(&a / "q_lin"), d, d, std),
+            k_lin: Linear::new(&(&a / "k_lin"), d, d, std),
+            v_lin: Linear::new(&(&a / "v_lin"), d, d, std),
+            out_lin: Linear::new(&(&a / "out_lin"), d, d, std),
+            sa_layer_norm: LayerNorm::new(&(p / "sa_layer_norm"), d, LAYER_NORM_EPS),
+            lin1: Linear::new(&(&f / "lin1"), d, c.hidden_dim, std),
+            lin2: Linear::new(&(&f / "lin2"), c.hidden_dim, d, std),
+            output_layer_norm: LayerNorm::new(&(p / "output_layer_norm"), d, LAYER_NORM_EPS),
+            heads: c.n_heads,
+            act,
+            dropout: c.dropout,
+            attention_dropout: c.attention_dropout,
+        }
+    }
+
+    /// `x` [b, s, dim], `bias` [b, 1, 1, s] -> [b, s, dim]
+    fn forward(&self, x: &Tensor, bias: &Tensor, train: bool) -> Tensor {
+        let p = if train { self.attention_dropout } else { 0.0 };
+        let ctx = attention(
+            &self.q_lin.forward(x),
+            &self.k_lin.forward(x),
+            &self.v_lin.forward(x),
+            bias,
+            self.heads,
+            p,
+        );
+        // HF's DistilBERT applies no dropout to the attention output projection.
+        let x = self
+            .sa_layer_norm
+            .forward(&(self.out_lin.forward(&ctx) + x));
+        let y = self
+            .lin2
+            .forward(&self.act.forward(&self.lin1.forward(&x)))
+            .dropout(self.dropout, train);
+        self.output_layer_norm.forward(&(y + x))
+    }
+}
+
+/// `DistilBertForMaskedLM`: `distilbert.*`, then `vocab_transform`, activation,
+/// `vocab_layer_norm`, `vocab_projector` (tied weight, own bias).
+#[derive(Debug)]
+pub struct DistilBertForMaskedLM {
+    pub config: DistilBertConfig,
+    embeddings: Embeddings,
+    layers: Vec<TransformerBlock>,
+    vocab_transform: Linear,
+    vocab_layer_norm: LayerNorm,
+    vocab_projector_bias: Tensor,
+    act: Activation,
+}
+
+impl DistilBertForMaskedLM {
+    /// Creates the parameters under `root` (the VarStore root), HF-initialised.
+    pub fn new(root: &nn::Path, config: DistilBertConfig) -> Result<Self> {
+        let act = config.validate()?;
+        let base = root / "distilbert";
+        let layers = (0..config.n_layers)
+            .map(|i| TransformerBlock::new(&(&base / "transformer" / "layer" / i), &config, act))
+            .collect();
+        Ok(Self {
+            embeddings: Embeddings::new(&(&base / "embeddings"), &config),
+            layers,
+            vocab_transform: Linear::new(
+                &(root / "vocab_transform"),
+                config.dim,
+                config.dim,
+                config.initializer_range,
+            ),
+            vocab_layer_norm: LayerNorm::new(
+                &(root / "vocab_layer_norm"),
+                config.dim,
+                LAYER_NORM_EPS,
+            ),
+            vocab_projector_bias: (root / "vocab_projector").zeros("bias", &[config.vocab_size]),
+            act,
+            config,
+        })
+    }
+
+    /// `input_ids`, `attention_mask` [b, s] -> last hidden state [b, s, dim]
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        train: bool,
+    ) -> Tensor {
+        let mut x = self.embeddings.forward(input_ids, train);
+        let bias = additive_mask(attention_mask, x.kind());
+        for layer in &self.layers {
+            x = layer.forward(&x, &bias, train);
+        }
+        x
+    }
+
+    /// `hidden` [..., dim] -> logits [..., vocab]
+    pub fn mlm_head(&self, hidden: &Tensor) -> Tensor {
+        let x = self.act.forward(&self.vocab_transform.forward(hidden));
+        let x = self.vocab_layer_norm.forward(&x);
+        x.linear(
+            &self.embeddings.word_embeddings.weight,
+            Some(&self.vocab_projector_bias),
+        )
+    }
+}

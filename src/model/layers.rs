@@ -1,0 +1,151 @@
+//! Building blocks shared by the encoders: `nn.Linear`, `nn.LayerNorm`,
+//! `nn.Embedding`, the activation table (HF's `ACT2FN`) and multi-head attention
+//! through libtorch's `scaled_dot_product_attention`.
+//!
+//! Each block creates its parameters under the `nn::Path` it is given, with the
+//! initialisation of `PreTrainedModel._init_weights`: normal(0, initializer_range)
+//! for Linear and Embedding weights, zero biases, LayerNorm weight 1 and bias 0.
+use anyhow::{bail, Result};
+use tch::{nn, Kind, Tensor};
+
+/// `nn.Linear(in, out)`: `weight` [out, in], `bias` [out].
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl Linear {
+    pub fn new(p: &nn::Path, in_dim: i64, out_dim: i64, std: f64) -> Self {
+        Self {
+            weight: p.randn("weight", &[out_dim, in_dim], 0.0, std),
+            bias: p.zeros("bias", &[out_dim]),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, Some(&self.bias))
+    }
+}
+
+/// `nn.LayerNorm(dim, eps)`.
+#[derive(Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(p: &nn::Path, dim: i64, eps: f64) -> Self {
+        Self {
+            weight: p.ones("weight", &[dim]),
+            bias: p.zeros("bias", &[dim]),
+            eps,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let dim = *self.weight.size().last().expect("LayerNorm weight is 1-d");
+        x.layer_norm([dim], Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+}
+
+/// `nn.Embedding(num, dim, padding_idx)`; the padding row starts at zero, as HF does.
+#[derive(Debug)]
+pub struct Embedding {
+    pub weight: Tensor,
+}
+
+impl Embedding {
+    pub fn new(p: &nn::Path, num: i64, dim: i64, std: f64, padding_idx: Option<i64>) -> Self {
+        let weight = p.randn("weight", &[num, dim], 0.0, std);
+        if let Some(pad) = padding_idx.filter(|&i| (0..num).contains(&i)) {
+            tch::no_grad(|| {
+                let _ = weight.get(pad).zero_();
+            });
+        }
+        Self { weight }
+    }
+
+    /// `ids` [...] i64 -> [..., dim]
+    pub fn forward(&self, ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.weight, ids, -1, false, false)
+    }
+}
+
+/// The activations of HF's `ACT2FN` that BERT-family configs use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `"gelu"`: exact, erf-based.
+    Gelu,
+    /// `"gelu_new"`, `"gelu_pytorch_tanh"`: the tanh approximation.
+    GeluTanh,
+    Relu,
+}
+
+impl Activation {
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "gelu" => Self::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" => Self::GeluTanh,
+            "relu" => Self::Relu,
+            other => bail!(
+                "activation {other:?} in config.json is not supported (supported: gelu, gelu_new, gelu_pytorch_tanh, relu)"
+            ),
+        })
+    }
+
+    pub fn forward(self, x: &Tensor) -> Tensor {
+        match self {
+            Self::Gelu => x.gelu("none"),
+            Self::GeluTanh => x.gelu("tanh"),
+            Self::Relu => x.relu(),
+        }
+    }
+}
+
+/// The additive attention bias of HF's sdpa path: 0 where `attention_mask` is 1,
+/// the most negative finite value of `kind` where it is 0.
+/// `attention_mask` [batch, seq] (any integer kind) -> [batch, 1, 1, seq] in `kind`.
+pub fn additive_mask(attention_mask: &Tensor, kind: Kind) -> Tensor {
+    let (b, s) = attention_mask
+        .size2()
+        .expect("attention_mask must be [batch, seq]");
+    let min = match kind {
+        Kind::BFloat16 => -3.389_531_389_251_535_5e38,
+        Kind::Half => -65504.0,
+        Kind::Double => f64::MIN,
+        _ => f32::MIN as f64,
+    };
+    let masked = attention_mask.eq(0).view([b, 1, 1, s]);
+    Tensor::zeros([b, 1, 1, s], (kind, attention_mask.device())).masked_fill(&masked, min)
+}
+
+/// Multi-head scaled dot-product attention with separate q/k/v projections.
+/// `q`, `k`, `v` [batch, seq, hidden] (already projected), `bias` [batch, 1, 1, seq]
+/// -> [batch, seq, hidden].
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    heads: i64,
+    dropout: f64,
+) -> Tensor {
+    let (b, s, h) = q
+        .size3()
+        .expect("attention input must be [batch, seq, hidden]");
+    let split = |x: &Tensor| x.view([b, s, heads, h / heads]).transpose(1, 2); // [b, heads, s, d]
+    let out = Tensor::scaled_dot_product_attention(
+        &split(q),
+        &split(k),
+        &split(v),
+        Some(bias),
+        dropout,
+        false,
+        None,
+        false,
+    );
+    out.transpose(1, 2).contiguous().view([b, s, h])
+}

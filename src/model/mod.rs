@@ -1,0 +1,332 @@
+//! Models: BERT-family encoders with their masked-language-model heads, read from
+//! and written to Hugging Face's layout (`config.json` + `model.safetensors`).
+//!
+//! [`MaskedLm`] is what the rest of mlm sees: one type over the architectures,
+//! holding the parameters in a `tch` VarStore whose names are Hugging Face's.
+//! The compute dtype is the VarStore's: [`MaskedLm::to_kind_copy`] makes the bf16
+//! compute copy of fp32 master weights.
+pub mod bert;
+pub mod distilbert;
+mod layers;
+mod torch_pickle;
+pub mod weights;
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use tch::{nn::VarStore, Device, Kind, Tensor};
+
+pub use bert::{BertConfig, BertForMaskedLM};
+pub use distilbert::{DistilBertConfig, DistilBertForMaskedLM};
+
+/// The supported architectures, by `model_type` in `config.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Bert,
+    DistilBert,
+}
+
+impl Arch {
+    /// From `model_type`, or when that is absent, the first `architectures` entry.
+    pub fn from_config(config: &serde_json::Value) -> Result<Self> {
+        if let Some(model_type) = config.get("model_type").and_then(|v| v.as_str()) {
+            return match model_type {
+                "bert" => Ok(Self::Bert),
+                "distilbert" => Ok(Self::DistilBert),
+                other => bail!("model_type {other:?} in config.json is not supported (supported: bert, distilbert)"),
+            };
+        }
+        let class = config
+            .pointer("/architectures/0")
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
+        if class.starts_with("DistilBert") {
+            Ok(Self::DistilBert)
+        } else if class.starts_with("Bert") {
+            Ok(Self::Bert)
+        } else {
+            bail!("config.json has no model_type and its architecture {class:?} is not supported (supported: bert, distilbert)")
+        }
+    }
+
+    /// The `transformers` class whose weights and names we match.
+    pub fn mlm_class(self) -> &'static str {
+        match self {
+            Self::Bert => "BertForMaskedLM",
+            Self::DistilBert => "DistilBertForMaskedLM",
+        }
+    }
+
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Self::Bert => "bert",
+            Self::DistilBert => "distilbert",
+        }
+    }
+}
+
+/// What [`MaskedLm::load_dir`] did with the checkpoint's names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Our parameters the checkpoint lacks: they keep their fresh initialisation.
+    pub missing: Vec<String>,
+    /// Checkpoint names that are not part of the model (e.g. `pooler.dense.weight`).
+    pub unexpected: Vec<String>,
+}
+
+#[derive(Debug)]
+enum Net {
+    Bert(BertForMaskedLM),
+    DistilBert(DistilBertForMaskedLM),
+}
+
+/// A masked language model: parameters (`vs`, HF names), architecture and config.
+pub struct MaskedLm {
+    pub vs: VarStore,
+    pub arch: Arch,
+    /// The original `config.json`, written back by [`MaskedLm::save_dir`].
+    pub config_json: serde_json::Value,
+    net: Net,
+}
+
+impl MaskedLm {
+    /// A randomly initialised model (as `transformers` initialises it) from a `config.json`.
+    pub fn from_config_file(path: &Path, device: Device) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let json =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        Self::from_config_json(json, device)
+            .with_context(|| format!("building the model of {}", path.display()))
+    }
+
+    /// A randomly initialised model from the contents of a `config.json`.
+    pub fn from_config_json(config_json: serde_json::Value, device: Device) -> Result<Self> {
+        let arch = Arch::from_config(&config_json)?;
+        if config_json
+            .get("tie_word_embeddings")
+            .and_then(|v| v.as_bool())
+            == Some(false)
+        {
+            bail!("tie_word_embeddings = false in config.json is not supported: the MLM decoder is tied to the word embeddings");
+        }
+        let vs = VarStore::new(device);
+        let root = vs.root();
+        let net = match arch {
+            Arch::Bert => {
+                let c: BertConfig = serde_json::from_value(config_json.clone())
+                    .context("reading BERT config.json")?;
+                Net::Bert(BertForMaskedLM::new(&root, c)?)
+            }
+            Arch::DistilBert => {
+                let c: DistilBertConfig = serde_json::from_value(config_json.clone())
+                    .context("reading DistilBERT config.json")?;
+                Net::DistilBert(DistilBertForMaskedLM::new(&root, c)?)
+            }
+        };
+        Ok(Self {
+            vs,
+            arch,
+            config_json,
+            net,
+        })
+    }
+
+    /// Loads `dir/config.json` and the weights (`model.safetensors`, its shards, or
+    /// `pytorch_model.bin`). Parameters the checkpoint lacks (e.g. the MLM head of a
+    /// `BertModel`) keep their initialisation and are reported as missing.
+    pub fn load_dir(dir: &Path, device: Device) -> Result<(Self, LoadReport)> {
+        let model = Self::from_config_file(&dir.join("config.json"), device)?;
+        let (file, tensors) = weights::read_dir(dir)?;
+        let report = weights::load_into(&model.vs, model.arch, tensors, &file)?;
+        Ok((model, report))
+    }
+
+    /// Writes `config.json` (architectures = the MLM class) and `model.safetensors`
+    /// (fp32, the names `save_pretrained` writes) into `dir`, creating it.
+    pub fn save_dir(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut config = self.config_json.clone();
+        if let Some(obj) = config.as_object_mut() {
+            obj.insert(
+                "architectures".into(),
+                serde_json::json!([self.arch.mlm_class()]),
+            );
+            obj.insert("model_type".into(), self.arch.model_type().into());
+            for key in ["dtype", "torch_dtype"] {
+                if obj.contains_key(key) {
+                    obj.insert(key.into(), "float32".into());
+                }
+            }
+        }
+        let path = dir.join("config.json");
+        let text = serde_json::to_string_pretty(&config)? + "\n";
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        weights::write_safetensors(&self.vs, &dir.join("model.safetensors"))
+    }
+
+    /// `input_ids` [b, s] i64, `attention_mask` [b, s] (1 = token, 0 = pad)
+    /// -> last hidden state [b, s, h] in the weights' dtype. Dropout only if `train`.
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        train: bool,
+    ) -> Tensor {
+        let s = input_ids.size().get(1).copied().unwrap_or(0);
+        assert!(
+            s <= self.max_positions(),
+            "sequence length {s} exceeds max_position_embeddings {}",
+            self.max_positions()
+        );
+        match &self.net {
+            Net::Bert(m) => m.forward_hidden(input_ids, attention_mask, train),
+            Net::DistilBert(m) => m.forward_hidden(input_ids, attention_mask, train),
+        }
+    }
+
+    /// The MLM head: `hidden` [..., h] -> logits [..., vocab]. Apply it to the masked
+    /// positions only to skip most of the vocabulary projection.
+    pub fn mlm_head(&self, hidden: &Tensor) -> Tensor {
+        match &self.net {
+            Net::Bert(m) => m.mlm_head(hidden),
+            Net::DistilBert(m) => m.mlm_head(hidden),
+        }
+    }
+
+    /// `forward_hidden` then `mlm_head`: [b, s, vocab].
+    pub fn logits(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
+        self.mlm_head(&self.forward_hidden(input_ids, attention_mask, train))
+    }
+
+    pub fn vocab_size(&self) -> i64 {
+        match &self.net {
+            Net::Bert(m) => m.config.vocab_size,
+            Net::DistilBert(m) => m.config.vocab_size,
+        }
+    }
+
+    pub fn max_positions(&self) -> i64 {
+        match &self.net {
+            Net::Bert(m) => m.config.max_position_embeddings,
+            Net::DistilBert(m) => m.config.max_position_embeddings,
+        }
+    }
+
+    pub fn hidden_size(&self) -> i64 {
+        match &self.net {
+            Net::Bert(m) => m.config.hidden_size,
+            Net::DistilBert(m) => m.config.dim,
+        }
+    }
+
+    /// Number of scalar parameters (the tied decoder counted once, as HF does).
+    pub fn num_parameters(&self) -> i64 {
+        self.vs.variables().values().map(|t| t.numel() as i64).sum()
+    }
+
+    /// A second model with a copy of these weights in `kind` (e.g. the bf16 compute
+    /// copy of fp32 master weights); the two share no storage.
+    pub fn to_kind_copy(&self, kind: Kind) -> Result<MaskedLm> {
+        let mut copy = Self::from_config_json(self.config_json.clone(), self.vs.device())?;
+        copy.vs.copy(&self.vs).context("copying weights")?;
+        copy.vs.set_kind(kind);
+        Ok(copy)
+    }
+
+    /// Whether AdamW skips weight decay for this parameter: biases and LayerNorm weights.
+    pub fn no_decay(name: &str) -> bool {
+        name.ends_with("bias") || name.contains("LayerNorm.") || name.contains("layer_norm.")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny(model_type: &str) -> MaskedLm {
+        let config = serde_json::json!({
+            "model_type": model_type, "vocab_size": 50, "hidden_size": 16, "dim": 16,
+            "num_hidden_layers": 1, "n_layers": 1, "num_attention_heads": 2, "n_heads": 2,
+            "intermediate_size": 24, "hidden_dim": 24, "max_position_embeddings": 12,
+        });
+        MaskedLm::from_config_json(config, Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn bf16_copies_run_forward_and_stay_close_to_fp32() {
+        for model_type in ["bert", "distilbert"] {
+            let model = tiny(model_type);
+            let bf16 = model.to_kind_copy(Kind::BFloat16).unwrap();
+            let ids = Tensor::from_slice(&[2i64, 7, 9, 3, 4, 0, 0, 0]).view([2, 4]);
+            let mask = ids.ne(0).to_kind(Kind::Int64);
+            let _ = mask.get(0).fill_(1);
+            let full = model.logits(&ids, &mask, false);
+            let half = bf16.logits(&ids, &mask, false);
+            assert_eq!(half.kind(), Kind::BFloat16);
+            assert_eq!(half.size(), [2, 4, 50]);
+            let diff = (half.to_kind(Kind::Float) - full)
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(
+                diff < 0.05,
+                "{model_type}: bf16 vs fp32 max abs diff {diff}"
+            );
+            // Training mode (dropout) also runs in bf16.
+            let _ = bf16
+                .logits(&ids, &mask, true)
+                .sum(Kind::Float)
+                .double_value(&[]);
+        }
+    }
+
+    #[test]
+    fn random_init_follows_transformers() {
+        let model = tiny("bert");
+        let vars = model.vs.variables();
+        let word = &vars["bert.embeddings.word_embeddings.weight"];
+        assert_eq!(
+            word.get(0).abs().sum(Kind::Float).double_value(&[]),
+            0.0,
+            "padding row is zero"
+        );
+        let std = f64::try_from(word.narrow(0, 1, 49).std(true)).unwrap();
+        assert!((std - 0.02).abs() < 0.004, "word embedding std {std}");
+        assert_eq!(
+            f64::try_from(vars["cls.predictions.bias"].abs().sum(Kind::Float)).unwrap(),
+            0.0
+        );
+        assert_eq!(
+            f64::try_from(vars["bert.embeddings.LayerNorm.weight"].mean(Kind::Float)).unwrap(),
+            1.0
+        );
+    }
+
+    #[test]
+    fn unsupported_model_type_is_named() {
+        let err =
+            MaskedLm::from_config_json(serde_json::json!({"model_type": "gpt2"}), Device::Cpu)
+                .err()
+                .unwrap();
+        assert!(err.to_string().contains("gpt2"), "{err}");
+    }
+
+    #[test]
+    fn no_decay_covers_biases_and_layer_norms() {
+        assert!(MaskedLm::no_decay("cls.predictions.bias"));
+        assert!(MaskedLm::no_decay(
+            "bert.encoder.layer.0.output.LayerNorm.weight"
+        ));
+        assert!(MaskedLm::no_decay(
+            "distilbert.transformer.layer.0.sa_layer_norm.weight"
+        ));
+        assert!(MaskedLm::no_decay("vocab_layer_norm.weight"));
+        assert!(!MaskedLm::no_decay(
+            "bert.encoder.layer.0.attention.self.query.weight"
+        ));
+        assert!(!MaskedLm::no_decay(
+            "bert.embeddings.word_embeddings.weight"
+        ));
+    }
+}

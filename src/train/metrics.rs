@@ -1,0 +1,63 @@
+//! Metrics as JSON lines, and a progress bar when a person is watching.
+use std::fs::{File, OpenOptions};
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Appends one JSON object per line to the metrics file.
+pub struct Metrics {
+    file: File,
+}
+
+impl Metrics {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open metrics file {}", path.display()))?;
+        Ok(Self { file })
+    }
+
+    pub fn write(&mut self, record: &serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{record}").context("cannot write metrics")
+    }
+}
+
+/// A progress bar on stderr, drawn only when `mode` is "always", or "auto" with
+/// stderr attached to a terminal.
+pub struct Progress(Option<ProgressBar>);
+
+impl Progress {
+    pub fn new(total: u64, label: &str, mode: &str) -> Self {
+        if !show_progress(mode) {
+            return Self(None);
+        }
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template("{prefix} {bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}]")
+                .expect("static template"),
+        );
+        bar.set_prefix(label.to_string());
+        Self(Some(bar))
+    }
+
+    pub fn set(&self, pos: u64) {
+        if let Some(b) = &self.0 {
+            b.set_position(pos);
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(b) = &self.0 {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// Whether progress bars are drawn under the `logging.progress` mode.
+pub fn show_progress(mode: &str) -> bool {
+    mode == "always" || (mode == "auto" && std::io::stderr().is_terminal())
+}

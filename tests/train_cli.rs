@@ -1,0 +1,80 @@
+//! End-to-end: the real `mlm` and `mlm-launch` binaries train a small model on real
+//! text, and what they write is a Hugging Face model.
+mod common;
+use common::*;
+
+#[test]
+fn training_lowers_held_out_perplexity_and_writes_hf_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_job(dir.path(), "[checkpoint]\nkeep_last = 1\n");
+    let out = run(mlm().arg("train").arg(&cfg));
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("perplexity after"), "{stdout}");
+
+    let run_dir = dir.path().join("out");
+    let evals = eval_records(&run_dir.join("metrics.jsonl"));
+    let first = evals.first().unwrap()["perplexity"].as_f64().unwrap();
+    let last = evals.last().unwrap()["perplexity"].as_f64().unwrap();
+    // The held-out loss falls, not only the training loss.
+    assert!(last < 0.5 * first, "held-out perplexity {first} -> {last}");
+
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(run_dir.join("best").join(f).is_file(), "best/{f}");
+        assert!(run_dir.join("checkpoint-30").join(f).is_file(), "checkpoint-30/{f}");
+    }
+    for f in ["optimizer.safetensors", "trainer_state.json", "checksums.json"] {
+        assert!(run_dir.join("checkpoint-30").join(f).is_file(), "checkpoint-30/{f}");
+    }
+    // keep_last = 1: only the newest step checkpoint remains.
+    let ckpts: Vec<_> = std::fs::read_dir(&run_dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"))
+        .collect();
+    assert_eq!(ckpts.len(), 1);
+
+    // transformers loads the best model with no missing or unexpected keys.
+    let py = run(std::process::Command::new(python()).arg("-c").arg(format!(
+        r#"
+from transformers import AutoModelForMaskedLM
+m, info = AutoModelForMaskedLM.from_pretrained({:?}, output_loading_info=True)
+assert not info["missing_keys"] and not info["unexpected_keys"], info
+print(type(m).__name__)
+"#,
+        run_dir.join("best").display().to_string()
+    )));
+    assert!(py.status.success());
+    assert_eq!(String::from_utf8_lossy(&py.stdout).trim(), "BertForMaskedLM");
+
+    // The trained model answers fill-mask and eval from the command line.
+    let fm = run(mlm().args(["fill-mask", "--top-k", "3", "--model"]).arg(run_dir.join("best")).arg("The [MASK] statement."));
+    assert!(fm.status.success());
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&fm.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3);
+    for k in ["score", "token", "token_str", "sequence"] {
+        assert!(lines[0].get(k).is_some(), "{k} missing in {}", lines[0]);
+    }
+    let ev = run(mlm().args(["eval", "--block-size", "64", "--model"]).arg(run_dir.join("best")).arg("--data").arg(corpus_glob()));
+    assert!(ev.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&ev.stdout).unwrap();
+    assert!(v["perplexity"].as_f64().unwrap().is_finite());
+}
+
+#[test]
+fn launcher_prepares_then_trains_one_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_job(dir.path(), "");
+    // `make test` builds the workspace's binaries first: the launcher sits beside `mlm`.
+    let launcher = std::path::Path::new(env!("CARGO_BIN_EXE_mlm")).with_file_name("mlm-launch");
+    assert!(launcher.is_file(), "{} not built: run `cargo build --workspace --bins`", launcher.display());
+    let out = run(std::process::Command::new(launcher)
+        .arg(&cfg)
+        .args(["--set", "training.max_steps=4", "--set", "eval.at_start=false", "--device", "cpu"])
+        .arg("--mlm")
+        .arg(env!("CARGO_BIN_EXE_mlm")));
+    assert!(out.status.success());
+    assert!(dir.path().join("out/checkpoint-4/model.safetensors").is_file());
+    assert!(dir.path().join("out/data/manifest.json").is_file());
+}
