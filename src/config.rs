@@ -296,7 +296,7 @@ impl Config {
     fn resolve_paths(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
-                *p = base.join(&*p);
+                *p = normalize(&base.join(&*p));
             }
         };
         if let Some(p) = self.model.path.as_mut() {
@@ -314,7 +314,7 @@ impl Config {
         fix(&mut self.training.output_dir);
         for f in self.data.files.iter_mut() {
             if Path::new(f).is_relative() {
-                *f = base.join(&*f).to_string_lossy().into_owned();
+                *f = normalize(&base.join(&*f)).to_string_lossy().into_owned();
             }
         }
     }
@@ -419,6 +419,27 @@ pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
     };
     section.insert(parts[1].to_string(), value);
     Ok(())
+}
+
+/// Removes `.` and `dir/..` pairs without touching the file system, so that
+/// messages show `runs/demo` rather than `configs/../runs/demo`.
+fn normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out: Vec<Component> = Vec::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.last(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    if out.is_empty() {
+        PathBuf::from(".")
+    } else {
+        out.iter().collect()
+    }
 }
 
 fn one_line(s: &str) -> String {

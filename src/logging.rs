@@ -1,10 +1,15 @@
 //! Logs to stderr through `tracing`, and errors as one line each.
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Human-readable logs on stderr; `RUST_LOG` filters (default: info).
 pub fn init() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .try_init();
 }
 
 /// An error and its causes on one line. libtorch's messages carry a C++ stack

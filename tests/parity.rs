@@ -249,3 +249,55 @@ fn missing_weights_file_error_names_the_directory() {
         "{err:#}"
     );
 }
+
+/// `mlm fill-mask` against HF's fill-mask pipeline on the same directory.
+fn fill_mask_matches_pipeline(arch: &str) {
+    let dir = fixture().join(arch);
+    let text = "The capital of France is [MASK].";
+    let ours = Command::new(env!("CARGO_BIN_EXE_mlm"))
+        .args(["fill-mask", "--top-k", "5", "--model"])
+        .arg(&dir)
+        .arg(text)
+        .output()
+        .unwrap();
+    assert!(ours.status.success(), "{}", String::from_utf8_lossy(&ours.stderr));
+    let ours: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&ours.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let hf = Command::new(python())
+        .arg("-c")
+        .arg(
+            r#"
+import json, sys
+from transformers import pipeline
+p = pipeline("fill-mask", model=sys.argv[1], tokenizer=sys.argv[1], device="cpu")
+for r in p(sys.argv[2], top_k=5):
+    print(json.dumps(r))
+"#,
+        )
+        .arg(&dir)
+        .arg(text)
+        .output()
+        .unwrap();
+    assert!(hf.status.success(), "{}", String::from_utf8_lossy(&hf.stderr));
+    let hf: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&hf.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(ours.len(), 5);
+    assert_eq!(hf.len(), 5);
+    for (o, h) in ours.iter().zip(&hf) {
+        assert_eq!(o["token"], h["token"], "ours {o} vs HF {h}");
+        assert_eq!(o["token_str"], h["token_str"], "ours {o} vs HF {h}");
+        assert_eq!(o["sequence"], h["sequence"], "ours {o} vs HF {h}");
+        let (so, sh) = (o["score"].as_f64().unwrap(), h["score"].as_f64().unwrap());
+        assert!((so - sh).abs() < 1e-4, "score {so} vs {sh}");
+    }
+}
+
+#[test]
+fn bert_fill_mask_matches_transformers_pipeline() {
+    fill_mask_matches_pipeline("bert");
+}
+
+#[test]
+fn distilbert_fill_mask_matches_transformers_pipeline() {
+    fill_mask_matches_pipeline("distilbert");
+}

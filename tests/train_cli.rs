@@ -78,3 +78,79 @@ fn launcher_prepares_then_trains_one_worker() {
     assert!(dir.path().join("out/checkpoint-4/model.safetensors").is_file());
     assert!(dir.path().join("out/data/manifest.json").is_file());
 }
+
+/// Final weights of a run, by parameter name.
+fn weights(dir: &std::path::Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<(String, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn gradient_accumulation_equals_one_larger_batch() {
+    // Without dropout, 2 micro-batches of 8 per step must give the weights of one
+    // batch of 16: the loss is normalised by the masked tokens of the whole step.
+    let no_dropout = "[eval]\nat_start = false\n";
+    let runs: Vec<Vec<(String, Vec<f32>)>> = [(16, 1), (8, 2)]
+        .iter()
+        .map(|(batch, accum)| {
+            let dir = tempfile::tempdir().unwrap();
+            let cfg = write_job(dir.path(), "");
+            let model = dir.path().join("tiny-bert.json");
+            let text = std::fs::read_to_string(&model).unwrap().replace("_dropout_prob\": 0.1", "_dropout_prob\": 0.0");
+            std::fs::write(&model, text).unwrap();
+            let text = std::fs::read_to_string(&cfg).unwrap().replace("[eval]\n", no_dropout);
+            std::fs::write(&cfg, text).unwrap();
+            let out = run(mlm().arg("train").arg(&cfg).args([
+                "--set",
+                "training.max_steps=5",
+                "--set",
+                &format!("training.batch_size={batch}"),
+                "--set",
+                &format!("training.grad_accum_steps={accum}"),
+            ]));
+            assert!(out.status.success());
+            weights(&dir.path().join("out/checkpoint-5"))
+        })
+        .collect();
+    // Per tensor: ||a - b|| / ||a||, the summation order being the only difference.
+    let mut worst = (0f64, String::new());
+    for ((n1, a), (n2, b)) in runs[0].iter().zip(&runs[1]) {
+        assert_eq!(n1, n2);
+        // The key bias adds the same score to every key of a query, which softmax
+        // cancels: its true gradient is 0, and Adam turns the rounding noise left
+        // in its place into +-lr steps that differ with the summation order.
+        if n1.ends_with("attention.self.key.bias") {
+            continue;
+        }
+        let diff: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
+        let norm: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt().max(1e-12);
+        if diff / norm > worst.0 {
+            worst = (diff / norm, n1.clone());
+        }
+    }
+    assert!(worst.0 < 1e-5, "largest relative difference {} in {}", worst.0, worst.1);
+}
+
+#[test]
+fn bf16_training_lowers_held_out_perplexity() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_job(dir.path(), "");
+    let out = run(mlm().arg("train").arg(&cfg).args(["--set", "training.precision=bf16"]));
+    assert!(out.status.success());
+    let evals = eval_records(&dir.path().join("out/metrics.jsonl"));
+    let first = evals.first().unwrap()["perplexity"].as_f64().unwrap();
+    let last = evals.last().unwrap()["perplexity"].as_f64().unwrap();
+    assert!(last < 0.5 * first, "bf16 held-out perplexity {first} -> {last}");
+    // the saved weights are the fp32 master weights
+    let cfg_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("out/best/config.json")).unwrap()).unwrap();
+    assert_ne!(cfg_json["torch_dtype"], "bfloat16");
+    assert_ne!(cfg_json["dtype"], "bfloat16");
+}
