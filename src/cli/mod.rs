@@ -32,11 +32,14 @@ pub enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
-    /// Train (prepares the data first when needed).
+    /// Train (prepares the data first when needed; resumes per checkpoint.resume).
     Train {
         config: PathBuf,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        /// Same as --set checkpoint.resume=...: auto, none, or a checkpoint directory.
+        #[arg(long)]
+        resume: Option<String>,
     },
     /// Held-out perplexity of a model on text files (masks fixed by --seed).
     Eval {
@@ -111,7 +114,10 @@ pub fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Train { config, set } => {
+        Command::Train { config, mut set, resume } => {
+            if let Some(r) = resume {
+                set.push(format!("checkpoint.resume={}", toml::Value::String(r)));
+            }
             let cfg = Config::load(&config, &set)?;
             let s = crate::train::run(cfg)?;
             if let Some(b) = s.before {

@@ -5,7 +5,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, Receiver};
 
-use super::masking::{mask_chunk, MaskingParams};
+use super::masking::{mask_chunk_words, MaskingParams};
 use super::rng::{hash_words, SplitMix64};
 use super::store::TokenStore;
 
@@ -26,15 +26,17 @@ pub struct Batch {
     pub n_masked: usize,
 }
 
-/// Masks the chunks `ids` of `store` into one batch.
+/// Masks the chunks `ids` of `store` into one batch (by whole words when
+/// `p.whole_word_mask` and the store has word-start marks).
 pub fn make_batch(store: &TokenStore, p: &MaskingParams, ids: &[u32], seed: u64, epoch: u64) -> Batch {
     let bs = store.block_size();
     let (mut input_ids, mut labels) = (vec![0i64; ids.len() * bs], vec![0i64; ids.len() * bs]);
     let mut n_masked = 0;
     for (r, &id) in ids.iter().enumerate() {
         let span = r * bs..(r + 1) * bs;
-        n_masked +=
-            mask_chunk(store.chunk(id as usize), p, seed, epoch, id as u64, &mut input_ids[span.clone()], &mut labels[span]);
+        let (chunk, words) = (store.chunk(id as usize), store.word_starts(id as usize));
+        let (ids_out, labels_out) = (&mut input_ids[span.clone()], &mut labels[span]);
+        n_masked += mask_chunk_words(chunk, words, p, seed, epoch, id as u64, ids_out, labels_out);
     }
     Batch { input_ids, labels, rows: ids.len(), block_size: bs, chunk_ids: ids.iter().map(|&i| i as u64).collect(), n_masked }
 }
@@ -180,6 +182,35 @@ mod tests {
         let store = Arc::new(TokenStore::open(&p, BLOCK).unwrap());
         let params = Arc::new(MaskingParams::new(&DataConfig::default(), testutil::tokenizer()));
         (d, store, params)
+    }
+
+    #[test]
+    fn whole_word_batches_read_the_word_marks_of_the_store() {
+        let (_d, store, params) = fixture(20);
+        assert!(!store.has_word_starts());
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("train.tokens");
+        let (toks, starts) = testutil::corpus_tokens_and_words(20 * BLOCK);
+        write_tokens(&p, toks.chunks(BLOCK)).unwrap();
+        crate::data::store::write_word_starts(&p.with_extension("words"), starts.chunks(BLOCK)).unwrap();
+        let with_words = Arc::new(TokenStore::open(&p, BLOCK).unwrap());
+        let wwm = MaskingParams { whole_word_mask: true, ..(*params).clone() };
+        let ids: Vec<u32> = (0..20).collect();
+        // Token masking: the marks change nothing.
+        assert_eq!(make_batch(&with_words, &params, &ids, 9, 1), make_batch(&store, &params, &ids, 9, 1));
+        // Whole-word masking: the marks of each chunk are used; without marks it is token masking.
+        let b = make_batch(&with_words, &wwm, &ids, 9, 1);
+        assert_ne!(b.labels, make_batch(&with_words, &params, &ids, 9, 1).labels);
+        assert_eq!(make_batch(&store, &wwm, &ids, 9, 1), make_batch(&store, &params, &ids, 9, 1));
+        for (r, &id) in ids.iter().enumerate() {
+            let (mut x, mut y) = (vec![0i64; BLOCK], vec![0i64; BLOCK]);
+            let w = with_words.word_starts(id as usize);
+            mask_chunk_words(with_words.chunk(id as usize), w, &wwm, 9, 1, id as u64, &mut x, &mut y);
+            assert_eq!(y, b.labels[r * BLOCK..(r + 1) * BLOCK]);
+        }
+        let streamed: Vec<Batch> = BatchStream::new(with_words.clone(), Arc::new(wwm.clone()), ids, 4, 0, 9, 1, 2, 2).collect();
+        assert_eq!(streamed[0].labels, b.labels[..4 * BLOCK]);
+        assert_eq!(eval_batches(&with_words, &wwm, 20, 0, 9)[0].labels.len(), 20 * BLOCK);
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! Data preparation, token store and masking.
 //!
-//! Text files are read into documents ([`source`]), tokenized with the model's
-//! `tokenizer.json` ([`tokenizer`]), concatenated, chunked and split into a
-//! memory-mapped token store on disk ([`prepare`], [`store`]). During training,
-//! [`loader`] orders each rank's chunks per epoch and masks them in background
-//! threads ([`masking`]); the mask of a chunk is a pure function of
-//! `(seed, epoch, chunk id)`.
+//! Text, JSON-lines and Parquet files are read into documents ([`source`]),
+//! tokenized with the model's `tokenizer.json` ([`tokenizer`]), concatenated,
+//! chunked and split into a memory-mapped token store on disk, with each
+//! token's word-start mark for whole-word masking ([`prepare`], [`store`]).
+//! During training, [`loader`] orders each rank's chunks per epoch and masks
+//! them in background threads ([`masking`]); the mask of a chunk is a pure
+//! function of `(seed, epoch, chunk id)`.
 pub mod loader;
 pub mod masking;
 pub mod prepare;
@@ -18,7 +19,7 @@ pub mod tokenizer;
 pub(crate) mod testutil;
 
 pub use loader::{epoch_order, eval_batches, rank_shard, Batch, BatchStream};
-pub use masking::{mask_chunk, MaskingParams};
+pub use masking::{mask_chunk, mask_chunk_words, MaskingParams};
 pub use prepare::prepare;
-pub use store::{Manifest, Prepared, SourceInfo, TokenStore};
+pub use store::{Manifest, Prepared, SourceInfo, TokenStore, WordStarts};
 pub use tokenizer::TextTokenizer;

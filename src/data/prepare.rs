@@ -3,7 +3,9 @@
 //! Mirrors Hugging Face `run_mlm`'s default path: each document is tokenized with
 //! its special tokens (`[CLS] ... [SEP]`), all documents are concatenated in file
 //! order, cut into `block_size` chunks and the remainder dropped (`group_texts`).
-//! Chunks are then split into train/test by a seeded shuffle.
+//! Chunks are then split into train/test by a seeded shuffle. Each token's
+//! word-start mark (for whole-word masking) is stored beside the tokens, so the
+//! same store serves token and whole-word masking.
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -16,7 +18,10 @@ use tracing::{info, warn};
 
 use super::rng::{hash_words, SplitMix64};
 use super::source::{expand_files, read_documents};
-use super::store::{write_tokens, Manifest, Prepared, SourceInfo, FORMAT_VERSION, MANIFEST, TEST_FILE, TRAIN_FILE};
+use super::store::{
+    write_tokens, write_word_starts, Manifest, Prepared, SourceInfo, FORMAT_VERSION, MANIFEST, TEST_FILE, TRAIN_FILE,
+    WORDS_EXT,
+};
 use super::tokenizer::{hex, TextTokenizer};
 use crate::config::{Config, DataConfig};
 
@@ -29,7 +34,7 @@ pub fn prepare(cfg: &Config, tok: &TextTokenizer, show_progress: bool) -> Result
     let d = &cfg.data;
     let files = expand_files(&d.files)?;
     if files.is_empty() {
-        bail!("data.files is empty: list the text or JSON-lines files to train on");
+        bail!("data.files is empty: list the text, JSON-lines or Parquet files to train on");
     }
     let mut sources = hash_sources(&files)?;
     let key = inputs_key(d, tok, &sources);
@@ -47,7 +52,7 @@ pub fn prepare(cfg: &Config, tok: &TextTokenizer, show_progress: bool) -> Result
 
     let t0 = Instant::now();
     let pb = progress_bar(show_progress, sources.iter().map(|s| s.bytes).sum());
-    let (tokens, counts) = tokenize_files(&files, d, tok, &pb)?;
+    let Tokenized { tokens, starts, counts } = tokenize_files(&files, d, tok, &pb)?;
     pb.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
     for (s, (docs, toks)) in sources.iter_mut().zip(counts) {
@@ -67,14 +72,19 @@ pub fn prepare(cfg: &Config, tok: &TextTokenizer, show_progress: bool) -> Result
         sources,
         documents,
         tokens: tokens.len(),
+        words: starts.iter().filter(|&&s| s).count(),
         dropped_tokens: tokens.len() % bs,
         train_chunks: train_ids.len(),
         test_chunks: test_ids.len(),
     };
     let chunk = |i: &u32| &tokens[*i as usize * bs..(*i as usize + 1) * bs];
+    let chunk_starts = |i: &u32| &starts[*i as usize * bs..(*i as usize + 1) * bs];
     write_atomically(&dir, |tmp| {
-        write_tokens(&tmp.join(TRAIN_FILE), train_ids.iter().map(chunk))?;
-        write_tokens(&tmp.join(TEST_FILE), test_ids.iter().map(chunk))?;
+        for (name, ids) in [(TRAIN_FILE, &train_ids), (TEST_FILE, &test_ids)] {
+            let p = tmp.join(name);
+            write_tokens(&p, ids.iter().map(chunk))?;
+            write_word_starts(&p.with_extension(WORDS_EXT), ids.iter().map(chunk_starts))?;
+        }
         let p = tmp.join(MANIFEST);
         std::fs::write(&p, serde_json::to_vec_pretty(&manifest)?).with_context(|| format!("cannot write {}", p.display()))?;
         File::open(&p)?.sync_all().with_context(|| format!("cannot sync {}", p.display()))
@@ -82,6 +92,7 @@ pub fn prepare(cfg: &Config, tok: &TextTokenizer, show_progress: bool) -> Result
     info!(
         documents,
         tokens = manifest.tokens,
+        words = manifest.words,
         train_chunks = manifest.train_chunks,
         test_chunks = manifest.test_chunks,
         dropped_tokens = manifest.dropped_tokens,
@@ -100,7 +111,7 @@ pub fn tokenize_to_chunks(d: &DataConfig, tok: &TextTokenizer) -> Result<Vec<u32
     if files.is_empty() {
         bail!("no input files given");
     }
-    let (mut tokens, counts) = tokenize_files(&files, d, tok, &indicatif::ProgressBar::hidden())?;
+    let Tokenized { mut tokens, counts, .. } = tokenize_files(&files, d, tok, &indicatif::ProgressBar::hidden())?;
     check_corpus(&files, counts.iter().map(|c| c.0).sum(), tokens.len(), d.block_size)?;
     tokens.truncate(tokens.len() / d.block_size * d.block_size);
     Ok(tokens)
@@ -109,36 +120,47 @@ pub fn tokenize_to_chunks(d: &DataConfig, tok: &TextTokenizer) -> Result<Vec<u32
 /// (documents, tokens) of one input file.
 type FileCounts = (usize, usize);
 
-/// Reads and tokenizes `files` in order (documents in parallel, order kept):
-/// all tokens concatenated, and (documents, tokens) per file. `pb` advances by
-/// bytes.
+/// The documents of all input files, tokenized and concatenated.
+struct Tokenized {
+    tokens: Vec<u32>,
+    /// Word-start mark of each token.
+    starts: Vec<bool>,
+    counts: Vec<FileCounts>,
+}
+
+/// Reads and tokenizes `files` in order (documents in parallel, order kept).
+/// `pb` advances by bytes.
 fn tokenize_files(
     files: &[PathBuf],
     d: &DataConfig,
     tok: &TextTokenizer,
     pb: &indicatif::ProgressBar,
-) -> Result<(Vec<u32>, Vec<FileCounts>)> {
-    let (mut tokens, mut counts, mut done) = (Vec::new(), Vec::new(), 0);
+) -> Result<Tokenized> {
+    let (mut tokens, mut starts, mut counts, mut done) = (Vec::new(), Vec::new(), Vec::new(), 0);
     for file in files {
         let docs = read_documents(file, d)?;
         // Indexed parallel collect keeps document order.
-        let encoded: Vec<Vec<u32>> = docs
+        let encoded: Vec<(Vec<u32>, Vec<bool>)> = docs
             .par_iter()
             .map(|doc| {
-                let ids = tok.encode_document(doc);
+                let enc = tok.encode_document_words(doc);
                 pb.inc(doc.len() as u64);
-                ids
+                enc
             })
             .collect::<Result<_>>()
             .with_context(|| format!("cannot tokenize {}", file.display()))?;
-        let n: usize = encoded.iter().map(Vec::len).sum();
+        let n: usize = encoded.iter().map(|e| e.0.len()).sum();
         tokens.reserve(n);
-        encoded.iter().for_each(|e| tokens.extend_from_slice(e));
+        starts.reserve(n);
+        for (ids, s) in &encoded {
+            tokens.extend_from_slice(ids);
+            starts.extend_from_slice(s);
+        }
         counts.push((docs.len(), n));
         done += std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
         pb.set_position(done);
     }
-    Ok((tokens, counts))
+    Ok(Tokenized { tokens, starts, counts })
 }
 
 /// The errors of a corpus too small to make one chunk.
@@ -285,7 +307,7 @@ fn write_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::{source, testutil};
+    use crate::data::{source, testutil, TokenStore};
     use std::os::unix::fs::MetadataExt;
 
     fn config(dir: &Path, files: Vec<String>, block_size: usize) -> Config {
@@ -336,6 +358,85 @@ mod tests {
             assert_eq!(p.test.chunk(k), &all[id as usize * 64..(id as usize + 1) * 64]);
         }
         assert_eq!(siblings(tmp.path()), vec!["data"]);
+    }
+
+    #[test]
+    fn word_starts_are_stored_beside_each_chunk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tok = testutil::tokenizer();
+        let cfg = config(tmp.path(), corpus(4), 50);
+        let p = prepare(&cfg, tok, false).unwrap();
+        let (mut all, mut starts) = (Vec::new(), Vec::new());
+        for f in source::expand_files(&cfg.data.files).unwrap() {
+            for doc in source::read_documents(&f, &cfg.data).unwrap() {
+                let (i, s) = tok.encode_document_words(&doc).unwrap();
+                all.extend(i);
+                starts.extend(s);
+            }
+        }
+        assert_eq!(p.manifest.words, starts.iter().filter(|&&s| s).count());
+        assert!(p.manifest.words < p.manifest.tokens);
+        let (train, test) = split_chunks(all.len() / 50, 0.1, cfg.data.split_seed).unwrap();
+        for (store, ids) in [(&p.train, &train), (&p.test, &test)] {
+            for (k, &id) in ids.iter().enumerate() {
+                let w = store.word_starts(k).unwrap();
+                // A chunk starts with a word start, even in the middle of a word.
+                let want: Vec<bool> = (0..50).map(|j| j == 0 || starts[id as usize * 50 + j]).collect();
+                assert_eq!((0..50).map(|j| w.get(j)).collect::<Vec<_>>(), want, "chunk {id}");
+            }
+        }
+        let words_len = std::fs::metadata(p.dir.join("train.words")).unwrap().len() as usize;
+        assert_eq!(words_len, p.manifest.train_chunks * 7);
+    }
+
+    #[test]
+    fn store_of_an_older_format_is_prepared_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tok = testutil::tokenizer();
+        let cfg = config(tmp.path(), corpus(2), 32);
+        let first = prepare(&cfg, tok, false).unwrap();
+        let dir = first.dir.clone();
+        drop(first);
+        // A version-1 store: no word marks, format_version 1.
+        let m = dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&m).unwrap().replace("\"format_version\": 2", "\"format_version\": 1");
+        std::fs::write(&m, text).unwrap();
+        std::fs::remove_file(dir.join("train.words")).unwrap();
+        assert!(Prepared::open(&dir).unwrap_err().to_string().contains("format_version 1"));
+        let again = prepare(&cfg, tok, false).unwrap();
+        assert_eq!(again.manifest.format_version, FORMAT_VERSION);
+        assert!(again.train.has_word_starts() && again.test.has_word_starts());
+        // A store whose word marks were lost cannot be opened.
+        std::fs::remove_file(dir.join("test.words")).unwrap();
+        let e = Prepared::open(&dir).unwrap_err().to_string();
+        assert!(e.contains("test.words: missing"), "{e}");
+    }
+
+    #[test]
+    fn parquet_rows_prepare_like_the_same_documents_in_json_lines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tok = testutil::tokenizer();
+        let docs: Vec<String> = std::fs::read_to_string(&corpus(1)[0])
+            .unwrap()
+            .split("\n\n")
+            .filter(|p| !p.trim().is_empty())
+            .map(str::to_string)
+            .collect();
+        let pq = tmp.path().join("docs.parquet");
+        let text: Vec<Option<&str>> = docs.iter().map(|d| Some(d.as_str())).collect();
+        testutil::write_parquet(&pq, vec![("title", testutil::strings(&text)), ("text", testutil::strings(&text))], 7);
+        let jl = tmp.path().join("docs.jsonl");
+        let lines: Vec<String> = docs.iter().map(|d| serde_json::json!({ "text": d }).to_string()).collect();
+        std::fs::write(&jl, lines.join("\n")).unwrap();
+        let mut a = config(tmp.path(), vec![pq.to_string_lossy().into_owned()], 32);
+        let mut b = config(tmp.path(), vec![jl.to_string_lossy().into_owned()], 32);
+        a.data.prepared_dir = Some(tmp.path().join("a"));
+        b.data.prepared_dir = Some(tmp.path().join("b"));
+        let (a, b) = (prepare(&a, tok, false).unwrap(), prepare(&b, tok, false).unwrap());
+        assert_eq!(a.manifest.documents, docs.len());
+        assert_eq!((a.manifest.tokens, a.manifest.words), (b.manifest.tokens, b.manifest.words));
+        let chunks = |s: &TokenStore| (0..s.len()).map(|i| s.chunk(i).to_vec()).collect::<Vec<_>>();
+        assert_eq!(chunks(&a.train), chunks(&b.train));
     }
 
     #[test]

@@ -1,7 +1,10 @@
-//! Reading input files into documents (plain text or JSON lines).
+//! Reading input files into documents (plain text, JSON lines or Parquet).
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use arrow_array::{Array, LargeStringArray, StringArray, StringViewArray};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ProjectionMask;
 
 use crate::config::{DataConfig, DocumentBoundary, InputFormat};
 
@@ -41,6 +44,7 @@ pub fn resolve_format(path: &Path, format: InputFormat) -> InputFormat {
     match format {
         InputFormat::Auto => match path.extension().and_then(|e| e.to_str()) {
             Some("jsonl" | "json") => InputFormat::Jsonl,
+            Some("parquet") => InputFormat::Parquet,
             _ => InputFormat::Text,
         },
         f => f,
@@ -50,12 +54,16 @@ pub fn resolve_format(path: &Path, format: InputFormat) -> InputFormat {
 /// Reads the documents of one file, in file order; whitespace-only documents
 /// are skipped. Errors name the file (and line, or byte offset for bad UTF-8).
 pub fn read_documents(path: &Path, cfg: &DataConfig) -> Result<Vec<String>> {
+    let format = resolve_format(path, cfg.format);
+    if format == InputFormat::Parquet {
+        return parquet_documents(path, &cfg.text_field);
+    }
     let bytes = std::fs::read(path).with_context(|| format!("cannot read input file {}", path.display()))?;
     let text = std::str::from_utf8(&bytes).map_err(|e| {
         anyhow::anyhow!("{}: not valid UTF-8 (first invalid byte at offset {})", path.display(), e.valid_up_to())
     })?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    match resolve_format(path, cfg.format) {
+    match format {
         InputFormat::Jsonl => jsonl_documents(path, text, &cfg.text_field),
         _ => Ok(text_documents(text, cfg.document_boundary)),
     }
@@ -112,6 +120,55 @@ fn jsonl_documents(path: &Path, text: &str, field: &str) -> Result<Vec<String>> 
     Ok(docs)
 }
 
+/// The string column `column` of a Parquet file, one document per row (as
+/// Hugging Face `datasets` reads it), in file order; null and whitespace-only
+/// rows are skipped. Only that column is read, batch by batch.
+fn parquet_documents(path: &Path, column: &str) -> Result<Vec<String>> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot read input file {}", path.display()))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| anyhow::anyhow!("{}: not a readable Parquet file ({e})", path.display()))?;
+    let fields = builder.schema().fields();
+    let Some(idx) = fields.iter().position(|f| f.name() == column) else {
+        let names: Vec<&str> = fields.iter().map(|f| f.name().as_str()).collect();
+        bail!("{}: no column {column:?} (columns: {}); set data.text_field", path.display(), names.join(", "));
+    };
+    let dtype = fields[idx].data_type();
+    if !for_each_str(arrow_array::new_empty_array(dtype).as_ref(), |_| ()) {
+        bail!("{}: column {column:?} is {dtype}, expected a string column; set data.text_field", path.display());
+    }
+    let mask = ProjectionMask::roots(builder.parquet_schema(), [idx]);
+    let reader = builder
+        .with_projection(mask)
+        .build()
+        .map_err(|e| anyhow::anyhow!("{}: cannot read column {column:?}: {e}", path.display()))?;
+    let mut docs = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| anyhow::anyhow!("{}: cannot read column {column:?}: {e}", path.display()))?;
+        for_each_str(batch.column(0).as_ref(), |s| {
+            if !s.trim().is_empty() {
+                docs.push(s.to_string());
+            }
+        });
+    }
+    Ok(docs)
+}
+
+/// Calls `f` on every non-null value of a string array (UTF-8, large UTF-8 or
+/// UTF-8 view); false when `col` is not one.
+fn for_each_str(col: &dyn Array, mut f: impl FnMut(&str)) -> bool {
+    let any = col.as_any();
+    if let Some(a) = any.downcast_ref::<StringArray>() {
+        a.iter().flatten().for_each(&mut f);
+    } else if let Some(a) = any.downcast_ref::<LargeStringArray>() {
+        a.iter().flatten().for_each(&mut f);
+    } else if let Some(a) = any.downcast_ref::<StringViewArray>() {
+        a.iter().flatten().for_each(&mut f);
+    } else {
+        return false;
+    }
+    true
+}
+
 fn kind(v: &serde_json::Value) -> &'static str {
     use serde_json::Value::*;
     match v {
@@ -127,6 +184,7 @@ fn kind(v: &serde_json::Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::testutil;
 
     fn cfg(boundary: DocumentBoundary) -> DataConfig {
         DataConfig { document_boundary: boundary, ..Default::default() }
@@ -168,6 +226,49 @@ mod tests {
         let forced = DataConfig { format: InputFormat::Jsonl, text_field: "body".into(), ..Default::default() };
         let p = write(d.path(), "c.txt", b"{\"body\": \"x\"}\n");
         assert_eq!(read_documents(&p, &forced).unwrap(), vec!["x"]);
+    }
+
+    #[test]
+    fn parquet_rows_are_documents_of_the_text_column_in_order() {
+        use arrow_array::{Int64Array, LargeStringArray};
+        use std::sync::Arc;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("wiki.parquet");
+        let text = [Some("first doc"), None, Some("  "), Some("second\ndoc"), Some("third"), Some("fourth")];
+        let ids: Vec<String> = (0..6).map(|i| i.to_string()).collect();
+        let ids: Vec<Option<&str>> = ids.iter().map(|s| Some(s.as_str())).collect();
+        testutil::write_parquet(
+            &p,
+            vec![
+                ("id", testutil::strings(&ids)),
+                ("url", testutil::strings(&[Some("u"); 6])),
+                ("title", testutil::strings(&[Some("t"); 6])),
+                ("text", testutil::strings(&text)),
+            ],
+            // Several row groups, so several record batches, in order.
+            2,
+        );
+        let c = cfg(DocumentBoundary::BlankLine);
+        assert_eq!(resolve_format(&p, c.format), InputFormat::Parquet);
+        assert_eq!(read_documents(&p, &c).unwrap(), vec!["first doc", "second\ndoc", "third", "fourth"]);
+        let by_title = DataConfig { text_field: "title".into(), ..c.clone() };
+        assert_eq!(read_documents(&p, &by_title).unwrap().len(), 6);
+
+        // A large-string column, in a file without the .parquet extension.
+        let q = d.path().join("data.bin");
+        testutil::write_parquet(&q, vec![("text", Arc::new(LargeStringArray::from(vec!["a", "b"])) as _)], 1024);
+        let forced = DataConfig { format: InputFormat::Parquet, ..c.clone() };
+        assert_eq!(read_documents(&q, &forced).unwrap(), vec!["a", "b"]);
+
+        let e = format!("{:#}", read_documents(&p, &DataConfig { text_field: "body".into(), ..c.clone() }).unwrap_err());
+        assert!(e.contains("wiki.parquet: no column \"body\" (columns: id, url, title, text)"), "{e}");
+        let n = d.path().join("num.parquet");
+        testutil::write_parquet(&n, vec![("text", Arc::new(Int64Array::from(vec![1, 2])) as _)], 1024);
+        let e = format!("{:#}", read_documents(&n, &c).unwrap_err());
+        assert!(e.contains("num.parquet: column \"text\" is Int64, expected a string column"), "{e}");
+        let bad = write(d.path(), "fake.parquet", b"id,text\n1,hello\n");
+        let e = format!("{:#}", read_documents(&bad, &c).unwrap_err());
+        assert!(e.contains("fake.parquet: not a readable Parquet file"), "{e}");
     }
 
     #[test]

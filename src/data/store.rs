@@ -1,5 +1,7 @@
 //! The prepared token store: `train.tokens` / `test.tokens` (little-endian
-//! `u32`, one fixed-size chunk after another) and `manifest.json`.
+//! `u32`, one fixed-size chunk after another), beside each its word-start marks
+//! `train.words` / `test.words` (one bit per token, see [`WordStarts`]), and
+//! `manifest.json`.
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -8,12 +10,15 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-/// Version of the on-disk layout; bumped on incompatible changes.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the on-disk layout; bumped on incompatible changes
+/// (2: word-start marks beside the tokens).
+pub const FORMAT_VERSION: u32 = 2;
 /// File names inside the prepared directory.
 pub const MANIFEST: &str = "manifest.json";
 pub const TRAIN_FILE: &str = "train.tokens";
 pub const TEST_FILE: &str = "test.tokens";
+/// Extension of the word-start file beside a `.tokens` file.
+pub const WORDS_EXT: &str = "words";
 
 /// One input file as it was prepared.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -40,6 +45,9 @@ pub struct Manifest {
     pub documents: usize,
     /// Tokens before chunking.
     pub tokens: usize,
+    /// Words before chunking (tokens that start a word, special tokens
+    /// included): `tokens / words` is the mean word length in tokens.
+    pub words: usize,
     /// Tokens of the incomplete last chunk, dropped (as HF `group_texts`).
     pub dropped_tokens: usize,
     pub train_chunks: usize,
@@ -66,11 +74,80 @@ enum Backing {
     Owned(Vec<u32>),
 }
 
-/// One memory-mapped `.tokens` file, viewed as chunks of `block_size` ids.
+/// Bytes of word-start marks per chunk: one bit per token, each chunk padded
+/// to whole bytes so that chunk `i`'s marks start at byte `i * word_bytes`.
+pub fn word_bytes(block_size: usize) -> usize {
+    block_size.div_ceil(8)
+}
+
+/// The word-start marks of one chunk: bit `p % 8` (least significant first) of
+/// byte `p / 8` is set when token `p` starts a word. The first token of a chunk
+/// always counts as a word start, also when it continues a word of the
+/// previous chunk, so a chunk's words are complete within it.
+#[derive(Debug, Clone, Copy)]
+pub struct WordStarts<'a> {
+    bits: &'a [u8],
+    len: usize,
+}
+
+impl<'a> WordStarts<'a> {
+    /// Marks over packed `bits` for `len` tokens.
+    pub fn new(bits: &'a [u8], len: usize) -> Self {
+        assert!(bits.len() >= len.div_ceil(8), "WordStarts: {} bytes for {len} tokens", bits.len());
+        Self { bits, len }
+    }
+
+    /// Whether token `pos` starts a word (panics when out of range).
+    pub fn get(&self, pos: usize) -> bool {
+        assert!(pos < self.len, "WordStarts: position {pos} of {}", self.len);
+        (self.bits[pos / 8] >> (pos % 8)) & 1 == 1
+    }
+
+    /// Tokens covered.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no token is covered.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Packs one chunk's marks (`starts[0]` is stored as set, see [`WordStarts`]).
+pub fn pack_word_starts(starts: &[bool], out: &mut Vec<u8>) {
+    let base = out.len();
+    out.resize(base + word_bytes(starts.len()), 0);
+    for (p, &s) in starts.iter().enumerate() {
+        if s || p == 0 {
+            out[base + p / 8] |= 1 << (p % 8);
+        }
+    }
+}
+
+/// One memory-mapped `.tokens` file, viewed as chunks of `block_size` ids,
+/// with the word-start marks of its `.words` file when there is one.
 pub struct TokenStore {
     backing: Backing,
+    /// The packed marks of every chunk, `word_bytes(block_size)` per chunk.
+    words: Option<WordBacking>,
     block_size: usize,
     path: PathBuf,
+}
+
+enum WordBacking {
+    Map(memmap2::Mmap),
+    /// An empty file cannot be mapped.
+    Empty,
+}
+
+impl WordBacking {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            WordBacking::Map(m) => &m[..],
+            WordBacking::Empty => &[],
+        }
+    }
 }
 
 impl std::fmt::Debug for TokenStore {
@@ -80,7 +157,9 @@ impl std::fmt::Debug for TokenStore {
 }
 
 impl TokenStore {
-    /// Maps `path`; its length must be a whole number of chunks.
+    /// Maps `path`; its length must be a whole number of chunks. The word-start
+    /// marks are mapped from the file beside it with the extension `.words`
+    /// when it exists; it must hold as many chunks.
     pub fn open(path: &Path, block_size: usize) -> Result<Self> {
         assert!(block_size > 0, "block_size must be positive");
         let file = File::open(path).with_context(|| format!("cannot open token file {}", path.display()))?;
@@ -100,15 +179,39 @@ impl TokenStore {
         } else {
             Backing::Owned(map.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())).collect())
         };
-        Ok(Self { backing, block_size, path: path.to_path_buf() })
+        let chunks = len / (block_size * 4);
+        let words = Self::open_words(&path.with_extension(WORDS_EXT), chunks * word_bytes(block_size))?;
+        Ok(Self { backing, words, block_size, path: path.to_path_buf() })
+    }
+
+    fn open_words(path: &Path, expected: usize) -> Result<Option<WordBacking>> {
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot open word-start file {}", path.display())),
+        };
+        let len = file.metadata().with_context(|| format!("cannot stat {}", path.display()))?.len() as usize;
+        if len != expected {
+            bail!(
+                "{}: {len} bytes of word-start marks where its tokens need {expected} (truncated?); prepare the data again",
+                path.display()
+            );
+        }
+        if len == 0 {
+            return Ok(Some(WordBacking::Empty));
+        }
+        // SAFETY: as for the token file.
+        let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+        Ok(Some(WordBacking::Map(map)))
     }
 
     /// An in-memory store over `tokens` (the incomplete last chunk is dropped),
-    /// for one-off evaluation without a prepared directory.
+    /// for one-off evaluation without a prepared directory. It has no word-start
+    /// marks: whole-word masking over it masks single tokens.
     pub fn from_tokens(mut tokens: Vec<u32>, block_size: usize) -> Self {
         assert!(block_size > 0, "block_size must be positive");
         tokens.truncate(tokens.len() / block_size * block_size);
-        Self { backing: Backing::Owned(tokens), block_size, path: PathBuf::from("<memory>") }
+        Self { backing: Backing::Owned(tokens), words: None, block_size, path: PathBuf::from("<memory>") }
     }
 
     fn tokens(&self) -> &[u32] {
@@ -144,6 +247,19 @@ impl TokenStore {
     pub fn chunk(&self, i: usize) -> &[u32] {
         &self.tokens()[i * self.block_size..(i + 1) * self.block_size]
     }
+
+    /// Whether the store has word-start marks.
+    pub fn has_word_starts(&self) -> bool {
+        self.words.is_some()
+    }
+
+    /// The word-start marks of chunk `i`, when the store has them (panics when
+    /// out of range).
+    pub fn word_starts(&self, i: usize) -> Option<WordStarts<'_>> {
+        assert!(i < self.len(), "chunk {i} of {}", self.len());
+        let w = word_bytes(self.block_size);
+        self.words.as_ref().map(|b| WordStarts::new(&b.bytes()[i * w..(i + 1) * w], self.block_size))
+    }
 }
 
 /// Writes `chunks` (each `block_size` long) to `path` as little-endian `u32`
@@ -161,6 +277,21 @@ pub fn write_tokens<'a>(path: &Path, chunks: impl IntoIterator<Item = &'a [u32]>
     file.sync_all().with_context(|| format!("cannot sync {}", path.display()))
 }
 
+/// Writes the word-start marks of `chunks` (each `block_size` long) to `path`
+/// (see [`WordStarts`]) and fsyncs the file.
+pub fn write_word_starts<'a>(path: &Path, chunks: impl IntoIterator<Item = &'a [bool]>) -> Result<()> {
+    let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    let mut buf = Vec::new();
+    for c in chunks {
+        buf.clear();
+        pack_word_starts(c, &mut buf);
+        w.write_all(&buf).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    let file = w.into_inner().map_err(|e| e.into_error()).with_context(|| format!("cannot write {}", path.display()))?;
+    file.sync_all().with_context(|| format!("cannot sync {}", path.display()))
+}
+
 /// A prepared directory, opened. The stores are shared (`Arc`) so masker
 /// threads can hold them.
 #[derive(Debug)]
@@ -172,12 +303,18 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// Opens `<dir>/manifest.json` and both token files, checking their chunk
-    /// counts against the manifest.
+    /// Opens `<dir>/manifest.json`, both token files and their word-start
+    /// marks, checking their chunk counts against the manifest.
     pub fn open(dir: &Path) -> Result<Prepared> {
         let manifest = Manifest::read(dir)?;
         let train = TokenStore::open(&dir.join(TRAIN_FILE), manifest.block_size)?;
         let test = TokenStore::open(&dir.join(TEST_FILE), manifest.block_size)?;
+        for s in [&train, &test] {
+            if !s.has_word_starts() {
+                let p = s.path().with_extension(WORDS_EXT);
+                bail!("{}: missing (word-start marks of {}); prepare the data again", p.display(), s.path().display());
+            }
+        }
         if train.len() != manifest.train_chunks || test.len() != manifest.test_chunks {
             bail!(
                 "{}: token files hold {}/{} train/test chunks, the manifest says {}/{}; prepare the data again",
@@ -219,6 +356,31 @@ mod tests {
         assert_eq!(&bytes[4..8], &1_000_003u32.to_le_bytes());
         fn send_sync<T: Send + Sync>() {}
         send_sync::<TokenStore>();
+    }
+
+    #[test]
+    fn word_starts_round_trip_one_bit_per_token() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x.tokens");
+        // 3 chunks of 10 tokens: 2 bytes of marks each.
+        write_tokens(&p, (0..30u32).collect::<Vec<_>>().chunks(10)).unwrap();
+        let starts: Vec<bool> = (0..30).map(|i| i % 3 == 1).collect();
+        write_word_starts(&p.with_extension(WORDS_EXT), starts.chunks(10)).unwrap();
+        assert_eq!(std::fs::metadata(d.path().join("x.words")).unwrap().len(), 6);
+        let s = TokenStore::open(&p, 10).unwrap();
+        assert!(s.has_word_starts());
+        for c in 0..3 {
+            let w = s.word_starts(c).unwrap();
+            assert_eq!(w.len(), 10);
+            for pos in 0..10 {
+                // The first token of a chunk is always a word start.
+                assert_eq!(w.get(pos), pos == 0 || starts[c * 10 + pos], "chunk {c} pos {pos}");
+            }
+        }
+        assert!(TokenStore::from_tokens((0..30).collect(), 10).word_starts(1).is_none());
+        std::fs::write(d.path().join("x.words"), [0u8; 5]).unwrap();
+        let e = TokenStore::open(&p, 10).unwrap_err().to_string();
+        assert!(e.contains("x.words") && e.contains("5 bytes"), "{e}");
     }
 
     #[test]

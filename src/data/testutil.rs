@@ -1,6 +1,8 @@
 //! Shared fixtures for the data tests: the real BERT tokenizer and corpus.
-use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use arrow_array::{ArrayRef, RecordBatch};
 
 use super::tokenizer::TextTokenizer;
 
@@ -34,21 +36,44 @@ pub fn corpus_files() -> Vec<PathBuf> {
 /// At least `n` tokens of real text: the corpus tokenized paragraph by
 /// paragraph, concatenated.
 pub fn corpus_tokens(n: usize) -> Vec<u32> {
-    static T: OnceLock<Vec<u32>> = OnceLock::new();
-    let all = T.get_or_init(|| {
+    corpus_tokens_and_words(n).0
+}
+
+/// [`corpus_tokens`] and each token's word-start mark.
+pub fn corpus_tokens_and_words(n: usize) -> (Vec<u32>, Vec<bool>) {
+    static T: OnceLock<(Vec<u32>, Vec<bool>)> = OnceLock::new();
+    let (ids, starts) = T.get_or_init(|| {
         let tok = tokenizer();
-        let mut out = Vec::new();
+        let (mut ids, mut starts) = (Vec::new(), Vec::new());
         for f in corpus_files() {
             let text = std::fs::read_to_string(&f).unwrap();
             for para in text.split("\n\n").filter(|p| !p.trim().is_empty()) {
-                out.extend(tok.encode_document(para).unwrap());
+                let (i, s) = tok.encode_document_words(para).unwrap();
+                ids.extend(i);
+                starts.extend(s);
             }
-            if out.len() >= 300_000 {
+            if ids.len() >= 300_000 {
                 break;
             }
         }
-        out
+        (ids, starts)
     });
-    assert!(all.len() >= n);
-    all[..n].to_vec()
+    assert!(ids.len() >= n);
+    (ids[..n].to_vec(), starts[..n].to_vec())
+}
+
+/// Writes a Parquet file of `columns` in row groups of `group_rows` rows.
+pub fn write_parquet(path: &Path, columns: Vec<(&str, ArrayRef)>, group_rows: usize) {
+    let batch = RecordBatch::try_from_iter(columns).unwrap();
+    let props =
+        parquet::file::properties::WriterProperties::builder().set_max_row_group_row_count(Some(group_rows)).build();
+    let file = std::fs::File::create(path).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), Some(props)).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+}
+
+/// A string column.
+pub fn strings(values: &[Option<&str>]) -> ArrayRef {
+    Arc::new(arrow_array::StringArray::from(values.to_vec()))
 }

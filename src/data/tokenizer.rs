@@ -79,6 +79,21 @@ impl TextTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// [`encode_document`](Self::encode_document), with each token's word-start
+    /// mark for whole-word masking, from the tokenizer's word ids (its
+    /// pre-tokenizer's words): a token starts a word when its word id differs
+    /// from the previous token's; special tokens (no word id) are words of
+    /// their own.
+    pub fn encode_document_words(&self, text: &str) -> Result<(Vec<u32>, Vec<bool>)> {
+        let enc = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| anyhow!("tokenizer {} failed: {e}", self.path.display()))?;
+        let words = enc.get_word_ids();
+        let starts = (0..words.len()).map(|i| words[i].is_none() || i == 0 || words[i] != words[i - 1]).collect();
+        Ok((enc.get_ids().to_vec(), starts))
+    }
+
     /// Text of `ids`, special tokens included.
     pub fn decode(&self, ids: &[u32]) -> String {
         self.decode_with(ids, false)
@@ -123,6 +138,23 @@ mod tests {
         assert_eq!((ids[0], *ids.last().unwrap()), (101, 102));
         assert_eq!(t.decode(&ids), "[CLS] hello world [SEP]");
         assert_eq!(t.token_str(103), "[MASK]");
+    }
+
+    #[test]
+    fn word_starts_follow_the_pre_tokenizer_words() {
+        let t = testutil::tokenizer();
+        let (ids, starts) = t.encode_document_words("Tokenization isn't hard.").unwrap();
+        assert_eq!(ids, t.encode_document("Tokenization isn't hard.").unwrap());
+        let toks: Vec<String> = ids.iter().map(|&i| t.token_str(i)).collect();
+        // [CLS] token ##ization isn ' t hard . [SEP]
+        assert_eq!(toks[1..3], ["token", "##ization"]);
+        assert_eq!(starts, [true, true, false, true, true, true, true, true, true]);
+        // A WordPiece continuation ("##") never starts a word; everything else here does.
+        let text = std::fs::read_to_string(&testutil::corpus_files()[0]).unwrap();
+        let (ids, starts) = t.encode_document_words(&text).unwrap();
+        for (&id, &s) in ids.iter().zip(&starts) {
+            assert_eq!(s, !t.token_str(id).starts_with("##"), "{}", t.token_str(id));
+        }
     }
 
     #[test]

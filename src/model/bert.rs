@@ -56,7 +56,7 @@ impl Default for BertConfig {
 }
 
 impl BertConfig {
-    fn validate(&self) -> Result<Activation> {
+    pub(super) fn validate(&self) -> Result<Activation> {
         if self.position_embedding_type != "absolute" {
             bail!(
                 "position_embedding_type {:?} in config.json is not supported (only \"absolute\")",
@@ -174,8 +174,9 @@ impl BertAttention {
 }
 
 /// `bert.encoder.layer.N`: attention, then `intermediate` + `output` (the FFN).
+/// RoBERTa's layers are the same (`roberta.encoder.layer.N`).
 #[derive(Debug)]
-struct BertLayer {
+pub(super) struct BertLayer {
     attention: BertAttention,
     intermediate: Linear,
     output: Linear,
@@ -185,7 +186,7 @@ struct BertLayer {
 }
 
 impl BertLayer {
-    fn new(p: &nn::Path, c: &BertConfig, act: Activation) -> Self {
+    pub(super) fn new(p: &nn::Path, c: &BertConfig, act: Activation) -> Self {
         let std = c.initializer_range;
         Self {
             attention: BertAttention::new(&(p / "attention"), c),
@@ -211,7 +212,8 @@ impl BertLayer {
         }
     }
 
-    fn forward(&self, x: &Tensor, bias: &Tensor, train: bool) -> Tensor {
+    /// `x` [b, s, h], `bias` [b, 1, 1, s] (from `additive_mask`) -> [b, s, h]
+    pub(super) fn forward(&self, x: &Tensor, bias: &Tensor, train: bool) -> Tensor {
         let x = self.attention.forward(x, bias, train);
         let y = self
             .output

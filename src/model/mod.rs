@@ -1,13 +1,18 @@
-//! Models: BERT-family encoders with their masked-language-model heads, read from
-//! and written to Hugging Face's layout (`config.json` + `model.safetensors`).
+//! Models: BERT-family encoders (BERT, DistilBERT, RoBERTa, DeBERTa-v2/v3) with
+//! their masked-language-model heads, read from and written to Hugging Face's
+//! layout (`config.json` + `model.safetensors`). `docs/models.md` lists the
+//! config keys each honours and refuses.
 //!
 //! [`MaskedLm`] is what the rest of mlm sees: one type over the architectures,
 //! holding the parameters in a `tch` VarStore whose names are Hugging Face's.
 //! The compute dtype is the VarStore's: [`MaskedLm::to_kind_copy`] makes the bf16
 //! compute copy of fp32 master weights.
 pub mod bert;
+pub mod deberta;
+mod deberta_attention;
 pub mod distilbert;
 mod layers;
+pub mod roberta;
 mod torch_pickle;
 pub mod weights;
 
@@ -17,14 +22,22 @@ use anyhow::{bail, Context, Result};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
 pub use bert::{BertConfig, BertForMaskedLM};
+pub use deberta::{DebertaV2Config, DebertaV2ForMaskedLM};
 pub use distilbert::{DistilBertConfig, DistilBertForMaskedLM};
+pub use roberta::{RobertaConfig, RobertaForMaskedLM};
 
 /// The supported architectures, by `model_type` in `config.json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
     Bert,
     DistilBert,
+    Roberta,
+    /// XLM-RoBERTa: the same network and names as RoBERTa, another class name.
+    XlmRoberta,
+    DebertaV2,
 }
+
+const SUPPORTED: &str = "bert, distilbert, roberta, xlm-roberta, deberta-v2";
 
 impl Arch {
     /// From `model_type`, or when that is absent, the first `architectures` entry.
@@ -33,7 +46,12 @@ impl Arch {
             return match model_type {
                 "bert" => Ok(Self::Bert),
                 "distilbert" => Ok(Self::DistilBert),
-                other => bail!("model_type {other:?} in config.json is not supported (supported: bert, distilbert)"),
+                "roberta" => Ok(Self::Roberta),
+                "xlm-roberta" => Ok(Self::XlmRoberta),
+                "deberta-v2" => Ok(Self::DebertaV2),
+                other => bail!(
+                    "model_type {other:?} in config.json is not supported (supported: {SUPPORTED})"
+                ),
             };
         }
         let class = config
@@ -44,8 +62,14 @@ impl Arch {
             Ok(Self::DistilBert)
         } else if class.starts_with("Bert") {
             Ok(Self::Bert)
+        } else if class.starts_with("Roberta") {
+            Ok(Self::Roberta)
+        } else if class.starts_with("XLMRoberta") {
+            Ok(Self::XlmRoberta)
+        } else if class.starts_with("DebertaV2") {
+            Ok(Self::DebertaV2)
         } else {
-            bail!("config.json has no model_type and its architecture {class:?} is not supported (supported: bert, distilbert)")
+            bail!("config.json has no model_type and its architecture {class:?} is not supported (supported: {SUPPORTED})")
         }
     }
 
@@ -54,6 +78,9 @@ impl Arch {
         match self {
             Self::Bert => "BertForMaskedLM",
             Self::DistilBert => "DistilBertForMaskedLM",
+            Self::Roberta => "RobertaForMaskedLM",
+            Self::XlmRoberta => "XLMRobertaForMaskedLM",
+            Self::DebertaV2 => "DebertaV2ForMaskedLM",
         }
     }
 
@@ -61,6 +88,9 @@ impl Arch {
         match self {
             Self::Bert => "bert",
             Self::DistilBert => "distilbert",
+            Self::Roberta => "roberta",
+            Self::XlmRoberta => "xlm-roberta",
+            Self::DebertaV2 => "deberta-v2",
         }
     }
 }
@@ -78,6 +108,8 @@ pub struct LoadReport {
 enum Net {
     Bert(BertForMaskedLM),
     DistilBert(DistilBertForMaskedLM),
+    Roberta(RobertaForMaskedLM),
+    DebertaV2(DebertaV2ForMaskedLM),
 }
 
 /// A masked language model: parameters (`vs`, HF names), architecture and config.
@@ -123,6 +155,16 @@ impl MaskedLm {
                     .context("reading DistilBERT config.json")?;
                 Net::DistilBert(DistilBertForMaskedLM::new(&root, c)?)
             }
+            Arch::Roberta | Arch::XlmRoberta => {
+                let c: RobertaConfig = serde_json::from_value(config_json.clone())
+                    .context("reading RoBERTa config.json")?;
+                Net::Roberta(RobertaForMaskedLM::new(&root, c)?)
+            }
+            Arch::DebertaV2 => {
+                let c: DebertaV2Config = serde_json::from_value(config_json.clone())
+                    .context("reading DeBERTa-v2 config.json")?;
+                Net::DebertaV2(DebertaV2ForMaskedLM::new(&root, c)?)
+            }
         };
         Ok(Self {
             vs,
@@ -153,6 +195,11 @@ impl MaskedLm {
                 serde_json::json!([self.arch.mlm_class()]),
             );
             obj.insert("model_type".into(), self.arch.model_type().into());
+            if self.arch == Arch::DebertaV2 {
+                // Our head names are those of the legacy layout (`cls.predictions.*`),
+                // whatever layout the loaded checkpoint had.
+                obj.insert("legacy".into(), true.into());
+            }
             for key in ["dtype", "torch_dtype"] {
                 if obj.contains_key(key) {
                     obj.insert(key.into(), "float32".into());
@@ -176,12 +223,14 @@ impl MaskedLm {
         let s = input_ids.size().get(1).copied().unwrap_or(0);
         assert!(
             s <= self.max_positions(),
-            "sequence length {s} exceeds max_position_embeddings {}",
+            "sequence length {s} exceeds the model's {} positions",
             self.max_positions()
         );
         match &self.net {
             Net::Bert(m) => m.forward_hidden(input_ids, attention_mask, train),
             Net::DistilBert(m) => m.forward_hidden(input_ids, attention_mask, train),
+            Net::Roberta(m) => m.forward_hidden(input_ids, attention_mask, train),
+            Net::DebertaV2(m) => m.forward_hidden(input_ids, attention_mask, train),
         }
     }
 
@@ -191,6 +240,8 @@ impl MaskedLm {
         match &self.net {
             Net::Bert(m) => m.mlm_head(hidden),
             Net::DistilBert(m) => m.mlm_head(hidden),
+            Net::Roberta(m) => m.mlm_head(hidden),
+            Net::DebertaV2(m) => m.mlm_head(hidden),
         }
     }
 
@@ -203,13 +254,19 @@ impl MaskedLm {
         match &self.net {
             Net::Bert(m) => m.config.vocab_size,
             Net::DistilBert(m) => m.config.vocab_size,
+            Net::Roberta(m) => m.config.vocab_size,
+            Net::DebertaV2(m) => m.config.vocab_size,
         }
     }
 
+    /// The longest sequence the model takes: `max_position_embeddings`, less
+    /// RoBERTa's `pad_token_id + 1` positions that are never used.
     pub fn max_positions(&self) -> i64 {
         match &self.net {
             Net::Bert(m) => m.config.max_position_embeddings,
             Net::DistilBert(m) => m.config.max_position_embeddings,
+            Net::Roberta(m) => m.config.max_tokens(),
+            Net::DebertaV2(m) => m.config.max_position_embeddings,
         }
     }
 
@@ -217,6 +274,8 @@ impl MaskedLm {
         match &self.net {
             Net::Bert(m) => m.config.hidden_size,
             Net::DistilBert(m) => m.config.dim,
+            Net::Roberta(m) => m.config.hidden_size,
+            Net::DebertaV2(m) => m.config.hidden_size,
         }
     }
 
@@ -328,5 +387,125 @@ mod tests {
         assert!(!MaskedLm::no_decay(
             "bert.embeddings.word_embeddings.weight"
         ));
+        assert!(MaskedLm::no_decay("lm_head.bias"));
+        assert!(MaskedLm::no_decay("lm_head.layer_norm.weight"));
+        assert!(MaskedLm::no_decay("roberta.embeddings.LayerNorm.weight"));
+        assert!(MaskedLm::no_decay("deberta.encoder.LayerNorm.weight"));
+        assert!(MaskedLm::no_decay(
+            "cls.predictions.transform.LayerNorm.bias"
+        ));
+        assert!(MaskedLm::no_decay(
+            "deberta.encoder.layer.0.attention.self.pos_key_proj.bias"
+        ));
+        assert!(!MaskedLm::no_decay("deberta.encoder.rel_embeddings.weight"));
+        assert!(!MaskedLm::no_decay(
+            "deberta.encoder.layer.0.attention.self.query_proj.weight"
+        ));
+    }
+
+    fn tiny_deberta(extra: serde_json::Value) -> Result<MaskedLm> {
+        let mut config = serde_json::json!({
+            "model_type": "deberta-v2", "vocab_size": 50, "hidden_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 24,
+            "max_position_embeddings": 12, "relative_attention": true, "position_buckets": 4,
+            "share_att_key": true, "pos_att_type": "p2c|c2p", "norm_rel_ebd": "layer_norm",
+            "position_biased_input": false,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            config[k] = v.clone();
+        }
+        MaskedLm::from_config_json(config, Device::Cpu)
+    }
+
+    #[test]
+    fn new_architectures_run_in_bf16_too() {
+        for model in [
+            tiny("roberta"),
+            tiny_deberta(serde_json::json!({})).unwrap(),
+        ] {
+            let bf16 = model.to_kind_copy(Kind::BFloat16).unwrap();
+            let ids = Tensor::from_slice(&[0i64, 7, 9, 2, 0, 5, 2, 1]).view([2, 4]);
+            let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 0]).view([2, 4]);
+            let full = model.logits(&ids, &mask, false);
+            let half = bf16.logits(&ids, &mask, true);
+            assert_eq!(half.kind(), Kind::BFloat16);
+            assert_eq!(full.size(), [2, 4, 50]);
+            let diff = (bf16.logits(&ids, &mask, false).to_kind(Kind::Float) - full)
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(diff < 0.05, "{:?}: bf16 vs fp32 {diff}", model.arch);
+        }
+    }
+
+    #[test]
+    fn unsupported_deberta_options_are_refused_naming_the_key() {
+        for (extra, key) in [
+            (
+                serde_json::json!({"conv_kernel_size": 3}),
+                "conv_kernel_size",
+            ),
+            (
+                serde_json::json!({"attention_head_size": 4}),
+                "attention_head_size",
+            ),
+            (
+                serde_json::json!({"pos_att_type": ["c2p", "p2p"]}),
+                "pos_att_type",
+            ),
+            (
+                serde_json::json!({"norm_rel_ebd": "layer_norm|scale"}),
+                "norm_rel_ebd",
+            ),
+            (serde_json::json!({"hidden_act": "swish"}), "swish"),
+            (
+                serde_json::json!({"legacy": false, "embedding_size": 8}),
+                "embedding_size",
+            ),
+        ] {
+            let err = format!("{:#}", tiny_deberta(extra.clone()).err().expect("refused"));
+            assert!(
+                err.contains(key) && err.contains("not supported"),
+                "{extra}: {err}"
+            );
+        }
+        // attention_head_size equal to hidden_size / heads is what we compute.
+        tiny_deberta(serde_json::json!({"attention_head_size": 8})).unwrap();
+    }
+
+    #[test]
+    fn roberta_as_decoder_is_refused() {
+        let config = serde_json::json!({"model_type": "roberta", "vocab_size": 50, "hidden_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 24,
+            "max_position_embeddings": 12, "is_decoder": true});
+        let err = format!(
+            "{:#}",
+            MaskedLm::from_config_json(config, Device::Cpu)
+                .err()
+                .unwrap()
+        );
+        assert!(err.contains("is_decoder"), "{err}");
+    }
+
+    #[test]
+    fn xlm_roberta_is_roberta_saved_under_its_own_class() {
+        let model = tiny("xlm-roberta");
+        assert_eq!(model.arch, Arch::XlmRoberta);
+        assert!(model
+            .vs
+            .variables()
+            .contains_key("lm_head.layer_norm.weight"));
+        assert_eq!(
+            model.max_positions(),
+            10,
+            "12 positions less pad_token_id 1 + 1"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        model.save_dir(dir.path()).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(config["model_type"], "xlm-roberta");
+        assert_eq!(config["architectures"][0], "XLMRobertaForMaskedLM");
     }
 }

@@ -2,8 +2,10 @@
 //! our parameter names.
 //!
 //! Our VarStore names are exactly the names `save_pretrained` writes for the MLM
-//! class (`bert.*` + `cls.predictions.*`, `distilbert.*` + `vocab_*`), so saving is
-//! a plain dump. Loading accepts what real checkpoints contain besides those:
+//! class (`bert.*` + `cls.predictions.*`, `distilbert.*` + `vocab_*`, `roberta.*` +
+//! `lm_head.*`, `deberta.*` + `cls.predictions.*`), so saving is a plain dump.
+//! DeBERTa-v3 checkpoints keep their head as `lm_predictions.lm_head.*` (HF's
+//! `legacy: false` layout): the same parameters, mapped onto `cls.predictions.*`. Loading accepts what real checkpoints contain besides those:
 //! base-model names without the prefix (`embeddings.*` from a `BertModel`), the
 //! old LayerNorm names `gamma`/`beta`, the tied decoder weight (ignored: it is the
 //! word embedding matrix), `cls.predictions.decoder.bias` (an alias of
@@ -56,6 +58,44 @@ impl NameMap {
                 ignored: &[
                     "vocab_projector.weight",
                     "distilbert.embeddings.position_ids",
+                ],
+            },
+            Arch::Roberta | Arch::XlmRoberta => Self {
+                prefix: "roberta",
+                aliases: &[("lm_head.decoder.bias", "lm_head.bias")],
+                ignored: &[
+                    "lm_head.decoder.weight",
+                    "roberta.embeddings.position_ids",
+                    "roberta.embeddings.token_type_ids",
+                ],
+            },
+            Arch::DebertaV2 => Self {
+                prefix: "deberta",
+                aliases: &[
+                    ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+                    ("lm_predictions.lm_head.bias", "cls.predictions.bias"),
+                    (
+                        "lm_predictions.lm_head.dense.weight",
+                        "cls.predictions.transform.dense.weight",
+                    ),
+                    (
+                        "lm_predictions.lm_head.dense.bias",
+                        "cls.predictions.transform.dense.bias",
+                    ),
+                    (
+                        "lm_predictions.lm_head.LayerNorm.weight",
+                        "cls.predictions.transform.LayerNorm.weight",
+                    ),
+                    (
+                        "lm_predictions.lm_head.LayerNorm.bias",
+                        "cls.predictions.transform.LayerNorm.bias",
+                    ),
+                ],
+                ignored: &[
+                    "cls.predictions.decoder.weight",
+                    "deberta.embeddings.position_ids",
+                    // HF drops absolute positions silently when position_biased_input = false.
+                    "deberta.embeddings.position_embeddings.weight",
                 ],
             },
         }
@@ -264,5 +304,31 @@ mod tests {
             Target::Alias("cls.predictions.bias".to_string())
         );
         assert_eq!(map.target("pooler.dense.weight", &ours), Target::Unexpected);
+    }
+
+    #[test]
+    fn deberta_v3_head_layout_maps_to_the_default_layout() {
+        let ours = ours(&[
+            "cls.predictions.bias",
+            "cls.predictions.transform.dense.weight",
+        ]);
+        let map = NameMap::of(Arch::DebertaV2);
+        let a = |s: &str| Target::Alias(s.to_string());
+        assert_eq!(
+            map.target("lm_predictions.lm_head.bias", &ours),
+            a("cls.predictions.bias")
+        );
+        assert_eq!(
+            map.target("lm_predictions.lm_head.dense.weight", &ours),
+            a("cls.predictions.transform.dense.weight")
+        );
+        assert_eq!(
+            map.target("mask_predictions.classifier.weight", &ours),
+            Target::Unexpected
+        );
+        assert_eq!(
+            map.target("deberta.embeddings.position_embeddings.weight", &ours),
+            Target::Ignore
+        );
     }
 }

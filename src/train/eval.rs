@@ -29,7 +29,7 @@ pub fn evaluate(model: &MaskedLm, batches: &[Batch], device: Device) -> EvalResu
             if db.n_masked == 0 {
                 continue;
             }
-            sum += masked_lm_loss_sum(model, &db, false).to_kind(Kind::Double).double_value(&[]);
+            sum += masked_lm_loss_sum(model, &db, false, true).to_kind(Kind::Double).double_value(&[]);
             tokens += db.n_masked;
         }
     });

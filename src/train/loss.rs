@@ -18,6 +18,8 @@ pub struct DeviceBatch {
     pub positions: Tensor,
     /// The original token ids at `positions`.
     pub targets: Tensor,
+    /// `[rows, block]` labels: the original id where masked, -100 elsewhere.
+    pub labels: Tensor,
     pub n_masked: usize,
 }
 
@@ -37,16 +39,76 @@ impl DeviceBatch {
             n_masked: positions.len(),
             positions: Tensor::from_slice(&positions).to_device(device),
             targets: Tensor::from_slice(&targets).to_device(device),
+            labels: Tensor::from_slice(&b.labels).view(shape).to_device(device),
         }
     }
 }
 
 /// Sum (not mean) of the cross-entropy over the masked positions, in fp32, so
 /// that callers can normalise by the masked tokens of a whole optimizer step.
-pub fn masked_lm_loss_sum(model: &MaskedLm, batch: &DeviceBatch, train: bool) -> Tensor {
+/// `sparse`: project to the vocabulary only at masked positions; otherwise at
+/// every position, as Hugging Face's models do (same loss, more work).
+pub fn masked_lm_loss_sum(model: &MaskedLm, batch: &DeviceBatch, train: bool, sparse: bool) -> Tensor {
     let hidden = model.forward_hidden(&batch.input_ids, &batch.attention_mask, train);
     let h = hidden.size()[2];
-    let picked = hidden.view([-1, h]).index_select(0, &batch.positions); // [n_masked, h]
-    let logits = model.mlm_head(&picked).to_kind(Kind::Float); // [n_masked, vocab]
-    logits.cross_entropy_loss::<Tensor>(&batch.targets, None, Reduction::Sum, -100, 0.0)
+    if sparse {
+        let picked = hidden.view([-1, h]).index_select(0, &batch.positions); // [n_masked, h]
+        let logits = model.mlm_head(&picked).to_kind(Kind::Float); // [n_masked, vocab]
+        logits.cross_entropy_loss::<Tensor>(&batch.targets, None, Reduction::Sum, -100, 0.0)
+    } else {
+        let logits = model.mlm_head(&hidden).to_kind(Kind::Float); // [rows, block, vocab]
+        let v = logits.size()[2];
+        logits.view([-1, v]).cross_entropy_loss::<Tensor>(&batch.labels.view([-1]), None, Reduction::Sum, -100, 0.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_model() -> MaskedLm {
+        tch::manual_seed(3);
+        let cfg = serde_json::json!({
+            "model_type": "bert", "vocab_size": 300, "hidden_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "intermediate_size": 48, "max_position_embeddings": 64,
+            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+        });
+        MaskedLm::from_config_json(cfg, Device::Cpu).unwrap()
+    }
+
+    fn batch() -> Batch {
+        let (rows, block) = (3, 16);
+        let input_ids: Vec<i64> = (0..rows * block).map(|i| (i * 37 % 290 + 5) as i64).collect();
+        let labels: Vec<i64> =
+            (0..rows * block).map(|i| if i % 5 == 1 { ((i * 11) % 290) as i64 } else { -100 }).collect();
+        let n_masked = labels.iter().filter(|&&l| l != -100).count();
+        Batch { input_ids, labels, rows, block_size: block, chunk_ids: vec![0, 1, 2], n_masked }
+    }
+
+    fn loss_and_grads(model: &MaskedLm, sparse: bool) -> (f64, Vec<(String, Tensor)>) {
+        let db = DeviceBatch::new(&batch(), Device::Cpu);
+        let loss = masked_lm_loss_sum(model, &db, true, sparse);
+        loss.backward();
+        let mut grads: Vec<(String, Tensor)> =
+            model.vs.variables().into_iter().map(|(n, v)| (n, v.grad().copy())).collect();
+        grads.sort_by(|a, b| a.0.cmp(&b.0));
+        for (_, v) in model.vs.variables() {
+            let mut g = v.grad();
+            let _ = g.zero_();
+        }
+        (loss.double_value(&[]), grads)
+    }
+
+    #[test]
+    fn sparse_head_gives_the_dense_loss_and_gradients() {
+        let model = tiny_model();
+        let (ls, gs) = loss_and_grads(&model, true);
+        let (ld, gd) = loss_and_grads(&model, false);
+        assert!((ls - ld).abs() / ld.abs() < 1e-5, "loss {ls} vs {ld}");
+        for ((n, a), (_, b)) in gs.iter().zip(&gd) {
+            let diff = (a - b).abs().max().double_value(&[]);
+            let scale = b.abs().max().double_value(&[]).max(1e-6);
+            assert!(diff / scale < 1e-5, "{n}: {diff} vs scale {scale}");
+        }
+    }
 }

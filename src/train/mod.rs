@@ -7,6 +7,8 @@ pub mod eval;
 pub mod loss;
 pub mod metrics;
 pub mod optimizer;
+pub mod plot;
+pub mod resume;
 pub mod schedule;
 
 use std::path::PathBuf;
@@ -63,9 +65,12 @@ pub fn run(cfg: Config) -> Result<Summary> {
                 break;
             }
         }
-        t.state.epoch += 1;
-        t.state.batch_in_epoch = 0;
-        if t.state.step < t.total_steps && t.cfg.eval.at_epoch_end {
+        if t.state.step < t.total_steps || stream_done(&t) {
+            t.state.epoch += 1;
+            t.state.batch_in_epoch = 0;
+        }
+        let evaluated_here = matches!(last_eval, Some((_, s)) if s == t.state.step);
+        if t.state.step < t.total_steps && t.cfg.eval.at_epoch_end && !evaluated_here {
             last_eval = Some(t.evaluate_and_save()?);
         }
     }
@@ -86,6 +91,11 @@ pub fn run(cfg: Config) -> Result<Summary> {
     let last = checkpoint::list(&t.out).pop().map(|(_, p)| p).context("no checkpoint was written")?;
     let best = t.cfg.checkpoint.save_best.then(|| t.out.join("best"));
     Ok(Summary { before, after, best, last, steps: t.state.step })
+}
+
+/// Whether the current epoch has no batch left.
+fn stream_done(t: &Trainer) -> bool {
+    t.state.batch_in_epoch + t.cfg.training.grad_accum_steps > t.batches_per_epoch
 }
 
 /// The optimizer step's micro-batches (`accum` of them), or `None` at epoch end.
@@ -154,6 +164,7 @@ struct Trainer {
     state: TrainerState,
     batches_per_epoch: usize,
     total_steps: usize,
+    nonfinite_in_a_row: usize,
     started: Instant,
     window: (Instant, u64),
 }
@@ -191,9 +202,38 @@ impl Trainer {
             );
         }
         let total_steps = if t.max_steps > 0 { t.max_steps } else { t.epochs * steps_per_epoch };
+        checkpoint::recover(&out)?;
+        let resumed = resume::find(&cfg)?;
+        let mut state = TrainerState {
+            format_version: checkpoint::STATE_FORMAT,
+            seed: t.seed,
+            config_hash: resume::config_hash(&cfg),
+            config: resume::shaping_config(&cfg),
+            ..Default::default()
+        };
+        if let Some(dir) = &resumed {
+            let saved = resume::load_state(dir, &cfg)?;
+            let (file, tensors) = crate::model::weights::read_dir(dir)?;
+            let report = crate::model::weights::load_into(&master.vs, master.arch, tensors, &file)?;
+            if !report.missing.is_empty() {
+                bail!("{}: checkpoint lacks {}", dir.display(), report.missing.join(", "));
+            }
+            state = TrainerState { config_hash: state.config_hash, config: state.config, ..saved };
+        }
         let params: Vec<(String, Tensor)> =
             master.vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
-        let opt = FlatAdamW::new(params, MaskedLm::no_decay, AdamWParams::from(t))?;
+        let mut opt = FlatAdamW::new(params, MaskedLm::no_decay, AdamWParams::from(t))?;
+        if let Some(dir) = &resumed {
+            let (m, v, step) = resume::load_moments(dir, opt.numel())?;
+            opt.restore(&m, &v, step);
+            tracing::info!(
+                "resuming from {} (step {}, epoch {}, batch {} of the epoch)",
+                dir.display(),
+                state.step,
+                state.epoch,
+                state.batch_in_epoch
+            );
+        }
         let compute = match t.precision {
             Precision::Fp32 => None,
             Precision::Bf16 => Some(master.to_kind_copy(Kind::BFloat16)?),
@@ -211,12 +251,6 @@ impl Trainer {
             total_steps,
             t.batch_size * t.grad_accum_steps
         );
-        let state = TrainerState {
-            format_version: checkpoint::STATE_FORMAT,
-            seed: t.seed,
-            config_hash: config_hash(&cfg),
-            ..Default::default()
-        };
         Ok(Self {
             schedule: LrSchedule::new(t, total_steps),
             out,
@@ -233,6 +267,7 @@ impl Trainer {
             state,
             batches_per_epoch,
             total_steps,
+            nonfinite_in_a_row: 0,
             started: Instant::now(),
             window: (Instant::now(), 0),
             cfg,
@@ -271,7 +306,8 @@ impl Trainer {
         let mut total = Tensor::zeros([], (Kind::Float, self.device));
         for b in micro {
             let db = DeviceBatch::new(b, self.device);
-            let loss = masked_lm_loss_sum(self.model(), &db, true) / n_masked.max(1) as f64;
+            let sparse = self.cfg.training.sparse_head;
+            let loss = masked_lm_loss_sum(self.model(), &db, true, sparse) / n_masked.max(1) as f64;
             loss.backward();
             self.opt.accumulate_grads(&self.compute_params);
             total += loss.detach();
@@ -282,9 +318,33 @@ impl Trainer {
     fn optimizer_step(&mut self, micro: &[Batch], loss: Tensor) -> Result<()> {
         let lr = self.schedule.lr(self.state.step);
         let grad_norm = self.opt.clip_grad_norm(self.cfg.training.max_grad_norm);
-        self.opt.step(lr);
-        if self.compute.is_some() {
-            self.opt.copy_master_into(&self.compute_params);
+        // One host sync per step: a non-finite loss or gradient must never reach
+        // the weights.
+        let finite = (&grad_norm + &loss).isfinite().int64_value(&[]) != 0;
+        if finite {
+            self.opt.step(lr);
+            if self.compute.is_some() {
+                self.opt.copy_master_into(&self.compute_params);
+            }
+            self.nonfinite_in_a_row = 0;
+        } else {
+            self.opt.discard_grads();
+            self.state.nonfinite_skipped += 1;
+            self.nonfinite_in_a_row += 1;
+            tracing::warn!(
+                "step {}: non-finite loss or gradient, step skipped ({} in a row, {} in all)",
+                self.state.step + 1,
+                self.nonfinite_in_a_row,
+                self.state.nonfinite_skipped
+            );
+            if self.nonfinite_in_a_row >= self.cfg.training.max_nonfinite_steps {
+                bail!(
+                    "{} steps in a row had a non-finite loss or gradient (up to step {}): lower training.lr, \
+                     check the data, or use precision = \"fp32\"; the last checkpoint is intact",
+                    self.nonfinite_in_a_row,
+                    self.state.step + 1
+                );
+            }
         }
         self.state.step += 1;
         self.state.batch_in_epoch += micro.len();
@@ -296,9 +356,6 @@ impl Trainer {
         let step = self.state.step;
         if step % self.cfg.training.log_every == 0 || step == self.total_steps {
             let loss = loss.double_value(&[]);
-            if !loss.is_finite() {
-                bail!("training loss is {loss} at step {step}: lower training.lr or check the data");
-            }
             let (since, tok0) = self.window;
             let tps = (self.state.tokens_seen - tok0) as f64 / since.elapsed().as_secs_f64();
             self.window = (Instant::now(), self.state.tokens_seen);
@@ -324,6 +381,10 @@ impl Trainer {
             "perplexity": r.perplexity, "eval_tokens": r.tokens,
             "elapsed_s": self.started.elapsed().as_secs_f64(),
         }))?;
+        let metrics_path = self.out.join(&self.cfg.logging.metrics_file);
+        if let Err(e) = plot::write(&metrics_path, &self.out.join("curves.png")) {
+            tracing::warn!("no plot: {}", crate::logging::one_line(&e));
+        }
         Ok(r)
     }
 
@@ -353,6 +414,9 @@ impl Trainer {
             self.state.best_perplexity = eval.map(|r| r.perplexity);
             self.state.best_step = Some(self.state.step);
         }
+        if self.opt.master.isfinite().all().int64_value(&[]) == 0 {
+            bail!("the weights hold NaN or infinity at step {}: not saved", self.state.step);
+        }
         let dir = checkpoint::save(&self.out, &self.master, &self.tok.path, &self.opt, &self.state)?;
         if improved && self.cfg.checkpoint.save_best {
             checkpoint::update_best(&self.out, &dir)?;
@@ -374,9 +438,3 @@ impl Trainer {
     }
 }
 
-/// Hash of the settings that shape the trained weights.
-fn config_hash(cfg: &Config) -> String {
-    use sha2::{Digest, Sha256};
-    let shaping = serde_json::json!({ "model": cfg.model, "data": cfg.data, "training": cfg.training });
-    format!("{:x}", Sha256::digest(shaping.to_string().as_bytes()))
-}

@@ -86,6 +86,15 @@ impl FlatAdamW {
         })
     }
 
+    /// Continues from saved moments and step count.
+    pub fn restore(&mut self, exp_avg: &Tensor, exp_avg_sq: &Tensor, step: i64) {
+        tch::no_grad(|| {
+            self.exp_avg.copy_(exp_avg);
+            self.exp_avg_sq.copy_(exp_avg_sq);
+        });
+        self.step = step;
+    }
+
     pub fn numel(&self) -> i64 {
         self.master.numel() as i64
     }
@@ -125,6 +134,11 @@ impl FlatAdamW {
             let _ = self.grad.g_mul_(&coef);
         }
         norm
+    }
+
+    /// Drops the accumulated gradient without updating anything.
+    pub fn discard_grads(&mut self) {
+        let _ = self.grad.zero_();
     }
 
     /// One AdamW step with learning rate `lr`; zeroes the gradient afterwards.

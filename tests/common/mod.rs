@@ -62,6 +62,11 @@ pub fn write_tiny_bert_config(dir: &Path) -> PathBuf {
 
 /// A job config for the tiny model on the tutorial corpus; `extra` is appended.
 pub fn write_job(dir: &Path, extra: &str) -> PathBuf {
+    write_job_on(dir, &[corpus_glob()], extra)
+}
+
+/// [`write_job`] on the input files or glob patterns `files`.
+pub fn write_job_on(dir: &Path, files: &[String], extra: &str) -> PathBuf {
     let model = write_tiny_bert_config(dir);
     let cfg = dir.join("job.toml");
     std::fs::write(
@@ -72,7 +77,7 @@ config = "{model}"
 tokenizer = "{tok}"
 
 [data]
-files = ["{corpus}"]
+files = {files:?}
 block_size = 64
 test_fraction = 0.05
 
@@ -95,7 +100,7 @@ progress = "never"
 "#,
             model = model.display(),
             tok = tokenizer_json().display(),
-            corpus = corpus_glob(),
+            files = files,
             out = dir.join("out").display(),
         ),
     )

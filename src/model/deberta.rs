@@ -1,0 +1,478 @@
+//! DeBERTa-v2 / DeBERTa-v3 with the masked-language-model head.
+//!
+//! He, Liu, Gao, Chen: "DeBERTa: Decoding-enhanced BERT with Disentangled Attention"
+//! (ICLR 2021, arXiv:2006.03654); He, Gao, Chen: "DeBERTaV3: Improving DeBERTa using
+//! ELECTRA-Style Pre-Training with Gradient-Disentangled Embedding Sharing"
+//! (arXiv:2111.09543). Matches `transformers.DebertaV2ForMaskedLM`.
+//!
+//! The embeddings (`deberta.embeddings.*`: word, optionally absolute position and
+//! token type, `embed_proj` when `embedding_size != hidden_size`, LayerNorm, then
+//! zeroed at pads) feed post-LayerNorm layers whose self-attention adds to the
+//! content scores QK^T the disentangled terms content->position (c2p) and
+//! position->content (p2c), read from shared relative-position embeddings
+//! (`deberta.encoder.rel_embeddings`, LayerNorm'd by `deberta.encoder.LayerNorm`
+//! when `norm_rel_ebd = "layer_norm"`) at log-bucketed relative distances; see
+//! [`super::deberta_attention`].
+//!
+//! The MLM head is kept under the names of HF's default (`legacy: true`) layout,
+//! `cls.predictions.{transform.dense, transform.LayerNorm, bias}`, with the decoder
+//! tied to the word embeddings; the `lm_predictions.lm_head.*` layout of DeBERTa-v3
+//! checkpoints (`legacy: false`) is the same computation and is mapped onto these
+//! names when loading (see `weights.rs`). Keys HF reads that this implementation
+//! does not (the convolution of deberta-v2-xlarge, `conv_kernel_size`, and
+//! others) are refused by [`DebertaV2Config::validate`], never ignored.
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use tch::{nn, Kind, Tensor};
+
+use super::deberta_attention::{pair_mask, relative_positions, DisentangledSelfAttention};
+use super::layers::{Activation, Embedding, LayerNorm, Linear};
+
+/// `pos_att_type`: a list (`["p2c", "c2p"]`) or the older `"p2c|c2p"` string.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum PosAttType {
+    List(Vec<String>),
+    Joined(String),
+}
+
+impl PosAttType {
+    /// The entries, as HF reads them (the string form lower-cased and split at `|`).
+    fn entries(&self) -> Vec<String> {
+        match self {
+            Self::List(v) => v.clone(),
+            Self::Joined(s) => s
+                .to_lowercase()
+                .split('|')
+                .map(|x| x.trim().to_string())
+                .collect(),
+        }
+    }
+}
+
+/// `DebertaV2Config`: the keys of `config.json` this model reads, with HF's defaults
+/// (those of the config class, or of the `getattr` defaults in the modeling code
+/// for keys the class does not declare: `share_att_key`, `position_buckets`,
+/// `norm_rel_ebd`, `embedding_size`, `conv_kernel_size`, `attention_head_size`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct DebertaV2Config {
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub intermediate_size: i64,
+    pub hidden_act: String,
+    pub hidden_dropout_prob: f64,
+    pub attention_probs_dropout_prob: f64,
+    pub max_position_embeddings: i64,
+    pub type_vocab_size: i64,
+    pub initializer_range: f64,
+    pub layer_norm_eps: f64,
+    pub relative_attention: bool,
+    pub max_relative_positions: i64,
+    pub pad_token_id: Option<i64>,
+    pub position_biased_input: bool,
+    pub pos_att_type: Option<PosAttType>,
+    pub legacy: bool,
+    pub share_att_key: bool,
+    pub position_buckets: i64,
+    pub norm_rel_ebd: String,
+    pub embedding_size: Option<i64>,
+    pub conv_kernel_size: i64,
+    pub attention_head_size: Option<i64>,
+}
+
+impl Default for DebertaV2Config {
+    fn default() -> Self {
+        Self {
+            vocab_size: 128100,
+            hidden_size: 1536,
+            num_hidden_layers: 24,
+            num_attention_heads: 24,
+            intermediate_size: 6144,
+            hidden_act: "gelu".into(),
+            hidden_dropout_prob: 0.1,
+            attention_probs_dropout_prob: 0.1,
+            max_position_embeddings: 512,
+            type_vocab_size: 0,
+            initializer_range: 0.02,
+            layer_norm_eps: 1e-7,
+            relative_attention: false,
+            max_relative_positions: -1,
+            pad_token_id: Some(0),
+            position_biased_input: true,
+            pos_att_type: None,
+            legacy: true,
+            share_att_key: false,
+            position_buckets: -1,
+            norm_rel_ebd: "none".into(),
+            embedding_size: None,
+            conv_kernel_size: 0,
+            attention_head_size: None,
+        }
+    }
+}
+
+/// What the attention layers need of the config, checked once.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct AttentionSpec {
+    pub hidden: i64,
+    pub heads: i64,
+    pub relative_attention: bool,
+    pub share_att_key: bool,
+    pub c2p: bool,
+    pub p2c: bool,
+    /// Relative distances are clamped to [-span, span): `position_buckets` when
+    /// bucketed, else `max_relative_positions`.
+    pub span: i64,
+    pub position_buckets: i64,
+    pub max_relative_positions: i64,
+    pub std: f64,
+    pub attention_dropout: f64,
+    pub pos_dropout: f64,
+}
+
+impl DebertaV2Config {
+    /// `embedding_size`, defaulting to `hidden_size`.
+    pub fn embedding_dim(&self) -> i64 {
+        self.embedding_size.unwrap_or(self.hidden_size)
+    }
+
+    /// `max_relative_positions`, or `max_position_embeddings` when below 1 (as HF).
+    fn max_relative(&self) -> i64 {
+        if self.max_relative_positions < 1 {
+            self.max_position_embeddings
+        } else {
+            self.max_relative_positions
+        }
+    }
+
+    fn norm_rel_parts(&self) -> Vec<String> {
+        self.norm_rel_ebd
+            .to_lowercase()
+            .split('|')
+            .map(|x| x.trim().to_string())
+            .collect()
+    }
+
+    /// Refuses what this implementation does not compute as HF does, naming the key.
+    pub(super) fn validate(&self) -> Result<(Activation, AttentionSpec)> {
+        if self.conv_kernel_size > 0 {
+            bail!(
+                "conv_kernel_size = {} in config.json is not supported: the convolution layer of DeBERTa-v2 (deberta-v2-xlarge style) is not implemented (only conv_kernel_size = 0)",
+                self.conv_kernel_size
+            );
+        }
+        if self.num_attention_heads <= 0 || self.hidden_size % self.num_attention_heads != 0 {
+            bail!(
+                "hidden_size {} in config.json is not a multiple of num_attention_heads {}",
+                self.hidden_size,
+                self.num_attention_heads
+            );
+        }
+        let head_dim = self.hidden_size / self.num_attention_heads;
+        if let Some(size) = self.attention_head_size.filter(|&s| s != head_dim) {
+            bail!("attention_head_size = {size} in config.json is not supported: only hidden_size / num_attention_heads = {head_dim}");
+        }
+        let entries = self
+            .pos_att_type
+            .as_ref()
+            .map(PosAttType::entries)
+            .unwrap_or_default();
+        if let Some(bad) = entries
+            .iter()
+            .find(|e| !matches!(e.as_str(), "c2p" | "p2c"))
+        {
+            bail!("pos_att_type entry {bad:?} in config.json is not supported (supported: \"c2p\", \"p2c\")");
+        }
+        if let Some(bad) = self
+            .norm_rel_parts()
+            .iter()
+            .find(|p| !matches!(p.as_str(), "none" | "layer_norm"))
+        {
+            bail!("norm_rel_ebd = {bad:?} in config.json is not supported (supported: \"none\", \"layer_norm\")");
+        }
+        if self.embedding_dim() <= 0 {
+            bail!(
+                "embedding_size = {} in config.json must be positive",
+                self.embedding_dim()
+            );
+        }
+        if !self.legacy && self.embedding_dim() != self.hidden_size {
+            bail!(
+                "legacy = false with embedding_size {} != hidden_size {} in config.json is not supported (transformers cannot run it either)",
+                self.embedding_dim(),
+                self.hidden_size
+            );
+        }
+        if self.type_vocab_size < 0 {
+            bail!(
+                "type_vocab_size = {} in config.json must be >= 0",
+                self.type_vocab_size
+            );
+        }
+        if self.relative_attention && self.position_buckets <= 0 && self.max_relative() < 1 {
+            bail!("relative_attention = true needs max_relative_positions or max_position_embeddings >= 1 in config.json");
+        }
+        let span = if self.position_buckets > 0 {
+            self.position_buckets
+        } else {
+            self.max_relative()
+        };
+        let spec = AttentionSpec {
+            hidden: self.hidden_size,
+            heads: self.num_attention_heads,
+            relative_attention: self.relative_attention,
+            share_att_key: self.share_att_key,
+            c2p: entries.iter().any(|e| e == "c2p"),
+            p2c: entries.iter().any(|e| e == "p2c"),
+            span,
+            position_buckets: self.position_buckets,
+            max_relative_positions: self.max_relative(),
+            std: self.initializer_range,
+            attention_dropout: self.attention_probs_dropout_prob,
+            pos_dropout: self.hidden_dropout_prob,
+        };
+        Ok((Activation::parse(&self.hidden_act)?, spec))
+    }
+}
+
+/// `deberta.embeddings`: word (+ absolute position) (+ token type 0), `embed_proj`,
+/// LayerNorm, zeroed at pads, dropout.
+#[derive(Debug)]
+struct DebertaEmbeddings {
+    word_embeddings: Embedding,
+    position_embeddings: Option<Embedding>,
+    token_type_embeddings: Option<Embedding>,
+    /// `embed_proj.weight` [hidden, embedding_size], no bias.
+    embed_proj: Option<Tensor>,
+    layer_norm: LayerNorm,
+    dropout: f64,
+}
+
+impl DebertaEmbeddings {
+    fn new(p: &nn::Path, c: &DebertaV2Config) -> Self {
+        let (e, std) = (c.embedding_dim(), c.initializer_range);
+        Self {
+            word_embeddings: Embedding::new(
+                &(p / "word_embeddings"),
+                c.vocab_size,
+                e,
+                std,
+                c.pad_token_id,
+            ),
+            position_embeddings: c.position_biased_input.then(|| {
+                Embedding::new(
+                    &(p / "position_embeddings"),
+                    c.max_position_embeddings,
+                    e,
+                    std,
+                    None,
+                )
+            }),
+            token_type_embeddings: (c.type_vocab_size > 0).then(|| {
+                Embedding::new(
+                    &(p / "token_type_embeddings"),
+                    c.type_vocab_size,
+                    e,
+                    std,
+                    None,
+                )
+            }),
+            embed_proj: (e != c.hidden_size)
+                .then(|| (p / "embed_proj").randn("weight", &[c.hidden_size, e], 0.0, std)),
+            layer_norm: LayerNorm::new(&(p / "LayerNorm"), c.hidden_size, c.layer_norm_eps),
+            dropout: c.hidden_dropout_prob,
+        }
+    }
+
+    /// `input_ids`, `attention_mask` [b, s] -> [b, s, h]
+    fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
+        let s = input_ids.size()[1];
+        let mut x = self.word_embeddings.forward(input_ids);
+        if let Some(pos) = &self.position_embeddings {
+            x = x + pos.forward(&Tensor::arange(s, (Kind::Int64, input_ids.device())));
+        }
+        if let Some(tt) = &self.token_type_embeddings {
+            x = x + tt.weight.get(0);
+        }
+        if let Some(w) = &self.embed_proj {
+            x = x.linear::<Tensor>(w, None);
+        }
+        let x = self.layer_norm.forward(&x);
+        let kind = x.kind();
+        let x = x * attention_mask.unsqueeze(-1).to_kind(kind);
+        x.dropout(self.dropout, train)
+    }
+}
+
+/// `deberta.encoder.layer.N`: disentangled attention + `attention.output`, then
+/// `intermediate` + `output` (the FFN), post-LayerNorm like BERT.
+#[derive(Debug)]
+struct DebertaLayer {
+    attention: DisentangledSelfAttention,
+    attention_output: Linear,
+    attention_layer_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    output_layer_norm: LayerNorm,
+    act: Activation,
+    dropout: f64,
+}
+
+impl DebertaLayer {
+    fn new(p: &nn::Path, c: &DebertaV2Config, act: Activation, spec: AttentionSpec) -> Self {
+        let (h, std, eps) = (c.hidden_size, c.initializer_range, c.layer_norm_eps);
+        let a = p / "attention";
+        Self {
+            attention: DisentangledSelfAttention::new(&(&a / "self"), spec),
+            attention_output: Linear::new(&(&a / "output" / "dense"), h, h, std),
+            attention_layer_norm: LayerNorm::new(&(&a / "output" / "LayerNorm"), h, eps),
+            intermediate: Linear::new(&(p / "intermediate" / "dense"), h, c.intermediate_size, std),
+            output: Linear::new(&(p / "output" / "dense"), c.intermediate_size, h, std),
+            output_layer_norm: LayerNorm::new(&(p / "output" / "LayerNorm"), h, eps),
+            act,
+            dropout: c.hidden_dropout_prob,
+        }
+    }
+
+    /// `x` [b, s, h], `mask` [b, 1, s, s] bool, `rel` [2 span, h], `rel_pos` [s, s]
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        rel: Option<&Tensor>,
+        rel_pos: Option<&Tensor>,
+        train: bool,
+    ) -> Tensor {
+        let ctx = self.attention.forward(x, mask, rel, rel_pos, train);
+        let y = self
+            .attention_output
+            .forward(&ctx)
+            .dropout(self.dropout, train);
+        let x = self.attention_layer_norm.forward(&(y + x));
+        let y = self
+            .output
+            .forward(&self.act.forward(&self.intermediate.forward(&x)))
+            .dropout(self.dropout, train);
+        self.output_layer_norm.forward(&(y + x))
+    }
+}
+
+/// `cls.predictions`: transform (dense to embedding_size, act, LayerNorm), then the
+/// tied decoder + bias. (`lm_predictions.lm_head.*` in the non-legacy layout.)
+#[derive(Debug)]
+struct DebertaLmHead {
+    dense: Linear,
+    layer_norm: LayerNorm,
+    bias: Tensor,
+    act: Activation,
+}
+
+impl DebertaLmHead {
+    fn new(p: &nn::Path, c: &DebertaV2Config, act: Activation) -> Self {
+        let (e, t) = (c.embedding_dim(), p / "transform");
+        Self {
+            dense: Linear::new(&(&t / "dense"), c.hidden_size, e, c.initializer_range),
+            layer_norm: LayerNorm::new(&(&t / "LayerNorm"), e, c.layer_norm_eps),
+            bias: p.zeros("bias", &[c.vocab_size]),
+            act,
+        }
+    }
+
+    /// `x` [..., h], `decoder` = word embeddings [vocab, e] -> [..., vocab]
+    fn forward(&self, x: &Tensor, decoder: &Tensor) -> Tensor {
+        let x = self
+            .layer_norm
+            .forward(&self.act.forward(&self.dense.forward(x)));
+        x.linear(decoder, Some(&self.bias))
+    }
+}
+
+/// `DebertaV2ForMaskedLM`: `deberta.embeddings`, `deberta.encoder.{layer.*,
+/// rel_embeddings, LayerNorm}`, `cls.predictions`.
+#[derive(Debug)]
+pub struct DebertaV2ForMaskedLM {
+    pub config: DebertaV2Config,
+    embeddings: DebertaEmbeddings,
+    layers: Vec<DebertaLayer>,
+    rel_embeddings: Option<Embedding>,
+    rel_layer_norm: Option<LayerNorm>,
+    head: DebertaLmHead,
+    spec: AttentionSpec,
+}
+
+impl DebertaV2ForMaskedLM {
+    /// Creates the parameters under `root` (the VarStore root), HF-initialised.
+    pub fn new(root: &nn::Path, config: DebertaV2Config) -> Result<Self> {
+        let (act, spec) = config.validate()?;
+        let base = root / "deberta";
+        let encoder = &base / "encoder";
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| DebertaLayer::new(&(&encoder / "layer" / i), &config, act, spec))
+            .collect();
+        let h = config.hidden_size;
+        // HF creates the LayerNorm whenever norm_rel_ebd asks for it, used or not.
+        let rel_layer_norm = config
+            .norm_rel_parts()
+            .iter()
+            .any(|p| p == "layer_norm")
+            .then(|| LayerNorm::new(&(&encoder / "LayerNorm"), h, config.layer_norm_eps));
+        Ok(Self {
+            embeddings: DebertaEmbeddings::new(&(&base / "embeddings"), &config),
+            layers,
+            rel_embeddings: spec.relative_attention.then(|| {
+                Embedding::new(
+                    &(&encoder / "rel_embeddings"),
+                    2 * spec.span,
+                    h,
+                    config.initializer_range,
+                    None,
+                )
+            }),
+            rel_layer_norm,
+            head: DebertaLmHead::new(&(root / "cls" / "predictions"), &config, act),
+            spec,
+            config,
+        })
+    }
+
+    /// `input_ids`, `attention_mask` [b, s] -> last hidden state [b, s, h]
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        train: bool,
+    ) -> Tensor {
+        let mut x = self.embeddings.forward(input_ids, attention_mask, train);
+        let mask = pair_mask(attention_mask);
+        let s = input_ids.size()[1];
+        let rel_pos = self.spec.relative_attention.then(|| {
+            relative_positions(
+                s,
+                self.spec.position_buckets,
+                self.spec.max_relative_positions,
+            )
+            .to_device(input_ids.device())
+        });
+        // [2 span, h]
+        let rel = self
+            .rel_embeddings
+            .as_ref()
+            .map(|e| match &self.rel_layer_norm {
+                Some(ln) => ln.forward(&e.weight),
+                None => e.weight.shallow_clone(),
+            });
+        for layer in &self.layers {
+            x = layer.forward(&x, &mask, rel.as_ref(), rel_pos.as_ref(), train);
+        }
+        x
+    }
+
+    /// `hidden` [..., h] -> logits [..., vocab]
+    pub fn mlm_head(&self, hidden: &Tensor) -> Tensor {
+        self.head
+            .forward(hidden, &self.embeddings.word_embeddings.weight)
+    }
+}

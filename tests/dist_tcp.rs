@@ -1,0 +1,109 @@
+//! The tcp backend across real processes: `mlm-comm-check` workers started the
+//! way mlm-launch starts them (RANK, WORLD_SIZE, MLM_MASTER_PORT, MLM_JOB_TOKEN).
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CHECK: &str = env!("CARGO_BIN_EXE_mlm-comm-check");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn spawn_ranks(world: usize, args: &[&str]) -> Vec<Child> {
+    let port = free_port().to_string();
+    (0..world)
+        .map(|rank| {
+            Command::new(CHECK)
+                .args(args)
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("MLM_MASTER_ADDR", "127.0.0.1")
+                .env("MLM_MASTER_PORT", &port)
+                .env("MLM_JOB_TOKEN", "dist-tcp-test")
+                .env("OMP_NUM_THREADS", "1")
+                .env_remove("OMPI_COMM_WORLD_SIZE")
+                .env_remove("PMI_SIZE")
+                .env_remove("SLURM_NTASKS")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
+fn json_lines(out: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(out).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+#[test]
+fn comm_check_passes_over_tcp_in_three_processes() {
+    for dtype in ["f32", "bf16"] {
+        let children = spawn_ranks(3, &["--elems", "100003", "--dtype", dtype, "--iters", "2", "--timeout", "30"]);
+        let mut hashes = Vec::new();
+        for (rank, c) in children.into_iter().enumerate() {
+            let out = c.wait_with_output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "rank {rank}: {stderr}");
+            let lines = json_lines(&out.stdout);
+            assert_eq!(lines.len(), 1, "{lines:?}");
+            let v = &lines[0];
+            assert_eq!(v["backend"], "tcp");
+            assert_eq!(v["rank"], rank);
+            assert_eq!(v["world_size"], 3);
+            assert_eq!(v["exact_sum"], true);
+            assert_eq!(v["identical_on_all_ranks"], true);
+            hashes.push(v["result_hash"].as_str().unwrap().to_string());
+        }
+        assert!(hashes.iter().all(|h| *h == hashes[0]), "{hashes:?}");
+    }
+}
+
+#[test]
+fn killed_process_makes_the_others_fail_naming_it() {
+    let timeout = 10;
+    let mut children = spawn_ranks(3, &["--elems", "1000", "--iters", "100000000", "--timeout", &timeout.to_string()]);
+    // Let the ring form and start reducing, then kill rank 1 outright.
+    std::thread::sleep(Duration::from_secs(2));
+    children[1].kill().unwrap();
+    let start = Instant::now();
+    for (rank, c) in children.into_iter().enumerate() {
+        if rank == 1 {
+            continue;
+        }
+        let mut c = c;
+        while c.try_wait().unwrap().is_none() {
+            assert!(start.elapsed() < Duration::from_secs(timeout + 5), "rank {rank} hangs");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = c.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(stderr.contains(&format!("rank {rank}:")) && stderr.contains("rank 1"), "rank {rank}: {stderr}");
+    }
+}
+
+#[test]
+fn missing_rendezvous_port_names_the_variable() {
+    let out = Command::new(CHECK)
+        .env("RANK", "1")
+        .env("WORLD_SIZE", "2")
+        .env_remove("MLM_MASTER_PORT")
+        .env_remove("OMPI_COMM_WORLD_SIZE")
+        .env_remove("PMI_SIZE")
+        .env_remove("SLURM_NTASKS")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("rank 1") && stderr.contains("MLM_MASTER_PORT"), "{stderr}");
+}
+
+#[test]
+fn nccl_on_cpu_or_without_library_fails_clearly() {
+    let out = Command::new(CHECK).args(["--backend", "nccl"]).env_remove("WORLD_SIZE").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("needs a CUDA device"), "{stderr}");
+}
