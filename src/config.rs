@@ -173,6 +173,9 @@ pub struct TrainingConfig {
     pub threads: usize,
     /// Log the training loss every this many optimizer steps.
     pub log_every: usize,
+    /// Peak TFLOP/s of one device in the compute precision, for the model FLOPs
+    /// utilisation in the logs (0: not logged). `mlm bench-peak` measures it.
+    pub peak_tflops: f64,
     /// Stop after this many optimizer steps in a row with a non-finite loss or
     /// gradient (each such step is skipped: the weights are not updated).
     pub max_nonfinite_steps: usize,
@@ -203,6 +206,7 @@ impl Default for TrainingConfig {
             device: DeviceChoice::Auto,
             threads: 0,
             log_every: 10,
+            peak_tflops: 0.0,
             max_nonfinite_steps: 5,
             sparse_head: true,
         }
@@ -574,5 +578,18 @@ mod tests {
         let e = format!("{:#}", Config::load(&p, &["training.batch_size=lots".into()]).unwrap_err());
         assert!(e.contains("batch_size") || e.contains("invalid type"), "{e}");
         assert!(Config::load(&p, &["training.batch_size=0".into()]).is_err());
+    }
+
+    #[test]
+    fn shipped_configs_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            if e.path().extension().is_some_and(|x| x == "toml") {
+                Config::load(&e.path(), &[]).unwrap_or_else(|err| panic!("{}: {err:#}", e.path().display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 4, "demo, wiki, imdb, eli5");
     }
 }

@@ -1,6 +1,8 @@
 //! The tcp backend across real processes: `mlm-comm-check` workers started the
 //! way mlm-launch starts them (RANK, WORLD_SIZE, MLM_MASTER_PORT, MLM_JOB_TOKEN).
+use std::io::Read;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const CHECK: &str = env!("CARGO_BIN_EXE_mlm-comm-check");
@@ -63,9 +65,28 @@ fn comm_check_passes_over_tcp_in_three_processes() {
 #[test]
 fn killed_process_makes_the_others_fail_naming_it() {
     let timeout = 10;
-    let mut children = spawn_ranks(3, &["--elems", "1000", "--iters", "100000000", "--timeout", &timeout.to_string()]);
-    // Let the ring form and start reducing, then kill rank 1 outright.
-    std::thread::sleep(Duration::from_secs(2));
+    let mut children = spawn_ranks(3, &["--elems", "1000", "--iters", "100000000", "--timeout", "60"]);
+    // Collect stderr as it comes; the ring is up once every rank logged its backend.
+    let logs: Vec<Arc<Mutex<String>>> = children
+        .iter_mut()
+        .map(|c| {
+            let log = Arc::new(Mutex::new(String::new()));
+            let (mut from, to) = (c.stderr.take().unwrap(), log.clone());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = from.read(&mut buf) {
+                    to.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+            log
+        })
+        .collect();
+    let start = Instant::now();
+    while !logs.iter().all(|l| l.lock().unwrap().contains("world_size=3")) {
+        assert!(start.elapsed() < Duration::from_secs(60), "the ring did not form");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
     children[1].kill().unwrap();
     let start = Instant::now();
     for (rank, c) in children.into_iter().enumerate() {
@@ -73,13 +94,16 @@ fn killed_process_makes_the_others_fail_naming_it() {
             continue;
         }
         let mut c = c;
-        while c.try_wait().unwrap().is_none() {
-            assert!(start.elapsed() < Duration::from_secs(timeout + 5), "rank {rank} hangs");
+        let status = loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                break st;
+            }
+            assert!(start.elapsed() < Duration::from_secs(timeout), "rank {rank} hangs");
             std::thread::sleep(Duration::from_millis(20));
-        }
-        let out = c.wait_with_output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success());
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        let stderr = logs[rank].lock().unwrap().clone();
+        assert!(!status.success());
         assert!(stderr.contains(&format!("rank {rank}:")) && stderr.contains("rank 1"), "rank {rank}: {stderr}");
     }
 }

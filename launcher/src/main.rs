@@ -1,92 +1,143 @@
-//! `mlm-launch`: prepares the data once, then runs the `mlm train` worker and
-//! manages it: forwards its output, forwards Ctrl-C/SIGTERM, and exits with its
-//! status. Processes only: no tensors, no model code here.
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+//! `mlm-launch`: prepares the data once, then runs one `mlm train` worker per
+//! GPU (or N CPU workers) and manages the group: prefixes and forwards each
+//! worker's output, forwards Ctrl-C/SIGTERM, stops every worker when one fails
+//! (exiting non-zero with the failing rank and its last lines), and restarts the
+//! group up to `--max-restarts` times. Processes only: no tensors, no model code.
+//!
+//! Environment of each worker (the contract with `mlm::dist`): `RANK`,
+//! `WORLD_SIZE`, `LOCAL_RANK`, `MLM_MASTER_ADDR`, `MLM_MASTER_PORT` (a free port
+//! for the tcp rendezvous, new at each restart), `MLM_JOB_TOKEN` (random per
+//! job), and `CUDA_VISIBLE_DEVICES` (its one GPU) for GPU workers.
+mod args;
+mod supervise;
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
-#[derive(Parser, Debug)]
-#[command(name = "mlm-launch", version, about = "Launch an mlm training job")]
-struct Args {
-    /// The job's TOML config.
-    config: PathBuf,
-    /// Override a config key: section.key=value (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    set: Vec<String>,
-    /// Device of the worker: auto (GPU when visible), cpu or cuda.
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// The `mlm` binary (default: next to this launcher, then PATH).
-    #[arg(long)]
-    mlm: Option<PathBuf>,
-}
+use args::{Args, Slot};
+use supervise::{describe, Outcome, Signals, Spec};
 
 fn main() {
-    if let Err(e) = run(Args::parse()) {
-        eprintln!("mlm-launch: error: {e:#}");
-        std::process::exit(1);
+    match run(Args::parse()) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("mlm-launch: error: {e:#}");
+            std::process::exit(1);
+        }
     }
 }
 
-fn run(args: Args) -> Result<()> {
-    if !["auto", "cpu", "cuda"].contains(&args.device.as_str()) {
-        bail!("--device {:?}: expected auto, cpu or cuda", args.device);
-    }
+fn run(args: Args) -> Result<i32> {
+    let signals = Signals::install()?;
+    let slots = args::plan(&args, args::visible_gpus())?;
     let mlm = args.mlm.clone().unwrap_or_else(find_mlm);
+    let grace = Duration::from_secs_f64(args.grace_period.max(0.0));
     let mut overrides: Vec<String> = args.set.iter().flat_map(|s| ["--set".to_string(), s.clone()]).collect();
     if args.device != "auto" {
         overrides.extend(["--set".into(), format!("training.device={}", args.device)]);
+    } else if slots[0] == Slot::Cpu {
+        overrides.extend(["--set".into(), "training.device=cpu".into()]);
     }
+
     // Prepare once before any worker starts, so workers only read the store.
-    let status = supervise(Command::new(&mlm).arg("prepare").arg(&args.config).args(&overrides), &mlm)?;
-    check("prepare", status)?;
-    let mut worker = Command::new(&mlm);
-    worker
-        .arg("train")
-        .arg(&args.config)
-        .args(&overrides)
-        .env("RANK", "0")
-        .env("LOCAL_RANK", "0")
-        .env("WORLD_SIZE", "1");
-    let status = supervise(&mut worker, &mlm)?;
-    check("worker rank 0", status)
+    let mut prepare = Command::new(&mlm);
+    prepare.arg("prepare").arg(&args.config).args(&overrides);
+    let status = supervise::run_one(prepare, "prepare", &signals)?;
+    if !status.success() {
+        bail!("`{} prepare` {}", mlm.display(), describe(&status));
+    }
+
+    let world = slots.len();
+    let token = job_token()?;
+    let cpu_threads = cpu_threads_per_worker(world);
+    let where_ = match &slots[0] {
+        Slot::Cpu => format!("{world} CPU worker(s)"),
+        Slot::Gpu(_) => {
+            let ids: Vec<&str> = slots.iter().map(|s| if let Slot::Gpu(g) = s { g.as_str() } else { "" }).collect();
+            format!("{world} GPU worker(s) on CUDA_VISIBLE_DEVICES {}", ids.join(","))
+        }
+    };
+    for attempt in 0..=args.max_restarts {
+        let port = free_port(&args.master_addr)?;
+        eprintln!("mlm-launch: starting {where_}; rendezvous {}:{port}", args.master_addr);
+        let specs = slots
+            .iter()
+            .enumerate()
+            .map(|(rank, slot)| {
+                let mut cmd = Command::new(&mlm);
+                cmd.arg("train")
+                    .arg(&args.config)
+                    .args(&overrides)
+                    .env("RANK", rank.to_string())
+                    .env("WORLD_SIZE", world.to_string())
+                    .env("LOCAL_RANK", rank.to_string())
+                    .env("MLM_MASTER_ADDR", &args.master_addr)
+                    .env("MLM_MASTER_PORT", port.to_string())
+                    .env("MLM_JOB_TOKEN", &token);
+                match slot {
+                    Slot::Gpu(g) => {
+                        cmd.env("CUDA_VISIBLE_DEVICES", g);
+                    }
+                    Slot::Cpu => {
+                        if std::env::var_os("OMP_NUM_THREADS").is_none() {
+                            cmd.env("OMP_NUM_THREADS", cpu_threads.to_string());
+                        }
+                    }
+                }
+                Spec { label: format!("rank {rank}"), command: cmd }
+            })
+            .collect();
+        match supervise::run_group(specs, &signals, grace)? {
+            Outcome::Success => return Ok(0),
+            Outcome::Interrupted { signal } => {
+                eprintln!("mlm-launch: stopped by signal {signal}; the workers were told and have exited");
+                return Ok(128 + signal);
+            }
+            Outcome::Failed { rank, status, tail } => {
+                let mut msg = format!("rank {rank} {}; the other workers were stopped", describe(&status));
+                if !tail.is_empty() {
+                    msg.push_str(&format!("\nlast lines of rank {rank}:"));
+                    for l in &tail {
+                        msg.push_str(&format!("\n  {l}"));
+                    }
+                }
+                if attempt < args.max_restarts {
+                    eprintln!("mlm-launch: {msg}");
+                    eprintln!("mlm-launch: restarting (attempt {}/{})", attempt + 1, args.max_restarts);
+                    continue;
+                }
+                bail!(msg);
+            }
+        }
+    }
+    unreachable!("the loop returns")
 }
 
-/// Runs `cmd` to completion, forwarding SIGINT and SIGTERM to it.
-fn supervise(cmd: &mut Command, mlm: &Path) -> Result<ExitStatus> {
-    let signal = Arc::new(AtomicUsize::new(0));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register_usize(sig, signal.clone(), sig as usize)?;
-    }
-    let mut child = cmd.spawn().with_context(|| format!("cannot start {}", mlm.display()))?;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(status);
-        }
-        let sig = signal.swap(0, Ordering::SeqCst);
-        if sig != 0 {
-            // SAFETY: kill(2) on our own child's pid with a valid signal number.
-            unsafe { libc::kill(child.id() as i32, sig as i32) };
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// A port nobody listens on now (rank 0 binds it moments later).
+fn free_port(addr: &str) -> Result<u16> {
+    let l = std::net::TcpListener::bind((addr, 0))
+        .with_context(|| format!("cannot open a port on {addr} for the rendezvous (--master-addr)"))?;
+    Ok(l.local_addr()?.port())
 }
 
-fn check(what: &str, status: ExitStatus) -> Result<()> {
-    if status.success() {
-        return Ok(());
-    }
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(c), _) => bail!("{what} exited with status {c}"),
-        (_, Some(s)) => bail!("{what} was killed by signal {s}"),
-        _ => bail!("{what} failed"),
-    }
+/// 128 random bits, hex: workers of another job cannot join this one.
+fn job_token() -> Result<String> {
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .context("cannot read /dev/urandom for the job token")?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// Cores shared out among CPU workers, unless OMP_NUM_THREADS says otherwise.
+fn cpu_threads_per_worker(world: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / world).max(1)
 }
 
 /// `mlm` next to this executable, else from PATH.

@@ -62,6 +62,17 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceArg,
     },
+    /// Measure the peak matmul TFLOP/s of a device (for training.peak_tflops).
+    BenchPeak {
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceArg,
+        /// fp32 or bf16.
+        #[arg(long, default_value = "bf16")]
+        precision: String,
+        /// Side of the square matrices.
+        #[arg(long, default_value_t = 4096)]
+        size: i64,
+    },
     /// Predict the masked token(s); prints JSON lines like HF's fill-mask pipeline.
     FillMask {
         #[arg(long)]
@@ -80,6 +91,7 @@ pub enum FormatArg {
     Auto,
     Text,
     Jsonl,
+    Parquet,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -135,12 +147,16 @@ pub fn run(cli: Cli) -> Result<()> {
             let (m, _) = MaskedLm::load_dir(&model, device)?;
             let tok = TextTokenizer::load(&model.join("tokenizer.json"))?;
             check_vocab(&tok, &m)?;
+            if block_size as i64 > m.max_positions() {
+                anyhow::bail!("--block-size {block_size} exceeds the model's {} positions", m.max_positions());
+            }
             let dc = DataConfig {
                 files: data,
                 format: match format {
                     FormatArg::Auto => InputFormat::Auto,
                     FormatArg::Text => InputFormat::Text,
                     FormatArg::Jsonl => InputFormat::Jsonl,
+                    FormatArg::Parquet => InputFormat::Parquet,
                 },
                 text_field,
                 document_boundary: DocumentBoundary::BlankLine,
@@ -157,6 +173,17 @@ pub fn run(cli: Cli) -> Result<()> {
                 "perplexity": r.perplexity, "loss": r.loss, "masked_tokens": r.tokens, "chunks": store.len(),
                 "definition": "exp(mean cross-entropy over masked tokens), masks fixed by seed",
             }));
+            Ok(())
+        }
+        Command::BenchPeak { device, precision, size } => {
+            let device = select_device(device.into())?;
+            let kind = match precision.as_str() {
+                "fp32" => tch::Kind::Float,
+                "bf16" => tch::Kind::BFloat16,
+                other => anyhow::bail!("--precision {other:?}: expected fp32 or bf16"),
+            };
+            let tflops = crate::train::timing::measure_peak_tflops(device, kind, size, 5);
+            println!("{}", serde_json::json!({ "device": format!("{device:?}"), "precision": precision, "peak_tflops": tflops }));
             Ok(())
         }
         Command::FillMask { model, top_k, text, device } => {

@@ -107,7 +107,9 @@ mod tests {
         assert!((ls - ld).abs() / ld.abs() < 1e-5, "loss {ls} vs {ld}");
         for ((n, a), (_, b)) in gs.iter().zip(&gd) {
             let diff = (a - b).abs().max().double_value(&[]);
-            let scale = b.abs().max().double_value(&[]).max(1e-6);
+            // key.bias has a true gradient of 0 (softmax cancels it): compare
+            // against a floor, not against its rounding noise.
+            let scale = b.abs().max().double_value(&[]).max(1e-4);
             assert!(diff / scale < 1e-5, "{n}: {diff} vs scale {scale}");
         }
     }

@@ -10,6 +10,7 @@ pub mod optimizer;
 pub mod plot;
 pub mod resume;
 pub mod schedule;
+pub mod timing;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,6 +33,7 @@ use loss::{masked_lm_loss_sum, DeviceBatch};
 use metrics::{Metrics, Progress};
 use optimizer::{ordered_params, AdamWParams, FlatAdamW};
 use schedule::LrSchedule;
+use timing::{Phase, StepTimer};
 
 /// What a finished job reports.
 #[derive(Debug, Clone)]
@@ -51,7 +53,9 @@ pub fn run(cfg: Config) -> Result<Summary> {
     let mut last_eval = None;
     while t.state.step < t.total_steps {
         let mut stream = t.epoch_stream();
+        t.timer.start();
         while let Some(micro) = next_step(&mut stream, t.cfg.training.grad_accum_steps) {
+            t.timer.end(Phase::Data);
             let loss = t.forward_backward(&micro)?;
             t.optimizer_step(&micro, loss)?;
             progress.set(t.state.step as u64);
@@ -64,6 +68,8 @@ pub fn run(cfg: Config) -> Result<Summary> {
             if step >= t.total_steps {
                 break;
             }
+            t.timer.exact = t.device.is_cuda() && (step + 1) % t.cfg.training.log_every == 0;
+            t.timer.start();
         }
         if t.state.step < t.total_steps || stream_done(&t) {
             t.state.epoch += 1;
@@ -166,7 +172,9 @@ struct Trainer {
     total_steps: usize,
     nonfinite_in_a_row: usize,
     started: Instant,
-    window: (Instant, u64),
+    /// Since the last log: (step, tokens, model FLOPs).
+    window: (usize, u64, f64),
+    timer: StepTimer,
 }
 
 impl Trainer {
@@ -239,6 +247,7 @@ impl Trainer {
             Precision::Bf16 => Some(master.to_kind_copy(Kind::BFloat16)?),
         };
         let compute_params = ordered_params(&compute.as_ref().unwrap_or(&master).vs, &opt.slots)?;
+        let start_step = state.step;
         let metrics = Metrics::open(&out.join(&cfg.logging.metrics_file))?;
         tracing::info!(
             "model: {} parameters on {:?} ({:?}); {} train / {} test chunks of {} tokens; {} steps of {} sequences",
@@ -269,7 +278,8 @@ impl Trainer {
             total_steps,
             nonfinite_in_a_row: 0,
             started: Instant::now(),
-            window: (Instant::now(), 0),
+            window: (start_step, 0, 0.0),
+            timer: StepTimer::new(device),
             cfg,
         })
     }
@@ -308,9 +318,11 @@ impl Trainer {
             let db = DeviceBatch::new(b, self.device);
             let sparse = self.cfg.training.sparse_head;
             let loss = masked_lm_loss_sum(self.model(), &db, true, sparse) / n_masked.max(1) as f64;
+            self.timer.end(Phase::Forward);
             loss.backward();
             self.opt.accumulate_grads(&self.compute_params);
             total += loss.detach();
+            self.timer.end(Phase::Backward);
         }
         Ok(total)
     }
@@ -351,27 +363,56 @@ impl Trainer {
         if self.state.batch_in_epoch >= self.batches_per_epoch {
             self.state.batch_in_epoch = self.batches_per_epoch;
         }
+        self.timer.end(Phase::Optimizer);
+        self.timer.step_done();
         let tokens: u64 = micro.iter().map(|b| (b.rows * b.block_size) as u64).sum();
+        let projected: usize = if self.cfg.training.sparse_head {
+            micro.iter().map(|b| b.n_masked).sum()
+        } else {
+            tokens as usize
+        };
         self.state.tokens_seen += tokens;
+        self.window.1 += tokens;
+        self.window.2 += timing::train_flops(&self.master, tokens as f64, projected as f64, self.cfg.data.block_size as f64);
         let step = self.state.step;
         if step % self.cfg.training.log_every == 0 || step == self.total_steps {
-            let loss = loss.double_value(&[]);
-            let (since, tok0) = self.window;
-            let tps = (self.state.tokens_seen - tok0) as f64 / since.elapsed().as_secs_f64();
-            self.window = (Instant::now(), self.state.tokens_seen);
-            let gn = grad_norm.double_value(&[]);
-            tracing::info!(
-                "step {step}/{} epoch {} loss {loss:.4} lr {lr:.3e} grad_norm {gn:.3} tokens/s {tps:.0}",
-                self.total_steps,
-                self.state.epoch
-            );
-            self.metrics.write(&serde_json::json!({
-                "kind": "train", "step": step, "epoch": self.state.epoch, "loss": loss, "lr": lr,
-                "grad_norm": gn, "tokens_per_s": tps, "tokens_seen": self.state.tokens_seen,
-                "elapsed_s": self.started.elapsed().as_secs_f64(),
-            }))?;
+            self.log_step(loss, grad_norm, lr)?;
         }
         Ok(())
+    }
+
+    /// Logs the loss, throughput and where the time went since the last log.
+    fn log_step(&mut self, loss: Tensor, grad_norm: Tensor, lr: f64) -> Result<()> {
+        let step = self.state.step;
+        let loss = loss.double_value(&[]);
+        let gn = grad_norm.double_value(&[]);
+        let mut record = self.timer.report();
+        let steps = step - self.window.0;
+        let step_s: f64 = ["time_data_s", "time_forward_s", "time_backward_s", "time_sync_s", "time_optimizer_s"]
+            .iter()
+            .map(|k| record[k].as_f64().unwrap_or(0.0))
+            .sum();
+        // Throughput of the training steps themselves (evaluation and saving excluded).
+        let tps = self.window.1 as f64 / (step_s * steps.max(1) as f64);
+        let tflops = self.window.2 / (step_s * steps.max(1) as f64) / 1e12;
+        let peak = self.cfg.training.peak_tflops;
+        let mfu = (peak > 0.0).then(|| tflops / peak);
+        self.window = (step, 0, 0.0);
+        tracing::info!(
+            "step {step}/{} epoch {} loss {loss:.4} lr {lr:.3e} grad_norm {gn:.3} tokens/s {tps:.0} \
+             (data {:.0}% of the step){}",
+            self.total_steps,
+            self.state.epoch,
+            100.0 * record["data_wait_fraction"].as_f64().unwrap_or(0.0),
+            mfu.map(|m| format!(" MFU {:.1}%", 100.0 * m)).unwrap_or_default()
+        );
+        let extra = serde_json::json!({
+            "kind": "train", "step": step, "epoch": self.state.epoch, "loss": loss, "lr": lr,
+            "grad_norm": gn, "tokens_per_s": tps, "step_s": step_s, "model_tflops": tflops, "mfu": mfu,
+            "tokens_seen": self.state.tokens_seen, "elapsed_s": self.started.elapsed().as_secs_f64(),
+        });
+        record.as_object_mut().expect("object").extend(extra.as_object().expect("object").clone());
+        self.metrics.write(&record)
     }
 
     fn evaluate(&mut self) -> Result<EvalResult> {

@@ -26,7 +26,8 @@ pub fn write(metrics: &Path, png: &Path) -> Result<()> {
             _ => None,
         };
     }
-    let tmp = png.with_extension("png.tmp");
+    // The image encoder picks the format from the extension: keep ".png".
+    let tmp = png.with_extension("tmp.png");
     draw(&tmp, &train, &eval)?;
     std::fs::rename(&tmp, png).with_context(|| format!("cannot write {}", png.display()))
 }

@@ -129,7 +129,7 @@ mod tests {
     fn changed_keys_are_named_with_both_values() {
         let a = serde_json::json!({"training": {"lr": 1e-4, "seed": 1}, "data": {"block_size": 128}});
         let b = serde_json::json!({"training": {"lr": 3e-5, "seed": 1}, "data": {"block_size": 128}});
-        assert_eq!(differing_keys(&a, &b), vec!["training.lr (0.0001 -> 3e-5)".to_string()]);
+        assert_eq!(differing_keys(&a, &b), vec!["training.lr (0.0001 -> 0.00003)".to_string()]);
     }
 
     #[test]

@@ -1,0 +1,182 @@
+//! Command line and the worker plan: how many workers, on which devices.
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "mlm-launch",
+    version,
+    about = "Launch an mlm training job: prepare the data once, then one `mlm train` worker per GPU (or N CPU workers)"
+)]
+pub struct Args {
+    /// The job's TOML config.
+    pub config: PathBuf,
+    /// Override a config key: section.key=value (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Device of the workers: auto (GPUs when visible), cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// GPUs to use: a count ("4": the first four visible) or a list of
+    /// visible-device indices ("0,2,3"). One worker per GPU.
+    #[arg(long, value_name = "N|LIST", conflicts_with = "nproc")]
+    pub gpus: Option<String>,
+    /// Number of workers: CPU workers with --device cpu, else the first N GPUs.
+    #[arg(long, value_name = "N")]
+    pub nproc: Option<usize>,
+    /// Restart the whole group up to K times after a worker fails.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub max_restarts: usize,
+    /// Seconds between SIGTERM and SIGKILL when stopping workers.
+    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
+    pub grace_period: f64,
+    /// Address of the tcp rendezvous (rank 0 listens there).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub master_addr: String,
+    /// The `mlm` binary (default: next to this launcher, then PATH).
+    #[arg(long)]
+    pub mlm: Option<PathBuf>,
+}
+
+/// Where one worker runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Slot {
+    Cpu,
+    /// A value for `CUDA_VISIBLE_DEVICES`.
+    Gpu(String),
+}
+
+/// The workers to start, rank by rank.
+pub fn plan(args: &Args, visible: Option<Vec<String>>) -> Result<Vec<Slot>> {
+    if !["auto", "cpu", "cuda"].contains(&args.device.as_str()) {
+        bail!("--device {:?}: expected auto, cpu or cuda", args.device);
+    }
+    let cpu = args.device == "cpu";
+    if let Some(spec) = &args.gpus {
+        if cpu {
+            bail!("--gpus and --device cpu contradict each other; use --nproc N --device cpu for CPU workers");
+        }
+        let wanted = parse_gpus(spec)?;
+        return pick(&wanted, visible.as_deref());
+    }
+    if let Some(n) = args.nproc {
+        if n == 0 {
+            bail!("--nproc 0: need at least one worker");
+        }
+        let gpus = visible.as_ref().map_or(0, |v| v.len());
+        if cpu || (args.device == "auto" && gpus == 0) {
+            return Ok(vec![Slot::Cpu; n]);
+        }
+        return pick(&GpuSpec::Count(n), visible.as_deref());
+    }
+    match visible {
+        _ if cpu => Ok(vec![Slot::Cpu]),
+        Some(v) if !v.is_empty() => Ok(v.into_iter().map(Slot::Gpu).collect()),
+        _ if args.device == "cuda" => bail!("--device cuda but no GPU is visible (nvidia-smi -L, CUDA_VISIBLE_DEVICES)"),
+        _ => Ok(vec![Slot::Cpu]),
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum GpuSpec {
+    Count(usize),
+    List(Vec<usize>),
+}
+
+pub fn parse_gpus(spec: &str) -> Result<GpuSpec> {
+    let bad = || format!("--gpus {spec:?}: expected a count (4) or a list of GPU indices (0,2,3)");
+    if spec.contains(',') {
+        let list: Vec<usize> = spec
+            .split(',')
+            .map(|s| s.trim().parse::<usize>())
+            .collect::<Result<_, _>>()
+            .with_context(bad)?;
+        let mut sorted = list.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        if sorted.len() != list.len() {
+            bail!("--gpus {spec:?}: a GPU is listed twice (NCCL needs one rank per GPU)");
+        }
+        return Ok(GpuSpec::List(list));
+    }
+    let n: usize = spec.trim().parse().with_context(bad)?;
+    if n == 0 {
+        bail!("--gpus 0: need at least one GPU (for CPU workers use --nproc N --device cpu)");
+    }
+    Ok(GpuSpec::Count(n))
+}
+
+/// Maps indices into the visible devices to `CUDA_VISIBLE_DEVICES` values.
+fn pick(spec: &GpuSpec, visible: Option<&[String]>) -> Result<Vec<Slot>> {
+    let indices: Vec<usize> = match spec {
+        GpuSpec::Count(n) => (0..*n).collect(),
+        GpuSpec::List(l) => l.clone(),
+    };
+    indices
+        .into_iter()
+        .map(|i| match visible {
+            Some(v) if i < v.len() => Ok(Slot::Gpu(v[i].clone())),
+            Some(v) => bail!("GPU {i} requested but only {} visible ({})", v.len(), v.join(",")),
+            // Nothing to check against (no nvidia-smi): trust the user.
+            None => Ok(Slot::Gpu(i.to_string())),
+        })
+        .collect()
+}
+
+/// The GPUs this launcher may use: `CUDA_VISIBLE_DEVICES` when set, else one per
+/// line of `nvidia-smi -L`; `None` when neither says.
+pub fn visible_gpus() -> Option<Vec<String>> {
+    if let Ok(v) = std::env::var("CUDA_VISIBLE_DEVICES") {
+        let v = v.trim();
+        if v.is_empty() || v == "-1" || v.eq_ignore_ascii_case("nodevfiles") {
+            return Some(Vec::new());
+        }
+        return Some(v.split(',').map(|s| s.trim().to_string()).collect());
+    }
+    let out = std::process::Command::new("nvidia-smi").arg("-L").output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let n = String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("GPU ")).count();
+    Some((0..n).map(|i| i.to_string()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut v = vec!["mlm-launch", "job.toml"];
+        v.extend_from_slice(extra);
+        Args::try_parse_from(v).unwrap()
+    }
+
+    fn gpus(v: &[&str]) -> Option<Vec<String>> {
+        Some(v.iter().map(|s| s.to_string()).collect())
+    }
+
+    #[test]
+    fn gpu_count_and_list_index_the_visible_devices() {
+        let plan_gpus = |a: &[&str], vis| plan(&args(a), vis).unwrap();
+        assert_eq!(plan_gpus(&["--gpus", "2"], gpus(&["4", "5", "6"])), vec![Slot::Gpu("4".into()), Slot::Gpu("5".into())]);
+        assert_eq!(plan_gpus(&["--gpus", "0,2"], gpus(&["4", "5", "6"])), vec![Slot::Gpu("4".into()), Slot::Gpu("6".into())]);
+        assert_eq!(plan_gpus(&["--gpus", "0,2,3"], None).len(), 3);
+        assert_eq!(plan_gpus(&[], gpus(&["0", "1"])), vec![Slot::Gpu("0".into()), Slot::Gpu("1".into())]);
+        assert!(plan(&args(&["--gpus", "3"]), gpus(&["0"])).unwrap_err().to_string().contains("only 1 visible"));
+        assert!(plan(&args(&["--gpus", "0,0"]), None).is_err());
+        assert!(plan(&args(&["--gpus", "x"]), None).is_err());
+    }
+
+    #[test]
+    fn cpu_workers_when_asked_or_when_no_gpu() {
+        assert_eq!(plan(&args(&["--nproc", "3", "--device", "cpu"]), gpus(&["0"])).unwrap(), vec![Slot::Cpu; 3]);
+        assert_eq!(plan(&args(&["--nproc", "2"]), None).unwrap(), vec![Slot::Cpu; 2]);
+        assert_eq!(plan(&args(&[]), None).unwrap(), vec![Slot::Cpu]);
+        assert_eq!(plan(&args(&[]), gpus(&[])).unwrap(), vec![Slot::Cpu]);
+        assert_eq!(plan(&args(&["--device", "cpu"]), gpus(&["0", "1"])).unwrap(), vec![Slot::Cpu]);
+        assert!(plan(&args(&["--gpus", "1", "--device", "cpu"]), None).is_err());
+        assert!(plan(&args(&["--device", "cuda"]), None).is_err());
+    }
+}

@@ -1,0 +1,253 @@
+//! mlm-launch against fake workers: `--mlm` points at a shell script written by
+//! each test, which records its environment and then behaves as told.
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const LAUNCH: &str = env!("CARGO_BIN_EXE_mlm-launch");
+
+/// A fake `mlm`: `prepare` logs and exits 0; `train` records its pid,
+/// environment and arguments (per rank and attempt), prints a line to stdout
+/// and one to stderr, then runs `behaviour`.
+fn fake_mlm(dir: &Path, behaviour: &str) -> PathBuf {
+    let script = format!(
+        r#"#!/bin/bash
+cmd=$1; shift
+dir="{dir}"
+if [ "$cmd" = prepare ]; then echo "prepare $*" >> "$dir/prepare.log"; exit 0; fi
+attempt=$(ls "$dir" | grep -c "^pid\.$RANK\.")
+echo $$ > "$dir/pid.$RANK.$attempt"
+env | grep -E '^(RANK|WORLD_SIZE|LOCAL_RANK|MLM_MASTER_ADDR|MLM_MASTER_PORT|MLM_JOB_TOKEN|CUDA_VISIBLE_DEVICES)=' | sort > "$dir/env.$RANK.$attempt"
+echo "$*" > "$dir/args.$RANK.$attempt"
+echo "hello from $RANK"
+echo "complaint from $RANK" >&2
+{behaviour}
+"#,
+        dir = dir.display()
+    );
+    let path = dir.join("mlm");
+    std::fs::write(&path, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+fn launch(dir: &Path, mlm: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(LAUNCH);
+    cmd.arg("--mlm").arg(mlm).arg(dir.join("job.toml")).args(args);
+    cmd.env_remove("CUDA_VISIBLE_DEVICES");
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd
+}
+
+fn run_timed(mut cmd: Command, limit: Duration) -> (Output, Duration) {
+    let start = Instant::now();
+    let child = cmd.spawn().unwrap();
+    let out = wait_limit(child, limit);
+    (out, start.elapsed())
+}
+
+fn wait_limit(mut child: Child, limit: Duration) -> Output {
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            child.kill().unwrap();
+            panic!("mlm-launch still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn read(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(name)).unwrap_or_default()
+}
+
+/// Gone, or a zombie nobody reaped.
+fn is_dead(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())) {
+        Err(_) => true,
+        Ok(stat) => stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+    }
+}
+
+fn wait_for(what: impl Fn() -> bool, limit: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if what() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn output_is_prefixed_per_rank_and_env_is_set_per_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let mlm = fake_mlm(dir.path(), "exit 0");
+    let (out, _) = run_timed(launch(dir.path(), &mlm, &["--nproc", "3", "--device", "cpu", "--set", "training.lr=1e-4"]), Duration::from_secs(30));
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    for r in 0..3 {
+        assert!(stdout.contains(&format!("[rank {r}] hello from {r}\n")), "{stdout}");
+        assert!(stderr.contains(&format!("[rank {r}] complaint from {r}\n")), "{stderr}");
+    }
+    // prepare ran once, before the workers, with the same overrides.
+    let prepare = read(dir.path(), "prepare.log");
+    assert_eq!(prepare.lines().count(), 1, "{prepare}");
+    assert!(prepare.contains("--set training.lr=1e-4"), "{prepare}");
+    let envs: Vec<String> = (0..3).map(|r| read(dir.path(), &format!("env.{r}.0"))).collect();
+    let var = |env: &str, k: &str| {
+        env.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).map(str::to_string).unwrap_or_default()
+    };
+    for (r, env) in envs.iter().enumerate() {
+        assert_eq!(var(env, "RANK"), r.to_string());
+        assert_eq!(var(env, "LOCAL_RANK"), r.to_string());
+        assert_eq!(var(env, "WORLD_SIZE"), "3");
+        assert_eq!(var(env, "MLM_MASTER_ADDR"), "127.0.0.1");
+        assert_eq!(var(env, "MLM_MASTER_PORT"), var(&envs[0], "MLM_MASTER_PORT"));
+        assert_eq!(var(env, "MLM_JOB_TOKEN"), var(&envs[0], "MLM_JOB_TOKEN"));
+        let args = read(dir.path(), &format!("args.{r}.0"));
+        assert!(args.contains("--set training.lr=1e-4 --set training.device=cpu"), "{args}");
+    }
+    assert!(var(&envs[0], "MLM_MASTER_PORT").parse::<u16>().unwrap() > 0);
+    let token = var(&envs[0], "MLM_JOB_TOKEN");
+    assert!(token.len() == 32 && token.chars().all(|c| c.is_ascii_hexdigit()), "{token}");
+}
+
+#[test]
+fn gpu_workers_each_see_one_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let mlm = fake_mlm(dir.path(), "exit 0");
+    let mut cmd = launch(dir.path(), &mlm, &["--gpus", "0,2"]);
+    cmd.env("CUDA_VISIBLE_DEVICES", "5,6,7");
+    let (out, _) = run_timed(cmd, Duration::from_secs(30));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(read(dir.path(), "env.0.0").contains("CUDA_VISIBLE_DEVICES=5\n"));
+    assert!(read(dir.path(), "env.1.0").contains("CUDA_VISIBLE_DEVICES=7\n"));
+    assert!(read(dir.path(), "env.1.0").contains("WORLD_SIZE=2\n"));
+    assert!(!read(dir.path(), "args.0.0").contains("training.device"));
+}
+
+#[test]
+fn failing_worker_stops_the_others_and_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let mlm = fake_mlm(dir.path(), r#"if [ "$RANK" = 1 ]; then sleep 0.5; echo "rank one gives up"; exit 3; fi; sleep 60"#);
+    let (out, took) = run_timed(launch(dir.path(), &mlm, &["--nproc", "3", "--device", "cpu"]), Duration::from_secs(30));
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert!(stderr.contains("rank 1 exited with status 3"), "{stderr}");
+    // The tail merges the worker's stdout and stderr, in arrival order.
+    let tail = stderr.split("last lines of rank 1:\n").nth(1).unwrap_or_else(|| panic!("no tail: {stderr}"));
+    for line in ["  hello from 1", "  complaint from 1", "  rank one gives up"] {
+        assert!(tail.lines().any(|l| l == line), "{line:?} not in the tail: {stderr}");
+    }
+    for r in [0, 2] {
+        assert!(is_dead(&read(dir.path(), &format!("pid.{r}.0"))), "rank {r} survived");
+    }
+}
+
+#[test]
+fn worker_that_ignores_sigterm_is_killed_after_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let mlm = fake_mlm(
+        dir.path(),
+        r#"if [ "$RANK" = 0 ]; then while [ ! -e "$dir/ready.1" ]; do sleep 0.05; done; exit 1; fi; trap '' TERM; touch "$dir/ready.1"; while true; do sleep 0.1; done"#,
+    );
+    let (out, took) = run_timed(
+        launch(dir.path(), &mlm, &["--nproc", "2", "--device", "cpu", "--grace-period", "1"]),
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(text(&out.stderr).contains("did not stop within"), "{}", text(&out.stderr));
+    assert!(is_dead(&read(dir.path(), "pid.1.0")));
+}
+
+#[test]
+fn sigkilled_worker_stops_the_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let mlm = fake_mlm(dir.path(), r#"if [ "$RANK" = 0 ]; then sleep 0.5; kill -9 $$; fi; sleep 60"#);
+    let (out, took) = run_timed(launch(dir.path(), &mlm, &["--nproc", "2", "--device", "cpu"]), Duration::from_secs(30));
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert!(stderr.contains("rank 0 was killed by signal 9"), "{stderr}");
+    assert!(is_dead(&read(dir.path(), "pid.1.0")));
+}
+
+#[test]
+fn max_restarts_reruns_the_whole_group() {
+    let dir = tempfile::tempdir().unwrap();
+    // Rank 1 fails on the first attempt only.
+    let mlm = fake_mlm(dir.path(), r#"if [ "$RANK" = 1 ] && [ "$attempt" = 0 ]; then exit 2; fi; sleep 0.2; exit 0"#);
+    let (out, _) = run_timed(
+        launch(dir.path(), &mlm, &["--nproc", "2", "--device", "cpu", "--max-restarts", "1"]),
+        Duration::from_secs(30),
+    );
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("rank 1 exited with status 2"), "{stderr}");
+    assert!(stderr.contains("restarting (attempt 1/1)"), "{stderr}");
+    for r in 0..2 {
+        assert!(dir.path().join(format!("pid.{r}.1")).exists(), "rank {r} was not restarted");
+    }
+    assert_eq!(read(dir.path(), "prepare.log").lines().count(), 1);
+
+    // Without restarts left, the failure is final.
+    let dir = tempfile::tempdir().unwrap();
+    let mlm = fake_mlm(dir.path(), r#"if [ "$RANK" = 1 ]; then exit 2; fi; exit 0"#);
+    let (out, _) = run_timed(
+        launch(dir.path(), &mlm, &["--nproc", "2", "--device", "cpu", "--max-restarts", "1"]),
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    assert!(dir.path().join("pid.1.1").exists() && !dir.path().join("pid.1.2").exists());
+}
+
+#[test]
+fn sigterm_is_forwarded_to_every_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let mlm = fake_mlm(
+        dir.path(),
+        r#"trap 'echo got TERM > "$dir/term.$RANK"; exit 0' TERM; touch "$dir/ready.$RANK"; while true; do sleep 0.05; done"#,
+    );
+    let child = launch(dir.path(), &mlm, &["--nproc", "2", "--device", "cpu"]).spawn().unwrap();
+    // Each worker has set its trap.
+    assert!(wait_for(|| (0..2).all(|r| dir.path().join(format!("ready.{r}")).exists()), Duration::from_secs(10)));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = wait_limit(child, Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(128 + 15), "{}", text(&out.stderr));
+    for r in 0..2 {
+        assert_eq!(read(dir.path(), &format!("term.{r}")), "got TERM\n");
+    }
+}
+
+#[test]
+fn sigkilled_launcher_leaves_no_orphans() {
+    let dir = tempfile::tempdir().unwrap();
+    let mlm = fake_mlm(dir.path(), "sleep 60");
+    let mut child = launch(dir.path(), &mlm, &["--nproc", "2", "--device", "cpu"]).spawn().unwrap();
+    assert!(wait_for(|| (0..2).all(|r| dir.path().join(format!("env.{r}.0")).exists()), Duration::from_secs(10)));
+    child.kill().unwrap(); // SIGKILL: no chance to clean up
+    child.wait().unwrap();
+    for r in 0..2 {
+        let pid = read(dir.path(), &format!("pid.{r}.0"));
+        assert!(wait_for(|| is_dead(&pid), Duration::from_secs(5)), "rank {r} (pid {pid}) outlived the launcher");
+    }
+}
+
+#[test]
+fn missing_mlm_binary_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, _) = run_timed(launch(dir.path(), &dir.path().join("nope"), &["--nproc", "2", "--device", "cpu"]), Duration::from_secs(10));
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("cannot start"), "{}", text(&out.stderr));
+}

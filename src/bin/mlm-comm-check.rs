@@ -1,0 +1,127 @@
+//! `mlm-comm-check`: checks a cluster set-up without a model or data. Every
+//! rank joins the job exactly as `mlm train` would (`mlm::dist::init`), sums a
+//! known tensor, checks the sum, broadcasts a message from rank 0, meets at a
+//! barrier, times `--iters` all-reduces, and prints one JSON line per rank.
+//! Exits non-zero on any mismatch or communication error.
+//!
+//! ```text
+//! mpirun -np 2 mlm-comm-check --elems 25000000
+//! srun --ntasks=8 --gpus-per-task=1 mlm-comm-check --device cuda
+//! RANK=0 WORLD_SIZE=2 MLM_MASTER_PORT=29500 mlm-comm-check &   # and RANK=1 ...
+//! ```
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::Parser;
+use mlm::config::{Backend, CommDtype, DistributedConfig};
+use tch::{Device, Kind, Tensor};
+
+#[derive(Parser, Debug)]
+#[command(name = "mlm-comm-check", version, about = "Check that the workers of a job can talk: all-reduce, broadcast, barrier")]
+struct Args {
+    /// auto, local, tcp, mpi or nccl (as distributed.backend).
+    #[arg(long, default_value = "auto")]
+    backend: String,
+    /// cpu or cuda (cuda: device LOCAL_RANK of the visible ones).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Elements of the all-reduced tensor.
+    #[arg(long, default_value_t = 1 << 20)]
+    elems: usize,
+    /// f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Timed all-reduces after the checks.
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    /// Seconds to wait for peers (distributed.timeout_s).
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+}
+
+fn main() {
+    mlm::logging::init();
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("mlm-comm-check: error: {}", mlm::logging::one_line(&e));
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let backend: Backend = serde_json::from_value(serde_json::Value::String(args.backend.clone()))
+        .map_err(|_| anyhow::anyhow!("--backend {:?}: expected auto, local, tcp, mpi or nccl", args.backend))?;
+    let (comm_dtype, kind) = match args.dtype.as_str() {
+        "f32" => (CommDtype::Fp32, Kind::Float),
+        "bf16" => (CommDtype::Bf16, Kind::BFloat16),
+        d => bail!("--dtype {d:?}: expected f32 or bf16"),
+    };
+    let (world, _) = mlm::dist::WorldInfo::from_env()?;
+    let device = match args.device.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(world.local_rank % (tch::Cuda::device_count().max(1) as usize)),
+        d => bail!("--device {d:?}: expected cpu or cuda"),
+    };
+    let cfg = DistributedConfig { backend, comm_dtype, timeout_s: args.timeout, ..Default::default() };
+    let mut comm = mlm::dist::init(&cfg, device)?;
+    let (rank, size) = (comm.rank(), comm.world_size());
+
+    // 1. Exact check: rank r holds (r + 1) * (i % 7 + 1); the sum is small integers.
+    let n = args.elems;
+    let pattern = (Tensor::arange(n as i64, (Kind::Int64, Device::Cpu)).remainder(7) + 1).to_kind(Kind::Float);
+    let mut t = (&pattern * (rank as f64 + 1.0)).to_kind(kind).to_device(device);
+    comm.all_reduce_sum(&mut t)?;
+    let factor = (size * (size + 1) / 2) as f64;
+    let want = (&pattern * factor).to_kind(kind).to_kind(Kind::Float);
+    let got = t.to_device(Device::Cpu).to_kind(Kind::Float);
+    let exact = n == 0 || got.equal(&want);
+
+    // 2. Same bits everywhere: sum random values, compare a hash from rank 0.
+    let mut r = Tensor::randn([n as i64], (Kind::Float, Device::Cpu)).to_kind(kind).to_device(device);
+    comm.all_reduce_sum(&mut r)?;
+    let hash = fnv1a(&Vec::<u8>::try_from(&r.to_device(Device::Cpu).flatten(0, -1).view_dtype(Kind::Uint8))?);
+    let mut root_hash = hash.to_le_bytes().to_vec();
+    comm.broadcast_bytes(0, &mut root_hash)?;
+    let identical = root_hash == hash.to_le_bytes();
+
+    // 3. Broadcast and barrier.
+    let mut msg = if rank == 0 { format!("hello from rank 0 of {size}").into_bytes() } else { Vec::new() };
+    comm.broadcast_bytes(0, &mut msg)?;
+    let broadcast_ok = msg == format!("hello from rank 0 of {size}").into_bytes();
+    comm.barrier()?;
+
+    // 4. Timing.
+    let start = Instant::now();
+    for _ in 0..args.iters {
+        comm.all_reduce_sum(&mut t)?;
+    }
+    let secs = start.elapsed().as_secs_f64() / args.iters.max(1) as f64;
+    let bytes = (n * t.kind().elt_size_in_bytes()) as f64;
+    let ok = exact && identical && broadcast_ok;
+    let line = serde_json::json!({
+        "rank": rank,
+        "world_size": size,
+        "backend": comm.name(),
+        "device": format!("{device:?}"),
+        "dtype": args.dtype,
+        "elems": n,
+        "exact_sum": exact,
+        "identical_on_all_ranks": identical,
+        "broadcast": broadcast_ok,
+        "result_hash": format!("{hash:016x}"),
+        "seconds_per_all_reduce": secs,
+        // Algorithm bandwidth (tensor bytes / time) and NCCL-style bus bandwidth.
+        "algbw_mb_s": bytes / secs / 1e6,
+        "busbw_mb_s": bytes / secs / 1e6 * 2.0 * (size as f64 - 1.0) / size as f64,
+        "ok": ok,
+    });
+    println!("{line}");
+    comm.barrier()?;
+    if !ok {
+        bail!("rank {rank}: check failed: exact sum {exact}, identical on all ranks {identical}, broadcast {broadcast_ok}");
+    }
+    Ok(())
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3))
+}

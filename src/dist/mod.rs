@@ -1,0 +1,277 @@
+//! Communication between the workers of one job.
+//!
+//! One small trait, [`Communicator`] (sum all-reduce of a tensor, broadcast of
+//! bytes, barrier), with a backend per transport:
+//!
+//! | backend | when `auto` picks it | tensors |
+//! |---|---|---|
+//! | [`local`] | one process | any (no-op) |
+//! | [`tcp`]   | `mlm-launch` CPU workers (`WORLD_SIZE` > 1) | CPU (CUDA is copied through the host) |
+//! | [`mpi`]   | started by `mpirun`/`srun`, CPU device | CPU (CUDA is copied through the host) |
+//! | [`nccl`]  | CUDA device, under `mlm-launch` (id over the tcp rendezvous) or `mpirun`/`srun` (id over MPI) | CUDA |
+//!
+//! The environment contract with `mlm-launch` (see `docs/cluster.md`): `RANK`,
+//! `WORLD_SIZE`, `LOCAL_RANK`, `MLM_MASTER_ADDR` (default `127.0.0.1`),
+//! `MLM_MASTER_PORT` and `MLM_JOB_TOKEN`. The NCCL unique id is not passed by
+//! the launcher (it cannot link NCCL): rank 0 makes it and broadcasts it over the
+//! bootstrap communicator (tcp under `mlm-launch`, MPI under `mpirun`/`srun`).
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::config::{Backend, DistributedConfig};
+
+pub mod local;
+pub mod mpi;
+pub mod nccl;
+pub mod tcp;
+pub(crate) mod tensor;
+
+pub use local::LocalComm;
+pub use tcp::TcpComm;
+
+/// Collective operations over the workers of one job.
+///
+/// Every rank must call the same operations in the same order with tensors of
+/// the same size and dtype; a backend reports a mismatch where it can see one.
+/// After an error the communicator is unusable: the job should stop.
+pub trait Communicator: Send {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// In-place sum over all ranks of a contiguous tensor (f32 or bf16; CPU for
+    /// tcp/mpi, CUDA for nccl). Every rank ends with the same bits.
+    fn all_reduce_sum(&mut self, t: &mut tch::Tensor) -> Result<()>;
+    /// Replaces `data` on every rank by `data` of rank `root`.
+    fn broadcast_bytes(&mut self, root: usize, data: &mut Vec<u8>) -> Result<()>;
+    /// Returns once every rank has entered the barrier.
+    fn barrier(&mut self) -> Result<()>;
+    /// The backend's name: "local", "tcp", "mpi" or "nccl".
+    fn name(&self) -> &'static str;
+}
+
+/// Where this process stands in the job, read from the environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorldInfo {
+    pub rank: usize,
+    pub world_size: usize,
+    /// Rank among the workers of this node: the CUDA device index to use when
+    /// the node's GPUs are all visible (mpirun/srun without per-task devices).
+    pub local_rank: usize,
+}
+
+/// Who started this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Launcher {
+    /// `mpirun` (Open MPI or MPICH/PMI) or `srun` with more than one task.
+    Mpi,
+    /// `mlm-launch` (or anything setting `WORLD_SIZE` > 1).
+    Env,
+    /// A single process.
+    Single,
+}
+
+impl WorldInfo {
+    /// A single process.
+    pub fn single() -> Self {
+        Self { rank: 0, world_size: 1, local_rank: 0 }
+    }
+
+    /// Reads rank, world size and local rank from the variables of `mpirun`
+    /// (Open MPI's `OMPI_COMM_WORLD_*`, MPICH's `PMI_*`), `srun` (`SLURM_*`) or
+    /// `mlm-launch` (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`), in that order, and
+    /// says which launcher it found. Nothing is initialised.
+    pub fn from_env() -> Result<(Self, Launcher)> {
+        Self::from_vars(&|k| std::env::var(k).ok())
+    }
+
+    fn from_vars(get: &dyn Fn(&str) -> Option<String>) -> Result<(Self, Launcher)> {
+        let num = |k: &str| -> Result<Option<usize>> {
+            match get(k) {
+                None => Ok(None),
+                Some(v) => v
+                    .trim()
+                    .parse::<usize>()
+                    .map(Some)
+                    .map_err(|_| anyhow::anyhow!("environment variable {k}={v:?} is not a non-negative integer")),
+            }
+        };
+        let triple = |r: &str, w: &str, l: &str| -> Result<Option<WorldInfo>> {
+            let Some(world_size) = num(w)? else { return Ok(None) };
+            let rank = num(r)?.with_context(|| format!("{w} is set but {r} is not"))?;
+            let local_rank = num(l)?.unwrap_or(0);
+            if world_size == 0 || rank >= world_size {
+                bail!("{r}={rank} is not below {w}={world_size}");
+            }
+            Ok(Some(WorldInfo { rank, world_size, local_rank }))
+        };
+        // mlm-launch's variables win: a launcher started inside a batch job
+        // inherits the job's SLURM_* variables, which describe the launcher.
+        if get("MLM_MASTER_PORT").is_some() {
+            if let Some(w) = triple("RANK", "WORLD_SIZE", "LOCAL_RANK")? {
+                if w.world_size > 1 {
+                    return Ok((w, Launcher::Env));
+                }
+            }
+        }
+        if let Some(w) = triple("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK")? {
+            return Ok((w, Launcher::Mpi));
+        }
+        if let Some(w) = triple("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID")? {
+            return Ok((w, Launcher::Mpi));
+        }
+        if num("SLURM_NTASKS")?.unwrap_or(0) > 1 && get("SLURM_PROCID").is_some() {
+            if let Some(w) = triple("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")? {
+                return Ok((w, Launcher::Mpi));
+            }
+        }
+        if let Some(w) = triple("RANK", "WORLD_SIZE", "LOCAL_RANK")? {
+            if w.world_size > 1 {
+                return Ok((w, Launcher::Env));
+            }
+        }
+        Ok((WorldInfo::single(), Launcher::Single))
+    }
+}
+
+/// The backend `auto` resolves to for this launcher and device.
+pub fn resolve_backend(requested: Backend, launcher: Launcher, device: tch::Device) -> Backend {
+    match requested {
+        Backend::Auto => match (launcher, device.is_cuda()) {
+            (Launcher::Single, _) => Backend::Local,
+            (Launcher::Mpi, false) => Backend::Mpi,
+            (Launcher::Env, false) => Backend::Tcp,
+            (_, true) => Backend::Nccl,
+        },
+        b => b,
+    }
+}
+
+/// Connects this worker to its peers with the configured backend (`auto`: see
+/// the module doc). Blocks until every rank has joined, or fails after
+/// `timeout_s` with an error naming this rank.
+pub fn init(cfg: &DistributedConfig, device: tch::Device) -> Result<Box<dyn Communicator>> {
+    let (world, launcher) = WorldInfo::from_env()?;
+    let backend = resolve_backend(cfg.backend, launcher, device);
+    let timeout = Duration::from_secs(cfg.timeout_s.max(1));
+    let rank = world.rank;
+    let comm: Box<dyn Communicator> = match backend {
+        Backend::Auto => unreachable!("resolved above"),
+        Backend::Local => {
+            if world.world_size > 1 {
+                bail!(
+                    "rank {rank}: distributed.backend = \"local\" but the job has {} workers; use auto, tcp, mpi or nccl",
+                    world.world_size
+                );
+            }
+            Box::new(LocalComm)
+        }
+        Backend::Tcp => Box::new(tcp_from_env(world, timeout)?),
+        Backend::Mpi => Box::new(mpi::MpiComm::init()?),
+        Backend::Nccl => {
+            let tch::Device::Cuda(index) = device else {
+                bail!("rank {rank}: distributed.backend = \"nccl\" needs a CUDA device (training.device)");
+            };
+            // Fail on a missing libnccl before any peer waits on us.
+            nccl::check_available().with_context(|| format!("rank {rank}"))?;
+            let bootstrap: Box<dyn Communicator> = match launcher {
+                Launcher::Mpi => Box::new(mpi::MpiComm::init()?),
+                Launcher::Env => Box::new(tcp_from_env(world, timeout)?),
+                Launcher::Single => Box::new(LocalComm),
+            };
+            Box::new(nccl::NcclComm::new(bootstrap, index)?)
+        }
+    };
+    tracing::info!(rank = comm.rank(), world_size = comm.world_size(), backend = comm.name(), "distributed");
+    Ok(comm)
+}
+
+/// The tcp ring from `mlm-launch`'s variables.
+fn tcp_from_env(world: WorldInfo, timeout: Duration) -> Result<TcpComm> {
+    let rank = world.rank;
+    let addr = std::env::var("MLM_MASTER_ADDR").unwrap_or_else(|_| "127.0.0.1".into());
+    let port = std::env::var("MLM_MASTER_PORT")
+        .map_err(|_| anyhow::anyhow!("rank {rank}: MLM_MASTER_PORT is not set (the tcp rendezvous port; mlm-launch sets it)"))?;
+    let port: u16 = port
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("rank {rank}: MLM_MASTER_PORT={port:?} is not a port number"))?;
+    let token = std::env::var("MLM_JOB_TOKEN").unwrap_or_default();
+    let rdv = tcp::Rendezvous { addr: format!("{addr}:{port}"), token, timeout };
+    TcpComm::connect(rank, world.world_size, &rdv)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: std::collections::HashMap<String, String> =
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k: &str| m.get(k).cloned()
+    }
+
+    #[test]
+    fn world_info_prefers_mpi_then_slurm_then_launcher() {
+        let (w, l) = WorldInfo::from_vars(&vars(&[
+            ("OMPI_COMM_WORLD_RANK", "1"),
+            ("OMPI_COMM_WORLD_SIZE", "2"),
+            ("OMPI_COMM_WORLD_LOCAL_RANK", "1"),
+            ("RANK", "0"),
+            ("WORLD_SIZE", "4"),
+        ]))
+        .unwrap();
+        assert_eq!((w, l), (WorldInfo { rank: 1, world_size: 2, local_rank: 1 }, Launcher::Mpi));
+        let (w, l) =
+            WorldInfo::from_vars(&vars(&[("SLURM_NTASKS", "8"), ("SLURM_PROCID", "5"), ("SLURM_LOCALID", "1")])).unwrap();
+        assert_eq!((w, l), (WorldInfo { rank: 5, world_size: 8, local_rank: 1 }, Launcher::Mpi));
+        // A one-task allocation is not a distributed job.
+        let (_, l) = WorldInfo::from_vars(&vars(&[("SLURM_NTASKS", "1"), ("SLURM_PROCID", "0")])).unwrap();
+        assert_eq!(l, Launcher::Single);
+        let (w, l) =
+            WorldInfo::from_vars(&vars(&[("RANK", "2"), ("WORLD_SIZE", "3"), ("LOCAL_RANK", "2")])).unwrap();
+        assert_eq!((w, l), (WorldInfo { rank: 2, world_size: 3, local_rank: 2 }, Launcher::Env));
+        // Workers of mlm-launch inside an sbatch allocation.
+        let (w, l) = WorldInfo::from_vars(&vars(&[
+            ("SLURM_NTASKS", "4"),
+            ("SLURM_PROCID", "0"),
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("MLM_MASTER_PORT", "1234"),
+        ]))
+        .unwrap();
+        assert_eq!((w.rank, l), (1, Launcher::Env));
+        let (_, l) = WorldInfo::from_vars(&vars(&[("RANK", "0"), ("WORLD_SIZE", "1")])).unwrap();
+        assert_eq!(l, Launcher::Single);
+    }
+
+    #[test]
+    fn world_info_errors_name_the_variable() {
+        let e = WorldInfo::from_vars(&vars(&[("RANK", "3"), ("WORLD_SIZE", "2")])).unwrap_err().to_string();
+        assert!(e.contains("RANK=3") && e.contains("WORLD_SIZE=2"), "{e}");
+        let e = WorldInfo::from_vars(&vars(&[("WORLD_SIZE", "x")])).unwrap_err().to_string();
+        assert!(e.contains("WORLD_SIZE"), "{e}");
+        let e = WorldInfo::from_vars(&vars(&[("WORLD_SIZE", "2")])).unwrap_err().to_string();
+        assert!(e.contains("RANK is not"), "{e}");
+    }
+
+    #[test]
+    fn auto_backend_follows_launcher_and_device() {
+        let cpu = tch::Device::Cpu;
+        let gpu = tch::Device::Cuda(0);
+        assert_eq!(resolve_backend(Backend::Auto, Launcher::Single, gpu), Backend::Local);
+        assert_eq!(resolve_backend(Backend::Auto, Launcher::Env, cpu), Backend::Tcp);
+        assert_eq!(resolve_backend(Backend::Auto, Launcher::Env, gpu), Backend::Nccl);
+        assert_eq!(resolve_backend(Backend::Auto, Launcher::Mpi, cpu), Backend::Mpi);
+        assert_eq!(resolve_backend(Backend::Auto, Launcher::Mpi, gpu), Backend::Nccl);
+        assert_eq!(resolve_backend(Backend::Tcp, Launcher::Mpi, gpu), Backend::Tcp);
+    }
+
+    #[test]
+    fn nccl_without_library_fails_clearly() {
+        if nccl::check_available().is_ok() {
+            return; // a machine with NCCL: nothing to check here
+        }
+        let e = nccl::check_available().unwrap_err().to_string();
+        assert!(e.contains("libnccl.so not found"), "{e}");
+    }
+}

@@ -1,0 +1,758 @@
+//! CPU collectives over a ring of TCP connections: the counterpart of NCCL for
+//! `mlm-launch --device cpu` jobs and tests.
+//!
+//! Set-up: rank 0 listens at the rendezvous (`MLM_MASTER_ADDR:MLM_MASTER_PORT`);
+//! every other rank opens its own ring listener, connects to the rendezvous and
+//! sends the job token, its rank and its listener's port. Once all ranks have
+//! joined, rank 0 tells each rank the address of its right neighbour (rank + 1);
+//! each rank connects to it (again with the token) and accepts its left
+//! neighbour. A connection with a wrong token is logged and refused, so a stray
+//! process (or a worker of another job) cannot join.
+//!
+//! All-reduce is the bandwidth-optimal ring: a reduce-scatter (chunk `c` is summed
+//! in ring order starting at rank `c`, in f32, and ends complete on rank `c - 1`),
+//! then an all-gather that passes the finished chunks on unchanged, so every rank
+//! ends with the same bits. bf16 tensors are summed in f32 (partial sums travel
+//! as f32) and rounded once by the chunk's owner; the all-gather sends bf16.
+//! Chunks travel in segments of [`SEGMENT_ELEMS`], each forwarded as soon as it
+//! is reduced, and a writer thread sends while the caller's thread receives.
+//!
+//! Every frame carries its collective and length, so ranks that disagree on the
+//! operation or the tensor size fail with an error instead of mixing data. A
+//! silent peer fails the wait after `timeout`; a rank that fails sends an abort
+//! frame naming the cause to its right neighbour, which passes it on, so every
+//! rank reports the rank that died.
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+
+use super::tensor::{self, bf16_to_f32, f32_to_bf16, Elem};
+use super::Communicator;
+
+/// Elements per frame of the all-reduce (1 MiB of f32).
+pub const SEGMENT_ELEMS: usize = 1 << 18;
+/// How often a blocked receive checks the writer and the deadline.
+const POLL: Duration = Duration::from_millis(100);
+const MAX_STR: usize = 4096;
+
+const K_REDUCE: u8 = 1;
+const K_GATHER: u8 = 2;
+const K_BCAST: u8 = 3;
+const K_BARRIER: u8 = 4;
+const K_ABORT: u8 = 5;
+const HEADER: usize = 9;
+
+fn kind_name(k: u8) -> &'static str {
+    match k {
+        K_REDUCE | K_GATHER => "all_reduce_sum",
+        K_BCAST => "broadcast_bytes",
+        K_BARRIER => "barrier",
+        K_ABORT => "abort",
+        _ => "unknown",
+    }
+}
+
+/// Where and how the ranks meet.
+#[derive(Debug, Clone)]
+pub struct Rendezvous {
+    /// `host:port` where rank 0 listens.
+    pub addr: String,
+    /// Secret shared by the ranks of one job (`MLM_JOB_TOKEN`).
+    pub token: String,
+    /// How long to wait for peers (`distributed.timeout_s`).
+    pub timeout: Duration,
+}
+
+/// One rank of a tcp ring.
+pub struct TcpComm {
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+    /// Receives from rank - 1; `None` at world size 1.
+    left: Option<TcpStream>,
+    writer: Option<Writer>,
+    /// The first error: every later call returns it.
+    failed: Option<String>,
+    tmp_f32: Vec<f32>,
+    tmp_u16: Vec<u16>,
+}
+
+impl TcpComm {
+    /// Joins the ring: rank 0 listens at `rdv.addr`, the others connect to it.
+    pub fn connect(rank: usize, world: usize, rdv: &Rendezvous) -> Result<Self> {
+        if world == 0 || rank >= world {
+            bail!("rank {rank}: not below the world size {world}");
+        }
+        if world == 1 {
+            return Ok(Self::single(rdv.timeout));
+        }
+        if rank == 0 {
+            let addrs: Vec<SocketAddr> = rdv
+                .addr
+                .to_socket_addrs()
+                .map_err(|e| anyhow!("rank 0: cannot resolve the rendezvous address {} (MLM_MASTER_ADDR): {e}", rdv.addr))?
+                .collect();
+            let listener = TcpListener::bind(&addrs[..]).map_err(|e| {
+                anyhow!("rank 0: cannot listen at {} (MLM_MASTER_ADDR:MLM_MASTER_PORT): {e}", rdv.addr)
+            })?;
+            return Self::host(listener, world, &rdv.token, rdv.timeout);
+        }
+        Self::join(rank, world, rdv)
+    }
+
+    /// Rank 0 on an already bound rendezvous listener (tests bind port 0).
+    pub fn host(listener: TcpListener, world: usize, token: &str, timeout: Duration) -> Result<Self> {
+        if world == 1 {
+            return Ok(Self::single(timeout));
+        }
+        let deadline = Instant::now() + timeout;
+        let here = listener.local_addr()?;
+        let ring = TcpListener::bind((here.ip(), 0)).map_err(|e| anyhow!("rank 0: cannot open the ring listener: {e}"))?;
+        let ring_port = ring.local_addr()?.port();
+        let mut joined = gather_hellos(listener, world, token, deadline, timeout)?;
+        // Ring addresses as each rank's predecessor can reach them.
+        let mut addr: Vec<SocketAddr> = vec![SocketAddr::new(here.ip(), ring_port); world];
+        for (r, j) in joined.iter().enumerate().skip(1) {
+            let j = j.as_ref().expect("all joined");
+            addr[r] = SocketAddr::new(j.peer.ip(), j.port);
+        }
+        if here.ip().is_unspecified() {
+            let last = joined[world - 1].as_ref().expect("all joined");
+            addr[0] = SocketAddr::new(last.stream.local_addr()?.ip(), ring_port);
+        }
+        for (r, j) in joined.iter_mut().enumerate().skip(1) {
+            let j = j.as_mut().expect("all joined");
+            let right = addr[(r + 1) % world].to_string();
+            let mut msg = vec![0u8];
+            put_str(&mut msg, &right);
+            j.stream
+                .write_all(&msg)
+                .map_err(|e| anyhow!("rank 0: cannot answer rank {r} at the rendezvous: {e}"))?;
+        }
+        drop(joined);
+        Self::link(0, world, addr[1], ring, token, deadline, timeout)
+    }
+
+    /// Ranks 1..world: connect to the rendezvous, learn the right neighbour.
+    fn join(rank: usize, world: usize, rdv: &Rendezvous) -> Result<Self> {
+        let deadline = Instant::now() + rdv.timeout;
+        let mut master = connect_retry(&rdv.addr, deadline).map_err(|e| {
+            anyhow!(
+                "rank {rank}: cannot reach rank 0's rendezvous at {} (MLM_MASTER_ADDR:MLM_MASTER_PORT) within {} s: {e}",
+                rdv.addr,
+                rdv.timeout.as_secs()
+            )
+        })?;
+        let me = master.local_addr()?;
+        let ring = TcpListener::bind((me.ip(), 0)).map_err(|e| anyhow!("rank {rank}: cannot open the ring listener: {e}"))?;
+        let mut hello = b"MLMR".to_vec();
+        put_str(&mut hello, &rdv.token);
+        hello.extend_from_slice(&(rank as u32).to_le_bytes());
+        hello.extend_from_slice(&(world as u32).to_le_bytes());
+        hello.extend_from_slice(&ring.local_addr()?.port().to_le_bytes());
+        master.write_all(&hello).map_err(|e| anyhow!("rank {rank}: cannot send to the rendezvous: {e}"))?;
+        // Rank 0 answers once every rank has joined.
+        master.set_read_timeout(Some(remaining(deadline)))?;
+        let answer = (|| -> std::io::Result<(u8, String)> {
+            let mut status = [0u8];
+            master.read_exact(&mut status)?;
+            Ok((status[0], get_str(&mut master)?))
+        })();
+        let (status, text) = answer.map_err(|e| {
+            anyhow!(
+                "rank {rank}: no answer from rank 0's rendezvous at {} within {} s ({e}); did every rank start, with the same MLM_JOB_TOKEN?",
+                rdv.addr,
+                rdv.timeout.as_secs()
+            )
+        })?;
+        if status != 0 {
+            bail!("rank {rank}: rank 0 refused to join: {text}");
+        }
+        let right: SocketAddr = text.parse().map_err(|_| anyhow!("rank {rank}: bad neighbour address {text:?} from rank 0"))?;
+        drop(master);
+        Self::link(rank, world, right, ring, &rdv.token, deadline, rdv.timeout)
+    }
+
+    /// Connects to the right neighbour and accepts the left one.
+    fn link(
+        rank: usize,
+        world: usize,
+        right_addr: SocketAddr,
+        ring: TcpListener,
+        token: &str,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let right_rank = (rank + 1) % world;
+        let left_rank = (rank + world - 1) % world;
+        let mut right = connect_retry(&right_addr.to_string(), deadline)
+            .map_err(|e| anyhow!("rank {rank}: cannot connect to rank {right_rank} at {right_addr}: {e}"))?;
+        let mut hello = b"MLMP".to_vec();
+        put_str(&mut hello, token);
+        hello.extend_from_slice(&(rank as u32).to_le_bytes());
+        right.write_all(&hello).map_err(|e| anyhow!("rank {rank}: cannot send to rank {right_rank}: {e}"))?;
+        ring.set_nonblocking(true)?;
+        let left = loop {
+            match ring.accept() {
+                Ok((mut s, peer)) => {
+                    s.set_nonblocking(false)?;
+                    s.set_read_timeout(Some(remaining(deadline).min(Duration::from_secs(10))))?;
+                    let check = (|| -> std::io::Result<(String, u32)> {
+                        let mut magic = [0u8; 4];
+                        s.read_exact(&mut magic)?;
+                        if &magic != b"MLMP" {
+                            return Err(std::io::Error::new(ErrorKind::InvalidData, "not an mlm peer"));
+                        }
+                        let t = get_str(&mut s)?;
+                        let mut r = [0u8; 4];
+                        s.read_exact(&mut r)?;
+                        Ok((t, u32::from_le_bytes(r)))
+                    })();
+                    match check {
+                        Ok((t, r)) if t == token && r as usize == left_rank => break s,
+                        Ok((t, r)) if t == token => {
+                            tracing::warn!("rank {rank}: refused a ring connection from {peer} claiming rank {r} (expected rank {left_rank})")
+                        }
+                        Ok(_) => tracing::warn!("rank {rank}: refused a ring connection from {peer}: wrong job token"),
+                        Err(e) => tracing::warn!("rank {rank}: refused a ring connection from {peer}: {e}"),
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        bail!(
+                            "rank {rank}: rank {left_rank} did not connect within {} s (distributed.timeout_s)",
+                            timeout.as_secs()
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => bail!("rank {rank}: ring listener failed: {e}"),
+            }
+        };
+        left.set_read_timeout(Some(POLL))?;
+        left.set_nodelay(true)?;
+        right.set_nodelay(true)?;
+        right.set_write_timeout(Some(timeout))?;
+        Ok(Self {
+            rank,
+            world,
+            timeout,
+            left: Some(left),
+            writer: Some(Writer::spawn(right, rank, right_rank)),
+            failed: None,
+            tmp_f32: Vec::new(),
+            tmp_u16: Vec::new(),
+        })
+    }
+
+    fn single(timeout: Duration) -> Self {
+        Self { rank: 0, world: 1, timeout, left: None, writer: None, failed: None, tmp_f32: Vec::new(), tmp_u16: Vec::new() }
+    }
+
+    fn left_rank(&self) -> usize {
+        (self.rank + self.world - 1) % self.world
+    }
+
+    /// Runs one collective; on error poisons the ring and tells the right neighbour.
+    fn guarded<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        if let Some(e) = &self.failed {
+            bail!("{e} (an earlier collective failed)");
+        }
+        let out = f(self);
+        if let Err(e) = &out {
+            let msg = format!("{e:#}");
+            self.failed = Some(msg.clone());
+            if let Some(w) = &self.writer {
+                let _ = w.send(K_ABORT, msg.as_bytes());
+            }
+            if let Some(l) = &self.left {
+                let _ = l.shutdown(Shutdown::Read);
+            }
+        }
+        out
+    }
+
+    fn send(&mut self, kind: u8, bytes: &[u8]) -> Result<()> {
+        let w = self.writer.as_ref().expect("world > 1");
+        w.send(kind, bytes).map_err(|e| anyhow!("rank {}: {e}", self.rank))
+    }
+
+    /// Reads one frame's header; fails on an abort or a different collective.
+    fn recv_header(&mut self, kind: u8) -> Result<usize> {
+        let mut h = [0u8; HEADER];
+        self.read_full(&mut h)?;
+        let len = u64::from_le_bytes(h[1..].try_into().expect("8 bytes")) as usize;
+        if h[0] == K_ABORT {
+            let mut text = vec![0u8; len.min(MAX_STR)];
+            self.read_full(&mut text)?;
+            bail!("rank {}: stopping because {}", self.rank, String::from_utf8_lossy(&text));
+        }
+        if h[0] != kind {
+            bail!(
+                "rank {}: expected {} but rank {} sent {}: the ranks called different collectives",
+                self.rank,
+                kind_name(kind),
+                self.left_rank(),
+                kind_name(h[0])
+            );
+        }
+        Ok(len)
+    }
+
+    /// Receives a frame of exactly `buf.len()` bytes.
+    fn recv_exact(&mut self, kind: u8, buf: &mut [u8]) -> Result<()> {
+        let len = self.recv_header(kind)?;
+        if len != buf.len() {
+            bail!(
+                "rank {}: rank {} sent {len} bytes of {} where {} were expected: the ranks passed tensors of different sizes or dtypes",
+                self.rank,
+                self.left_rank(),
+                kind_name(kind),
+                buf.len()
+            );
+        }
+        self.read_full(buf)
+    }
+
+    /// Reads `buf.len()` bytes from the left neighbour, checking the writer's
+    /// health and the deadline while it waits.
+    fn read_full(&mut self, buf: &mut [u8]) -> Result<()> {
+        let (rank, left_rank) = (self.rank, self.left_rank());
+        let stream = self.left.as_mut().expect("world > 1");
+        let writer = self.writer.as_ref().expect("world > 1");
+        let mut done = 0;
+        let mut last = Instant::now();
+        while done < buf.len() {
+            match stream.read(&mut buf[done..]) {
+                Ok(0) => bail!("rank {rank}: rank {left_rank} closed the connection (it exited or crashed)"),
+                Ok(n) => {
+                    done += n;
+                    last = Instant::now();
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {
+                    if let Some(err) = writer.error() {
+                        bail!("rank {rank}: {err}");
+                    }
+                    if last.elapsed() >= self.timeout {
+                        bail!(
+                            "rank {rank}: no data from rank {left_rank} for {} s (distributed.timeout_s); is it alive?",
+                            self.timeout.as_secs()
+                        );
+                    }
+                }
+                Err(e) => bail!("rank {rank}: connection from rank {left_rank} failed: {e}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// The ring all-reduce on f32 values; `gather_bf16` rounds the sums to bf16
+    /// and sends bf16 in the all-gather.
+    fn ring_all_reduce(&mut self, work: &mut [f32], gather_bf16: bool) -> Result<()> {
+        let (n, w, r) = (work.len(), self.world, self.rank);
+        let chunk = |c: usize| (c * n / w)..((c + 1) * n / w);
+        let segments = |c: usize| {
+            let range = chunk(c);
+            (range.start..range.end).step_by(SEGMENT_ELEMS).map(move |s| s..(s + SEGMENT_ELEMS).min(range.end))
+        };
+        let mut tmp = std::mem::take(&mut self.tmp_f32);
+        let mut tmp16 = std::mem::take(&mut self.tmp_u16);
+        let result = (|| -> Result<()> {
+            for seg in segments(r) {
+                self.send(K_REDUCE, as_bytes(&work[seg]))?;
+            }
+            // Reduce-scatter: step s receives chunk r - s - 1, adds this rank's values.
+            for s in 0..w - 1 {
+                let c = (r + 2 * w - s - 1) % w;
+                for seg in segments(c) {
+                    tmp.resize(seg.len(), 0.0);
+                    self.recv_exact(K_REDUCE, as_bytes_mut(&mut tmp))?;
+                    let mine = &mut work[seg];
+                    for (m, t) in mine.iter_mut().zip(&tmp) {
+                        *m += *t;
+                    }
+                    if s < w - 2 {
+                        self.send(K_REDUCE, as_bytes(mine))?;
+                    } else if gather_bf16 {
+                        // This rank owns chunk c: round once, send bf16.
+                        tmp16.clear();
+                        tmp16.extend(mine.iter_mut().map(|m| {
+                            let b = f32_to_bf16(*m);
+                            *m = bf16_to_f32(b);
+                            b
+                        }));
+                        self.send(K_GATHER, as_bytes(&tmp16))?;
+                    } else {
+                        self.send(K_GATHER, as_bytes(mine))?;
+                    }
+                }
+            }
+            // All-gather: step s receives finished chunk r - s and passes it on.
+            for s in 0..w - 1 {
+                let c = (r + w - s) % w;
+                for seg in segments(c) {
+                    let len = seg.len();
+                    if gather_bf16 {
+                        tmp16.resize(len, 0);
+                        self.recv_exact(K_GATHER, as_bytes_mut(&mut tmp16))?;
+                        for (m, b) in work[seg].iter_mut().zip(&tmp16) {
+                            *m = bf16_to_f32(*b);
+                        }
+                        if s < w - 2 {
+                            self.send(K_GATHER, as_bytes(&tmp16))?;
+                        }
+                    } else {
+                        self.recv_exact(K_GATHER, as_bytes_mut(&mut work[seg.clone()]))?;
+                        if s < w - 2 {
+                            self.send(K_GATHER, as_bytes(&work[seg]))?;
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })();
+        self.tmp_f32 = tmp;
+        self.tmp_u16 = tmp16;
+        result
+    }
+}
+
+impl Communicator for TcpComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_sum(&mut self, t: &mut tch::Tensor) -> Result<()> {
+        let elem = Elem::of(t, self.rank)?;
+        if self.world == 1 {
+            return Ok(());
+        }
+        let rank = self.rank;
+        tensor::on_host(t, rank, |host| {
+            self.guarded(|me| match elem {
+                Elem::F32 => {
+                    // SAFETY: `host` is a contiguous CPU f32 tensor not otherwise viewed here.
+                    let data = unsafe { tensor::f32_slice(host) };
+                    me.ring_all_reduce(data, false)
+                }
+                Elem::Bf16 => {
+                    // libtorch converts (vectorised); the sums come back already
+                    // rounded to bf16 values, so the final conversion is exact.
+                    let mut work = host.to_kind(tch::Kind::Float);
+                    // SAFETY: `work` is a fresh contiguous CPU f32 tensor.
+                    me.ring_all_reduce(unsafe { tensor::f32_slice(&mut work) }, true)?;
+                    host.copy_(&work);
+                    Ok(())
+                }
+            })
+        })
+    }
+
+    fn broadcast_bytes(&mut self, root: usize, data: &mut Vec<u8>) -> Result<()> {
+        if root >= self.world {
+            bail!("rank {}: broadcast from rank {root} in a job of {} workers", self.rank, self.world);
+        }
+        if self.world == 1 {
+            return Ok(());
+        }
+        self.guarded(|me| {
+            if me.rank == root {
+                return me.send(K_BCAST, data);
+            }
+            let len = me.recv_header(K_BCAST)?;
+            data.resize(len, 0);
+            me.read_full(data)?;
+            if (me.rank + 1) % me.world != root {
+                me.send(K_BCAST, data)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn barrier(&mut self) -> Result<()> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        // Two laps of an empty frame: the first proves every rank arrived, the
+        // second releases them.
+        self.guarded(|me| {
+            if me.rank == 0 {
+                me.send(K_BARRIER, &[])?;
+                me.recv_exact(K_BARRIER, &mut [])?;
+                me.send(K_BARRIER, &[])
+            } else {
+                me.recv_exact(K_BARRIER, &mut [])?;
+                me.send(K_BARRIER, &[])?;
+                me.recv_exact(K_BARRIER, &mut [])?;
+                if me.rank + 1 < me.world {
+                    me.send(K_BARRIER, &[])?;
+                }
+                Ok(())
+            }
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+}
+
+impl Drop for TcpComm {
+    fn drop(&mut self) {
+        if let Some(w) = self.writer.take() {
+            // Let the last frames reach the neighbour, unless the ring is broken.
+            w.finish(self.failed.is_none());
+        }
+    }
+}
+
+/// Sends frames to the right neighbour on its own thread, so that a rank
+/// sends and receives at once (the ring never deadlocks on full socket buffers).
+struct Writer {
+    tx: Option<mpsc::Sender<Vec<u8>>>,
+    pool: mpsc::Receiver<Vec<u8>>,
+    error: Arc<Mutex<Option<String>>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    fn spawn(mut stream: TcpStream, rank: usize, right_rank: usize) -> Self {
+        let (tx, rx) = mpsc::channel::<Vec<u8>>();
+        let (pool_tx, pool) = mpsc::channel();
+        let error = Arc::new(Mutex::new(None));
+        let err = error.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("mlm-tcp-send-{rank}"))
+            .spawn(move || {
+                for frame in rx {
+                    if let Err(e) = stream.write_all(&frame) {
+                        let why = match e.kind() {
+                            ErrorKind::WouldBlock | ErrorKind::TimedOut => {
+                                format!("rank {right_rank} stopped reading (send timed out; distributed.timeout_s)")
+                            }
+                            _ => format!("cannot send to rank {right_rank} (it exited or crashed): {e}"),
+                        };
+                        *err.lock().expect("writer error lock") = Some(why);
+                        return;
+                    }
+                    let _ = pool_tx.send(frame);
+                }
+                let _ = stream.flush();
+            })
+            .expect("spawn the tcp writer thread");
+        Self { tx: Some(tx), pool, error, handle: Some(handle) }
+    }
+
+    fn error(&self) -> Option<String> {
+        self.error.lock().expect("writer error lock").clone()
+    }
+
+    fn send(&self, kind: u8, payload: &[u8]) -> std::result::Result<(), String> {
+        if let Some(e) = self.error() {
+            return Err(e);
+        }
+        let mut frame = self.pool.try_recv().unwrap_or_default();
+        frame.clear();
+        frame.reserve(HEADER + payload.len());
+        frame.push(kind);
+        frame.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        frame.extend_from_slice(payload);
+        let tx = self.tx.as_ref().expect("writer open");
+        tx.send(frame).map_err(|_| self.error().unwrap_or_else(|| "the sending thread stopped".into()))
+    }
+
+    fn finish(mut self, wait: bool) {
+        self.tx.take();
+        if let Some(h) = self.handle.take() {
+            if wait {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+struct Joined {
+    stream: TcpStream,
+    peer: SocketAddr,
+    port: u16,
+}
+
+struct Hello {
+    token: String,
+    rank: u32,
+    world: u32,
+    port: u16,
+}
+
+/// Rank 0: waits until ranks 1..world have said hello with the right token.
+fn gather_hellos(
+    listener: TcpListener,
+    world: usize,
+    token: &str,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Vec<Option<Joined>>> {
+    let (tx, rx) = mpsc::channel::<(TcpStream, SocketAddr, std::io::Result<Hello>)>();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    listener.set_nonblocking(true)?;
+    let acceptor = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, peer)) => {
+                        let tx = tx.clone();
+                        // One thread per connection: a silent stray cannot stall the others.
+                        std::thread::spawn(move || {
+                            let mut s = s;
+                            let hello = read_hello(&mut s);
+                            let _ = tx.send((s, peer, hello));
+                        });
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        })
+    };
+    let mut joined: Vec<Option<Joined>> = (0..world).map(|_| None).collect();
+    let mut count = 1;
+    let result = loop {
+        if count == world {
+            break Ok(());
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok((mut stream, peer, hello)) = rx.recv_timeout(left) else {
+            let missing: Vec<String> =
+                (1..world).filter(|r| joined[*r].is_none()).map(|r| r.to_string()).collect();
+            break Err(anyhow!(
+                "rank 0: {count} of {world} ranks joined the rendezvous within {} s (distributed.timeout_s); missing ranks: {}",
+                timeout.as_secs(),
+                missing.join(", ")
+            ));
+        };
+        let h = match hello {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!("rank 0: refused a rendezvous connection from {peer}: {e}");
+                continue;
+            }
+        };
+        if h.token != token {
+            tracing::warn!("rank 0: refused a rendezvous connection from {peer}: wrong job token (MLM_JOB_TOKEN)");
+            continue;
+        }
+        let refuse = |stream: &mut TcpStream, why: &str| {
+            let mut msg = vec![1u8];
+            put_str(&mut msg, why);
+            let _ = stream.write_all(&msg);
+        };
+        if h.world as usize != world {
+            let why = format!("rank {} says WORLD_SIZE={} but rank 0 has {world}", h.rank, h.world);
+            refuse(&mut stream, &why);
+            break Err(anyhow!("rank 0: {why}"));
+        }
+        let r = h.rank as usize;
+        if r == 0 || r >= world || joined[r].is_some() {
+            let why = format!("rank {r} joined twice or is out of range (world size {world})");
+            refuse(&mut stream, &why);
+            break Err(anyhow!("rank 0: {why}"));
+        }
+        stream.set_nonblocking(false)?;
+        joined[r] = Some(Joined { stream, peer, port: h.port });
+        count += 1;
+    };
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = acceptor.join();
+    result.map(|_| joined)
+}
+
+fn read_hello(s: &mut TcpStream) -> std::io::Result<Hello> {
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut magic = [0u8; 4];
+    s.read_exact(&mut magic)?;
+    if &magic != b"MLMR" {
+        return Err(std::io::Error::new(ErrorKind::InvalidData, "not an mlm worker"));
+    }
+    let token = get_str(s)?;
+    let mut b = [0u8; 10];
+    s.read_exact(&mut b)?;
+    Ok(Hello {
+        token,
+        rank: u32::from_le_bytes(b[0..4].try_into().expect("4")),
+        world: u32::from_le_bytes(b[4..8].try_into().expect("4")),
+        port: u16::from_le_bytes(b[8..10].try_into().expect("2")),
+    })
+}
+
+fn connect_retry(addr: &str, deadline: Instant) -> std::io::Result<TcpStream> {
+    loop {
+        let err = match addr.to_socket_addrs() {
+            Ok(addrs) => {
+                let mut last = std::io::Error::new(ErrorKind::NotFound, "no address");
+                for a in addrs {
+                    match TcpStream::connect_timeout(&a, remaining(deadline).max(Duration::from_millis(10))) {
+                        Ok(s) => return Ok(s),
+                        Err(e) => last = e,
+                    }
+                }
+                last
+            }
+            Err(e) => e,
+        };
+        if Instant::now() >= deadline {
+            return Err(err);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn remaining(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))
+}
+
+fn put_str(buf: &mut Vec<u8>, s: &str) {
+    let b = &s.as_bytes()[..s.len().min(MAX_STR)];
+    buf.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    buf.extend_from_slice(b);
+}
+
+fn get_str(s: &mut impl Read) -> std::io::Result<String> {
+    let mut n = [0u8; 4];
+    s.read_exact(&mut n)?;
+    let n = u32::from_le_bytes(n) as usize;
+    if n > MAX_STR {
+        return Err(std::io::Error::new(ErrorKind::InvalidData, "string too long"));
+    }
+    let mut b = vec![0u8; n];
+    s.read_exact(&mut b)?;
+    String::from_utf8(b).map_err(|_| std::io::Error::new(ErrorKind::InvalidData, "not UTF-8"))
+}
+
+/// Plain-old-data element types sent as raw little-endian bytes.
+trait Pod: Copy {}
+impl Pod for f32 {}
+impl Pod for u16 {}
+
+fn as_bytes<T: Pod>(v: &[T]) -> &[u8] {
+    // SAFETY: f32/u16 have no padding and every byte pattern is a valid u8.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+fn as_bytes_mut<T: Pod>(v: &mut [T]) -> &mut [u8] {
+    // SAFETY: every byte pattern is a valid f32/u16, and the length is exact.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }
+}
+
+#[cfg(test)]
+#[path = "tcp_tests.rs"]
+mod tests;

@@ -1,0 +1,146 @@
+//! Where a step's time goes, and the model FLOPs utilisation.
+//!
+//! Phases are timed with wall clocks. On a GPU the kernels run asynchronously,
+//! so the device is synchronised at phase boundaries, but only on the steps
+//! that get logged: the other steps run without host syncs.
+use std::time::Instant;
+
+use serde_json::{json, Value};
+use tch::Device;
+
+use crate::model::MaskedLm;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for the masker threads.
+    Data,
+    Forward,
+    Backward,
+    /// Gradient all-reduce between workers.
+    Sync,
+    /// Clipping, AdamW, the bf16 copy of the weights.
+    Optimizer,
+}
+
+const PHASES: [Phase; 5] = [Phase::Data, Phase::Forward, Phase::Backward, Phase::Sync, Phase::Optimizer];
+
+/// Seconds spent per phase over a logging window.
+pub struct StepTimer {
+    device: Device,
+    /// Synchronise the device at phase boundaries (GPU, logged steps only).
+    pub exact: bool,
+    totals: [f64; 5],
+    steps: usize,
+    mark: Instant,
+}
+
+impl StepTimer {
+    pub fn new(device: Device) -> Self {
+        Self { device, exact: false, totals: [0.0; 5], steps: 0, mark: Instant::now() }
+    }
+
+    /// Starts timing a phase (ends the previous one).
+    pub fn start(&mut self) {
+        self.sync();
+        self.mark = Instant::now();
+    }
+
+    /// Ends `phase`, adding its time, and starts the next one.
+    pub fn end(&mut self, phase: Phase) {
+        self.sync();
+        let i = PHASES.iter().position(|&p| p == phase).expect("phase");
+        self.totals[i] += self.mark.elapsed().as_secs_f64();
+        self.mark = Instant::now();
+    }
+
+    pub fn step_done(&mut self) {
+        self.steps += 1;
+    }
+
+    fn sync(&self) {
+        if self.exact {
+            if let Device::Cuda(i) = self.device {
+                tch::Cuda::synchronize(i as i64);
+            }
+        }
+    }
+
+    /// Mean seconds per step of each phase since the last report, as metrics
+    /// fields (`time_data_s`, ...), then starts a new window.
+    pub fn report(&mut self) -> Value {
+        let n = self.steps.max(1) as f64;
+        let t = self.totals.map(|x| x / n);
+        let total: f64 = t.iter().sum();
+        self.totals = [0.0; 5];
+        self.steps = 0;
+        json!({
+            "time_data_s": t[0], "time_forward_s": t[1], "time_backward_s": t[2],
+            "time_sync_s": t[3], "time_optimizer_s": t[4],
+            "data_wait_fraction": if total > 0.0 { t[0] / total } else { 0.0 },
+        })
+    }
+}
+
+/// Training FLOPs of one step: 6 x (non-embedding parameters) per token for
+/// the matmuls, 12 x layers x hidden x sequence per token for attention
+/// (PaLM, appendix B), and 6 x hidden x vocabulary per token that goes through
+/// the vocabulary projection (only the masked ones with the sparse head).
+pub fn train_flops(model: &MaskedLm, tokens: f64, projected_tokens: f64, seq: f64) -> f64 {
+    let c = &model.config_json;
+    let get = |keys: &[&str]| keys.iter().find_map(|k| c.get(*k).and_then(Value::as_f64)).unwrap_or(0.0);
+    let layers = get(&["num_hidden_layers", "n_layers"]);
+    let hidden = model.hidden_size() as f64;
+    let vocab = model.vocab_size() as f64;
+    let positions = get(&["max_position_embeddings"]);
+    let embedding = (vocab + positions + get(&["type_vocab_size"])) * get(&["embedding_size"]).max(hidden);
+    let dense = (model.num_parameters() as f64 - embedding).max(0.0);
+    tokens * (6.0 * dense + 12.0 * layers * hidden * seq) + projected_tokens * 6.0 * hidden * vocab
+}
+
+/// Measured peak matmul throughput of `device` in TFLOP/s for `kind`
+/// (`mlm bench-peak`): the best of a few large square matmuls.
+pub fn measure_peak_tflops(device: Device, kind: tch::Kind, n: i64, reps: usize) -> f64 {
+    let a = tch::Tensor::randn([n, n], (kind, device));
+    let b = tch::Tensor::randn([n, n], (kind, device));
+    let sync = || {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    let _ = a.matmul(&b);
+    sync();
+    let mut best = f64::MAX;
+    for _ in 0..reps {
+        let t = Instant::now();
+        let _ = a.matmul(&b);
+        sync();
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    2.0 * (n as f64).powi(3) / best / 1e12
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_add_up_per_step() {
+        let mut t = StepTimer::new(Device::Cpu);
+        for _ in 0..2 {
+            t.start();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            t.end(Phase::Data);
+            t.end(Phase::Forward);
+            t.step_done();
+        }
+        let r = t.report();
+        assert!(r["time_data_s"].as_f64().unwrap() >= 0.004);
+        assert!(r["data_wait_fraction"].as_f64().unwrap() > 0.5);
+        assert_eq!(t.report()["time_data_s"], 0.0);
+    }
+
+    #[test]
+    fn peak_measurement_is_positive() {
+        assert!(measure_peak_tflops(Device::Cpu, tch::Kind::Float, 128, 2) > 0.0);
+    }
+}
