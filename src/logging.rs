@@ -3,13 +3,23 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
-/// Human-readable logs on stderr; `RUST_LOG` filters (default: info).
+/// Human-readable logs on stderr; `RUST_LOG` filters (default: info on the
+/// first worker, warnings only on the others, whose progress is the same).
 pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let default = if worker_rank() > 0 { "warn" } else { "info" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
+}
+
+/// This process's rank as set by mlm-launch, mpirun or srun (0 when alone).
+fn worker_rank() -> usize {
+    ["RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// An error and its causes on one line. libtorch's messages carry a C++ stack

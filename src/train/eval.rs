@@ -17,6 +17,15 @@ pub struct EvalResult {
     pub perplexity: f64,
     /// Masked tokens scored.
     pub tokens: usize,
+    /// Sum of the cross-entropy over those tokens (to combine workers' shares).
+    pub loss_sum: f64,
+}
+
+impl EvalResult {
+    pub fn from_sums(loss_sum: f64, tokens: usize) -> Self {
+        let loss = if tokens > 0 { loss_sum / tokens as f64 } else { f64::NAN };
+        Self { loss, perplexity: loss.exp(), tokens, loss_sum }
+    }
 }
 
 /// Scores `batches` (fixed masks) with `model` in eval mode.
@@ -33,6 +42,5 @@ pub fn evaluate(model: &MaskedLm, batches: &[Batch], device: Device) -> EvalResu
             tokens += db.n_masked;
         }
     });
-    let loss = if tokens > 0 { sum / tokens as f64 } else { f64::NAN };
-    EvalResult { loss, perplexity: loss.exp(), tokens }
+    EvalResult::from_sums(sum, tokens)
 }

@@ -8,7 +8,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 /// Appends one JSON object per line to the metrics file.
 pub struct Metrics {
-    file: File,
+    /// `None` on workers other than rank 0, which write nothing.
+    file: Option<File>,
 }
 
 impl Metrics {
@@ -18,11 +19,18 @@ impl Metrics {
             .append(true)
             .open(path)
             .with_context(|| format!("cannot open metrics file {}", path.display()))?;
-        Ok(Self { file })
+        Ok(Self { file: Some(file) })
+    }
+
+    pub fn disabled() -> Self {
+        Self { file: None }
     }
 
     pub fn write(&mut self, record: &serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{record}").context("cannot write metrics")
+        match &mut self.file {
+            Some(f) => writeln!(f, "{record}").context("cannot write metrics"),
+            None => Ok(()),
+        }
     }
 }
 

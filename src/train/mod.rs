@@ -10,6 +10,7 @@ pub mod optimizer;
 pub mod plot;
 pub mod resume;
 pub mod schedule;
+pub mod sync;
 pub mod timing;
 
 use std::path::PathBuf;
@@ -33,6 +34,7 @@ use loss::{masked_lm_loss_sum, DeviceBatch};
 use metrics::{Metrics, Progress};
 use optimizer::{ordered_params, AdamWParams, FlatAdamW};
 use schedule::LrSchedule;
+use sync::GradSync;
 use timing::{Phase, StepTimer};
 
 /// What a finished job reports.
@@ -153,6 +155,8 @@ pub fn check_vocab(tok: &TextTokenizer, model: &MaskedLm) -> Result<()> {
 
 struct Trainer {
     cfg: Config,
+    /// The other workers (a single process talks to nobody).
+    sync: GradSync,
     out: PathBuf,
     device: Device,
     tok: TextTokenizer,
@@ -183,7 +187,7 @@ impl Trainer {
         if t.threads > 0 {
             tch::set_num_threads(t.threads as i32);
         }
-        let device = select_device(t.device)?;
+        let device = sync::worker_device(select_device(t.device)?)?;
         let tok = TextTokenizer::load(&cfg.tokenizer_path())?;
         let master = load_model(&cfg, device)?;
         check_vocab(&tok, &master)?;
@@ -194,23 +198,40 @@ impl Trainer {
                 master.max_positions()
             );
         }
+        let mut sync = GradSync::join(&cfg.distributed, device)?;
+        let rank = sync.rank();
         let out = t.output_dir.clone();
-        std::fs::create_dir_all(&out).with_context(|| format!("cannot create output directory {}", out.display()))?;
-        let data = prepare(&cfg, &tok, metrics::show_progress(&cfg.logging.progress))?;
+        // Rank 0 alone writes: it prepares the data (when mlm-launch has not) and
+        // cleans up after a crash while the others wait, then they only read.
+        if rank == 0 {
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("cannot create output directory {}", out.display()))?;
+            checkpoint::recover(&out)?;
+        }
+        let data = if rank == 0 {
+            let d = prepare(&cfg, &tok, metrics::show_progress(&cfg.logging.progress))?;
+            sync.barrier()?;
+            d
+        } else {
+            sync.barrier()?;
+            prepare(&cfg, &tok, false)?
+        };
         let masking = Arc::new(MaskingParams::new(&cfg.data, &tok));
         let eval_set = eval_batches(&data.test, &masking, cfg.eval.batch_size, cfg.eval.max_chunks, cfg.eval.mask_seed);
-        let batches_per_epoch = data.train.len() / t.batch_size;
+        // Every worker takes the same number of batches: floor(chunks / world).
+        let batches_per_epoch = data.train.len() / sync.world() / t.batch_size;
         let steps_per_epoch = batches_per_epoch / t.grad_accum_steps;
         if steps_per_epoch == 0 {
             bail!(
-                "the training split has {} chunks: fewer than one step (training.batch_size {} x grad_accum_steps {})",
+                "the training split has {} chunks: fewer than one step (training.batch_size {} x grad_accum_steps {} \
+                 x {} workers)",
                 data.train.len(),
                 t.batch_size,
-                t.grad_accum_steps
+                t.grad_accum_steps,
+                sync.world()
             );
         }
         let total_steps = if t.max_steps > 0 { t.max_steps } else { t.epochs * steps_per_epoch };
-        checkpoint::recover(&out)?;
         let resumed = resume::find(&cfg)?;
         let mut state = TrainerState {
             format_version: checkpoint::STATE_FORMAT,
@@ -248,7 +269,7 @@ impl Trainer {
         };
         let compute_params = ordered_params(&compute.as_ref().unwrap_or(&master).vs, &opt.slots)?;
         let start_step = state.step;
-        let metrics = Metrics::open(&out.join(&cfg.logging.metrics_file))?;
+        let metrics = if rank == 0 { Metrics::open(&out.join(&cfg.logging.metrics_file))? } else { Metrics::disabled() };
         tracing::info!(
             "model: {} parameters on {:?} ({:?}); {} train / {} test chunks of {} tokens; {} steps of {} sequences",
             master.num_parameters(),
@@ -261,6 +282,7 @@ impl Trainer {
             t.batch_size * t.grad_accum_steps
         );
         Ok(Self {
+            sync,
             schedule: LrSchedule::new(t, total_steps),
             out,
             device,
@@ -291,7 +313,8 @@ impl Trainer {
     /// This epoch's batches for this worker, from the current position.
     fn epoch_stream(&self) -> BatchStream {
         let order = epoch_order(self.data.train.len(), self.cfg.training.seed, self.state.epoch as u64);
-        let ids = rank_shard(&order, 0, 1);
+        let mut ids = rank_shard(&order, self.sync.rank(), self.sync.world());
+        ids.truncate(self.data.train.len() / self.sync.world());
         BatchStream::new(
             self.data.train_arc(),
             self.masking.clone(),
@@ -309,7 +332,8 @@ impl Trainer {
     /// normalised by the masked tokens of the whole step, so accumulation gives
     /// the same gradient as one large batch. Returns the step's loss (0-d tensor).
     fn forward_backward(&mut self, micro: &[Batch]) -> Result<Tensor> {
-        let n_masked: usize = micro.iter().map(|b| b.n_masked).sum();
+        let local: usize = micro.iter().map(|b| b.n_masked).sum();
+        let n_masked = self.sync.sum(&[local as f64])?[0] as usize;
         // Dropout draws from libtorch's generator: seed it per step so that a
         // resumed job draws what the uninterrupted one drew.
         tch::manual_seed((self.cfg.training.seed as i64).wrapping_mul(1_000_003).wrapping_add(self.state.step as i64));
@@ -329,6 +353,13 @@ impl Trainer {
 
     fn optimizer_step(&mut self, micro: &[Batch], loss: Tensor) -> Result<()> {
         let lr = self.schedule.lr(self.state.step);
+        self.sync.sum_grads(&mut self.opt.grad)?;
+        let loss = if self.sync.world() > 1 {
+            Tensor::from(self.sync.sum(&[loss.double_value(&[])])?[0]).to_device(self.device)
+        } else {
+            loss
+        };
+        self.timer.end(Phase::Sync);
         let grad_norm = self.opt.clip_grad_norm(self.cfg.training.max_grad_norm);
         // One host sync per step: a non-finite loss or gradient must never reach
         // the weights.
@@ -415,8 +446,16 @@ impl Trainer {
         self.metrics.write(&record)
     }
 
+    /// Held-out perplexity; each worker scores its share of the test batches.
     fn evaluate(&mut self) -> Result<EvalResult> {
-        let r = evaluate(self.model(), &self.eval_set, self.device);
+        let (rank, world) = (self.sync.rank(), self.sync.world());
+        let mine: Vec<Batch> = self.eval_set.iter().skip(rank).step_by(world).cloned().collect();
+        let local = evaluate(self.model(), &mine, self.device);
+        let sums = self.sync.sum(&[local.loss_sum, local.tokens as f64])?;
+        let r = EvalResult::from_sums(sums[0], sums[1] as usize);
+        if rank != 0 {
+            return Ok(r);
+        }
         self.metrics.write(&serde_json::json!({
             "kind": "eval", "step": self.state.step, "epoch": self.state.epoch, "eval_loss": r.loss,
             "perplexity": r.perplexity, "eval_tokens": r.tokens,
@@ -458,6 +497,9 @@ impl Trainer {
         if self.opt.master.isfinite().all().int64_value(&[]) == 0 {
             bail!("the weights hold NaN or infinity at step {}: not saved", self.state.step);
         }
+        if self.sync.rank() != 0 {
+            return self.sync.barrier();
+        }
         let dir = checkpoint::save(&self.out, &self.master, &self.tok.path, &self.opt, &self.state)?;
         if improved && self.cfg.checkpoint.save_best {
             checkpoint::update_best(&self.out, &dir)?;
@@ -465,10 +507,13 @@ impl Trainer {
         }
         checkpoint::prune(&self.out, self.cfg.checkpoint.keep_last)?;
         tracing::info!("saved {}", dir.display());
-        Ok(())
+        self.sync.barrier()
     }
 
     fn probe_fill_mask(&self, when: &str) -> Result<()> {
+        if self.sync.rank() != 0 {
+            return Ok(());
+        }
         for text in &self.cfg.eval.fill_mask {
             let preds = fill_mask(self.model(), &self.tok, text, self.cfg.eval.top_k)
                 .with_context(|| format!("eval.fill_mask entry {text:?}"))?;

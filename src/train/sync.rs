@@ -1,0 +1,85 @@
+//! What the workers of a data-parallel job exchange during training.
+//!
+//! The loss of a step is normalised by the masked tokens of the whole step on
+//! all workers, so summing the workers' gradients gives exactly the gradient of
+//! one process with the summed batch (no division by the world size).
+use anyhow::{Context, Result};
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{CommDtype, DistributedConfig};
+use crate::dist::{self, Communicator, WorldInfo};
+
+pub struct GradSync {
+    pub comm: Box<dyn Communicator>,
+    dtype: CommDtype,
+    bucket: i64,
+    device: Device,
+}
+
+impl GradSync {
+    /// Joins the job's workers (a no-op communicator for a single process).
+    pub fn join(cfg: &DistributedConfig, device: Device) -> Result<Self> {
+        let comm = dist::init(cfg, device)?;
+        Ok(Self { comm, dtype: cfg.comm_dtype, bucket: cfg.bucket_elems as i64, device })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    pub fn world(&self) -> usize {
+        self.comm.world_size()
+    }
+
+    /// Sums `values` over the workers (exact for integers below 2^24).
+    pub fn sum(&mut self, values: &[f64]) -> Result<Vec<f64>> {
+        if self.world() == 1 {
+            return Ok(values.to_vec());
+        }
+        let mut t = Tensor::from_slice(&values.iter().map(|&v| v as f32).collect::<Vec<f32>>()).to_device(self.device);
+        self.comm.all_reduce_sum(&mut t).context("summing over the workers")?;
+        Ok(Vec::<f32>::try_from(t.to_device(Device::Cpu))?.into_iter().map(f64::from).collect())
+    }
+
+    /// Sums the flat fp32 gradient over the workers, in place, in buckets and in
+    /// the configured communication dtype.
+    pub fn sum_grads(&mut self, grad: &mut Tensor) -> Result<()> {
+        if self.world() == 1 {
+            return Ok(());
+        }
+        let n = grad.numel() as i64;
+        let bucket = if self.bucket > 0 { self.bucket } else { n };
+        let mut start = 0;
+        while start < n {
+            let len = bucket.min(n - start);
+            let mut part = grad.narrow(0, start, len);
+            match self.dtype {
+                CommDtype::Fp32 => self.comm.all_reduce_sum(&mut part)?,
+                CommDtype::Bf16 => {
+                    let mut half = part.to_kind(Kind::BFloat16);
+                    self.comm.all_reduce_sum(&mut half)?;
+                    tch::no_grad(|| part.copy_(&half));
+                }
+            }
+            start += len;
+        }
+        Ok(())
+    }
+
+    pub fn barrier(&mut self) -> Result<()> {
+        self.comm.barrier()
+    }
+}
+
+/// The device of this worker: under `mpirun`/`srun` with every GPU visible to
+/// every rank, rank `local_rank` takes GPU `local_rank`.
+pub fn worker_device(device: Device) -> Result<Device> {
+    match device {
+        Device::Cuda(_) => {
+            let (info, _) = WorldInfo::from_env()?;
+            let n = tch::Cuda::device_count().max(1) as usize;
+            Ok(Device::Cuda(info.local_rank % n))
+        }
+        d => Ok(d),
+    }
+}

@@ -1,0 +1,197 @@
+//! Data-parallel training with the real binaries: 2 CPU workers through
+//! `mlm-launch` (tcp ring) and through `mpirun` (MPI) give the parameters of one
+//! process with twice the batch; a killed worker stops the group, and a restarted
+//! group resumes to the uninterrupted job's result.
+mod common;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn launcher() -> PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_mlm")).with_file_name("mlm-launch");
+    assert!(p.is_file(), "{} not built: run `cargo build --workspace --bins`", p.display());
+    p
+}
+
+/// A tiny job without dropout (dropout masks are per worker, as in any
+/// data-parallel framework), fp32, `steps` steps, no evaluation before.
+fn job(dir: &Path, steps: usize) -> PathBuf {
+    let cfg = write_job(dir, "");
+    let model = dir.join("tiny-bert.json");
+    let text = std::fs::read_to_string(&model).unwrap().replace("_dropout_prob\": 0.1", "_dropout_prob\": 0.0");
+    std::fs::write(&model, text).unwrap();
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("max_steps = 30", &format!("max_steps = {steps}"))
+        .replace("threads = 2", "threads = 1")
+        .replace("[eval]\n", "[eval]\nat_start = false\n");
+    std::fs::write(&cfg, text).unwrap();
+    cfg
+}
+
+/// Final weights by name.
+fn weights(ckpt: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(ckpt.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<(String, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Largest per-tensor ||a - b|| / ||a||. The attention key bias is left out: its
+/// true gradient is 0 (softmax cancels it) and Adam magnifies the rounding noise
+/// in its place, which depends on the summation order.
+fn worst_relative_difference(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> (f64, String) {
+    let mut worst = (0f64, String::new());
+    for ((n1, x), (n2, y)) in a.iter().zip(b) {
+        assert_eq!(n1, n2);
+        if n1.ends_with("attention.self.key.bias") {
+            continue;
+        }
+        let diff: f64 = x.iter().zip(y).map(|(p, q)| ((p - q) as f64).powi(2)).sum::<f64>().sqrt();
+        let norm: f64 = x.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt().max(1e-12);
+        if diff / norm > worst.0 {
+            worst = (diff / norm, n1.clone());
+        }
+    }
+    worst
+}
+
+fn mpirun() -> Option<PathBuf> {
+    let out = Command::new("sh").args(["-c", "command -v mpirun"]).output().ok()?;
+    out.status.success().then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+#[test]
+fn two_workers_equal_one_worker_with_twice_the_batch() {
+    const STEPS: usize = 20;
+    let single = tempfile::tempdir().unwrap();
+    let cfg = job(single.path(), STEPS);
+    assert!(run(mlm().arg("train").arg(&cfg).args(["--set", "training.batch_size=16"])).status.success());
+    let reference = weights(&single.path().join(format!("out/checkpoint-{STEPS}")));
+
+    let launched = tempfile::tempdir().unwrap();
+    let cfg = job(launched.path(), STEPS);
+    let out = run(Command::new(launcher())
+        .args(["--nproc", "2", "--device", "cpu", "--mlm"])
+        .arg(env!("CARGO_BIN_EXE_mlm"))
+        .arg(&cfg)
+        .args(["--set", "training.batch_size=8"]));
+    assert!(out.status.success());
+    let (worst, name) = worst_relative_difference(&reference, &weights(&launched.path().join(format!("out/checkpoint-{STEPS}"))));
+    eprintln!("mlm-launch --nproc 2: largest relative difference {worst:.2e} ({name})");
+    assert!(worst < 1e-5, "mlm-launch: {worst} in {name}");
+
+    let Some(mpirun) = mpirun() else {
+        panic!("mpirun not found: `make setup` installs openmpi-bin");
+    };
+    let under_mpi = tempfile::tempdir().unwrap();
+    let cfg = job(under_mpi.path(), STEPS);
+    // mpirun does not run `prepare` first: rank 0 prepares while the other waits.
+    let out = run(Command::new(mpirun)
+        .args(["--oversubscribe", "-np", "2"])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .arg(env!("CARGO_BIN_EXE_mlm"))
+        .arg("train")
+        .arg(&cfg)
+        .args(["--set", "training.batch_size=8"]));
+    assert!(out.status.success());
+    let (worst, name) = worst_relative_difference(&reference, &weights(&under_mpi.path().join(format!("out/checkpoint-{STEPS}"))));
+    eprintln!("mpirun -np 2: largest relative difference {worst:.2e} ({name})");
+    assert!(worst < 1e-5, "mpirun: {worst} in {name}");
+}
+
+/// Training losses by step (the latest record of each step).
+fn losses(out: &Path) -> std::collections::BTreeMap<u64, f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "train")
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+/// The pids of the `mlm train` workers of a launcher.
+fn workers(launcher_pid: u32) -> Vec<u32> {
+    let out = Command::new("pgrep").args(["-P", &launcher_pid.to_string(), "-f", "mlm train"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
+/// Runs a 2-worker job, SIGKILLs one worker once step `at` is logged, and
+/// returns (exit success, seconds from the kill to the launcher's exit, stderr).
+fn launch_and_kill(dir: &Path, cfg: &Path, extra: &[&str], at: u64) -> (bool, f64, String) {
+    let mut child = Command::new(launcher())
+        .args(["--nproc", "2", "--device", "cpu", "--mlm"])
+        .arg(env!("CARGO_BIN_EXE_mlm"))
+        .args(extra)
+        .arg(cfg)
+        .args(["--set", "training.batch_size=8", "--set", "training.log_every=1", "--set", "checkpoint.every_steps=4"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = dir.join("out");
+    let t0 = Instant::now();
+    while losses(&out).keys().max().copied().unwrap_or(0) < at {
+        assert!(t0.elapsed() < Duration::from_secs(180), "job did not reach step {at}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let victims = workers(child.id());
+    assert_eq!(victims.len(), 2, "two workers expected, found {victims:?}");
+    // SIGKILL rank 1 (its rank is in its environment).
+    let rank_of = |pid: u32| {
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        env.split(|&b| b == 0).find_map(|kv| kv.strip_prefix(b"RANK=").map(|r| String::from_utf8_lossy(r).into_owned()))
+    };
+    let victim = *victims.iter().find(|&&p| rank_of(p).as_deref() == Some("1")).expect("rank 1 worker");
+    let killed = Instant::now();
+    Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap();
+    let output = child.wait_with_output().unwrap();
+    let secs = killed.elapsed().as_secs_f64();
+    (output.status.success(), secs, String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[test]
+fn killed_worker_stops_the_group_and_a_restart_resumes_exactly() {
+    const STEPS: usize = 24;
+    let whole = tempfile::tempdir().unwrap();
+    let cfg = job(whole.path(), STEPS);
+    let out = run(Command::new(launcher())
+        .args(["--nproc", "2", "--device", "cpu", "--mlm"])
+        .arg(env!("CARGO_BIN_EXE_mlm"))
+        .arg(&cfg)
+        .args(["--set", "training.batch_size=8", "--set", "training.log_every=1", "--set", "checkpoint.every_steps=4"]));
+    assert!(out.status.success());
+    let want = losses(&whole.path().join("out"));
+
+    // Without restarts: every worker ends, the launcher fails naming the rank.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job(dir.path(), STEPS);
+    let (ok, secs, stderr) = launch_and_kill(dir.path(), &cfg, &[], 6);
+    assert!(!ok, "the launcher must fail");
+    assert!(secs < 10.0, "the group took {secs:.1}s to stop");
+    assert!(stderr.contains("rank 1"), "{stderr}");
+    std::thread::sleep(Duration::from_millis(200));
+    let left = Command::new("pgrep").args(["-f", &cfg.display().to_string()]).output().unwrap();
+    assert!(String::from_utf8_lossy(&left.stdout).trim().is_empty(), "orphan workers left");
+
+    // With one restart the job resumes from its checkpoint and finishes with the
+    // uninterrupted job's losses.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job(dir.path(), STEPS);
+    let (ok, _, stderr) = launch_and_kill(dir.path(), &cfg, &["--max-restarts", "1"], 10);
+    assert!(ok, "{stderr}");
+    let got = losses(&dir.path().join("out"));
+    assert_eq!(got.get(&(STEPS as u64)), want.get(&(STEPS as u64)), "final loss differs");
+    for (step, loss) in &want {
+        assert_eq!(got.get(step), Some(loss), "step {step}");
+    }
+}
