@@ -24,6 +24,9 @@ fn spawn_ranks(world: usize, args: &[&str]) -> Vec<Child> {
                 .env("MLM_MASTER_PORT", &port)
                 .env("MLM_JOB_TOKEN", "dist-tcp-test")
                 .env("OMP_NUM_THREADS", "1")
+                // ranks other than 0 log warnings only by default; this test
+                // waits for every rank's info line
+                .env("RUST_LOG", "info")
                 .env_remove("OMPI_COMM_WORLD_SIZE")
                 .env_remove("PMI_SIZE")
                 .env_remove("SLURM_NTASKS")
@@ -66,6 +69,9 @@ fn comm_check_passes_over_tcp_in_three_processes() {
 fn killed_process_makes_the_others_fail_naming_it() {
     let timeout = 10;
     let mut children = spawn_ranks(3, &["--elems", "1000", "--iters", "100000000", "--timeout", "60"]);
+    // If an assertion fails below, no endless rank may outlive the test.
+    let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
+    let _reaper = Reaper(pids);
     // Collect stderr as it comes; the ring is up once every rank logged its backend.
     let logs: Vec<Arc<Mutex<String>>> = children
         .iter_mut()
@@ -130,4 +136,15 @@ fn nccl_on_cpu_or_without_library_fails_clearly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("needs a CUDA device"), "{stderr}");
+}
+
+/// SIGKILLs the given processes when dropped (on success they are gone already).
+struct Reaper(Vec<u32>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).stderr(Stdio::null()).status();
+        }
+    }
 }
