@@ -31,38 +31,6 @@ fn job(dir: &Path, steps: usize) -> PathBuf {
     cfg
 }
 
-/// Final weights by name.
-fn weights(ckpt: &Path) -> Vec<(String, Vec<f32>)> {
-    let bytes = std::fs::read(ckpt.join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<(String, Vec<f32>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
-/// Largest per-tensor ||a - b|| / ||a||. The attention key bias is left out: its
-/// true gradient is 0 (softmax cancels it) and Adam magnifies the rounding noise
-/// in its place, which depends on the summation order.
-fn worst_relative_difference(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> (f64, String) {
-    let mut worst = (0f64, String::new());
-    for ((n1, x), (n2, y)) in a.iter().zip(b) {
-        assert_eq!(n1, n2);
-        if n1.ends_with("attention.self.key.bias") {
-            continue;
-        }
-        let diff: f64 = x.iter().zip(y).map(|(p, q)| ((p - q) as f64).powi(2)).sum::<f64>().sqrt();
-        let norm: f64 = x.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt().max(1e-12);
-        if diff / norm > worst.0 {
-            worst = (diff / norm, n1.clone());
-        }
-    }
-    worst
-}
-
 fn mpirun() -> Option<PathBuf> {
     let out = Command::new("sh").args(["-c", "command -v mpirun"]).output().ok()?;
     out.status.success().then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
@@ -108,17 +76,6 @@ fn two_workers_equal_one_worker_with_twice_the_batch() {
     assert!(worst < 1e-5, "mpirun: {worst} in {name}");
 }
 
-/// Training losses by step (the latest record of each step).
-fn losses(out: &Path) -> std::collections::BTreeMap<u64, f64> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["kind"] == "train")
-        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
-        .collect()
-}
-
 /// The pids of the `mlm train` workers of a launcher.
 fn workers(launcher_pid: u32) -> Vec<u32> {
     let out = Command::new("pgrep").args(["-P", &launcher_pid.to_string(), "-f", "mlm train"]).output().unwrap();
@@ -128,7 +85,7 @@ fn workers(launcher_pid: u32) -> Vec<u32> {
 /// Runs a 2-worker job, SIGKILLs one worker once step `at` is logged, and
 /// returns (exit success, seconds from the kill to the launcher's exit, stderr).
 fn launch_and_kill(dir: &Path, cfg: &Path, extra: &[&str], at: u64) -> (bool, f64, String) {
-    let mut child = Command::new(launcher())
+    let child = Command::new(launcher())
         .args(["--nproc", "2", "--device", "cpu", "--mlm"])
         .arg(env!("CARGO_BIN_EXE_mlm"))
         .args(extra)

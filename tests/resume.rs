@@ -2,23 +2,11 @@
 //! uninterrupted job's per-step losses and final weights bit for bit, and kills
 //! during checkpoint writes never leave the job without a valid checkpoint.
 mod common;
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// Per-step training losses of a metrics file (the latest record of each step).
-fn losses(out: &Path) -> BTreeMap<u64, f64> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["kind"] == "train")
-        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
-        .collect()
-}
 
 fn last_step(out: &Path) -> u64 {
     losses(out).keys().max().copied().unwrap_or(0)

@@ -79,19 +79,6 @@ fn launcher_prepares_then_trains_one_worker() {
     assert!(dir.path().join("out/data/manifest.json").is_file());
 }
 
-/// Final weights of a run, by parameter name.
-fn weights(dir: &std::path::Path) -> Vec<(String, Vec<f32>)> {
-    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<(String, Vec<f32>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
 #[test]
 fn gradient_accumulation_equals_one_larger_batch() {
     // Without dropout, 2 micro-batches of 8 per step must give the weights of one
@@ -119,22 +106,7 @@ fn gradient_accumulation_equals_one_larger_batch() {
             weights(&dir.path().join("out/checkpoint-5"))
         })
         .collect();
-    // Per tensor: ||a - b|| / ||a||, the summation order being the only difference.
-    let mut worst = (0f64, String::new());
-    for ((n1, a), (n2, b)) in runs[0].iter().zip(&runs[1]) {
-        assert_eq!(n1, n2);
-        // The key bias adds the same score to every key of a query, which softmax
-        // cancels: its true gradient is 0, and Adam turns the rounding noise left
-        // in its place into +-lr steps that differ with the summation order.
-        if n1.ends_with("attention.self.key.bias") {
-            continue;
-        }
-        let diff: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
-        let norm: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt().max(1e-12);
-        if diff / norm > worst.0 {
-            worst = (diff / norm, n1.clone());
-        }
-    }
+    let worst = worst_relative_difference(&runs[0], &runs[1]);
     assert!(worst.0 < 1e-5, "largest relative difference {} in {}", worst.0, worst.1);
 }
 

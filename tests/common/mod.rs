@@ -117,3 +117,47 @@ pub fn eval_records(metrics: &Path) -> Vec<serde_json::Value> {
         .filter(|v| v["kind"] == "eval")
         .collect()
 }
+
+/// The weights of a saved model directory, by parameter name (fp32).
+pub fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<(String, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Largest per-tensor ||a - b|| / ||a|| and its tensor. The attention key bias is
+/// left out: its true gradient is 0 (softmax cancels it), and Adam turns the
+/// rounding noise left in its place into +-lr steps that depend on the
+/// summation order.
+pub fn worst_relative_difference(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> (f64, String) {
+    let mut worst = (0f64, String::new());
+    for ((n1, x), (n2, y)) in a.iter().zip(b) {
+        assert_eq!(n1, n2);
+        if n1.ends_with("attention.self.key.bias") {
+            continue;
+        }
+        let diff: f64 = x.iter().zip(y).map(|(p, q)| ((p - q) as f64).powi(2)).sum::<f64>().sqrt();
+        let norm: f64 = x.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt().max(1e-12);
+        if diff / norm > worst.0 {
+            worst = (diff / norm, n1.clone());
+        }
+    }
+    worst
+}
+
+/// Training losses by step from a run's metrics (the latest record of a step).
+pub fn losses(out: &Path) -> std::collections::BTreeMap<u64, f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "train")
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
