@@ -13,6 +13,7 @@
 //! Knobs: `MLM_BENCH_STEPS` (timed steps, default 8), `MLM_BENCH_WARMUP` (untimed
 //! steps first, default 2), `MLM_BENCH_MODELS` (`distilbert,deberta`),
 //! `MLM_BENCH_PRECISIONS` (`fp32,bf16`), `MLM_BENCH_THREADS` (default: all cores),
+//! `MLM_BENCH_HEADS` (0: skip the sparse-vs-dense head comparison, run for fp32),
 //! `MLM_BIN`, `MLM_PYTHON`. Results also go to `target/bench/train/results.json`.
 #[path = "common/mod.rs"]
 mod common;
@@ -67,7 +68,17 @@ struct Ours {
 }
 
 /// Runs `mlm train` and reads its per-step metrics after `warmup` steps.
-fn run_ours(bin: &Path, dir: &Path, cfg: &Path, prec: &str, warmup: usize, steps: usize, threads: usize) -> Result<Ours> {
+#[allow(clippy::too_many_arguments)]
+fn run_ours(
+    bin: &Path,
+    dir: &Path,
+    cfg: &Path,
+    prec: &str,
+    warmup: usize,
+    steps: usize,
+    threads: usize,
+    sparse: bool,
+) -> Result<Ours> {
     let docs = python_docs()?;
     let out = dir.join("run");
     let _ = std::fs::remove_dir_all(&out); // never resume an earlier run
@@ -92,6 +103,7 @@ device = "cpu"
 threads = {threads}
 log_every = 1
 warmup_steps = 1
+sparse_head = {sparse}
 
 [eval]
 at_start = false
@@ -114,9 +126,10 @@ progress = "never"
         out = toml_path(&out),
         total = warmup + steps,
     );
-    let job_path = dir.join(format!("job-{prec}.toml"));
+    let head = if sparse { "sparse" } else { "dense" };
+    let job_path = dir.join(format!("job-{prec}-{head}.toml"));
     std::fs::write(&job_path, job)?;
-    run_logged(Command::new(bin).arg("train").arg(&job_path), &dir.join(format!("mlm-{prec}.log")))?;
+    run_logged(Command::new(bin).arg("train").arg(&job_path), &dir.join(format!("mlm-{prec}-{head}.log")))?;
 
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).context("no metrics.jsonl")?;
     let rows: Vec<Value> = metrics
@@ -186,7 +199,7 @@ fn main() -> Result<()> {
         std::fs::write(&cfg, serde_json::to_vec_pretty(config)?)?;
         for prec in &want_prec {
             eprintln!("train_throughput: {name} {prec}: mlm train ...");
-            let ours = run_ours(&bin, &dir, &cfg, prec, warmup, steps, threads)?;
+            let ours = run_ours(&bin, &dir, &cfg, prec, warmup, steps, threads, true)?;
             eprintln!("train_throughput: {name} {prec}: reference ...");
             let reference = run_reference(&dir, &cfg, prec, warmup, steps, threads)?;
             let ref_tps = reference["tokens_per_s"].as_f64().context("reference: no tokens_per_s")?;
@@ -223,11 +236,33 @@ fn main() -> Result<()> {
             r["ratio"].as_f64().unwrap(),
         );
     }
+    // The sparse MLM head against the dense one (HF's: the vocabulary projection
+    // at every position), same model and steps: `MLM_BENCH_HEADS=0` skips it.
+    let mut heads = Vec::new();
+    if knob("HEADS", 1) > 0 {
+        for r in results.iter().filter(|r| r["precision"] == "fp32") {
+            let name = r["model"].as_str().unwrap();
+            let dir = work_dir("train").join(name);
+            eprintln!("train_throughput: {name} fp32 with the dense head ...");
+            let dense = run_ours(&bin, &dir, &dir.join("config.json"), "fp32", warmup, steps, threads, false)?;
+            let sparse_s = r["ours_step_s"].as_f64().unwrap();
+            heads.push(json!({ "model": name, "sparse_step_s": sparse_s, "dense_step_s": dense.step_s }));
+        }
+        println!();
+        println!("sparse vs dense MLM head (fp32, mlm only): step time");
+        println!("| model | sparse s/step | dense s/step | dense / sparse |");
+        println!("|---|---:|---:|---:|");
+        for h in &heads {
+            let (s, d) = (h["sparse_step_s"].as_f64().unwrap(), h["dense_step_s"].as_f64().unwrap());
+            println!("| {} | {s:.2} | {d:.2} | {:.2}x |", h["model"].as_str().unwrap(), d / s);
+        }
+    }
     let load_after = load_average();
     println!("load average before {load_before}, after {load_after}");
     let summary = json!({
         "block": BLOCK, "batch": BATCH, "steps": steps, "warmup": warmup, "threads": threads,
         "load_average_before": load_before, "load_average_after": load_after, "results": results,
+        "heads": heads,
     });
     let path = work_dir("train").join("results.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&summary)?)?;

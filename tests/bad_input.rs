@@ -274,3 +274,25 @@ fn fill_mask_without_mask_token_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("[MASK]") && !stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn diverging_training_stops_after_non_finite_steps_and_saves_nothing() {
+    // lr 1e30 blows the weights up after one step: every later step has a
+    // non-finite loss, is skipped, and after 5 in a row the job stops; the
+    // existing checkpoints stay as they were and no NaN weights are written.
+    let (dir, cfg) = setup();
+    fails(
+        dir.path(),
+        &["train"],
+        &cfg,
+        &[
+            "--set",
+            "training.lr=1e30",
+            "--set",
+            "training.max_steps=40",
+            "--set",
+            "checkpoint.allow_config_change=true",
+        ],
+        &["non-finite", "5 steps in a row"],
+    );
+}
