@@ -154,3 +154,19 @@ fn bf16_tracks_fp32_on_the_demo_corpus() {
     eprintln!("held-out loss after 200 steps: fp32 {fp32:.4}, bf16 {bf16:.4}");
     assert!((bf16 - fp32).abs() / fp32 < 0.02, "fp32 {fp32} vs bf16 {bf16}");
 }
+
+#[test]
+fn fresh_head_of_a_base_checkpoint_is_drawn_from_the_job_seed() {
+    // Every worker of a data-parallel job loads the model itself: the MLM head a
+    // BertModel checkpoint lacks must come out the same on each.
+    let cfg = mlm::config::Config::from_toml(&format!("[model]\npath = {:?}\n", minilm_dir())).unwrap();
+    let head = |cfg: &mlm::config::Config| {
+        let m = mlm::train::load_model(cfg, tch::Device::Cpu).unwrap();
+        m.vs.variables()["cls.predictions.transform.dense.weight"].copy()
+    };
+    let (a, b) = (head(&cfg), head(&cfg));
+    assert!(a.equal(&b), "two loads with one seed differ");
+    let mut other = cfg.clone();
+    other.training.seed += 1;
+    assert!(!a.equal(&head(&other)), "the seed does not reach the fresh head");
+}

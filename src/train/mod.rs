@@ -124,6 +124,10 @@ pub fn select_device(choice: DeviceChoice) -> Result<Device> {
 
 /// Loads the model named by `[model]`, reporting what the checkpoint lacked.
 pub fn load_model(cfg: &Config, device: Device) -> Result<MaskedLm> {
+    // Weights a checkpoint lacks (a fresh MLM head) and random-init models are
+    // drawn from the job's seed: every worker of a job starts from the same
+    // weights, and a rerun from the same ones.
+    tch::manual_seed(cfg.training.seed as i64);
     if let Some(dir) = &cfg.model.path {
         let (model, report) = MaskedLm::load_dir(dir, device)?;
         if !report.missing.is_empty() {
@@ -135,7 +139,6 @@ pub fn load_model(cfg: &Config, device: Device) -> Result<MaskedLm> {
         Ok(model)
     } else {
         let path = cfg.model.config.as_ref().expect("validated: path or config");
-        tch::manual_seed(cfg.training.seed as i64);
         MaskedLm::from_config_file(path, device)
     }
 }
