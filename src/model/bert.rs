@@ -155,7 +155,7 @@ impl BertAttention {
     }
 
     /// `x` [b, s, h], `bias` [b, 1, 1, s] -> [b, s, h]
-    fn forward(&self, x: &Tensor, bias: &Tensor, train: bool) -> Tensor {
+    fn forward(&self, x: &Tensor, bias: Option<&Tensor>, train: bool) -> Tensor {
         let p = if train { self.attention_dropout } else { 0.0 };
         let ctx = attention(
             &self.query.forward(x),
@@ -212,8 +212,8 @@ impl BertLayer {
         }
     }
 
-    /// `x` [b, s, h], `bias` [b, 1, 1, s] (from `additive_mask`) -> [b, s, h]
-    pub(super) fn forward(&self, x: &Tensor, bias: &Tensor, train: bool) -> Tensor {
+    /// `x` [b, s, h], `bias` [b, 1, 1, s] (from `additive_mask`; `None`: no padding) -> [b, s, h]
+    pub(super) fn forward(&self, x: &Tensor, bias: Option<&Tensor>, train: bool) -> Tensor {
         let x = self.attention.forward(x, bias, train);
         let y = self
             .output
@@ -292,7 +292,7 @@ impl BertForMaskedLM {
         let mut x = self.embeddings.forward(input_ids, train);
         let bias = additive_mask(attention_mask, x.kind());
         for layer in &self.layers {
-            x = layer.forward(&x, &bias, train);
+            x = layer.forward(&x, bias.as_ref(), train);
         }
         x
     }

@@ -167,7 +167,7 @@ impl TransformerBlock {
     }
 
     /// `x` [b, s, dim], `bias` [b, 1, 1, s] -> [b, s, dim]
-    fn forward(&self, x: &Tensor, bias: &Tensor, train: bool) -> Tensor {
+    fn forward(&self, x: &Tensor, bias: Option<&Tensor>, train: bool) -> Tensor {
         let p = if train { self.attention_dropout } else { 0.0 };
         let ctx = attention(
             &self.q_lin.forward(x),
@@ -240,7 +240,7 @@ impl DistilBertForMaskedLM {
         let mut x = self.embeddings.forward(input_ids, train);
         let bias = additive_mask(attention_mask, x.kind());
         for layer in &self.layers {
-            x = layer.forward(&x, &bias, train);
+            x = layer.forward(&x, bias.as_ref(), train);
         }
         x
     }

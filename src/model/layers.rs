@@ -108,10 +108,18 @@ impl Activation {
 /// The additive attention bias of HF's sdpa path: 0 where `attention_mask` is 1,
 /// the most negative finite value of `kind` where it is 0.
 /// `attention_mask` [batch, seq] (any integer kind) -> [batch, 1, 1, seq] in `kind`.
-pub fn additive_mask(attention_mask: &Tensor, kind: Kind) -> Tensor {
+///
+/// `None` when a CPU mask has no padding (every training batch: chunks are
+/// full), as transformers drops an all-ones mask for sdpa: the same result, and
+/// attention without a bias to add. A GPU mask is not inspected, which would
+/// cost a device-to-host sync per forward.
+pub fn additive_mask(attention_mask: &Tensor, kind: Kind) -> Option<Tensor> {
     let (b, s) = attention_mask
         .size2()
         .expect("attention_mask must be [batch, seq]");
+    if attention_mask.device() == tch::Device::Cpu && attention_mask.ne(0).all().int64_value(&[]) != 0 {
+        return None;
+    }
     let min = match kind {
         Kind::BFloat16 => -3.389_531_389_251_535_5e38,
         Kind::Half => -65504.0,
@@ -119,17 +127,17 @@ pub fn additive_mask(attention_mask: &Tensor, kind: Kind) -> Tensor {
         _ => f32::MIN as f64,
     };
     let masked = attention_mask.eq(0).view([b, 1, 1, s]);
-    Tensor::zeros([b, 1, 1, s], (kind, attention_mask.device())).masked_fill(&masked, min)
+    Some(Tensor::zeros([b, 1, 1, s], (kind, attention_mask.device())).masked_fill(&masked, min))
 }
 
 /// Multi-head scaled dot-product attention with separate q/k/v projections.
 /// `q`, `k`, `v` [batch, seq, hidden] (already projected), `bias` [batch, 1, 1, seq]
-/// -> [batch, seq, hidden].
+/// or `None` -> [batch, seq, hidden].
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    bias: &Tensor,
+    bias: Option<&Tensor>,
     heads: i64,
     dropout: f64,
 ) -> Tensor {
@@ -141,7 +149,7 @@ pub fn attention(
         &split(q),
         &split(k),
         &split(v),
-        Some(bias),
+        bias,
         dropout,
         false,
         None,

@@ -228,7 +228,7 @@ impl RobertaForMaskedLM {
         let mut x = self.embeddings.forward(input_ids, train);
         let bias = additive_mask(attention_mask, x.kind());
         for layer in &self.layers {
-            x = layer.forward(&x, &bias, train);
+            x = layer.forward(&x, bias.as_ref(), train);
         }
         x
     }

@@ -170,7 +170,8 @@ struct Trainer {
     master: MaskedLm,
     /// bf16 compute copy when `precision = "bf16"`.
     compute: Option<MaskedLm>,
-    compute_params: Vec<(String, Tensor)>,
+    /// The trainable parameters of the model that runs, in the flat buffers' order.
+    compute_tensors: Vec<Tensor>,
     opt: FlatAdamW,
     schedule: LrSchedule,
     metrics: Metrics,
@@ -271,6 +272,10 @@ impl Trainer {
             Precision::Bf16 => Some(master.to_kind_copy(Kind::BFloat16)?),
         };
         let compute_params = ordered_params(&compute.as_ref().unwrap_or(&master).vs, &opt.slots)?;
+        if compute.is_some() {
+            opt.attach_shadow(&compute_params, Kind::BFloat16);
+        }
+        let compute_tensors = compute_params.into_iter().map(|(_, t)| t).collect();
         let start_step = state.step;
         let metrics = if rank == 0 { Metrics::open(&out.join(&cfg.logging.metrics_file))? } else { Metrics::disabled() };
         tracing::info!(
@@ -295,7 +300,7 @@ impl Trainer {
             eval_set,
             master,
             compute,
-            compute_params,
+            compute_tensors,
             opt,
             metrics,
             state,
@@ -346,8 +351,10 @@ impl Trainer {
             let sparse = self.cfg.training.sparse_head;
             let loss = masked_lm_loss_sum(self.model(), &db, true, sparse) / n_masked.max(1) as f64;
             self.timer.end(Phase::Forward);
-            loss.backward();
-            self.opt.accumulate_grads(&self.compute_params);
+            // Gradients as outputs of the backward pass, not accumulated into
+            // `.grad`: no per-parameter add or zeroing, straight into the flat buffer.
+            let grads = Tensor::run_backward(&[&loss], &self.compute_tensors, false, false);
+            self.opt.accumulate_grads(&grads);
             total += loss.detach();
             self.timer.end(Phase::Backward);
         }
@@ -369,9 +376,6 @@ impl Trainer {
         let finite = (&grad_norm + &loss).isfinite().int64_value(&[]) != 0;
         if finite {
             self.opt.step(lr);
-            if self.compute.is_some() {
-                self.opt.copy_master_into(&self.compute_params);
-            }
             self.nonfinite_in_a_row = 0;
         } else {
             self.opt.discard_grads();

@@ -6,7 +6,6 @@
 //! first, so a step is a handful of whole-buffer kernels and the moments are plain
 //! tensors we save and load. Semantics follow `torch.optim.AdamW`.
 use anyhow::{bail, Result};
-use rayon::prelude::*;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::TrainingConfig;
@@ -47,6 +46,9 @@ pub struct FlatAdamW {
     /// Optimizer steps taken (for bias correction).
     pub step: i64,
     pub hp: AdamWParams,
+    /// Flat bf16 compute copy of `master` (bf16 training): the compute model's
+    /// parameters are views of it, and each step rewrites it from the master.
+    shadow: Option<Tensor>,
     /// The gradient buffer holds nothing yet for the coming step: the first
     /// micro-batch overwrites it instead of adding.
     grad_fresh: bool,
@@ -89,6 +91,7 @@ impl FlatAdamW {
             master,
             step: 0,
             hp,
+            shadow: None,
             grad_fresh: true,
             pending_scale: 1.0,
         })
@@ -107,14 +110,14 @@ impl FlatAdamW {
         self.master.numel() as i64
     }
 
-    /// Moves the `.grad` of `params` (same names as the slots; any dtype) into
-    /// the flat fp32 gradient (added to it after the first micro-batch of a
-    /// step) and clears them.
-    pub fn accumulate_grads(&mut self, params: &[(String, Tensor)]) {
+    /// Adds one micro-batch's gradients (one per slot, in slot order; any
+    /// dtype; undefined for a parameter the loss did not reach) into the flat
+    /// fp32 gradient. The first micro-batch of a step overwrites it.
+    pub fn accumulate_grads(&mut self, grads: &[Tensor]) {
+        assert_eq!(grads.len(), self.slots.len(), "one gradient per parameter");
         tch::no_grad(|| {
-            for ((_, p), s) in params.iter().zip(&self.slots) {
+            for (g, s) in grads.iter().zip(&self.slots) {
                 let mut dst = self.grad.narrow(0, s.offset, s.numel);
-                let mut g = p.grad();
                 if !g.defined() {
                     if self.grad_fresh {
                         let _ = dst.zero_();
@@ -127,7 +130,6 @@ impl FlatAdamW {
                 } else {
                     let _ = dst.g_add_(&src.to_kind(Kind::Float));
                 }
-                let _ = g.zero_();
             }
         });
         self.grad_fresh = false;
@@ -162,6 +164,9 @@ impl FlatAdamW {
             self.step_fused_cpu(lr);
         } else {
             self.step_tensors(lr);
+            if let Some(shadow) = &mut self.shadow {
+                tch::no_grad(|| shadow.copy_(&self.master));
+            }
         }
         self.grad_fresh = true;
         self.pending_scale = 1.0;
@@ -192,54 +197,47 @@ impl FlatAdamW {
         let n = self.numel() as usize;
         let hp = self.hp;
         let t = self.step as f64;
-        let (b1, b2, eps) = (hp.beta1 as f32, hp.beta2 as f32, hp.eps as f32);
-        let step_size = (lr / (1.0 - hp.beta1.powf(t))) as f32;
-        let bc2_sqrt = (1.0 - hp.beta2.powf(t)).sqrt() as f32;
-        let decay = (1.0 - lr * hp.weight_decay) as f32;
-        let (n_decay, scale) = (self.n_decay as usize, self.pending_scale);
+        let step = mlm_kernels::adamw::Step {
+            step_size: (lr / (1.0 - hp.beta1.powf(t))) as f32,
+            beta1: hp.beta1 as f32,
+            beta2: hp.beta2 as f32,
+            eps: hp.eps as f32,
+            bc2_sqrt: (1.0 - hp.beta2.powf(t)).sqrt() as f32,
+            decay: (1.0 - lr * hp.weight_decay) as f32,
+            grad_scale: self.pending_scale,
+        };
         for b in [&self.master, &self.grad, &self.exp_avg, &self.exp_avg_sq] {
             assert!(b.kind() == Kind::Float && b.is_contiguous() && b.numel() == n, "flat fp32 buffers");
         }
-        // SAFETY: four distinct, contiguous fp32 CPU buffers of n elements owned by
-        // self; nothing else reads or writes them during this call.
-        let (p, g, m, v) = unsafe {
-            (
-                std::slice::from_raw_parts_mut(self.master.data_ptr() as *mut f32, n),
-                std::slice::from_raw_parts(self.grad.data_ptr() as *const f32, n),
-                std::slice::from_raw_parts_mut(self.exp_avg.data_ptr() as *mut f32, n),
-                std::slice::from_raw_parts_mut(self.exp_avg_sq.data_ptr() as *mut f32, n),
-            )
+        if let Some(sh) = &self.shadow {
+            assert!(sh.kind() == Kind::BFloat16 && sh.is_contiguous() && sh.numel() == n, "flat bf16 shadow");
+        }
+        // SAFETY: four (five with the shadow) distinct, contiguous CPU buffers of n
+        // elements owned by self; nothing else reads or writes them during this call.
+        let buffers = unsafe {
+            mlm_kernels::adamw::Buffers {
+                param: std::slice::from_raw_parts_mut(self.master.data_ptr() as *mut f32, n),
+                grad: std::slice::from_raw_parts(self.grad.data_ptr() as *const f32, n),
+                exp_avg: std::slice::from_raw_parts_mut(self.exp_avg.data_ptr() as *mut f32, n),
+                exp_avg_sq: std::slice::from_raw_parts_mut(self.exp_avg_sq.data_ptr() as *mut f32, n),
+                shadow: self.shadow.as_ref().map(|sh| std::slice::from_raw_parts_mut(sh.data_ptr() as *mut u16, n)),
+            }
         };
-        const CHUNK: usize = 1 << 15;
-        p.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK))
-            .zip(m.par_chunks_mut(CHUNK))
-            .zip(v.par_chunks_mut(CHUNK))
-            .enumerate()
-            .for_each(|(c, (((p, g), m), v))| {
-                let base = c * CHUNK;
-                for i in 0..p.len() {
-                    let gi = g[i] * scale;
-                    let pi = if base + i < n_decay { p[i] * decay } else { p[i] };
-                    let mi = m[i] + (gi - m[i]) * (1.0 - b1);
-                    let vi = v[i] * b2 + (1.0 - b2) * gi * gi;
-                    m[i] = mi;
-                    v[i] = vi;
-                    p[i] = pi - step_size * mi / (vi.sqrt() / bc2_sqrt + eps);
-                }
-            });
+        mlm_kernels::adamw::step(&step, self.n_decay as usize, buffers);
     }
 
-    /// Copies the master weights into `params` (a lower-precision compute copy
-    /// with the same names).
-    pub fn copy_master_into(&self, params: &[(String, Tensor)]) {
-        tch::no_grad(|| {
-            for ((_, p), s) in params.iter().zip(&self.slots) {
-                let src = self.master.narrow(0, s.offset, s.numel).view(s.shape.as_slice());
-                let mut p = p.shallow_clone();
-                p.copy_(&src);
-            }
-        });
+    /// Makes `params` (a lower-precision compute copy with the slots' names, in
+    /// slot order) views of one flat buffer of `kind` that every step rewrites
+    /// from the master weights, rounded (on the CPU in the AdamW pass itself).
+    pub fn attach_shadow(&mut self, params: &[(String, Tensor)], kind: Kind) {
+        assert_eq!(params.len(), self.slots.len(), "one compute parameter per slot");
+        let shadow = self.master.to_kind(kind);
+        for ((name, p), s) in params.iter().zip(&self.slots) {
+            assert_eq!(name, &s.name, "compute parameters in slot order");
+            let mut p = p.shallow_clone();
+            p.set_data(&shadow.narrow(0, s.offset, s.numel).view(s.shape.as_slice()));
+        }
+        self.shadow = Some(shadow);
     }
 
     /// The master view of every parameter, by name (for saving).
@@ -320,5 +318,29 @@ mod fused_tests {
         assert!(diff < 1e-6, "{diff}");
         let diff = (&fused.exp_avg_sq - &plain.exp_avg_sq).abs().max().double_value(&[]);
         assert!(diff < 1e-7, "{diff}");
+    }
+
+    #[test]
+    fn bf16_compute_copy_is_rewritten_by_each_step_as_torch_rounds_it() {
+        tch::manual_seed(1);
+        let hp = AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
+        let w = Tensor::randn([300, 70], (Kind::Float, Device::Cpu));
+        let b = Tensor::randn([70], (Kind::Float, Device::Cpu));
+        let mut opt =
+            FlatAdamW::new(vec![("w".into(), w.copy()), ("b".into(), b.copy())], |n| n == "b", hp).unwrap();
+        // The compute copy, in slot order ("w" decays, so it comes first).
+        let compute: Vec<(String, Tensor)> =
+            vec![("w".into(), w.to_kind(Kind::BFloat16)), ("b".into(), b.to_kind(Kind::BFloat16))];
+        opt.attach_shadow(&compute, Kind::BFloat16);
+        for _ in 0..2 {
+            let g = Tensor::randn([opt.numel()], (Kind::Float, Device::Cpu)) * 1e-3;
+            opt.accumulate_grads(&[g.narrow(0, 0, 21000), g.narrow(0, 21000, 70)]);
+            opt.step(0.5);
+        }
+        for ((_, p), master) in compute.iter().zip(opt.named_master()) {
+            let want = master.1.to_kind(Kind::BFloat16);
+            assert_eq!(p.size(), want.size());
+            assert!(p.equal(&want), "compute copy differs from torch's rounding of the master");
+        }
     }
 }
