@@ -8,6 +8,7 @@
 //! same store serves token and whole-word masking.
 use std::fs::File;
 use std::io::Read;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -17,7 +18,7 @@ use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use super::rng::{hash_words, SplitMix64};
-use super::source::{expand_files, read_documents};
+use super::source::{expand_files, read_documents, Documents};
 use super::store::{
     write_tokens, write_word_starts, Manifest, Prepared, SourceInfo, FORMAT_VERSION, MANIFEST, TEST_FILE, TRAIN_FILE,
     WORDS_EXT,
@@ -128,8 +129,13 @@ struct Tokenized {
     counts: Vec<FileCounts>,
 }
 
-/// Reads and tokenizes `files` in order (documents in parallel, order kept).
-/// `pb` advances by bytes.
+/// Bytes of text per batch of documents tokenized by one task: large enough
+/// that a batch's buffers and its task are cheap, small enough to balance
+/// the threads.
+const BATCH_BYTES: usize = 1 << 18;
+
+/// Reads and tokenizes `files` in order (batches of documents in parallel,
+/// order kept). `pb` advances by bytes.
 fn tokenize_files(
     files: &[PathBuf],
     d: &DataConfig,
@@ -139,13 +145,14 @@ fn tokenize_files(
     let (mut tokens, mut starts, mut counts, mut done) = (Vec::new(), Vec::new(), Vec::new(), 0);
     for file in files {
         let docs = read_documents(file, d)?;
-        // Indexed parallel collect keeps document order.
-        let encoded: Vec<(Vec<u32>, Vec<bool>)> = docs
-            .par_iter()
-            .map(|doc| {
-                let enc = tok.encode_document_words(doc);
-                pb.inc(doc.len() as u64);
-                enc
+        // Indexed parallel collect keeps batch order.
+        let encoded: Vec<(Vec<u32>, Vec<bool>)> = batches(&docs, BATCH_BYTES)
+            .into_par_iter()
+            .map(|batch| {
+                let (mut ids, mut marks) = (Vec::new(), Vec::new());
+                tok.encode_documents_into(docs.range(batch.clone()), &mut ids, &mut marks)?;
+                pb.inc(docs.bytes_in(batch) as u64);
+                Ok((ids, marks))
             })
             .collect::<Result<_>>()
             .with_context(|| format!("cannot tokenize {}", file.display()))?;
@@ -161,6 +168,23 @@ fn tokenize_files(
         pb.set_position(done);
     }
     Ok(Tokenized { tokens, starts, counts })
+}
+
+/// Index ranges cutting `docs` into runs of consecutive documents of about
+/// `bytes` bytes each.
+fn batches(docs: &Documents, bytes: usize) -> Vec<Range<usize>> {
+    let (mut out, mut start, mut size) = (Vec::new(), 0, 0);
+    for (i, doc) in docs.iter().enumerate() {
+        size += doc.len();
+        if size >= bytes {
+            out.push(start..i + 1);
+            (start, size) = (i + 1, 0);
+        }
+    }
+    if start < docs.len() {
+        out.push(start..docs.len());
+    }
+    out
 }
 
 /// The errors of a corpus too small to make one chunk.
@@ -342,8 +366,8 @@ mod tests {
         let p = prepare(&cfg, tok, false).unwrap();
         let mut all = Vec::new();
         for f in source::expand_files(&cfg.data.files).unwrap() {
-            for doc in source::read_documents(&f, &cfg.data).unwrap() {
-                all.extend(tok.encode_document(&doc).unwrap());
+            for doc in source::read_documents(&f, &cfg.data).unwrap().iter() {
+                all.extend(tok.encode_document(doc).unwrap());
             }
         }
         let m = &p.manifest;
@@ -368,8 +392,8 @@ mod tests {
         let p = prepare(&cfg, tok, false).unwrap();
         let (mut all, mut starts) = (Vec::new(), Vec::new());
         for f in source::expand_files(&cfg.data.files).unwrap() {
-            for doc in source::read_documents(&f, &cfg.data).unwrap() {
-                let (i, s) = tok.encode_document_words(&doc).unwrap();
+            for doc in source::read_documents(&f, &cfg.data).unwrap().iter() {
+                let (i, s) = tok.encode_document_words(doc).unwrap();
                 all.extend(i);
                 starts.extend(s);
             }
@@ -500,6 +524,17 @@ mod tests {
         assert_eq!(tokens.len(), m.tokens - m.dropped_tokens);
         assert_eq!(tokens.len() % 64, 0);
         assert_eq!(tokens[0], 101);
+    }
+
+    #[test]
+    fn batches_cover_every_document_once_in_order() {
+        let text: String = (0..1000).map(|i| format!("document {i}\n")).collect();
+        let docs = source::text_documents(text, crate::config::DocumentBoundary::Line);
+        let b = batches(&docs, 100);
+        assert!(b.len() > 100 && b.iter().all(|r| !r.is_empty()), "{b:?}");
+        assert_eq!(b.iter().flat_map(|r| r.clone()).collect::<Vec<_>>(), (0..1000).collect::<Vec<_>>());
+        assert_eq!(batches(&docs, 1 << 30), vec![0..1000]);
+        assert!(batches(&Documents::default(), 100).is_empty());
     }
 
     #[test]

@@ -1,4 +1,5 @@
 //! Reading input files into documents (plain text, JSON lines or Parquet).
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -51,52 +52,156 @@ pub fn resolve_format(path: &Path, format: InputFormat) -> InputFormat {
     }
 }
 
+/// The documents of one file, in order, held in one text buffer: a corpus of
+/// short documents (one per line) costs one allocation rather than one per
+/// document, and plain text is not copied at all.
+#[derive(Clone, Default)]
+pub struct Documents {
+    text: String,
+    /// Byte range of each document in `text`.
+    spans: Vec<(usize, usize)>,
+}
+
+impl Documents {
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// Document `i`.
+    pub fn get(&self, i: usize) -> &str {
+        let (a, b) = self.spans[i];
+        &self.text[a..b]
+    }
+
+    /// The documents with indices in `range`, in order.
+    pub fn range(&self, range: Range<usize>) -> impl ExactSizeIterator<Item = &str> + Clone + '_ {
+        self.spans[range].iter().map(|&(a, b)| &self.text[a..b])
+    }
+
+    /// All documents, in order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &str> + Clone + '_ {
+        self.range(0..self.len())
+    }
+
+    /// Bytes of the documents with indices in `range`.
+    pub fn bytes_in(&self, range: Range<usize>) -> usize {
+        self.spans[range].iter().map(|(a, b)| b - a).sum()
+    }
+
+    fn push(&mut self, doc: &str) {
+        self.push_lines(&[doc]);
+    }
+
+    /// Appends a document made of `lines` joined by newlines.
+    fn push_lines(&mut self, lines: &[&str]) {
+        let start = self.text.len();
+        for (i, line) in lines.iter().enumerate() {
+            if i > 0 {
+                self.text.push('\n');
+            }
+            self.text.push_str(line);
+        }
+        self.spans.push((start, self.text.len()));
+    }
+}
+
+impl std::fmt::Debug for Documents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl PartialEq for Documents {
+    fn eq(&self, other: &Self) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl PartialEq<Vec<&str>> for Documents {
+    fn eq(&self, other: &Vec<&str>) -> bool {
+        self.iter().eq(other.iter().copied())
+    }
+}
+
 /// Reads the documents of one file, in file order; whitespace-only documents
 /// are skipped. Errors name the file (and line, or byte offset for bad UTF-8).
-pub fn read_documents(path: &Path, cfg: &DataConfig) -> Result<Vec<String>> {
+pub fn read_documents(path: &Path, cfg: &DataConfig) -> Result<Documents> {
     let format = resolve_format(path, cfg.format);
     if format == InputFormat::Parquet {
         return parquet_documents(path, &cfg.text_field);
     }
     let bytes = std::fs::read(path).with_context(|| format!("cannot read input file {}", path.display()))?;
-    let text = std::str::from_utf8(&bytes).map_err(|e| {
-        anyhow::anyhow!("{}: not valid UTF-8 (first invalid byte at offset {})", path.display(), e.valid_up_to())
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        anyhow::anyhow!("{}: not valid UTF-8 (first invalid byte at offset {at})", path.display())
     })?;
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     match format {
-        InputFormat::Jsonl => jsonl_documents(path, text, &cfg.text_field),
+        InputFormat::Jsonl => jsonl_documents(path, text.strip_prefix('\u{feff}').unwrap_or(&text), &cfg.text_field),
         _ => Ok(text_documents(text, cfg.document_boundary)),
     }
 }
 
-/// Splits plain text into documents.
-pub fn text_documents(text: &str, boundary: DocumentBoundary) -> Vec<String> {
+/// Splits plain text into documents; a leading byte-order mark is dropped.
+/// Lines end at LF or CRLF, as `str::lines`.
+pub fn text_documents(text: String, boundary: DocumentBoundary) -> Documents {
+    let bom = if text.starts_with('\u{feff}') { '\u{feff}'.len_utf8() } else { 0 };
+    let body = &text[bom..];
+    let mut spans = Vec::new();
     match boundary {
         DocumentBoundary::File => {
-            let t = text.trim();
-            if t.is_empty() { vec![] } else { vec![t.to_string()] }
+            let lead = body.len() - body.trim_start().len();
+            let len = body.trim().len();
+            if len > 0 {
+                spans.push((bom + lead, bom + lead + len));
+            }
         }
-        DocumentBoundary::Line => text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect(),
+        DocumentBoundary::Line => {
+            for (at, line) in lines_at(body) {
+                if !line.trim().is_empty() {
+                    spans.push((bom + at, bom + at + line.len()));
+                }
+            }
+        }
         DocumentBoundary::BlankLine => {
-            let mut docs = Vec::new();
+            // Joined with "\n" whatever the line ends were, so copied.
+            let mut docs = Documents::default();
             let mut cur: Vec<&str> = Vec::new();
-            for line in text.lines().chain(std::iter::once("")) {
+            for (_, line) in lines_at(body).chain(std::iter::once((body.len(), ""))) {
                 if line.trim().is_empty() {
                     if !cur.is_empty() {
-                        docs.push(cur.join("\n"));
+                        docs.push_lines(&cur);
                         cur.clear();
                     }
                 } else {
                     cur.push(line);
                 }
             }
-            docs
+            return docs;
         }
     }
+    Documents { text, spans }
 }
 
-fn jsonl_documents(path: &Path, text: &str, field: &str) -> Result<Vec<String>> {
-    let mut docs = Vec::new();
+/// `str::lines` with each line's byte offset in `text`.
+fn lines_at(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    let mut at = 0;
+    text.split_inclusive('\n').map(move |seg| {
+        let start = at;
+        at += seg.len();
+        let line = match seg.strip_suffix('\n') {
+            Some(l) => l.strip_suffix('\r').unwrap_or(l),
+            None => seg,
+        };
+        (start, line)
+    })
+}
+
+fn jsonl_documents(path: &Path, text: &str, field: &str) -> Result<Documents> {
+    let mut docs = Documents::default();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -111,7 +216,7 @@ fn jsonl_documents(path: &Path, text: &str, field: &str) -> Result<Vec<String>> 
             None => bail!("{}: no field {field:?} (set data.text_field)", at()),
             Some(serde_json::Value::String(s)) => {
                 if !s.trim().is_empty() {
-                    docs.push(s.clone());
+                    docs.push(s);
                 }
             }
             Some(other) => bail!("{}: field {field:?} is {}, expected a string", at(), kind(other)),
@@ -123,7 +228,7 @@ fn jsonl_documents(path: &Path, text: &str, field: &str) -> Result<Vec<String>> 
 /// The string column `column` of a Parquet file, one document per row (as
 /// Hugging Face `datasets` reads it), in file order; null and whitespace-only
 /// rows are skipped. Only that column is read, batch by batch.
-fn parquet_documents(path: &Path, column: &str) -> Result<Vec<String>> {
+fn parquet_documents(path: &Path, column: &str) -> Result<Documents> {
     let file = std::fs::File::open(path).with_context(|| format!("cannot read input file {}", path.display()))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(|e| anyhow::anyhow!("{}: not a readable Parquet file ({e})", path.display()))?;
@@ -141,12 +246,12 @@ fn parquet_documents(path: &Path, column: &str) -> Result<Vec<String>> {
         .with_projection(mask)
         .build()
         .map_err(|e| anyhow::anyhow!("{}: cannot read column {column:?}: {e}", path.display()))?;
-    let mut docs = Vec::new();
+    let mut docs = Documents::default();
     for batch in reader {
         let batch = batch.map_err(|e| anyhow::anyhow!("{}: cannot read column {column:?}: {e}", path.display()))?;
         for_each_str(batch.column(0).as_ref(), |s| {
             if !s.trim().is_empty() {
-                docs.push(s.to_string());
+                docs.push(s);
             }
         });
     }
@@ -206,6 +311,20 @@ mod tests {
         assert_eq!(read_documents(&p, &cfg(DocumentBoundary::File)).unwrap().len(), 1);
         let empty = write(d.path(), "e.txt", b" \n\n\t\n");
         assert!(read_documents(&empty, &cfg(DocumentBoundary::File)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn line_documents_are_cut_as_str_lines_cuts_them() {
+        let text = "\u{feff}one\r\ntwo\rstill two\n\n  \t\nthree \r\nlast\r";
+        let body = text.strip_prefix('\u{feff}').unwrap();
+        let docs = text_documents(text.to_string(), DocumentBoundary::Line);
+        assert_eq!(docs, body.lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>());
+        assert_eq!(docs, vec!["one", "two\rstill two", "three ", "last\r"]);
+        assert_eq!((docs.get(1), docs.bytes_in(0..2)), ("two\rstill two", 16));
+        assert_eq!(docs.range(2..4).collect::<Vec<_>>(), ["three ", "last\r"]);
+        assert_eq!(text_documents(text.to_string(), DocumentBoundary::File), vec![body.trim()]);
+        let blank = text_documents(text.to_string(), DocumentBoundary::BlankLine);
+        assert_eq!(blank, vec!["one\ntwo\rstill two", "three \nlast\r"]);
     }
 
     #[test]

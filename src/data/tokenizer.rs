@@ -1,14 +1,22 @@
-//! The model's `tokenizer.json`, loaded with Hugging Face `tokenizers`.
+//! The model's `tokenizer.json`, loaded with Hugging Face `tokenizers`, with
+//! the exact fast path of [`wordpiece`](super::wordpiece) for BERT-style files.
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
+use tracing::debug;
+
+use super::wordpiece::{append_encoding, WordPieceFast};
 
 /// A loaded tokenizer with the ids the data pipeline needs.
 #[derive(Clone)]
 pub struct TextTokenizer {
     /// The Hugging Face tokenizer, with padding and truncation disabled.
     pub inner: tokenizers::Tokenizer,
+    /// The same encoding, faster, when the file is BERT-style WordPiece
+    /// (`None`: documents go through `inner`).
+    fast: Option<Arc<WordPieceFast>>,
     /// Id of the mask token (`[MASK]` or `<mask>`).
     pub mask_id: u32,
     /// Id of the padding token (`[PAD]` or `<pad>`).
@@ -31,6 +39,7 @@ impl std::fmt::Debug for TextTokenizer {
             .field("mask_id", &self.mask_id)
             .field("pad_id", &self.pad_id)
             .field("special_ids", &self.special_ids)
+            .field("fast", &self.fast)
             .finish()
     }
 }
@@ -58,8 +67,16 @@ impl TextTokenizer {
             bail!("{}: no padding token (a special token \"[PAD]\" or \"<pad>\")", path.display());
         };
         let vocab_size = inner.get_vocab_size(true);
+        let fast = match WordPieceFast::from_json(&bytes) {
+            Ok(f) => Some(Arc::new(f)),
+            Err(why) => {
+                debug!("{}: tokenizing with `tokenizers` only: {why}", path.display());
+                None
+            }
+        };
         Ok(Self {
             inner,
+            fast,
             mask_id,
             pad_id,
             vocab_size,
@@ -72,6 +89,9 @@ impl TextTokenizer {
     /// Token ids of one document with the special tokens the tokenizer adds
     /// (`[CLS] ... [SEP]` for BERT), as Hugging Face `run_mlm` does per text.
     pub fn encode_document(&self, text: &str) -> Result<Vec<u32>> {
+        if self.fast.is_some() {
+            return Ok(self.encode_document_words(text)?.0);
+        }
         let enc = self
             .inner
             .encode(text, true)
@@ -85,13 +105,33 @@ impl TextTokenizer {
     /// from the previous token's; special tokens (no word id) are words of
     /// their own.
     pub fn encode_document_words(&self, text: &str) -> Result<(Vec<u32>, Vec<bool>)> {
-        let enc = self
-            .inner
-            .encode(text, true)
-            .map_err(|e| anyhow!("tokenizer {} failed: {e}", self.path.display()))?;
-        let words = enc.get_word_ids();
-        let starts = (0..words.len()).map(|i| words[i].is_none() || i == 0 || words[i] != words[i - 1]).collect();
-        Ok((enc.get_ids().to_vec(), starts))
+        let (mut ids, mut starts) = (Vec::new(), Vec::new());
+        self.encode_documents_into([text], &mut ids, &mut starts)?;
+        Ok((ids, starts))
+    }
+
+    /// [`encode_document_words`](Self::encode_document_words) of each of
+    /// `docs` in order, appended to `ids` and `starts`: one pair of buffers
+    /// for a whole batch of documents.
+    pub fn encode_documents_into<'a>(
+        &self,
+        docs: impl IntoIterator<Item = &'a str>,
+        ids: &mut Vec<u32>,
+        starts: &mut Vec<bool>,
+    ) -> Result<()> {
+        let failed = |e| anyhow!("tokenizer {} failed: {e}", self.path.display());
+        if let Some(fast) = &self.fast {
+            return fast.encode_many_into(docs, &self.inner, ids, starts).map_err(failed);
+        }
+        for doc in docs {
+            append_encoding(&self.inner.encode(doc, true).map_err(failed)?, ids, starts);
+        }
+        Ok(())
+    }
+
+    /// The exact fast path, when the file is one it reproduces.
+    pub fn fast_path(&self) -> Option<&WordPieceFast> {
+        self.fast.as_deref()
     }
 
     /// Text of `ids`, special tokens included.
@@ -154,6 +194,34 @@ mod tests {
         let (ids, starts) = t.encode_document_words(&text).unwrap();
         for (&id, &s) in ids.iter().zip(&starts) {
             assert_eq!(s, !t.token_str(id).starts_with("##"), "{}", t.token_str(id));
+        }
+    }
+
+    #[test]
+    fn batches_of_documents_encode_like_single_documents_with_or_without_the_fast_path() {
+        let bert = testutil::tokenizer();
+        assert!(bert.fast_path().is_some());
+        let src = std::fs::read_to_string(testutil::tokenizer_path()).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&src).unwrap();
+        v["pre_tokenizer"] = serde_json::json!({ "type": "Whitespace" });
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("whitespace.json");
+        std::fs::write(&p, v.to_string()).unwrap();
+        let other = TextTokenizer::load(&p).unwrap();
+        assert!(other.fast_path().is_none());
+        let docs = ["Tokenization isn't hard.", "", "[MASK] café", "two\nlines"];
+        for t in [bert, &other] {
+            let (mut ids, mut starts) = (vec![7], vec![false]);
+            t.encode_documents_into(docs, &mut ids, &mut starts).unwrap();
+            let (mut want_ids, mut want_starts) = (vec![7], vec![false]);
+            for d in docs {
+                let enc = t.inner.encode(d, true).unwrap();
+                let w = enc.get_word_ids();
+                want_ids.extend(enc.get_ids());
+                want_starts.extend((0..w.len()).map(|i| w[i].is_none() || i == 0 || w[i] != w[i - 1]));
+                assert_eq!(t.encode_document(d).unwrap(), enc.get_ids());
+            }
+            assert_eq!((ids, starts), (want_ids, want_starts));
         }
     }
 
