@@ -100,31 +100,26 @@ fn update_portable(s: &Step, decay: f32, p: &mut [f32], g: &[f32], m: &mut [f32]
 mod x86 {
     use super::*;
 
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn update_avx512(
-        s: &Step,
-        decay: f32,
-        p: &mut [f32],
-        g: &[f32],
-        m: &mut [f32],
-        v: &mut [f32],
-        sh: Option<&mut [u16]>,
-    ) {
-        update(s, decay, p, g, m, v, sh)
+    /// [`update`] compiled for one instruction set; callers check the CPU first.
+    macro_rules! variant {
+        ($name:ident, $features:literal) => {
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name(
+                s: &Step,
+                decay: f32,
+                p: &mut [f32],
+                g: &[f32],
+                m: &mut [f32],
+                v: &mut [f32],
+                sh: Option<&mut [u16]>,
+            ) {
+                update(s, decay, p, g, m, v, sh)
+            }
+        };
     }
 
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn update_avx2(
-        s: &Step,
-        decay: f32,
-        p: &mut [f32],
-        g: &[f32],
-        m: &mut [f32],
-        v: &mut [f32],
-        sh: Option<&mut [u16]>,
-    ) {
-        update(s, decay, p, g, m, v, sh)
-    }
+    variant!(update_avx512, "avx512f");
+    variant!(update_avx2, "avx2");
 }
 
 /// The element-wise update, written so LLVM vectorises it (equal-length
