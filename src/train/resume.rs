@@ -62,10 +62,16 @@ pub fn find(cfg: &Config) -> Result<Option<PathBuf>> {
 pub fn load_state(dir: &Path, cfg: &Config) -> Result<TrainerState> {
     let path = dir.join("trainer_state.json");
     let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let state: TrainerState =
-        serde_json::from_str(&text).with_context(|| format!("{}: not a trainer state", path.display()))?;
+    let fresh = "start a new training.output_dir or set checkpoint.resume = \"none\"";
+    let state: TrainerState = serde_json::from_str(&text).with_context(|| {
+        format!("{}: not a trainer state this mlm can resume (another version wrote it?); {fresh}", path.display())
+    })?;
     if state.format_version != STATE_FORMAT {
-        bail!("{}: format version {} (this mlm reads {STATE_FORMAT})", path.display(), state.format_version);
+        bail!(
+            "{}: format version {} (this mlm reads {STATE_FORMAT}); {fresh}",
+            path.display(),
+            state.format_version
+        );
     }
     let changes = differing_keys(&state.config, &shaping_config(cfg));
     if !changes.is_empty() && !cfg.checkpoint.allow_config_change {
