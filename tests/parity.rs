@@ -22,22 +22,15 @@ const GRAD_TOL: f64 = 1e-4;
 fn python() -> PathBuf {
     std::env::var_os("MLM_PYTHON")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/mlm/venv/bin/python")
-        })
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/mlm/venv/bin/python"))
 }
 
 fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/python")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python").join(name)
 }
 
 fn run_python(args: &[&Path]) {
-    let out = Command::new(python())
-        .args(args)
-        .output()
-        .expect("running the Python reference");
+    let out = Command::new(python()).args(args).output().expect("running the Python reference");
     assert!(
         out.status.success(),
         "{} {:?} failed:\n{}",
@@ -98,9 +91,7 @@ fn reference_logits(arch: &str) -> Tensor {
 /// Max |a - b| over the non-pad positions and over all positions of `arch`'s batch.
 fn max_abs_diff_on(arch: &str, a: &Tensor, b: &Tensor) -> (f64, f64) {
     assert_eq!(a.size(), b.size());
-    let per_pos = (a.to_kind(Kind::Float) - b.to_kind(Kind::Float))
-        .abs()
-        .amax(-1, false); // [b, s]
+    let per_pos = (a.to_kind(Kind::Float) - b.to_kind(Kind::Float)).abs().amax(-1, false); // [b, s]
     let tokens = batch(arch, "attention_mask").ne(0);
     let non_pad = per_pos.masked_select(&tokens).max().double_value(&[]);
     (non_pad, per_pos.max().double_value(&[]))
@@ -116,29 +107,18 @@ fn our_logits(model: &MaskedLm) -> Tensor {
 }
 
 fn our_logits_on(arch: &str, model: &MaskedLm) -> Tensor {
-    tch::no_grad(|| {
-        model.logits(
-            &batch(arch, "input_ids"),
-            &batch(arch, "attention_mask"),
-            false,
-        )
-    })
+    tch::no_grad(|| model.logits(&batch(arch, "input_ids"), &batch(arch, "attention_mask"), false))
 }
 
 fn load_clean(dir: &Path) -> MaskedLm {
     let (model, report) = MaskedLm::load_dir(dir, Device::Cpu).unwrap();
-    assert!(
-        report.missing.is_empty() && report.unexpected.is_empty(),
-        "{}: {report:?}",
-        dir.display()
-    );
+    assert!(report.missing.is_empty() && report.unexpected.is_empty(), "{}: {report:?}", dir.display());
     model
 }
 
 fn logits_match_transformers(arch: &str) {
     let model = load_clean(&fixture().join(arch));
-    let (non_pad, all) =
-        max_abs_diff_on(arch, &our_logits_on(arch, &model), &reference_logits(arch));
+    let (non_pad, all) = max_abs_diff_on(arch, &our_logits_on(arch, &model), &reference_logits(arch));
     println!("{arch}: max abs diff vs transformers: {non_pad:.3e} (non-pad), {all:.3e} (all)");
     assert!(non_pad < TOL && all < TOL, "{arch}: {non_pad} / {all}");
 }
@@ -153,17 +133,9 @@ fn saved_dirs() -> &'static Path {
     DIR.get_or_init(|| {
         let dir = fixture().join("saved");
         let mut jobs = Vec::new();
-        for name in [
-            "bert",
-            "distilbert",
-            "roberta",
-            "deberta",
-            "deberta_lm",
-            "random_init",
-        ] {
+        for name in ["bert", "distilbert", "roberta", "deberta", "deberta_lm", "random_init"] {
             let model = if name == "random_init" {
-                MaskedLm::from_config_file(&fixture().join("distilbert/config.json"), Device::Cpu)
-                    .unwrap()
+                MaskedLm::from_config_file(&fixture().join("distilbert/config.json"), Device::Cpu).unwrap()
             } else {
                 load_clean(&fixture().join(name))
             };
@@ -200,10 +172,7 @@ fn saved_dir_loads_cleanly_in_transformers_as(arch: &str, default_layout: &str) 
         n
     };
     let ours = out.join("model.safetensors");
-    assert_eq!(
-        names(&ours),
-        names(&fixture().join(default_layout).join("model.safetensors"))
-    );
+    assert_eq!(names(&ours), names(&fixture().join(default_layout).join("model.safetensors")));
     assert!(read(&ours).iter().all(|(_, t)| t.kind() == Kind::Float));
     let hf = hf_logits_of_saved(arch);
     let model = load_clean(&out);
@@ -258,21 +227,14 @@ fn deberta_v2_variant_logits_match_transformers() {
 /// positions, eval mode), backward, and each parameter's gradient against HF's.
 fn grads_match_transformers(arch: &str) {
     let model = load_clean(&fixture().join(arch));
-    let logits = model.logits(
-        &batch(arch, "input_ids"),
-        &batch(arch, "attention_mask"),
-        false,
+    let logits = model.logits(&batch(arch, "input_ids"), &batch(arch, "attention_mask"), false);
+    let loss = logits.to_kind(Kind::Float).view([-1, model.vocab_size()]).cross_entropy_loss::<Tensor>(
+        &batch(arch, "labels").view([-1]),
+        None,
+        Reduction::Mean,
+        -100,
+        0.0,
     );
-    let loss = logits
-        .to_kind(Kind::Float)
-        .view([-1, model.vocab_size()])
-        .cross_entropy_loss::<Tensor>(
-            &batch(arch, "labels").view([-1]),
-            None,
-            Reduction::Mean,
-            -100,
-            0.0,
-        );
     loss.backward();
     let vars = model.vs.variables();
     let reference = read(&fixture().join("grads").join(format!("{arch}.safetensors")));
@@ -285,11 +247,7 @@ fn grads_match_transformers(arch: &str) {
     // per-query constant to the scores, which the softmax cancels) come out as
     // rounding noise, ~1e-12; relative errors of noise mean nothing, so norms
     // are floored at 1e-6 of the model's largest gradient norm.
-    let floor = 1e-6
-        * reference
-            .iter()
-            .map(|(_, g)| g.norm().double_value(&[]))
-            .fold(0.0, f64::max);
+    let floor = 1e-6 * reference.iter().map(|(_, g)| g.norm().double_value(&[])).fold(0.0, f64::max);
     let (mut worst_rel, mut worst_abs) = ((0.0, String::new()), (0.0, String::new()));
     for (name, hf) in &reference {
         let ours = vars[name].grad();
@@ -312,10 +270,7 @@ fn grads_match_transformers(arch: &str) {
         worst_abs.1,
         reference.len()
     );
-    assert!(
-        worst_rel.0 < GRAD_TOL && worst_abs.0 < GRAD_TOL,
-        "{arch}: {worst_rel:?} {worst_abs:?}"
-    );
+    assert!(worst_rel.0 < GRAD_TOL && worst_abs.0 < GRAD_TOL, "{arch}: {worst_rel:?} {worst_abs:?}");
 }
 
 #[test]
@@ -358,8 +313,7 @@ fn deberta_saved_dir_loads_in_transformers_without_missing_keys() {
 fn deberta_lm_predictions_layout_saves_in_the_default_layout() {
     saved_dir_loads_cleanly_in_transformers_as("deberta_lm", "deberta");
     let config = saved_dirs().join("deberta_lm/config.json");
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(config).unwrap()).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(config).unwrap()).unwrap();
     assert_eq!(config["legacy"], true);
 }
 
@@ -373,27 +327,13 @@ fn roberta_max_positions_excludes_the_padding_offset() {
 #[test]
 fn deberta_conv_layer_is_refused_at_load_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture().join("deberta/config.json")).unwrap(),
-    )
-    .unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("deberta/config.json")).unwrap()).unwrap();
     config["conv_kernel_size"] = 3.into();
     std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
-    std::fs::copy(
-        fixture().join("deberta/model.safetensors"),
-        dir.path().join("model.safetensors"),
-    )
-    .unwrap();
-    let err = format!(
-        "{:#}",
-        MaskedLm::load_dir(dir.path(), Device::Cpu)
-            .err()
-            .expect("must be refused")
-    );
-    assert!(
-        err.contains("conv_kernel_size") && err.contains("not supported"),
-        "{err}"
-    );
+    std::fs::copy(fixture().join("deberta/model.safetensors"), dir.path().join("model.safetensors")).unwrap();
+    let err = format!("{:#}", MaskedLm::load_dir(dir.path(), Device::Cpu).err().expect("must be refused"));
+    assert!(err.contains("conv_kernel_size") && err.contains("not supported"), "{err}");
 }
 
 #[test]
@@ -416,11 +356,7 @@ fn pytorch_model_bin_loads_like_safetensors() {
 
 #[test]
 fn minilm_base_model_loads_with_head_missing_and_pooler_unexpected() {
-    let dir = PathBuf::from(
-        std::fs::read_to_string(fixture().join("minilm_dir.txt"))
-            .unwrap()
-            .trim(),
-    );
+    let dir = PathBuf::from(std::fs::read_to_string(fixture().join("minilm_dir.txt")).unwrap().trim());
     let (model, report) = MaskedLm::load_dir(&dir, Device::Cpu).unwrap();
     assert_eq!(
         report.missing,
@@ -432,13 +368,8 @@ fn minilm_base_model_loads_with_head_missing_and_pooler_unexpected() {
             "cls.predictions.transform.dense.weight",
         ]
     );
-    assert_eq!(
-        report.unexpected,
-        ["pooler.dense.bias", "pooler.dense.weight"]
-    );
-    let hidden = tch::no_grad(|| {
-        model.forward_hidden(&reference("input_ids"), &reference("attention_mask"), false)
-    });
+    assert_eq!(report.unexpected, ["pooler.dense.bias", "pooler.dense.weight"]);
+    let hidden = tch::no_grad(|| model.forward_hidden(&reference("input_ids"), &reference("attention_mask"), false));
     let (non_pad, all) = max_abs_diff(&hidden, &reference("minilm_hidden"));
     println!("MiniLM last_hidden_state: {non_pad:.3e} (non-pad), {all:.3e} (all)");
     assert!(non_pad < TOL && all < TOL);
@@ -457,19 +388,8 @@ fn bf16_copies_run_forward_close_to_fp32() {
     for arch in ["bert", "distilbert", "roberta", "deberta"] {
         let model = load_clean(&fixture().join(arch));
         let bf16 = model.to_kind_copy(Kind::BFloat16).unwrap();
-        assert!(bf16
-            .vs
-            .variables()
-            .values()
-            .all(|t| t.kind() == Kind::BFloat16));
-        assert!(
-            model
-                .vs
-                .variables()
-                .values()
-                .all(|t| t.kind() == Kind::Float),
-            "master weights untouched"
-        );
+        assert!(bf16.vs.variables().values().all(|t| t.kind() == Kind::BFloat16));
+        assert!(model.vs.variables().values().all(|t| t.kind() == Kind::Float), "master weights untouched");
         let logits = our_logits_on(arch, &bf16);
         assert_eq!(logits.kind(), Kind::BFloat16);
         let (non_pad, _) = max_abs_diff_on(arch, &logits, &reference_logits(arch));
@@ -481,18 +401,9 @@ fn bf16_copies_run_forward_close_to_fp32() {
 #[test]
 fn missing_weights_file_error_names_the_directory() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        fixture().join("bert/config.json"),
-        dir.path().join("config.json"),
-    )
-    .unwrap();
-    let err = MaskedLm::load_dir(dir.path(), Device::Cpu)
-        .err()
-        .expect("no weights must fail");
-    assert!(
-        format!("{err:#}").contains(&dir.path().display().to_string()),
-        "{err:#}"
-    );
+    std::fs::copy(fixture().join("bert/config.json"), dir.path().join("config.json")).unwrap();
+    let err = MaskedLm::load_dir(dir.path(), Device::Cpu).err().expect("no weights must fail");
+    assert!(format!("{err:#}").contains(&dir.path().display().to_string()), "{err:#}");
 }
 
 /// `mlm fill-mask` against HF's fill-mask pipeline on the same directory and
@@ -500,32 +411,18 @@ fn missing_weights_file_error_names_the_directory() {
 /// `fill_mask/{arch}.jsonl`).
 fn fill_mask_matches_pipeline(arch: &str) {
     let dir = fixture().join(arch);
-    let text = if arch == "roberta" {
-        "The capital of France is <mask>."
-    } else {
-        "The capital of France is [MASK]."
-    };
+    let text = if arch == "roberta" { "The capital of France is <mask>." } else { "The capital of France is [MASK]." };
     let ours = Command::new(env!("CARGO_BIN_EXE_mlm"))
         .args(["fill-mask", "--top-k", "5", "--model"])
         .arg(&dir)
         .arg(text)
         .output()
         .unwrap();
-    assert!(
-        ours.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ours.stderr)
-    );
-    let ours: Vec<serde_json::Value> = String::from_utf8_lossy(&ours.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let hf =
-        std::fs::read_to_string(fixture().join("fill_mask").join(format!("{arch}.jsonl"))).unwrap();
-    let hf: Vec<serde_json::Value> = hf
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    assert!(ours.status.success(), "{}", String::from_utf8_lossy(&ours.stderr));
+    let ours: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&ours.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let hf = std::fs::read_to_string(fixture().join("fill_mask").join(format!("{arch}.jsonl"))).unwrap();
+    let hf: Vec<serde_json::Value> = hf.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(ours.len(), 5);
     assert_eq!(hf.len(), 5);
     for (o, h) in ours.iter().zip(&hf) {

@@ -54,9 +54,9 @@ pub fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("MLM_PYTHON") {
         return PathBuf::from(p);
     }
-    let venv = std::env::var_os("MLM_VENV").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/mlm/venv")
-    });
+    let venv = std::env::var_os("MLM_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/mlm/venv"));
     venv.join("bin/python")
 }
 

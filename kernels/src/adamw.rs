@@ -37,10 +37,7 @@ const CHUNK: usize = 1 << 15;
 /// Runs one AdamW step over `b`; elements `[0, n_decay)` get weight decay.
 pub fn step(s: &Step, n_decay: usize, b: Buffers<'_>) {
     let n = b.param.len();
-    assert!(
-        b.grad.len() == n && b.exp_avg.len() == n && b.exp_avg_sq.len() == n,
-        "AdamW buffers differ in length"
-    );
+    assert!(b.grad.len() == n && b.exp_avg.len() == n && b.exp_avg_sq.len() == n, "AdamW buffers differ in length");
     let shadow_chunks: Vec<Option<&mut [u16]>> = match b.shadow {
         Some(sh) => {
             assert_eq!(sh.len(), n, "bf16 shadow differs in length");
@@ -92,7 +89,15 @@ fn pick_kernel() -> Kernel {
     update_portable
 }
 
-fn update_portable(s: &Step, decay: f32, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], sh: Option<&mut [u16]>) {
+fn update_portable(
+    s: &Step,
+    decay: f32,
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    sh: Option<&mut [u16]>,
+) {
     update(s, decay, p, g, m, v, sh)
 }
 
@@ -191,15 +196,8 @@ mod tests {
     #[test]
     fn fused_step_equals_the_plain_loop_bit_for_bit_and_fills_the_shadow() {
         let n = 3 * CHUNK + 1234;
-        let s = Step {
-            step_size: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            bc2_sqrt: 0.3,
-            decay: 0.99,
-            grad_scale: 0.7,
-        };
+        let s =
+            Step { step_size: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, bc2_sqrt: 0.3, decay: 0.99, grad_scale: 0.7 };
         for n_decay in [0, 17, CHUNK, 2 * CHUNK + 5, n] {
             let (mut p, g) = (values(n, 1, 2.0), values(n, 2, 1.0));
             let (mut m, mut v) = (values(n, 3, 0.1), values(n, 4, 0.01).iter().map(|x| x.abs()).collect::<Vec<_>>());
@@ -218,7 +216,8 @@ mod tests {
     #[test]
     fn every_instruction_set_variant_gives_the_same_bits() {
         let n = 1000;
-        let s = Step { step_size: 0.01, beta1: 0.8, beta2: 0.99, eps: 1e-6, bc2_sqrt: 0.5, decay: 0.9, grad_scale: 1.0 };
+        let s =
+            Step { step_size: 0.01, beta1: 0.8, beta2: 0.99, eps: 1e-6, bc2_sqrt: 0.5, decay: 0.9, grad_scale: 1.0 };
         let run = |k: Kernel| {
             let (mut p, g, mut m) = (values(n, 5, 1.0), values(n, 6, 1.0), values(n, 7, 0.1));
             let mut v: Vec<f32> = values(n, 8, 0.1).iter().map(|x| x * x).collect();

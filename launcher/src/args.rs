@@ -74,7 +74,9 @@ pub fn plan(args: &Args, visible: Option<Vec<String>>) -> Result<Vec<Slot>> {
     match visible {
         _ if cpu => Ok(vec![Slot::Cpu]),
         Some(v) if !v.is_empty() => Ok(v.into_iter().map(Slot::Gpu).collect()),
-        _ if args.device == "cuda" => bail!("--device cuda but no GPU is visible (nvidia-smi -L, CUDA_VISIBLE_DEVICES)"),
+        _ if args.device == "cuda" => {
+            bail!("--device cuda but no GPU is visible (nvidia-smi -L, CUDA_VISIBLE_DEVICES)")
+        }
         _ => Ok(vec![Slot::Cpu]),
     }
 }
@@ -88,11 +90,8 @@ pub enum GpuSpec {
 pub fn parse_gpus(spec: &str) -> Result<GpuSpec> {
     let bad = || format!("--gpus {spec:?}: expected a count (4) or a list of GPU indices (0,2,3)");
     if spec.contains(',') {
-        let list: Vec<usize> = spec
-            .split(',')
-            .map(|s| s.trim().parse::<usize>())
-            .collect::<Result<_, _>>()
-            .with_context(bad)?;
+        let list: Vec<usize> =
+            spec.split(',').map(|s| s.trim().parse::<usize>()).collect::<Result<_, _>>().with_context(bad)?;
         let mut sorted = list.clone();
         sorted.sort_unstable();
         sorted.dedup();
@@ -160,8 +159,14 @@ mod tests {
     #[test]
     fn gpu_count_and_list_index_the_visible_devices() {
         let plan_gpus = |a: &[&str], vis| plan(&args(a), vis).unwrap();
-        assert_eq!(plan_gpus(&["--gpus", "2"], gpus(&["4", "5", "6"])), vec![Slot::Gpu("4".into()), Slot::Gpu("5".into())]);
-        assert_eq!(plan_gpus(&["--gpus", "0,2"], gpus(&["4", "5", "6"])), vec![Slot::Gpu("4".into()), Slot::Gpu("6".into())]);
+        assert_eq!(
+            plan_gpus(&["--gpus", "2"], gpus(&["4", "5", "6"])),
+            vec![Slot::Gpu("4".into()), Slot::Gpu("5".into())]
+        );
+        assert_eq!(
+            plan_gpus(&["--gpus", "0,2"], gpus(&["4", "5", "6"])),
+            vec![Slot::Gpu("4".into()), Slot::Gpu("6".into())]
+        );
         assert_eq!(plan_gpus(&["--gpus", "0,2,3"], None).len(), 3);
         assert_eq!(plan_gpus(&[], gpus(&["0", "1"])), vec![Slot::Gpu("0".into()), Slot::Gpu("1".into())]);
         assert!(plan(&args(&["--gpus", "3"]), gpus(&["0"])).unwrap_err().to_string().contains("only 1 visible"));

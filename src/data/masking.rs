@@ -69,7 +69,11 @@ impl MaskingParams {
     /// replaced by the mask token.
     fn random_given_not_mask(&self) -> f64 {
         let rest = 1.0 - self.mask_replace_prob;
-        if rest <= 0.0 { 0.0 } else { (self.random_replace_prob / rest).min(1.0) }
+        if rest <= 0.0 {
+            0.0
+        } else {
+            (self.random_replace_prob / rest).min(1.0)
+        }
     }
 }
 
@@ -165,7 +169,11 @@ pub fn mask_chunk_words(
                 if w.get(pos) {
                     word_chosen = draw;
                 }
-                if word_chosen && !p.special(tok) { replacement(p, &mut r) } else { MaskAction::Skip }
+                if word_chosen && !p.special(tok) {
+                    replacement(p, &mut r)
+                } else {
+                    MaskAction::Skip
+                }
             }
         };
         let (input, label) = match action {
@@ -365,6 +373,9 @@ mod tests {
         p.mask_replace_prob = 1.0;
         p.random_replace_prob = 0.0;
         let (toks, ids, labels) = mask_corpus(&p, 3, 0);
-        assert!(toks.iter().zip(ids.iter().zip(&labels)).all(|(_, (&i, &l))| l == IGNORE_INDEX || i == p.mask_id as i64));
+        assert!(toks
+            .iter()
+            .zip(ids.iter().zip(&labels))
+            .all(|(_, (&i, &l))| l == IGNORE_INDEX || i == p.mask_id as i64));
     }
 }

@@ -330,7 +330,11 @@ mod tests {
     #[test]
     fn jsonl_takes_the_text_field_and_names_bad_lines() {
         let d = tempfile::tempdir().unwrap();
-        let p = write(d.path(), "a.jsonl", b"{\"text\": \"hello\", \"id\": 1}\n\n{\"text\": \"  \"}\n{\"text\": \"bye\"}\n");
+        let p = write(
+            d.path(),
+            "a.jsonl",
+            b"{\"text\": \"hello\", \"id\": 1}\n\n{\"text\": \"  \"}\n{\"text\": \"bye\"}\n",
+        );
         assert_eq!(read_documents(&p, &cfg(DocumentBoundary::BlankLine)).unwrap(), vec!["hello", "bye"]);
         for (body, needle) in [
             (&b"{\"text\": \"ok\"}\n{\"text\": oops}\n"[..], "b.jsonl:2: invalid JSON"),
@@ -379,7 +383,8 @@ mod tests {
         let forced = DataConfig { format: InputFormat::Parquet, ..c.clone() };
         assert_eq!(read_documents(&q, &forced).unwrap(), vec!["a", "b"]);
 
-        let e = format!("{:#}", read_documents(&p, &DataConfig { text_field: "body".into(), ..c.clone() }).unwrap_err());
+        let e =
+            format!("{:#}", read_documents(&p, &DataConfig { text_field: "body".into(), ..c.clone() }).unwrap_err());
         assert!(e.contains("wiki.parquet: no column \"body\" (columns: id, url, title, text)"), "{e}");
         let n = d.path().join("num.parquet");
         testutil::write_parquet(&n, vec![("text", Arc::new(Int64Array::from(vec![1, 2])) as _)], 1024);

@@ -59,9 +59,14 @@ impl Manifest {
     pub fn read(dir: &Path) -> Result<Self> {
         let p = dir.join(MANIFEST);
         let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
-        let m: Manifest = serde_json::from_str(&text).with_context(|| format!("{} is not a valid manifest", p.display()))?;
+        let m: Manifest =
+            serde_json::from_str(&text).with_context(|| format!("{} is not a valid manifest", p.display()))?;
         if m.format_version != FORMAT_VERSION {
-            bail!("{}: format_version {} (expected {FORMAT_VERSION}); prepare the data again", p.display(), m.format_version);
+            bail!(
+                "{}: format_version {} (expected {FORMAT_VERSION}); prepare the data again",
+                p.display(),
+                m.format_version
+            );
         }
         Ok(m)
     }
@@ -273,7 +278,8 @@ pub fn write_tokens<'a>(path: &Path, chunks: impl IntoIterator<Item = &'a [u32]>
         buf.extend(c.iter().flat_map(|t| t.to_le_bytes()));
         w.write_all(&buf).with_context(|| format!("cannot write {}", path.display()))?;
     }
-    let file = w.into_inner().map_err(|e| e.into_error()).with_context(|| format!("cannot write {}", path.display()))?;
+    let file =
+        w.into_inner().map_err(|e| e.into_error()).with_context(|| format!("cannot write {}", path.display()))?;
     file.sync_all().with_context(|| format!("cannot sync {}", path.display()))
 }
 
@@ -288,7 +294,8 @@ pub fn write_word_starts<'a>(path: &Path, chunks: impl IntoIterator<Item = &'a [
         pack_word_starts(c, &mut buf);
         w.write_all(&buf).with_context(|| format!("cannot write {}", path.display()))?;
     }
-    let file = w.into_inner().map_err(|e| e.into_error()).with_context(|| format!("cannot write {}", path.display()))?;
+    let file =
+        w.into_inner().map_err(|e| e.into_error()).with_context(|| format!("cannot write {}", path.display()))?;
     file.sync_all().with_context(|| format!("cannot sync {}", path.display()))
 }
 

@@ -24,10 +24,8 @@ pub fn tokenizer() -> &'static TextTokenizer {
 
 /// Python's reST documentation sources, sorted.
 pub fn corpus_files() -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = glob::glob("/usr/share/doc/python3.11/html/_sources/**/*.rst.txt")
-        .unwrap()
-        .map(|p| p.unwrap())
-        .collect();
+    let mut v: Vec<PathBuf> =
+        glob::glob("/usr/share/doc/python3.11/html/_sources/**/*.rst.txt").unwrap().map(|p| p.unwrap()).collect();
     v.sort();
     assert!(!v.is_empty(), "test corpus missing: /usr/share/doc/python3.11/html/_sources");
     v

@@ -52,16 +52,17 @@ impl TextTokenizer {
         let mut inner = tokenizers::Tokenizer::from_bytes(&bytes)
             .map_err(|e| anyhow!("{} is not a valid tokenizer.json: {e}", path.display()))?;
         inner.with_padding(None);
-        inner
-            .with_truncation(None)
-            .map_err(|e| anyhow!("{}: cannot disable truncation: {e}", path.display()))?;
+        inner.with_truncation(None).map_err(|e| anyhow!("{}: cannot disable truncation: {e}", path.display()))?;
         let added = inner.get_added_tokens_decoder();
         let mut special: Vec<(u32, String)> =
             added.iter().filter(|(_, t)| t.special).map(|(&id, t)| (id, t.content.clone())).collect();
         special.sort();
         let find = |names: &[&str]| special.iter().find(|(_, c)| names.contains(&c.as_str())).map(|(id, _)| *id);
         let Some(mask_id) = find(&["[MASK]", "<mask>"]) else {
-            bail!("{}: no mask token (a special token \"[MASK]\" or \"<mask>\"); an MLM tokenizer needs one", path.display());
+            bail!(
+                "{}: no mask token (a special token \"[MASK]\" or \"<mask>\"); an MLM tokenizer needs one",
+                path.display()
+            );
         };
         let Some(pad_id) = find(&["[PAD]", "<pad>"]) else {
             bail!("{}: no padding token (a special token \"[PAD]\" or \"<pad>\")", path.display());
@@ -92,10 +93,8 @@ impl TextTokenizer {
         if self.fast.is_some() {
             return Ok(self.encode_document_words(text)?.0);
         }
-        let enc = self
-            .inner
-            .encode(text, true)
-            .map_err(|e| anyhow!("tokenizer {} failed: {e}", self.path.display()))?;
+        let enc =
+            self.inner.encode(text, true).map_err(|e| anyhow!("tokenizer {} failed: {e}", self.path.display()))?;
         Ok(enc.get_ids().to_vec())
     }
 

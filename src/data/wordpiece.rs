@@ -372,7 +372,11 @@ fn special_tokens(p: &Value) -> Result<(Vec<u32>, Vec<u32>), String> {
                         .as_array()
                         .and_then(|a| a.iter().map(as_u32).collect::<Option<Vec<u32>>>())
                         .ok_or_else(|| format!("special token {name:?} of the template has no ids"))?;
-                    if seen { after.extend(ids) } else { before.extend(ids) }
+                    if seen {
+                        after.extend(ids)
+                    } else {
+                        before.extend(ids)
+                    }
                 } else {
                     return Err(bad());
                 }
@@ -555,16 +559,23 @@ mod tests {
         let text = std::fs::read_to_string(&testutil::corpus_files()[3]).unwrap();
         let variants: [(&str, Edit); 6] = [
             ("cased", Box::new(|v| v["normalizer"]["lowercase"] = false.into())),
-            ("cased, accents stripped", Box::new(|v| {
-                v["normalizer"]["lowercase"] = false.into();
-                v["normalizer"]["strip_accents"] = true.into();
-            })),
+            (
+                "cased, accents stripped",
+                Box::new(|v| {
+                    v["normalizer"]["lowercase"] = false.into();
+                    v["normalizer"]["strip_accents"] = true.into();
+                }),
+            ),
             ("accents kept", Box::new(|v| v["normalizer"]["strip_accents"] = false.into())),
             ("no chinese handling", Box::new(|v| v["normalizer"]["handle_chinese_chars"] = false.into())),
             ("short words", Box::new(|v| v["model"]["max_input_chars_per_word"] = 5.into())),
-            ("BertProcessing", Box::new(|v| {
-                v["post_processor"] = json!({ "type": "BertProcessing", "sep": ["[SEP]", 102], "cls": ["[CLS]", 101] })
-            })),
+            (
+                "BertProcessing",
+                Box::new(|v| {
+                    v["post_processor"] =
+                        json!({ "type": "BertProcessing", "sep": ["[SEP]", 102], "cls": ["[CLS]", 101] })
+                }),
+            ),
         ];
         for (name, edit) in variants {
             let (tok, f) = load(&edited(edit));
@@ -600,13 +611,19 @@ mod tests {
             ("clean_text", Box::new(|v| v["normalizer"]["clean_text"] = false.into())),
             ("normalized text", Box::new(|v| v["added_tokens"][2]["normalized"] = true.into())),
             ("post_processor", Box::new(|v| v["post_processor"] = Value::Null)),
-            ("single template", Box::new(|v| {
-                v["post_processor"]["single"] = v["post_processor"]["pair"].clone();
-            })),
+            (
+                "single template",
+                Box::new(|v| {
+                    v["post_processor"]["single"] = v["post_processor"]["pair"].clone();
+                }),
+            ),
             ("model", Box::new(|v| v["model"]["type"] = "BPE".into())),
-            ("vocabulary", Box::new(|v| {
-                v["model"]["vocab"].as_object_mut().unwrap().remove("[UNK]");
-            })),
+            (
+                "vocabulary",
+                Box::new(|v| {
+                    v["model"]["vocab"].as_object_mut().unwrap().remove("[UNK]");
+                }),
+            ),
         ];
         for (needle, edit) in cases {
             let e = WordPieceFast::from_json(&edited(edit)).unwrap_err();

@@ -88,13 +88,7 @@ impl BertEmbeddings {
     fn new(p: &nn::Path, c: &BertConfig) -> Self {
         let std = c.initializer_range;
         Self {
-            word_embeddings: Embedding::new(
-                &(p / "word_embeddings"),
-                c.vocab_size,
-                c.hidden_size,
-                std,
-                c.pad_token_id,
-            ),
+            word_embeddings: Embedding::new(&(p / "word_embeddings"), c.vocab_size, c.hidden_size, std, c.pad_token_id),
             position_embeddings: Embedding::new(
                 &(p / "position_embeddings"),
                 c.max_position_embeddings,
@@ -157,18 +151,8 @@ impl BertAttention {
     /// `x` [b, s, h], `bias` [b, 1, 1, s] -> [b, s, h]
     fn forward(&self, x: &Tensor, bias: Option<&Tensor>, train: bool) -> Tensor {
         let p = if train { self.attention_dropout } else { 0.0 };
-        let ctx = attention(
-            &self.query.forward(x),
-            &self.key.forward(x),
-            &self.value.forward(x),
-            bias,
-            self.heads,
-            p,
-        );
-        let out = self
-            .output_dense
-            .forward(&ctx)
-            .dropout(self.hidden_dropout, train);
+        let ctx = attention(&self.query.forward(x), &self.key.forward(x), &self.value.forward(x), bias, self.heads, p);
+        let out = self.output_dense.forward(&ctx).dropout(self.hidden_dropout, train);
         self.output_layer_norm.forward(&(out + x))
     }
 }
@@ -190,23 +174,9 @@ impl BertLayer {
         let std = c.initializer_range;
         Self {
             attention: BertAttention::new(&(p / "attention"), c),
-            intermediate: Linear::new(
-                &(p / "intermediate" / "dense"),
-                c.hidden_size,
-                c.intermediate_size,
-                std,
-            ),
-            output: Linear::new(
-                &(p / "output" / "dense"),
-                c.intermediate_size,
-                c.hidden_size,
-                std,
-            ),
-            output_layer_norm: LayerNorm::new(
-                &(p / "output" / "LayerNorm"),
-                c.hidden_size,
-                c.layer_norm_eps,
-            ),
+            intermediate: Linear::new(&(p / "intermediate" / "dense"), c.hidden_size, c.intermediate_size, std),
+            output: Linear::new(&(p / "output" / "dense"), c.intermediate_size, c.hidden_size, std),
+            output_layer_norm: LayerNorm::new(&(p / "output" / "LayerNorm"), c.hidden_size, c.layer_norm_eps),
             act,
             dropout: c.hidden_dropout_prob,
         }
@@ -215,10 +185,7 @@ impl BertLayer {
     /// `x` [b, s, h], `bias` [b, 1, 1, s] (from `additive_mask`; `None`: no padding) -> [b, s, h]
     pub(super) fn forward(&self, x: &Tensor, bias: Option<&Tensor>, train: bool) -> Tensor {
         let x = self.attention.forward(x, bias, train);
-        let y = self
-            .output
-            .forward(&self.act.forward(&self.intermediate.forward(&x)))
-            .dropout(self.dropout, train);
+        let y = self.output.forward(&self.act.forward(&self.intermediate.forward(&x))).dropout(self.dropout, train);
         self.output_layer_norm.forward(&(y + x))
     }
 }
@@ -236,12 +203,7 @@ impl BertLmHead {
     fn new(p: &nn::Path, c: &BertConfig, act: Activation) -> Self {
         let t = p / "transform";
         Self {
-            dense: Linear::new(
-                &(&t / "dense"),
-                c.hidden_size,
-                c.hidden_size,
-                c.initializer_range,
-            ),
+            dense: Linear::new(&(&t / "dense"), c.hidden_size, c.hidden_size, c.initializer_range),
             layer_norm: LayerNorm::new(&(&t / "LayerNorm"), c.hidden_size, c.layer_norm_eps),
             bias: p.zeros("bias", &[c.vocab_size]),
             act,
@@ -250,9 +212,7 @@ impl BertLmHead {
 
     /// `x` [..., h], `decoder` = word embeddings [vocab, h] -> [..., vocab]
     fn forward(&self, x: &Tensor, decoder: &Tensor) -> Tensor {
-        let x = self
-            .layer_norm
-            .forward(&self.act.forward(&self.dense.forward(x)));
+        let x = self.layer_norm.forward(&self.act.forward(&self.dense.forward(x)));
         x.linear(decoder, Some(&self.bias))
     }
 }
@@ -283,12 +243,7 @@ impl BertForMaskedLM {
     }
 
     /// `input_ids`, `attention_mask` [b, s] -> last hidden state [b, s, h]
-    pub fn forward_hidden(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        train: bool,
-    ) -> Tensor {
+    pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
         let mut x = self.embeddings.forward(input_ids, train);
         let bias = additive_mask(attention_mask, x.kind());
         for layer in &self.layers {
@@ -299,7 +254,6 @@ impl BertForMaskedLM {
 
     /// `hidden` [..., h] -> logits [..., vocab]
     pub fn mlm_head(&self, hidden: &Tensor) -> Tensor {
-        self.head
-            .forward(hidden, &self.embeddings.word_embeddings.weight)
+        self.head.forward(hidden, &self.embeddings.word_embeddings.weight)
     }
 }

@@ -41,11 +41,7 @@ impl PosAttType {
     fn entries(&self) -> Vec<String> {
         match self {
             Self::List(v) => v.clone(),
-            Self::Joined(s) => s
-                .to_lowercase()
-                .split('|')
-                .map(|x| x.trim().to_string())
-                .collect(),
+            Self::Joined(s) => s.to_lowercase().split('|').map(|x| x.trim().to_string()).collect(),
         }
     }
 }
@@ -149,11 +145,7 @@ impl DebertaV2Config {
     }
 
     fn norm_rel_parts(&self) -> Vec<String> {
-        self.norm_rel_ebd
-            .to_lowercase()
-            .split('|')
-            .map(|x| x.trim().to_string())
-            .collect()
+        self.norm_rel_ebd.to_lowercase().split('|').map(|x| x.trim().to_string()).collect()
     }
 
     /// Refuses what this implementation does not compute as HF does, naming the key.
@@ -175,29 +167,15 @@ impl DebertaV2Config {
         if let Some(size) = self.attention_head_size.filter(|&s| s != head_dim) {
             bail!("attention_head_size = {size} in config.json is not supported: only hidden_size / num_attention_heads = {head_dim}");
         }
-        let entries = self
-            .pos_att_type
-            .as_ref()
-            .map(PosAttType::entries)
-            .unwrap_or_default();
-        if let Some(bad) = entries
-            .iter()
-            .find(|e| !matches!(e.as_str(), "c2p" | "p2c"))
-        {
+        let entries = self.pos_att_type.as_ref().map(PosAttType::entries).unwrap_or_default();
+        if let Some(bad) = entries.iter().find(|e| !matches!(e.as_str(), "c2p" | "p2c")) {
             bail!("pos_att_type entry {bad:?} in config.json is not supported (supported: \"c2p\", \"p2c\")");
         }
-        if let Some(bad) = self
-            .norm_rel_parts()
-            .iter()
-            .find(|p| !matches!(p.as_str(), "none" | "layer_norm"))
-        {
+        if let Some(bad) = self.norm_rel_parts().iter().find(|p| !matches!(p.as_str(), "none" | "layer_norm")) {
             bail!("norm_rel_ebd = {bad:?} in config.json is not supported (supported: \"none\", \"layer_norm\")");
         }
         if self.embedding_dim() <= 0 {
-            bail!(
-                "embedding_size = {} in config.json must be positive",
-                self.embedding_dim()
-            );
+            bail!("embedding_size = {} in config.json must be positive", self.embedding_dim());
         }
         if !self.legacy && self.embedding_dim() != self.hidden_size {
             bail!(
@@ -207,19 +185,14 @@ impl DebertaV2Config {
             );
         }
         if self.type_vocab_size < 0 {
-            bail!(
-                "type_vocab_size = {} in config.json must be >= 0",
-                self.type_vocab_size
-            );
+            bail!("type_vocab_size = {} in config.json must be >= 0", self.type_vocab_size);
         }
         if self.relative_attention && self.position_buckets <= 0 && self.max_relative() < 1 {
-            bail!("relative_attention = true needs max_relative_positions or max_position_embeddings >= 1 in config.json");
+            bail!(
+                "relative_attention = true needs max_relative_positions or max_position_embeddings >= 1 in config.json"
+            );
         }
-        let span = if self.position_buckets > 0 {
-            self.position_buckets
-        } else {
-            self.max_relative()
-        };
+        let span = if self.position_buckets > 0 { self.position_buckets } else { self.max_relative() };
         let spec = AttentionSpec {
             hidden: self.hidden_size,
             heads: self.num_attention_heads,
@@ -255,33 +228,13 @@ impl DebertaEmbeddings {
     fn new(p: &nn::Path, c: &DebertaV2Config) -> Self {
         let (e, std) = (c.embedding_dim(), c.initializer_range);
         Self {
-            word_embeddings: Embedding::new(
-                &(p / "word_embeddings"),
-                c.vocab_size,
-                e,
-                std,
-                c.pad_token_id,
-            ),
-            position_embeddings: c.position_biased_input.then(|| {
-                Embedding::new(
-                    &(p / "position_embeddings"),
-                    c.max_position_embeddings,
-                    e,
-                    std,
-                    None,
-                )
-            }),
-            token_type_embeddings: (c.type_vocab_size > 0).then(|| {
-                Embedding::new(
-                    &(p / "token_type_embeddings"),
-                    c.type_vocab_size,
-                    e,
-                    std,
-                    None,
-                )
-            }),
-            embed_proj: (e != c.hidden_size)
-                .then(|| (p / "embed_proj").randn("weight", &[c.hidden_size, e], 0.0, std)),
+            word_embeddings: Embedding::new(&(p / "word_embeddings"), c.vocab_size, e, std, c.pad_token_id),
+            position_embeddings: c
+                .position_biased_input
+                .then(|| Embedding::new(&(p / "position_embeddings"), c.max_position_embeddings, e, std, None)),
+            token_type_embeddings: (c.type_vocab_size > 0)
+                .then(|| Embedding::new(&(p / "token_type_embeddings"), c.type_vocab_size, e, std, None)),
+            embed_proj: (e != c.hidden_size).then(|| (p / "embed_proj").randn("weight", &[c.hidden_size, e], 0.0, std)),
             layer_norm: LayerNorm::new(&(p / "LayerNorm"), c.hidden_size, c.layer_norm_eps),
             dropout: c.hidden_dropout_prob,
         }
@@ -347,15 +300,9 @@ impl DebertaLayer {
         train: bool,
     ) -> Tensor {
         let ctx = self.attention.forward(x, mask, rel, rel_pos, train);
-        let y = self
-            .attention_output
-            .forward(&ctx)
-            .dropout(self.dropout, train);
+        let y = self.attention_output.forward(&ctx).dropout(self.dropout, train);
         let x = self.attention_layer_norm.forward(&(y + x));
-        let y = self
-            .output
-            .forward(&self.act.forward(&self.intermediate.forward(&x)))
-            .dropout(self.dropout, train);
+        let y = self.output.forward(&self.act.forward(&self.intermediate.forward(&x))).dropout(self.dropout, train);
         self.output_layer_norm.forward(&(y + x))
     }
 }
@@ -383,9 +330,7 @@ impl DebertaLmHead {
 
     /// `x` [..., h], `decoder` = word embeddings [vocab, e] -> [..., vocab]
     fn forward(&self, x: &Tensor, decoder: &Tensor) -> Tensor {
-        let x = self
-            .layer_norm
-            .forward(&self.act.forward(&self.dense.forward(x)));
+        let x = self.layer_norm.forward(&self.act.forward(&self.dense.forward(x)));
         x.linear(decoder, Some(&self.bias))
     }
 }
@@ -423,13 +368,7 @@ impl DebertaV2ForMaskedLM {
             embeddings: DebertaEmbeddings::new(&(&base / "embeddings"), &config),
             layers,
             rel_embeddings: spec.relative_attention.then(|| {
-                Embedding::new(
-                    &(&encoder / "rel_embeddings"),
-                    2 * spec.span,
-                    h,
-                    config.initializer_range,
-                    None,
-                )
+                Embedding::new(&(&encoder / "rel_embeddings"), 2 * spec.span, h, config.initializer_range, None)
             }),
             rel_layer_norm,
             head: DebertaLmHead::new(&(root / "cls" / "predictions"), &config, act),
@@ -439,31 +378,19 @@ impl DebertaV2ForMaskedLM {
     }
 
     /// `input_ids`, `attention_mask` [b, s] -> last hidden state [b, s, h]
-    pub fn forward_hidden(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        train: bool,
-    ) -> Tensor {
+    pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
         let mut x = self.embeddings.forward(input_ids, attention_mask, train);
         let mask = pair_mask(attention_mask);
         let s = input_ids.size()[1];
         let rel_pos = self.spec.relative_attention.then(|| {
-            relative_positions(
-                s,
-                self.spec.position_buckets,
-                self.spec.max_relative_positions,
-            )
-            .to_device(input_ids.device())
+            relative_positions(s, self.spec.position_buckets, self.spec.max_relative_positions)
+                .to_device(input_ids.device())
         });
         // [2 span, h]
-        let rel = self
-            .rel_embeddings
-            .as_ref()
-            .map(|e| match &self.rel_layer_norm {
-                Some(ln) => ln.forward(&e.weight),
-                None => e.weight.shallow_clone(),
-            });
+        let rel = self.rel_embeddings.as_ref().map(|e| match &self.rel_layer_norm {
+            Some(ln) => ln.forward(&e.weight),
+            None => e.weight.shallow_clone(),
+        });
         for layer in &self.layers {
             x = layer.forward(&x, &mask, rel.as_ref(), rel_pos.as_ref(), train);
         }
@@ -472,7 +399,6 @@ impl DebertaV2ForMaskedLM {
 
     /// `hidden` [..., h] -> logits [..., vocab]
     pub fn mlm_head(&self, hidden: &Tensor) -> Tensor {
-        self.head
-            .forward(hidden, &self.embeddings.word_embeddings.weight)
+        self.head.forward(hidden, &self.embeddings.word_embeddings.weight)
     }
 }

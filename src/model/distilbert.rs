@@ -56,11 +56,7 @@ impl Default for DistilBertConfig {
 impl DistilBertConfig {
     fn validate(&self) -> Result<Activation> {
         if self.n_heads <= 0 || self.dim % self.n_heads != 0 {
-            bail!(
-                "dim {} in config.json is not a multiple of n_heads {}",
-                self.dim,
-                self.n_heads
-            );
+            bail!("dim {} in config.json is not a multiple of n_heads {}", self.dim, self.n_heads);
         }
         Activation::parse(&self.activation)
     }
@@ -78,13 +74,8 @@ struct Embeddings {
 impl Embeddings {
     fn new(p: &nn::Path, c: &DistilBertConfig) -> Self {
         let std = c.initializer_range;
-        let mut position_embeddings = Embedding::new(
-            &(p / "position_embeddings"),
-            c.max_position_embeddings,
-            c.dim,
-            std,
-            None,
-        );
+        let mut position_embeddings =
+            Embedding::new(&(p / "position_embeddings"), c.max_position_embeddings, c.dim, std, None);
         if c.sinusoidal_pos_embds {
             tch::no_grad(|| {
                 let table = sinusoidal_table(c.max_position_embeddings, c.dim);
@@ -92,13 +83,7 @@ impl Embeddings {
             });
         }
         Self {
-            word_embeddings: Embedding::new(
-                &(p / "word_embeddings"),
-                c.vocab_size,
-                c.dim,
-                std,
-                c.pad_token_id,
-            ),
+            word_embeddings: Embedding::new(&(p / "word_embeddings"), c.vocab_size, c.dim, std, c.pad_token_id),
             position_embeddings,
             layer_norm: LayerNorm::new(&(p / "LayerNorm"), c.dim, LAYER_NORM_EPS),
             dropout: c.dropout,
@@ -109,8 +94,7 @@ impl Embeddings {
     fn forward(&self, input_ids: &Tensor, train: bool) -> Tensor {
         let s = input_ids.size()[1];
         let positions = Tensor::arange(s, (tch::Kind::Int64, input_ids.device()));
-        let x =
-            self.word_embeddings.forward(input_ids) + self.position_embeddings.forward(&positions);
+        let x = self.word_embeddings.forward(input_ids) + self.position_embeddings.forward(&positions);
         self.layer_norm.forward(&x).dropout(self.dropout, train)
     }
 }
@@ -169,22 +153,11 @@ impl TransformerBlock {
     /// `x` [b, s, dim], `bias` [b, 1, 1, s] -> [b, s, dim]
     fn forward(&self, x: &Tensor, bias: Option<&Tensor>, train: bool) -> Tensor {
         let p = if train { self.attention_dropout } else { 0.0 };
-        let ctx = attention(
-            &self.q_lin.forward(x),
-            &self.k_lin.forward(x),
-            &self.v_lin.forward(x),
-            bias,
-            self.heads,
-            p,
-        );
+        let ctx =
+            attention(&self.q_lin.forward(x), &self.k_lin.forward(x), &self.v_lin.forward(x), bias, self.heads, p);
         // HF's DistilBERT applies no dropout to the attention output projection.
-        let x = self
-            .sa_layer_norm
-            .forward(&(self.out_lin.forward(&ctx) + x));
-        let y = self
-            .lin2
-            .forward(&self.act.forward(&self.lin1.forward(&x)))
-            .dropout(self.dropout, train);
+        let x = self.sa_layer_norm.forward(&(self.out_lin.forward(&ctx) + x));
+        let y = self.lin2.forward(&self.act.forward(&self.lin1.forward(&x))).dropout(self.dropout, train);
         self.output_layer_norm.forward(&(y + x))
     }
 }
@@ -213,17 +186,8 @@ impl DistilBertForMaskedLM {
         Ok(Self {
             embeddings: Embeddings::new(&(&base / "embeddings"), &config),
             layers,
-            vocab_transform: Linear::new(
-                &(root / "vocab_transform"),
-                config.dim,
-                config.dim,
-                config.initializer_range,
-            ),
-            vocab_layer_norm: LayerNorm::new(
-                &(root / "vocab_layer_norm"),
-                config.dim,
-                LAYER_NORM_EPS,
-            ),
+            vocab_transform: Linear::new(&(root / "vocab_transform"), config.dim, config.dim, config.initializer_range),
+            vocab_layer_norm: LayerNorm::new(&(root / "vocab_layer_norm"), config.dim, LAYER_NORM_EPS),
             vocab_projector_bias: (root / "vocab_projector").zeros("bias", &[config.vocab_size]),
             act,
             config,
@@ -231,12 +195,7 @@ impl DistilBertForMaskedLM {
     }
 
     /// `input_ids`, `attention_mask` [b, s] -> last hidden state [b, s, dim]
-    pub fn forward_hidden(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        train: bool,
-    ) -> Tensor {
+    pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
         let mut x = self.embeddings.forward(input_ids, train);
         let bias = additive_mask(attention_mask, x.kind());
         for layer in &self.layers {
@@ -249,9 +208,6 @@ impl DistilBertForMaskedLM {
     pub fn mlm_head(&self, hidden: &Tensor) -> Tensor {
         let x = self.act.forward(&self.vocab_transform.forward(hidden));
         let x = self.vocab_layer_norm.forward(&x);
-        x.linear(
-            &self.embeddings.word_embeddings.weight,
-            Some(&self.vocab_projector_bias),
-        )
+        x.linear(&self.embeddings.word_embeddings.weight, Some(&self.vocab_projector_bias))
     }
 }

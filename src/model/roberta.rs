@@ -131,20 +131,8 @@ impl RobertaEmbeddings {
         let (h, std, pad) = (c.hidden_size, c.initializer_range, Some(c.pad_token_id));
         Self {
             word_embeddings: Embedding::new(&(p / "word_embeddings"), c.vocab_size, h, std, pad),
-            position_embeddings: Embedding::new(
-                &(p / "position_embeddings"),
-                c.max_position_embeddings,
-                h,
-                std,
-                pad,
-            ),
-            token_type_embeddings: Embedding::new(
-                &(p / "token_type_embeddings"),
-                c.type_vocab_size,
-                h,
-                std,
-                None,
-            ),
+            position_embeddings: Embedding::new(&(p / "position_embeddings"), c.max_position_embeddings, h, std, pad),
+            token_type_embeddings: Embedding::new(&(p / "token_type_embeddings"), c.type_vocab_size, h, std, None),
             layer_norm: LayerNorm::new(&(p / "LayerNorm"), h, c.layer_norm_eps),
             padding_idx: c.pad_token_id,
             dropout: c.hidden_dropout_prob,
@@ -219,12 +207,7 @@ impl RobertaForMaskedLM {
     }
 
     /// `input_ids`, `attention_mask` [b, s] -> last hidden state [b, s, h]
-    pub fn forward_hidden(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        train: bool,
-    ) -> Tensor {
+    pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
         let mut x = self.embeddings.forward(input_ids, train);
         let bias = additive_mask(attention_mask, x.kind());
         for layer in &self.layers {
@@ -235,8 +218,7 @@ impl RobertaForMaskedLM {
 
     /// `hidden` [..., h] -> logits [..., vocab]
     pub fn mlm_head(&self, hidden: &Tensor) -> Tensor {
-        self.head
-            .forward(hidden, &self.embeddings.word_embeddings.weight)
+        self.head.forward(hidden, &self.embeddings.word_embeddings.weight)
     }
 }
 

@@ -18,8 +18,7 @@ use tch::{Kind, Tensor};
 /// The tensors of the state dict in `path`, on the CPU, in file order.
 pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    parse(&bytes)
-        .with_context(|| format!("{}: not a readable torch.save state dict", path.display()))
+    parse(&bytes).with_context(|| format!("{}: not a readable torch.save state dict", path.display()))
 }
 
 fn parse(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
@@ -27,14 +26,10 @@ fn parse(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
     let pkl_name = entries
         .keys()
         .find(|n| n.ends_with("data.pkl"))
-        .ok_or_else(|| {
-            anyhow!("no data.pkl in the zip archive (a legacy, pre-1.6 torch.save file?)")
-        })?;
+        .ok_or_else(|| anyhow!("no data.pkl in the zip archive (a legacy, pre-1.6 torch.save file?)"))?;
     let prefix = pkl_name.trim_end_matches("data.pkl").to_string();
     let value = Unpickler::default().run(entries[pkl_name])?;
-    let V::Dict(items) = value else {
-        bail!("the pickle is not a dict")
-    };
+    let V::Dict(items) = value else { bail!("the pickle is not a dict") };
     let mut out = Vec::new();
     for (k, v) in items {
         let (V::Str(name), V::Tensor(t)) = (k, v) else {
@@ -45,9 +40,7 @@ fn parse(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
             .ok_or_else(|| anyhow!("storage {} of {name} is missing from the archive", t.key))?;
         let elt = t.kind.elt_size_in_bytes();
         let storage = Tensor::f_from_data_size(data, &[(data.len() / elt) as i64], t.kind)?;
-        let tensor = storage
-            .f_as_strided(t.size.as_slice(), t.stride.as_slice(), t.offset)?
-            .contiguous();
+        let tensor = storage.f_as_strided(t.size.as_slice(), t.stride.as_slice(), t.offset)?.contiguous();
         out.push((name, tensor));
     }
     Ok(out)
@@ -56,19 +49,13 @@ fn parse(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
 // ---- zip: just enough to find stored (uncompressed) entries -------------------
 
 fn u16_at(b: &[u8], i: usize) -> Result<u64> {
-    b.get(i..i + 2)
-        .map(|s| u16::from_le_bytes([s[0], s[1]]) as u64)
-        .ok_or_else(|| anyhow!("truncated zip"))
+    b.get(i..i + 2).map(|s| u16::from_le_bytes([s[0], s[1]]) as u64).ok_or_else(|| anyhow!("truncated zip"))
 }
 fn u32_at(b: &[u8], i: usize) -> Result<u64> {
-    b.get(i..i + 4)
-        .map(|s| u32::from_le_bytes(s.try_into().unwrap()) as u64)
-        .ok_or_else(|| anyhow!("truncated zip"))
+    b.get(i..i + 4).map(|s| u32::from_le_bytes(s.try_into().unwrap()) as u64).ok_or_else(|| anyhow!("truncated zip"))
 }
 fn u64_at(b: &[u8], i: usize) -> Result<u64> {
-    b.get(i..i + 8)
-        .map(|s| u64::from_le_bytes(s.try_into().unwrap()))
-        .ok_or_else(|| anyhow!("truncated zip"))
+    b.get(i..i + 8).map(|s| u64::from_le_bytes(s.try_into().unwrap())).ok_or_else(|| anyhow!("truncated zip"))
 }
 
 /// Entry name -> contents, from the central directory (zip64 included).
@@ -80,9 +67,7 @@ fn zip_entries(b: &[u8]) -> Result<HashMap<String, &[u8]>> {
         .ok_or_else(|| anyhow!("not a zip archive"))?;
     let (mut count, mut cd) = (u16_at(b, eocd + 10)?, u32_at(b, eocd + 16)?);
     if cd == 0xffff_ffff || count == 0xffff {
-        let locator = eocd
-            .checked_sub(20)
-            .ok_or_else(|| anyhow!("bad zip64 locator"))?;
+        let locator = eocd.checked_sub(20).ok_or_else(|| anyhow!("bad zip64 locator"))?;
         let rec = u64_at(b, locator + 8)? as usize;
         count = u64_at(b, rec + 32)?;
         cd = u64_at(b, rec + 48)?;
@@ -95,16 +80,10 @@ fn zip_entries(b: &[u8]) -> Result<HashMap<String, &[u8]>> {
         }
         let method = u16_at(b, p + 10)?;
         let (mut size, mut local) = (u32_at(b, p + 24)?, u32_at(b, p + 42)?);
-        let (name_len, extra_len, comment_len) = (
-            u16_at(b, p + 28)? as usize,
-            u16_at(b, p + 30)? as usize,
-            u16_at(b, p + 32)? as usize,
-        );
-        let name = String::from_utf8_lossy(
-            b.get(p + 46..p + 46 + name_len)
-                .ok_or_else(|| anyhow!("truncated zip"))?,
-        )
-        .into_owned();
+        let (name_len, extra_len, comment_len) =
+            (u16_at(b, p + 28)? as usize, u16_at(b, p + 30)? as usize, u16_at(b, p + 32)? as usize);
+        let name = String::from_utf8_lossy(b.get(p + 46..p + 46 + name_len).ok_or_else(|| anyhow!("truncated zip"))?)
+            .into_owned();
         // zip64 extra field: the 64-bit values of the fields set to 0xffffffff, in order.
         let mut e = p + 46 + name_len;
         let extra_end = e + extra_len;
@@ -130,9 +109,7 @@ fn zip_entries(b: &[u8]) -> Result<HashMap<String, &[u8]>> {
         }
         let l = local as usize;
         let start = l + 30 + u16_at(b, l + 26)? as usize + u16_at(b, l + 28)? as usize;
-        let data = b
-            .get(start..start + size as usize)
-            .ok_or_else(|| anyhow!("truncated zip entry {name}"))?;
+        let data = b.get(start..start + size as usize).ok_or_else(|| anyhow!("truncated zip entry {name}"))?;
         entries.insert(name, data);
         p = extra_end + comment_len;
     }
@@ -185,16 +162,9 @@ fn storage_kind(global: &str) -> Option<Kind> {
 
 fn ints(v: &V) -> Result<Vec<i64>> {
     match v {
-        V::Tuple(items) => items
-            .iter()
-            .map(|x| {
-                if let V::Int(i) = x {
-                    Ok(*i)
-                } else {
-                    bail!("expected int")
-                }
-            })
-            .collect(),
+        V::Tuple(items) => {
+            items.iter().map(|x| if let V::Int(i) = x { Ok(*i) } else { bail!("expected int") }).collect()
+        }
         _ => bail!("expected a tuple of ints"),
     }
 }
@@ -207,35 +177,25 @@ struct Unpickler {
 
 impl Unpickler {
     fn pop(&mut self) -> Result<V> {
-        self.stack
-            .pop()
-            .ok_or_else(|| anyhow!("pickle stack underflow"))
+        self.stack.pop().ok_or_else(|| anyhow!("pickle stack underflow"))
     }
 
     /// Pops everything above the topmost mark, and the mark.
     fn pop_mark(&mut self) -> Result<Vec<V>> {
-        let at = self
-            .stack
-            .iter()
-            .rposition(|v| matches!(v, V::Mark))
-            .ok_or_else(|| anyhow!("no mark"))?;
+        let at = self.stack.iter().rposition(|v| matches!(v, V::Mark)).ok_or_else(|| anyhow!("no mark"))?;
         let items = self.stack.split_off(at + 1);
         self.stack.pop();
         Ok(items)
     }
 
     fn top(&mut self) -> Result<&mut V> {
-        self.stack
-            .last_mut()
-            .ok_or_else(|| anyhow!("pickle stack underflow"))
+        self.stack.last_mut().ok_or_else(|| anyhow!("pickle stack underflow"))
     }
 
     fn run(mut self, b: &[u8]) -> Result<V> {
         let mut i = 0usize;
         let take = |i: &mut usize, n: usize| -> Result<&[u8]> {
-            let s = b
-                .get(*i..*i + n)
-                .ok_or_else(|| anyhow!("truncated pickle"))?;
+            let s = b.get(*i..*i + n).ok_or_else(|| anyhow!("truncated pickle"))?;
             *i += n;
             Ok(s)
         };
@@ -252,24 +212,16 @@ impl Unpickler {
                 b'}' => self.stack.push(V::Dict(vec![])),
                 b'N' => self.stack.push(V::None),
                 0x88 | 0x89 => self.stack.push(V::Bool),
-                b'J' => self.stack.push(V::Int(
-                    i32::from_le_bytes(take(&mut i, 4)?.try_into()?) as i64
-                )),
+                b'J' => self.stack.push(V::Int(i32::from_le_bytes(take(&mut i, 4)?.try_into()?) as i64)),
                 b'K' => self.stack.push(V::Int(take(&mut i, 1)?[0] as i64)),
-                b'M' => self.stack.push(V::Int(
-                    u16::from_le_bytes(take(&mut i, 2)?.try_into()?) as i64
-                )),
+                b'M' => self.stack.push(V::Int(u16::from_le_bytes(take(&mut i, 2)?.try_into()?) as i64)),
                 0x8a => {
                     let n = take(&mut i, 1)?[0] as usize;
                     let digits = take(&mut i, n)?;
                     if n > 8 {
                         bail!("integer too large at byte {at}");
                     }
-                    let mut buf = if digits.last().is_some_and(|d| d & 0x80 != 0) {
-                        [0xff; 8]
-                    } else {
-                        [0; 8]
-                    };
+                    let mut buf = if digits.last().is_some_and(|d| d & 0x80 != 0) { [0xff; 8] } else { [0; 8] };
                     buf[..n].copy_from_slice(digits);
                     self.stack.push(V::Int(i64::from_le_bytes(buf)));
                 }
@@ -283,8 +235,7 @@ impl Unpickler {
                         0x8c => take(&mut i, 1)?[0] as usize,
                         _ => u64::from_le_bytes(take(&mut i, 8)?.try_into()?) as usize,
                     };
-                    self.stack
-                        .push(V::Str(String::from_utf8(take(&mut i, n)?.to_vec())?));
+                    self.stack.push(V::Str(String::from_utf8(take(&mut i, n)?.to_vec())?));
                 }
                 b'c' => {
                     let end = |i: usize| b[i..].iter().position(|&c| c == b'\n').map(|p| i + p);
@@ -296,9 +247,7 @@ impl Unpickler {
                     i = n_end + 1;
                 }
                 0x93 => {
-                    let (V::Str(name), V::Str(module)) = (self.pop()?, self.pop()?) else {
-                        bail!("bad STACK_GLOBAL")
-                    };
+                    let (V::Str(name), V::Str(module)) = (self.pop()?, self.pop()?) else { bail!("bad STACK_GLOBAL") };
                     self.stack.push(V::Global(format!("{module}.{name}")));
                 }
                 b'q' | b'r' | 0x94 => {
@@ -316,11 +265,7 @@ impl Unpickler {
                     } else {
                         u32::from_le_bytes(take(&mut i, 4)?.try_into()?) as u64
                     };
-                    let v = self
-                        .memo
-                        .get(&key)
-                        .cloned()
-                        .ok_or_else(|| anyhow!("memo {key} unset"))?;
+                    let v = self.memo.get(&key).cloned().ok_or_else(|| anyhow!("memo {key} unset"))?;
                     self.stack.push(v);
                 }
                 b't' => {
@@ -329,23 +274,13 @@ impl Unpickler {
                 }
                 0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
-                    let at = self
-                        .stack
-                        .len()
-                        .checked_sub(n)
-                        .ok_or_else(|| anyhow!("pickle stack underflow"))?;
+                    let at = self.stack.len().checked_sub(n).ok_or_else(|| anyhow!("pickle stack underflow"))?;
                     let items = self.stack.split_off(at);
                     self.stack.push(V::Tuple(items));
                 }
                 b'a' | b'e' => {
-                    let items = if op == b'a' {
-                        vec![self.pop()?]
-                    } else {
-                        self.pop_mark()?
-                    };
-                    let V::List(list) = self.top()? else {
-                        bail!("APPEND to a non-list at byte {at}")
-                    };
+                    let items = if op == b'a' { vec![self.pop()?] } else { self.pop_mark()? };
+                    let V::List(list) = self.top()? else { bail!("APPEND to a non-list at byte {at}") };
                     list.extend(items);
                 }
                 b's' | b'u' => {
@@ -355,9 +290,7 @@ impl Unpickler {
                     } else {
                         self.pop_mark()?
                     };
-                    let V::Dict(dict) = self.top()? else {
-                        bail!("SETITEM on a non-dict at byte {at}")
-                    };
+                    let V::Dict(dict) = self.top()? else { bail!("SETITEM on a non-dict at byte {at}") };
                     let mut it = items.into_iter();
                     while let (Some(k), Some(v)) = (it.next(), it.next()) {
                         dict.push((k, v));
@@ -366,15 +299,10 @@ impl Unpickler {
                 b'b' => drop(self.pop()?), // BUILD: object state (OrderedDict._metadata), unused
                 b'Q' => {
                     let pid = self.pop()?;
-                    let V::Tuple(p) = &pid else {
-                        bail!("unsupported persistent id at byte {at}")
-                    };
+                    let V::Tuple(p) = &pid else { bail!("unsupported persistent id at byte {at}") };
                     match (p.first(), p.get(1), p.get(2)) {
-                        (Some(V::Str(tag)), Some(V::Global(ty)), Some(V::Str(key)))
-                            if tag == "storage" =>
-                        {
-                            let kind = storage_kind(ty)
-                                .ok_or_else(|| anyhow!("unsupported storage type {ty}"))?;
+                        (Some(V::Str(tag)), Some(V::Global(ty)), Some(V::Str(key))) if tag == "storage" => {
+                            let kind = storage_kind(ty).ok_or_else(|| anyhow!("unsupported storage type {ty}"))?;
                             self.stack.push(V::Storage(key.clone(), kind));
                         }
                         _ => bail!("unsupported persistent id at byte {at}"),
@@ -382,20 +310,12 @@ impl Unpickler {
                 }
                 b'R' => {
                     let args = self.pop()?;
-                    let V::Global(func) = self.pop()? else {
-                        bail!("REDUCE on a non-global at byte {at}")
-                    };
-                    let V::Tuple(args) = args else {
-                        bail!("REDUCE without an argument tuple at byte {at}")
-                    };
-                    let v = self
-                        .reduce(&func, args)
-                        .with_context(|| format!("calling {func} at byte {at}"))?;
+                    let V::Global(func) = self.pop()? else { bail!("REDUCE on a non-global at byte {at}") };
+                    let V::Tuple(args) = args else { bail!("REDUCE without an argument tuple at byte {at}") };
+                    let v = self.reduce(&func, args).with_context(|| format!("calling {func} at byte {at}"))?;
                     self.stack.push(v);
                 }
-                _ => bail!(
-                    "unsupported pickle opcode 0x{op:02x} at byte {at}: not a plain state dict"
-                ),
+                _ => bail!("unsupported pickle opcode 0x{op:02x} at byte {at}: not a plain state dict"),
             }
         }
     }
@@ -418,12 +338,8 @@ impl Unpickler {
                     stride: ints(stride)?,
                 }))
             }
-            "torch._utils._rebuild_parameter" => {
-                args.into_iter().next().ok_or_else(|| anyhow!("no data"))
-            }
-            other => bail!(
-                "the pickle calls {other}, which a plain state dict does not; refusing to load it"
-            ),
+            "torch._utils._rebuild_parameter" => args.into_iter().next().ok_or_else(|| anyhow!("no data")),
+            other => bail!("the pickle calls {other}, which a plain state dict does not; refusing to load it"),
         }
     }
 }

@@ -55,10 +55,7 @@ impl NameMap {
             Arch::DistilBert => Self {
                 prefix: "distilbert",
                 aliases: &[],
-                ignored: &[
-                    "vocab_projector.weight",
-                    "distilbert.embeddings.position_ids",
-                ],
+                ignored: &["vocab_projector.weight", "distilbert.embeddings.position_ids"],
             },
             Arch::Roberta | Arch::XlmRoberta => Self {
                 prefix: "roberta",
@@ -74,22 +71,10 @@ impl NameMap {
                 aliases: &[
                     ("cls.predictions.decoder.bias", "cls.predictions.bias"),
                     ("lm_predictions.lm_head.bias", "cls.predictions.bias"),
-                    (
-                        "lm_predictions.lm_head.dense.weight",
-                        "cls.predictions.transform.dense.weight",
-                    ),
-                    (
-                        "lm_predictions.lm_head.dense.bias",
-                        "cls.predictions.transform.dense.bias",
-                    ),
-                    (
-                        "lm_predictions.lm_head.LayerNorm.weight",
-                        "cls.predictions.transform.LayerNorm.weight",
-                    ),
-                    (
-                        "lm_predictions.lm_head.LayerNorm.bias",
-                        "cls.predictions.transform.LayerNorm.bias",
-                    ),
+                    ("lm_predictions.lm_head.dense.weight", "cls.predictions.transform.dense.weight"),
+                    ("lm_predictions.lm_head.dense.bias", "cls.predictions.transform.dense.bias"),
+                    ("lm_predictions.lm_head.LayerNorm.weight", "cls.predictions.transform.LayerNorm.weight"),
+                    ("lm_predictions.lm_head.LayerNorm.bias", "cls.predictions.transform.LayerNorm.bias"),
                 ],
                 ignored: &[
                     "cls.predictions.decoder.weight",
@@ -141,15 +126,13 @@ pub fn read_dir(dir: &Path) -> Result<(PathBuf, Vec<(String, Tensor)>)> {
     }
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
-        let text = std::fs::read_to_string(&index)
-            .with_context(|| format!("reading {}", index.display()))?;
+        let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
         let json: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
         let Some(map) = json.get("weight_map").and_then(|m| m.as_object()) else {
             bail!("{}: no \"weight_map\" object", index.display());
         };
-        let shards: std::collections::BTreeSet<&str> =
-            map.values().filter_map(|v| v.as_str()).collect();
+        let shards: std::collections::BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
         let mut tensors = Vec::new();
         for shard in shards {
             tensors.extend(read_safetensors(&dir.join(shard))?);
@@ -160,10 +143,7 @@ pub fn read_dir(dir: &Path) -> Result<(PathBuf, Vec<(String, Tensor)>)> {
     if bin.is_file() {
         return Ok((bin.clone(), torch_pickle::read_state_dict(&bin)?));
     }
-    bail!(
-        "{}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin",
-        dir.display()
-    )
+    bail!("{}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin", dir.display())
 }
 
 fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
@@ -172,12 +152,7 @@ fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
 
 /// Copies the checkpoint `tensors` (read from `file`) into `vs`. Parameters the
 /// checkpoint lacks keep their values and are listed as missing.
-pub fn load_into(
-    vs: &VarStore,
-    arch: Arch,
-    tensors: Vec<(String, Tensor)>,
-    file: &Path,
-) -> Result<LoadReport> {
+pub fn load_into(vs: &VarStore, arch: Arch, tensors: Vec<(String, Tensor)>, file: &Path) -> Result<LoadReport> {
     let vars = vs.variables();
     let ours: HashSet<String> = vars.keys().cloned().collect();
     let names = NameMap::of(arch);
@@ -211,17 +186,13 @@ pub fn load_into(
                 );
             }
             let mut var = var.shallow_clone();
-            var.f_copy_(src)
-                .with_context(|| format!("{}: copying {file_name}", file.display()))?;
+            var.f_copy_(src).with_context(|| format!("{}: copying {file_name}", file.display()))?;
         }
         Ok(())
     })?;
     missing.sort();
     unexpected.sort();
-    Ok(LoadReport {
-        missing,
-        unexpected,
-    })
+    Ok(LoadReport { missing, unexpected })
 }
 
 /// One tensor's bytes, ready for `safetensors::serialize_to_file`.
@@ -252,11 +223,7 @@ pub fn write_safetensors(vs: &VarStore, path: &Path) -> Result<()> {
         .variables()
         .into_iter()
         .map(|(name, t)| {
-            let t = t
-                .detach()
-                .to_device(Device::Cpu)
-                .to_kind(Kind::Float)
-                .contiguous();
+            let t = t.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
             let numel = t.numel();
             let mut data = vec![0u8; numel * 4];
             t.copy_data_u8(&mut data, numel);
@@ -265,12 +232,8 @@ pub fn write_safetensors(vs: &VarStore, path: &Path) -> Result<()> {
         })
         .collect();
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(
-        tensors.iter().map(|(n, b)| (n.as_str(), b)),
-        Some(metadata),
-        path,
-    )
-    .with_context(|| format!("writing {}", path.display()))
+    safetensors::serialize_to_file(tensors.iter().map(|(n, b)| (n.as_str(), b)), Some(metadata), path)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]
@@ -286,18 +249,9 @@ mod tests {
         let ours = ours(&["bert.embeddings.LayerNorm.weight", "cls.predictions.bias"]);
         let map = NameMap::of(Arch::Bert);
         let p = |s: &str| Target::Param(s.to_string());
-        assert_eq!(
-            map.target("embeddings.LayerNorm.gamma", &ours),
-            p("bert.embeddings.LayerNorm.weight")
-        );
-        assert_eq!(
-            map.target("bert.embeddings.LayerNorm.weight", &ours),
-            p("bert.embeddings.LayerNorm.weight")
-        );
-        assert_eq!(
-            map.target("cls.predictions.decoder.weight", &ours),
-            Target::Ignore
-        );
+        assert_eq!(map.target("embeddings.LayerNorm.gamma", &ours), p("bert.embeddings.LayerNorm.weight"));
+        assert_eq!(map.target("bert.embeddings.LayerNorm.weight", &ours), p("bert.embeddings.LayerNorm.weight"));
+        assert_eq!(map.target("cls.predictions.decoder.weight", &ours), Target::Ignore);
         assert_eq!(map.target("embeddings.position_ids", &ours), Target::Ignore);
         assert_eq!(
             map.target("cls.predictions.decoder.bias", &ours),
@@ -308,27 +262,15 @@ mod tests {
 
     #[test]
     fn deberta_v3_head_layout_maps_to_the_default_layout() {
-        let ours = ours(&[
-            "cls.predictions.bias",
-            "cls.predictions.transform.dense.weight",
-        ]);
+        let ours = ours(&["cls.predictions.bias", "cls.predictions.transform.dense.weight"]);
         let map = NameMap::of(Arch::DebertaV2);
         let a = |s: &str| Target::Alias(s.to_string());
-        assert_eq!(
-            map.target("lm_predictions.lm_head.bias", &ours),
-            a("cls.predictions.bias")
-        );
+        assert_eq!(map.target("lm_predictions.lm_head.bias", &ours), a("cls.predictions.bias"));
         assert_eq!(
             map.target("lm_predictions.lm_head.dense.weight", &ours),
             a("cls.predictions.transform.dense.weight")
         );
-        assert_eq!(
-            map.target("mask_predictions.classifier.weight", &ours),
-            Target::Unexpected
-        );
-        assert_eq!(
-            map.target("deberta.embeddings.position_embeddings.weight", &ours),
-            Target::Ignore
-        );
+        assert_eq!(map.target("mask_predictions.classifier.weight", &ours), Target::Unexpected);
+        assert_eq!(map.target("deberta.embeddings.position_embeddings.weight", &ours), Target::Ignore);
     }
 }

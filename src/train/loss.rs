@@ -26,13 +26,8 @@ pub struct DeviceBatch {
 impl DeviceBatch {
     pub fn new(b: &Batch, device: Device) -> Self {
         let shape = [b.rows as i64, b.block_size as i64];
-        let (positions, targets): (Vec<i64>, Vec<i64>) = b
-            .labels
-            .iter()
-            .enumerate()
-            .filter(|(_, &l)| l != -100)
-            .map(|(i, &l)| (i as i64, l))
-            .unzip();
+        let (positions, targets): (Vec<i64>, Vec<i64>) =
+            b.labels.iter().enumerate().filter(|(_, &l)| l != -100).map(|(i, &l)| (i as i64, l)).unzip();
         Self {
             input_ids: Tensor::from_slice(&b.input_ids).view(shape).to_device(device),
             attention_mask: Tensor::ones(shape, (Kind::Int64, device)),

@@ -51,7 +51,8 @@ fn panel(
     log: bool,
     color: &RGBColor,
 ) -> Result<()> {
-    let finite: Vec<(u64, f64)> = points.iter().map(|(&s, &v)| (s, v)).filter(|(_, v)| v.is_finite() && *v > 0.0).collect();
+    let finite: Vec<(u64, f64)> =
+        points.iter().map(|(&s, &v)| (s, v)).filter(|(_, v)| v.is_finite() && *v > 0.0).collect();
     let (lo, hi) = finite.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &(_, v)| (lo.min(v), hi.max(v)));
     let (lo, hi) = if finite.is_empty() { (0.1, 1.0) } else { (lo * 0.9, hi * 1.1) };
     let mut chart = ChartBuilder::on(area);

@@ -12,11 +12,8 @@ pub struct LrSchedule {
 
 impl LrSchedule {
     pub fn new(t: &TrainingConfig, total_steps: usize) -> Self {
-        let warmup = if t.warmup_steps > 0 {
-            t.warmup_steps
-        } else {
-            (t.warmup_ratio * total_steps as f64).ceil() as usize
-        };
+        let warmup =
+            if t.warmup_steps > 0 { t.warmup_steps } else { (t.warmup_ratio * total_steps as f64).ceil() as usize };
         Self { peak: t.lr, warmup, total: total_steps, kind: t.schedule }
     }
 
