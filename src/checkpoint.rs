@@ -1,24 +1,37 @@
 //! Checkpoints in Hugging Face's layout, written so that a crash never damages
-//! what was already on disk.
+//! what was already on disk, and read back by the same module.
 //!
 //! `<output_dir>/checkpoint-<step>/` holds `config.json`, `model.safetensors`,
 //! `tokenizer.json`, `optimizer.safetensors` (AdamW moments), `trainer_state.json`
 //! and `checksums.json`. Each is built in a hidden temporary folder, fsynced and
-//! renamed into place; `best/` is swapped the same way; pruning never deletes the
-//! newest checkpoint.
-use std::fs::{self, File};
-use std::io::Write;
+//! renamed into place ([`crate::durable`]); `best/` is swapped the same way;
+//! pruning never deletes the newest checkpoint. Which checkpoint a job resumes
+//! from is policy, and lives in `train::resume`.
+use std::collections::BTreeMap;
+use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use tch::Tensor;
 
+use crate::durable::{self, write_json};
 use crate::model::MaskedLm;
-use crate::train::optimizer::FlatAdamW;
+
+pub use crate::durable::sha256_file;
 
 /// Version of the trainer-state format.
 pub const STATE_FORMAT: u32 = 1;
+
+const STATE_FILE: &str = "trainer_state.json";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const CHECKSUMS_FILE: &str = "checksums.json";
+/// Names of the optimizer tensors in `optimizer.safetensors`.
+const EXP_AVG: &str = "exp_avg";
+const EXP_AVG_SQ: &str = "exp_avg_sq";
+const STEP: &str = "step";
+/// The model files that `best/` holds.
+const MODEL_FILES: [&str; 4] = ["config.json", "model.safetensors", "tokenizer.json", STATE_FILE];
 
 /// Everything besides tensors that a resumed job needs.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -40,36 +53,108 @@ pub struct TrainerState {
     /// name what changed when a resume is refused).
     pub config_hash: String,
     pub config: serde_json::Value,
+    /// The prepared data's `inputs_key` (its inputs and data settings): a resume
+    /// on other data is refused. Absent in states written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_key: Option<String>,
+}
+
+/// AdamW's state as saved: first and second moments over the flat parameter
+/// buffer, and the number of updates applied.
+#[derive(Debug)]
+pub struct OptimizerState {
+    pub exp_avg: Tensor,
+    pub exp_avg_sq: Tensor,
+    pub step: i64,
 }
 
 /// Writes `checkpoint-<step>` under `out` and returns its path.
-pub fn save(out: &Path, model: &MaskedLm, tokenizer: &Path, opt: &FlatAdamW, state: &TrainerState) -> Result<PathBuf> {
+pub fn save(
+    out: &Path,
+    model: &MaskedLm,
+    tokenizer: &Path,
+    opt: &OptimizerState,
+    state: &TrainerState,
+) -> Result<PathBuf> {
     let final_dir = out.join(format!("checkpoint-{}", state.step));
-    write_dir_atomically(&final_dir, |tmp| {
+    durable::write_dir_atomically(&final_dir, |tmp| {
         model.save_dir(tmp)?;
         fs::copy(tokenizer, tmp.join("tokenizer.json"))
             .with_context(|| format!("cannot copy {}", tokenizer.display()))?;
-        let step = tch::Tensor::from(opt.step);
-        tch::Tensor::write_safetensors(
-            &[("exp_avg", &opt.exp_avg), ("exp_avg_sq", &opt.exp_avg_sq), ("step", &step)],
-            tmp.join("optimizer.safetensors"),
+        let step = Tensor::from(opt.step);
+        Tensor::write_safetensors(
+            &[(EXP_AVG, &opt.exp_avg), (EXP_AVG_SQ, &opt.exp_avg_sq), (STEP, &step)],
+            tmp.join(OPTIMIZER_FILE),
         )
-        .context("cannot write optimizer.safetensors")?;
-        write_json(&tmp.join("trainer_state.json"), state)?;
+        .with_context(|| format!("cannot write {OPTIMIZER_FILE}"))?;
+        write_json(&tmp.join(STATE_FILE), state)?;
         write_checksums(tmp)
     })?;
     Ok(final_dir)
 }
 
+/// Reads `trainer_state.json` of a checkpoint (or of `best/`).
+pub fn load_state(dir: &Path) -> Result<TrainerState> {
+    let path = dir.join(STATE_FILE);
+    let text = fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let fresh = "start a new training.output_dir or set checkpoint.resume = \"none\"";
+    let state: TrainerState = serde_json::from_str(&text).with_context(|| {
+        format!("{}: not a trainer state this mlm can resume (another version wrote it?); {fresh}", path.display())
+    })?;
+    if state.format_version != STATE_FORMAT {
+        bail!("{}: format version {} (this mlm reads {STATE_FORMAT}); {fresh}", path.display(), state.format_version);
+    }
+    Ok(state)
+}
+
+/// AdamW's moments and step count saved beside the model; `numel` is the size
+/// of the model's flat parameter buffer.
+pub fn load_optimizer(dir: &Path, numel: i64) -> Result<OptimizerState> {
+    let path = dir.join(OPTIMIZER_FILE);
+    let tensors: BTreeMap<String, Tensor> = Tensor::read_safetensors(&path)
+        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), crate::logging::first_line(&e.to_string())))?
+        .into_iter()
+        .collect();
+    let get = |name: &str| -> Result<Tensor> {
+        let t = tensors.get(name).with_context(|| format!("{}: no tensor {name}", path.display()))?;
+        Ok(t.shallow_clone())
+    };
+    let (m, v, step) = (get(EXP_AVG)?, get(EXP_AVG_SQ)?, get(STEP)?);
+    if m.numel() as i64 != numel || v.numel() as i64 != numel {
+        bail!("{}: moments of {} elements, the model has {numel}", path.display(), m.numel());
+    }
+    if step.numel() != 1 {
+        bail!("{}: `{STEP}` is not a single number", path.display());
+    }
+    let step = step.int64_value(&[]);
+    if step < 0 {
+        bail!("{}: negative step count {step}", path.display());
+    }
+    Ok(OptimizerState { exp_avg: m, exp_avg_sq: v, step })
+}
+
+/// Whether `dir` is a step checkpoint (not `best/` or an exported model): it
+/// has the optimizer state and the trainer state a resume needs.
+pub fn is_checkpoint(dir: &Path) -> bool {
+    dir.join(OPTIMIZER_FILE).is_file() && dir.join(STATE_FILE).is_file()
+}
+
 /// Replaces `<out>/best` with the model files of `checkpoint`.
 pub fn update_best(out: &Path, checkpoint: &Path) -> Result<()> {
-    write_dir_atomically(&out.join("best"), |tmp| {
-        for f in ["config.json", "model.safetensors", "tokenizer.json", "trainer_state.json"] {
+    durable::write_dir_atomically(&out.join("best"), |tmp| {
+        for f in MODEL_FILES {
             fs::copy(checkpoint.join(f), tmp.join(f))
                 .with_context(|| format!("cannot copy {}", checkpoint.join(f).display()))?;
         }
         write_checksums(tmp)
     })
+}
+
+/// The step of the model in `<out>/best`, when it is there and intact.
+pub fn best_step(out: &Path) -> Option<usize> {
+    let best = out.join("best");
+    verify(&best).ok()?;
+    load_state(&best).ok().map(|s| s.step)
 }
 
 /// Step checkpoints under `out`, oldest first.
@@ -81,6 +166,7 @@ pub fn list(out: &Path) -> Vec<(usize, PathBuf)> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            e.path().is_dir().then_some(())?;
             Some((step, e.path()))
         })
         .collect();
@@ -88,93 +174,49 @@ pub fn list(out: &Path) -> Vec<(usize, PathBuf)> {
     v
 }
 
-/// Deletes all but the newest `keep_last` step checkpoints (at least one is kept).
-pub fn prune(out: &Path, keep_last: usize) -> Result<()> {
+/// After saving the checkpoint of step `current`: deletes all but the newest
+/// `keep_last` checkpoints up to `current` (at least `current` itself is kept).
+/// Checkpoints of later steps can only be damaged ones that the resume skipped
+/// (a lock keeps other jobs out, and a fresh start refuses a used directory):
+/// they are removed too, as the run has now passed them.
+pub fn prune(out: &Path, keep_last: usize, current: usize) -> Result<()> {
     let all = list(out);
-    let n_drop = all.len().saturating_sub(keep_last.max(1));
-    for (_, dir) in all.into_iter().take(n_drop) {
+    let (past, future): (Vec<_>, Vec<_>) = all.into_iter().partition(|(s, _)| *s <= current);
+    let n_drop = past.len().saturating_sub(keep_last.max(1));
+    for (step, dir) in past.into_iter().take(n_drop).chain(future) {
+        if step > current {
+            tracing::warn!("removing {}, a damaged checkpoint from before the resume", dir.display());
+        }
         fs::remove_dir_all(&dir).with_context(|| format!("cannot remove old checkpoint {}", dir.display()))?;
     }
     Ok(())
 }
 
-/// Cleans up after a crash in the middle of a write: a `best/` moved aside but
-/// not yet replaced is put back, and unfinished temporary folders are removed.
+/// Cleans up after a crash in the middle of a write in `out`: a checkpoint or
+/// `best/` moved aside but not yet replaced is put back, unfinished temporary
+/// folders are removed. Only under the output directory's lock.
 pub fn recover(out: &Path) -> Result<()> {
-    let Ok(entries) = fs::read_dir(out) else { return Ok(()) };
-    let mut leftovers: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
-    leftovers.sort();
-    for p in leftovers {
-        let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix('.') else { continue };
-        if let Some((target, _pid)) = rest.rsplit_once(".old-") {
-            let dest = out.join(target);
-            if dest.exists() {
-                fs::remove_dir_all(&p).with_context(|| format!("cannot remove {}", p.display()))?;
-            } else {
-                tracing::warn!("restoring {} interrupted while being replaced", dest.display());
-                fs::rename(&p, &dest).with_context(|| format!("cannot restore {}", dest.display()))?;
-            }
-        } else if rest.contains(".tmp-") && p.is_dir() {
-            tracing::info!("removing unfinished {}", p.display());
-            fs::remove_dir_all(&p).with_context(|| format!("cannot remove {}", p.display()))?;
-        }
-    }
-    Ok(())
-}
-
-/// Builds a folder through `fill(tmp)` next to `dir`, then swaps it in; the old
-/// content of `dir` stays intact until the new one is complete and synced.
-pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = dir.parent().context("checkpoint path has no parent")?;
-    fs::create_dir_all(parent).with_context(|| format!("cannot create output directory {}", parent.display()))?;
-    let name = dir.file_name().context("checkpoint path has no name")?.to_string_lossy().into_owned();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp)?;
-    }
-    fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let result = fill(&tmp).and_then(|_| sync_dir_tree(&tmp));
-    if let Err(e) = result {
-        let _ = fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-    if dir.exists() {
-        fs::rename(dir, &old).with_context(|| format!("cannot move aside {}", dir.display()))?;
-    }
-    fs::rename(&tmp, dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
-    File::open(parent).and_then(|f| f.sync_all()).ok();
-    if old.exists() {
-        fs::remove_dir_all(&old).ok();
-    }
-    Ok(())
-}
-
-fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let mut f = File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(serde_json::to_string_pretty(value)?.as_bytes())?;
-    Ok(())
+    durable::recover(out, |name| name == "best" || name.starts_with("checkpoint-"))
 }
 
 /// Writes `checksums.json`: sha256 of every other file of the folder.
 fn write_checksums(dir: &Path) -> Result<()> {
-    let mut sums = std::collections::BTreeMap::new();
+    let mut sums = BTreeMap::new();
     for e in fs::read_dir(dir)? {
         let p = e?.path();
         if p.is_file() {
-            sums.insert(p.file_name().unwrap().to_string_lossy().into_owned(), sha256_file(&p)?);
+            sums.insert(p.file_name().unwrap_or_default().to_string_lossy().into_owned(), sha256_file(&p)?);
         }
     }
-    write_json(&dir.join("checksums.json"), &sums)
+    write_json(&dir.join(CHECKSUMS_FILE), &sums)
 }
 
 /// Whether every file listed in `dir/checksums.json` is present and intact.
 pub fn verify(dir: &Path) -> Result<()> {
-    let text = fs::read_to_string(dir.join("checksums.json"))
-        .with_context(|| format!("{}: no checksums.json", dir.display()))?;
-    let sums: std::collections::BTreeMap<String, String> =
-        serde_json::from_str(&text).with_context(|| format!("{}: bad checksums.json", dir.display()))?;
+    let text = fs::read_to_string(dir.join(CHECKSUMS_FILE))
+        .with_context(|| format!("{}: no {CHECKSUMS_FILE}", dir.display()))?;
+    let sums: BTreeMap<String, String> =
+        serde_json::from_str(&text).with_context(|| format!("{}: bad {CHECKSUMS_FILE}", dir.display()))?;
     for (file, want) in sums {
         let got = sha256_file(&dir.join(&file))?;
         anyhow::ensure!(got == want, "{}: {file} does not match its checksum", dir.display());
@@ -182,20 +224,34 @@ pub fn verify(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h)?;
-    Ok(format!("{:x}", h.finalize()))
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn sync_dir_tree(dir: &Path) -> Result<()> {
-    for e in fs::read_dir(dir)? {
-        let p = e?.path();
-        if p.is_file() {
-            File::open(&p)?.sync_all()?;
+    fn touch_checkpoints(out: &Path, steps: &[usize]) {
+        for s in steps {
+            fs::create_dir_all(out.join(format!("checkpoint-{s}"))).unwrap();
         }
     }
-    File::open(dir)?.sync_all()?;
-    Ok(())
+
+    fn steps(out: &Path) -> Vec<usize> {
+        list(out).into_iter().map(|(s, _)| s).collect()
+    }
+
+    #[test]
+    fn prune_keeps_the_newest_up_to_the_current_step_and_drops_later_leftovers() {
+        let tmp = tempfile::tempdir().unwrap();
+        touch_checkpoints(tmp.path(), &[10, 20, 30, 200]);
+        prune(tmp.path(), 2, 30).unwrap();
+        assert_eq!(steps(tmp.path()), vec![20, 30]);
+        prune(tmp.path(), 0, 30).unwrap();
+        assert_eq!(steps(tmp.path()), vec![30]);
+    }
+
+    #[test]
+    fn a_file_named_like_a_checkpoint_is_not_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(tmp.path().join("checkpoint-5"), "x").unwrap();
+        assert!(list(tmp.path()).is_empty());
+    }
 }

@@ -247,6 +247,55 @@ impl Default for EvalConfig {
     }
 }
 
+/// `checkpoint.resume`: where a job continues from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Resume {
+    /// The newest valid checkpoint of `output_dir` (a fresh start when there is none).
+    #[default]
+    Auto,
+    /// Always a fresh start.
+    None,
+    /// This checkpoint folder.
+    Path(PathBuf),
+}
+
+impl Resume {
+    /// As written in TOML: `"auto"`, `"none"` or the quoted path.
+    pub fn as_toml(&self) -> String {
+        match self {
+            Resume::Auto => "\"auto\"".into(),
+            Resume::None => "\"none\"".into(),
+            Resume::Path(p) => format!("{:?}", p.display().to_string()),
+        }
+    }
+}
+
+impl Serialize for Resume {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Resume::Auto => s.serialize_str("auto"),
+            Resume::None => s.serialize_str("none"),
+            Resume::Path(p) => s.serialize_str(&p.to_string_lossy()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Resume {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(match s.as_str() {
+            "auto" => Resume::Auto,
+            "none" => Resume::None,
+            "" => {
+                return Err(serde::de::Error::custom(
+                    "checkpoint.resume is empty: use \"auto\", \"none\" or a checkpoint folder",
+                ))
+            }
+            path => Resume::Path(PathBuf::from(path)),
+        })
+    }
+}
+
 /// `[checkpoint]`: what is written and kept.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -259,14 +308,25 @@ pub struct CheckpointConfig {
     pub save_best: bool,
     /// "auto": continue from the newest valid checkpoint of `output_dir` (a fresh
     /// start when there is none); "none": always start fresh; or a checkpoint path.
-    pub resume: String,
+    pub resume: Resume,
     /// Resume even when settings that shape the job changed since the checkpoint.
     pub allow_config_change: bool,
+    /// Let a fresh start delete an earlier run's checkpoints and `best/` in
+    /// `output_dir` (and a resume delete checkpoints newer than its own); without
+    /// it such a start is refused.
+    pub overwrite_output_dir: bool,
 }
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        Self { every_steps: 0, keep_last: 1, save_best: true, resume: "auto".into(), allow_config_change: false }
+        Self {
+            every_steps: 0,
+            keep_last: 1,
+            save_best: true,
+            resume: Resume::Auto,
+            allow_config_change: false,
+            overwrite_output_dir: false,
+        }
     }
 }
 
@@ -310,19 +370,30 @@ impl Default for DistributedConfig {
     }
 }
 
+/// When progress bars are drawn.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ProgressMode {
+    /// When stderr is a terminal.
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
 /// `[logging]`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LoggingConfig {
     /// Progress bars: "auto" (when attached to a terminal), "always", "never".
-    pub progress: String,
+    pub progress: ProgressMode,
     /// JSON-lines metrics file, relative to the output directory.
     pub metrics_file: String,
 }
 
 impl Default for LoggingConfig {
     fn default() -> Self {
-        Self { progress: "auto".into(), metrics_file: "metrics.jsonl".into() }
+        Self { progress: ProgressMode::Auto, metrics_file: "metrics.jsonl".into() }
     }
 }
 
@@ -330,10 +401,10 @@ impl Config {
     /// Reads `path`, applies `key=value` overrides, and resolves relative paths
     /// against the config file's folder.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config file {}", path.display()))?;
-        let mut value: toml::Table = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), one_line(&e.to_string())))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+        let mut value: toml::Table =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), one_line(&e.to_string())))?;
         // Without overrides, parse the text itself: its errors carry line and column.
         let parsed = if overrides.is_empty() {
             toml::from_str::<Config>(&text).map_err(|e| one_line(&e.to_string()))
@@ -375,12 +446,12 @@ impl Config {
         if let Some(p) = self.data.prepared_dir.as_mut() {
             fix(p)
         }
-        if !["auto", "none"].contains(&self.checkpoint.resume.as_str()) {
-            let mut p = PathBuf::from(&self.checkpoint.resume);
-            fix(&mut p);
-            self.checkpoint.resume = p.to_string_lossy().into_owned();
+        if let Resume::Path(p) = &mut self.checkpoint.resume {
+            fix(p);
         }
-        fix(&mut self.training.output_dir);
+        if !self.training.output_dir.as_os_str().is_empty() {
+            fix(&mut self.training.output_dir);
+        }
         for f in self.data.files.iter_mut() {
             if Path::new(f).is_relative() {
                 *f = normalize(&base.join(&*f)).to_string_lossy().into_owned();
@@ -392,7 +463,9 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         let m = &self.model;
         match (&m.path, &m.config) {
-            (None, None) => bail!("[model]: set `path` (a model directory) or `config` (a config.json for random init)"),
+            (None, None) => {
+                bail!("[model]: set `path` (a model directory) or `config` (a config.json for random init)")
+            }
             (Some(_), Some(_)) => bail!("[model]: `path` and `config` are exclusive: set one"),
             (None, Some(_)) if m.tokenizer.is_none() => {
                 bail!("[model]: `tokenizer` is required when the model starts from `config`")
@@ -400,28 +473,46 @@ impl Config {
             _ => {}
         }
         let d = &self.data;
-        if d.block_size < 8 {
-            bail!("data.block_size = {} is too small (at least 8)", d.block_size);
+        if d.files.iter().any(|f| f.trim().is_empty()) {
+            bail!("data.files has an empty entry: list the text, JSON-lines or Parquet files to train on");
         }
-        if !(0.0..1.0).contains(&d.test_fraction) {
-            bail!("data.test_fraction = {} must be in [0, 1)", d.test_fraction);
+        if d.block_size < 8 || d.block_size > 1 << 20 {
+            bail!("data.block_size = {} must be between 8 and 1048576", d.block_size);
         }
-        if !(d.mlm_probability > 0.0 && d.mlm_probability < 1.0) {
+        if !(d.test_fraction > 0.0 && d.test_fraction < 1.0) {
+            bail!(
+                "data.test_fraction = {} must be in (0, 1): the held-out perplexity needs a test split",
+                d.test_fraction
+            );
+        }
+        probability("data.mlm_probability", d.mlm_probability, false)?;
+        if d.mlm_probability == 0.0 || d.mlm_probability == 1.0 {
             bail!("data.mlm_probability = {} must be in (0, 1)", d.mlm_probability);
         }
-        if d.mask_replace_prob < 0.0
-            || d.random_replace_prob < 0.0
-            || d.mask_replace_prob + d.random_replace_prob > 1.0
-        {
+        probability("data.mask_replace_prob", d.mask_replace_prob, true)?;
+        probability("data.random_replace_prob", d.random_replace_prob, true)?;
+        if d.mask_replace_prob + d.random_replace_prob > 1.0 {
             bail!(
-                "data.mask_replace_prob + data.random_replace_prob = {} must be within [0, 1], each non-negative",
+                "data.mask_replace_prob + data.random_replace_prob = {} must be at most 1",
                 d.mask_replace_prob + d.random_replace_prob
             );
         }
-        if d.masker_threads == 0 {
-            bail!("data.masker_threads must be at least 1");
+        if d.text_field.is_empty() {
+            bail!("data.text_field is empty: name the JSON field or Parquet column holding the text");
+        }
+        if d.masker_threads == 0 || d.masker_threads > 256 {
+            bail!("data.masker_threads = {} must be between 1 and 256", d.masker_threads);
+        }
+        if d.prefetch_batches == 0 || d.prefetch_batches > 1024 {
+            bail!("data.prefetch_batches = {} must be between 1 and 1024", d.prefetch_batches);
+        }
+        if d.prepared_dir.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            bail!("data.prepared_dir is empty: leave it out (default <output_dir>/data) or name a folder");
         }
         let t = &self.training;
+        if t.output_dir.as_os_str().is_empty() {
+            bail!("training.output_dir is empty: name the folder for checkpoints and metrics");
+        }
         if t.batch_size == 0 {
             bail!("training.batch_size must be at least 1");
         }
@@ -431,27 +522,39 @@ impl Config {
         if t.epochs == 0 && t.max_steps == 0 {
             bail!("training.epochs and training.max_steps are both 0: nothing to train");
         }
-        if !(t.lr >= 0.0 && t.lr.is_finite()) {
-            bail!("training.lr = {} must be a finite non-negative number", t.lr);
+        non_negative("training.lr", t.lr)?;
+        non_negative("training.weight_decay", t.weight_decay)?;
+        for (key, beta) in [("training.adam_beta1", t.adam_beta1), ("training.adam_beta2", t.adam_beta2)] {
+            if !(0.0..1.0).contains(&beta) {
+                bail!("{key} = {beta} must be in [0, 1)");
+            }
         }
-        if !(0.0..=1.0).contains(&t.warmup_ratio) {
-            bail!("training.warmup_ratio = {} must be in [0, 1]", t.warmup_ratio);
+        if !(t.adam_eps > 0.0 && t.adam_eps.is_finite()) {
+            bail!("training.adam_eps = {} must be a finite positive number", t.adam_eps);
         }
+        non_negative("training.max_grad_norm", t.max_grad_norm)?;
+        non_negative("training.peak_tflops", t.peak_tflops)?;
+        probability("training.warmup_ratio", t.warmup_ratio, true)?;
         if t.log_every == 0 {
             bail!("training.log_every must be at least 1");
         }
         if t.max_nonfinite_steps == 0 {
             bail!("training.max_nonfinite_steps must be at least 1");
         }
-        if self.checkpoint.resume.is_empty() {
-            bail!("checkpoint.resume is empty: use \"auto\", \"none\" or a checkpoint directory");
+        if t.threads > 4096 {
+            bail!("training.threads = {} is not a thread count (0: libtorch's default)", t.threads);
         }
         if self.eval.batch_size == 0 {
             bail!("eval.batch_size must be at least 1");
         }
-        match self.logging.progress.as_str() {
-            "auto" | "always" | "never" => {}
-            other => bail!("logging.progress = {other:?}: expected \"auto\", \"always\" or \"never\""),
+        if self.eval.top_k == 0 {
+            bail!("eval.top_k must be at least 1");
+        }
+        if self.logging.metrics_file.is_empty() {
+            bail!("logging.metrics_file is empty: name the JSON-lines file (default metrics.jsonl)");
+        }
+        if self.distributed.timeout_s == 0 {
+            bail!("distributed.timeout_s must be at least 1 second");
         }
         Ok(())
     }
@@ -471,12 +574,28 @@ impl Config {
     }
 }
 
+/// A probability: in [0, 1] (`closed`) or [0, 1).
+fn probability(key: &str, p: f64, closed: bool) -> Result<()> {
+    let ok = p >= 0.0 && if closed { p <= 1.0 } else { p < 1.0 };
+    if !ok {
+        bail!("{key} = {p} must be in [0, 1{}", if closed { "]" } else { ")" });
+    }
+    Ok(())
+}
+
+/// A finite number >= 0.
+fn non_negative(key: &str, v: f64) -> Result<()> {
+    if !(v >= 0.0 && v.is_finite()) {
+        bail!("{key} = {v} must be a finite non-negative number");
+    }
+    Ok(())
+}
+
 /// Applies one `section.key=value` override. The value is parsed as TOML
 /// (numbers, booleans, arrays) and taken as a string when it is not valid TOML.
 pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
-    let (key, raw) = assignment
-        .split_once('=')
-        .with_context(|| format!("--set {assignment:?}: expected section.key=value"))?;
+    let (key, raw) =
+        assignment.split_once('=').with_context(|| format!("--set {assignment:?}: expected section.key=value"))?;
     let parts: Vec<&str> = key.trim().split('.').collect();
     if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
         bail!("--set {assignment:?}: the key must be section.key (e.g. training.lr)");
@@ -486,9 +605,7 @@ pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
         Ok(mut t) => t.remove("v").expect("parsed key"),
         Err(_) => toml::Value::String(raw.to_string()),
     };
-    let section = table
-        .entry(parts[0].to_string())
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let section = table.entry(parts[0].to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
     let toml::Value::Table(section) = section else {
         bail!("--set {assignment:?}: `{}` is not a section", parts[0]);
     };

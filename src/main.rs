@@ -5,8 +5,16 @@ fn main() {
     mlm::logging::init();
     mlm::logging::quiet_panics();
     let cli = mlm::cli::Cli::parse();
-    if let Err(e) = mlm::cli::run(cli) {
-        eprintln!("error: {}", mlm::logging::one_line(&e));
-        std::process::exit(1);
+    // A panic has already printed its one line (logging::quiet_panics).
+    let result = std::panic::catch_unwind(|| mlm::cli::run(cli));
+    match result {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if e.downcast_ref::<mlm::cli::StdoutClosed>().is_some() => std::process::exit(141),
+        Ok(Err(e)) => {
+            eprintln!("error: {}", mlm::logging::one_line(&e));
+            std::process::exit(1);
+        }
+        Err(_) if mlm::logging::panic_was_out_of_memory() => std::process::exit(1),
+        Err(_) => std::process::exit(101),
     }
 }

@@ -43,7 +43,7 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
         for e in std::fs::read_dir(&d).unwrap().flatten() {
             if e.file_type().unwrap().is_dir() {
                 stack.push(e.path());
-            } else if e.file_name() != "metrics.jsonl" {
+            } else if e.file_name() != "metrics.jsonl" && !e.file_name().to_string_lossy().ends_with(".lock") {
                 out.insert(e.path().strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(e.path()).unwrap());
             }
         }
@@ -60,8 +60,16 @@ fn setup() -> (tempfile::TempDir, PathBuf) {
 }
 
 /// Runs `mlm <args> <cfg> <after>`, expecting one error line that contains every
-/// string of `expect`, and the output directory unchanged.
+/// string of `expect`, and the output directory unchanged. The job's config
+/// differs from the finished run's (at least in max_steps): the resume is
+/// allowed to go on, so that the bad input itself is what fails.
 fn fails(dir: &Path, args: &[&str], cfg: &Path, after: &[&str], expect: &[&str]) {
+    let allow = ["--set", "checkpoint.allow_config_change=true"];
+    fails_resuming(dir, args, cfg, &[after, &allow].concat(), expect)
+}
+
+/// [`fails`] without allowing a changed config: for the refusals of a resume.
+fn fails_resuming(dir: &Path, args: &[&str], cfg: &Path, after: &[&str], expect: &[&str]) {
     let out_dir = dir.join("out");
     let before = snapshot(&out_dir);
     let out = run(mlm().args(args).arg(cfg).args(after).args(["--set", "logging.progress=never"]));
@@ -295,4 +303,267 @@ fn diverging_training_stops_after_non_finite_steps_and_saves_nothing() {
         ],
         &["non-finite", "5 steps in a row"],
     );
+}
+
+/// Runs `cmd`, expecting one error line holding every string of `expect`, and
+/// no panic.
+fn fails_cmd(cmd: &mut std::process::Command, expect: &[&str]) {
+    let out = run(cmd);
+    assert!(!out.status.success(), "expected a failure");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked") && !stderr.contains("internal error"), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error:")).collect();
+    assert_eq!(errors.len(), 1, "one error line expected: {stderr}");
+    for e in expect {
+        assert!(errors[0].contains(e), "{:?} lacks {e:?}", errors[0]);
+    }
+}
+
+#[test]
+fn numbers_outside_their_meaning_are_refused() {
+    let (dir, cfg) = setup();
+    for (set, key) in [
+        ("training.adam_beta1=1", "training.adam_beta1"),
+        ("training.adam_beta2=1", "training.adam_beta2"),
+        ("training.adam_eps=0", "training.adam_eps"),
+        ("training.max_grad_norm=-1", "training.max_grad_norm"),
+        ("training.weight_decay=-5", "training.weight_decay"),
+        ("training.lr=nan", "training.lr"),
+        ("data.test_fraction=0", "data.test_fraction"),
+        ("data.mlm_probability=nan", "data.mlm_probability"),
+        ("data.mlm_probability=2.5", "data.mlm_probability"),
+        ("data.random_replace_prob=-0.1", "data.random_replace_prob"),
+        ("training.output_dir=\"\"", "training.output_dir"),
+        ("eval.top_k=0", "eval.top_k"),
+        ("distributed.timeout_s=0", "distributed.timeout_s"),
+    ] {
+        fails(dir.path(), &["train"], &cfg, &["--set", set], &[key]);
+    }
+}
+
+#[test]
+fn random_init_configs_with_impossible_sizes_are_refused() {
+    for (from, to, key) in [
+        ("\"hidden_size\": 64", "\"hidden_size\": -64", "hidden_size"),
+        ("\"hidden_dropout_prob\": 0.1", "\"hidden_dropout_prob\": 1.5", "hidden_dropout_prob"),
+        ("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 0", "num_hidden_layers"),
+        ("\"hidden_size\": 64", "\"hidden_size\": 1000000", "hidden_size"),
+        ("\"layer_norm_eps\": 1e-12", "\"layer_norm_eps\": 0", "layer_norm_eps"),
+    ] {
+        let (dir, cfg) = setup();
+        edit(&dir.path().join("tiny-bert.json"), from, to);
+        fails(dir.path(), &["train"], &cfg, &[], &[key, "config.json"]);
+    }
+    // Within every bound but too large for this machine: refused before allocating.
+    let (dir, cfg) = setup();
+    edit(&dir.path().join("tiny-bert.json"), "\"hidden_size\": 64", "\"hidden_size\": 65536");
+    edit(&dir.path().join("tiny-bert.json"), "\"num_attention_heads\": 4", "\"num_attention_heads\": 1024");
+    edit(&dir.path().join("tiny-bert.json"), "\"intermediate_size\": 128", "\"intermediate_size\": 262144");
+    fails(dir.path(), &["train"], &cfg, &["--set", "data.block_size=64"], &["parameters", "memory available"]);
+}
+
+#[test]
+fn command_line_numbers_outside_their_meaning_are_refused() {
+    let model = minilm_dir();
+    let eval = |extra: &[&str]| {
+        let mut c = mlm();
+        c.args(["eval", "--device", "cpu", "--model"]).arg(&model).arg("--data").arg(corpus_glob()).args(extra);
+        c
+    };
+    fails_cmd(&mut eval(&["--block-size", "0"]), &["--block-size"]);
+    fails_cmd(&mut eval(&["--batch-size", "0"]), &["--batch-size"]);
+    for p in ["0", "nan", "2.5"] {
+        fails_cmd(&mut eval(&["--mlm-probability", p]), &["--mlm-probability"]);
+    }
+    fails_cmd(mlm().args(["fill-mask", "--top-k", "0", "--model"]).arg(&model).arg("A [MASK]."), &["--top-k"]);
+    fails_cmd(mlm().args(["bench-peak", "--size", "0"]), &["--size"]);
+    let check = env!("CARGO_BIN_EXE_mlm-comm-check");
+    for args in [["--elems", "0"], ["--elems", "99999999999999"], ["--iters", "0"], ["--timeout", "0"]] {
+        fails_cmd(std::process::Command::new(check).args(args).env_remove("WORLD_SIZE"), &[args[0]]);
+    }
+}
+
+#[test]
+fn a_missing_gpu_is_blamed_on_the_flag_that_asked_for_it() {
+    if std::path::Path::new("/dev/nvidia0").exists() {
+        return; // a GPU machine: cuda is there to be had
+    }
+    fails_cmd(
+        mlm().args(["fill-mask", "--device", "cuda", "--model"]).arg(minilm_dir()).arg("A [MASK]."),
+        &["--device = cuda"],
+    );
+}
+
+#[test]
+fn a_refused_resume_does_not_rebuild_the_prepared_data() {
+    // `fails` checks that out/ (with out/data) is byte for byte unchanged.
+    let (dir, cfg) = setup();
+    fails_resuming(
+        dir.path(),
+        &["train"],
+        &cfg,
+        &["--set", "data.block_size=32"],
+        &["config changed", "data.block_size"],
+    );
+    fails_resuming(
+        dir.path(),
+        &["prepare"],
+        &cfg,
+        &["--set", "data.block_size=32"],
+        &["config changed", "data.block_size"],
+    );
+}
+
+#[test]
+fn a_corpus_changed_after_the_run_is_refused_before_it_is_prepared_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus");
+    std::fs::create_dir(&corpus).unwrap();
+    for f in glob::glob(&corpus_glob()).unwrap().flatten().take(6) {
+        std::fs::copy(&f, corpus.join(f.file_name().unwrap())).unwrap();
+    }
+    let cfg = write_job_on(dir.path(), &[corpus.join("*.txt").to_string_lossy().into_owned()], "");
+    assert!(run(mlm().arg("train").arg(&cfg).args(["--set", "training.max_steps=4"])).status.success());
+    let extra = corpus.join("zz-new.rst.txt");
+    std::fs::copy(corpus.join(std::fs::read_dir(&corpus).unwrap().next().unwrap().unwrap().file_name()), &extra)
+        .unwrap();
+    fails_resuming(
+        dir.path(),
+        &["train"],
+        &cfg,
+        &["--set", "training.max_steps=4"],
+        &["trained on other data", "allow_config_change"],
+    );
+}
+
+#[test]
+fn prepared_dir_naming_a_users_file_or_folder_is_refused() {
+    let (dir, cfg) = setup();
+    let notes = dir.path().join("notes.txt");
+    std::fs::write(&notes, "my notes").unwrap();
+    fails(
+        dir.path(),
+        &["prepare"],
+        &cfg,
+        &["--set", &format!("data.prepared_dir={notes:?}")],
+        &["notes.txt", "not a prepared token store"],
+    );
+    assert_eq!(std::fs::read_to_string(&notes).unwrap(), "my notes");
+    let folder = dir.path().join("my-corpus");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::write(folder.join("a.txt"), "keep me").unwrap();
+    fails(
+        dir.path(),
+        &["prepare"],
+        &cfg,
+        &["--set", &format!("data.prepared_dir={folder:?}")],
+        &["my-corpus", "not a prepared token store"],
+    );
+    assert_eq!(std::fs::read_to_string(folder.join("a.txt")).unwrap(), "keep me");
+}
+
+#[test]
+fn an_interrupted_preparation_leaves_nothing_behind_for_long() {
+    let (dir, cfg) = setup();
+    let out = dir.path().join("out");
+    for leftover in [".data.tmp-4242", "data.tmp-4343"] {
+        std::fs::create_dir(out.join(leftover)).unwrap();
+        std::fs::write(out.join(leftover).join("train.bin"), vec![0u8; 4096]).unwrap();
+    }
+    // Another split (allowed explicitly): the store is prepared again, and
+    // the leftovers of the interrupted preparations are removed first.
+    let o = run(mlm().arg("prepare").arg(&cfg).args([
+        "--set",
+        "data.split_seed=7",
+        "--set",
+        "checkpoint.allow_config_change=true",
+    ]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let left: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-") || n.contains(".old-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn a_trainer_state_with_an_impossible_step_is_refused() {
+    let (dir, cfg) = setup();
+    let ck = dir.path().join("out/checkpoint-4");
+    edit(&ck.join("trainer_state.json"), "\"step\": 4", "\"step\": 999");
+    // Keep the checksums consistent: only the content is impossible.
+    let sums = ck.join("checksums.json");
+    let text = std::fs::read_to_string(&sums).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["trainer_state.json"] = mlm::checkpoint::sha256_file(&ck.join("trainer_state.json")).unwrap().into();
+    std::fs::write(&sums, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+    fails(
+        dir.path(),
+        &["train"],
+        &cfg,
+        &["--set", "training.max_steps=8", "--set", "checkpoint.allow_config_change=true"],
+        &["step 999", "checkpoint-4"],
+    );
+}
+
+#[test]
+fn token_ids_outside_the_vocabulary_in_a_tampered_store_are_named() {
+    let (dir, cfg) = setup();
+    let train_bin = dir.path().join("out/data/train.tokens");
+    let mut bytes = std::fs::read(&train_bin).unwrap();
+    for w in bytes.chunks_exact_mut(4).step_by(3) {
+        w.copy_from_slice(&4_000_000u32.to_le_bytes());
+    }
+    std::fs::write(&train_bin, &bytes).unwrap();
+    fails(
+        dir.path(),
+        &["train"],
+        &cfg,
+        &[
+            "--set",
+            "training.max_steps=8",
+            "--set",
+            "checkpoint.allow_config_change=true",
+            "--set",
+            "eval.at_start=false",
+        ],
+        &["token id 4000000", "outside the model's vocabulary", "data"],
+    );
+}
+
+#[test]
+fn out_of_memory_is_one_clear_error() {
+    // A 3 GB address-space limit, and a dense vocabulary projection of
+    // 512 x 64 positions x 30522 tokens (4 GB of logits): the first step cannot
+    // allocate. The run stops with one line saying what to change, and writes
+    // no checkpoint.
+    let (dir, cfg) = setup();
+    let out = dir.path().join("oom");
+    let o = run(std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -v 3000000; exec {:?} train {:?} --set training.batch_size=512 --set training.sparse_head=false \
+         --set training.max_steps=8 --set eval.at_start=false --set logging.progress=never \
+         --set training.output_dir={:?}",
+            env!("CARGO_BIN_EXE_mlm"),
+            cfg,
+            out
+        ))
+        .env_remove("RUST_BACKTRACE"));
+    assert!(!o.status.success());
+    assert_eq!(o.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!stderr.contains("panicked") && !stderr.contains("internal error"), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(errors[0].contains("out of memory") && errors[0].contains("batch_size"), "{}", errors[0]);
+    let written: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("checkpoint") || n == "best")
+        .collect();
+    assert!(written.is_empty(), "{written:?}");
 }

@@ -52,7 +52,8 @@ fn two_workers_equal_one_worker_with_twice_the_batch() {
         .arg(&cfg)
         .args(["--set", "training.batch_size=8"]));
     assert!(out.status.success());
-    let (worst, name) = worst_relative_difference(&reference, &weights(&launched.path().join(format!("out/checkpoint-{STEPS}"))));
+    let (worst, name) =
+        worst_relative_difference(&reference, &weights(&launched.path().join(format!("out/checkpoint-{STEPS}"))));
     eprintln!("mlm-launch --nproc 2: largest relative difference {worst:.2e} ({name})");
     assert!(worst < 1e-5, "mlm-launch: {worst} in {name}");
 
@@ -71,7 +72,8 @@ fn two_workers_equal_one_worker_with_twice_the_batch() {
         .arg(&cfg)
         .args(["--set", "training.batch_size=8"]));
     assert!(out.status.success());
-    let (worst, name) = worst_relative_difference(&reference, &weights(&under_mpi.path().join(format!("out/checkpoint-{STEPS}"))));
+    let (worst, name) =
+        worst_relative_difference(&reference, &weights(&under_mpi.path().join(format!("out/checkpoint-{STEPS}"))));
     eprintln!("mpirun -np 2: largest relative difference {worst:.2e} ({name})");
     assert!(worst < 1e-5, "mpirun: {worst} in {name}");
 }
@@ -125,7 +127,14 @@ fn killed_worker_stops_the_group_and_a_restart_resumes_exactly() {
         .args(["--nproc", "2", "--device", "cpu", "--mlm"])
         .arg(env!("CARGO_BIN_EXE_mlm"))
         .arg(&cfg)
-        .args(["--set", "training.batch_size=8", "--set", "training.log_every=1", "--set", "checkpoint.every_steps=4"]));
+        .args([
+            "--set",
+            "training.batch_size=8",
+            "--set",
+            "training.log_every=1",
+            "--set",
+            "checkpoint.every_steps=4",
+        ]));
     assert!(out.status.success());
     let want = losses(&whole.path().join("out"));
 

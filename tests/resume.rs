@@ -48,14 +48,14 @@ fn resume_reproduces_uninterrupted_losses() {
     let spe = steps_per_epoch(probe.path());
     let total = spe + spe / 2; // crosses one epoch boundary
     let args = [
-            "--set".to_string(),
-            format!("training.max_steps={total}"),
-            "--set".into(),
-            "training.batch_size=32".into(),
-            "--set".into(),
-            "training.log_every=1".into(),
-            "--set".into(),
-            "eval.at_start=false".into(),
+        "--set".to_string(),
+        format!("training.max_steps={total}"),
+        "--set".into(),
+        "training.batch_size=32".into(),
+        "--set".into(),
+        "training.log_every=1".into(),
+        "--set".into(),
+        "eval.at_start=false".into(),
     ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
 
@@ -142,7 +142,12 @@ fn changed_config_refuses_to_resume_naming_the_key() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("training.lr") && err.contains("allow_config_change"), "{err}");
-    // an explicit fresh start is allowed
-    let fresh = run(mlm().arg("train").arg(&cfg).args(["--set", "training.max_steps=4", "--set", "training.lr=0.1", "--resume", "none"]));
+    // A fresh start over the finished run needs an explicit overwrite (issue 12:
+    // `--resume none` alone would destroy the earlier run).
+    let args = ["--set", "training.max_steps=4", "--set", "training.lr=0.1", "--resume", "none"];
+    let refused = run(mlm().arg("train").arg(&cfg).args(args));
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("overwrite_output_dir"));
+    let fresh = run(mlm().arg("train").arg(&cfg).args(args).args(["--set", "checkpoint.overwrite_output_dir=true"]));
     assert!(fresh.status.success());
 }

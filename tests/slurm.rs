@@ -18,7 +18,8 @@ fn repo() -> &'static Path {
 fn docs_script(name: &str) -> String {
     let doc = std::fs::read_to_string(repo().join("docs/cluster.md")).unwrap();
     let marker = format!("<!-- sbatch: {name} -->\n```sh\n");
-    let start = doc.find(&marker).unwrap_or_else(|| panic!("docs/cluster.md has no `{}`", marker.trim())) + marker.len();
+    let start =
+        doc.find(&marker).unwrap_or_else(|| panic!("docs/cluster.md has no `{}`", marker.trim())) + marker.len();
     let len = doc[start..].find("\n```").expect("unterminated sh block in docs/cluster.md");
     format!("{}\n", &doc[start..start + len])
 }

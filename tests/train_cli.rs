@@ -48,7 +48,10 @@ print(type(m).__name__)
     assert_eq!(String::from_utf8_lossy(&py.stdout).trim(), "BertForMaskedLM");
 
     // The trained model answers fill-mask and eval from the command line.
-    let fm = run(mlm().args(["fill-mask", "--top-k", "3", "--model"]).arg(run_dir.join("best")).arg("The [MASK] statement."));
+    let fm = run(mlm()
+        .args(["fill-mask", "--top-k", "3", "--model"])
+        .arg(run_dir.join("best"))
+        .arg("The [MASK] statement."));
     assert!(fm.status.success());
     let lines: Vec<serde_json::Value> =
         String::from_utf8_lossy(&fm.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -56,7 +59,11 @@ print(type(m).__name__)
     for k in ["score", "token", "token_str", "sequence"] {
         assert!(lines[0].get(k).is_some(), "{k} missing in {}", lines[0]);
     }
-    let ev = run(mlm().args(["eval", "--block-size", "64", "--model"]).arg(run_dir.join("best")).arg("--data").arg(corpus_glob()));
+    let ev = run(mlm()
+        .args(["eval", "--block-size", "64", "--model"])
+        .arg(run_dir.join("best"))
+        .arg("--data")
+        .arg(corpus_glob()));
     assert!(ev.status.success());
     let v: serde_json::Value = serde_json::from_slice(&ev.stdout).unwrap();
     assert!(v["perplexity"].as_f64().unwrap().is_finite());
@@ -161,7 +168,7 @@ fn fresh_head_of_a_base_checkpoint_is_drawn_from_the_job_seed() {
     // BertModel checkpoint lacks must come out the same on each.
     let cfg = mlm::config::Config::from_toml(&format!("[model]\npath = {:?}\n", minilm_dir())).unwrap();
     let head = |cfg: &mlm::config::Config| {
-        let m = mlm::train::load_model(cfg, tch::Device::Cpu).unwrap();
+        let m = mlm::model::load::load_model(cfg, tch::Device::Cpu).unwrap();
         m.vs.variables()["cls.predictions.transform.dense.weight"].copy()
     };
     let (a, b) = (head(&cfg), head(&cfg));

@@ -47,7 +47,13 @@ fn run(args: Args) -> Result<i32> {
     // Prepare once before any worker starts, so workers only read the store.
     let mut prepare = Command::new(&mlm);
     prepare.arg("prepare").arg(&args.config).args(&overrides);
-    let status = supervise::run_one(prepare, "prepare", &signals)?;
+    let (status, signal) = supervise::run_one(prepare, "prepare", &signals)?;
+    if let Some(signal) = signal {
+        eprintln!(
+            "mlm-launch: stopped by signal {signal} while preparing the data; `mlm prepare` was told and has exited"
+        );
+        return Ok(128 + signal);
+    }
     if !status.success() {
         bail!("`{} prepare` {}", mlm.display(), describe(&status));
     }

@@ -155,10 +155,7 @@ fn spawn(mut spec: Spec) -> Result<Running> {
     let prefix = format!("[{}] ", spec.label);
     let out = child.stdout.take().expect("piped");
     let err = child.stderr.take().expect("piped");
-    let forwarders = vec![
-        forward(out, prefix.clone(), tail.clone(), false),
-        forward(err, prefix, tail.clone(), true),
-    ];
+    let forwarders = vec![forward(out, prefix.clone(), tail.clone(), false), forward(err, prefix, tail.clone(), true)];
     Ok(Running { label: spec.label, child, status: None, tail, forwarders })
 }
 
@@ -255,8 +252,9 @@ fn signal_name(s: i32) -> &'static str {
     }
 }
 
-/// Runs one process in the foreground (no prefix), forwarding signals.
-pub fn run_one(mut cmd: Command, what: &str, signals: &Signals) -> Result<ExitStatus> {
+/// Runs one process in the foreground (no prefix), forwarding signals; returns
+/// its status and the last signal the launcher received and passed on.
+pub fn run_one(mut cmd: Command, what: &str, signals: &Signals) -> Result<(ExitStatus, Option<i32>)> {
     let parent = std::process::id() as libc::pid_t;
     cmd.process_group(0);
     // SAFETY: as in `spawn`.
@@ -271,12 +269,14 @@ pub fn run_one(mut cmd: Command, what: &str, signals: &Signals) -> Result<ExitSt
     }
     let program = cmd.get_program().to_string_lossy().into_owned();
     let mut child = cmd.spawn().with_context(|| format!("cannot start {program} for {what}"))?;
+    let mut received = None;
     loop {
         if let Some(status) = child.try_wait()? {
-            return Ok(status);
+            return Ok((status, received.or_else(|| signals.take())));
         }
         if let Some(sig) = signals.take() {
             signal_group(&child, sig);
+            received = Some(sig);
         }
         std::thread::sleep(Duration::from_millis(20));
     }

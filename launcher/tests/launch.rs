@@ -90,7 +90,10 @@ fn wait_for(what: impl Fn() -> bool, limit: Duration) -> bool {
 fn output_is_prefixed_per_rank_and_env_is_set_per_rank() {
     let dir = tempfile::tempdir().unwrap();
     let mlm = fake_mlm(dir.path(), "exit 0");
-    let (out, _) = run_timed(launch(dir.path(), &mlm, &["--nproc", "3", "--device", "cpu", "--set", "training.lr=1e-4"]), Duration::from_secs(30));
+    let (out, _) = run_timed(
+        launch(dir.path(), &mlm, &["--nproc", "3", "--device", "cpu", "--set", "training.lr=1e-4"]),
+        Duration::from_secs(30),
+    );
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(out.status.success(), "{stderr}");
     for r in 0..3 {
@@ -137,8 +140,10 @@ fn gpu_workers_each_see_one_gpu() {
 #[test]
 fn failing_worker_stops_the_others_and_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    let mlm = fake_mlm(dir.path(), r#"if [ "$RANK" = 1 ]; then sleep 0.5; echo "rank one gives up"; exit 3; fi; sleep 60"#);
-    let (out, took) = run_timed(launch(dir.path(), &mlm, &["--nproc", "3", "--device", "cpu"]), Duration::from_secs(30));
+    let mlm =
+        fake_mlm(dir.path(), r#"if [ "$RANK" = 1 ]; then sleep 0.5; echo "rank one gives up"; exit 3; fi; sleep 60"#);
+    let (out, took) =
+        run_timed(launch(dir.path(), &mlm, &["--nproc", "3", "--device", "cpu"]), Duration::from_secs(30));
     let stderr = text(&out.stderr);
     assert!(!out.status.success());
     assert!(took < Duration::from_secs(10), "took {took:?}");
@@ -174,7 +179,8 @@ fn worker_that_ignores_sigterm_is_killed_after_the_grace_period() {
 fn sigkilled_worker_stops_the_group() {
     let dir = tempfile::tempdir().unwrap();
     let mlm = fake_mlm(dir.path(), r#"if [ "$RANK" = 0 ]; then sleep 0.5; kill -9 $$; fi; sleep 60"#);
-    let (out, took) = run_timed(launch(dir.path(), &mlm, &["--nproc", "2", "--device", "cpu"]), Duration::from_secs(30));
+    let (out, took) =
+        run_timed(launch(dir.path(), &mlm, &["--nproc", "2", "--device", "cpu"]), Duration::from_secs(30));
     let stderr = text(&out.stderr);
     assert!(!out.status.success());
     assert!(took < Duration::from_secs(10), "took {took:?}");
@@ -247,7 +253,30 @@ fn sigkilled_launcher_leaves_no_orphans() {
 #[test]
 fn missing_mlm_binary_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let (out, _) = run_timed(launch(dir.path(), &dir.path().join("nope"), &["--nproc", "2", "--device", "cpu"]), Duration::from_secs(10));
+    let (out, _) = run_timed(
+        launch(dir.path(), &dir.path().join("nope"), &["--nproc", "2", "--device", "cpu"]),
+        Duration::from_secs(10),
+    );
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("cannot start"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn a_signal_during_the_prepare_step_exits_with_its_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = format!(
+        "#!/bin/bash\nif [ \"$1\" = prepare ]; then touch {:?}/preparing; while true; do sleep 0.05; done; fi\nexit 0\n",
+        dir.path()
+    );
+    let mlm = dir.path().join("mlm");
+    std::fs::write(&mlm, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&mlm, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let child = launch(dir.path(), &mlm, &["--nproc", "2", "--device", "cpu"]).spawn().unwrap();
+    assert!(wait_for(|| dir.path().join("preparing").exists(), Duration::from_secs(10)));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = wait_limit(child, Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(128 + 15), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("while preparing the data"), "{}", text(&out.stderr));
 }

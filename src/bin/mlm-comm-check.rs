@@ -1,5 +1,5 @@
 //! `mlm-comm-check`: checks a cluster set-up without a model or data. Every
-//! rank joins the job exactly as `mlm train` would (`mlm::dist::init`), sums a
+//! rank joins the job exactly as `mlm train` would (`mlm::distributed::init`), sums a
 //! known tensor, checks the sum, broadcasts a message from rank 0, meets at a
 //! barrier, times `--iters` all-reduces, and prints one JSON line per rank.
 //! Exits non-zero on any mismatch or communication error.
@@ -17,7 +17,11 @@ use mlm::config::{Backend, CommDtype, DistributedConfig};
 use tch::{Device, Kind, Tensor};
 
 #[derive(Parser, Debug)]
-#[command(name = "mlm-comm-check", version, about = "Check that the workers of a job can talk: all-reduce, broadcast, barrier")]
+#[command(
+    name = "mlm-comm-check",
+    version,
+    about = "Check that the workers of a job can talk: all-reduce, broadcast, barrier"
+)]
 struct Args {
     /// auto, local, tcp, mpi or nccl (as distributed.backend).
     #[arg(long, default_value = "auto")]
@@ -41,13 +45,34 @@ struct Args {
 
 fn main() {
     mlm::logging::init();
-    if let Err(e) = run(Args::parse()) {
-        eprintln!("mlm-comm-check: error: {}", mlm::logging::one_line(&e));
-        std::process::exit(1);
+    mlm::logging::quiet_panics();
+    let args = Args::parse();
+    match std::panic::catch_unwind(|| run(args)) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            eprintln!("mlm-comm-check: error: {}", mlm::logging::one_line(&e));
+            std::process::exit(1);
+        }
+        Err(_) if mlm::logging::panic_was_out_of_memory() => std::process::exit(1),
+        Err(_) => std::process::exit(101),
     }
 }
 
+/// Upper bounds of the flags: 2^31 elements is 8 GiB of f32 per rank.
+const MAX_ELEMS: usize = 1 << 31;
+const MAX_ITERS: usize = 1_000_000_000;
+const MAX_TIMEOUT_S: u64 = 7 * 24 * 3600;
+
 fn run(args: Args) -> Result<()> {
+    if args.elems == 0 || args.elems > MAX_ELEMS {
+        bail!("--elems {} must be between 1 and {MAX_ELEMS}", args.elems);
+    }
+    if args.iters == 0 || args.iters > MAX_ITERS {
+        bail!("--iters {} must be between 1 and {MAX_ITERS}", args.iters);
+    }
+    if args.timeout == 0 || args.timeout > MAX_TIMEOUT_S {
+        bail!("--timeout {} must be between 1 and {MAX_TIMEOUT_S} seconds", args.timeout);
+    }
     let backend: Backend = serde_json::from_value(serde_json::Value::String(args.backend.clone()))
         .map_err(|_| anyhow::anyhow!("--backend {:?}: expected auto, local, tcp, mpi or nccl", args.backend))?;
     let (comm_dtype, kind) = match args.dtype.as_str() {
@@ -55,14 +80,15 @@ fn run(args: Args) -> Result<()> {
         "bf16" => (CommDtype::Bf16, Kind::BFloat16),
         d => bail!("--dtype {d:?}: expected f32 or bf16"),
     };
-    let (world, _) = mlm::dist::WorldInfo::from_env()?;
+    let (world, _) = mlm::distributed::WorldInfo::from_env()?;
     let device = match args.device.as_str() {
         "cpu" => Device::Cpu,
         "cuda" => Device::Cuda(world.local_rank % (tch::Cuda::device_count().max(1) as usize)),
         d => bail!("--device {d:?}: expected cpu or cuda"),
     };
     let cfg = DistributedConfig { backend, comm_dtype, timeout_s: args.timeout, ..Default::default() };
-    let mut comm = mlm::dist::init(&cfg, device)?;
+    let job = format!("mlm-comm-check elems={} dtype={}", args.elems, args.dtype);
+    let mut comm = mlm::distributed::init(&cfg, device, &job)?;
     let (rank, size) = (comm.rank(), comm.world_size());
 
     // 1. Exact check: rank r holds (r + 1) * (i % 7 + 1); the sum is small integers.
@@ -114,7 +140,12 @@ fn run(args: Args) -> Result<()> {
         "busbw_mb_s": bytes / secs / 1e6 * 2.0 * (size as f64 - 1.0) / size as f64,
         "ok": ok,
     });
-    println!("{line}");
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        // A closed pipe loses only this report; the collectives below still run.
+        let _ = writeln!(out, "{line}").and_then(|_| out.flush());
+    }
     comm.barrier()?;
     if !ok {
         bail!("rank {rank}: check failed: exact sum {exact}, identical on all ranks {identical}, broadcast {broadcast_ok}");

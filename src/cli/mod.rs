@@ -1,7 +1,9 @@
 //! The `mlm` command line: `prepare`, `train`, `eval`, `fill-mask`.
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use std::io::Write;
+
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 use crate::config::{Config, DataConfig, DeviceChoice, DocumentBoundary, InputFormat};
@@ -10,11 +12,12 @@ use crate::data::masking::MaskingParams;
 use crate::data::prepare::{prepare, tokenize_to_chunks};
 use crate::data::store::TokenStore;
 use crate::data::tokenizer::TextTokenizer;
+use crate::device::select_device;
 use crate::infer::fill_mask;
-use crate::model::MaskedLm;
+use crate::model::load::{check_vocab, load_for_inference};
 use crate::train::eval::evaluate;
 use crate::train::metrics::show_progress;
-use crate::train::{check_vocab, select_device};
+use crate::train::resume::{self, Apply};
 
 #[derive(Parser, Debug)]
 #[command(name = "mlm", version, about = "Masked-language-model training for BERT-family encoders")]
@@ -57,6 +60,7 @@ pub enum Command {
         text_field: String,
         #[arg(long, default_value_t = 0.15)]
         mlm_probability: f64,
+        /// Seed of the fixed evaluation masks, and of any weights the model lacks (an untrained MLM head).
         #[arg(long, default_value_t = 1234)]
         seed: u64,
         #[arg(long, value_enum, default_value = "auto")]
@@ -66,9 +70,8 @@ pub enum Command {
     BenchPeak {
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceArg,
-        /// fp32 or bf16.
-        #[arg(long, default_value = "bf16")]
-        precision: String,
+        #[arg(long, value_enum, default_value = "bf16")]
+        precision: PrecisionArg,
         /// Side of the square matrices.
         #[arg(long, default_value_t = 4096)]
         size: i64,
@@ -83,7 +86,40 @@ pub enum Command {
         text: Vec<String>,
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceArg,
+        /// Seed of any weights the model lacks (an untrained MLM head), so reruns agree.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
     },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum PrecisionArg {
+    Fp32,
+    Bf16,
+}
+
+/// Standard output was closed by its reader (`mlm fill-mask ... | head -1`):
+/// not an error, the command just stops.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output closed")]
+pub struct StdoutClosed;
+
+/// Prints one line of a command's result; a closed pipe becomes [`StdoutClosed`].
+fn emit(line: impl std::fmt::Display) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{line}").and_then(|_| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        Err(e) => Err(e).context("cannot write to standard output"),
+    }
+}
+
+/// A command-line number within its range, or an error naming the flag.
+fn in_range<T: PartialOrd + std::fmt::Display>(flag: &str, v: T, lo: T, hi: T) -> Result<T> {
+    if v < lo || v > hi {
+        bail!("{flag} {v} must be between {lo} and {hi}");
+    }
+    Ok(v)
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -116,15 +152,20 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Prepare { config, set } => {
             let cfg = Config::load(&config, &set)?;
             let tok = TextTokenizer::load(&cfg.tokenizer_path())?;
-            let p = prepare(&cfg, &tok, show_progress(&cfg.logging.progress))?;
-            println!(
+            // The store lives in the output directory by default: never write it
+            // under a running job, nor for a start that `mlm train` would refuse.
+            let out = &cfg.training.output_dir;
+            let _lock =
+                if cfg.prepared_dir().starts_with(out) { Some(crate::lock::lock_output_dir(out)?) } else { None };
+            let start = resume::plan(&cfg, Apply::Check)?;
+            let p = prepare(&cfg, &tok, show_progress(cfg.logging.progress), start.data_key())?;
+            emit(format_args!(
                 "{}: {} train and {} test chunks of {} tokens",
                 p.dir.display(),
                 p.manifest.train_chunks,
                 p.manifest.test_chunks,
                 p.manifest.block_size
-            );
-            Ok(())
+            ))
         }
         Command::Train { config, mut set, resume } => {
             if let Some(r) = resume {
@@ -133,22 +174,30 @@ pub fn run(cli: Cli) -> Result<()> {
             let cfg = Config::load(&config, &set)?;
             let s = crate::train::run(cfg)?;
             if let Some(b) = s.before {
-                println!("perplexity before: {:.3}", b.perplexity);
+                emit(format_args!("perplexity before: {:.3}", b.perplexity))?;
             }
-            println!("perplexity after:  {:.3} ({} steps)", s.after.perplexity, s.steps);
-            println!("last checkpoint:   {}", s.last.display());
+            emit(format_args!("perplexity after:  {:.3} ({} steps)", s.after.perplexity, s.steps))?;
+            emit(format_args!("last checkpoint:   {}", s.last.display()))?;
             if let Some(best) = s.best {
-                println!("best model:        {}", best.display());
+                emit(format_args!("best model:        {}", best.display()))?;
             }
             Ok(())
         }
         Command::Eval { model, data, block_size, batch_size, format, text_field, mlm_probability, seed, device } => {
-            let device = select_device(device.into())?;
-            let (m, _) = MaskedLm::load_dir(&model, device)?;
+            in_range("--block-size", block_size, 8, 1 << 20)?;
+            in_range("--batch-size", batch_size, 1, 1 << 16)?;
+            if !(mlm_probability > 0.0 && mlm_probability < 1.0) {
+                bail!("--mlm-probability {mlm_probability} must be in (0, 1)");
+            }
+            if text_field.is_empty() {
+                bail!("--text-field is empty: name the JSON field or Parquet column holding the text");
+            }
+            let device = select_device(device.into(), "--device")?;
+            let m = load_for_inference(&model, device, seed)?;
             let tok = TextTokenizer::load(&model.join("tokenizer.json"))?;
             check_vocab(&tok, &m)?;
             if block_size as i64 > m.max_positions() {
-                anyhow::bail!("--block-size {block_size} exceeds the model's {} positions", m.max_positions());
+                bail!("--block-size {block_size} exceeds the model's {} positions", m.max_positions());
             }
             let dc = DataConfig {
                 files: data,
@@ -169,31 +218,30 @@ pub fn run(cli: Cli) -> Result<()> {
             let params = MaskingParams::new(&dc, &tok);
             let batches = eval_batches(&store, &params, batch_size, 0, seed);
             let r = evaluate(&m, &batches, device);
-            println!("{}", serde_json::json!({
+            emit(serde_json::json!({
                 "perplexity": r.perplexity, "loss": r.loss, "masked_tokens": r.tokens, "chunks": store.len(),
                 "definition": "exp(mean cross-entropy over masked tokens), masks fixed by seed",
-            }));
-            Ok(())
+            }))
         }
         Command::BenchPeak { device, precision, size } => {
-            let device = select_device(device.into())?;
-            let kind = match precision.as_str() {
-                "fp32" => tch::Kind::Float,
-                "bf16" => tch::Kind::BFloat16,
-                other => anyhow::bail!("--precision {other:?}: expected fp32 or bf16"),
+            in_range("--size", size, 64, 1 << 15)?;
+            let device = select_device(device.into(), "--device")?;
+            let (kind, name) = match precision {
+                PrecisionArg::Fp32 => (tch::Kind::Float, "fp32"),
+                PrecisionArg::Bf16 => (tch::Kind::BFloat16, "bf16"),
             };
             let tflops = crate::train::timing::measure_peak_tflops(device, kind, size, 5);
-            println!("{}", serde_json::json!({ "device": format!("{device:?}"), "precision": precision, "peak_tflops": tflops }));
-            Ok(())
+            emit(serde_json::json!({ "device": format!("{device:?}"), "precision": name, "peak_tflops": tflops }))
         }
-        Command::FillMask { model, top_k, text, device } => {
-            let device = select_device(device.into())?;
-            let (m, _) = MaskedLm::load_dir(&model, device)?;
+        Command::FillMask { model, top_k, text, device, seed } => {
+            in_range("--top-k", top_k, 1, 1 << 20)?;
+            let device = select_device(device.into(), "--device")?;
+            let m = load_for_inference(&model, device, seed)?;
             let tok = TextTokenizer::load(&model.join("tokenizer.json"))
                 .with_context(|| format!("{} has no usable tokenizer.json", model.display()))?;
             for t in &text {
                 for p in fill_mask(&m, &tok, t, top_k)? {
-                    println!("{}", serde_json::to_string(&p)?);
+                    emit(serde_json::to_string(&p)?)?;
                 }
             }
             Ok(())

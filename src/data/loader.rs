@@ -26,6 +26,26 @@ pub struct Batch {
     pub n_masked: usize,
 }
 
+impl Batch {
+    /// Refuses token ids outside `[0, vocab)`: a store damaged on disk, or made
+    /// with another tokenizer, would otherwise index past the embedding table.
+    pub fn check_ids(&self, vocab: i64, store: &std::path::Path) -> anyhow::Result<()> {
+        let in_vocab = |t: i64| (0..vocab).contains(&t);
+        for (i, (&x, &l)) in self.input_ids.iter().zip(&self.labels).enumerate() {
+            if !in_vocab(x) || !(l == -100 || in_vocab(l)) {
+                anyhow::bail!(
+                    "prepared data {}: token id {} (chunk {}) is outside the model's vocabulary of {vocab}: the \
+                     store is damaged or was made with another tokenizer; delete it to prepare it again",
+                    store.display(),
+                    if in_vocab(x) { l } else { x },
+                    self.chunk_ids.get(i / self.block_size.max(1)).copied().unwrap_or(0)
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Masks the chunks `ids` of `store` into one batch (by whole words when
 /// `p.whole_word_mask` and the store has word-start marks).
 pub fn make_batch(store: &TokenStore, p: &MaskingParams, ids: &[u32], seed: u64, epoch: u64) -> Batch {
@@ -38,7 +58,14 @@ pub fn make_batch(store: &TokenStore, p: &MaskingParams, ids: &[u32], seed: u64,
         let (ids_out, labels_out) = (&mut input_ids[span.clone()], &mut labels[span]);
         n_masked += mask_chunk_words(chunk, words, p, seed, epoch, id as u64, ids_out, labels_out);
     }
-    Batch { input_ids, labels, rows: ids.len(), block_size: bs, chunk_ids: ids.iter().map(|&i| i as u64).collect(), n_masked }
+    Batch {
+        input_ids,
+        labels,
+        rows: ids.len(),
+        block_size: bs,
+        chunk_ids: ids.iter().map(|&i| i as u64).collect(),
+        n_masked,
+    }
 }
 
 /// The order of chunk ids `0..n_chunks` in `epoch`: a Fisher-Yates shuffle
@@ -160,7 +187,13 @@ impl Drop for BatchStream {
 /// Evaluation batches over the first `max_chunks` chunks of `store` (0: all),
 /// in store order, the last partial batch kept. Masks are fixed: they depend on
 /// `mask_seed` only (epoch `u64::MAX`), so every evaluation sees the same ones.
-pub fn eval_batches(store: &TokenStore, params: &MaskingParams, batch_size: usize, max_chunks: usize, mask_seed: u64) -> Vec<Batch> {
+pub fn eval_batches(
+    store: &TokenStore,
+    params: &MaskingParams,
+    batch_size: usize,
+    max_chunks: usize,
+    mask_seed: u64,
+) -> Vec<Batch> {
     assert!(batch_size > 0, "batch_size must be positive");
     let n = if max_chunks == 0 { store.len() } else { max_chunks.min(store.len()) };
     let ids: Vec<u32> = (0..n as u32).collect();
@@ -208,7 +241,8 @@ mod tests {
             mask_chunk_words(with_words.chunk(id as usize), w, &wwm, 9, 1, id as u64, &mut x, &mut y);
             assert_eq!(y, b.labels[r * BLOCK..(r + 1) * BLOCK]);
         }
-        let streamed: Vec<Batch> = BatchStream::new(with_words.clone(), Arc::new(wwm.clone()), ids, 4, 0, 9, 1, 2, 2).collect();
+        let streamed: Vec<Batch> =
+            BatchStream::new(with_words.clone(), Arc::new(wwm.clone()), ids, 4, 0, 9, 1, 2, 2).collect();
         assert_eq!(streamed[0].labels, b.labels[..4 * BLOCK]);
         assert_eq!(eval_batches(&with_words, &wwm, 20, 0, 9)[0].labels.len(), 20 * BLOCK);
     }
@@ -239,7 +273,8 @@ mod tests {
     fn stream_resumed_at_batch_k_yields_the_rest_of_the_full_stream() {
         let (_d, store, params) = fixture(90);
         let ids = rank_shard(&epoch_order(store.len(), 42, 2), 1, 2);
-        let full: Vec<Batch> = BatchStream::new(store.clone(), params.clone(), ids.clone(), 4, 0, 42, 2, 2, 3).collect();
+        let full: Vec<Batch> =
+            BatchStream::new(store.clone(), params.clone(), ids.clone(), 4, 0, 42, 2, 2, 3).collect();
         assert_eq!(full.len(), 45 / 4);
         assert_eq!(full[2].chunk_ids, ids[8..12].iter().map(|&i| i as u64).collect::<Vec<_>>());
         assert!(full.iter().all(|b| b.rows == 4 && b.input_ids.len() == 4 * BLOCK && b.n_masked > 0));

@@ -31,7 +31,13 @@ const SPLIT_STREAM: u64 = 0x0053_504C_4954; // "SPLIT"
 
 /// Prepares the token store in `cfg.prepared_dir()`, or reuses the one there
 /// when it was made from the same inputs and settings (same `inputs_key`).
-pub fn prepare(cfg: &Config, tok: &TextTokenizer, show_progress: bool) -> Result<Prepared> {
+///
+/// `resumed_key` is the `inputs_key` of the data a checkpoint about to be
+/// resumed was trained on: other data is refused before anything is written
+/// (unless `checkpoint.allow_config_change`). The store is read under a shared
+/// lock and written under an exclusive one, so a job never rebuilds a store
+/// another job is reading or writing.
+pub fn prepare(cfg: &Config, tok: &TextTokenizer, show_progress: bool, resumed_key: Option<&str>) -> Result<Prepared> {
     let d = &cfg.data;
     let files = expand_files(&d.files)?;
     if files.is_empty() {
@@ -39,17 +45,42 @@ pub fn prepare(cfg: &Config, tok: &TextTokenizer, show_progress: bool) -> Result
     }
     let mut sources = hash_sources(&files)?;
     let key = inputs_key(d, tok, &sources);
+    if let Some(want) = resumed_key.filter(|w| *w != key) {
+        let what = "the checkpoint to resume was trained on other data (data.files, their contents, the tokenizer or \
+                    the data settings changed since)";
+        if !cfg.checkpoint.allow_config_change {
+            bail!(
+                "{what}: restore the inputs, start a new training.output_dir, or set \
+                 checkpoint.allow_config_change = true to resume on the new data (prepared again, another split)"
+            );
+        }
+        warn!("{what}; resuming on the new data (checkpoint.allow_config_change = true; data key {want} -> {key})");
+    }
     let dir = cfg.prepared_dir();
-    if dir.join(MANIFEST).exists() {
-        match Prepared::open(&dir) {
-            Ok(p) if p.manifest.inputs_key == key => {
-                info!("reusing prepared data at {}", dir.display());
-                return Ok(p);
-            }
-            Ok(_) => info!("inputs or data settings changed: preparing {} again", dir.display()),
-            Err(e) => warn!("prepared data at {} is unusable ({e:#}): preparing again", dir.display()),
+    check_store_dir(&dir)?;
+    let lock_path = crate::lock::store_lock_path(&dir);
+    let busy = |b: crate::lock::Busy| {
+        anyhow::anyhow!(
+            "prepared data {} is in use by another mlm job ({}) that is writing or reading it: wait for it, or set \
+             data.prepared_dir to another folder",
+            dir.display(),
+            b.holder()
+        )
+    };
+    {
+        let _shared = crate::lock::Lock::shared(&lock_path)?.map_err(busy)?;
+        if let Some(p) = reusable(&dir, &key) {
+            return Ok(p);
         }
     }
+    let _exclusive = crate::lock::Lock::exclusive(&lock_path)?.map_err(busy)?;
+    if let Some(p) = reusable(&dir, &key) {
+        return Ok(p);
+    }
+    // Under the exclusive lock nobody else writes here: leftovers of an
+    // interrupted preparation are ours to remove.
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    crate::durable::recover(&crate::durable::parent_of(&dir), |n| n == name)?;
 
     let t0 = Instant::now();
     let pb = progress_bar(show_progress, sources.iter().map(|s| s.bytes).sum());
@@ -80,14 +111,15 @@ pub fn prepare(cfg: &Config, tok: &TextTokenizer, show_progress: bool) -> Result
     };
     let chunk = |i: &u32| &tokens[*i as usize * bs..(*i as usize + 1) * bs];
     let chunk_starts = |i: &u32| &starts[*i as usize * bs..(*i as usize + 1) * bs];
-    write_atomically(&dir, |tmp| {
+    crate::durable::write_dir_atomically(&dir, |tmp| {
         for (name, ids) in [(TRAIN_FILE, &train_ids), (TEST_FILE, &test_ids)] {
             let p = tmp.join(name);
             write_tokens(&p, ids.iter().map(chunk))?;
             write_word_starts(&p.with_extension(WORDS_EXT), ids.iter().map(chunk_starts))?;
         }
         let p = tmp.join(MANIFEST);
-        std::fs::write(&p, serde_json::to_vec_pretty(&manifest)?).with_context(|| format!("cannot write {}", p.display()))?;
+        std::fs::write(&p, serde_json::to_vec_pretty(&manifest)?)
+            .with_context(|| format!("cannot write {}", p.display()))?;
         File::open(&p)?.sync_all().with_context(|| format!("cannot sync {}", p.display()))
     })?;
     info!(
@@ -193,7 +225,9 @@ fn check_corpus(files: &[PathBuf], documents: usize, tokens: usize, block_size: 
         bail!("no text found in {}", list_files(files));
     }
     if tokens < block_size {
-        bail!("corpus has {tokens} tokens, fewer than data.block_size = {block_size}: add text or lower data.block_size");
+        bail!(
+            "corpus has {tokens} tokens, fewer than data.block_size = {block_size}: add text or lower data.block_size"
+        );
     }
     Ok(())
 }
@@ -224,7 +258,8 @@ fn hash_sources(files: &[PathBuf]) -> Result<Vec<SourceInfo>> {
     files
         .par_iter()
         .map(|f| {
-            let path = std::fs::canonicalize(f).with_context(|| format!("cannot resolve input file {}", f.display()))?;
+            let path =
+                std::fs::canonicalize(f).with_context(|| format!("cannot resolve input file {}", f.display()))?;
             let mut file = File::open(f).with_context(|| format!("cannot read input file {}", f.display()))?;
             let (mut h, mut buf, mut bytes) = (Sha256::new(), vec![0u8; 1 << 20], 0u64);
             loop {
@@ -278,54 +313,41 @@ fn progress_bar(show: bool, total: u64) -> indicatif::ProgressBar {
     pb
 }
 
-/// Removes a temporary directory unless disarmed.
-struct TempDirGuard(Option<PathBuf>);
-
-impl Drop for TempDirGuard {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = std::fs::remove_dir_all(p);
+/// The store at `dir` when it was made from `key`, else `None` (with a line
+/// saying why it is prepared again).
+fn reusable(dir: &Path, key: &str) -> Option<Prepared> {
+    if !dir.join(MANIFEST).exists() {
+        return None;
+    }
+    match Prepared::open(dir) {
+        Ok(p) if p.manifest.inputs_key == key => {
+            info!("reusing prepared data at {}", dir.display());
+            Some(p)
+        }
+        Ok(_) => {
+            info!("inputs or data settings changed: preparing {} again", dir.display());
+            None
+        }
+        Err(e) => {
+            warn!("prepared data at {} is unusable ({e:#}): preparing again", dir.display());
+            None
         }
     }
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|f| f.sync_all()).with_context(|| format!("cannot sync directory {}", dir.display()))
-}
-
-/// Builds `dir` in a sibling temporary directory, fsyncs it and swaps it in, so
-/// a failure or a crash never leaves a half-written store under `dir`.
-fn write_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = dir.file_name().with_context(|| format!("prepared dir {} has no name", dir.display()))?;
-    let name = name.to_string_lossy();
-    std::fs::create_dir_all(&parent).with_context(|| format!("cannot create {}", parent.display()))?;
-    let pid = std::process::id();
-    let tmp = parent.join(format!("{name}.tmp-{pid}"));
-    let old = parent.join(format!("{name}.old-{pid}"));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let mut guard = TempDirGuard(Some(tmp.clone()));
-    write(&tmp)?;
-    sync_dir(&tmp)?;
-    if dir.exists() {
-        let _ = std::fs::remove_dir_all(&old);
-        std::fs::rename(dir, &old).with_context(|| format!("cannot move aside {}", dir.display()))?;
+/// Refuses a `data.prepared_dir` that holds something other than a token store:
+/// replacing it would delete the user's files.
+fn check_store_dir(dir: &Path) -> Result<()> {
+    let Ok(meta) = std::fs::symlink_metadata(dir) else { return Ok(()) };
+    let not_a_store = "is not a prepared token store: set data.prepared_dir to a new or empty folder";
+    if !meta.is_dir() {
+        bail!("data.prepared_dir {} exists and {not_a_store}", dir.display());
     }
-    if let Err(e) = std::fs::rename(&tmp, dir) {
-        let _ = std::fs::rename(&old, dir);
-        return Err(e).with_context(|| format!("cannot move {} to {}", tmp.display(), dir.display()));
+    let empty = std::fs::read_dir(dir).map(|mut e| e.next().is_none()).unwrap_or(false);
+    if !empty && !dir.join(MANIFEST).exists() {
+        bail!("data.prepared_dir {} holds files but no {MANIFEST}: it {not_a_store}", dir.display());
     }
-    guard.0 = None;
-    if old.exists() {
-        if let Err(e) = std::fs::remove_dir_all(&old) {
-            warn!("cannot remove old prepared data {}: {e}", old.display());
-        }
-    }
-    sync_dir(&parent)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -351,9 +373,13 @@ mod tests {
         std::fs::metadata(p).unwrap().ino()
     }
 
+    /// The entries of `dir`, less the stores' lock files (which stay, empty of data).
     fn siblings(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> =
-            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with(".lock"))
+            .collect();
         v.sort();
         v
     }
@@ -363,7 +389,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let tok = testutil::tokenizer();
         let cfg = config(tmp.path(), corpus(12), 64);
-        let p = prepare(&cfg, tok, false).unwrap();
+        let p = prepare(&cfg, tok, false, None).unwrap();
         let mut all = Vec::new();
         for f in source::expand_files(&cfg.data.files).unwrap() {
             for doc in source::read_documents(&f, &cfg.data).unwrap().iter() {
@@ -389,7 +415,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let tok = testutil::tokenizer();
         let cfg = config(tmp.path(), corpus(4), 50);
-        let p = prepare(&cfg, tok, false).unwrap();
+        let p = prepare(&cfg, tok, false, None).unwrap();
         let (mut all, mut starts) = (Vec::new(), Vec::new());
         for f in source::expand_files(&cfg.data.files).unwrap() {
             for doc in source::read_documents(&f, &cfg.data).unwrap().iter() {
@@ -418,7 +444,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let tok = testutil::tokenizer();
         let cfg = config(tmp.path(), corpus(2), 32);
-        let first = prepare(&cfg, tok, false).unwrap();
+        let first = prepare(&cfg, tok, false, None).unwrap();
         let dir = first.dir.clone();
         drop(first);
         // A version-1 store: no word marks, format_version 1.
@@ -427,7 +453,7 @@ mod tests {
         std::fs::write(&m, text).unwrap();
         std::fs::remove_file(dir.join("train.words")).unwrap();
         assert!(Prepared::open(&dir).unwrap_err().to_string().contains("format_version 1"));
-        let again = prepare(&cfg, tok, false).unwrap();
+        let again = prepare(&cfg, tok, false, None).unwrap();
         assert_eq!(again.manifest.format_version, FORMAT_VERSION);
         assert!(again.train.has_word_starts() && again.test.has_word_starts());
         // A store whose word marks were lost cannot be opened.
@@ -456,7 +482,7 @@ mod tests {
         let mut b = config(tmp.path(), vec![jl.to_string_lossy().into_owned()], 32);
         a.data.prepared_dir = Some(tmp.path().join("a"));
         b.data.prepared_dir = Some(tmp.path().join("b"));
-        let (a, b) = (prepare(&a, tok, false).unwrap(), prepare(&b, tok, false).unwrap());
+        let (a, b) = (prepare(&a, tok, false, None).unwrap(), prepare(&b, tok, false, None).unwrap());
         assert_eq!(a.manifest.documents, docs.len());
         assert_eq!((a.manifest.tokens, a.manifest.words), (b.manifest.tokens, b.manifest.words));
         let chunks = |s: &TokenStore| (0..s.len()).map(|i| s.chunk(i).to_vec()).collect::<Vec<_>>();
@@ -468,14 +494,14 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let tok = testutil::tokenizer();
         let mut cfg = config(tmp.path(), corpus(3), 32);
-        let first = prepare(&cfg, tok, false).unwrap();
+        let first = prepare(&cfg, tok, false, None).unwrap();
         let train = first.dir.join(TRAIN_FILE);
         let ino = inode(&train);
-        let again = prepare(&cfg, tok, false).unwrap();
+        let again = prepare(&cfg, tok, false, None).unwrap();
         assert_eq!(inode(&train), ino);
         assert_eq!(again.manifest, first.manifest);
         cfg.data.block_size = 48;
-        let rebuilt = prepare(&cfg, tok, false).unwrap();
+        let rebuilt = prepare(&cfg, tok, false, None).unwrap();
         assert_ne!(rebuilt.manifest.inputs_key, first.manifest.inputs_key);
         assert_eq!(rebuilt.manifest.block_size, 48);
         assert_eq!(siblings(tmp.path()), vec!["data"]);
@@ -486,11 +512,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let tok = testutil::tokenizer();
         let mut cfg = config(tmp.path(), corpus(2), 32);
-        let before = prepare(&cfg, tok, false).unwrap().manifest;
+        let before = prepare(&cfg, tok, false, None).unwrap().manifest;
         let bad = tmp.path().join("bad.txt");
         std::fs::write(&bad, b"fine text\n\xc3\x28 broken").unwrap();
         cfg.data.files.push(bad.to_string_lossy().into_owned());
-        let e = format!("{:#}", prepare(&cfg, tok, false).unwrap_err());
+        let e = format!("{:#}", prepare(&cfg, tok, false, None).unwrap_err());
         assert!(e.contains("bad.txt") && e.contains("offset 10"), "{e}");
         assert_eq!(Prepared::open(&tmp.path().join("data")).unwrap().manifest, before);
         assert_eq!(siblings(tmp.path()), vec!["bad.txt", "data"]);
@@ -503,13 +529,13 @@ mod tests {
         let f = tmp.path().join("a.txt");
         let files = vec![f.to_string_lossy().into_owned()];
         std::fs::write(&f, "\n  \n").unwrap();
-        let e = prepare(&config(tmp.path(), files.clone(), 16), tok, false).unwrap_err().to_string();
+        let e = prepare(&config(tmp.path(), files.clone(), 16), tok, false, None).unwrap_err().to_string();
         assert!(e.starts_with("no text found in") && e.contains("a.txt"), "{e}");
         std::fs::write(&f, "just a few words").unwrap();
-        let e = prepare(&config(tmp.path(), files.clone(), 16), tok, false).unwrap_err().to_string();
+        let e = prepare(&config(tmp.path(), files.clone(), 16), tok, false, None).unwrap_err().to_string();
         assert!(e.contains("corpus has 6 tokens, fewer than data.block_size = 16"), "{e}");
         std::fs::write(&f, "one two three four five six seven eight nine ten eleven twelve").unwrap();
-        let e = prepare(&config(tmp.path(), files, 8), tok, false).unwrap_err().to_string();
+        let e = prepare(&config(tmp.path(), files, 8), tok, false, None).unwrap_err().to_string();
         assert!(e.contains("needs at least 2"), "{e}");
         assert_eq!(siblings(tmp.path()), vec!["a.txt"]);
     }
@@ -520,7 +546,7 @@ mod tests {
         let tok = testutil::tokenizer();
         let cfg = config(tmp.path(), corpus(2), 64);
         let tokens = tokenize_to_chunks(&cfg.data, tok).unwrap();
-        let m = prepare(&cfg, tok, false).unwrap().manifest;
+        let m = prepare(&cfg, tok, false, None).unwrap().manifest;
         assert_eq!(tokens.len(), m.tokens - m.dropped_tokens);
         assert_eq!(tokens.len() % 64, 0);
         assert_eq!(tokens[0], 101);

@@ -148,8 +148,10 @@ pub fn resolve_backend(requested: Backend, launcher: Launcher, device: tch::Devi
 
 /// Connects this worker to its peers with the configured backend (`auto`: see
 /// the module doc). Blocks until every rank has joined, or fails after
-/// `timeout_s` with an error naming this rank.
-pub fn init(cfg: &DistributedConfig, device: tch::Device) -> Result<Box<dyn Communicator>> {
+/// `timeout_s` with an error naming this rank. `job` identifies the job (its
+/// config and output directory): without `MLM_JOB_TOKEN`, the tcp job token is
+/// derived from it, so workers of another job on the same port are refused.
+pub fn init(cfg: &DistributedConfig, device: tch::Device, job: &str) -> Result<Box<dyn Communicator>> {
     let (world, launcher) = WorldInfo::from_env()?;
     let backend = resolve_backend(cfg.backend, launcher, device);
     let timeout = Duration::from_secs(cfg.timeout_s.max(1));
@@ -165,7 +167,7 @@ pub fn init(cfg: &DistributedConfig, device: tch::Device) -> Result<Box<dyn Comm
             }
             Box::new(LocalComm)
         }
-        Backend::Tcp => Box::new(tcp_from_env(world, timeout)?),
+        Backend::Tcp => Box::new(tcp_from_env(world, timeout, job)?),
         Backend::Mpi => Box::new(mpi_from_env(rank)?),
         Backend::Nccl => {
             let tch::Device::Cuda(index) = device else {
@@ -175,7 +177,7 @@ pub fn init(cfg: &DistributedConfig, device: tch::Device) -> Result<Box<dyn Comm
             nccl::check_available().with_context(|| format!("rank {rank}"))?;
             let bootstrap: Box<dyn Communicator> = match launcher {
                 Launcher::Mpi => Box::new(mpi_from_env(rank)?),
-                Launcher::Env => Box::new(tcp_from_env(world, timeout)?),
+                Launcher::Env => Box::new(tcp_from_env(world, timeout, job)?),
                 Launcher::Single => Box::new(LocalComm),
             };
             Box::new(nccl::NcclComm::new(bootstrap, index)?)
@@ -207,23 +209,47 @@ fn check_srun_has_pmi(get: &dyn Fn(&str) -> Option<String>, rank: usize) -> Resu
 }
 
 /// The tcp ring from `mlm-launch`'s variables.
-fn tcp_from_env(world: WorldInfo, timeout: Duration) -> Result<TcpComm> {
+fn tcp_from_env(world: WorldInfo, timeout: Duration, job: &str) -> Result<TcpComm> {
     let rank = world.rank;
     let addr = std::env::var("MLM_MASTER_ADDR").unwrap_or_else(|_| "127.0.0.1".into());
-    let port = std::env::var("MLM_MASTER_PORT")
-        .map_err(|_| anyhow::anyhow!("rank {rank}: MLM_MASTER_PORT is not set (the tcp rendezvous port; mlm-launch sets it)"))?;
+    let port = std::env::var("MLM_MASTER_PORT").map_err(|_| {
+        anyhow::anyhow!("rank {rank}: MLM_MASTER_PORT is not set (the tcp rendezvous port; mlm-launch sets it)")
+    })?;
     let port: u16 = port
         .trim()
         .parse()
         .map_err(|_| anyhow::anyhow!("rank {rank}: MLM_MASTER_PORT={port:?} is not a port number"))?;
-    let token = std::env::var("MLM_JOB_TOKEN").unwrap_or_default();
-    let rdv = tcp::Rendezvous { addr: format!("{addr}:{port}"), token, timeout };
+    let addr = format!("{addr}:{port}");
+    let token = job_token(std::env::var("MLM_JOB_TOKEN").ok().as_deref(), job, &addr, world.world_size);
+    let rdv = tcp::Rendezvous { addr, token, timeout };
     TcpComm::connect(rank, world.world_size, &rdv)
+}
+
+/// The token every rank of a tcp job presents: `MLM_JOB_TOKEN` when set
+/// (mlm-launch sets a random one per job); otherwise derived from the job
+/// itself, its rendezvous address and its size, so that hand-started workers
+/// of two jobs never join each other's. Never empty.
+pub fn job_token(given: Option<&str>, job: &str, addr: &str, world: usize) -> String {
+    use sha2::{Digest, Sha256};
+    match given.map(str::trim).filter(|t| !t.is_empty()) {
+        Some(t) => t.to_string(),
+        None => format!("{:x}", Sha256::digest(format!("mlm-job\0{job}\0{addr}\0{world}").as_bytes())),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn job_token_is_never_empty_and_differs_per_job() {
+        let a = job_token(None, "config-a", "127.0.0.1:29500", 2);
+        assert_eq!(a.len(), 64);
+        assert_eq!(a, job_token(Some(""), "config-a", "127.0.0.1:29500", 2));
+        assert_ne!(a, job_token(None, "config-b", "127.0.0.1:29500", 2));
+        assert_ne!(a, job_token(None, "config-a", "127.0.0.1:29501", 2));
+        assert_eq!(job_token(Some("abc"), "config-a", "x", 2), "abc");
+    }
 
     fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let m: std::collections::HashMap<String, String> =
@@ -243,13 +269,13 @@ mod tests {
         .unwrap();
         assert_eq!((w, l), (WorldInfo { rank: 1, world_size: 2, local_rank: 1 }, Launcher::Mpi));
         let (w, l) =
-            WorldInfo::from_vars(&vars(&[("SLURM_NTASKS", "8"), ("SLURM_PROCID", "5"), ("SLURM_LOCALID", "1")])).unwrap();
+            WorldInfo::from_vars(&vars(&[("SLURM_NTASKS", "8"), ("SLURM_PROCID", "5"), ("SLURM_LOCALID", "1")]))
+                .unwrap();
         assert_eq!((w, l), (WorldInfo { rank: 5, world_size: 8, local_rank: 1 }, Launcher::Mpi));
         // A one-task allocation is not a distributed job.
         let (_, l) = WorldInfo::from_vars(&vars(&[("SLURM_NTASKS", "1"), ("SLURM_PROCID", "0")])).unwrap();
         assert_eq!(l, Launcher::Single);
-        let (w, l) =
-            WorldInfo::from_vars(&vars(&[("RANK", "2"), ("WORLD_SIZE", "3"), ("LOCAL_RANK", "2")])).unwrap();
+        let (w, l) = WorldInfo::from_vars(&vars(&[("RANK", "2"), ("WORLD_SIZE", "3"), ("LOCAL_RANK", "2")])).unwrap();
         assert_eq!((w, l), (WorldInfo { rank: 2, world_size: 3, local_rank: 2 }, Launcher::Env));
         // Workers of mlm-launch inside an sbatch allocation.
         let (w, l) = WorldInfo::from_vars(&vars(&[

@@ -86,7 +86,8 @@ impl NcclComm {
     pub fn new(mut bootstrap: Box<dyn Communicator>, device: usize) -> Result<Self> {
         let (rank, world) = (bootstrap.rank(), bootstrap.world_size());
         check_available().map_err(|e| anyhow!("rank {rank}: {e}"))?;
-        let ctx = CudaContext::new(device).map_err(|e| anyhow!("rank {rank}: cannot open CUDA device {device}: {e:?}"))?;
+        let ctx =
+            CudaContext::new(device).map_err(|e| anyhow!("rank {rank}: cannot open CUDA device {device}: {e:?}"))?;
         let mut id_bytes = Vec::new();
         if rank == 0 {
             let id = nccl::get_uniqueid().map_err(|e| nccl_error(rank, "ncclGetUniqueId", e.0, None))?;
@@ -141,9 +142,8 @@ impl Communicator for NcclComm {
         let ptr = t.data_ptr();
         // SAFETY: `ptr` addresses `n` contiguous elements of `dtype` on this
         // communicator's device; in-place all-reduce is allowed by NCCL.
-        let res = unsafe {
-            nccl::all_reduce(ptr, ptr, n, dtype, sys::ncclRedOp_t::ncclSum, self.comm, std::ptr::null_mut())
-        };
+        let res =
+            unsafe { nccl::all_reduce(ptr, ptr, n, dtype, sys::ncclRedOp_t::ncclSum, self.comm, std::ptr::null_mut()) };
         if let Err(e) = res {
             self.failed = true;
             return Err(nccl_error(rank, "ncclAllReduce", e.0, Some(self.comm)));

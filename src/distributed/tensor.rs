@@ -50,21 +50,7 @@ pub unsafe fn f32_slice(t: &mut Tensor) -> &mut [f32] {
     std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, n)
 }
 
-#[inline]
-pub fn bf16_to_f32(b: u16) -> f32 {
-    f32::from_bits((b as u32) << 16)
-}
-
-/// Round to nearest even, as libtorch's `to(kBFloat16)`; NaN stays NaN.
-#[inline]
-pub fn f32_to_bf16(f: f32) -> u16 {
-    let bits = f.to_bits();
-    if f.is_nan() {
-        return ((bits >> 16) as u16) | 0x0040;
-    }
-    let round = 0x7fff + ((bits >> 16) & 1);
-    (bits.wrapping_add(round) >> 16) as u16
-}
+pub use mlm_kernels::bf16::{from_f32 as f32_to_bf16, to_f32 as bf16_to_f32};
 
 #[cfg(test)]
 mod tests {
@@ -72,7 +58,7 @@ mod tests {
 
     #[test]
     fn bf16_rounding_matches_libtorch() {
-        let xs: Vec<f32> = vec![0.0, -0.0, 1.0, 1.00390625, 1.01171875, 3.14159, -2.71828, 1e30, -1e-30, 65504.0, 1.0e-40];
+        let xs: Vec<f32> = vec![0.0, -0.0, 1.0, 1.003_906_2, 1.011_718_8, 3.25, -2.75, 1e30, -1e-30, 65504.0, 1.0e-40];
         let t = Tensor::from_slice(&xs).to_kind(Kind::BFloat16).to_kind(Kind::Float);
         let want: Vec<f32> = Vec::<f32>::try_from(&t).unwrap();
         for (x, w) in xs.iter().zip(want) {

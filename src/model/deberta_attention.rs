@@ -16,7 +16,7 @@
 use tch::{nn, Kind, Tensor};
 
 use super::deberta::AttentionSpec;
-use super::layers::Linear;
+use super::layers::{finfo_min, Linear};
 
 /// HF's `make_log_bucket_position`: distances within ±bucket_size/2 stay as they
 /// are, longer ones are binned logarithmically up to `max_position`. The same
@@ -26,16 +26,11 @@ fn log_bucket_position(relative: &Tensor, bucket_size: i64, max_position: i64) -
     let sign = relative.sign();
     let mid = bucket_size / 2;
     let near = relative.lt(mid).logical_and(&relative.gt(-mid));
-    let abs_pos = relative
-        .abs()
-        .where_self(&near.logical_not(), &Tensor::from(mid - 1));
+    let abs_pos = relative.abs().where_self(&near.logical_not(), &Tensor::from(mid - 1));
     let denominator = Tensor::from(((max_position - 1) as f64 / mid as f64) as f32).log();
     let log_pos =
-        ((abs_pos.to_kind(Kind::Float) / mid as f64).log() / denominator * (mid - 1) as f64).ceil()
-            + mid as f64;
-    let bucket = relative
-        .to_kind(Kind::Float)
-        .where_self(&abs_pos.le(mid), &(log_pos * sign.to_kind(Kind::Float)));
+        ((abs_pos.to_kind(Kind::Float) / mid as f64).log() / denominator * (mid - 1) as f64).ceil() + mid as f64;
+    let bucket = relative.to_kind(Kind::Float).where_self(&abs_pos.le(mid), &(log_pos * sign.to_kind(Kind::Float)));
     bucket.to_kind(Kind::Int64)
 }
 
@@ -55,19 +50,7 @@ pub(super) fn relative_positions(s: i64, bucket_size: i64, max_position: i64) ->
 /// `attention_mask` [b, s] -> [b, 1, s, s] bool.
 pub(super) fn pair_mask(attention_mask: &Tensor) -> Tensor {
     let m = attention_mask.ne(0);
-    m.unsqueeze(1)
-        .unsqueeze(2)
-        .logical_and(&m.unsqueeze(1).unsqueeze(3))
-}
-
-/// The most negative finite value of `kind` (HF's `torch.finfo(dtype).min`).
-fn finfo_min(kind: Kind) -> f64 {
-    match kind {
-        Kind::BFloat16 => -3.389_531_389_251_535_5e38,
-        Kind::Half => -65504.0,
-        Kind::Double => f64::MIN,
-        _ => f32::MIN as f64,
-    }
+    m.unsqueeze(1).unsqueeze(2).logical_and(&m.unsqueeze(1).unsqueeze(3))
 }
 
 /// `deberta.encoder.layer.N.attention.self`.
@@ -91,8 +74,7 @@ impl DisentangledSelfAttention {
             key_proj: Linear::new(&(p / "key_proj"), h, h, std),
             value_proj: Linear::new(&(p / "value_proj"), h, h, std),
             pos_key_proj: (own && spec.c2p).then(|| Linear::new(&(p / "pos_key_proj"), h, h, std)),
-            pos_query_proj: (own && spec.p2c)
-                .then(|| Linear::new(&(p / "pos_query_proj"), h, h, std)),
+            pos_query_proj: (own && spec.p2c).then(|| Linear::new(&(p / "pos_query_proj"), h, h, std)),
             spec,
         }
     }
@@ -116,9 +98,7 @@ impl DisentangledSelfAttention {
         rel_pos: Option<&Tensor>,
         train: bool,
     ) -> Tensor {
-        let (b, s, h) = x
-            .size3()
-            .expect("attention input must be [batch, seq, hidden]");
+        let (b, s, h) = x.size3().expect("attention input must be [batch, seq, hidden]");
         let spec = &self.spec;
         let q = self.split_heads(&self.query_proj.forward(x)); // [b, heads, s, d]
         let k = self.split_heads(&self.key_proj.forward(x));
@@ -132,10 +112,7 @@ impl DisentangledSelfAttention {
         if let (true, Some(rel), Some(rel_pos)) = (spec.relative_attention, rel, rel_pos) {
             let rel = rel.dropout(spec.pos_dropout, train);
             let span = spec.span;
-            let index = |pos: Tensor| {
-                pos.clamp(0, 2 * span - 1)
-                    .expand([b, spec.heads, s, s], false)
-            };
+            let index = |pos: Tensor| pos.clamp(0, 2 * span - 1).expand([b, spec.heads, s, s], false);
             if spec.c2p {
                 let proj = self.pos_key_proj.as_ref().unwrap_or(&self.key_proj);
                 let pos_key = self.split_heads(&proj.forward(&rel)); // [heads, 2 span, d]
@@ -147,9 +124,7 @@ impl DisentangledSelfAttention {
                 let proj = self.pos_query_proj.as_ref().unwrap_or(&self.query_proj);
                 let pos_query = self.split_heads(&proj.forward(&rel)); // [heads, 2 span, d]
                 let p2c = k.matmul(&pos_query.transpose(-1, -2)); // [b, heads, s_key, 2 span]
-                let p2c = p2c
-                    .gather(-1, &index(-rel_pos + span), false)
-                    .transpose(-1, -2);
+                let p2c = p2c.gather(-1, &index(-rel_pos + span), false).transpose(-1, -2);
                 bias = bias + p2c / scale;
             }
         }
@@ -157,16 +132,7 @@ impl DisentangledSelfAttention {
         // finite score leaves it there, so padded queries attend uniformly as in HF.
         let bias = bias.masked_fill(&mask.logical_not(), finfo_min(x.kind()));
         let p = if train { spec.attention_dropout } else { 0.0 };
-        let ctx = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            Some(&bias),
-            p,
-            false,
-            1.0 / scale,
-            false,
-        );
+        let ctx = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&bias), p, false, 1.0 / scale, false);
         ctx.transpose(1, 2).contiguous().view([b, s, h])
     }
 }
@@ -189,9 +155,6 @@ mod tests {
         want.extend([7; 15]);
         assert_eq!(got, want);
         let rel = relative_positions(3, -1, -1);
-        assert_eq!(
-            Vec::<i64>::try_from(rel.view([-1])).unwrap(),
-            [0, -1, -2, 1, 0, -1, 2, 1, 0]
-        );
+        assert_eq!(Vec::<i64>::try_from(rel.view([-1])).unwrap(), [0, -1, -2, 1, 0, -1, 2, 1, 0]);
     }
 }

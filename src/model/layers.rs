@@ -17,10 +17,7 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(p: &nn::Path, in_dim: i64, out_dim: i64, std: f64) -> Self {
-        Self {
-            weight: p.randn("weight", &[out_dim, in_dim], 0.0, std),
-            bias: p.zeros("bias", &[out_dim]),
-        }
+        Self { weight: p.randn("weight", &[out_dim, in_dim], 0.0, std), bias: p.zeros("bias", &[out_dim]) }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -38,11 +35,7 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn new(p: &nn::Path, dim: i64, eps: f64) -> Self {
-        Self {
-            weight: p.ones("weight", &[dim]),
-            bias: p.zeros("bias", &[dim]),
-            eps,
-        }
+        Self { weight: p.ones("weight", &[dim]), bias: p.zeros("bias", &[dim]), eps }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -114,46 +107,30 @@ impl Activation {
 /// attention without a bias to add. A GPU mask is not inspected, which would
 /// cost a device-to-host sync per forward.
 pub fn additive_mask(attention_mask: &Tensor, kind: Kind) -> Option<Tensor> {
-    let (b, s) = attention_mask
-        .size2()
-        .expect("attention_mask must be [batch, seq]");
+    let (b, s) = attention_mask.size2().expect("attention_mask must be [batch, seq]");
     if attention_mask.device() == tch::Device::Cpu && attention_mask.ne(0).all().int64_value(&[]) != 0 {
         return None;
     }
-    let min = match kind {
+    let masked = attention_mask.eq(0).view([b, 1, 1, s]);
+    Some(Tensor::zeros([b, 1, 1, s], (kind, attention_mask.device())).masked_fill(&masked, finfo_min(kind)))
+}
+
+/// The most negative finite value of `kind` (HF's `torch.finfo(dtype).min`).
+pub fn finfo_min(kind: Kind) -> f64 {
+    match kind {
         Kind::BFloat16 => -3.389_531_389_251_535_5e38,
         Kind::Half => -65504.0,
         Kind::Double => f64::MIN,
         _ => f32::MIN as f64,
-    };
-    let masked = attention_mask.eq(0).view([b, 1, 1, s]);
-    Some(Tensor::zeros([b, 1, 1, s], (kind, attention_mask.device())).masked_fill(&masked, min))
+    }
 }
 
 /// Multi-head scaled dot-product attention with separate q/k/v projections.
 /// `q`, `k`, `v` [batch, seq, hidden] (already projected), `bias` [batch, 1, 1, seq]
 /// or `None` -> [batch, seq, hidden].
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    bias: Option<&Tensor>,
-    heads: i64,
-    dropout: f64,
-) -> Tensor {
-    let (b, s, h) = q
-        .size3()
-        .expect("attention input must be [batch, seq, hidden]");
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, heads: i64, dropout: f64) -> Tensor {
+    let (b, s, h) = q.size3().expect("attention input must be [batch, seq, hidden]");
     let split = |x: &Tensor| x.view([b, s, heads, h / heads]).transpose(1, 2); // [b, heads, s, d]
-    let out = Tensor::scaled_dot_product_attention(
-        &split(q),
-        &split(k),
-        &split(v),
-        bias,
-        dropout,
-        false,
-        None,
-        false,
-    );
+    let out = Tensor::scaled_dot_product_attention(&split(q), &split(k), &split(v), bias, dropout, false, None, false);
     out.transpose(1, 2).contiguous().view([b, s, h])
 }

@@ -12,6 +12,7 @@ pub mod deberta;
 mod deberta_attention;
 pub mod distilbert;
 mod layers;
+pub mod load;
 pub mod roberta;
 mod torch_pickle;
 pub mod weights;
@@ -49,15 +50,10 @@ impl Arch {
                 "roberta" => Ok(Self::Roberta),
                 "xlm-roberta" => Ok(Self::XlmRoberta),
                 "deberta-v2" => Ok(Self::DebertaV2),
-                other => bail!(
-                    "model_type {other:?} in config.json is not supported (supported: {SUPPORTED})"
-                ),
+                other => bail!("model_type {other:?} in config.json is not supported (supported: {SUPPORTED})"),
             };
         }
-        let class = config
-            .pointer("/architectures/0")
-            .and_then(|v| v.as_str())
-            .unwrap_or("");
+        let class = config.pointer("/architectures/0").and_then(|v| v.as_str()).unwrap_or("");
         if class.starts_with("DistilBert") {
             Ok(Self::DistilBert)
         } else if class.starts_with("Bert") {
@@ -95,6 +91,109 @@ impl Arch {
     }
 }
 
+/// Sizes every architecture's `config.json` may give, with their allowed range:
+/// a value outside would build a model that cannot exist (negative sizes) or
+/// cannot be allocated (a million-wide hidden size).
+const SIZES: [(&str, i64, i64); 14] = [
+    ("vocab_size", 1, 1 << 24),
+    ("hidden_size", 1, 1 << 16),
+    ("dim", 1, 1 << 16),
+    ("num_hidden_layers", 1, 1024),
+    ("n_layers", 1, 1024),
+    ("num_attention_heads", 1, 1024),
+    ("n_heads", 1, 1024),
+    ("intermediate_size", 1, 1 << 18),
+    ("hidden_dim", 1, 1 << 18),
+    ("max_position_embeddings", 1, 1 << 20),
+    ("type_vocab_size", 0, 1 << 16),
+    ("embedding_size", 1, 1 << 16),
+    ("position_buckets", -1, 1 << 16),
+    ("max_relative_positions", -1, 1 << 20),
+];
+
+/// Probabilities (dropouts), in [0, 1).
+const DROPOUTS: [&str; 6] = [
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "dropout",
+    "attention_dropout",
+    "pooler_dropout",
+    "qa_dropout",
+];
+
+/// Refuses `config.json` values outside their meaning, naming the key.
+fn check_ranges(c: &serde_json::Value) -> Result<()> {
+    for (key, lo, hi) in SIZES {
+        let Some(v) = c.get(key).filter(|v| !v.is_null()) else { continue };
+        match v.as_i64() {
+            Some(n) if (lo..=hi).contains(&n) => {}
+            _ => bail!("{key} = {v} in config.json must be an integer from {lo} to {hi}"),
+        }
+    }
+    for key in DROPOUTS {
+        let Some(v) = c.get(key).filter(|v| !v.is_null()) else { continue };
+        match v.as_f64() {
+            Some(p) if (0.0..1.0).contains(&p) => {}
+            _ => bail!("{key} = {v} in config.json must be a probability in [0, 1)"),
+        }
+    }
+    for (key, zero_ok) in [("layer_norm_eps", false), ("initializer_range", true)] {
+        let Some(v) = c.get(key).filter(|v| !v.is_null()) else { continue };
+        match v.as_f64() {
+            Some(x) if x.is_finite() && (x > 0.0 || (zero_ok && x == 0.0)) => {}
+            _ => bail!(
+                "{key} = {v} in config.json must be a finite {} number",
+                if zero_ok { "non-negative" } else { "positive" }
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// Parameters of an encoder of `config.json`'s shape (embeddings, layers with
+/// attention and feed-forward, the MLM head's transform), for a memory check
+/// before anything is allocated.
+pub fn estimate_parameters(c: &serde_json::Value) -> u64 {
+    let get =
+        |keys: &[&str], default: u64| keys.iter().find_map(|k| c.get(*k).and_then(|v| v.as_u64())).unwrap_or(default);
+    let vocab = get(&["vocab_size"], 30522);
+    let h = get(&["hidden_size", "dim"], 768);
+    let layers = get(&["num_hidden_layers", "n_layers"], 12);
+    let ff = get(&["intermediate_size", "hidden_dim"], 4 * h);
+    let pos = get(&["max_position_embeddings"], 512);
+    let per_layer = (4 * h * h + 4 * h).saturating_add(2 * h * ff + ff + h).saturating_add(4 * h);
+    (vocab + pos + 2).saturating_mul(h).saturating_add(layers.saturating_mul(per_layer)).saturating_add(h * h + vocab)
+}
+
+/// Refuses, before allocating, a CPU model whose fp32 weights alone exceed the
+/// memory available (a GPU reports its own out-of-memory errors).
+fn check_fits_in_memory(c: &serde_json::Value, device: Device) -> Result<()> {
+    if device != Device::Cpu {
+        return Ok(());
+    }
+    let bytes = estimate_parameters(c).saturating_mul(4);
+    if let Some(avail) = available_memory() {
+        if bytes > avail {
+            bail!(
+                "the model of this config.json has about {:.1}B parameters ({:.1} GiB in fp32), more than the {:.1} GiB \
+                 of memory available: check its sizes (hidden_size, num_hidden_layers, vocab_size, intermediate_size)",
+                estimate_parameters(c) as f64 / 1e9,
+                bytes as f64 / (1u64 << 30) as f64,
+                avail as f64 / (1u64 << 30) as f64
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `MemAvailable` of /proc/meminfo, in bytes.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// What [`MaskedLm::load_dir`] did with the checkpoint's names.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LoadReport {
@@ -104,6 +203,8 @@ pub struct LoadReport {
     pub unexpected: Vec<String>,
 }
 
+// One value per loaded model: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Net {
     Bert(BertForMaskedLM),
@@ -124,54 +225,43 @@ pub struct MaskedLm {
 impl MaskedLm {
     /// A randomly initialised model (as `transformers` initialises it) from a `config.json`.
     pub fn from_config_file(path: &Path, device: Device) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let json =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        Self::from_config_json(json, device)
-            .with_context(|| format!("building the model of {}", path.display()))
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let json = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        Self::from_config_json(json, device).with_context(|| format!("building the model of {}", path.display()))
     }
 
     /// A randomly initialised model from the contents of a `config.json`.
     pub fn from_config_json(config_json: serde_json::Value, device: Device) -> Result<Self> {
         let arch = Arch::from_config(&config_json)?;
-        if config_json
-            .get("tie_word_embeddings")
-            .and_then(|v| v.as_bool())
-            == Some(false)
-        {
+        check_ranges(&config_json)?;
+        check_fits_in_memory(&config_json, device)?;
+        if config_json.get("tie_word_embeddings").and_then(|v| v.as_bool()) == Some(false) {
             bail!("tie_word_embeddings = false in config.json is not supported: the MLM decoder is tied to the word embeddings");
         }
         let vs = VarStore::new(device);
         let root = vs.root();
         let net = match arch {
             Arch::Bert => {
-                let c: BertConfig = serde_json::from_value(config_json.clone())
-                    .context("reading BERT config.json")?;
+                let c: BertConfig = serde_json::from_value(config_json.clone()).context("reading BERT config.json")?;
                 Net::Bert(BertForMaskedLM::new(&root, c)?)
             }
             Arch::DistilBert => {
-                let c: DistilBertConfig = serde_json::from_value(config_json.clone())
-                    .context("reading DistilBERT config.json")?;
+                let c: DistilBertConfig =
+                    serde_json::from_value(config_json.clone()).context("reading DistilBERT config.json")?;
                 Net::DistilBert(DistilBertForMaskedLM::new(&root, c)?)
             }
             Arch::Roberta | Arch::XlmRoberta => {
-                let c: RobertaConfig = serde_json::from_value(config_json.clone())
-                    .context("reading RoBERTa config.json")?;
+                let c: RobertaConfig =
+                    serde_json::from_value(config_json.clone()).context("reading RoBERTa config.json")?;
                 Net::Roberta(RobertaForMaskedLM::new(&root, c)?)
             }
             Arch::DebertaV2 => {
-                let c: DebertaV2Config = serde_json::from_value(config_json.clone())
-                    .context("reading DeBERTa-v2 config.json")?;
+                let c: DebertaV2Config =
+                    serde_json::from_value(config_json.clone()).context("reading DeBERTa-v2 config.json")?;
                 Net::DebertaV2(DebertaV2ForMaskedLM::new(&root, c)?)
             }
         };
-        Ok(Self {
-            vs,
-            arch,
-            config_json,
-            net,
-        })
+        Ok(Self { vs, arch, config_json, net })
     }
 
     /// Loads `dir/config.json` and the weights (`model.safetensors`, its shards, or
@@ -190,10 +280,7 @@ impl MaskedLm {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut config = self.config_json.clone();
         if let Some(obj) = config.as_object_mut() {
-            obj.insert(
-                "architectures".into(),
-                serde_json::json!([self.arch.mlm_class()]),
-            );
+            obj.insert("architectures".into(), serde_json::json!([self.arch.mlm_class()]));
             obj.insert("model_type".into(), self.arch.model_type().into());
             if self.arch == Arch::DebertaV2 {
                 // Our head names are those of the legacy layout (`cls.predictions.*`),
@@ -214,12 +301,7 @@ impl MaskedLm {
 
     /// `input_ids` [b, s] i64, `attention_mask` [b, s] (1 = token, 0 = pad)
     /// -> last hidden state [b, s, h] in the weights' dtype. Dropout only if `train`.
-    pub fn forward_hidden(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        train: bool,
-    ) -> Tensor {
+    pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
         let s = input_ids.size().get(1).copied().unwrap_or(0);
         assert!(
             s <= self.max_positions(),
@@ -324,19 +406,10 @@ mod tests {
             let half = bf16.logits(&ids, &mask, false);
             assert_eq!(half.kind(), Kind::BFloat16);
             assert_eq!(half.size(), [2, 4, 50]);
-            let diff = (half.to_kind(Kind::Float) - full)
-                .abs()
-                .max()
-                .double_value(&[]);
-            assert!(
-                diff < 0.05,
-                "{model_type}: bf16 vs fp32 max abs diff {diff}"
-            );
+            let diff = (half.to_kind(Kind::Float) - full).abs().max().double_value(&[]);
+            assert!(diff < 0.05, "{model_type}: bf16 vs fp32 max abs diff {diff}");
             // Training mode (dropout) also runs in bf16.
-            let _ = bf16
-                .logits(&ids, &mask, true)
-                .sum(Kind::Float)
-                .double_value(&[]);
+            let _ = bf16.logits(&ids, &mask, true).sum(Kind::Float).double_value(&[]);
         }
     }
 
@@ -345,62 +418,35 @@ mod tests {
         let model = tiny("bert");
         let vars = model.vs.variables();
         let word = &vars["bert.embeddings.word_embeddings.weight"];
-        assert_eq!(
-            word.get(0).abs().sum(Kind::Float).double_value(&[]),
-            0.0,
-            "padding row is zero"
-        );
+        assert_eq!(word.get(0).abs().sum(Kind::Float).double_value(&[]), 0.0, "padding row is zero");
         let std = f64::try_from(word.narrow(0, 1, 49).std(true)).unwrap();
         assert!((std - 0.02).abs() < 0.004, "word embedding std {std}");
-        assert_eq!(
-            f64::try_from(vars["cls.predictions.bias"].abs().sum(Kind::Float)).unwrap(),
-            0.0
-        );
-        assert_eq!(
-            f64::try_from(vars["bert.embeddings.LayerNorm.weight"].mean(Kind::Float)).unwrap(),
-            1.0
-        );
+        assert_eq!(f64::try_from(vars["cls.predictions.bias"].abs().sum(Kind::Float)).unwrap(), 0.0);
+        assert_eq!(f64::try_from(vars["bert.embeddings.LayerNorm.weight"].mean(Kind::Float)).unwrap(), 1.0);
     }
 
     #[test]
     fn unsupported_model_type_is_named() {
-        let err =
-            MaskedLm::from_config_json(serde_json::json!({"model_type": "gpt2"}), Device::Cpu)
-                .err()
-                .unwrap();
+        let err = MaskedLm::from_config_json(serde_json::json!({"model_type": "gpt2"}), Device::Cpu).err().unwrap();
         assert!(err.to_string().contains("gpt2"), "{err}");
     }
 
     #[test]
     fn no_decay_covers_biases_and_layer_norms() {
         assert!(MaskedLm::no_decay("cls.predictions.bias"));
-        assert!(MaskedLm::no_decay(
-            "bert.encoder.layer.0.output.LayerNorm.weight"
-        ));
-        assert!(MaskedLm::no_decay(
-            "distilbert.transformer.layer.0.sa_layer_norm.weight"
-        ));
+        assert!(MaskedLm::no_decay("bert.encoder.layer.0.output.LayerNorm.weight"));
+        assert!(MaskedLm::no_decay("distilbert.transformer.layer.0.sa_layer_norm.weight"));
         assert!(MaskedLm::no_decay("vocab_layer_norm.weight"));
-        assert!(!MaskedLm::no_decay(
-            "bert.encoder.layer.0.attention.self.query.weight"
-        ));
-        assert!(!MaskedLm::no_decay(
-            "bert.embeddings.word_embeddings.weight"
-        ));
+        assert!(!MaskedLm::no_decay("bert.encoder.layer.0.attention.self.query.weight"));
+        assert!(!MaskedLm::no_decay("bert.embeddings.word_embeddings.weight"));
         assert!(MaskedLm::no_decay("lm_head.bias"));
         assert!(MaskedLm::no_decay("lm_head.layer_norm.weight"));
         assert!(MaskedLm::no_decay("roberta.embeddings.LayerNorm.weight"));
         assert!(MaskedLm::no_decay("deberta.encoder.LayerNorm.weight"));
-        assert!(MaskedLm::no_decay(
-            "cls.predictions.transform.LayerNorm.bias"
-        ));
-        assert!(MaskedLm::no_decay(
-            "deberta.encoder.layer.0.attention.self.pos_key_proj.bias"
-        ));
+        assert!(MaskedLm::no_decay("cls.predictions.transform.LayerNorm.bias"));
+        assert!(MaskedLm::no_decay("deberta.encoder.layer.0.attention.self.pos_key_proj.bias"));
         assert!(!MaskedLm::no_decay("deberta.encoder.rel_embeddings.weight"));
-        assert!(!MaskedLm::no_decay(
-            "deberta.encoder.layer.0.attention.self.query_proj.weight"
-        ));
+        assert!(!MaskedLm::no_decay("deberta.encoder.layer.0.attention.self.query_proj.weight"));
     }
 
     fn tiny_deberta(extra: serde_json::Value) -> Result<MaskedLm> {
@@ -419,10 +465,7 @@ mod tests {
 
     #[test]
     fn new_architectures_run_in_bf16_too() {
-        for model in [
-            tiny("roberta"),
-            tiny_deberta(serde_json::json!({})).unwrap(),
-        ] {
+        for model in [tiny("roberta"), tiny_deberta(serde_json::json!({})).unwrap()] {
             let bf16 = model.to_kind_copy(Kind::BFloat16).unwrap();
             let ids = Tensor::from_slice(&[0i64, 7, 9, 2, 0, 5, 2, 1]).view([2, 4]);
             let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 0]).view([2, 4]);
@@ -430,10 +473,7 @@ mod tests {
             let half = bf16.logits(&ids, &mask, true);
             assert_eq!(half.kind(), Kind::BFloat16);
             assert_eq!(full.size(), [2, 4, 50]);
-            let diff = (bf16.logits(&ids, &mask, false).to_kind(Kind::Float) - full)
-                .abs()
-                .max()
-                .double_value(&[]);
+            let diff = (bf16.logits(&ids, &mask, false).to_kind(Kind::Float) - full).abs().max().double_value(&[]);
             assert!(diff < 0.05, "{:?}: bf16 vs fp32 {diff}", model.arch);
         }
     }
@@ -441,33 +481,15 @@ mod tests {
     #[test]
     fn unsupported_deberta_options_are_refused_naming_the_key() {
         for (extra, key) in [
-            (
-                serde_json::json!({"conv_kernel_size": 3}),
-                "conv_kernel_size",
-            ),
-            (
-                serde_json::json!({"attention_head_size": 4}),
-                "attention_head_size",
-            ),
-            (
-                serde_json::json!({"pos_att_type": ["c2p", "p2p"]}),
-                "pos_att_type",
-            ),
-            (
-                serde_json::json!({"norm_rel_ebd": "layer_norm|scale"}),
-                "norm_rel_ebd",
-            ),
+            (serde_json::json!({"conv_kernel_size": 3}), "conv_kernel_size"),
+            (serde_json::json!({"attention_head_size": 4}), "attention_head_size"),
+            (serde_json::json!({"pos_att_type": ["c2p", "p2p"]}), "pos_att_type"),
+            (serde_json::json!({"norm_rel_ebd": "layer_norm|scale"}), "norm_rel_ebd"),
             (serde_json::json!({"hidden_act": "swish"}), "swish"),
-            (
-                serde_json::json!({"legacy": false, "embedding_size": 8}),
-                "embedding_size",
-            ),
+            (serde_json::json!({"legacy": false, "embedding_size": 8}), "embedding_size"),
         ] {
             let err = format!("{:#}", tiny_deberta(extra.clone()).err().expect("refused"));
-            assert!(
-                err.contains(key) && err.contains("not supported"),
-                "{extra}: {err}"
-            );
+            assert!(err.contains(key) && err.contains("not supported"), "{extra}: {err}");
         }
         // attention_head_size equal to hidden_size / heads is what we compute.
         tiny_deberta(serde_json::json!({"attention_head_size": 8})).unwrap();
@@ -478,12 +500,7 @@ mod tests {
         let config = serde_json::json!({"model_type": "roberta", "vocab_size": 50, "hidden_size": 16,
             "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 24,
             "max_position_embeddings": 12, "is_decoder": true});
-        let err = format!(
-            "{:#}",
-            MaskedLm::from_config_json(config, Device::Cpu)
-                .err()
-                .unwrap()
-        );
+        let err = format!("{:#}", MaskedLm::from_config_json(config, Device::Cpu).err().unwrap());
         assert!(err.contains("is_decoder"), "{err}");
     }
 
@@ -491,20 +508,12 @@ mod tests {
     fn xlm_roberta_is_roberta_saved_under_its_own_class() {
         let model = tiny("xlm-roberta");
         assert_eq!(model.arch, Arch::XlmRoberta);
-        assert!(model
-            .vs
-            .variables()
-            .contains_key("lm_head.layer_norm.weight"));
-        assert_eq!(
-            model.max_positions(),
-            10,
-            "12 positions less pad_token_id 1 + 1"
-        );
+        assert!(model.vs.variables().contains_key("lm_head.layer_norm.weight"));
+        assert_eq!(model.max_positions(), 10, "12 positions less pad_token_id 1 + 1");
         let dir = tempfile::tempdir().unwrap();
         model.save_dir(dir.path()).unwrap();
         let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
-                .unwrap();
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
         assert_eq!(config["model_type"], "xlm-roberta");
         assert_eq!(config["architectures"][0], "XLMRobertaForMaskedLM");
     }

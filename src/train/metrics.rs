@@ -1,4 +1,5 @@
 //! Metrics as JSON lines, and a progress bar when a person is watching.
+use crate::config::ProgressMode;
 use std::fs::{File, OpenOptions};
 use std::io::{IsTerminal, Write};
 use std::path::Path;
@@ -39,7 +40,7 @@ impl Metrics {
 pub struct Progress(Option<ProgressBar>);
 
 impl Progress {
-    pub fn new(total: u64, label: &str, mode: &str) -> Self {
+    pub fn new(total: u64, label: &str, mode: ProgressMode) -> Self {
         if !show_progress(mode) {
             return Self(None);
         }
@@ -66,6 +67,10 @@ impl Progress {
 }
 
 /// Whether progress bars are drawn under the `logging.progress` mode.
-pub fn show_progress(mode: &str) -> bool {
-    mode == "always" || (mode == "auto" && std::io::stderr().is_terminal())
+pub fn show_progress(mode: ProgressMode) -> bool {
+    match mode {
+        ProgressMode::Always => true,
+        ProgressMode::Auto => std::io::stderr().is_terminal(),
+        ProgressMode::Never => false,
+    }
 }

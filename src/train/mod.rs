@@ -13,7 +13,7 @@ pub mod schedule;
 pub mod sync;
 pub mod timing;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -21,18 +21,22 @@ use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, TrainerState};
-use crate::config::{Config, DeviceChoice, Precision};
-use crate::data::loader::{eval_batches, epoch_order, rank_shard, Batch, BatchStream};
+use crate::config::{Config, Precision};
+use crate::data::loader::{epoch_order, eval_batches, rank_shard, Batch, BatchStream};
 use crate::data::masking::MaskingParams;
 use crate::data::prepare::prepare;
 use crate::data::store::Prepared;
 use crate::data::tokenizer::TextTokenizer;
+use crate::device::select_device;
 use crate::infer::fill_mask;
+use crate::lock::{lock_output_dir, Lock};
+use crate::model::load::{check_vocab, load_model};
 use crate::model::MaskedLm;
 use eval::{evaluate, EvalResult};
 use loss::{masked_lm_loss_sum, DeviceBatch};
 use metrics::{Metrics, Progress};
 use optimizer::{ordered_params, AdamWParams, FlatAdamW};
+use resume::{Apply, StartPoint};
 use schedule::LrSchedule;
 use sync::GradSync;
 use timing::{Phase, StepTimer};
@@ -51,7 +55,7 @@ pub struct Summary {
 pub fn run(cfg: Config) -> Result<Summary> {
     let mut t = Trainer::new(cfg)?;
     let before = if t.cfg.eval.at_start { Some(t.evaluate_and_probe("before training")?) } else { None };
-    let progress = Progress::new(t.total_steps as u64, "train", &t.cfg.logging.progress);
+    let progress = Progress::new(t.total_steps as u64, "train", t.cfg.logging.progress);
     let mut last_eval = None;
     while t.state.step < t.total_steps {
         let mut stream = t.epoch_stream();
@@ -101,6 +105,55 @@ pub fn run(cfg: Config) -> Result<Summary> {
     Ok(Summary { before, after, best, last, steps: t.state.step })
 }
 
+/// Batches of one epoch on each worker (every worker takes the same number:
+/// floor(chunks / world) chunks); an error when that is less than one step.
+fn batches_per_epoch(cfg: &Config, train_chunks: usize, world: usize) -> Result<usize> {
+    let t = &cfg.training;
+    let per_epoch = train_chunks / world / t.batch_size;
+    if per_epoch / t.grad_accum_steps == 0 {
+        bail!(
+            "the training split has {train_chunks} chunks: fewer than one step (training.batch_size {} x \
+             grad_accum_steps {} x {world} workers)",
+            t.batch_size,
+            t.grad_accum_steps,
+        );
+    }
+    Ok(per_epoch)
+}
+
+/// Loads a checkpoint's weights into `master` (before the optimizer takes
+/// them into its flat buffer).
+fn load_weights(dir: &Path, master: &MaskedLm) -> Result<()> {
+    let (file, tensors) = crate::model::weights::read_dir(dir)?;
+    let report = crate::model::weights::load_into(&master.vs, master.arch, tensors, &file)?;
+    if !report.missing.is_empty() {
+        bail!("{}: checkpoint lacks {}", dir.display(), report.missing.join(", "));
+    }
+    Ok(())
+}
+
+/// Loads a checkpoint's optimizer state into `opt` and returns its trainer
+/// state with this job's identity (`fresh`) kept.
+fn restore(
+    dir: &Path,
+    saved: TrainerState,
+    fresh: TrainerState,
+    opt: &mut FlatAdamW,
+    batches_per_epoch: usize,
+) -> Result<TrainerState> {
+    let moments = checkpoint::load_optimizer(dir, opt.numel())?;
+    resume::check_position(dir, &saved, batches_per_epoch, moments.step)?;
+    opt.restore(&moments.exp_avg, &moments.exp_avg_sq, moments.step);
+    tracing::info!(
+        "resuming from {} (step {}, epoch {}, batch {} of the epoch)",
+        dir.display(),
+        saved.step,
+        saved.epoch,
+        saved.batch_in_epoch
+    );
+    Ok(TrainerState { config_hash: fresh.config_hash, config: fresh.config, data_key: fresh.data_key, ..saved })
+}
+
 /// Whether the current epoch has no batch left.
 fn stream_done(t: &Trainer) -> bool {
     t.state.batch_in_epoch + t.cfg.training.grad_accum_steps > t.batches_per_epoch
@@ -112,52 +165,52 @@ fn next_step(stream: &mut BatchStream, accum: usize) -> Option<Vec<Batch>> {
     (micro.len() == accum).then_some(micro)
 }
 
-/// Picks the device named by the config.
-pub fn select_device(choice: DeviceChoice) -> Result<Device> {
-    Ok(match choice {
-        DeviceChoice::Cpu => Device::Cpu,
-        DeviceChoice::Auto => Device::cuda_if_available(),
-        DeviceChoice::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
-        DeviceChoice::Cuda => bail!("training.device = \"cuda\" but no CUDA device is visible"),
-    })
+/// What identifies a job to its workers: the settings that shape it and where
+/// it writes. Workers with different fingerprints never train together.
+pub fn job_fingerprint(cfg: &Config) -> String {
+    format!("{} {}", resume::config_hash(cfg), cfg.training.output_dir.display())
 }
 
-/// Loads the model named by `[model]`, reporting what the checkpoint lacked.
-pub fn load_model(cfg: &Config, device: Device) -> Result<MaskedLm> {
-    // Weights a checkpoint lacks (a fresh MLM head) and random-init models are
-    // drawn from the job's seed: every worker of a job starts from the same
-    // weights, and a rerun from the same ones.
-    tch::manual_seed(cfg.training.seed as i64);
-    if let Some(dir) = &cfg.model.path {
-        let (model, report) = MaskedLm::load_dir(dir, device)?;
-        if !report.missing.is_empty() {
-            tracing::warn!("{}: initialised fresh (not in the checkpoint): {}", dir.display(), report.missing.join(", "));
-        }
-        if !report.unexpected.is_empty() {
-            tracing::warn!("{}: ignored (not part of the model): {}", dir.display(), report.unexpected.join(", "));
-        }
-        Ok(model)
+/// What rank 0 settles before training, for every worker: the start point and
+/// the prepared data.
+struct Claimed {
+    /// The output directory's lock (rank 0 only), held for the whole job.
+    _lock: Option<Lock>,
+    start: StartPoint,
+    data: Prepared,
+}
+
+/// Rank 0 locks the output directory, cleans up after a crash, decides where
+/// the job starts (refusing before anything is written) and prepares the data
+/// while the others wait; then every worker opens the same start point and data.
+fn claim_output_and_data(cfg: &Config, tok: &TextTokenizer, sync: &mut GradSync) -> Result<Claimed> {
+    let out = &cfg.training.output_dir;
+    let show = metrics::show_progress(cfg.logging.progress);
+    if sync.rank() == 0 {
+        let lock = lock_output_dir(out)?;
+        checkpoint::recover(out)?;
+        let start = resume::plan(cfg, Apply::Apply)?;
+        let data = prepare(cfg, tok, show, start.data_key())?;
+        let chosen = start.checkpoint.as_ref().map(|(d, _)| d.to_string_lossy().into_owned()).unwrap_or_default();
+        sync.broadcast_string(&chosen)?;
+        return Ok(Claimed { _lock: Some(lock), start, data });
+    }
+    let chosen = sync.broadcast_string("")?;
+    let start = if chosen.is_empty() {
+        StartPoint::default()
     } else {
-        let path = cfg.model.config.as_ref().expect("validated: path or config");
-        MaskedLm::from_config_file(path, device)
-    }
-}
-
-/// Refuses a tokenizer whose ids do not fit the model's embedding table.
-pub fn check_vocab(tok: &TextTokenizer, model: &MaskedLm) -> Result<()> {
-    if tok.vocab_size as i64 > model.vocab_size() {
-        bail!(
-            "tokenizer {} has {} tokens but the model's vocabulary has {}: use the model's own tokenizer",
-            tok.path.display(),
-            tok.vocab_size,
-            model.vocab_size()
-        );
-    }
-    Ok(())
+        let dir = PathBuf::from(chosen);
+        let state = resume::checked_state(&dir, cfg)?;
+        StartPoint { checkpoint: Some((dir, state)) }
+    };
+    let data = prepare(cfg, tok, false, start.data_key())?;
+    Ok(Claimed { _lock: None, start, data })
 }
 
 struct Trainer {
     cfg: Config,
+    /// The output directory's lock (rank 0), released when the job ends.
+    _lock: Option<Lock>,
     /// The other workers (a single process talks to nobody).
     sync: GradSync,
     out: PathBuf,
@@ -191,7 +244,7 @@ impl Trainer {
         if t.threads > 0 {
             tch::set_num_threads(t.threads as i32);
         }
-        let device = sync::worker_device(select_device(t.device)?)?;
+        let device = sync::worker_device(select_device(t.device, "training.device")?)?;
         let tok = TextTokenizer::load(&cfg.tokenizer_path())?;
         let master = load_model(&cfg, device)?;
         check_vocab(&tok, &master)?;
@@ -202,70 +255,35 @@ impl Trainer {
                 master.max_positions()
             );
         }
-        let mut sync = GradSync::join(&cfg.distributed, device)?;
-        let rank = sync.rank();
-        let out = t.output_dir.clone();
-        // Rank 0 alone writes: it prepares the data (when mlm-launch has not) and
-        // cleans up after a crash while the others wait, then they only read.
-        if rank == 0 {
-            std::fs::create_dir_all(&out)
-                .with_context(|| format!("cannot create output directory {}", out.display()))?;
-            checkpoint::recover(&out)?;
-        }
-        let data = if rank == 0 {
-            let d = prepare(&cfg, &tok, metrics::show_progress(&cfg.logging.progress))?;
-            sync.barrier()?;
-            d
-        } else {
-            sync.barrier()?;
-            prepare(&cfg, &tok, false)?
-        };
+        let mut sync = GradSync::join(&cfg.distributed, device, &job_fingerprint(&cfg))?;
+        let Claimed { _lock, start, data } = claim_output_and_data(&cfg, &tok, &mut sync)?;
         let masking = Arc::new(MaskingParams::new(&cfg.data, &tok));
         let eval_set = eval_batches(&data.test, &masking, cfg.eval.batch_size, cfg.eval.max_chunks, cfg.eval.mask_seed);
-        // Every worker takes the same number of batches: floor(chunks / world).
-        let batches_per_epoch = data.train.len() / sync.world() / t.batch_size;
-        let steps_per_epoch = batches_per_epoch / t.grad_accum_steps;
-        if steps_per_epoch == 0 {
-            bail!(
-                "the training split has {} chunks: fewer than one step (training.batch_size {} x grad_accum_steps {} \
-                 x {} workers)",
-                data.train.len(),
-                t.batch_size,
-                t.grad_accum_steps,
-                sync.world()
-            );
+        for b in &eval_set {
+            b.check_ids(master.vocab_size(), &data.dir)?;
         }
-        let total_steps = if t.max_steps > 0 { t.max_steps } else { t.epochs * steps_per_epoch };
-        let resumed = resume::find(&cfg)?;
+        let batches_per_epoch = batches_per_epoch(&cfg, data.train.len(), sync.world())?;
+        let total_steps =
+            if t.max_steps > 0 { t.max_steps } else { t.epochs * (batches_per_epoch / t.grad_accum_steps) };
         let mut state = TrainerState {
             format_version: checkpoint::STATE_FORMAT,
             seed: t.seed,
             config_hash: resume::config_hash(&cfg),
             config: resume::shaping_config(&cfg),
+            data_key: Some(data.manifest.inputs_key.clone()),
             ..Default::default()
         };
-        if let Some(dir) = &resumed {
-            let saved = resume::load_state(dir, &cfg)?;
-            let (file, tensors) = crate::model::weights::read_dir(dir)?;
-            let report = crate::model::weights::load_into(&master.vs, master.arch, tensors, &file)?;
-            if !report.missing.is_empty() {
-                bail!("{}: checkpoint lacks {}", dir.display(), report.missing.join(", "));
-            }
-            state = TrainerState { config_hash: state.config_hash, config: state.config, ..saved };
+        if let Some((dir, _)) = &start.checkpoint {
+            load_weights(dir, &master)?;
         }
         let params: Vec<(String, Tensor)> =
             master.vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
         let mut opt = FlatAdamW::new(params, MaskedLm::no_decay, AdamWParams::from(t))?;
-        if let Some(dir) = &resumed {
-            let (m, v, step) = resume::load_moments(dir, opt.numel())?;
-            opt.restore(&m, &v, step);
-            tracing::info!(
-                "resuming from {} (step {}, epoch {}, batch {} of the epoch)",
-                dir.display(),
-                state.step,
-                state.epoch,
-                state.batch_in_epoch
-            );
+        if let Some((dir, saved)) = start.checkpoint {
+            state = restore(&dir, saved, state, &mut opt, batches_per_epoch)?;
+            if sync.rank() == 0 && cfg.checkpoint.save_best {
+                resume::complete_best(&t.output_dir, &state)?;
+            }
         }
         let compute = match t.precision {
             Precision::Fp32 => None,
@@ -276,8 +294,9 @@ impl Trainer {
             opt.attach_shadow(&compute_params, Kind::BFloat16);
         }
         let compute_tensors = compute_params.into_iter().map(|(_, t)| t).collect();
-        let start_step = state.step;
-        let metrics = if rank == 0 { Metrics::open(&out.join(&cfg.logging.metrics_file))? } else { Metrics::disabled() };
+        let out = t.output_dir.clone();
+        let metrics =
+            if sync.rank() == 0 { Metrics::open(&out.join(&cfg.logging.metrics_file))? } else { Metrics::disabled() };
         tracing::info!(
             "model: {} parameters on {:?} ({:?}); {} train / {} test chunks of {} tokens; {} steps of {} sequences",
             master.num_parameters(),
@@ -290,6 +309,7 @@ impl Trainer {
             t.batch_size * t.grad_accum_steps
         );
         Ok(Self {
+            _lock,
             sync,
             schedule: LrSchedule::new(t, total_steps),
             out,
@@ -303,12 +323,12 @@ impl Trainer {
             compute_tensors,
             opt,
             metrics,
+            window: (state.step, 0, 0.0),
             state,
             batches_per_epoch,
             total_steps,
             nonfinite_in_a_row: 0,
             started: Instant::now(),
-            window: (start_step, 0, 0.0),
             timer: StepTimer::new(device),
             cfg,
         })
@@ -347,6 +367,7 @@ impl Trainer {
         tch::manual_seed((self.cfg.training.seed as i64).wrapping_mul(1_000_003).wrapping_add(self.state.step as i64));
         let mut total = Tensor::zeros([], (Kind::Float, self.device));
         for b in micro {
+            b.check_ids(self.master.vocab_size(), &self.data.dir)?;
             let db = DeviceBatch::new(b, self.device);
             let sparse = self.cfg.training.sparse_head;
             let loss = masked_lm_loss_sum(self.model(), &db, true, sparse) / n_masked.max(1) as f64;
@@ -404,16 +425,14 @@ impl Trainer {
         self.timer.end(Phase::Optimizer);
         self.timer.step_done();
         let tokens: u64 = micro.iter().map(|b| (b.rows * b.block_size) as u64).sum();
-        let projected: usize = if self.cfg.training.sparse_head {
-            micro.iter().map(|b| b.n_masked).sum()
-        } else {
-            tokens as usize
-        };
+        let projected: usize =
+            if self.cfg.training.sparse_head { micro.iter().map(|b| b.n_masked).sum() } else { tokens as usize };
         self.state.tokens_seen += tokens;
         self.window.1 += tokens;
-        self.window.2 += timing::train_flops(&self.master, tokens as f64, projected as f64, self.cfg.data.block_size as f64);
+        self.window.2 +=
+            timing::train_flops(&self.master, tokens as f64, projected as f64, self.cfg.data.block_size as f64);
         let step = self.state.step;
-        if step % self.cfg.training.log_every == 0 || step == self.total_steps {
+        if step.is_multiple_of(self.cfg.training.log_every) || step == self.total_steps {
             self.log_step(loss, grad_norm, lr)?;
         }
         Ok(())
@@ -507,12 +526,21 @@ impl Trainer {
         if self.sync.rank() != 0 {
             return self.sync.barrier();
         }
-        let dir = checkpoint::save(&self.out, &self.master, &self.tok.path, &self.opt, &self.state)?;
+        let moments = checkpoint::OptimizerState {
+            exp_avg: self.opt.exp_avg.shallow_clone(),
+            exp_avg_sq: self.opt.exp_avg_sq.shallow_clone(),
+            step: self.opt.step,
+        };
+        let dir = checkpoint::save(&self.out, &self.master, &self.tok.path, &moments, &self.state)?;
         if improved && self.cfg.checkpoint.save_best {
             checkpoint::update_best(&self.out, &dir)?;
-            tracing::info!("new best perplexity {:.3}: {}", self.state.best_perplexity.unwrap(), self.out.join("best").display());
+            tracing::info!(
+                "new best perplexity {:.3}: {}",
+                self.state.best_perplexity.unwrap(),
+                self.out.join("best").display()
+            );
         }
-        checkpoint::prune(&self.out, self.cfg.checkpoint.keep_last)?;
+        checkpoint::prune(&self.out, self.cfg.checkpoint.keep_last, self.state.step)?;
         tracing::info!("saved {}", dir.display());
         self.sync.barrier()
     }
@@ -530,4 +558,3 @@ impl Trainer {
         Ok(())
     }
 }
-

@@ -278,7 +278,7 @@ mod tests {
             FlatAdamW::new(vec![("w".into(), p1.shallow_clone()), ("b".into(), p2.shallow_clone())], |n| n == "b", hp)
                 .unwrap();
         for g in [[0.5f32, -1.0], [0.25, 2.0]] {
-            let _ = opt.grad.copy_(&Tensor::from_slice(&g));
+            opt.grad.copy_(&Tensor::from_slice(&g));
             opt.step(0.1);
         }
         let got: Vec<f32> = Vec::try_from(&opt.master).unwrap();
@@ -300,9 +300,7 @@ mod fused_tests {
         let hp = AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
         let w = Tensor::randn([1000, 70], (Kind::Float, Device::Cpu));
         let b = Tensor::randn([70], (Kind::Float, Device::Cpu));
-        let make = || {
-            FlatAdamW::new(vec![("w".into(), w.copy()), ("b".into(), b.copy())], |n| n == "b", hp).unwrap()
-        };
+        let make = || FlatAdamW::new(vec![("w".into(), w.copy()), ("b".into(), b.copy())], |n| n == "b", hp).unwrap();
         let (mut fused, mut plain) = (make(), make());
         for _ in 0..3 {
             let g = Tensor::randn([fused.numel()], (Kind::Float, Device::Cpu));
@@ -326,8 +324,7 @@ mod fused_tests {
         let hp = AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
         let w = Tensor::randn([300, 70], (Kind::Float, Device::Cpu));
         let b = Tensor::randn([70], (Kind::Float, Device::Cpu));
-        let mut opt =
-            FlatAdamW::new(vec![("w".into(), w.copy()), ("b".into(), b.copy())], |n| n == "b", hp).unwrap();
+        let mut opt = FlatAdamW::new(vec![("w".into(), w.copy()), ("b".into(), b.copy())], |n| n == "b", hp).unwrap();
         // The compute copy, in slot order ("w" decays, so it comes first).
         let compute: Vec<(String, Tensor)> =
             vec![("w".into(), w.to_kind(Kind::BFloat16)), ("b".into(), b.to_kind(Kind::BFloat16))];

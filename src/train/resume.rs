@@ -1,15 +1,28 @@
-//! Resuming: which checkpoint, whether the job is still the same job, and the
-//! state to continue from. The data position is restored by arithmetic (epoch,
-//! batch in epoch), never by replaying batches.
-use std::collections::BTreeMap;
+//! Resuming, as policy: which checkpoint a job continues from, whether it is
+//! still the same job, and what a start may do to an output directory that
+//! already holds a run. Reading and writing checkpoints is `crate::checkpoint`'s.
+//!
+//! The rules (`docs/checkpoints.md`):
+//! - `resume = "auto"` continues from the newest checkpoint whose checksums
+//!   verify (damaged ones are skipped with a warning).
+//! - A fresh start (`resume = "none"`, or `"auto"` with nothing resumable) into a
+//!   directory holding checkpoints or `best/` is refused, unless
+//!   `checkpoint.overwrite_output_dir = true`, which deletes them first.
+//! - `resume = <path>` must name a step checkpoint; from another directory it
+//!   counts as a fresh start for this one; from this one, newer checkpoints than
+//!   it are refused unless `overwrite_output_dir` (which deletes them).
+//! - A resume whose shaping settings or prepared data changed is refused unless
+//!   `checkpoint.allow_config_change = true`.
+//!
+//! Every check runs before anything is written, so a refused start leaves the
+//! output directory and the prepared data exactly as they were.
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
-use tch::Tensor;
 
-use crate::checkpoint::{self, TrainerState, STATE_FORMAT};
-use crate::config::Config;
+use crate::checkpoint::{self, TrainerState};
+use crate::config::{Config, Resume};
 
 /// Settings that shape the trained weights: a resumed job must match them.
 /// Throughput knobs (threads, prefetch, logging, device) may change freely.
@@ -34,44 +47,154 @@ pub fn config_hash(cfg: &Config) -> String {
     format!("{:x}", Sha256::digest(shaping_config(cfg).to_string().as_bytes()))
 }
 
-/// The checkpoint to resume from, as `checkpoint.resume` says: "none", "auto"
-/// (the newest checkpoint whose checksums verify; broken ones are skipped with a
-/// warning) or a checkpoint directory.
-pub fn find(cfg: &Config) -> Result<Option<PathBuf>> {
-    let out = &cfg.training.output_dir;
-    match cfg.checkpoint.resume.as_str() {
-        "none" => Ok(None),
-        "auto" => {
-            for (_, dir) in checkpoint::list(out).into_iter().rev() {
-                match checkpoint::verify(&dir) {
-                    Ok(()) => return Ok(Some(dir)),
-                    Err(e) => tracing::warn!("skipping damaged checkpoint: {}", crate::logging::one_line(&e)),
-                }
-            }
-            Ok(None)
-        }
-        path => {
-            let dir = PathBuf::from(path);
-            checkpoint::verify(&dir).with_context(|| format!("checkpoint.resume = {path:?} cannot be resumed"))?;
-            Ok(Some(dir))
-        }
+/// Where a job starts.
+#[derive(Debug, Default)]
+pub struct StartPoint {
+    /// The checkpoint to continue from, with its (checked) trainer state.
+    pub checkpoint: Option<(PathBuf, TrainerState)>,
+}
+
+impl StartPoint {
+    /// The prepared data key the resumed run was trained on, when it recorded one.
+    pub fn data_key(&self) -> Option<&str> {
+        self.checkpoint.as_ref().and_then(|(_, s)| s.data_key.as_deref())
     }
 }
 
-/// Reads and checks `trainer_state.json` of `dir` against the current job.
-pub fn load_state(dir: &Path, cfg: &Config) -> Result<TrainerState> {
-    let path = dir.join("trainer_state.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let fresh = "start a new training.output_dir or set checkpoint.resume = \"none\"";
-    let state: TrainerState = serde_json::from_str(&text).with_context(|| {
-        format!("{}: not a trainer state this mlm can resume (another version wrote it?); {fresh}", path.display())
-    })?;
-    if state.format_version != STATE_FORMAT {
+/// Whether [`plan`] may delete what `overwrite_output_dir` allows, or only checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Apply {
+    /// Check only (`mlm prepare`, workers other than rank 0).
+    Check,
+    /// Check, then delete what `overwrite_output_dir` discards (rank 0 of
+    /// `mlm train`, holding the output directory's lock).
+    Apply,
+}
+
+/// Decides where the job starts and enforces the rules of the module doc.
+pub fn plan(cfg: &Config, apply: Apply) -> Result<StartPoint> {
+    let out = &cfg.training.output_dir;
+    let overwrite = cfg.checkpoint.overwrite_output_dir;
+    let existing = checkpoint::list(out);
+    let chosen = match &cfg.checkpoint.resume {
+        Resume::None => None,
+        Resume::Auto => newest_valid(&existing),
+        Resume::Path(path) => Some(explicit(path)?),
+    };
+    let Some(dir) = chosen else {
+        // A fresh start: only into a directory without another run's results.
+        let results = results_in(out, &existing, None);
+        if !results.is_empty() {
+            if !overwrite {
+                let why = match (&cfg.checkpoint.resume, existing.is_empty()) {
+                    (Resume::Auto, false) => "none of its checkpoints can be resumed (see the warnings above), and a \
+                                              fresh start would overwrite them"
+                        .to_string(),
+                    (Resume::Auto, true) => "a fresh start would overwrite it".to_string(),
+                    (r, _) => format!("checkpoint.resume = {} would start fresh and overwrite it", r.as_toml()),
+                };
+                bail!(
+                    "training.output_dir {} holds an earlier run ({}): {why}; resume it (checkpoint.resume = \"auto\"), \
+                     choose another training.output_dir, or set checkpoint.overwrite_output_dir = true to delete it",
+                    out.display(),
+                    list_names(&results)
+                );
+            }
+            discard(out, &results, apply)?;
+            // The earlier run's curves too, so the new ones do not continue them.
+            for f in [out.join(&cfg.logging.metrics_file), out.join("curves.png")] {
+                if apply == Apply::Apply && f.is_file() {
+                    std::fs::remove_file(&f).with_context(|| format!("cannot delete {}", f.display()))?;
+                }
+            }
+        }
+        return Ok(StartPoint::default());
+    };
+    let state = checked_state(&dir, cfg)?;
+    let inside = same_dir(dir.parent().unwrap_or(Path::new("")), out);
+    let later = results_in(out, &existing, Some(state.step)).into_iter().filter(|p| *p != dir);
+    let in_the_way: Vec<PathBuf> = if inside {
+        // Only newer, valid checkpoints: damaged ones are replaced as the run passes them.
+        later.filter(|p| p.file_name().is_some_and(|n| n != "best") && checkpoint::verify(p).is_ok()).collect()
+    } else {
+        later.collect()
+    };
+    if !in_the_way.is_empty() {
+        if !overwrite {
+            let whose = if inside { "newer checkpoints of this run" } else { "another run" };
+            bail!(
+                "training.output_dir {} holds {whose} ({}) that resuming from {} would overwrite; resume the newest \
+                 (checkpoint.resume = \"auto\"), choose another training.output_dir, or set \
+                 checkpoint.overwrite_output_dir = true to delete them",
+                out.display(),
+                list_names(&in_the_way),
+                dir.display()
+            );
+        }
+        discard(out, &in_the_way, apply)?;
+    }
+    Ok(StartPoint { checkpoint: Some((dir, state)) })
+}
+
+/// The newest checkpoint whose checksums verify; broken ones are skipped with a warning.
+fn newest_valid(existing: &[(usize, PathBuf)]) -> Option<PathBuf> {
+    for (_, dir) in existing.iter().rev() {
+        match checkpoint::verify(dir) {
+            Ok(()) => return Some(dir.clone()),
+            Err(e) => tracing::warn!("skipping damaged checkpoint: {}", crate::logging::one_line(&e)),
+        }
+    }
+    None
+}
+
+/// `checkpoint.resume = <path>`: an intact step checkpoint.
+fn explicit(path: &Path) -> Result<PathBuf> {
+    let key = format!("checkpoint.resume = {:?}", path.display().to_string());
+    if !path.is_dir() {
+        bail!("{key}: no such checkpoint folder");
+    }
+    if !checkpoint::is_checkpoint(path) {
+        if path.join("config.json").is_file() {
+            bail!(
+                "{key} is a model folder (such as best/), not a step checkpoint: it has no optimizer state to \
+                 resume; name a checkpoint-<step> folder, or start from its weights with model.path = that folder \
+                 and checkpoint.resume = \"none\""
+            );
+        }
+        bail!("{key} is not a checkpoint folder (no trainer_state.json and optimizer.safetensors): name a checkpoint-<step> folder");
+    }
+    checkpoint::verify(path).with_context(|| format!("{key} cannot be resumed"))?;
+    Ok(path.to_path_buf())
+}
+
+/// The trainer state of `dir`, checked against the current job: same format,
+/// same shaping settings (unless allowed), and self-consistent.
+pub fn checked_state(dir: &Path, cfg: &Config) -> Result<TrainerState> {
+    let state = checkpoint::load_state(dir)?;
+    let named = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("checkpoint-"))
+        .and_then(|s| s.parse::<usize>().ok());
+    if let Some(step) = named {
+        if step != state.step {
+            bail!(
+                "{}: trainer_state.json says step {} but the folder is checkpoint-{step}: the checkpoint is damaged; \
+                 resume another one (checkpoint.resume) or delete it",
+                dir.display(),
+                state.step
+            );
+        }
+    }
+    if state.best_step.is_some_and(|b| b > state.step) || state.nonfinite_skipped > state.step {
         bail!(
-            "{}: format version {} (this mlm reads {STATE_FORMAT}); {fresh}",
-            path.display(),
-            state.format_version
+            "{}/trainer_state.json is inconsistent (best_step or skipped steps after its step {})",
+            dir.display(),
+            state.step
         );
+    }
+    if state.best_perplexity.is_some_and(|p| !(p.is_finite() && p >= 1.0)) {
+        bail!("{}/trainer_state.json: best_perplexity {:?} is not a perplexity", dir.display(), state.best_perplexity);
     }
     let changes = differing_keys(&state.config, &shaping_config(cfg));
     if !changes.is_empty() && !cfg.checkpoint.allow_config_change {
@@ -88,26 +211,105 @@ pub fn load_state(dir: &Path, cfg: &Config) -> Result<TrainerState> {
     Ok(state)
 }
 
-/// AdamW's moments and step count saved beside the model.
-pub fn load_moments(dir: &Path, numel: i64) -> Result<(Tensor, Tensor, i64)> {
-    let path = dir.join("optimizer.safetensors");
-    let tensors: BTreeMap<String, Tensor> = Tensor::read_safetensors(&path)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
-        .into_iter()
-        .collect();
-    let get = |name: &str| -> Result<Tensor> {
-        let t = tensors.get(name).with_context(|| format!("{}: no tensor {name}", path.display()))?;
-        Ok(t.shallow_clone())
-    };
-    let (m, v, step) = (get("exp_avg")?, get("exp_avg_sq")?, get("step")?);
-    if m.numel() as i64 != numel || v.numel() as i64 != numel {
-        bail!("{}: moments of {} elements, the model has {numel}", path.display(), m.numel());
+/// The checks a resumed state needs once the data is known: its position must
+/// lie within an epoch of `batches_per_epoch` batches, and the optimizer's
+/// update count must match the steps taken.
+pub fn check_position(dir: &Path, state: &TrainerState, batches_per_epoch: usize, optimizer_steps: i64) -> Result<()> {
+    if state.batch_in_epoch > batches_per_epoch {
+        bail!(
+            "{}/trainer_state.json: batch {} of an epoch of {batches_per_epoch} batches: the checkpoint does not \
+             belong to this data; resume another one or start a new training.output_dir",
+            dir.display(),
+            state.batch_in_epoch
+        );
     }
-    Ok((m, v, step.int64_value(&[])))
+    let applied = state.step - state.nonfinite_skipped;
+    if optimizer_steps as usize != applied {
+        bail!(
+            "{}: the optimizer state has {optimizer_steps} updates but trainer_state.json says {applied} \
+             (step {} less {} skipped): the checkpoint is damaged; resume another one or delete it",
+            dir.display(),
+            state.step,
+            state.nonfinite_skipped
+        );
+    }
+    Ok(())
+}
+
+/// Makes `best/` hold the best evaluated model that a checkpoint exists for:
+/// a job killed after writing the checkpoint of a new best evaluation but
+/// before updating `best/` left an older model there.
+pub fn complete_best(out: &Path, state: &TrainerState) -> Result<()> {
+    let Some(step) = state.best_step else { return Ok(()) };
+    if checkpoint::best_step(out) == Some(step) {
+        return Ok(());
+    }
+    let dir = out.join(format!("checkpoint-{step}"));
+    if checkpoint::verify(&dir).is_ok() {
+        checkpoint::update_best(out, &dir)?;
+        tracing::info!(
+            "best/ brought up to date from {} (the best evaluation; the previous run stopped before copying it)",
+            dir.display()
+        );
+    } else {
+        tracing::warn!(
+            "best/ does not hold the model of step {step} (the best evaluation so far) and {} is gone: it will be \
+             replaced at the next better evaluation",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// An earlier run's results in `out`: its checkpoints (those after `after` when
+/// given) and `best/` (when its model is after `after`, or when `after` is none).
+fn results_in(out: &Path, existing: &[(usize, PathBuf)], after: Option<usize>) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> =
+        existing.iter().filter(|(s, _)| after.is_none_or(|a| *s > a)).map(|(_, p)| p.clone()).collect();
+    let best = out.join("best");
+    if best.exists() {
+        let later = match after {
+            None => true,
+            Some(a) => checkpoint::best_step(out).is_none_or(|s| s > a),
+        };
+        if later {
+            v.push(best);
+        }
+    }
+    v
+}
+
+/// Deletes what `overwrite_output_dir` discards, with a line saying so.
+fn discard(out: &Path, paths: &[PathBuf], apply: Apply) -> Result<()> {
+    if apply == Apply::Check {
+        return Ok(());
+    }
+    tracing::warn!("checkpoint.overwrite_output_dir = true: deleting {} from {}", list_names(paths), out.display());
+    for p in paths {
+        std::fs::remove_dir_all(p).with_context(|| format!("cannot delete {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn list_names(paths: &[PathBuf]) -> String {
+    let names: Vec<String> =
+        paths.iter().map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned() + "/").collect();
+    if names.len() > 4 {
+        format!("{}, ... ({} in all)", names[..3].join(", "), names.len())
+    } else {
+        names.join(", ")
+    }
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
 }
 
 /// `section.key (old -> new)` for every leaf that differs.
-fn differing_keys(old: &Value, new: &Value) -> Vec<String> {
+pub fn differing_keys(old: &Value, new: &Value) -> Vec<String> {
     let mut out = Vec::new();
     walk("", old, new, &mut out);
     out
@@ -147,5 +349,23 @@ mod tests {
         assert_eq!(config_hash(&c), h);
         c.training.lr = 1.0;
         assert_ne!(config_hash(&c), h);
+    }
+
+    #[test]
+    fn a_fresh_start_into_a_used_directory_is_refused_and_overwrite_deletes_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        std::fs::create_dir_all(out.join("checkpoint-200")).unwrap();
+        std::fs::create_dir_all(out.join("best")).unwrap();
+        let mut c = Config::from_toml("[model]\npath = \"m\"\n[checkpoint]\nresume = \"none\"\n").unwrap();
+        c.training.output_dir = out.clone();
+        let e = plan(&c, Apply::Apply).unwrap_err().to_string();
+        assert!(e.contains("checkpoint-200/") && e.contains("overwrite_output_dir"), "{e}");
+        assert!(out.join("checkpoint-200").exists() && out.join("best").exists());
+        c.checkpoint.overwrite_output_dir = true;
+        plan(&c, Apply::Check).unwrap();
+        assert!(out.join("checkpoint-200").exists(), "a check deletes nothing");
+        assert!(plan(&c, Apply::Apply).unwrap().checkpoint.is_none());
+        assert!(!out.join("checkpoint-200").exists() && !out.join("best").exists());
     }
 }

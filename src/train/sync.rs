@@ -3,11 +3,11 @@
 //! The loss of a step is normalised by the masked tokens of the whole step on
 //! all workers, so summing the workers' gradients gives exactly the gradient of
 //! one process with the summed batch (no division by the world size).
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{CommDtype, DistributedConfig};
-use crate::dist::{self, Communicator, WorldInfo};
+use crate::distributed::{self, Communicator, WorldInfo};
 
 pub struct GradSync {
     pub comm: Box<dyn Communicator>,
@@ -17,10 +17,47 @@ pub struct GradSync {
 }
 
 impl GradSync {
-    /// Joins the job's workers (a no-op communicator for a single process).
-    pub fn join(cfg: &DistributedConfig, device: Device) -> Result<Self> {
-        let comm = dist::init(cfg, device)?;
-        Ok(Self { comm, dtype: cfg.comm_dtype, bucket: cfg.bucket_elems as i64, device })
+    /// Joins the job's workers (a no-op communicator for a single process) and
+    /// checks that every worker runs the same job: `job` is the fingerprint of
+    /// its config (see [`distributed::init`]).
+    pub fn join(cfg: &DistributedConfig, device: Device, job: &str) -> Result<Self> {
+        let comm = distributed::init(cfg, device, job)?;
+        let mut sync = Self { comm, dtype: cfg.comm_dtype, bucket: cfg.bucket_elems as i64, device };
+        sync.check_same_job(job)?;
+        Ok(sync)
+    }
+
+    /// Every rank compares its job fingerprint with rank 0's; all fail together
+    /// when one differs, rather than train on mixed gradients.
+    fn check_same_job(&mut self, job: &str) -> Result<()> {
+        if self.world() == 1 {
+            return Ok(());
+        }
+        let mut theirs = job.as_bytes().to_vec();
+        self.comm.broadcast_bytes(0, &mut theirs).context("checking that every worker runs the same config")?;
+        let differs = theirs != job.as_bytes();
+        let n = self.sum(&[differs as u8 as f64])?[0] as usize;
+        let rank = self.rank();
+        if differs {
+            bail!(
+                "rank {rank} runs another config than rank 0 (settings that shape training, or output_dir): every \
+                 worker of a job must run the same config file with the same --set overrides"
+            );
+        }
+        if n > 0 {
+            bail!("rank {rank}: {n} worker(s) run another config than rank 0; stopping (see their errors)");
+        }
+        Ok(())
+    }
+
+    /// Rank 0's `value` on every rank.
+    pub fn broadcast_string(&mut self, value: &str) -> Result<String> {
+        if self.world() == 1 {
+            return Ok(value.to_string());
+        }
+        let mut bytes = value.as_bytes().to_vec();
+        self.comm.broadcast_bytes(0, &mut bytes)?;
+        String::from_utf8(bytes).context("rank 0 sent a string that is not UTF-8")
     }
 
     pub fn rank(&self) -> usize {

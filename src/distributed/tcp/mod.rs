@@ -95,11 +95,12 @@ impl TcpComm {
             let addrs: Vec<SocketAddr> = rdv
                 .addr
                 .to_socket_addrs()
-                .map_err(|e| anyhow!("rank 0: cannot resolve the rendezvous address {} (MLM_MASTER_ADDR): {e}", rdv.addr))?
+                .map_err(|e| {
+                    anyhow!("rank 0: cannot resolve the rendezvous address {} (MLM_MASTER_ADDR): {e}", rdv.addr)
+                })?
                 .collect();
-            let listener = TcpListener::bind(&addrs[..]).map_err(|e| {
-                anyhow!("rank 0: cannot listen at {} (MLM_MASTER_ADDR:MLM_MASTER_PORT): {e}", rdv.addr)
-            })?;
+            let listener = TcpListener::bind(&addrs[..])
+                .map_err(|e| anyhow!("rank 0: cannot listen at {} (MLM_MASTER_ADDR:MLM_MASTER_PORT): {e}", rdv.addr))?;
             return Self::host(listener, world, &rdv.token, rdv.timeout);
         }
         Self::join(rank, world, rdv)
@@ -112,7 +113,8 @@ impl TcpComm {
         }
         let deadline = Instant::now() + timeout;
         let here = listener.local_addr()?;
-        let ring = TcpListener::bind((here.ip(), 0)).map_err(|e| anyhow!("rank 0: cannot open the ring listener: {e}"))?;
+        let ring =
+            TcpListener::bind((here.ip(), 0)).map_err(|e| anyhow!("rank 0: cannot open the ring listener: {e}"))?;
         let ring_port = ring.local_addr()?.port();
         let mut joined = gather_hellos(listener, world, token, deadline, timeout)?;
         // Ring addresses as each rank's predecessor can reach them.
@@ -130,9 +132,7 @@ impl TcpComm {
             let right = addr[(r + 1) % world].to_string();
             let mut msg = vec![0u8];
             put_str(&mut msg, &right);
-            j.stream
-                .write_all(&msg)
-                .map_err(|e| anyhow!("rank 0: cannot answer rank {r} at the rendezvous: {e}"))?;
+            j.stream.write_all(&msg).map_err(|e| anyhow!("rank 0: cannot answer rank {r} at the rendezvous: {e}"))?;
         }
         drop(joined);
         Self::link(0, world, addr[1], ring, token, deadline, timeout)
@@ -149,7 +149,8 @@ impl TcpComm {
             )
         })?;
         let me = master.local_addr()?;
-        let ring = TcpListener::bind((me.ip(), 0)).map_err(|e| anyhow!("rank {rank}: cannot open the ring listener: {e}"))?;
+        let ring =
+            TcpListener::bind((me.ip(), 0)).map_err(|e| anyhow!("rank {rank}: cannot open the ring listener: {e}"))?;
         let mut hello = b"MLMR".to_vec();
         put_str(&mut hello, &rdv.token);
         hello.extend_from_slice(&(rank as u32).to_le_bytes());
@@ -173,7 +174,8 @@ impl TcpComm {
         if status != 0 {
             bail!("rank {rank}: rank 0 refused to join: {text}");
         }
-        let right: SocketAddr = text.parse().map_err(|_| anyhow!("rank {rank}: bad neighbour address {text:?} from rank 0"))?;
+        let right: SocketAddr =
+            text.parse().map_err(|_| anyhow!("rank {rank}: bad neighbour address {text:?} from rank 0"))?;
         drop(master);
         Self::link(rank, world, right, ring, &rdv.token, deadline, rdv.timeout)
     }
@@ -251,7 +253,16 @@ impl TcpComm {
     }
 
     fn single(timeout: Duration) -> Self {
-        Self { rank: 0, world: 1, timeout, left: None, writer: None, failed: None, tmp_f32: Vec::new(), tmp_u16: Vec::new() }
+        Self {
+            rank: 0,
+            world: 1,
+            timeout,
+            left: None,
+            writer: None,
+            failed: None,
+            tmp_f32: Vec::new(),
+            tmp_u16: Vec::new(),
+        }
     }
 
     fn left_rank(&self) -> usize {
@@ -594,10 +605,8 @@ fn as_bytes_mut<T: Pod>(v: &mut [T]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }
 }
 
-#[path = "tcp_rendezvous.rs"]
 mod rendezvous;
 use rendezvous::{connect_retry, gather_hellos, get_str, put_str, remaining};
 
 #[cfg(test)]
-#[path = "tcp_tests.rs"]
 mod tests;

@@ -61,8 +61,7 @@ pub(super) fn gather_hellos(
         }
         let left = deadline.saturating_duration_since(Instant::now());
         let Ok((mut stream, peer, hello)) = rx.recv_timeout(left) else {
-            let missing: Vec<String> =
-                (1..world).filter(|r| joined[*r].is_none()).map(|r| r.to_string()).collect();
+            let missing: Vec<String> = (1..world).filter(|r| joined[*r].is_none()).map(|r| r.to_string()).collect();
             break Err(anyhow!(
                 "rank 0: {count} of {world} ranks joined the rendezvous within {} s (distributed.timeout_s); missing ranks: {}",
                 timeout.as_secs(),
@@ -76,15 +75,24 @@ pub(super) fn gather_hellos(
                 continue;
             }
         };
-        if h.token != token {
-            tracing::warn!("rank 0: refused a rendezvous connection from {peer}: wrong job token (MLM_JOB_TOKEN)");
-            continue;
-        }
         let refuse = |stream: &mut TcpStream, why: &str| {
             let mut msg = vec![1u8];
             put_str(&mut msg, why);
             let _ = stream.write_all(&msg);
         };
+        if h.token != token {
+            tracing::warn!(
+                "rank 0: refused a rendezvous connection from {peer} (rank {}): another job's token",
+                h.rank
+            );
+            // Tell the stranger at once rather than let it wait for its timeout.
+            refuse(
+                &mut stream,
+                "this port belongs to another job (its job token differs: another MLM_JOB_TOKEN, or another config \
+                 or output_dir than rank 0's); check MLM_MASTER_PORT and that every rank runs the same config",
+            );
+            continue;
+        }
         if h.world as usize != world {
             let why = format!("rank {} says WORLD_SIZE={} but rank 0 has {world}", h.rank, h.world);
             refuse(&mut stream, &why);

@@ -1,0 +1,67 @@
+//! Loading the model a job or a command names, and the checks between a model
+//! and its tokenizer.
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use tch::Device;
+
+use super::MaskedLm;
+use crate::config::Config;
+use crate::data::tokenizer::TextTokenizer;
+
+/// Loads the model named by `[model]`, reporting what the checkpoint lacked.
+pub fn load_model(cfg: &Config, device: Device) -> Result<MaskedLm> {
+    // Weights a checkpoint lacks (a fresh MLM head) and random-init models are
+    // drawn from the job's seed: every worker of a job starts from the same
+    // weights, and a rerun from the same ones.
+    tch::manual_seed(cfg.training.seed as i64);
+    if let Some(dir) = &cfg.model.path {
+        let (model, report) = MaskedLm::load_dir(dir, device)?;
+        if !report.missing.is_empty() {
+            tracing::warn!(
+                "{}: initialised fresh from training.seed = {} (not in the checkpoint): {}",
+                dir.display(),
+                cfg.training.seed,
+                report.missing.join(", ")
+            );
+        }
+        if !report.unexpected.is_empty() {
+            tracing::warn!("{}: ignored (not part of the model): {}", dir.display(), report.unexpected.join(", "));
+        }
+        Ok(model)
+    } else {
+        let path = cfg.model.config.as_ref().expect("validated: path or config");
+        MaskedLm::from_config_file(path, device)
+    }
+}
+
+/// A model directory for `eval` and `fill-mask`. Weights it lacks (the MLM head
+/// of an encoder-only checkpoint such as a sentence-embedding model) are drawn
+/// from `seed`, so a rerun gives the same answers, and a warning says that the
+/// answers come from an untrained head.
+pub fn load_for_inference(dir: &Path, device: Device, seed: u64) -> Result<MaskedLm> {
+    tch::manual_seed(seed as i64);
+    let (model, report) = MaskedLm::load_dir(dir, device)?;
+    if !report.missing.is_empty() {
+        tracing::warn!(
+            "{} has no trained MLM head ({} missing): initialised at random from --seed {seed}, so its \
+             predictions are those of an untrained head; train it first (mlm train with model.path = this folder)",
+            dir.display(),
+            report.missing.join(", ")
+        );
+    }
+    Ok(model)
+}
+
+/// Refuses a tokenizer whose ids do not fit the model's embedding table.
+pub fn check_vocab(tok: &TextTokenizer, model: &MaskedLm) -> Result<()> {
+    if tok.vocab_size as i64 > model.vocab_size() {
+        bail!(
+            "tokenizer {} has {} tokens but the model's vocabulary has {}: use the model's own tokenizer",
+            tok.path.display(),
+            tok.vocab_size,
+            model.vocab_size()
+        );
+    }
+    Ok(())
+}

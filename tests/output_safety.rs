@@ -1,0 +1,340 @@
+//! Nothing lost, no one let in: what a job may do to an output directory that
+//! already holds a run, the lock that keeps two jobs apart, `best/` after a
+//! crash, and workers of another job. Real binaries, real signals, real
+//! concurrent processes.
+mod common;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Every file under `dir` (but metrics and lock files) with its content.
+fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else if name != "metrics.jsonl" && !name.ends_with(".lock") {
+                out.insert(e.path().strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(e.path()).unwrap());
+            }
+        }
+    }
+    out
+}
+
+fn train(cfg: &Path, extra: &[&str]) -> std::process::Output {
+    run(mlm().arg("train").arg(cfg).args(extra))
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The one `error:` line of a failed command, checked to be no panic.
+fn error_line(o: &std::process::Output) -> String {
+    assert!(!o.status.success(), "expected a failure");
+    let e = stderr(o);
+    assert!(!e.contains("panicked") && !e.contains("internal error"), "{e}");
+    let lines: Vec<&str> = e.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "one error line expected: {e}");
+    lines[0].to_string()
+}
+
+/// The step of the model in `<out>/best`.
+fn best_step(out: &Path) -> u64 {
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("best/trainer_state.json")).unwrap()).unwrap();
+    s["step"].as_u64().unwrap()
+}
+
+/// The step and perplexity of the best `eval` record of a run, over the steps
+/// that a checkpoint still exists for or that `best/` ever held.
+fn best_eval(out: &Path) -> (u64, f64) {
+    eval_records(&out.join("metrics.jsonl"))
+        .iter()
+        .filter(|r| r["step"].as_u64().unwrap() > 0)
+        .map(|r| (r["step"].as_u64().unwrap(), r["perplexity"].as_f64().unwrap()))
+        .fold((0, f64::INFINITY), |a, b| if b.1 < a.1 { b } else { a })
+}
+
+/// A job evaluating (and saving) every 2 steps, keeping 3 checkpoints.
+fn job_with_evals(dir: &Path) -> PathBuf {
+    let cfg = write_job(dir, "[checkpoint]\nkeep_last = 3\n");
+    let text =
+        std::fs::read_to_string(&cfg).unwrap().replace("[eval]\n", "[eval]\nevery_steps = 2\nat_start = false\n");
+    std::fs::write(&cfg, text).unwrap();
+    cfg
+}
+
+#[test]
+fn best_is_brought_up_to_date_when_a_crash_came_between_checkpoint_and_best() {
+    // A finished run, then the state a crash leaves between writing the
+    // checkpoint of a new best evaluation and copying it into best/: best/
+    // holds an older model than the best evaluation's checkpoint.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job_with_evals(dir.path());
+    let out = dir.path().join("out");
+    assert!(train(&cfg, &["--set", "training.max_steps=8"]).status.success());
+    let best = best_step(&out);
+    let (step, _) = best_eval(&out);
+    assert_eq!(best, step, "best/ is the best evaluation of a clean run");
+    let older = format!("checkpoint-{}", mlm::checkpoint::list(&out)[0].0);
+    assert_ne!(out.join(&older), out.join(format!("checkpoint-{best}")), "keep_last keeps an older one");
+    // best/ rebuilt from the older checkpoint, as it was before the killed update.
+    std::fs::remove_dir_all(out.join("best")).unwrap();
+    mlm::checkpoint::update_best(&out, &out.join(&older)).unwrap();
+    assert_ne!(best_step(&out), best);
+    let o = train(&cfg, &["--set", "training.max_steps=10", "--set", "checkpoint.allow_config_change=true"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("best/ brought up to date"), "{}", stderr(&o));
+    let (step, _) = best_eval(&out);
+    assert_eq!(best_step(&out), step, "best/ holds the best evaluated model");
+    mlm::checkpoint::verify(&out.join("best")).unwrap();
+}
+
+#[test]
+fn best_is_the_best_evaluated_model_after_sigkill_right_after_a_checkpoint() {
+    // SIGKILL the moment each new checkpoint appears (before or after best/ is
+    // updated: either way), resume, and finish: best/ is the best evaluation.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job_with_evals(dir.path());
+    let out = dir.path().join("out");
+    let args = ["--set", "training.max_steps=12", "--set", "training.log_every=1"];
+    for round in 0..3 {
+        let mut child =
+            mlm().arg("train").arg(&cfg).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let seen = mlm::checkpoint::list(&out).last().map(|c| c.0).unwrap_or(0);
+        let t0 = Instant::now();
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            if mlm::checkpoint::list(&out).last().is_some_and(|c| c.0 > seen) {
+                child.kill().unwrap();
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(120), "round {round}: no checkpoint");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        child.wait().unwrap();
+    }
+    let o = train(&cfg, &args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (step, _) = best_eval(&out);
+    assert_eq!(best_step(&out), step);
+    mlm::checkpoint::verify(&out.join("best")).unwrap();
+}
+
+#[test]
+fn a_fresh_start_into_a_finished_run_is_refused_and_touches_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_job(dir.path(), "");
+    let out = dir.path().join("out");
+    assert!(train(&cfg, &["--set", "training.max_steps=6"]).status.success());
+    let before = snapshot(&out);
+    let e = error_line(&train(&cfg, &["--resume", "none", "--set", "training.max_steps=2"]));
+    assert!(
+        e.contains("holds an earlier run") && e.contains("checkpoint-6/") && e.contains("overwrite_output_dir"),
+        "{e}"
+    );
+    assert!(snapshot(&out) == before, "the finished run was modified");
+    // A fresh start elsewhere is fine; an explicit overwrite starts over.
+    let o = train(
+        &cfg,
+        &["--resume", "none", "--set", "training.max_steps=2", "--set", "checkpoint.overwrite_output_dir=true"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("deleting checkpoint-6/"), "{}", stderr(&o));
+    let steps: Vec<usize> = mlm::checkpoint::list(&out).into_iter().map(|c| c.0).collect();
+    assert_eq!(steps, vec![2]);
+    assert_eq!(best_step(&out), 2);
+}
+
+#[test]
+fn unresumable_checkpoints_are_not_overwritten_by_a_fresh_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_job(dir.path(), "");
+    let out = dir.path().join("out");
+    assert!(train(&cfg, &["--set", "training.max_steps=4"]).status.success());
+    std::fs::remove_file(out.join("checkpoint-4/checksums.json")).unwrap();
+    let before = snapshot(&out);
+    let e = error_line(&train(&cfg, &["--set", "training.max_steps=8"]));
+    assert!(e.contains("none of its checkpoints can be resumed") && e.contains("checkpoint-4/"), "{e}");
+    assert!(snapshot(&out) == before);
+}
+
+#[test]
+fn resuming_from_an_older_checkpoint_would_overwrite_newer_ones_and_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_job(dir.path(), "[checkpoint]\nevery_steps = 2\nkeep_last = 3\n");
+    let out = dir.path().join("out");
+    assert!(train(&cfg, &["--set", "training.max_steps=6"]).status.success());
+    let before = snapshot(&out);
+    let old = out.join("checkpoint-2");
+    let e = error_line(&train(&cfg, &["--resume", old.to_str().unwrap(), "--set", "training.max_steps=6"]));
+    assert!(e.contains("newer checkpoints") && e.contains("checkpoint-4/"), "{e}");
+    assert!(snapshot(&out) == before);
+    let e = error_line(&train(&cfg, &["--resume", out.join("best").to_str().unwrap()]));
+    assert!(e.contains("is a model folder") && e.contains("model.path"), "{e}");
+    assert!(snapshot(&out) == before);
+}
+
+#[test]
+fn a_second_job_on_the_same_output_dir_fails_at_once_naming_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_job(dir.path(), "");
+    let out = dir.path().join("out");
+    let mut first =
+        mlm().arg("train").arg(&cfg).args(["--set", "training.max_steps=400"]).stderr(Stdio::null()).spawn().unwrap();
+    let t0 = Instant::now();
+    // Once the first job trains (its lock is taken before the data is prepared).
+    while losses(&out).is_empty() {
+        assert!(first.try_wait().unwrap().is_none(), "first job ended early");
+        assert!(t0.elapsed() < Duration::from_secs(120));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t1 = Instant::now();
+    let second = train(&cfg, &["--set", "training.max_steps=400"]);
+    let e = error_line(&second);
+    assert!(e.contains("in use by another mlm job") && e.contains(&format!("PID {}", first.id())), "{e}");
+    assert!(t1.elapsed() < Duration::from_secs(30), "not at once: {:?}", t1.elapsed());
+    // `mlm prepare` (as mlm-launch runs it) is refused too.
+    let e = error_line(&run(mlm().arg("prepare").arg(&cfg)));
+    assert!(e.contains("in use by another mlm job"), "{e}");
+    // A killed job leaves no stale lock: its resume starts at once.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let o = train(&cfg, &["--set", "checkpoint.allow_config_change=true", "--set", "training.max_steps=6"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn two_jobs_started_together_on_one_output_dir_never_mix() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_job(dir.path(), "");
+    let spawn =
+        || mlm().arg("train").arg(&cfg).args(["--set", "training.max_steps=6"]).stderr(Stdio::piped()).spawn().unwrap();
+    let (a, b) = (spawn(), spawn());
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    let oks = [a.status.success(), b.status.success()];
+    // Exactly one trains, unless the second started after the first had finished
+    // (then it resumed the finished run: also fine, and never mixed).
+    if oks == [true, true] {
+        let all = format!("{}{}", stderr(&a), stderr(&b));
+        assert!(all.contains("resuming from"), "{all}");
+    } else {
+        assert!(oks.contains(&true), "{}\n{}", stderr(&a), stderr(&b));
+        let failed = if oks[0] { &b } else { &a };
+        assert!(error_line(failed).contains("in use by another mlm job"));
+    }
+    let out = dir.path().join("out");
+    mlm::checkpoint::verify(&out.join("checkpoint-6")).unwrap();
+    mlm::checkpoint::verify(&out.join("best")).unwrap();
+    let strays: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-") || n.contains(".old-"))
+        .collect();
+    assert!(strays.is_empty(), "{strays:?}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A hand-started tcp worker of `cfg` (the variables of docs/cluster.md).
+fn worker(cfg: &Path, rank: usize, port: u16, token: Option<&str>, extra: &[&str]) -> Child {
+    let mut c = mlm();
+    c.arg("train")
+        .arg(cfg)
+        .args(extra)
+        .args(["--set", "distributed.timeout_s=20"])
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", "2")
+        .env("LOCAL_RANK", rank.to_string())
+        .env("MLM_MASTER_PORT", port.to_string())
+        .env("OMP_NUM_THREADS", "1")
+        .env_remove("MLM_JOB_TOKEN")
+        .env_remove("SLURM_NTASKS")
+        .env_remove("OMPI_COMM_WORLD_SIZE")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(t) = token {
+        c.env("MLM_JOB_TOKEN", t);
+    }
+    c.spawn().unwrap()
+}
+
+#[test]
+fn a_worker_of_another_job_cannot_join_without_a_token() {
+    // Two hand-started jobs on one port, no MLM_JOB_TOKEN: job B's rank 1 is
+    // refused by job A's rank 0 at once, and A never trains with it.
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (cfg_a, cfg_b) = (write_job(a.path(), ""), write_job(b.path(), ""));
+    let port = free_port();
+    let mut rank0 = worker(&cfg_a, 0, port, None, &[]);
+    let t0 = Instant::now();
+    let stranger = worker(&cfg_b, 1, port, None, &[]).wait_with_output().unwrap();
+    let e = error_line(&stranger);
+    assert!(e.contains("belongs to another job"), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(15), "the stranger waited {:?}", t0.elapsed());
+    // Job A's own rank 1 joins and the job trains.
+    let own = worker(&cfg_a, 1, port, None, &[]).wait_with_output().unwrap();
+    let status = rank0.wait().unwrap();
+    assert!(own.status.success() && status.success(), "{}", stderr(&own));
+    assert!(!losses(&a.path().join("out")).is_empty());
+}
+
+#[test]
+fn workers_with_different_configs_stop_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_job(dir.path(), "");
+    let port = free_port();
+    let a = worker(&cfg, 0, port, Some("same-token"), &[]);
+    let b = worker(&cfg, 1, port, Some("same-token"), &["--set", "training.lr=1e-3"]);
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(!a.status.success() && !b.status.success());
+    assert!(error_line(&b).contains("rank 1 runs another config than rank 0"), "{}", stderr(&b));
+    assert!(error_line(&a).contains("run another config"), "{}", stderr(&a));
+    assert!(losses(&dir.path().join("out")).is_empty(), "no step was trained");
+}
+
+#[test]
+fn fill_mask_on_a_model_without_a_head_says_so_and_repeats_itself() {
+    let go = |seed: &str| {
+        let o = run(mlm()
+            .args(["fill-mask", "--device", "cpu", "--seed", seed, "--model"])
+            .arg(minilm_dir())
+            .arg("Paris is the [MASK] of France."));
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(stderr(&o).contains("has no trained MLM head"), "{}", stderr(&o));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let (a, b, c) = (go("7"), go("7"), go("8"));
+    assert_eq!(a, b, "same seed, same answers");
+    assert_ne!(a, c, "the head is random: another seed answers otherwise");
+    let o = run(mlm().args(["eval", "--device", "cpu", "--model"]).arg(minilm_dir()).arg("--data").arg(corpus_glob()));
+    assert!(o.status.success() && stderr(&o).contains("has no trained MLM head"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_closed_pipe_is_not_a_crash() {
+    // `true` exits without reading: every write of mlm meets a closed pipe.
+    let o = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "{:?} fill-mask --device cpu --model {:?} 'A [MASK] test.' | true",
+            env!("CARGO_BIN_EXE_mlm"),
+            minilm_dir()
+        ))
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(!e.contains("panicked") && !e.contains("internal error") && !e.contains("error:"), "{e}");
+}
