@@ -15,6 +15,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
+use crate::data::loader::Position;
 use crate::durable::{self, write_json};
 use crate::model::MaskedLm;
 
@@ -39,9 +40,9 @@ pub struct TrainerState {
     pub format_version: u32,
     /// Optimizer steps done.
     pub step: usize,
-    /// Epoch in progress (0-based) and batches of it already consumed.
-    pub epoch: usize,
-    pub batch_in_epoch: usize,
+    /// Epoch in progress and batches of it already consumed (flat in the JSON).
+    #[serde(flatten)]
+    pub position: Position,
     pub best_perplexity: Option<f64>,
     pub best_step: Option<usize>,
     pub seed: u64,

@@ -479,13 +479,7 @@ fn an_interrupted_preparation_leaves_nothing_behind_for_long() {
         "checkpoint.allow_config_change=true",
     ]));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let left: Vec<String> = std::fs::read_dir(&out)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains(".tmp-") || n.contains(".old-"))
-        .collect();
-    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(leftovers(&out), Vec::<String>::new());
 }
 
 #[test]

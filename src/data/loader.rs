@@ -68,6 +68,33 @@ pub fn make_batch(store: &TokenStore, p: &MaskingParams, ids: &[u32], seed: u64,
     }
 }
 
+/// Where a run stands in its data: the epoch in progress (0-based) and the
+/// batches of it already consumed (per worker). Saved in every checkpoint, so a
+/// resume continues from here by arithmetic, never by replaying batches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Position {
+    pub epoch: usize,
+    pub batch_in_epoch: usize,
+}
+
+impl Position {
+    /// After a step of `batches` micro-batches, in an epoch of `per_epoch` batches.
+    pub fn advance(&mut self, batches: usize, per_epoch: usize) {
+        self.batch_in_epoch = (self.batch_in_epoch + batches).min(per_epoch);
+    }
+
+    /// Whether the epoch has no full step of `accum` batches left.
+    pub fn epoch_done(&self, accum: usize, per_epoch: usize) -> bool {
+        self.batch_in_epoch + accum > per_epoch
+    }
+
+    /// The start of the next epoch.
+    pub fn next_epoch(&mut self) {
+        self.epoch += 1;
+        self.batch_in_epoch = 0;
+    }
+}
+
 /// The order of chunk ids `0..n_chunks` in `epoch`: a Fisher-Yates shuffle
 /// seeded by `(seed, epoch)`, identical on every rank.
 pub fn epoch_order(n_chunks: usize, seed: u64, epoch: u64) -> Vec<u32> {

@@ -32,6 +32,9 @@ pub struct BertConfig {
     pub layer_norm_eps: f64,
     pub pad_token_id: Option<i64>,
     pub position_embedding_type: String,
+    /// Refused when true: a masked LM is a bidirectional encoder.
+    pub is_decoder: bool,
+    pub add_cross_attention: bool,
 }
 
 impl Default for BertConfig {
@@ -51,12 +54,20 @@ impl Default for BertConfig {
             layer_norm_eps: 1e-12,
             pad_token_id: Some(0),
             position_embedding_type: "absolute".into(),
+            is_decoder: false,
+            add_cross_attention: false,
         }
     }
 }
 
 impl BertConfig {
     pub(super) fn validate(&self) -> Result<Activation> {
+        if self.is_decoder || self.add_cross_attention {
+            bail!(
+                "is_decoder / add_cross_attention = true in config.json is not supported: a masked LM is a \
+                 bidirectional encoder"
+            );
+        }
         if self.position_embedding_type != "absolute" {
             bail!(
                 "position_embedding_type {:?} in config.json is not supported (only \"absolute\")",

@@ -25,7 +25,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};
 
-use super::deberta_attention::{pair_mask, relative_positions, DisentangledSelfAttention};
+use super::deberta_attention::{pair_mask, relative_positions, AttentionSpec, DisentangledSelfAttention};
 use super::layers::{Activation, Embedding, LayerNorm, Linear};
 
 /// `pos_att_type`: a list (`["p2c", "c2p"]`) or the older `"p2c|c2p"` string.
@@ -108,25 +108,6 @@ impl Default for DebertaV2Config {
             attention_head_size: None,
         }
     }
-}
-
-/// What the attention layers need of the config, checked once.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct AttentionSpec {
-    pub hidden: i64,
-    pub heads: i64,
-    pub relative_attention: bool,
-    pub share_att_key: bool,
-    pub c2p: bool,
-    pub p2c: bool,
-    /// Relative distances are clamped to [-span, span): `position_buckets` when
-    /// bucketed, else `max_relative_positions`.
-    pub span: i64,
-    pub position_buckets: i64,
-    pub max_relative_positions: i64,
-    pub std: f64,
-    pub attention_dropout: f64,
-    pub pos_dropout: f64,
 }
 
 impl DebertaV2Config {

@@ -15,8 +15,26 @@
 //! called with scale 1 / sqrt(d k).
 use tch::{nn, Kind, Tensor};
 
-use super::deberta::AttentionSpec;
 use super::layers::{finfo_min, Linear};
+
+/// What the attention layers need of the config, checked once.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct AttentionSpec {
+    pub hidden: i64,
+    pub heads: i64,
+    pub relative_attention: bool,
+    pub share_att_key: bool,
+    pub c2p: bool,
+    pub p2c: bool,
+    /// Relative distances are clamped to [-span, span): `position_buckets` when
+    /// bucketed, else `max_relative_positions`.
+    pub span: i64,
+    pub position_buckets: i64,
+    pub max_relative_positions: i64,
+    pub std: f64,
+    pub attention_dropout: f64,
+    pub pos_dropout: f64,
+}
 
 /// HF's `make_log_bucket_position`: distances within ±bucket_size/2 stay as they
 /// are, longer ones are binned logarithmically up to `max_position`. The same

@@ -496,12 +496,15 @@ mod tests {
     }
 
     #[test]
-    fn roberta_as_decoder_is_refused() {
-        let config = serde_json::json!({"model_type": "roberta", "vocab_size": 50, "hidden_size": 16,
-            "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 24,
-            "max_position_embeddings": 12, "is_decoder": true});
-        let err = format!("{:#}", MaskedLm::from_config_json(config, Device::Cpu).err().unwrap());
-        assert!(err.contains("is_decoder"), "{err}");
+    fn bert_and_roberta_as_decoders_are_refused() {
+        for (model_type, key) in [("roberta", "is_decoder"), ("bert", "is_decoder"), ("bert", "add_cross_attention")] {
+            let mut config = serde_json::json!({"model_type": model_type, "vocab_size": 50, "hidden_size": 16,
+                "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 24,
+                "max_position_embeddings": 12});
+            config[key] = true.into();
+            let err = format!("{:#}", MaskedLm::from_config_json(config, Device::Cpu).err().unwrap());
+            assert!(err.contains("is_decoder / add_cross_attention"), "{model_type}: {err}");
+        }
     }
 
     #[test]

@@ -89,6 +89,8 @@ impl RobertaConfig {
             layer_norm_eps: self.layer_norm_eps,
             pad_token_id: Some(self.pad_token_id),
             position_embedding_type: self.position_embedding_type.clone(),
+            is_decoder: self.is_decoder,
+            add_cross_attention: self.add_cross_attention,
         }
     }
 

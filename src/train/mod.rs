@@ -54,43 +54,21 @@ pub struct Summary {
 /// Runs a whole training job described by `cfg`.
 pub fn run(cfg: Config) -> Result<Summary> {
     let mut t = Trainer::new(cfg)?;
-    let before = if t.cfg.eval.at_start { Some(t.evaluate_and_probe("before training")?) } else { None };
+    let before = t.evaluate_at_start()?;
     let progress = Progress::new(t.total_steps as u64, "train", t.cfg.logging.progress);
-    let mut last_eval = None;
     while t.state.step < t.total_steps {
-        let mut stream = t.epoch_stream();
-        t.timer.start();
-        while let Some(micro) = next_step(&mut stream, t.cfg.training.grad_accum_steps) {
-            t.timer.end(Phase::Data);
+        let mut epoch = t.epoch_stream();
+        while let Some(micro) = t.next_step(&mut epoch) {
             let loss = t.forward_backward(&micro)?;
+            let loss = t.sync_gradients(loss)?;
             t.optimizer_step(&micro, loss)?;
             progress.set(t.state.step as u64);
-            let step = t.state.step;
-            if t.cfg.eval.every_steps > 0 && step % t.cfg.eval.every_steps == 0 && step < t.total_steps {
-                last_eval = Some(t.evaluate_and_save()?);
-            } else if t.cfg.checkpoint.every_steps > 0 && step % t.cfg.checkpoint.every_steps == 0 {
-                t.save(None)?;
-            }
-            if step >= t.total_steps {
-                break;
-            }
-            t.timer.exact = t.device.is_cuda() && (step + 1) % t.cfg.training.log_every == 0;
-            t.timer.start();
+            t.maybe_evaluate_and_save(Moment::AfterStep)?;
         }
-        if t.state.step < t.total_steps || stream_done(&t) {
-            t.state.epoch += 1;
-            t.state.batch_in_epoch = 0;
-        }
-        let evaluated_here = matches!(last_eval, Some((_, s)) if s == t.state.step);
-        if t.state.step < t.total_steps && t.cfg.eval.at_epoch_end && !evaluated_here {
-            last_eval = Some(t.evaluate_and_save()?);
-        }
+        t.end_epoch()?;
     }
     progress.finish();
-    let after = match last_eval {
-        Some((r, step)) if step == t.state.step => r,
-        _ => t.evaluate_and_save()?.0,
-    };
+    let after = t.final_evaluation()?;
     t.probe_fill_mask("after training")?;
     if let Some(b) = &before {
         tracing::info!(
@@ -103,6 +81,40 @@ pub fn run(cfg: Config) -> Result<Summary> {
     let last = checkpoint::list(&t.out).pop().map(|(_, p)| p).context("no checkpoint was written")?;
     let best = t.cfg.checkpoint.save_best.then(|| t.out.join("best"));
     Ok(Summary { before, after, best, last, steps: t.state.step })
+}
+
+/// When the loop asks whether to evaluate or save.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Moment {
+    /// After an optimizer step.
+    AfterStep,
+    /// After the last step of an epoch.
+    EpochEnd,
+}
+
+/// What is due at a [`Moment`] (the one home of the eval/save cadence).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Due {
+    Nothing,
+    /// Evaluate, save a checkpoint, and update `best/` when it improved.
+    EvaluateAndSave,
+    /// Save a checkpoint without evaluating.
+    Save,
+}
+
+/// An evaluation and the step it was made at.
+#[derive(Debug, Clone, Copy)]
+struct Evaluated {
+    result: EvalResult,
+    step: usize,
+}
+
+/// Tokens and model FLOPs since the last logged step.
+#[derive(Debug, Clone, Copy, Default)]
+struct LogWindow {
+    since_step: usize,
+    tokens: u64,
+    flops: f64,
 }
 
 /// Batches of one epoch on each worker (every worker takes the same number:
@@ -148,21 +160,10 @@ fn restore(
         "resuming from {} (step {}, epoch {}, batch {} of the epoch)",
         dir.display(),
         saved.step,
-        saved.epoch,
-        saved.batch_in_epoch
+        saved.position.epoch,
+        saved.position.batch_in_epoch
     );
     Ok(TrainerState { config_hash: fresh.config_hash, config: fresh.config, data_key: fresh.data_key, ..saved })
-}
-
-/// Whether the current epoch has no batch left.
-fn stream_done(t: &Trainer) -> bool {
-    t.state.batch_in_epoch + t.cfg.training.grad_accum_steps > t.batches_per_epoch
-}
-
-/// The optimizer step's micro-batches (`accum` of them), or `None` at epoch end.
-fn next_step(stream: &mut BatchStream, accum: usize) -> Option<Vec<Batch>> {
-    let micro: Vec<Batch> = stream.by_ref().take(accum).collect();
-    (micro.len() == accum).then_some(micro)
 }
 
 /// What identifies a job to its workers: the settings that shape it and where
@@ -233,9 +234,10 @@ struct Trainer {
     total_steps: usize,
     nonfinite_in_a_row: usize,
     started: Instant,
-    /// Since the last log: (step, tokens, model FLOPs).
-    window: (usize, u64, f64),
+    window: LogWindow,
     timer: StepTimer,
+    /// The latest evaluation, so that one step is never evaluated twice.
+    last_eval: Option<Evaluated>,
 }
 
 impl Trainer {
@@ -323,7 +325,8 @@ impl Trainer {
             compute_tensors,
             opt,
             metrics,
-            window: (state.step, 0, 0.0),
+            window: LogWindow { since_step: state.step, ..Default::default() },
+            last_eval: None,
             state,
             batches_per_epoch,
             total_steps,
@@ -340,7 +343,8 @@ impl Trainer {
 
     /// This epoch's batches for this worker, from the current position.
     fn epoch_stream(&self) -> BatchStream {
-        let order = epoch_order(self.data.train.len(), self.cfg.training.seed, self.state.epoch as u64);
+        let at = self.state.position;
+        let order = epoch_order(self.data.train.len(), self.cfg.training.seed, at.epoch as u64);
         let mut ids = rank_shard(&order, self.sync.rank(), self.sync.world());
         ids.truncate(self.data.train.len() / self.sync.world());
         BatchStream::new(
@@ -348,12 +352,26 @@ impl Trainer {
             self.masking.clone(),
             ids,
             self.cfg.training.batch_size,
-            self.state.batch_in_epoch,
+            at.batch_in_epoch,
             self.cfg.training.seed,
-            self.state.epoch as u64,
+            at.epoch as u64,
             self.cfg.data.masker_threads,
             self.cfg.data.prefetch_batches,
         )
+    }
+
+    /// The next optimizer step's micro-batches (`grad_accum_steps` of them), or
+    /// `None` at the end of the epoch or of the run.
+    fn next_step(&mut self, epoch: &mut BatchStream) -> Option<Vec<Batch>> {
+        if self.state.step >= self.total_steps {
+            return None;
+        }
+        self.timer.exact = self.device.is_cuda() && (self.state.step + 1).is_multiple_of(self.cfg.training.log_every);
+        self.timer.start();
+        let accum = self.cfg.training.grad_accum_steps;
+        let micro: Vec<Batch> = epoch.by_ref().take(accum).collect();
+        self.timer.end(Phase::Data);
+        (micro.len() == accum).then_some(micro)
     }
 
     /// Forward and backward over one optimizer step's micro-batches; the loss is
@@ -382,8 +400,10 @@ impl Trainer {
         Ok(total)
     }
 
-    fn optimizer_step(&mut self, micro: &[Batch], loss: Tensor) -> Result<()> {
-        let lr = self.schedule.lr(self.state.step);
+    /// Sums the step's gradients (and its loss) over the workers: each worker's
+    /// loss is normalised by the whole step's masked tokens, so the sum is the
+    /// gradient of one process with the summed batch.
+    fn sync_gradients(&mut self, loss: Tensor) -> Result<Tensor> {
         self.sync.sum_grads(&mut self.opt.grad)?;
         let loss = if self.sync.world() > 1 {
             Tensor::from(self.sync.sum(&[loss.double_value(&[])])?[0]).to_device(self.device)
@@ -391,6 +411,13 @@ impl Trainer {
             loss
         };
         self.timer.end(Phase::Sync);
+        Ok(loss)
+    }
+
+    /// Clipping, the non-finite policy, the AdamW update, the position, and
+    /// the step's log line.
+    fn optimizer_step(&mut self, micro: &[Batch], loss: Tensor) -> Result<()> {
+        let lr = self.schedule.lr(self.state.step);
         let grad_norm = self.opt.clip_grad_norm(self.cfg.training.max_grad_norm);
         // One host sync per step: a non-finite loss or gradient must never reach
         // the weights.
@@ -418,18 +445,15 @@ impl Trainer {
             }
         }
         self.state.step += 1;
-        self.state.batch_in_epoch += micro.len();
-        if self.state.batch_in_epoch >= self.batches_per_epoch {
-            self.state.batch_in_epoch = self.batches_per_epoch;
-        }
+        self.state.position.advance(micro.len(), self.batches_per_epoch);
         self.timer.end(Phase::Optimizer);
         self.timer.step_done();
         let tokens: u64 = micro.iter().map(|b| (b.rows * b.block_size) as u64).sum();
         let projected: usize =
             if self.cfg.training.sparse_head { micro.iter().map(|b| b.n_masked).sum() } else { tokens as usize };
         self.state.tokens_seen += tokens;
-        self.window.1 += tokens;
-        self.window.2 +=
+        self.window.tokens += tokens;
+        self.window.flops +=
             timing::train_flops(&self.master, tokens as f64, projected as f64, self.cfg.data.block_size as f64);
         let step = self.state.step;
         if step.is_multiple_of(self.cfg.training.log_every) || step == self.total_steps {
@@ -444,27 +468,27 @@ impl Trainer {
         let loss = loss.double_value(&[]);
         let gn = grad_norm.double_value(&[]);
         let mut record = self.timer.report();
-        let steps = step - self.window.0;
+        let steps = step - self.window.since_step;
         let step_s: f64 = ["time_data_s", "time_forward_s", "time_backward_s", "time_sync_s", "time_optimizer_s"]
             .iter()
             .map(|k| record[k].as_f64().unwrap_or(0.0))
             .sum();
         // Throughput of the training steps themselves (evaluation and saving excluded).
-        let tps = self.window.1 as f64 / (step_s * steps.max(1) as f64);
-        let tflops = self.window.2 / (step_s * steps.max(1) as f64) / 1e12;
+        let tps = self.window.tokens as f64 / (step_s * steps.max(1) as f64);
+        let tflops = self.window.flops / (step_s * steps.max(1) as f64) / 1e12;
         let peak = self.cfg.training.peak_tflops;
         let mfu = (peak > 0.0).then(|| tflops / peak);
-        self.window = (step, 0, 0.0);
+        self.window = LogWindow { since_step: step, ..Default::default() };
         tracing::info!(
             "step {step}/{} epoch {} loss {loss:.4} lr {lr:.3e} grad_norm {gn:.3} tokens/s {tps:.0} \
              (data {:.0}% of the step){}",
             self.total_steps,
-            self.state.epoch,
+            self.state.position.epoch,
             100.0 * record["data_wait_fraction"].as_f64().unwrap_or(0.0),
             mfu.map(|m| format!(" MFU {:.1}%", 100.0 * m)).unwrap_or_default()
         );
         let extra = serde_json::json!({
-            "kind": "train", "step": step, "epoch": self.state.epoch, "loss": loss, "lr": lr,
+            "kind": "train", "step": step, "epoch": self.state.position.epoch, "loss": loss, "lr": lr,
             "grad_norm": gn, "tokens_per_s": tps, "step_s": step_s, "model_tflops": tflops, "mfu": mfu,
             "tokens_seen": self.state.tokens_seen, "elapsed_s": self.started.elapsed().as_secs_f64(),
         });
@@ -483,7 +507,7 @@ impl Trainer {
             return Ok(r);
         }
         self.metrics.write(&serde_json::json!({
-            "kind": "eval", "step": self.state.step, "epoch": self.state.epoch, "eval_loss": r.loss,
+            "kind": "eval", "step": self.state.step, "epoch": self.state.position.epoch, "eval_loss": r.loss,
             "perplexity": r.perplexity, "eval_tokens": r.tokens,
             "elapsed_s": self.started.elapsed().as_secs_f64(),
         }))?;
@@ -494,7 +518,12 @@ impl Trainer {
         Ok(r)
     }
 
-    fn evaluate_and_probe(&mut self, when: &str) -> Result<EvalResult> {
+    /// The "before" perplexity and fill-mask probes, when `eval.at_start`.
+    fn evaluate_at_start(&mut self) -> Result<Option<EvalResult>> {
+        if !self.cfg.eval.at_start {
+            return Ok(None);
+        }
+        let when = "before training";
         let r = self.evaluate()?;
         tracing::info!(
             "held-out perplexity {when}: {:.2} (loss {:.4} over {} masked tokens)",
@@ -503,15 +532,60 @@ impl Trainer {
             r.tokens
         );
         self.probe_fill_mask(when)?;
-        Ok(r)
+        Ok(Some(r))
+    }
+
+    /// What the eval and checkpoint cadence asks for at `moment`.
+    fn due(&self, moment: Moment) -> Due {
+        let (step, total) = (self.state.step, self.total_steps);
+        let every = |n: usize| n > 0 && step.is_multiple_of(n);
+        let evaluated_here = self.last_eval.is_some_and(|e| e.step == step);
+        // The last step is evaluated and saved by `final_evaluation`.
+        if step >= total || evaluated_here {
+            return Due::Nothing;
+        }
+        match moment {
+            Moment::AfterStep if every(self.cfg.eval.every_steps) => Due::EvaluateAndSave,
+            Moment::AfterStep if every(self.cfg.checkpoint.every_steps) => Due::Save,
+            Moment::EpochEnd if self.cfg.eval.at_epoch_end => Due::EvaluateAndSave,
+            _ => Due::Nothing,
+        }
+    }
+
+    fn maybe_evaluate_and_save(&mut self, moment: Moment) -> Result<()> {
+        match self.due(moment) {
+            Due::Nothing => Ok(()),
+            Due::Save => self.save(None),
+            Due::EvaluateAndSave => self.evaluate_and_save().map(|_| ()),
+        }
+    }
+
+    /// Moves the position to the next epoch (when the run goes on, or when this
+    /// epoch has no full step left), then the epoch-end evaluation.
+    fn end_epoch(&mut self) -> Result<()> {
+        let accum = self.cfg.training.grad_accum_steps;
+        if self.state.step < self.total_steps || self.state.position.epoch_done(accum, self.batches_per_epoch) {
+            self.state.position.next_epoch();
+        }
+        self.maybe_evaluate_and_save(Moment::EpochEnd)
+    }
+
+    /// The evaluation after the last step (reused when the last step was just
+    /// evaluated), with its checkpoint.
+    fn final_evaluation(&mut self) -> Result<EvalResult> {
+        match self.last_eval {
+            Some(e) if e.step == self.state.step => Ok(e.result),
+            _ => self.evaluate_and_save(),
+        }
     }
 
     /// Evaluates, saves a checkpoint, and updates `best/` when it improved.
-    fn evaluate_and_save(&mut self) -> Result<(EvalResult, usize)> {
+    fn evaluate_and_save(&mut self) -> Result<EvalResult> {
         let r = self.evaluate()?;
         tracing::info!("step {} held-out perplexity {:.3} (loss {:.4})", self.state.step, r.perplexity, r.loss);
         self.save(Some(r))?;
-        Ok((r, self.state.step))
+        self.last_eval = Some(Evaluated { result: r, step: self.state.step });
+        Ok(r)
     }
 
     fn save(&mut self, eval: Option<EvalResult>) -> Result<()> {

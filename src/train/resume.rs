@@ -215,12 +215,12 @@ pub fn checked_state(dir: &Path, cfg: &Config) -> Result<TrainerState> {
 /// lie within an epoch of `batches_per_epoch` batches, and the optimizer's
 /// update count must match the steps taken.
 pub fn check_position(dir: &Path, state: &TrainerState, batches_per_epoch: usize, optimizer_steps: i64) -> Result<()> {
-    if state.batch_in_epoch > batches_per_epoch {
+    if state.position.batch_in_epoch > batches_per_epoch {
         bail!(
             "{}/trainer_state.json: batch {} of an epoch of {batches_per_epoch} batches: the checkpoint does not \
              belong to this data; resume another one or start a new training.output_dir",
             dir.display(),
-            state.batch_in_epoch
+            state.position.batch_in_epoch
         );
     }
     let applied = state.step - state.nonfinite_skipped;

@@ -108,6 +108,16 @@ progress = "never"
     cfg
 }
 
+/// Leftovers of interrupted writes in `dir`: `.tmp-<pid>` / `.old-<pid>` folders.
+pub fn leftovers(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-") || n.contains(".old-"))
+        .collect()
+}
+
 /// The `kind: "eval"` records of a metrics file.
 pub fn eval_records(metrics: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(metrics)
