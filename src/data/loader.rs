@@ -138,7 +138,7 @@ impl BatchStream {
         epoch: u64,
         threads: usize,
         prefetch: usize,
-    ) -> Self {
+    ) -> anyhow::Result<Self> {
         assert!(batch_size > 0, "batch_size must be positive");
         let threads = threads.max(1);
         let n_batches = ids.len() / batch_size;
@@ -160,11 +160,11 @@ impl BatchStream {
                         i += threads;
                     }
                 })
-                .expect("cannot spawn a masker thread");
+                .map_err(|e| anyhow::anyhow!("cannot start a masker thread (data.masker_threads = {threads}): {e}"))?;
             receivers.push(rx);
             workers.push(handle);
         }
-        Self { receivers, workers, start: start_batch, next: start_batch, n_batches }
+        Ok(Self { receivers, workers, start: start_batch, next: start_batch, n_batches })
     }
 
     /// Batches in the whole epoch (including those skipped by `start_batch`).
@@ -269,7 +269,7 @@ mod tests {
             assert_eq!(y, b.labels[r * BLOCK..(r + 1) * BLOCK]);
         }
         let streamed: Vec<Batch> =
-            BatchStream::new(with_words.clone(), Arc::new(wwm.clone()), ids, 4, 0, 9, 1, 2, 2).collect();
+            BatchStream::new(with_words.clone(), Arc::new(wwm.clone()), ids, 4, 0, 9, 1, 2, 2).unwrap().collect();
         assert_eq!(streamed[0].labels, b.labels[..4 * BLOCK]);
         assert_eq!(eval_batches(&with_words, &wwm, 20, 0, 9)[0].labels.len(), 20 * BLOCK);
     }
@@ -301,11 +301,11 @@ mod tests {
         let (_d, store, params) = fixture(90);
         let ids = rank_shard(&epoch_order(store.len(), 42, 2), 1, 2);
         let full: Vec<Batch> =
-            BatchStream::new(store.clone(), params.clone(), ids.clone(), 4, 0, 42, 2, 2, 3).collect();
+            BatchStream::new(store.clone(), params.clone(), ids.clone(), 4, 0, 42, 2, 2, 3).unwrap().collect();
         assert_eq!(full.len(), 45 / 4);
         assert_eq!(full[2].chunk_ids, ids[8..12].iter().map(|&i| i as u64).collect::<Vec<_>>());
         assert!(full.iter().all(|b| b.rows == 4 && b.input_ids.len() == 4 * BLOCK && b.n_masked > 0));
-        let resumed = BatchStream::new(store, params, ids, 4, 7, 42, 2, 3, 2);
+        let resumed = BatchStream::new(store, params, ids, 4, 7, 42, 2, 3, 2).unwrap();
         assert_eq!((resumed.len(), resumed.position()), (4, 7));
         assert_eq!(resumed.collect::<Vec<_>>(), full[7..]);
     }
@@ -314,10 +314,12 @@ mod tests {
     fn thread_count_does_not_change_the_batches() {
         let (_d, store, params) = fixture(60);
         let ids = epoch_order(store.len(), 3, 0);
-        let one: Vec<Batch> = BatchStream::new(store.clone(), params.clone(), ids.clone(), 5, 0, 3, 0, 1, 1).collect();
-        let two: Vec<Batch> = BatchStream::new(store.clone(), params.clone(), ids.clone(), 5, 0, 3, 0, 2, 8).collect();
+        let one: Vec<Batch> =
+            BatchStream::new(store.clone(), params.clone(), ids.clone(), 5, 0, 3, 0, 1, 1).unwrap().collect();
+        let two: Vec<Batch> =
+            BatchStream::new(store.clone(), params.clone(), ids.clone(), 5, 0, 3, 0, 2, 8).unwrap().collect();
         assert_eq!(one, two);
-        let other_epoch: Vec<Batch> = BatchStream::new(store, params, ids, 5, 0, 3, 1, 2, 8).collect();
+        let other_epoch: Vec<Batch> = BatchStream::new(store, params, ids, 5, 0, 3, 1, 2, 8).unwrap().collect();
         assert_ne!(one[0].labels, other_epoch[0].labels);
     }
 
@@ -326,7 +328,7 @@ mod tests {
         let (_d, store, params) = fixture(60);
         let (tx, rx) = crossbeam_channel::bounded(1);
         std::thread::spawn(move || {
-            let mut s = BatchStream::new(store, params, (0..60).collect(), 1, 0, 0, 0, 3, 1);
+            let mut s = BatchStream::new(store, params, (0..60).collect(), 1, 0, 0, 0, 3, 1).unwrap();
             s.next().unwrap();
             drop(s);
             tx.send(()).unwrap();

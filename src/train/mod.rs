@@ -57,7 +57,7 @@ pub fn run(cfg: Config) -> Result<Summary> {
     let before = t.evaluate_at_start()?;
     let progress = Progress::new(t.total_steps as u64, "train", t.cfg.logging.progress);
     while t.state.step < t.total_steps {
-        let mut epoch = t.epoch_stream();
+        let mut epoch = t.epoch_stream()?;
         while let Some(micro) = t.next_step(&mut epoch) {
             let loss = t.forward_backward(&micro)?;
             let loss = t.sync_gradients(loss)?;
@@ -342,7 +342,7 @@ impl Trainer {
     }
 
     /// This epoch's batches for this worker, from the current position.
-    fn epoch_stream(&self) -> BatchStream {
+    fn epoch_stream(&self) -> Result<BatchStream> {
         let at = self.state.position;
         let order = epoch_order(self.data.train.len(), self.cfg.training.seed, at.epoch as u64);
         let mut ids = rank_shard(&order, self.sync.rank(), self.sync.world());

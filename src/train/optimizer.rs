@@ -288,11 +288,6 @@ mod tests {
         // the parameters are views of the master buffer
         assert!((f64::try_from(&p1).unwrap() - got[0] as f64).abs() < 1e-7);
     }
-}
-
-#[cfg(test)]
-mod fused_tests {
-    use super::*;
 
     #[test]
     fn fused_cpu_step_equals_the_tensor_step() {

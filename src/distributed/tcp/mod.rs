@@ -245,7 +245,7 @@ impl TcpComm {
             world,
             timeout,
             left: Some(left),
-            writer: Some(Writer::spawn(right, rank, right_rank)),
+            writer: Some(Writer::spawn(right, rank, right_rank)?),
             failed: None,
             tmp_f32: Vec::new(),
             tmp_u16: Vec::new(),
@@ -535,7 +535,7 @@ struct Writer {
 }
 
 impl Writer {
-    fn spawn(mut stream: TcpStream, rank: usize, right_rank: usize) -> Self {
+    fn spawn(mut stream: TcpStream, rank: usize, right_rank: usize) -> Result<Self> {
         let (tx, rx) = mpsc::channel::<Vec<u8>>();
         let (pool_tx, pool) = mpsc::channel();
         let error = Arc::new(Mutex::new(None));
@@ -558,8 +558,8 @@ impl Writer {
                 }
                 let _ = stream.flush();
             })
-            .expect("spawn the tcp writer thread");
-        Self { tx: Some(tx), pool, error, handle: Some(handle) }
+            .map_err(|e| anyhow!("rank {rank}: cannot start the tcp sender thread: {e}"))?;
+        Ok(Self { tx: Some(tx), pool, error, handle: Some(handle) })
     }
 
     fn error(&self) -> Option<String> {
