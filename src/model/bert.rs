@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Tensor};
 
 use super::layers::{additive_mask, attention, Activation, Embedding, LayerNorm, Linear};
+use super::weights::NameMap;
 
 /// `BertConfig`: the keys of `config.json` this model reads, with HF's defaults.
 /// Other keys are kept by `MaskedLm::config_json` and written back untouched.
@@ -266,5 +267,34 @@ impl BertForMaskedLM {
     /// `hidden` [..., h] -> logits [..., vocab]
     pub fn mlm_head(&self, hidden: &Tensor) -> Tensor {
         self.head.forward(hidden, &self.embeddings.word_embeddings.weight)
+    }
+}
+
+/// How Hugging Face names BERT's weights (see `weights::NameMap`).
+pub(super) const HF_NAMES: NameMap = NameMap {
+    prefix: "bert",
+    aliases: &[("cls.predictions.decoder.bias", "cls.predictions.bias")],
+    ignored: &["cls.predictions.decoder.weight", "bert.embeddings.position_ids", "bert.embeddings.token_type_ids"],
+};
+
+impl super::Encoder for BertForMaskedLM {
+    fn forward_hidden(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
+        BertForMaskedLM::forward_hidden(self, input_ids, attention_mask, train)
+    }
+
+    fn mlm_head(&self, hidden: &Tensor) -> Tensor {
+        BertForMaskedLM::mlm_head(self, hidden)
+    }
+
+    fn vocab_size(&self) -> i64 {
+        self.config.vocab_size
+    }
+
+    fn max_positions(&self) -> i64 {
+        self.config.max_position_embeddings
+    }
+
+    fn hidden_size(&self) -> i64 {
+        self.config.hidden_size
     }
 }

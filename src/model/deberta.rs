@@ -27,6 +27,7 @@ use tch::{nn, Kind, Tensor};
 
 use super::deberta_attention::{pair_mask, relative_positions, AttentionSpec, DisentangledSelfAttention};
 use super::layers::{Activation, Embedding, LayerNorm, Linear};
+use super::weights::NameMap;
 
 /// `pos_att_type`: a list (`["p2c", "c2p"]`) or the older `"p2c|c2p"` string.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -381,5 +382,47 @@ impl DebertaV2ForMaskedLM {
     /// `hidden` [..., h] -> logits [..., vocab]
     pub fn mlm_head(&self, hidden: &Tensor) -> Tensor {
         self.head.forward(hidden, &self.embeddings.word_embeddings.weight)
+    }
+}
+
+/// How Hugging Face names DeBERTa-v2/v3's weights, in both MLM-head layouts
+/// (see `weights::NameMap`).
+pub(super) const HF_NAMES: NameMap = NameMap {
+    prefix: "deberta",
+    aliases: &[
+        ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+        ("lm_predictions.lm_head.bias", "cls.predictions.bias"),
+        ("lm_predictions.lm_head.dense.weight", "cls.predictions.transform.dense.weight"),
+        ("lm_predictions.lm_head.dense.bias", "cls.predictions.transform.dense.bias"),
+        ("lm_predictions.lm_head.LayerNorm.weight", "cls.predictions.transform.LayerNorm.weight"),
+        ("lm_predictions.lm_head.LayerNorm.bias", "cls.predictions.transform.LayerNorm.bias"),
+    ],
+    ignored: &[
+        "cls.predictions.decoder.weight",
+        "deberta.embeddings.position_ids",
+        // HF drops absolute positions silently when position_biased_input = false.
+        "deberta.embeddings.position_embeddings.weight",
+    ],
+};
+
+impl super::Encoder for DebertaV2ForMaskedLM {
+    fn forward_hidden(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
+        DebertaV2ForMaskedLM::forward_hidden(self, input_ids, attention_mask, train)
+    }
+
+    fn mlm_head(&self, hidden: &Tensor) -> Tensor {
+        DebertaV2ForMaskedLM::mlm_head(self, hidden)
+    }
+
+    fn vocab_size(&self) -> i64 {
+        self.config.vocab_size
+    }
+
+    fn max_positions(&self) -> i64 {
+        self.config.max_position_embeddings
+    }
+
+    fn hidden_size(&self) -> i64 {
+        self.config.hidden_size
     }
 }

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Tensor};
 
 use super::layers::{additive_mask, attention, Activation, Embedding, LayerNorm, Linear};
+use super::weights::NameMap;
 
 /// DistilBERT hard-codes this epsilon in every LayerNorm.
 const LAYER_NORM_EPS: f64 = 1e-12;
@@ -209,5 +210,34 @@ impl DistilBertForMaskedLM {
         let x = self.act.forward(&self.vocab_transform.forward(hidden));
         let x = self.vocab_layer_norm.forward(&x);
         x.linear(&self.embeddings.word_embeddings.weight, Some(&self.vocab_projector_bias))
+    }
+}
+
+/// How Hugging Face names DistilBERT's weights (see `weights::NameMap`).
+pub(super) const HF_NAMES: NameMap = NameMap {
+    prefix: "distilbert",
+    aliases: &[],
+    ignored: &["vocab_projector.weight", "distilbert.embeddings.position_ids"],
+};
+
+impl super::Encoder for DistilBertForMaskedLM {
+    fn forward_hidden(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
+        DistilBertForMaskedLM::forward_hidden(self, input_ids, attention_mask, train)
+    }
+
+    fn mlm_head(&self, hidden: &Tensor) -> Tensor {
+        DistilBertForMaskedLM::mlm_head(self, hidden)
+    }
+
+    fn vocab_size(&self) -> i64 {
+        self.config.vocab_size
+    }
+
+    fn max_positions(&self) -> i64 {
+        self.config.max_position_embeddings
+    }
+
+    fn hidden_size(&self) -> i64 {
+        self.config.dim
     }
 }

@@ -203,14 +203,17 @@ pub struct LoadReport {
     pub unexpected: Vec<String>,
 }
 
-// One value per loaded model: the size difference between variants costs nothing.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
-enum Net {
-    Bert(BertForMaskedLM),
-    DistilBert(DistilBertForMaskedLM),
-    Roberta(RobertaForMaskedLM),
-    DebertaV2(DebertaV2ForMaskedLM),
+/// What every architecture gives [`MaskedLm`]: one file per model implements it
+/// (`impl Encoder for BertForMaskedLM` at the end of `bert.rs`, ...).
+pub(crate) trait Encoder: std::fmt::Debug + Send {
+    /// `input_ids` [b, s], `attention_mask` [b, s] -> last hidden state [b, s, h].
+    fn forward_hidden(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor;
+    /// `hidden` [..., h] -> logits [..., vocab].
+    fn mlm_head(&self, hidden: &Tensor) -> Tensor;
+    fn vocab_size(&self) -> i64;
+    /// The longest sequence the model takes.
+    fn max_positions(&self) -> i64;
+    fn hidden_size(&self) -> i64;
 }
 
 /// A masked language model: parameters (`vs`, HF names), architecture and config.
@@ -219,7 +222,7 @@ pub struct MaskedLm {
     pub arch: Arch,
     /// The original `config.json`, written back by [`MaskedLm::save_dir`].
     pub config_json: serde_json::Value,
-    net: Net,
+    net: Box<dyn Encoder>,
 }
 
 impl MaskedLm {
@@ -240,25 +243,25 @@ impl MaskedLm {
         }
         let vs = VarStore::new(device);
         let root = vs.root();
-        let net = match arch {
+        let net: Box<dyn Encoder> = match arch {
             Arch::Bert => {
                 let c: BertConfig = serde_json::from_value(config_json.clone()).context("reading BERT config.json")?;
-                Net::Bert(BertForMaskedLM::new(&root, c)?)
+                Box::new(BertForMaskedLM::new(&root, c)?)
             }
             Arch::DistilBert => {
                 let c: DistilBertConfig =
                     serde_json::from_value(config_json.clone()).context("reading DistilBERT config.json")?;
-                Net::DistilBert(DistilBertForMaskedLM::new(&root, c)?)
+                Box::new(DistilBertForMaskedLM::new(&root, c)?)
             }
             Arch::Roberta | Arch::XlmRoberta => {
                 let c: RobertaConfig =
                     serde_json::from_value(config_json.clone()).context("reading RoBERTa config.json")?;
-                Net::Roberta(RobertaForMaskedLM::new(&root, c)?)
+                Box::new(RobertaForMaskedLM::new(&root, c)?)
             }
             Arch::DebertaV2 => {
                 let c: DebertaV2Config =
                     serde_json::from_value(config_json.clone()).context("reading DeBERTa-v2 config.json")?;
-                Net::DebertaV2(DebertaV2ForMaskedLM::new(&root, c)?)
+                Box::new(DebertaV2ForMaskedLM::new(&root, c)?)
             }
         };
         Ok(Self { vs, arch, config_json, net })
@@ -308,23 +311,13 @@ impl MaskedLm {
             "sequence length {s} exceeds the model's {} positions",
             self.max_positions()
         );
-        match &self.net {
-            Net::Bert(m) => m.forward_hidden(input_ids, attention_mask, train),
-            Net::DistilBert(m) => m.forward_hidden(input_ids, attention_mask, train),
-            Net::Roberta(m) => m.forward_hidden(input_ids, attention_mask, train),
-            Net::DebertaV2(m) => m.forward_hidden(input_ids, attention_mask, train),
-        }
+        self.net.forward_hidden(input_ids, attention_mask, train)
     }
 
     /// The MLM head: `hidden` [..., h] -> logits [..., vocab]. Apply it to the masked
     /// positions only to skip most of the vocabulary projection.
     pub fn mlm_head(&self, hidden: &Tensor) -> Tensor {
-        match &self.net {
-            Net::Bert(m) => m.mlm_head(hidden),
-            Net::DistilBert(m) => m.mlm_head(hidden),
-            Net::Roberta(m) => m.mlm_head(hidden),
-            Net::DebertaV2(m) => m.mlm_head(hidden),
-        }
+        self.net.mlm_head(hidden)
     }
 
     /// `forward_hidden` then `mlm_head`: [b, s, vocab].
@@ -333,32 +326,17 @@ impl MaskedLm {
     }
 
     pub fn vocab_size(&self) -> i64 {
-        match &self.net {
-            Net::Bert(m) => m.config.vocab_size,
-            Net::DistilBert(m) => m.config.vocab_size,
-            Net::Roberta(m) => m.config.vocab_size,
-            Net::DebertaV2(m) => m.config.vocab_size,
-        }
+        self.net.vocab_size()
     }
 
     /// The longest sequence the model takes: `max_position_embeddings`, less
     /// RoBERTa's `pad_token_id + 1` positions that are never used.
     pub fn max_positions(&self) -> i64 {
-        match &self.net {
-            Net::Bert(m) => m.config.max_position_embeddings,
-            Net::DistilBert(m) => m.config.max_position_embeddings,
-            Net::Roberta(m) => m.config.max_tokens(),
-            Net::DebertaV2(m) => m.config.max_position_embeddings,
-        }
+        self.net.max_positions()
     }
 
     pub fn hidden_size(&self) -> i64 {
-        match &self.net {
-            Net::Bert(m) => m.config.hidden_size,
-            Net::DistilBert(m) => m.config.dim,
-            Net::Roberta(m) => m.config.hidden_size,
-            Net::DebertaV2(m) => m.config.hidden_size,
-        }
+        self.net.hidden_size()
     }
 
     /// Number of scalar parameters (the tied decoder counted once, as HF does).

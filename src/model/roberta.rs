@@ -17,6 +17,7 @@ use tch::{nn, Kind, Tensor};
 
 use super::bert::{BertConfig, BertLayer};
 use super::layers::{additive_mask, Activation, Embedding, LayerNorm, Linear};
+use super::weights::NameMap;
 
 /// `RobertaConfig`: the keys of `config.json` this model reads, with HF's defaults.
 /// Other keys are kept by `MaskedLm::config_json` and written back untouched.
@@ -221,6 +222,35 @@ impl RobertaForMaskedLM {
     /// `hidden` [..., h] -> logits [..., vocab]
     pub fn mlm_head(&self, hidden: &Tensor) -> Tensor {
         self.head.forward(hidden, &self.embeddings.word_embeddings.weight)
+    }
+}
+
+/// How Hugging Face names RoBERTa's (and XLM-RoBERTa's) weights (see `weights::NameMap`).
+pub(super) const HF_NAMES: NameMap = NameMap {
+    prefix: "roberta",
+    aliases: &[("lm_head.decoder.bias", "lm_head.bias")],
+    ignored: &["lm_head.decoder.weight", "roberta.embeddings.position_ids", "roberta.embeddings.token_type_ids"],
+};
+
+impl super::Encoder for RobertaForMaskedLM {
+    fn forward_hidden(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
+        RobertaForMaskedLM::forward_hidden(self, input_ids, attention_mask, train)
+    }
+
+    fn mlm_head(&self, hidden: &Tensor) -> Tensor {
+        RobertaForMaskedLM::mlm_head(self, hidden)
+    }
+
+    fn vocab_size(&self) -> i64 {
+        self.config.vocab_size
+    }
+
+    fn max_positions(&self) -> i64 {
+        self.config.max_tokens()
+    }
+
+    fn hidden_size(&self) -> i64 {
+        self.config.hidden_size
     }
 }
 

@@ -33,56 +33,27 @@ enum Target {
     Unexpected,
 }
 
-/// The name rules of one architecture.
-struct NameMap {
-    prefix: &'static str,
-    aliases: &'static [(&'static str, &'static str)],
-    ignored: &'static [&'static str],
+/// The name rules of one architecture: each model file keeps its own
+/// (`HF_NAMES`, beside the model), as torchtitan keeps a state-dict adapter
+/// beside each model.
+pub(super) struct NameMap {
+    /// The base model's prefix (`bert`, `roberta`, ...): base-model checkpoints
+    /// name their weights without it.
+    pub prefix: &'static str,
+    /// Checkpoint names that stand for one of our parameters when the file lacks it.
+    pub aliases: &'static [(&'static str, &'static str)],
+    /// Names with nothing to load (tied decoder weights, non-persistent buffers).
+    pub ignored: &'static [&'static str],
 }
 
 impl NameMap {
-    fn of(arch: Arch) -> Self {
+    /// The registry: one line per architecture.
+    fn of(arch: Arch) -> &'static Self {
         match arch {
-            Arch::Bert => Self {
-                prefix: "bert",
-                aliases: &[("cls.predictions.decoder.bias", "cls.predictions.bias")],
-                ignored: &[
-                    "cls.predictions.decoder.weight",
-                    "bert.embeddings.position_ids",
-                    "bert.embeddings.token_type_ids",
-                ],
-            },
-            Arch::DistilBert => Self {
-                prefix: "distilbert",
-                aliases: &[],
-                ignored: &["vocab_projector.weight", "distilbert.embeddings.position_ids"],
-            },
-            Arch::Roberta | Arch::XlmRoberta => Self {
-                prefix: "roberta",
-                aliases: &[("lm_head.decoder.bias", "lm_head.bias")],
-                ignored: &[
-                    "lm_head.decoder.weight",
-                    "roberta.embeddings.position_ids",
-                    "roberta.embeddings.token_type_ids",
-                ],
-            },
-            Arch::DebertaV2 => Self {
-                prefix: "deberta",
-                aliases: &[
-                    ("cls.predictions.decoder.bias", "cls.predictions.bias"),
-                    ("lm_predictions.lm_head.bias", "cls.predictions.bias"),
-                    ("lm_predictions.lm_head.dense.weight", "cls.predictions.transform.dense.weight"),
-                    ("lm_predictions.lm_head.dense.bias", "cls.predictions.transform.dense.bias"),
-                    ("lm_predictions.lm_head.LayerNorm.weight", "cls.predictions.transform.LayerNorm.weight"),
-                    ("lm_predictions.lm_head.LayerNorm.bias", "cls.predictions.transform.LayerNorm.bias"),
-                ],
-                ignored: &[
-                    "cls.predictions.decoder.weight",
-                    "deberta.embeddings.position_ids",
-                    // HF drops absolute positions silently when position_biased_input = false.
-                    "deberta.embeddings.position_embeddings.weight",
-                ],
-            },
+            Arch::Bert => &super::bert::HF_NAMES,
+            Arch::DistilBert => &super::distilbert::HF_NAMES,
+            Arch::Roberta | Arch::XlmRoberta => &super::roberta::HF_NAMES,
+            Arch::DebertaV2 => &super::deberta::HF_NAMES,
         }
     }
 
