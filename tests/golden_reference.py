@@ -1,0 +1,142 @@
+"""PyTorch reference for tests/golden.rs: the training steps of `mlm train`, in torch.
+
+Usage: golden_reference.py BATCHES OUT_JSON FP32_JOB BF16_JOB RESUME_STEP MISTAKE_STEPS
+
+Trains each job's `model.path` (a BertForMaskedLM without dropout, loaded with
+from_pretrained) with the job's [training] settings on the pre-masked micro-batches
+in BATCHES (safetensors: input_ids, labels [steps, accum, rows, block] i64, -100
+where nothing is predicted), and writes the per-step loss, lr and gradient norm of
+each job as JSON: {"fp32": [...], "bf16": [...], "mistakes": {...}}.
+
+One optimizer step, as the Hugging Face Trainer takes it and as src/train/ claims to:
+  - loss: the cross-entropy summed over the masked positions of all the step's
+    micro-batches, divided by the step's masked tokens; the gradients of the
+    micro-batches accumulate (Trainer::forward_backward);
+  - torch.nn.utils.clip_grad_norm_(max_grad_norm); the norm before clipping is logged;
+  - torch.optim.AdamW in two groups: weight decay except on biases and LayerNorm
+    weights (MaskedLm::no_decay; the Trainer's grouping);
+  - get_linear_schedule_with_warmup: the lr of step k is read before its update;
+  - decoder weight tied to the word embeddings, decoder bias to cls.predictions.bias,
+    as transformers ties them;
+  - precision = "bf16": forward and backward run on a bf16 copy of the fp32 master
+    model, its gradients accumulate in fp32 on the master, and after each update the
+    copy is refreshed from the master (round to nearest even).
+The MLM head (`model.cls`) runs only at the masked positions: it is position-wise, so
+the loss and gradients are those of the full forward, at a seventh of the cost.
+
+`mistakes` holds the losses of the first MISTAKE_STEPS steps replayed with one
+deliberate mistake each: weight decay on every parameter, no clipping, the schedule
+one step ahead, the loss averaged per micro-batch, AdamW's step count restarted
+after RESUME_STEP steps (as a resume that lost it would), and (bf16) the compute
+copy refreshed before the update instead of after it. The test asserts that each
+misses the reference by far more than its tolerance, so the comparison could catch it.
+"""
+import copy
+import json
+import math
+import sys
+import tomllib
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import BertForMaskedLM, get_linear_schedule_with_warmup
+
+FP32_MISTAKES = [
+    "decay_everything",
+    "no_clipping",
+    "schedule_one_step_ahead",
+    "mean_per_micro_batch",
+    "adam_step_restarts",
+]
+BF16_MISTAKES = ["bf16_copy_refreshed_before_the_update"]
+
+
+def no_decay(name):
+    return name.endswith("bias") or "LayerNorm." in name
+
+
+def replay(job, batches, mistake=None, resume_step=None, steps=None):
+    t = job["training"]
+    assert t.get("schedule", "linear") == "linear" and t["warmup_steps"] > 0, "the job this script mirrors"
+    master, info = BertForMaskedLM.from_pretrained(job["model"]["path"], output_loading_info=True)
+    assert not any(info.values()), f"the model loads with {info}"
+    master = master.float().train()
+    bf16 = t.get("precision", "fp32") == "bf16"
+    compute = copy.deepcopy(master).to(torch.bfloat16) if bf16 else master
+    named = list(master.named_parameters())  # tied parameters appear once
+    params = [p for _, p in named]
+    compute_params = [p for _, p in compute.named_parameters()]
+
+    def decays(name):
+        return mistake == "decay_everything" or not no_decay(name)
+
+    groups = [
+        {"params": [p for n, p in named if decays(n)], "weight_decay": t["weight_decay"]},
+        {"params": [p for n, p in named if not decays(n)], "weight_decay": 0.0},
+    ]
+    betas = (t.get("adam_beta1", 0.9), t.get("adam_beta2", 0.999))
+    opt = torch.optim.AdamW(groups, lr=t["lr"], betas=betas, eps=t.get("adam_eps", 1e-8))
+    sched = get_linear_schedule_with_warmup(opt, t["warmup_steps"], t["max_steps"])
+    if mistake == "schedule_one_step_ahead":
+        sched.step()
+    max_norm = math.inf if mistake == "no_clipping" else t["max_grad_norm"]
+
+    def refresh_compute_copy():
+        with torch.no_grad():
+            for c, p in zip(compute_params, params):
+                c.copy_(p)
+
+    ids, labels = batches["input_ids"], batches["labels"]
+    out = []
+    for k in range(steps or t["max_steps"]):
+        n_masked = (labels[k] != -100).sum()
+        total = torch.zeros(())
+        for x, y in zip(ids[k], labels[k]):
+            hidden = compute.bert(input_ids=x, attention_mask=torch.ones_like(x)).last_hidden_state
+            picked = y != -100
+            logits = compute.cls(hidden[picked]).float()
+            loss = F.cross_entropy(logits, y[picked], reduction="sum")
+            if mistake == "mean_per_micro_batch":
+                loss = loss / picked.sum() / ids.shape[1]
+            else:
+                loss = loss / n_masked
+            grads = torch.autograd.grad(loss, compute_params)
+            for p, g in zip(params, grads):
+                p.grad = g.float() if p.grad is None else p.grad + g.float()
+            total += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        lr = opt.param_groups[0]["lr"]
+        if mistake == "adam_step_restarts" and k == resume_step:
+            for state in opt.state.values():
+                state["step"].zero_()
+        if bf16 and mistake == "bf16_copy_refreshed_before_the_update":
+            refresh_compute_copy()
+        opt.step()
+        if bf16 and mistake != "bf16_copy_refreshed_before_the_update":
+            refresh_compute_copy()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        out.append({"step": k + 1, "loss": total.item(), "lr": lr, "grad_norm": grad_norm.item()})
+    return out
+
+
+def main():
+    torch.set_num_threads(1)  # beside the `mlm` jobs, on two cores
+    batches_file, out_json, fp32_toml, bf16_toml, resume_step, mistake_steps = sys.argv[1:]
+    jobs = {}
+    for name, path in [("fp32", fp32_toml), ("bf16", bf16_toml)]:
+        with open(path, "rb") as f:
+            jobs[name] = tomllib.load(f)
+    batches = load_file(batches_file)
+    result = {name: replay(job, batches) for name, job in jobs.items()}
+    mistakes = [(m, jobs["fp32"]) for m in FP32_MISTAKES] + [(m, jobs["bf16"]) for m in BF16_MISTAKES]
+    result["mistakes"] = {
+        m: [s["loss"] for s in replay(job, batches, m, int(resume_step), int(mistake_steps))] for m, job in mistakes
+    }
+    with open(out_json, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
