@@ -19,101 +19,69 @@ use super::bert::{BertConfig, BertLayer};
 use super::layers::{additive_mask, Activation, Embedding, LayerNorm, Linear};
 use super::weights::NameMap;
 
-/// `RobertaConfig`: the keys of `config.json` this model reads, with HF's defaults.
-/// Other keys are kept by `MaskedLm::config_json` and written back untouched.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
+/// `RobertaConfig`: BERT's keys with RoBERTa's defaults (`vocab_size = 50265`,
+/// `pad_token_id = 1`, which is also the `padding_idx` of the position
+/// embeddings). It dereferences to the [`BertConfig`] its encoder layers read.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RobertaConfig {
-    pub vocab_size: i64,
-    pub hidden_size: i64,
-    pub num_hidden_layers: i64,
-    pub num_attention_heads: i64,
-    pub intermediate_size: i64,
-    pub hidden_act: String,
-    pub hidden_dropout_prob: f64,
-    pub attention_probs_dropout_prob: f64,
-    pub max_position_embeddings: i64,
-    pub type_vocab_size: i64,
-    pub initializer_range: f64,
-    pub layer_norm_eps: f64,
-    /// Also RoBERTa's `padding_idx` of the position embeddings.
-    pub pad_token_id: i64,
-    pub position_embedding_type: String,
-    pub is_decoder: bool,
-    pub add_cross_attention: bool,
+    #[serde(flatten)]
+    pub bert: BertConfig,
 }
 
 impl Default for RobertaConfig {
     fn default() -> Self {
-        Self {
-            vocab_size: 50265,
-            hidden_size: 768,
-            num_hidden_layers: 12,
-            num_attention_heads: 12,
-            intermediate_size: 3072,
-            hidden_act: "gelu".into(),
-            hidden_dropout_prob: 0.1,
-            attention_probs_dropout_prob: 0.1,
-            max_position_embeddings: 512,
-            type_vocab_size: 2,
-            initializer_range: 0.02,
-            layer_norm_eps: 1e-12,
-            pad_token_id: 1,
-            position_embedding_type: "absolute".into(),
-            is_decoder: false,
-            add_cross_attention: false,
-        }
+        Self { bert: BertConfig { vocab_size: 50265, pad_token_id: Some(1), ..BertConfig::default() } }
+    }
+}
+
+impl<'de> Deserialize<'de> for RobertaConfig {
+    /// BERT's keys, RoBERTa's defaults where `config.json` leaves them out.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let mut keys = serde_json::Map::<String, serde_json::Value>::deserialize(d)?;
+        let defaults = Self::default();
+        keys.entry("vocab_size").or_insert(defaults.vocab_size.into());
+        keys.entry("pad_token_id").or_insert(1.into());
+        let bert = BertConfig::deserialize(serde_json::Value::Object(keys)).map_err(serde::de::Error::custom)?;
+        Ok(Self { bert })
+    }
+}
+
+impl std::ops::Deref for RobertaConfig {
+    type Target = BertConfig;
+
+    fn deref(&self) -> &BertConfig {
+        &self.bert
     }
 }
 
 impl RobertaConfig {
-    /// The longest sequence the position table holds: positions run from
-    /// `pad_token_id + 1` to `max_position_embeddings - 1`.
-    pub fn max_tokens(&self) -> i64 {
-        self.max_position_embeddings - self.pad_token_id - 1
+    /// `pad_token_id`: the padding token and the position table's `padding_idx`.
+    pub fn padding_idx(&self) -> i64 {
+        self.bert.pad_token_id.unwrap_or(1)
     }
 
-    /// The same keys as BERT's encoder reads them.
-    fn as_bert(&self) -> BertConfig {
-        BertConfig {
-            vocab_size: self.vocab_size,
-            hidden_size: self.hidden_size,
-            num_hidden_layers: self.num_hidden_layers,
-            num_attention_heads: self.num_attention_heads,
-            intermediate_size: self.intermediate_size,
-            hidden_act: self.hidden_act.clone(),
-            hidden_dropout_prob: self.hidden_dropout_prob,
-            attention_probs_dropout_prob: self.attention_probs_dropout_prob,
-            max_position_embeddings: self.max_position_embeddings,
-            type_vocab_size: self.type_vocab_size,
-            initializer_range: self.initializer_range,
-            layer_norm_eps: self.layer_norm_eps,
-            pad_token_id: Some(self.pad_token_id),
-            position_embedding_type: self.position_embedding_type.clone(),
-            is_decoder: self.is_decoder,
-            add_cross_attention: self.add_cross_attention,
-        }
+    /// The longest sequence the position table holds: positions run from
+    /// `padding_idx + 1` to `max_position_embeddings - 1`.
+    pub fn max_tokens(&self) -> i64 {
+        self.max_position_embeddings - self.padding_idx() - 1
     }
 
     fn validate(&self) -> Result<Activation> {
-        if self.is_decoder || self.add_cross_attention {
-            bail!("is_decoder / add_cross_attention = true in config.json is not supported: a masked LM is a bidirectional encoder");
-        }
         if self.type_vocab_size < 1 {
             bail!(
                 "type_vocab_size {} in config.json is not supported (RoBERTa needs at least 1)",
                 self.type_vocab_size
             );
         }
-        if !(0..self.vocab_size).contains(&self.pad_token_id) || self.max_tokens() < 1 {
+        if !(0..self.vocab_size).contains(&self.padding_idx()) || self.max_tokens() < 1 {
             bail!(
                 "pad_token_id {} in config.json must be a token id below vocab_size {} and leave room in max_position_embeddings {}",
-                self.pad_token_id,
+                self.padding_idx(),
                 self.vocab_size,
                 self.max_position_embeddings
             );
         }
-        self.as_bert().validate()
+        self.bert.validate()
     }
 }
 
@@ -131,13 +99,13 @@ struct RobertaEmbeddings {
 
 impl RobertaEmbeddings {
     fn new(p: &nn::Path, c: &RobertaConfig) -> Self {
-        let (h, std, pad) = (c.hidden_size, c.initializer_range, Some(c.pad_token_id));
+        let (h, std, pad) = (c.hidden_size, c.initializer_range, Some(c.padding_idx()));
         Self {
             word_embeddings: Embedding::new(&(p / "word_embeddings"), c.vocab_size, h, std, pad),
             position_embeddings: Embedding::new(&(p / "position_embeddings"), c.max_position_embeddings, h, std, pad),
             token_type_embeddings: Embedding::new(&(p / "token_type_embeddings"), c.type_vocab_size, h, std, None),
             layer_norm: LayerNorm::new(&(p / "LayerNorm"), h, c.layer_norm_eps),
-            padding_idx: c.pad_token_id,
+            padding_idx: c.padding_idx(),
             dropout: c.hidden_dropout_prob,
         }
     }
@@ -196,10 +164,9 @@ impl RobertaForMaskedLM {
     /// Creates the parameters under `root` (the VarStore root), HF-initialised.
     pub fn new(root: &nn::Path, config: RobertaConfig) -> Result<Self> {
         let act = config.validate()?;
-        let bert_config = config.as_bert();
         let base = root / "roberta";
         let layers = (0..config.num_hidden_layers)
-            .map(|i| BertLayer::new(&(&base / "encoder" / "layer" / i), &bert_config, act))
+            .map(|i| BertLayer::new(&(&base / "encoder" / "layer" / i), &config.bert, act))
             .collect();
         Ok(Self {
             embeddings: RobertaEmbeddings::new(&(&base / "embeddings"), &config),

@@ -133,6 +133,25 @@ fn batches_per_epoch(cfg: &Config, train_chunks: usize, world: usize) -> Result<
     Ok(per_epoch)
 }
 
+/// The model that runs forward and backward: `master` itself in fp32, or a bf16
+/// copy whose weights the optimizer rewrites after each update; and its
+/// trainable tensors in the optimizer's flat-buffer order.
+fn compute_model(
+    master: &MaskedLm,
+    opt: &mut FlatAdamW,
+    precision: Precision,
+) -> Result<(Option<MaskedLm>, Vec<Tensor>)> {
+    let compute = match precision {
+        Precision::Fp32 => None,
+        Precision::Bf16 => Some(master.to_kind_copy(Kind::BFloat16)?),
+    };
+    let params = ordered_params(&compute.as_ref().unwrap_or(master).vs, &opt.slots)?;
+    if compute.is_some() {
+        opt.attach_shadow(&params, Kind::BFloat16);
+    }
+    Ok((compute, params.into_iter().map(|(_, t)| t).collect()))
+}
+
 /// Loads a checkpoint's weights into `master` (before the optimizer takes
 /// them into its flat buffer).
 fn load_weights(dir: &Path, master: &MaskedLm) -> Result<()> {
@@ -287,15 +306,7 @@ impl Trainer {
                 resume::complete_best(&t.output_dir, &state)?;
             }
         }
-        let compute = match t.precision {
-            Precision::Fp32 => None,
-            Precision::Bf16 => Some(master.to_kind_copy(Kind::BFloat16)?),
-        };
-        let compute_params = ordered_params(&compute.as_ref().unwrap_or(&master).vs, &opt.slots)?;
-        if compute.is_some() {
-            opt.attach_shadow(&compute_params, Kind::BFloat16);
-        }
-        let compute_tensors = compute_params.into_iter().map(|(_, t)| t).collect();
+        let (compute, compute_tensors) = compute_model(&master, &mut opt, t.precision)?;
         let out = t.output_dir.clone();
         let metrics =
             if sync.rank() == 0 { Metrics::open(&out.join(&cfg.logging.metrics_file))? } else { Metrics::disabled() };
