@@ -253,21 +253,6 @@ impl BertForMaskedLM {
             config,
         })
     }
-
-    /// `input_ids`, `attention_mask` [b, s] -> last hidden state [b, s, h]
-    pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
-        let mut x = self.embeddings.forward(input_ids, train);
-        let bias = additive_mask(attention_mask, x.kind());
-        for layer in &self.layers {
-            x = layer.forward(&x, bias.as_ref(), train);
-        }
-        x
-    }
-
-    /// `hidden` [..., h] -> logits [..., vocab]
-    pub fn mlm_head(&self, hidden: &Tensor) -> Tensor {
-        self.head.forward(hidden, &self.embeddings.word_embeddings.weight)
-    }
 }
 
 /// How Hugging Face names BERT's weights (see `weights::NameMap`).
@@ -278,12 +263,19 @@ pub(super) const HF_NAMES: NameMap = NameMap {
 };
 
 impl super::Encoder for BertForMaskedLM {
+    /// `input_ids`, `attention_mask` [b, s] -> last hidden state [b, s, h]
     fn forward_hidden(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
-        BertForMaskedLM::forward_hidden(self, input_ids, attention_mask, train)
+        let mut x = self.embeddings.forward(input_ids, train);
+        let bias = additive_mask(attention_mask, x.kind());
+        for layer in &self.layers {
+            x = layer.forward(&x, bias.as_ref(), train);
+        }
+        x
     }
 
+    /// `hidden` [..., h] -> logits [..., vocab]
     fn mlm_head(&self, hidden: &Tensor) -> Tensor {
-        BertForMaskedLM::mlm_head(self, hidden)
+        self.head.forward(hidden, &self.embeddings.word_embeddings.weight)
     }
 
     fn vocab_size(&self) -> i64 {

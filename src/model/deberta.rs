@@ -358,31 +358,6 @@ impl DebertaV2ForMaskedLM {
             config,
         })
     }
-
-    /// `input_ids`, `attention_mask` [b, s] -> last hidden state [b, s, h]
-    pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
-        let mut x = self.embeddings.forward(input_ids, attention_mask, train);
-        let mask = pair_mask(attention_mask);
-        let s = input_ids.size()[1];
-        let rel_pos = self.spec.relative_attention.then(|| {
-            relative_positions(s, self.spec.position_buckets, self.spec.max_relative_positions)
-                .to_device(input_ids.device())
-        });
-        // [2 span, h]
-        let rel = self.rel_embeddings.as_ref().map(|e| match &self.rel_layer_norm {
-            Some(ln) => ln.forward(&e.weight),
-            None => e.weight.shallow_clone(),
-        });
-        for layer in &self.layers {
-            x = layer.forward(&x, &mask, rel.as_ref(), rel_pos.as_ref(), train);
-        }
-        x
-    }
-
-    /// `hidden` [..., h] -> logits [..., vocab]
-    pub fn mlm_head(&self, hidden: &Tensor) -> Tensor {
-        self.head.forward(hidden, &self.embeddings.word_embeddings.weight)
-    }
 }
 
 /// How Hugging Face names DeBERTa-v2/v3's weights, in both MLM-head layouts
@@ -406,12 +381,29 @@ pub(super) const HF_NAMES: NameMap = NameMap {
 };
 
 impl super::Encoder for DebertaV2ForMaskedLM {
+    /// `input_ids`, `attention_mask` [b, s] -> last hidden state [b, s, h]
     fn forward_hidden(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
-        DebertaV2ForMaskedLM::forward_hidden(self, input_ids, attention_mask, train)
+        let mut x = self.embeddings.forward(input_ids, attention_mask, train);
+        let mask = pair_mask(attention_mask);
+        let s = input_ids.size()[1];
+        let rel_pos = self.spec.relative_attention.then(|| {
+            relative_positions(s, self.spec.position_buckets, self.spec.max_relative_positions)
+                .to_device(input_ids.device())
+        });
+        // [2 span, h]
+        let rel = self.rel_embeddings.as_ref().map(|e| match &self.rel_layer_norm {
+            Some(ln) => ln.forward(&e.weight),
+            None => e.weight.shallow_clone(),
+        });
+        for layer in &self.layers {
+            x = layer.forward(&x, &mask, rel.as_ref(), rel_pos.as_ref(), train);
+        }
+        x
     }
 
+    /// `hidden` [..., h] -> logits [..., vocab]
     fn mlm_head(&self, hidden: &Tensor) -> Tensor {
-        DebertaV2ForMaskedLM::mlm_head(self, hidden)
+        self.head.forward(hidden, &self.embeddings.word_embeddings.weight)
     }
 
     fn vocab_size(&self) -> i64 {

@@ -194,23 +194,6 @@ impl DistilBertForMaskedLM {
             config,
         })
     }
-
-    /// `input_ids`, `attention_mask` [b, s] -> last hidden state [b, s, dim]
-    pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
-        let mut x = self.embeddings.forward(input_ids, train);
-        let bias = additive_mask(attention_mask, x.kind());
-        for layer in &self.layers {
-            x = layer.forward(&x, bias.as_ref(), train);
-        }
-        x
-    }
-
-    /// `hidden` [..., dim] -> logits [..., vocab]
-    pub fn mlm_head(&self, hidden: &Tensor) -> Tensor {
-        let x = self.act.forward(&self.vocab_transform.forward(hidden));
-        let x = self.vocab_layer_norm.forward(&x);
-        x.linear(&self.embeddings.word_embeddings.weight, Some(&self.vocab_projector_bias))
-    }
 }
 
 /// How Hugging Face names DistilBERT's weights (see `weights::NameMap`).
@@ -221,12 +204,21 @@ pub(super) const HF_NAMES: NameMap = NameMap {
 };
 
 impl super::Encoder for DistilBertForMaskedLM {
+    /// `input_ids`, `attention_mask` [b, s] -> last hidden state [b, s, dim]
     fn forward_hidden(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
-        DistilBertForMaskedLM::forward_hidden(self, input_ids, attention_mask, train)
+        let mut x = self.embeddings.forward(input_ids, train);
+        let bias = additive_mask(attention_mask, x.kind());
+        for layer in &self.layers {
+            x = layer.forward(&x, bias.as_ref(), train);
+        }
+        x
     }
 
+    /// `hidden` [..., dim] -> logits [..., vocab]
     fn mlm_head(&self, hidden: &Tensor) -> Tensor {
-        DistilBertForMaskedLM::mlm_head(self, hidden)
+        let x = self.act.forward(&self.vocab_transform.forward(hidden));
+        let x = self.vocab_layer_norm.forward(&x);
+        x.linear(&self.embeddings.word_embeddings.weight, Some(&self.vocab_projector_bias))
     }
 
     fn vocab_size(&self) -> i64 {

@@ -175,21 +175,6 @@ impl RobertaForMaskedLM {
             config,
         })
     }
-
-    /// `input_ids`, `attention_mask` [b, s] -> last hidden state [b, s, h]
-    pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
-        let mut x = self.embeddings.forward(input_ids, train);
-        let bias = additive_mask(attention_mask, x.kind());
-        for layer in &self.layers {
-            x = layer.forward(&x, bias.as_ref(), train);
-        }
-        x
-    }
-
-    /// `hidden` [..., h] -> logits [..., vocab]
-    pub fn mlm_head(&self, hidden: &Tensor) -> Tensor {
-        self.head.forward(hidden, &self.embeddings.word_embeddings.weight)
-    }
 }
 
 /// How Hugging Face names RoBERTa's (and XLM-RoBERTa's) weights (see `weights::NameMap`).
@@ -200,12 +185,19 @@ pub(super) const HF_NAMES: NameMap = NameMap {
 };
 
 impl super::Encoder for RobertaForMaskedLM {
+    /// `input_ids`, `attention_mask` [b, s] -> last hidden state [b, s, h]
     fn forward_hidden(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
-        RobertaForMaskedLM::forward_hidden(self, input_ids, attention_mask, train)
+        let mut x = self.embeddings.forward(input_ids, train);
+        let bias = additive_mask(attention_mask, x.kind());
+        for layer in &self.layers {
+            x = layer.forward(&x, bias.as_ref(), train);
+        }
+        x
     }
 
+    /// `hidden` [..., h] -> logits [..., vocab]
     fn mlm_head(&self, hidden: &Tensor) -> Tensor {
-        RobertaForMaskedLM::mlm_head(self, hidden)
+        self.head.forward(hidden, &self.embeddings.word_embeddings.weight)
     }
 
     fn vocab_size(&self) -> i64 {
