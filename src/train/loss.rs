@@ -77,7 +77,8 @@ mod tests {
         let labels: Vec<i64> =
             (0..rows * block).map(|i| if i % 5 == 1 { ((i * 11) % 290) as i64 } else { -100 }).collect();
         let n_masked = labels.iter().filter(|&&l| l != -100).count();
-        Batch { input_ids, labels, rows, block_size: block, chunk_ids: vec![0, 1, 2], n_masked }
+        let max_token = input_ids.iter().chain(&labels).copied().max().unwrap_or(0).max(0) as u32;
+        Batch { input_ids, labels, rows, block_size: block, chunk_ids: vec![0, 1, 2], n_masked, max_token }
     }
 
     fn loss_and_grads(model: &MaskedLm, sparse: bool) -> (f64, Vec<(String, Tensor)>) {
