@@ -1,4 +1,7 @@
-//! The device a command runs on, as the user asked for it.
+//! The device a command runs on, as the user asked for it, and why CUDA is not
+//! usable when it is not (for errors, the `auto` warning and `mlm doctor`).
+use std::sync::OnceLock;
+
 use anyhow::{bail, Result};
 use tch::Device;
 
@@ -6,13 +9,146 @@ use crate::config::DeviceChoice;
 
 /// Picks the device named by `choice`; `key` is where the user set it
 /// (`training.device`, `--device`), named in the error when it cannot be had.
+/// `auto` takes the GPU when libtorch can use one, and says in one warning line
+/// why not when a GPU seems to be there but cannot be used.
 pub fn select_device(choice: DeviceChoice, key: &str) -> Result<Device> {
     Ok(match choice {
         DeviceChoice::Cpu => Device::Cpu,
-        DeviceChoice::Auto => Device::cuda_if_available(),
         DeviceChoice::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
-        DeviceChoice::Cuda => bail!("{key} = cuda but no CUDA device is visible (nvidia-smi -L, CUDA_VISIBLE_DEVICES)"),
+        DeviceChoice::Cuda => bail!("{key} = cuda but {}", CudaProbe::get().why_not()),
+        DeviceChoice::Auto if tch::Cuda::is_available() => Device::Cuda(0),
+        DeviceChoice::Auto => {
+            let probe = CudaProbe::get();
+            if probe.gpu_expected() {
+                tracing::warn!("{key} = auto: training on the CPU because {}", probe.why_not());
+            }
+            Device::Cpu
+        }
     })
+}
+
+/// What this process can learn about CUDA without libtorch's help: the driver
+/// (`libcuda.so.1`, through cudarc), its version and devices, and the CUDA
+/// runtime libtorch was built with.
+#[derive(Debug, Clone, Default)]
+pub struct CudaProbe {
+    /// `cuInit`'s outcome: `None` when no driver library could be loaded.
+    pub driver_init: Option<std::result::Result<(), String>>,
+    /// `cuDriverGetVersion`, e.g. 13000 for CUDA 13.0.
+    pub driver_version: Option<i32>,
+    /// Name and total memory (bytes) of each visible GPU.
+    pub devices: Vec<(String, usize)>,
+    /// `cudaRuntimeGetVersion` of the runtime libtorch loaded; `None` for a CPU-only libtorch.
+    pub runtime_version: Option<i32>,
+}
+
+impl CudaProbe {
+    /// Probed once per process.
+    pub fn get() -> &'static CudaProbe {
+        static PROBE: OnceLock<CudaProbe> = OnceLock::new();
+        PROBE.get_or_init(Self::probe)
+    }
+
+    fn probe() -> Self {
+        let mut p = CudaProbe { runtime_version: runtime_version(), ..Default::default() };
+        // SAFETY: only tries to open the driver library.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return p;
+        }
+        use cudarc::driver::result;
+        p.driver_init = Some(result::init().map_err(|e| format!("{e:?}")));
+        let mut v = 0;
+        // SAFETY: valid out-pointer; callable before cuInit.
+        if unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) } == cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+            p.driver_version = Some(v);
+        }
+        if matches!(p.driver_init, Some(Ok(()))) {
+            let n = result::device::get_count().unwrap_or(0);
+            for i in 0..n {
+                let Ok(dev) = result::device::get(i) else { continue };
+                let name = result::device::get_name(dev).unwrap_or_else(|_| format!("GPU {i}"));
+                // SAFETY: `dev` is a valid device handle.
+                let mem = unsafe { result::device::total_mem(dev) }.unwrap_or(0);
+                p.devices.push((name, mem));
+            }
+        }
+        p
+    }
+
+    /// Whether the machine looks like it has a GPU (a driver that loads).
+    pub fn gpu_expected(&self) -> bool {
+        self.driver_init.is_some()
+    }
+
+    /// One clause saying why libtorch cannot use CUDA here.
+    pub fn why_not(&self) -> String {
+        explain(self, std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref())
+    }
+}
+
+fn explain(p: &CudaProbe, visible: Option<&str>) -> String {
+    let hidden = match visible {
+        Some(v) if v.trim().is_empty() || v.trim() == "-1" => format!(" (CUDA_VISIBLE_DEVICES={v:?} hides every GPU)"),
+        _ => String::new(),
+    };
+    let Some(init) = &p.driver_init else {
+        return format!("no NVIDIA driver was found (libcuda.so.1 cannot be loaded; check nvidia-smi){hidden}");
+    };
+    if let Err(e) = init {
+        return format!("the NVIDIA driver failed to initialise (cuInit: {e}; check nvidia-smi and dmesg){hidden}");
+    }
+    if p.devices.is_empty() {
+        return format!("the NVIDIA driver sees no GPU{hidden}");
+    }
+    let Some(runtime) = p.runtime_version else {
+        return "libtorch is a CPU-only build (no CUDA runtime loaded): point LIBTORCH (or the venv's torch) \
+                at a torch built with CUDA"
+            .to_string();
+    };
+    match p.driver_version {
+        Some(d) if d / 1000 < runtime / 1000 => format!(
+            "the driver is too old: it supports CUDA {} but libtorch uses CUDA {}; update the NVIDIA driver \
+             or install a torch built for CUDA {}",
+            cuda_version(d),
+            cuda_version(runtime),
+            d / 1000
+        ),
+        _ => format!(
+            "CUDA failed to initialise in libtorch (driver CUDA {}, runtime CUDA {})",
+            p.driver_version.map_or("unknown".into(), cuda_version),
+            cuda_version(runtime)
+        ),
+    }
+}
+
+/// 13000 -> "13.0".
+pub fn cuda_version(v: i32) -> String {
+    format!("{}.{}", v / 1000, v % 1000 / 10)
+}
+
+/// `cudaRuntimeGetVersion` of the CUDA runtime libtorch loaded, if any.
+fn runtime_version() -> Option<i32> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let path = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.rsplit('/').next().is_some_and(|n| n.starts_with("libcudart.so")))?;
+    let cpath = std::ffi::CString::new(path).ok()?;
+    // SAFETY: looks up an already loaded library (RTLD_NOLOAD) and one symbol of
+    // known signature; the handle is never closed.
+    unsafe {
+        let h = libc::dlopen(cpath.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+        if h.is_null() {
+            return None;
+        }
+        let f = libc::dlsym(h, c"cudaRuntimeGetVersion".as_ptr());
+        if f.is_null() {
+            return None;
+        }
+        let f: unsafe extern "C" fn(*mut i32) -> i32 = std::mem::transmute(f);
+        let mut v = 0;
+        (f(&mut v) == 0).then_some(v)
+    }
 }
 
 #[cfg(test)]
@@ -25,7 +161,39 @@ mod tests {
             return;
         }
         let e = select_device(DeviceChoice::Cuda, "--device").unwrap_err().to_string();
-        assert!(e.starts_with("--device = cuda"), "{e}");
+        assert!(e.starts_with("--device = cuda but "), "{e}");
         assert_eq!(select_device(DeviceChoice::Cpu, "--device").unwrap(), Device::Cpu);
+        assert_eq!(select_device(DeviceChoice::Auto, "--device").unwrap(), Device::Cpu);
+    }
+
+    #[test]
+    fn why_cuda_is_unusable_names_the_cause() {
+        let none = CudaProbe::default();
+        assert!(explain(&none, None).contains("no NVIDIA driver"));
+        assert!(explain(&none, Some("")).contains("CUDA_VISIBLE_DEVICES"));
+        let failed = CudaProbe { driver_init: Some(Err("CUDA_ERROR_UNKNOWN".into())), ..Default::default() };
+        assert!(explain(&failed, None).contains("failed to initialise (cuInit: CUDA_ERROR_UNKNOWN"));
+        let no_gpu = CudaProbe { driver_init: Some(Ok(())), driver_version: Some(13000), ..Default::default() };
+        assert!(explain(&no_gpu, None).contains("sees no GPU"));
+        let gpu = vec![("NVIDIA H200".to_string(), 141 << 30)];
+        let old = CudaProbe {
+            driver_init: Some(Ok(())),
+            driver_version: Some(12040),
+            devices: gpu.clone(),
+            runtime_version: Some(13000),
+        };
+        let e = explain(&old, None);
+        assert!(e.contains("driver is too old") && e.contains("CUDA 12.4") && e.contains("CUDA 13.0"), "{e}");
+        let cpu_torch = CudaProbe { runtime_version: None, ..old.clone() };
+        assert!(explain(&cpu_torch, None).contains("CPU-only build"));
+    }
+
+    #[test]
+    fn the_runtime_libtorch_loaded_is_found() {
+        // This machine's venv has torch with CUDA 13 (libcudart.so.13 is mapped
+        // even without a GPU); a CPU-only torch maps none.
+        if let Some(v) = runtime_version() {
+            assert!(v >= 11000, "{v}");
+        }
     }
 }

@@ -161,3 +161,23 @@ fn killed_worker_stops_the_group_and_a_restart_resumes_exactly() {
         assert_eq!(got.get(step), Some(loss), "step {step}");
     }
 }
+
+#[test]
+fn gpu_workers_without_a_usable_gpu_fail_saying_why() {
+    if tch::Cuda::is_available() {
+        return; // a GPU machine: the job would run
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job(dir.path(), 2);
+    let out = Command::new(launcher())
+        .args(["--gpus", "2", "--mlm"])
+        .arg(env!("CARGO_BIN_EXE_mlm"))
+        .arg(&cfg)
+        .env_remove("CUDA_VISIBLE_DEVICES")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "--gpus 2 trained without a GPU:\n{stderr}");
+    assert!(stderr.contains("training.device = cuda but "), "{stderr}");
+    assert!(!stderr.contains("step 1"), "a worker trained: {stderr}");
+}

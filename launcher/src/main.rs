@@ -38,11 +38,10 @@ fn run(args: Args) -> Result<i32> {
     let mlm = args.mlm.clone().unwrap_or_else(find_mlm);
     let grace = Duration::from_secs_f64(args.grace_period.max(0.0));
     let mut overrides: Vec<String> = args.set.iter().flat_map(|s| ["--set".to_string(), s.clone()]).collect();
-    if args.device != "auto" {
-        overrides.extend(["--set".into(), format!("training.device={}", args.device)]);
-    } else if slots[0] == Slot::Cpu {
-        overrides.extend(["--set".into(), "training.device=cpu".into()]);
-    }
+    // Each worker gets the device its slot was planned for: a GPU worker that
+    // finds no usable GPU fails naming the cause instead of training on the CPU.
+    let device = if slots[0] == Slot::Cpu { "cpu" } else { "cuda" };
+    overrides.extend(["--set".into(), format!("training.device={device}")]);
 
     // Prepare once before any worker starts, so workers only read the store.
     let mut prepare = Command::new(&mlm);

@@ -134,7 +134,8 @@ fn gpu_workers_each_see_one_gpu() {
     assert!(read(dir.path(), "env.0.0").contains("CUDA_VISIBLE_DEVICES=5\n"));
     assert!(read(dir.path(), "env.1.0").contains("CUDA_VISIBLE_DEVICES=7\n"));
     assert!(read(dir.path(), "env.1.0").contains("WORLD_SIZE=2\n"));
-    assert!(!read(dir.path(), "args.0.0").contains("training.device"));
+    // A GPU worker must use its GPU or fail; it never falls back to the CPU.
+    assert!(read(dir.path(), "args.0.0").contains("training.device=cuda"), "{}", read(dir.path(), "args.0.0"));
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! The `mlm` command line: `prepare`, `train`, `eval`, `fill-mask`.
+//! The `mlm` command line: `prepare`, `train`, `eval`, `fill-mask`, `doctor`.
 use std::path::PathBuf;
 
 use std::io::Write;
@@ -18,6 +18,8 @@ use crate::model::load::{check_vocab, load_for_inference};
 use crate::train::eval::evaluate;
 use crate::train::metrics::show_progress;
 use crate::train::resume::{self, Apply};
+
+mod doctor;
 
 #[derive(Parser, Debug)]
 #[command(name = "mlm", version, about = "Masked-language-model training for BERT-family encoders")]
@@ -76,6 +78,8 @@ pub enum Command {
         #[arg(long, default_value_t = 4096)]
         size: i64,
     },
+    /// What this machine offers a job: libtorch, CUDA driver and GPUs, NCCL, MPI, CPU.
+    Doctor,
     /// Predict the masked token(s); prints JSON lines like HF's fill-mask pipeline.
     FillMask {
         #[arg(long)]
@@ -232,6 +236,12 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             let tflops = crate::train::timing::measure_peak_tflops(device, kind, size, 5);
             emit(serde_json::json!({ "device": format!("{device:?}"), "precision": name, "peak_tflops": tflops }))
+        }
+        Command::Doctor => {
+            for (k, v) in doctor::report() {
+                emit(format!("{k:<22} {v}"))?;
+            }
+            Ok(())
         }
         Command::FillMask { model, top_k, text, device, seed } => {
             in_range("--top-k", top_k, 1, 1 << 20)?;

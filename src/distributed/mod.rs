@@ -180,7 +180,7 @@ pub fn init(cfg: &DistributedConfig, device: tch::Device, job: &str) -> Result<B
                 Launcher::Env => Box::new(tcp_from_env(world, timeout, job)?),
                 Launcher::Single => Box::new(LocalComm),
             };
-            Box::new(nccl::NcclComm::new(bootstrap, index)?)
+            Box::new(nccl::NcclComm::new(bootstrap, index, timeout)?)
         }
     };
     tracing::info!(rank = comm.rank(), world_size = comm.world_size(), backend = comm.name(), "distributed");
@@ -332,6 +332,6 @@ mod tests {
             return; // a machine with NCCL: nothing to check here
         }
         let e = nccl::check_available().unwrap_err().to_string();
-        assert!(e.contains("libnccl.so not found"), "{e}");
+        assert!(e.contains("NCCL not found"), "{e}");
     }
 }
