@@ -28,6 +28,7 @@ use tch::{nn, Kind, Tensor};
 use super::deberta_attention::{pair_mask, relative_positions, AttentionSpec, DisentangledSelfAttention};
 use super::layers::{Activation, Embedding, LayerNorm, Linear};
 use super::weights::NameMap;
+use super::LayerInputs;
 
 /// `pos_att_type`: a list (`["p2c", "c2p"]`) or the older `"p2c|c2p"` string.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -382,8 +383,8 @@ pub(super) const HF_NAMES: NameMap = NameMap {
 
 impl super::Encoder for DebertaV2ForMaskedLM {
     /// `input_ids`, `attention_mask` [b, s] -> last hidden state [b, s, h]
-    fn forward_hidden(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
-        let mut x = self.embeddings.forward(input_ids, attention_mask, train);
+    fn embed(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> (Tensor, LayerInputs) {
+        let x = self.embeddings.forward(input_ids, attention_mask, train);
         let mask = pair_mask(attention_mask);
         let s = input_ids.size()[1];
         let rel_pos = self.spec.relative_attention.then(|| {
@@ -395,10 +396,16 @@ impl super::Encoder for DebertaV2ForMaskedLM {
             Some(ln) => ln.forward(&e.weight),
             None => e.weight.shallow_clone(),
         });
-        for layer in &self.layers {
-            x = layer.forward(&x, &mask, rel.as_ref(), rel_pos.as_ref(), train);
-        }
-        x
+        (x, LayerInputs { mask: Some(mask), rel_embeddings: rel, rel_pos })
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn layer(&self, i: usize, x: &Tensor, inputs: &LayerInputs, train: bool) -> Tensor {
+        let mask = inputs.mask.as_ref().expect("DeBERTa's embed always gives the pair mask");
+        self.layers[i].forward(x, mask, inputs.rel_embeddings.as_ref(), inputs.rel_pos.as_ref(), train)
     }
 
     /// `hidden` [..., h] -> logits [..., vocab]

@@ -13,6 +13,7 @@ use tch::{nn, Tensor};
 
 use super::layers::{additive_mask, attention, Activation, Embedding, LayerNorm, Linear};
 use super::weights::NameMap;
+use super::LayerInputs;
 
 /// DistilBERT hard-codes this epsilon in every LayerNorm.
 const LAYER_NORM_EPS: f64 = 1e-12;
@@ -205,13 +206,18 @@ pub(super) const HF_NAMES: NameMap = NameMap {
 
 impl super::Encoder for DistilBertForMaskedLM {
     /// `input_ids`, `attention_mask` [b, s] -> last hidden state [b, s, dim]
-    fn forward_hidden(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
-        let mut x = self.embeddings.forward(input_ids, train);
-        let bias = additive_mask(attention_mask, x.kind());
-        for layer in &self.layers {
-            x = layer.forward(&x, bias.as_ref(), train);
-        }
-        x
+    fn embed(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> (Tensor, LayerInputs) {
+        let x = self.embeddings.forward(input_ids, train);
+        let mask = additive_mask(attention_mask, x.kind());
+        (x, LayerInputs { mask, ..Default::default() })
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn layer(&self, i: usize, x: &Tensor, inputs: &LayerInputs, train: bool) -> Tensor {
+        self.layers[i].forward(x, inputs.mask.as_ref(), train)
     }
 
     /// `hidden` [..., dim] -> logits [..., vocab]

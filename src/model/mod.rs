@@ -194,6 +194,27 @@ fn available_memory() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Dropout masks per stage: in training, the embeddings and each layer draw
+/// from libtorch's generator seeded afresh (from one draw of the generator at
+/// the start of the forward pass), so a layer run again by activation
+/// checkpointing draws the masks it drew the first time.
+#[derive(Debug, Clone, Copy)]
+pub struct DropoutSeeds(Option<i64>);
+
+impl DropoutSeeds {
+    /// One draw from the CPU generator (no device sync); nothing when not training.
+    pub fn draw(train: bool) -> Self {
+        Self(train.then(|| Tensor::randint(1i64 << 52, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0])))
+    }
+
+    /// Seeds the generators for stage `stage` (0: embeddings, i + 1: layer i).
+    pub fn before(&self, stage: usize) {
+        if let Some(base) = self.0 {
+            tch::manual_seed(base.wrapping_add(stage as i64));
+        }
+    }
+}
+
 /// What [`MaskedLm::load_dir`] did with the checkpoint's names.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LoadReport {
@@ -203,11 +224,32 @@ pub struct LoadReport {
     pub unexpected: Vec<String>,
 }
 
+/// What every layer of an encoder takes besides the hidden states.
+#[derive(Debug, Default)]
+pub struct LayerInputs {
+    /// The attention mask in the form the layers use (an additive bias for
+    /// BERT-likes, `None` when nothing is padded; the pair mask for DeBERTa).
+    pub mask: Option<Tensor>,
+    /// DeBERTa: the normalised relative-position embeddings [2 span, h], which
+    /// every layer shares and whose gradient sums over the layers.
+    pub rel_embeddings: Option<Tensor>,
+    /// DeBERTa: relative positions query - key [s, s] (bucketed).
+    pub rel_pos: Option<Tensor>,
+}
+
 /// What every architecture gives [`MaskedLm`]: one file per model implements it
 /// (`impl Encoder for BertForMaskedLM` at the end of `bert.rs`, ...).
+///
+/// The encoder is given in stages, embeddings then one call per layer, so that
+/// activation checkpointing (`src/train/recompute.rs`) can keep only each
+/// layer's input and run a layer again during backward.
 pub(crate) trait Encoder: std::fmt::Debug + Send {
-    /// `input_ids` [b, s], `attention_mask` [b, s] -> last hidden state [b, s, h].
-    fn forward_hidden(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor;
+    /// `input_ids` [b, s], `attention_mask` [b, s] -> the embeddings [b, s, h]
+    /// and what every layer takes besides them.
+    fn embed(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> (Tensor, LayerInputs);
+    fn num_layers(&self) -> usize;
+    /// Layer `i`: hidden states [b, s, h] -> [b, s, h].
+    fn layer(&self, i: usize, x: &Tensor, inputs: &LayerInputs, train: bool) -> Tensor;
     /// `hidden` [..., h] -> logits [..., vocab].
     fn mlm_head(&self, hidden: &Tensor) -> Tensor;
     fn vocab_size(&self) -> i64;
@@ -311,7 +353,27 @@ impl MaskedLm {
             "sequence length {s} exceeds the model's {} positions",
             self.max_positions()
         );
-        self.net.forward_hidden(input_ids, attention_mask, train)
+        let dropout = DropoutSeeds::draw(train);
+        dropout.before(0);
+        let (mut x, inputs) = self.net.embed(input_ids, attention_mask, train);
+        for i in 0..self.net.num_layers() {
+            dropout.before(i + 1);
+            x = self.net.layer(i, &x, &inputs, train);
+        }
+        x
+    }
+
+    /// The stages of [`MaskedLm::forward_hidden`], for activation checkpointing.
+    pub fn embed(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> (Tensor, LayerInputs) {
+        self.net.embed(input_ids, attention_mask, train)
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.net.num_layers()
+    }
+
+    pub fn layer(&self, i: usize, x: &Tensor, inputs: &LayerInputs, train: bool) -> Tensor {
+        self.net.layer(i, x, inputs, train)
     }
 
     /// The MLM head: `hidden` [..., h] -> logits [..., vocab]. Apply it to the masked

@@ -18,6 +18,7 @@ use tch::{nn, Kind, Tensor};
 use super::bert::{BertConfig, BertLayer};
 use super::layers::{additive_mask, Activation, Embedding, LayerNorm, Linear};
 use super::weights::NameMap;
+use super::LayerInputs;
 
 /// `RobertaConfig`: BERT's keys with RoBERTa's defaults (`vocab_size = 50265`,
 /// `pad_token_id = 1`, which is also the `padding_idx` of the position
@@ -186,13 +187,18 @@ pub(super) const HF_NAMES: NameMap = NameMap {
 
 impl super::Encoder for RobertaForMaskedLM {
     /// `input_ids`, `attention_mask` [b, s] -> last hidden state [b, s, h]
-    fn forward_hidden(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
-        let mut x = self.embeddings.forward(input_ids, train);
-        let bias = additive_mask(attention_mask, x.kind());
-        for layer in &self.layers {
-            x = layer.forward(&x, bias.as_ref(), train);
-        }
-        x
+    fn embed(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> (Tensor, LayerInputs) {
+        let x = self.embeddings.forward(input_ids, train);
+        let mask = additive_mask(attention_mask, x.kind());
+        (x, LayerInputs { mask, ..Default::default() })
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn layer(&self, i: usize, x: &Tensor, inputs: &LayerInputs, train: bool) -> Tensor {
+        self.layers[i].forward(x, inputs.mask.as_ref(), train)
     }
 
     /// `hidden` [..., h] -> logits [..., vocab]

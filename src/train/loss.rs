@@ -45,6 +45,12 @@ impl DeviceBatch {
 /// every position, as Hugging Face's models do (same loss, more work).
 pub fn masked_lm_loss_sum(model: &MaskedLm, batch: &DeviceBatch, train: bool, sparse: bool) -> Tensor {
     let hidden = model.forward_hidden(&batch.input_ids, &batch.attention_mask, train);
+    head_loss_sum(model, &hidden, batch, sparse)
+}
+
+/// The MLM head and the loss sum of [`masked_lm_loss_sum`] on the encoder's
+/// output `hidden` [rows, block, h].
+pub fn head_loss_sum(model: &MaskedLm, hidden: &Tensor, batch: &DeviceBatch, sparse: bool) -> Tensor {
     let h = hidden.size()[2];
     if sparse {
         let picked = hidden.view([-1, h]).index_select(0, &batch.positions); // [n_masked, h]

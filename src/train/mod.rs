@@ -8,6 +8,7 @@ pub mod loss;
 pub mod metrics;
 pub mod optimizer;
 pub mod plot;
+pub mod recompute;
 pub mod resume;
 pub mod schedule;
 pub mod sync;
@@ -399,7 +400,17 @@ impl Trainer {
             b.check_ids(self.master.vocab_size(), &self.data.dir)?;
             let db = DeviceBatch::new(b, self.device);
             let sparse = self.cfg.training.sparse_head;
-            let loss = masked_lm_loss_sum(self.model(), &db, true, sparse) / n_masked.max(1) as f64;
+            let divisor = n_masked.max(1) as f64;
+            if self.cfg.training.activation_checkpointing {
+                let (model, opt) = (self.compute.as_ref().unwrap_or(&self.master), &mut self.opt);
+                let loss = recompute::forward_backward(model, &db, divisor, sparse, &self.compute_tensors, |g| {
+                    opt.accumulate_grads(g)
+                });
+                total += loss;
+                self.timer.end(Phase::Backward);
+                continue;
+            }
+            let loss = masked_lm_loss_sum(self.model(), &db, true, sparse) / divisor;
             self.timer.end(Phase::Forward);
             // Gradients as outputs of the backward pass, not accumulated into
             // `.grad`: no per-parameter add or zeroing, straight into the flat buffer.

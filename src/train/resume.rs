@@ -25,7 +25,8 @@ use crate::checkpoint::{self, TrainerState};
 use crate::config::{Config, Resume};
 
 /// Settings that shape the trained weights: a resumed job must match them.
-/// Throughput knobs (threads, prefetch, logging, device) may change freely.
+/// Throughput and memory knobs (threads, prefetch, logging, device, activation
+/// checkpointing) may change freely.
 pub fn shaping_config(cfg: &Config) -> Value {
     let mut v = serde_json::json!({ "model": cfg.model, "data": cfg.data, "training": cfg.training });
     for (section, key) in [
@@ -35,6 +36,7 @@ pub fn shaping_config(cfg: &Config) -> Value {
         ("training", "log_every"),
         ("training", "device"),
         ("training", "output_dir"),
+        ("training", "activation_checkpointing"),
     ] {
         v[section].as_object_mut().expect("sections are objects").remove(key);
     }
