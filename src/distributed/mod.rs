@@ -190,7 +190,7 @@ pub fn init(cfg: &DistributedConfig, device: tch::Device, job: &str) -> Result<B
 /// MPI's world, after checking that an `srun` task can join it.
 fn mpi_from_env(rank: usize) -> Result<mpi::MpiComm> {
     check_srun_has_pmi(&|k| std::env::var(k).ok(), rank)?;
-    mpi::MpiComm::init()
+    mpi::MpiComm::init().with_context(|| format!("rank {rank}"))
 }
 
 /// Open MPI joins `srun` tasks into one job only through Slurm's PMIx plugin
