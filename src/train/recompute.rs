@@ -114,3 +114,98 @@ fn backward_into(root: &Tensor, params: &[Tensor], extra: &[&Tensor], sink: &mut
     sink(&grads);
     rest
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::loader::Batch;
+    use crate::train::loss::masked_lm_loss_sum;
+    use tch::Device;
+
+    fn model(model_type: &str, extra: serde_json::Value) -> MaskedLm {
+        tch::manual_seed(11);
+        let mut config = serde_json::json!({
+            "model_type": model_type, "vocab_size": 120, "hidden_size": 32, "dim": 32,
+            "num_hidden_layers": 3, "n_layers": 3, "num_attention_heads": 4, "n_heads": 4,
+            "intermediate_size": 40, "hidden_dim": 40, "max_position_embeddings": 40,
+            "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+            "dropout": 0.1, "attention_dropout": 0.1,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            config[k] = v.clone();
+        }
+        MaskedLm::from_config_json(config, Device::Cpu).unwrap()
+    }
+
+    fn batch() -> Batch {
+        let (rows, block) = (3, 24);
+        let input_ids: Vec<i64> = (0..rows * block).map(|i| (i * 37 % 110 + 5) as i64).collect();
+        let labels: Vec<i64> =
+            (0..rows * block).map(|i| if i % 4 == 1 { ((i * 11) % 110 + 5) as i64 } else { -100 }).collect();
+        let n_masked = labels.iter().filter(|&&l| l != -100).count();
+        Batch { input_ids, labels, rows, block_size: block, chunk_ids: vec![0, 1, 2], n_masked, max_token: 119 }
+    }
+
+    /// (loss, one gradient per parameter) of the plain path or the recomputing one.
+    fn run(model: &MaskedLm, db: &DeviceBatch, recompute: bool) -> (f64, Vec<Tensor>) {
+        let params: Vec<Tensor> = model.vs.trainable_variables();
+        let divisor = db.n_masked as f64;
+        tch::manual_seed(5);
+        if !recompute {
+            let loss = masked_lm_loss_sum(model, db, true, true) / divisor;
+            let grads = Tensor::run_backward(&[&loss], &params, false, false);
+            return (loss.double_value(&[]), grads);
+        }
+        let mut sum: Vec<Option<Tensor>> = params.iter().map(|_| None).collect();
+        let loss = forward_backward(model, db, divisor, true, &params, |g| {
+            for (acc, g) in sum.iter_mut().zip(g) {
+                if g.defined() {
+                    *acc = Some(match acc.take() {
+                        Some(a) => a + g,
+                        None => g.copy(),
+                    });
+                }
+            }
+        });
+        let grads = sum.into_iter().zip(&params).map(|(g, p)| g.unwrap_or_else(|| p.zeros_like())).collect();
+        (loss.double_value(&[]), grads)
+    }
+
+    #[test]
+    fn recomputed_layers_give_the_plain_gradients_for_every_architecture() {
+        let deberta = serde_json::json!({
+            "relative_attention": true, "position_buckets": 8, "max_relative_positions": 40,
+            "share_att_key": true, "pos_att_type": "p2c|c2p", "norm_rel_ebd": "layer_norm",
+            "position_biased_input": false,
+        });
+        let cases = [
+            ("bert", serde_json::json!({})),
+            ("distilbert", serde_json::json!({})),
+            ("roberta", serde_json::json!({"pad_token_id": 1})),
+            ("deberta-v2", deberta),
+        ];
+        for (model_type, extra) in cases {
+            let m = model(model_type, extra);
+            let db = DeviceBatch::new(&batch(), Device::Cpu);
+            for padded in [false, true] {
+                if padded {
+                    // The last row is half padding.
+                    let _ = db.attention_mask.get(2).narrow(0, 12, 12).fill_(0);
+                }
+                let (l0, g0) = run(&m, &db, false);
+                let (l1, g1) = run(&m, &db, true);
+                assert!((l0 - l1).abs() <= 1e-6 * l0.abs(), "{model_type}: loss {l0} vs {l1}");
+                let names: Vec<String> = m.vs.variables().into_keys().collect();
+                let mut nonzero = 0;
+                for (i, (a, b)) in g0.iter().zip(&g1).enumerate() {
+                    let a = if a.defined() { a.shallow_clone() } else { b.zeros_like() };
+                    let scale = a.abs().max().double_value(&[]).max(1e-6);
+                    let diff = (&a - b).abs().max().double_value(&[]);
+                    assert!(diff <= 1e-5 * scale, "{model_type} padded={padded} param {i}: {diff} vs {scale}");
+                    nonzero += usize::from(scale > 1e-6);
+                }
+                assert!(nonzero * 10 >= g0.len() * 8, "{model_type}: only {nonzero} of {} gradients", names.len());
+            }
+        }
+    }
+}
