@@ -1,5 +1,9 @@
 //! Logs to stderr through `tracing`, and errors as one line each.
+use std::cell::Cell;
 use std::io::IsTerminal;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use tracing_subscriber::EnvFilter;
 
@@ -49,40 +53,109 @@ pub fn is_out_of_memory(msg: &str) -> bool {
     m.contains("out of memory") || m.contains("can't allocate memory") || m.contains("cannot allocate memory")
 }
 
-static PANIC_WAS_OOM: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static PANIC_WAS_OOM: AtomicBool = AtomicBool::new(false);
 
 /// Whether a panic reported by [`quiet_panics`]'s hook was an allocation failure.
 pub fn panic_was_out_of_memory() -> bool {
-    PANIC_WAS_OOM.load(std::sync::atomic::Ordering::Relaxed)
+    PANIC_WAS_OOM.load(Ordering::Relaxed)
+}
+
+/// What the process is doing, for an out-of-memory error: what ran (" at step
+/// 12 (batch 512, micro-batch 64, block 128)") and what to change. The training
+/// loop keeps it current; the panic hook reads it.
+#[derive(Debug, Clone)]
+struct Activity {
+    what: String,
+    advice: String,
+}
+
+static ACTIVITY: Mutex<Option<Activity>> = Mutex::new(None);
+
+/// Said when nothing more precise is known.
+const GENERIC_ADVICE: &str = "lower training.micro_batch_size (or set it to \"auto\") or eval.batch_size, set \
+    training.activation_checkpointing = true, use a smaller model or data.block_size, or free memory";
+
+/// Records what runs now: `what` follows "out of memory" in the error (" at
+/// step 12 (...)"), `advice` says what to change.
+pub fn set_activity(what: String, advice: String) {
+    if let Ok(mut a) = ACTIVITY.lock() {
+        *a = Some(Activity { what, advice });
+    }
+}
+
+/// Back to the generic out-of-memory advice.
+pub fn clear_activity() {
+    if let Ok(mut a) = ACTIVITY.lock() {
+        *a = None;
+    }
+}
+
+thread_local! {
+    /// Set while [`catch_out_of_memory`] runs: the hook stays silent about an
+    /// allocation failure that is expected and handled.
+    static CATCHING_OOM: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f`; an allocation failure in it (tch panics where libtorch throws) is
+/// returned as `Err(what failed to allocate)` instead of ending the process.
+/// Other panics go on unwinding. Whatever `f` allocated is dropped by then.
+pub fn catch_out_of_memory<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    let outer = CATCHING_OOM.with(|c| c.replace(true));
+    let result = std::panic::catch_unwind(AssertUnwindSafe(f));
+    CATCHING_OOM.with(|c| c.set(outer));
+    result.map_err(|payload| {
+        let msg = panic_message(payload.as_ref());
+        if !is_out_of_memory(&msg) {
+            std::panic::resume_unwind(payload);
+        }
+        allocation_failure(&msg)
+    })
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
+}
+
+/// The failed allocation in a few words: "DefaultCPUAllocator: can't allocate
+/// memory: you tried to allocate N bytes" out of "[enforce fail at
+/// alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: ... Error code 12", the
+/// first three sentences of CUDA's (what was asked, the GPU's capacity, what was free).
+fn allocation_failure(msg: &str) -> String {
+    let line = msg.lines().map(str::trim).find(|l| is_out_of_memory(l)).unwrap_or("");
+    let what = line.find("DefaultCPUAllocator").map_or(line, |i| &line[i..]);
+    let what = what.split(" Error code").next().unwrap_or(what);
+    let sentences: Vec<&str> = what.split(". ").take(3).collect();
+    sentences.join(". ").trim_end_matches('.').to_string()
 }
 
 /// Panics get one line, and a backtrace only when RUST_BACKTRACE asks for one:
 /// an allocation failure (a user's too-large batch or model) as an out-of-memory
-/// error with what to change, anything else as an internal error to report.
+/// error naming what ran and what to change, anything else as an internal error
+/// to report.
 pub fn quiet_panics() {
     let verbose = std::env::var_os("RUST_BACKTRACE").is_some();
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
+        let msg = panic_message(info.payload());
+        let oom = is_out_of_memory(&msg);
+        if oom && CATCHING_OOM.with(Cell::get) {
+            return;
+        }
         if verbose {
             default_hook(info);
         }
-        let msg = info
-            .payload()
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| info.payload().downcast_ref::<String>().cloned())
-            .unwrap_or_default();
-        if is_out_of_memory(&msg) {
-            PANIC_WAS_OOM.store(true, std::sync::atomic::Ordering::Relaxed);
-            let line = msg.lines().map(str::trim).find(|l| is_out_of_memory(l)).unwrap_or("");
-            // "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: ..." -> "DefaultCPUAllocator: ..."
-            let what = line.find("DefaultCPUAllocator").map_or(line, |i| &line[i..]);
-            let what = what.split(" Error code").next().unwrap_or(what);
-            eprintln!(
-                "error: out of memory ({}): lower training.batch_size or eval.batch_size (raise \
-                 training.grad_accum_steps to keep the same batch), use a smaller model or block_size, or free memory",
-                what.trim_end_matches('.')
-            );
+        if oom {
+            PANIC_WAS_OOM.store(true, Ordering::Relaxed);
+            // try_lock: a panic while the activity is being written must not wait for itself.
+            let activity = ACTIVITY.try_lock().ok().and_then(|a| a.clone());
+            let (what, advice) = activity.map_or((String::new(), GENERIC_ADVICE.to_string()), |a| (a.what, a.advice));
+            let failed = allocation_failure(&msg);
+            let failed = if failed.is_empty() { String::new() } else { format!(": {failed}") };
+            eprintln!("error: out of memory{what}{failed}; to fit, {advice}");
             return;
         }
         if verbose {
@@ -105,5 +178,32 @@ mod tests {
         ));
         assert!(is_out_of_memory("CUDA out of memory. Tried to allocate 2.00 GiB"));
         assert!(!is_out_of_memory("index out of range in self"));
+    }
+
+    #[test]
+    fn allocation_failures_are_shortened_to_what_failed() {
+        let cpu = "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried \
+                   to allocate 4000000000 bytes. Error code 12 (Cannot allocate memory)";
+        assert_eq!(
+            allocation_failure(cpu),
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 4000000000 bytes"
+        );
+        let cuda = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 139.72 GiB of \
+                    which 1.06 GiB is free. Including non-PyTorch memory, this process has 138 GiB in use.";
+        assert_eq!(
+            allocation_failure(cuda),
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 139.72 GiB of which \
+             1.06 GiB is free"
+        );
+    }
+
+    #[test]
+    fn caught_allocation_failures_are_returned_and_other_panics_go_on() {
+        let r = catch_out_of_memory(|| -> u32 { panic!("CUDA out of memory. Tried to allocate 2.00 GiB") });
+        assert_eq!(r, Err("CUDA out of memory. Tried to allocate 2.00 GiB".to_string()));
+        assert_eq!(catch_out_of_memory(|| 7), Ok(7));
+        let other = std::panic::catch_unwind(|| catch_out_of_memory(|| -> u32 { panic!("index out of range") }));
+        assert!(other.is_err(), "a panic other than an allocation failure is not caught");
+        assert!(!CATCHING_OOM.with(Cell::get));
     }
 }

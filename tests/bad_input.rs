@@ -530,15 +530,17 @@ fn token_ids_outside_the_vocabulary_in_a_tampered_store_are_named() {
 #[test]
 fn out_of_memory_is_one_clear_error() {
     // A 3 GB address-space limit, and a dense vocabulary projection of
-    // 512 x 64 positions x 30522 tokens (4 GB of logits): the first step cannot
-    // allocate. The run stops with one line saying what to change, and writes
-    // no checkpoint.
+    // 256 x 64 positions x 30522 tokens (2 GB of logits, and as much again for
+    // their log-softmax): the first micro-batch cannot allocate. The run stops
+    // with one line naming the step and its sizes and saying what to change,
+    // and writes no checkpoint.
     let (dir, cfg) = setup();
     let out = dir.path().join("oom");
     let o = run(std::process::Command::new("bash")
         .arg("-c")
         .arg(format!(
-            "ulimit -v 3000000; exec {:?} train {:?} --set training.batch_size=512 --set training.sparse_head=false \
+            "ulimit -v 3000000; exec {:?} train {:?} --set training.batch_size=512 --set training.micro_batch_size=256 \
+         --set training.sparse_head=false \
          --set training.max_steps=8 --set eval.at_start=false --set logging.progress=never \
          --set training.output_dir={:?}",
             env!("CARGO_BIN_EXE_mlm"),
@@ -552,7 +554,10 @@ fn out_of_memory_is_one_clear_error() {
     assert!(!stderr.contains("panicked") && !stderr.contains("internal error"), "{stderr}");
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(errors.len(), 1, "{stderr}");
-    assert!(errors[0].contains("out of memory") && errors[0].contains("batch_size"), "{}", errors[0]);
+    let e = errors[0];
+    assert!(e.contains("out of memory at step 1 (batch 512, micro-batch 256, block 64)"), "{e}");
+    assert!(e.contains("training.micro_batch_size to 128 or less") && e.contains("\"auto\""), "{e}");
+    assert!(e.contains("training.activation_checkpointing = true") && e.contains("data.block_size"), "{e}");
     let written: Vec<String> = std::fs::read_dir(&out)
         .unwrap()
         .flatten()

@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+mod micro_batch;
 mod validate;
+
+pub use micro_batch::{nearest_divisors, MicroBatchSize};
 
 /// A whole job.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -155,8 +158,10 @@ pub struct TrainingConfig {
     pub epochs: usize,
     /// Stop after this many optimizer steps (0: run all epochs).
     pub max_steps: usize,
-    /// Examples per forward pass (per worker).
+    /// Examples per loader batch (per worker); `grad_accum_steps` of them make a step.
     pub batch_size: usize,
+    /// Examples per forward pass: splits each batch without changing the step.
+    pub micro_batch_size: MicroBatchSize,
     pub grad_accum_steps: usize,
     pub lr: f64,
     pub weight_decay: f64,
@@ -197,6 +202,7 @@ impl Default for TrainingConfig {
             epochs: 1,
             max_steps: 0,
             batch_size: 8,
+            micro_batch_size: MicroBatchSize::Whole,
             grad_accum_steps: 1,
             lr: 5e-5,
             weight_decay: 0.01,

@@ -62,6 +62,7 @@ impl Config {
         if t.batch_size == 0 {
             bail!("training.batch_size must be at least 1");
         }
+        t.micro_batch_size.check(t.batch_size)?;
         if t.grad_accum_steps == 0 {
             bail!("training.grad_accum_steps must be at least 1");
         }

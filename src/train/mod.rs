@@ -6,6 +6,8 @@
 pub mod eval;
 pub mod loss;
 pub mod metrics;
+mod micro;
+mod oom;
 pub mod optimizer;
 pub mod plot;
 pub mod recompute;
@@ -246,6 +248,8 @@ struct Trainer {
     compute: Option<MaskedLm>,
     /// The trainable parameters of the model that runs, in the flat buffers' order.
     compute_tensors: Vec<Tensor>,
+    /// Sequences per forward pass (`training.micro_batch_size`, resolved).
+    micro_rows: usize,
     opt: FlatAdamW,
     schedule: LrSchedule,
     metrics: Metrics,
@@ -308,6 +312,8 @@ impl Trainer {
             }
         }
         let (compute, compute_tensors) = compute_model(&master, &mut opt, t.precision)?;
+        let model = compute.as_ref().unwrap_or(&master);
+        let micro_rows = micro::rows_per_pass(&cfg, model, &compute_tensors, &data.train, &masking, device)?;
         let out = t.output_dir.clone();
         let metrics =
             if sync.rank() == 0 { Metrics::open(&out.join(&cfg.logging.metrics_file))? } else { Metrics::disabled() };
@@ -335,6 +341,7 @@ impl Trainer {
             master,
             compute,
             compute_tensors,
+            micro_rows,
             opt,
             metrics,
             window: LogWindow { since_step: state.step, ..Default::default() },
@@ -372,7 +379,7 @@ impl Trainer {
         )
     }
 
-    /// The next optimizer step's micro-batches (`grad_accum_steps` of them), or
+    /// The next optimizer step's loader batches (`grad_accum_steps` of them), or
     /// `None` at the end of the epoch or of the run.
     fn next_step(&mut self, epoch: &mut BatchStream) -> Option<Vec<Batch>> {
         if self.state.step >= self.total_steps {
@@ -386,19 +393,24 @@ impl Trainer {
         (micro.len() == accum).then_some(micro)
     }
 
-    /// Forward and backward over one optimizer step's micro-batches; the loss is
-    /// normalised by the masked tokens of the whole step, so accumulation gives
-    /// the same gradient as one large batch. Returns the step's loss (0-d tensor).
-    fn forward_backward(&mut self, micro: &[Batch]) -> Result<Tensor> {
-        let local: usize = micro.iter().map(|b| b.n_masked).sum();
+    /// Forward and backward over one optimizer step's batches, each in passes of
+    /// `micro_rows` sequences; the loss is normalised by the masked tokens of the
+    /// whole step, so accumulation and micro-batches give the same gradient as
+    /// one large batch. Returns the step's loss (0-d tensor).
+    fn forward_backward(&mut self, batches: &[Batch]) -> Result<Tensor> {
+        let local: usize = batches.iter().map(|b| b.n_masked).sum();
         let n_masked = self.sync.sum(&[local as f64])?[0] as usize;
+        oom::at_step(self.state.step + 1, &self.cfg, self.micro_rows);
         // Dropout draws from libtorch's generator: seed it per step so that a
         // resumed job draws what the uninterrupted one drew.
         tch::manual_seed((self.cfg.training.seed as i64).wrapping_mul(1_000_003).wrapping_add(self.state.step as i64));
         let mut total = Tensor::zeros([], (Kind::Float, self.device));
-        for b in micro {
+        for b in batches {
             b.check_ids(self.master.vocab_size(), &self.data.dir)?;
-            let db = DeviceBatch::new(b, self.device);
+        }
+        let rows = self.micro_rows;
+        for b in batches.iter().flat_map(|b| micro::split(b, rows)) {
+            let db = DeviceBatch::new(&b, self.device);
             let sparse = self.cfg.training.sparse_head;
             let divisor = n_masked.max(1) as f64;
             if self.cfg.training.activation_checkpointing {
@@ -521,6 +533,7 @@ impl Trainer {
     /// Held-out perplexity; each worker scores its share of the test batches.
     fn evaluate(&mut self) -> Result<EvalResult> {
         let (rank, world) = (self.sync.rank(), self.sync.world());
+        oom::in_evaluation(self.state.step, &self.cfg);
         let mine: Vec<Batch> = self.eval_set.iter().skip(rank).step_by(world).cloned().collect();
         let local = evaluate(self.model(), &mine, self.device);
         let sums = self.sync.sum(&[local.loss_sum, local.tokens as f64])?;
@@ -622,6 +635,7 @@ impl Trainer {
         if self.sync.rank() != 0 {
             return self.sync.barrier();
         }
+        oom::saving(self.state.step);
         let moments = checkpoint::OptimizerState {
             exp_avg: self.opt.exp_avg.shallow_clone(),
             exp_avg_sq: self.opt.exp_avg_sq.shallow_clone(),
@@ -645,6 +659,7 @@ impl Trainer {
         if self.sync.rank() != 0 {
             return Ok(());
         }
+        oom::elsewhere();
         for text in &self.cfg.eval.fill_mask {
             let preds = fill_mask(self.model(), &self.tok, text, self.cfg.eval.top_k)
                 .with_context(|| format!("eval.fill_mask entry {text:?}"))?;

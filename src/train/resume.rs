@@ -25,7 +25,8 @@ use crate::checkpoint::{self, TrainerState};
 use crate::config::{Config, Resume};
 
 /// Settings that shape the trained weights: a resumed job must match them.
-/// Throughput and memory knobs (threads, prefetch, logging, device, activation
+/// Throughput and memory knobs (threads, prefetch, logging, device, the
+/// micro-batch size: `"auto"` may choose another on another GPU, activation
 /// checkpointing) may change freely.
 pub fn shaping_config(cfg: &Config) -> Value {
     let mut v = serde_json::json!({ "model": cfg.model, "data": cfg.data, "training": cfg.training });
@@ -33,6 +34,7 @@ pub fn shaping_config(cfg: &Config) -> Value {
         ("data", "masker_threads"),
         ("data", "prefetch_batches"),
         ("training", "threads"),
+        ("training", "micro_batch_size"),
         ("training", "log_every"),
         ("training", "device"),
         ("training", "output_dir"),
@@ -348,6 +350,9 @@ mod tests {
         let h = config_hash(&c);
         c.training.threads = 7;
         c.data.masker_threads = 5;
+        c.training.micro_batch_size = crate::config::MicroBatchSize::Auto;
+        assert_eq!(config_hash(&c), h);
+        c.training.micro_batch_size = crate::config::MicroBatchSize::Rows(2);
         assert_eq!(config_hash(&c), h);
         c.training.lr = 1.0;
         assert_ne!(config_hash(&c), h);
