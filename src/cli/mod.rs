@@ -1,4 +1,5 @@
-//! The `mlm` command line: `prepare`, `train`, `eval`, `fill-mask`, `doctor`.
+//! The `mlm` command line: `prepare`, `train`, `eval`, `fill-mask`, `doctor`,
+//! `estimate-memory`.
 use std::path::PathBuf;
 
 use std::io::Write;
@@ -20,6 +21,7 @@ use crate::train::metrics::show_progress;
 use crate::train::resume::{self, Apply};
 
 mod doctor;
+mod estimate_memory;
 
 #[derive(Parser, Debug)]
 #[command(name = "mlm", version, about = "Masked-language-model training for BERT-family encoders")]
@@ -80,6 +82,9 @@ pub enum Command {
     },
     /// What this machine offers a job: libtorch, CUDA driver and GPUs, NCCL, MPI, CPU.
     Doctor,
+    /// Predict a job's memory before launching it: training state, activations per
+    /// micro-batch size with and without activation checkpointing, what fits.
+    EstimateMemory(estimate_memory::Args),
     /// Predict the masked token(s); prints JSON lines like HF's fill-mask pipeline.
     FillMask {
         #[arg(long)]
@@ -243,6 +248,7 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::EstimateMemory(args) => estimate_memory::run(args),
         Command::FillMask { model, top_k, text, device, seed } => {
             in_range("--top-k", top_k, 1, 1 << 20)?;
             let device = select_device(device.into(), "--device")?;

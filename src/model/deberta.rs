@@ -127,7 +127,7 @@ impl DebertaV2Config {
         }
     }
 
-    fn norm_rel_parts(&self) -> Vec<String> {
+    pub(super) fn norm_rel_parts(&self) -> Vec<String> {
         self.norm_rel_ebd.to_lowercase().split('|').map(|x| x.trim().to_string()).collect()
     }
 

@@ -56,7 +56,7 @@ impl Default for DistilBertConfig {
 }
 
 impl DistilBertConfig {
-    fn validate(&self) -> Result<Activation> {
+    pub(super) fn validate(&self) -> Result<Activation> {
         if self.n_heads <= 0 || self.dim % self.n_heads != 0 {
             bail!("dim {} in config.json is not a multiple of n_heads {}", self.dim, self.n_heads);
         }

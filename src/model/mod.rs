@@ -14,6 +14,7 @@ pub mod distilbert;
 mod layers;
 pub mod load;
 pub mod roberta;
+pub mod shape;
 mod torch_pickle;
 pub mod weights;
 
@@ -150,6 +151,17 @@ fn check_ranges(c: &serde_json::Value) -> Result<()> {
     Ok(())
 }
 
+/// The architecture of a `config.json`, after the checks every architecture
+/// shares (sizes and probabilities in range, a tied decoder).
+fn check_config(c: &serde_json::Value) -> Result<Arch> {
+    let arch = Arch::from_config(c)?;
+    check_ranges(c)?;
+    if c.get("tie_word_embeddings").and_then(|v| v.as_bool()) == Some(false) {
+        bail!("tie_word_embeddings = false in config.json is not supported: the MLM decoder is tied to the word embeddings");
+    }
+    Ok(arch)
+}
+
 /// Parameters of an encoder of `config.json`'s shape (embeddings, layers with
 /// attention and feed-forward, the MLM head's transform), for a memory check
 /// before anything is allocated.
@@ -187,7 +199,7 @@ fn check_fits_in_memory(c: &serde_json::Value, device: Device) -> Result<()> {
 }
 
 /// `MemAvailable` of /proc/meminfo, in bytes.
-fn available_memory() -> Option<u64> {
+pub fn available_memory() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -277,12 +289,8 @@ impl MaskedLm {
 
     /// A randomly initialised model from the contents of a `config.json`.
     pub fn from_config_json(config_json: serde_json::Value, device: Device) -> Result<Self> {
-        let arch = Arch::from_config(&config_json)?;
-        check_ranges(&config_json)?;
+        let arch = check_config(&config_json)?;
         check_fits_in_memory(&config_json, device)?;
-        if config_json.get("tie_word_embeddings").and_then(|v| v.as_bool()) == Some(false) {
-            bail!("tie_word_embeddings = false in config.json is not supported: the MLM decoder is tied to the word embeddings");
-        }
         let vs = VarStore::new(device);
         let root = vs.root();
         let net: Box<dyn Encoder> = match arch {

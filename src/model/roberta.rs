@@ -67,7 +67,7 @@ impl RobertaConfig {
         self.max_position_embeddings - self.padding_idx() - 1
     }
 
-    fn validate(&self) -> Result<Activation> {
+    pub(super) fn validate(&self) -> Result<Activation> {
         if self.type_vocab_size < 1 {
             bail!(
                 "type_vocab_size {} in config.json is not supported (RoBERTa needs at least 1)",

@@ -35,6 +35,28 @@ impl Metrics {
     }
 }
 
+/// This process's resident memory now and at its peak so far (`VmRSS` and
+/// `VmHWM` of /proc/self/status), in bytes; `None` where there is no such file.
+pub fn resident_memory() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib = |key: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        Some(line[key.len()..].split_whitespace().next()?.parse::<u64>().ok()? * 1024)
+    };
+    Some((kib("VmRSS:")?, kib("VmHWM:")?))
+}
+
+/// Memory in use on the GPU (total - free, as `nvidia-smi` reports it): this
+/// process's CUDA context and what libtorch's caching allocator holds (it keeps
+/// its largest reserve until released), plus any other process's share.
+pub fn gpu_memory_used() -> Option<u64> {
+    if !matches!(crate::device::CudaProbe::get().driver_init, Some(Ok(()))) {
+        return None;
+    }
+    let (free, total) = cudarc::driver::result::mem_get_info().ok()?;
+    Some(total.saturating_sub(free) as u64)
+}
+
 /// A progress bar on stderr, drawn only when `mode` is "always", or "auto" with
 /// stderr attached to a terminal.
 pub struct Progress(Option<ProgressBar>);

@@ -5,6 +5,7 @@
 //! live in [`Trainer`]'s methods and the modules beside this one.
 pub mod eval;
 pub mod loss;
+pub mod memory;
 pub mod metrics;
 mod micro;
 mod oom;
@@ -262,6 +263,8 @@ struct Trainer {
     timer: StepTimer,
     /// The latest evaluation, so that one step is never evaluated twice.
     last_eval: Option<Evaluated>,
+    /// Resident memory before the model was built (libtorch, tokenizer), bytes.
+    startup_rss: Option<u64>,
 }
 
 impl Trainer {
@@ -272,6 +275,7 @@ impl Trainer {
         }
         let device = sync::worker_device(select_device(t.device, "training.device")?)?;
         let tok = TextTokenizer::load(&cfg.tokenizer_path())?;
+        let startup_rss = metrics::resident_memory().map(|(now, _)| now);
         let master = load_model(&cfg, device)?;
         check_vocab(&tok, &master)?;
         if cfg.data.block_size as i64 > master.max_positions() {
@@ -346,6 +350,7 @@ impl Trainer {
             metrics,
             window: LogWindow { since_step: state.step, ..Default::default() },
             last_eval: None,
+            startup_rss,
             state,
             batches_per_epoch,
             total_steps,
@@ -525,6 +530,10 @@ impl Trainer {
             "kind": "train", "step": step, "epoch": self.state.position.epoch, "loss": loss, "lr": lr,
             "grad_norm": gn, "tokens_per_s": tps, "step_s": step_s, "model_tflops": tflops, "mfu": mfu,
             "tokens_seen": self.state.tokens_seen, "elapsed_s": self.started.elapsed().as_secs_f64(),
+            // The process's peak resident memory so far (on the CPU what the
+            // steps allocated; `mlm estimate-memory` predicts peak - startup).
+            "peak_rss_bytes": metrics::resident_memory().map(|(_, peak)| peak), "startup_rss_bytes": self.startup_rss,
+            "gpu_memory_used_bytes": if self.device.is_cuda() { metrics::gpu_memory_used() } else { None },
         });
         record.as_object_mut().expect("object").extend(extra.as_object().expect("object").clone());
         self.metrics.write(&record)

@@ -1,0 +1,529 @@
+//! What a training job holds in memory, predicted from its config and the
+//! model's `config.json` before anything is allocated (`mlm estimate-memory`,
+//! `docs/memory.md`).
+//!
+//! The prediction counts, tensor by tensor, what this implementation allocates:
+//!
+//! - the training state (`optimizer.rs`): fp32 master weights, the bf16 compute
+//!   copy when `precision = "bf16"`, the flat fp32 gradient, AdamW's two fp32
+//!   moments;
+//! - per forward and backward pass of `rows` sequences, what autograd saves for
+//!   backward in our model files (linear inputs, GELU inputs, LayerNorm inputs
+//!   and statistics, dropout masks, attention as the chosen kernel keeps it,
+//!   DeBERTa's relative-position terms, the head's fp32 log-probabilities at the
+//!   projected positions), or with activation checkpointing (`recompute.rs`)
+//!   each layer's input and one layer's saved tensors at a time;
+//! - the transient peak on top: the two fp32 `[positions, vocab]` gradients at
+//!   the start of backward, a layer's backward temporaries, the parameter
+//!   gradients a pass returns, AdamW's temporaries on a GPU, the bf16 copy
+//!   being built at start-up, an evaluation pass.
+//!
+//! Where the kernels differ by device the target decides: on the CPU dropout
+//! keeps its noise in the activations' dtype and attention with dropout runs
+//! libtorch's math kernel (probabilities kept); on CUDA dropout keeps a bool
+//! mask and attention runs flash / memory-efficient kernels (output and
+//! log-sum-exp kept). Measured against peak RSS on the CPU by
+//! `tests/estimate_memory.rs`.
+use serde::Serialize;
+
+use crate::config::{Config, MicroBatchSize, Precision};
+use crate::model::shape::ModelShape;
+use crate::model::Arch;
+
+pub const GIB: f64 = (1u64 << 30) as f64;
+
+/// The device whose kernels and allocator the estimate describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    Cpu,
+    Cuda,
+}
+
+/// The parts of a job that decide its memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub target: Target,
+    pub precision: Precision,
+    pub block: u64,
+    /// Sequences per loader batch (`training.batch_size`).
+    pub batch: u64,
+    pub micro_batch_size: MicroBatchSize,
+    pub activation_checkpointing: bool,
+    pub sparse_head: bool,
+    pub mlm_probability: f64,
+    /// Sequences per evaluation pass (`eval.batch_size`, never split).
+    pub eval_batch: u64,
+}
+
+impl Job {
+    pub fn from_config(cfg: &Config, target: Target) -> Self {
+        let t = &cfg.training;
+        Self {
+            target,
+            precision: t.precision,
+            block: cfg.data.block_size as u64,
+            batch: t.batch_size as u64,
+            micro_batch_size: t.micro_batch_size,
+            activation_checkpointing: t.activation_checkpointing,
+            sparse_head: t.sparse_head,
+            mlm_probability: cfg.data.mlm_probability,
+            eval_batch: cfg.eval.batch_size as u64,
+        }
+    }
+}
+
+/// Bytes of the training state, held for the whole job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct States {
+    /// fp32 master weights (`FlatAdamW::master`).
+    pub weights_bytes: u64,
+    /// The bf16 compute copy (`precision = "bf16"`), else 0.
+    pub compute_weights_bytes: u64,
+    /// The flat fp32 gradient.
+    pub gradients_bytes: u64,
+    /// AdamW's two fp32 moments.
+    pub optimizer_bytes: u64,
+}
+
+impl States {
+    pub fn total(&self) -> u64 {
+        self.weights_bytes + self.compute_weights_bytes + self.gradients_bytes + self.optimizer_bytes
+    }
+}
+
+/// One forward and backward pass of `rows` sequences.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Pass {
+    pub rows: u64,
+    pub activation_checkpointing: bool,
+    /// What autograd keeps for backward at the pass's fullest moment.
+    pub activations_bytes: u64,
+    /// Bytes allocated at the pass's peak, the training state included.
+    pub peak_bytes: u64,
+    /// The moment of that peak.
+    pub peak_at: &'static str,
+}
+
+/// Peaks outside the forward and backward passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct OtherPeaks {
+    /// AdamW's update (its whole-buffer temporaries on a GPU).
+    pub optimizer_step_bytes: u64,
+    /// An evaluation pass of `eval.batch_size` sequences without gradients.
+    pub evaluation_bytes: u64,
+    /// Start-up: the bf16 compute copy is built from an fp32 model.
+    pub startup_bytes: u64,
+}
+
+/// The estimate for one model and job; passes are computed on demand.
+pub struct Estimate<'a> {
+    pub model: &'a ModelShape,
+    pub job: &'a Job,
+    /// Bytes per activation element (the compute dtype).
+    a: u64,
+    /// Bytes per element of a saved dropout mask.
+    mask: u64,
+}
+
+/// The moment of a pass and the bytes allocated then (training state excluded).
+type Moment = (&'static str, u64);
+
+impl<'a> Estimate<'a> {
+    pub fn new(model: &'a ModelShape, job: &'a Job) -> Self {
+        let a = match job.precision {
+            Precision::Fp32 => 4,
+            Precision::Bf16 => 2,
+        };
+        // CPU dropout multiplies by a noise tensor of the input's dtype and keeps
+        // it; CUDA's fused dropout keeps a bool mask.
+        let mask = match job.target {
+            Target::Cpu => a,
+            Target::Cuda => 1,
+        };
+        Self { model, job, a, mask }
+    }
+
+    pub fn states(&self) -> States {
+        let p = self.model.parameters;
+        States {
+            weights_bytes: 4 * p,
+            compute_weights_bytes: if self.job.precision == Precision::Bf16 { 2 * p } else { 0 },
+            gradients_bytes: 4 * p,
+            optimizer_bytes: 8 * p,
+        }
+    }
+
+    /// The forward and backward pass of `rows` sequences, with or without
+    /// activation checkpointing.
+    pub fn pass(&self, rows: u64, checkpointing: bool) -> Pass {
+        let (activations, moments) = if checkpointing { self.recomputing_pass(rows) } else { self.plain_pass(rows) };
+        let (at, bytes) = moments.into_iter().max_by_key(|m| m.1).expect("at least one moment");
+        Pass {
+            rows,
+            activation_checkpointing: checkpointing,
+            activations_bytes: activations,
+            peak_bytes: self.states().total() + bytes,
+            peak_at: at,
+        }
+    }
+
+    pub fn other_peaks(&self) -> OtherPeaks {
+        let (p, states) = (self.model.parameters, self.states().total());
+        // `step_tensors`: at most two whole-buffer fp32 temporaries at a time (the
+        // CPU step is one fused pass without any).
+        let optimizer = if self.job.target == Target::Cuda { 8 * p } else { 0 };
+        // `to_kind_copy` builds the copy as an fp32 model, then converts it.
+        let startup = if self.job.precision == Precision::Bf16 { 4 * p } else { 0 };
+        OtherPeaks {
+            optimizer_step_bytes: states + optimizer,
+            evaluation_bytes: states + self.evaluation(self.job.eval_batch),
+            startup_bytes: states - self.states().compute_weights_bytes + startup,
+        }
+    }
+
+    /// Tokens of `rows` sequences.
+    fn tokens(&self, rows: u64) -> u64 {
+        rows * self.job.block
+    }
+
+    /// Positions projected to the vocabulary: the expected masked tokens with
+    /// the sparse head, every position without.
+    fn projected(&self, rows: u64) -> u64 {
+        if self.job.sparse_head {
+            (self.job.mlm_probability * self.tokens(rows) as f64).ceil() as u64
+        } else {
+            self.tokens(rows)
+        }
+    }
+
+    /// Bytes of a dropout mask over `elements` (none when `p` is 0).
+    fn dropout(&self, p: f64, elements: u64) -> u64 {
+        if p > 0.0 {
+            elements * self.mask
+        } else {
+            0
+        }
+    }
+
+    /// All layers saved, then the head's vocabulary gradients, the top layer's
+    /// backward, and the end of backward with every parameter's gradient
+    /// returned at once (`Tensor::run_backward`).
+    fn plain_pass(&self, rows: u64) -> (u64, Vec<Moment>) {
+        let m = self.model;
+        let saved = self.embeddings_saved(rows) + m.layers * self.layer_saved(rows) + self.head_saved(rows);
+        let head_grads = (m.word_embedding_parameters + m.head_parameters()) * self.a;
+        let moments = vec![
+            ("start of backward (vocabulary gradients)", saved + self.head_backward(rows)),
+            ("backward of the top layer", saved - self.head_saved(rows) + head_grads + self.layer_backward(rows)),
+            (
+                "end of backward (every parameter's gradient)",
+                self.embeddings_saved(rows) + (m.parameters + m.word_embedding_parameters) * self.a,
+            ),
+        ];
+        (saved, moments)
+    }
+
+    /// `recompute.rs`: every layer's input kept, the head's backward, then each
+    /// layer run again and its backward, top first.
+    fn recomputing_pass(&self, rows: u64) -> (u64, Vec<Moment>) {
+        let m = self.model;
+        let x = self.tokens(rows) * m.hidden * self.a;
+        let (embeddings, inputs) = (self.embeddings_saved(rows), (m.layers + 1) * x);
+        let at_head = embeddings + inputs + self.head_saved(rows);
+        // The top layer's input and the gradient flowing into it, beside the
+        // inputs still kept below it.
+        let at_layer = embeddings + m.layers * x + x + self.layer_saved(rows);
+        let head_grads = (m.word_embedding_parameters + m.head_parameters()) * self.a;
+        let moments = vec![
+            ("forward (a layer without autograd)", embeddings + inputs + self.layer_workspace(rows, true)),
+            ("start of backward (vocabulary gradients)", at_head + self.head_backward(rows)),
+            ("end of the head's backward", embeddings + inputs + x + head_grads),
+            (
+                "backward of the recomputed top layer",
+                at_layer + self.layer_backward(rows) + m.layer_parameters() * self.a,
+            ),
+        ];
+        (at_head.max(at_layer), moments)
+    }
+
+    /// The batch on the device: input ids, attention mask and labels (i64), the
+    /// head's positions and targets.
+    fn batch(&self, rows: u64) -> u64 {
+        3 * self.tokens(rows) * 8 + 2 * self.projected(rows) * 8
+    }
+
+    /// The embeddings' saved tensors and the batch. The embeddings' output is
+    /// counted as the first layer's input.
+    fn embeddings_saved(&self, rows: u64) -> u64 {
+        let (m, n) = (self.model, self.tokens(rows));
+        // embedding lookups keep their indices; LayerNorm its input and statistics
+        let mut saved = self.batch(rows) + 2 * n * 8 + n * m.hidden * self.a + 2 * n * 4;
+        saved += self.dropout(m.hidden_dropout, n * m.hidden);
+        if m.arch == Arch::DebertaV2 {
+            // `embed_proj`'s input, the padding mask the output is multiplied by,
+            // and the [b, 1, s, s] pair mask every layer reads.
+            saved += if m.embedding != m.hidden { n * m.embedding * self.a } else { 0 };
+            saved += n * self.a + rows * self.job.block * self.job.block;
+        }
+        saved
+    }
+
+    /// One encoder layer's saved tensors.
+    fn layer_saved(&self, rows: u64) -> u64 {
+        let (m, n) = (self.model, self.tokens(rows));
+        let (h, f, a) = (m.hidden, m.intermediate, self.a);
+        // The input (kept by the q/k/v projections), both LayerNorms' inputs and
+        // statistics, the feed-forward input, the GELU's input and output.
+        let mut saved = 4 * n * h * a + 2 * n * 4 * 2 + 2 * n * f * a;
+        saved += self.dropout(m.hidden_dropout, n * h);
+        if m.attention_output_dropout {
+            saved += self.dropout(m.hidden_dropout, n * h);
+        }
+        saved + self.attention_saved(rows) + self.deberta_attention_saved(rows)
+    }
+
+    /// Whether attention runs libtorch's math kernel (explicit probabilities)
+    /// rather than a fused one (flash or memory-efficient: output and
+    /// log-sum-exp only). CUDA always fuses; the CPU's flash kernel takes no
+    /// dropout and no bias that needs a gradient (DeBERTa's).
+    fn math_attention(&self) -> bool {
+        self.job.target == Target::Cpu && (self.model.attention_dropout > 0.0 || self.model.relative.is_some())
+    }
+
+    /// `scaled_dot_product_attention`'s saved tensors, and the context the
+    /// output projection keeps.
+    fn attention_saved(&self, rows: u64) -> u64 {
+        let (m, n, s) = (self.model, self.tokens(rows), self.job.block);
+        let (nh, scores) = (n * m.hidden * self.a, rows * m.heads * s * s);
+        if self.math_attention() {
+            // q and k scaled and v, each copied by the batched matmuls; the
+            // probabilities, and with dropout its noise and the dropped copy; the
+            // output copied back to [b, s, h] for the output projection.
+            let dropped = if m.attention_dropout > 0.0 { scores * (self.mask + self.a) } else { 0 };
+            3 * nh + scores * self.a + dropped + nh
+        } else {
+            // q, k, v as given, the output (laid out as [b, s, h]: the context
+            // shares it), the log-sum-exp per query (rounded up to 32 queries).
+            4 * nh + rows * m.heads * s.div_ceil(32) * 32 * 4
+        }
+    }
+
+    /// DeBERTa's disentangled attention beyond the plain attention, as
+    /// `src/model/deberta_attention.rs` computes it now: for each of c2p and
+    /// p2c, a copy of q (k) made by the batched matmul, the relative-position
+    /// projection broadcast over the batch `[b * heads, d, 2 span]`, and the
+    /// whole score tensor `[b, heads, s, 2 span]` that `gather` keeps for its
+    /// backward; the padding mask's complement; a fused kernel keeps the score
+    /// bias `[b, heads, s, s]` it adds; each layer's dropout of the relative
+    /// embeddings. Change this function with that file.
+    fn deberta_attention_saved(&self, rows: u64) -> u64 {
+        let m = self.model;
+        if m.arch != Arch::DebertaV2 {
+            return 0;
+        }
+        let (n, s, a) = (self.tokens(rows), self.job.block, self.a);
+        let mut saved = rows * s * s;
+        if !self.math_attention() {
+            saved += rows * m.heads * s * s * a;
+        }
+        let Some(r) = m.relative else { return saved };
+        let terms = r.c2p as u64 + r.p2c as u64;
+        let per_term = n * m.hidden * a + rows * m.hidden * 2 * r.span * a + rows * m.heads * s * 2 * r.span * a;
+        saved += terms * (per_term + s * s * 8);
+        if m.hidden_dropout > 0.0 {
+            saved += 2 * r.span * m.hidden * (self.mask + a);
+        }
+        saved
+    }
+
+    /// The head's saved tensors: the rows it projects, the transform's
+    /// intermediate values, the fp32 log-probabilities over the vocabulary.
+    fn head_saved(&self, rows: u64) -> u64 {
+        let (m, p) = (self.model, self.projected(rows));
+        p * m.hidden * self.a + 3 * p * m.embedding * self.a + 2 * p * 4 + p * m.vocab * 4
+    }
+
+    /// At the start of backward: the fp32 gradients of the log-probabilities and
+    /// of the logits, both `[positions, vocab]`.
+    fn head_backward(&self, rows: u64) -> u64 {
+        2 * self.projected(rows) * self.model.vocab * 4
+    }
+
+    /// Temporaries of one layer's backward beyond its saved tensors: the
+    /// feed-forward's `[tokens, intermediate]` gradients, or attention's.
+    fn layer_backward(&self, rows: u64) -> u64 {
+        let (m, n, s, a) = (self.model, self.tokens(rows), self.job.block, self.a);
+        let nh = n * m.hidden * a;
+        let feed_forward = nh + 2 * n * m.intermediate * a;
+        let scores = rows * m.heads * s * s * a;
+        let mut attention = if self.math_attention() { 3 * nh + 2 * scores } else { 3 * nh + n * m.hidden * 4 };
+        if let Some(r) = m.relative {
+            // the gradient of the bias, then of one whole score tensor and of the
+            // broadcast projection
+            attention += scores + rows * m.heads * s * 2 * r.span * a + rows * m.hidden * 2 * r.span * a;
+        }
+        feed_forward.max(attention)
+    }
+
+    /// The most one layer holds at once when it runs without autograd (the
+    /// recomputing forward, evaluation), besides its input.
+    fn layer_workspace(&self, rows: u64, train: bool) -> u64 {
+        let (m, n, s, a) = (self.model, self.tokens(rows), self.job.block, self.a);
+        let nh = n * m.hidden * a;
+        // Rust keeps an expression's temporaries to the end of its statement: the
+        // feed-forward's input, both [tokens, intermediate] values, its output and
+        // the dropped output.
+        let feed_forward = 3 * nh + 2 * n * m.intermediate * a + self.dropout(m.hidden_dropout, n * m.hidden);
+        let scores = rows * m.heads * s * s * a;
+        let dropout = train && m.attention_dropout > 0.0;
+        let core =
+            if self.math_attention() || !train { scores * if dropout { 3 } else { 2 } } else { rows * m.heads * s * 4 };
+        let mut attention = 5 * nh + core;
+        if let Some(r) = m.relative {
+            let term = rows * m.heads * s * 2 * r.span * a + rows * m.hidden * 2 * r.span * a + nh + scores;
+            attention += scores + term;
+        }
+        feed_forward.max(attention)
+    }
+
+    /// An evaluation pass of `rows` sequences: the hidden states beside a
+    /// layer's work, or the head's logits (in the compute dtype, in fp32, and
+    /// the log-probabilities).
+    fn evaluation(&self, rows: u64) -> u64 {
+        let m = self.model;
+        let hidden = self.tokens(rows) * m.hidden * self.a;
+        let p = (self.job.mlm_probability * self.tokens(rows) as f64).ceil() as u64;
+        let to_fp32 = if self.a == 4 { 0 } else { 4 };
+        let head = p * m.vocab * (self.a + to_fp32 + 4) + p * (m.hidden + m.embedding) * self.a;
+        self.batch(rows) + hidden + self.layer_workspace(rows, false).max(head)
+    }
+}
+
+/// What is set aside from a device's memory besides the estimated peak.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Margins {
+    /// Memory the estimate does not count: the CUDA context and the cuBLAS /
+    /// cuDNN workspaces on a GPU; libtorch's code, the tokenizer and the data
+    /// on the CPU.
+    pub reserved_bytes: u64,
+    /// Allocator fragmentation, as a fraction of the estimated peak.
+    pub fragmentation: f64,
+}
+
+impl Margins {
+    /// GPU: 1 GiB reserved, 10% for the caching allocator's fragmentation.
+    /// CPU: 0.5 GiB for the process (0.36 GiB measured before the model is
+    /// built), 75% fragmentation: glibc's heap keeps freed blocks, and the
+    /// resident memory of CPU jobs was measured 23-34% above the live peak after
+    /// the first step and up to 71% after the fifth (docs/memory.md).
+    pub fn for_target(target: Target) -> Self {
+        match target {
+            Target::Cuda => Self { reserved_bytes: 1 << 30, fragmentation: 0.10 },
+            Target::Cpu => Self { reserved_bytes: 1 << 29, fragmentation: 0.75 },
+        }
+    }
+
+    /// The memory a peak of `bytes` needs.
+    pub fn needed(&self, bytes: u64) -> u64 {
+        (bytes as f64 * (1.0 + self.fragmentation)).ceil() as u64 + self.reserved_bytes
+    }
+}
+
+/// A pass and whether the job fits with it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Fit {
+    #[serde(flatten)]
+    pub pass: Pass,
+    /// The job's peak with this pass: the larger of the pass and the other peaks.
+    pub job_peak_bytes: u64,
+    /// `job_peak_bytes` with the margins.
+    pub needed_bytes: u64,
+    pub fits: bool,
+}
+
+/// The largest micro-batch size that fits, with and without checkpointing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Largest {
+    pub without_checkpointing: Option<u64>,
+    pub with_checkpointing: Option<u64>,
+}
+
+impl Estimate<'_> {
+    /// The pass of `rows` with the job's other peaks, against `memory` bytes.
+    pub fn fit(&self, rows: u64, checkpointing: bool, memory: u64) -> Fit {
+        let pass = self.pass(rows, checkpointing);
+        let o = self.other_peaks();
+        let job_peak = pass.peak_bytes.max(o.optimizer_step_bytes).max(o.evaluation_bytes).max(o.startup_bytes);
+        let needed = Margins::for_target(self.job.target).needed(job_peak);
+        Fit { pass, job_peak_bytes: job_peak, needed_bytes: needed, fits: needed <= memory }
+    }
+
+    /// The largest divisor of the batch whose job fits in `memory`.
+    pub fn largest_fitting(&self, checkpointing: bool, memory: u64) -> Option<u64> {
+        let batch = self.job.batch;
+        (1..=batch).rev().filter(|d| batch.is_multiple_of(*d)).find(|&d| self.fit(d, checkpointing, memory).fits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bert() -> ModelShape {
+        ModelShape::from_config(&serde_json::json!({
+            "model_type": "bert", "vocab_size": 30522, "hidden_size": 256, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "intermediate_size": 1024, "max_position_embeddings": 128,
+        }))
+        .unwrap()
+    }
+
+    fn job(target: Target, precision: Precision) -> Job {
+        Job {
+            target,
+            precision,
+            block: 128,
+            batch: 32,
+            micro_batch_size: MicroBatchSize::Whole,
+            activation_checkpointing: false,
+            sparse_head: true,
+            mlm_probability: 0.15,
+            eval_batch: 16,
+        }
+    }
+
+    /// The CPU layer of BERT with dropout, as torch 2.11's autograd saves it
+    /// (counted with `saved_tensors_hooks` on the same ops): 10 [tokens, hidden]
+    /// tensors, 2 [tokens, intermediate], 3 [b, heads, s, s], LayerNorm statistics.
+    #[test]
+    fn a_cpu_bert_layer_saves_what_autograd_saves() {
+        let (m, j) = (bert(), job(Target::Cpu, Precision::Fp32));
+        let e = Estimate::new(&m, &j);
+        let (b, s, n) = (4u64, 128u64, 4 * 128u64);
+        let want = 10 * n * 256 * 4 + 2 * n * 1024 * 4 + 3 * b * 4 * s * s * 4 + 4 * n * 4;
+        assert_eq!(e.layer_saved(b), want);
+    }
+
+    #[test]
+    fn states_are_sixteen_bytes_per_parameter_plus_the_bf16_copy() {
+        let m = bert();
+        let fp32 = job(Target::Cuda, Precision::Fp32);
+        let bf16 = job(Target::Cuda, Precision::Bf16);
+        assert_eq!(Estimate::new(&m, &fp32).states().total(), 16 * m.parameters);
+        assert_eq!(Estimate::new(&m, &bf16).states().total(), 18 * m.parameters);
+    }
+
+    #[test]
+    fn checkpointing_keeps_less_and_peaks_grow_with_rows() {
+        let m = bert();
+        for target in [Target::Cpu, Target::Cuda] {
+            let j = job(target, Precision::Bf16);
+            let e = Estimate::new(&m, &j);
+            let (plain, ckpt) = (e.pass(32, false), e.pass(32, true));
+            assert!(ckpt.activations_bytes < plain.activations_bytes / 2, "{target:?}: {ckpt:?} vs {plain:?}");
+            assert!(ckpt.peak_bytes < plain.peak_bytes);
+            assert!(e.pass(16, false).peak_bytes < plain.peak_bytes);
+            assert!(e.pass(1, true).peak_bytes > e.states().total());
+        }
+    }
+}
