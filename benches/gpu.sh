@@ -12,7 +12,8 @@
 # /opt/torch/.venv/bin/python (transformers is installed there). Knobs:
 # MLM_BENCH_STEPS (timed steps, default 50), MLM_BENCH_WARMUP (default 10),
 # MLM_BENCH_BATCH (default 64), MLM_BENCH_DEVICE (cpu: dry run), MLM_GPU_PYTHON, MLM_GPU_PEAK_TFLOPS (default: from
-# the GPU's name). Results: target/gpu-run/results.json (and $OUT/ when set).
+# the GPU's name). Results: target/gpu-run/results.json (and $OUT/ when set), with
+# `mlm estimate-memory`'s peak against the memory the job used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=target/gpu-bench
@@ -90,6 +91,9 @@ save_best = false
 [logging]
 progress = "never"
 EOF
+echo "gpu.sh: mlm estimate-memory ..."
+"$BIN" estimate-memory "$RUN/job.toml" --json > "$RUN/estimate.json" 2>> "$RUN/mlm.log" \
+  || { tail -5 "$RUN/mlm.log"; exit 1; }
 echo "gpu.sh: mlm train ..."
 "$BIN" train "$RUN/job.toml" 2> "$RUN/mlm.log" || { tail -20 "$RUN/mlm.log"; exit 1; }
 echo "gpu.sh: reference ($PY benches/reference_train.py) ..."
@@ -123,8 +127,31 @@ print(f"| mlm train | {ours_tps:,.0f} | {1e3 * step_s:.1f} | {pct(ours_mfu)} | {
       f"{pct(sum(wait) / len(wait)) if wait else 'n/a'} |")
 print(f"| transformers + torch | {ref['tokens_per_s']:,.0f} | {1e3 * ref['step_s']:.1f} | {pct(ref['mfu'])} | - | - |")
 print(f"ratio {ours_tps / ref['tokens_per_s']:.2f}x (target: MFU >= 50%)")
+# Memory: mlm estimate-memory's peak of the configured job (its pass, AdamW's step,
+# start-up; evaluation too, which these steps do not run) against what the job used
+# (on a GPU the device memory in use after the steps, as nvidia-smi counts it: the
+# caching allocator's reserve and the CUDA context; on the CPU the resident peak less
+# the resident memory before the model, which includes preparing the data when it
+# was not prepared yet). docs/memory.md.
+est = json.load(open(f"{run}/estimate.json"))
+train = [json.loads(l) for l in open(f"{run}/out/metrics.jsonl") if '"train"' in l]
+G = 2 ** 30
+predicted = est["configured"]["job_peak_bytes"]
+if any(r.get("gpu_memory_used_bytes") for r in train):
+    measured = max(r["gpu_memory_used_bytes"] or 0 for r in train)
+    what = "device memory in use (context + allocator reserve)"
+    predicted_with = predicted + est["margins"]["reserved_bytes"]
+else:
+    measured = max(r["peak_rss_bytes"] - r["startup_rss_bytes"] for r in train)
+    what = "resident peak - resident at start"
+    predicted_with = predicted
+memory = {"predicted_peak_bytes": predicted, "predicted_with_reserve_bytes": predicted_with,
+          "measured_bytes": measured, "measured": what, "error": predicted_with / measured - 1}
+print(f"memory: estimated {predicted / G:.2f} GiB peak ({predicted_with / G:.2f} GiB with the reserve), "
+      f"measured {measured / G:.2f} GiB {what} ({100 * memory['error']:+.1f}%)")
 json.dump({"ours_tokens_per_s": ours_tps, "ours_step_s": step_s, "ours_mfu": ours_mfu, "ours_mfu_own": own_mfu,
-           "ours_rows": rows, "reference": ref, "ratio": ours_tps / ref["tokens_per_s"]},
+           "ours_rows": rows, "reference": ref, "ratio": ours_tps / ref["tokens_per_s"], "memory": memory,
+           "estimate": est},
           open(f"{run}/results.json", "w"), indent=1)
 PY
 if [ -n "${OUT:-}" ]; then

@@ -1,0 +1,94 @@
+"""What torch's autograd saves for backward in one encoder layer, op for op as
+mlm's model files compute it (src/model/bert.rs, deberta.rs, deberta_attention.rs,
+layers.rs), on the CPU: the reference of `a_cpu_layer_saves_what_autograd_saves`
+in src/train/memory.rs.
+
+Usage: saved_tensors.py [ROWS]   (default 4; prints bytes per layer)
+
+Counts the distinct storages `torch.autograd.graph.saved_tensors_hooks` sees,
+parameters left out. fp32, dropout 0.1, block 128, hidden 256, 4 heads,
+intermediate 1024; DeBERTa with c2p and p2c over a span of 256.
+"""
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+
+ROWS = int(sys.argv[1]) if len(sys.argv) > 1 else 4
+S, H, HEADS, FF, SPAN, P = 128, 256, 4, 1024, 256, 0.1
+torch.manual_seed(0)
+params = []
+
+
+def param(*shape):
+    t = (torch.randn(*shape) * 0.02).requires_grad_(True)
+    params.append(t)
+    return t
+
+
+def linear(o, i):
+    return param(o, i), param(o)
+
+
+def saved_bytes(fn):
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    return sum(n for ptr, n in seen.items() if ptr not in skip)
+
+
+q_lin, k_lin, v_lin, o_lin = linear(H, H), linear(H, H), linear(H, H), linear(H, H)
+ff1, ff2 = linear(FF, H), linear(H, FF)
+ln1, ln2 = (param(H), param(H)), (param(H), param(H))
+x = torch.randn(ROWS, S, H, requires_grad=True)
+
+
+def heads(t):
+    shape = list(t.shape[:-1]) + [HEADS, t.shape[-1] // HEADS]
+    return t.view(*shape).transpose(-3, -2)
+
+
+def feed_forward(ctx, x):
+    y = F.dropout(F.linear(ctx, *o_lin), P, True)
+    a = F.layer_norm(y + x, (H,), *ln1, 1e-7)
+    y = F.dropout(F.linear(F.gelu(F.linear(a, *ff1)), *ff2), P, True)
+    return F.layer_norm(y + a, (H,), *ln2, 1e-7)
+
+
+def bert_layer():
+    q, k, v = (heads(F.linear(x, *w)) for w in (q_lin, k_lin, v_lin))
+    out = F.scaled_dot_product_attention(q, k, v, None, P, False)
+    return feed_forward(out.transpose(1, 2).contiguous().view(ROWS, S, H), x)
+
+
+rel_emb, rel_ln = param(2 * SPAN, H), (param(H), param(H))
+# Normalised once per pass by the embeddings (DebertaV2ForMaskedLM::embed), not per layer.
+rel = F.layer_norm(rel_emb, (H,), *rel_ln, 1e-7)
+distance = torch.arange(S)[:, None] - torch.arange(S)[None, :]
+pair = torch.ones(ROWS, 1, S, S, dtype=torch.bool)
+
+
+def deberta_layer():
+    q, k, v = (heads(F.linear(x, *w)) for w in (q_lin, k_lin, v_lin))
+    scale = math.sqrt(H // HEADS * 3)
+    bias = torch.zeros(ROWS, HEADS, S, S)
+    r = F.dropout(rel, P, True)
+    index = lambda pos: pos.clamp(0, 2 * SPAN - 1).expand(ROWS, HEADS, S, S)
+    c2p = q.matmul(heads(F.linear(r, *k_lin)).transpose(-1, -2)).gather(-1, index(distance + SPAN))
+    bias = bias + c2p / scale
+    p2c = k.matmul(heads(F.linear(r, *q_lin)).transpose(-1, -2)).gather(-1, index(-distance + SPAN))
+    bias = bias + p2c.transpose(-1, -2) / scale
+    bias = bias.masked_fill(pair.logical_not(), torch.finfo(torch.float32).min)
+    out = F.scaled_dot_product_attention(q, k, v, bias, P, False, scale=1 / scale)
+    return feed_forward(out.transpose(1, 2).contiguous().view(ROWS, S, H), x)
+
+
+print(f"bert layer, {ROWS} rows: {saved_bytes(bert_layer)} bytes")
+print(f"deberta layer, {ROWS} rows: {saved_bytes(deberta_layer)} bytes")
