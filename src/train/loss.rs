@@ -57,7 +57,7 @@ pub fn head_loss_sum(model: &MaskedLm, hidden: &Tensor, batch: &DeviceBatch, spa
         let logits = model.mlm_head(&picked).to_kind(Kind::Float); // [n_masked, vocab]
         logits.cross_entropy_loss::<Tensor>(&batch.targets, None, Reduction::Sum, -100, 0.0)
     } else {
-        let logits = model.mlm_head(&hidden).to_kind(Kind::Float); // [rows, block, vocab]
+        let logits = model.mlm_head(hidden).to_kind(Kind::Float); // [rows, block, vocab]
         let v = logits.size()[2];
         logits.view([-1, v]).cross_entropy_loss::<Tensor>(&batch.labels.view([-1]), None, Reduction::Sum, -100, 0.0)
     }
