@@ -55,3 +55,15 @@ fn tcp_backend_can_be_forced_under_mpirun_too() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("MLM_MASTER_PORT"), "{stderr}");
 }
+
+#[test]
+fn a_stopped_rank_ends_the_mpi_job_within_the_timeout() {
+    let start = std::time::Instant::now();
+    let Some(out) = mpirun(2, &["--elems", "1000", "--timeout", "3", "--stop-rank", "1"]) else { return };
+    let took = start.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(took < std::time::Duration::from_secs(30), "took {took:?}: {stderr}");
+    assert!(stderr.contains("rank 0: MPI all-reduce of 1000 Float"), "{stderr}");
+    assert!(stderr.contains("did not finish within 3 s (distributed.timeout_s)"), "{stderr}");
+}

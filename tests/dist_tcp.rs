@@ -148,3 +148,21 @@ impl Drop for Reaper {
         }
     }
 }
+
+#[test]
+fn a_stopped_rank_makes_the_others_fail_within_the_timeout() {
+    let start = Instant::now();
+    let mut ranks = spawn_ranks(2, &["--elems", "1000", "--timeout", "3", "--stop-rank", "1"]);
+    let stopped = ranks.pop().unwrap();
+    let out = ranks.pop().unwrap().wait_with_output().unwrap();
+    let took = start.elapsed();
+    // SAFETY: kill only signals the stopped child, which is then reaped.
+    unsafe { libc::kill(stopped.id() as i32, libc::SIGKILL) };
+    let _ = stopped.wait_with_output();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(took < Duration::from_secs(20), "took {took:?}: {stderr}");
+    assert!(stderr.contains("rank 0:") && stderr.contains("rank 1"), "{stderr}");
+    assert!(stderr.contains("during an all-reduce of 1000 Float"), "{stderr}");
+    assert!(stderr.contains("3 s (distributed.timeout_s)"), "{stderr}");
+}

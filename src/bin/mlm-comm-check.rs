@@ -8,6 +8,7 @@
 //! mpirun -np 2 mlm-comm-check --elems 25000000
 //! srun --ntasks=8 --gpus-per-task=1 mlm-comm-check --device cuda
 //! RANK=0 WORLD_SIZE=2 MLM_MASTER_PORT=29500 mlm-comm-check &   # and RANK=1 ...
+//! mpirun -np 2 mlm-comm-check --timeout 10 --stop-rank 1          # must fail in ~10 s
 //! ```
 use std::time::Instant;
 
@@ -41,6 +42,11 @@ struct Args {
     /// Seconds to wait for peers (distributed.timeout_s).
     #[arg(long, default_value_t = 60)]
     timeout: u64,
+    /// Check the hang protection: this rank stops itself (SIGSTOP) before the
+    /// first all-reduce; the others must fail within --timeout naming the
+    /// collective, and the launcher must stop the job.
+    #[arg(long, value_name = "RANK")]
+    stop_rank: Option<usize>,
 }
 
 fn main() {
@@ -90,6 +96,12 @@ fn run(args: Args) -> Result<()> {
     let job = format!("mlm-comm-check elems={} dtype={}", args.elems, args.dtype);
     let mut comm = mlm::distributed::init(&cfg, device, &job)?;
     let (rank, size) = (comm.rank(), comm.world_size());
+
+    if args.stop_rank == Some(rank) {
+        eprintln!("mlm-comm-check: rank {rank} stops itself (--stop-rank); the others should time out");
+        // SAFETY: raise only sends a signal to this process.
+        unsafe { libc::raise(libc::SIGSTOP) };
+    }
 
     // 1. Exact check: rank r holds (r + 1) * (i % 7 + 1); the sum is small integers.
     let n = args.elems;

@@ -26,6 +26,7 @@ pub mod mpi;
 pub mod nccl;
 pub mod tcp;
 pub(crate) mod tensor;
+pub mod watchdog;
 
 pub use local::LocalComm;
 pub use tcp::TcpComm;
@@ -47,6 +48,9 @@ pub trait Communicator: Send {
     fn barrier(&mut self) -> Result<()>;
     /// The backend's name: "local", "tcp", "mpi" or "nccl".
     fn name(&self) -> &'static str;
+    /// How long later calls may wait for the other ranks before failing
+    /// (`distributed.timeout_s`; longer while rank 0 prepares the data).
+    fn set_timeout(&mut self, timeout: Duration);
 }
 
 /// Where this process stands in the job, read from the environment.
@@ -168,7 +172,7 @@ pub fn init(cfg: &DistributedConfig, device: tch::Device, job: &str) -> Result<B
             Box::new(LocalComm)
         }
         Backend::Tcp => Box::new(tcp_from_env(world, timeout, job)?),
-        Backend::Mpi => Box::new(mpi_from_env(rank)?),
+        Backend::Mpi => Box::new(mpi_from_env(rank, timeout)?),
         Backend::Nccl => {
             let tch::Device::Cuda(index) = device else {
                 bail!("rank {rank}: distributed.backend = \"nccl\" needs a CUDA device (training.device)");
@@ -176,7 +180,7 @@ pub fn init(cfg: &DistributedConfig, device: tch::Device, job: &str) -> Result<B
             // Fail on a missing libnccl before any peer waits on us.
             nccl::check_available().with_context(|| format!("rank {rank}"))?;
             let bootstrap: Box<dyn Communicator> = match launcher {
-                Launcher::Mpi => Box::new(mpi_from_env(rank)?),
+                Launcher::Mpi => Box::new(mpi_from_env(rank, timeout)?),
                 Launcher::Env => Box::new(tcp_from_env(world, timeout, job)?),
                 Launcher::Single => Box::new(LocalComm),
             };
@@ -188,9 +192,9 @@ pub fn init(cfg: &DistributedConfig, device: tch::Device, job: &str) -> Result<B
 }
 
 /// MPI's world, after checking that an `srun` task can join it.
-fn mpi_from_env(rank: usize) -> Result<mpi::MpiComm> {
+fn mpi_from_env(rank: usize, timeout: Duration) -> Result<mpi::MpiComm> {
     check_srun_has_pmi(&|k| std::env::var(k).ok(), rank)?;
-    mpi::MpiComm::init().with_context(|| format!("rank {rank}"))
+    mpi::MpiComm::init(timeout).with_context(|| format!("rank {rank}"))
 }
 
 /// Open MPI joins `srun` tasks into one job only through Slurm's PMIx plugin

@@ -25,7 +25,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};
 
-use super::deberta_attention::{pair_mask, relative_positions, AttentionSpec, DisentangledSelfAttention};
+use super::deberta_attention::{distance_buckets, pair_mask, AttentionSpec, DisentangledSelfAttention, RelativeInputs};
 use super::layers::{Activation, Embedding, LayerNorm, Linear};
 use super::weights::NameMap;
 use super::LayerInputs;
@@ -223,8 +223,9 @@ impl DebertaEmbeddings {
         }
     }
 
-    /// `input_ids`, `attention_mask` [b, s] -> [b, s, h]
-    fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
+    /// `input_ids`, `attention_mask` [b, s] -> [b, s, h]; `padded`: whether
+    /// `attention_mask` has a 0 (without one, zeroing the pads is skipped).
+    fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, padded: bool, train: bool) -> Tensor {
         let s = input_ids.size()[1];
         let mut x = self.word_embeddings.forward(input_ids);
         if let Some(pos) = &self.position_embeddings {
@@ -236,9 +237,10 @@ impl DebertaEmbeddings {
         if let Some(w) = &self.embed_proj {
             x = x.linear::<Tensor>(w, None);
         }
-        let x = self.layer_norm.forward(&x);
-        let kind = x.kind();
-        let x = x * attention_mask.unsqueeze(-1).to_kind(kind);
+        let mut x = self.layer_norm.forward(&x);
+        if padded {
+            x = &x * attention_mask.unsqueeze(-1).to_kind(x.kind());
+        }
         x.dropout(self.dropout, train)
     }
 }
@@ -273,16 +275,10 @@ impl DebertaLayer {
         }
     }
 
-    /// `x` [b, s, h], `mask` [b, 1, s, s] bool, `rel` [2 span, h], `rel_pos` [s, s]
-    fn forward(
-        &self,
-        x: &Tensor,
-        mask: &Tensor,
-        rel: Option<&Tensor>,
-        rel_pos: Option<&Tensor>,
-        train: bool,
-    ) -> Tensor {
-        let ctx = self.attention.forward(x, mask, rel, rel_pos, train);
+    /// `x` [b, s, h], `pad` [b, 1, s, s] bool (the pairs to mask; `None`: no
+    /// padding), `rel` the relative-position inputs -> [b, s, h]
+    fn forward(&self, x: &Tensor, pad: Option<&Tensor>, rel: Option<&RelativeInputs>, train: bool) -> Tensor {
+        let ctx = self.attention.forward(x, pad, rel, train);
         let y = self.attention_output.forward(&ctx).dropout(self.dropout, train);
         let x = self.attention_layer_norm.forward(&(y + x));
         let y = self.output.forward(&self.act.forward(&self.intermediate.forward(&x))).dropout(self.dropout, train);
@@ -384,19 +380,20 @@ pub(super) const HF_NAMES: NameMap = NameMap {
 impl super::Encoder for DebertaV2ForMaskedLM {
     /// `input_ids`, `attention_mask` [b, s] -> last hidden state [b, s, h]
     fn embed(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> (Tensor, LayerInputs) {
-        let x = self.embeddings.forward(input_ids, attention_mask, train);
-        let mask = pair_mask(attention_mask);
+        // Training chunks have no padding: one flag read back per forward (on a GPU a
+        // sync, after the batch's blocking copies from the host have just synced)
+        // spares every layer a masked_fill over [b, heads, s, s] and its backward.
+        let padded = attention_mask.eq(0).any().int64_value(&[]) != 0;
+        let x = self.embeddings.forward(input_ids, attention_mask, padded, train);
+        let pad = padded.then(|| pair_mask(attention_mask).logical_not());
         let s = input_ids.size()[1];
-        let rel_pos = self.spec.relative_attention.then(|| {
-            relative_positions(s, self.spec.position_buckets, self.spec.max_relative_positions)
-                .to_device(input_ids.device())
-        });
-        // [2 span, h]
+        // [2 span, h]; every layer shares it (and sums its gradient).
         let rel = self.rel_embeddings.as_ref().map(|e| match &self.rel_layer_norm {
             Some(ln) => ln.forward(&e.weight),
             None => e.weight.shallow_clone(),
         });
-        (x, LayerInputs { mask: Some(mask), rel_embeddings: rel, rel_pos })
+        let rel_pos = rel.as_ref().map(|r| distance_buckets(s, &self.spec).to_device(r.device()));
+        (x, LayerInputs { mask: pad, rel_embeddings: rel, rel_pos })
     }
 
     fn num_layers(&self) -> usize {
@@ -404,8 +401,13 @@ impl super::Encoder for DebertaV2ForMaskedLM {
     }
 
     fn layer(&self, i: usize, x: &Tensor, inputs: &LayerInputs, train: bool) -> Tensor {
-        let mask = inputs.mask.as_ref().expect("DeBERTa's embed always gives the pair mask");
-        self.layers[i].forward(x, mask, inputs.rel_embeddings.as_ref(), inputs.rel_pos.as_ref(), train)
+        let rel = match (&inputs.rel_embeddings, &inputs.rel_pos) {
+            (Some(rel), Some(by_distance)) => {
+                Some(RelativeInputs::from_parts(rel.shallow_clone(), by_distance.shallow_clone()))
+            }
+            _ => None,
+        };
+        self.layers[i].forward(x, inputs.mask.as_ref(), rel.as_ref(), train)
     }
 
     /// `hidden` [..., h] -> logits [..., vocab]

@@ -11,8 +11,18 @@
 //!
 //! where δ is the (log-bucketed) relative distance query - key and `rel` the
 //! relative-position embeddings. Here the c2p + p2c term, with the padding mask
-//! folded in, is the float `attn_mask` of libtorch's scaled_dot_product_attention,
-//! called with scale 1 / sqrt(d k).
+//! folded in when there is padding, is the float `attn_mask` of libtorch's
+//! scaled_dot_product_attention, called with scale 1 / sqrt(d k).
+//!
+//! HF multiplies Q by the projections of all `2 span` buckets and `gather`s the
+//! [b, heads, s, 2 span] result, which autograd then keeps whole for `gather`'s
+//! backward. Both terms depend on `i - j` alone, so here the projections are
+//! taken at the `2s - 1` distances a block of length `s` has (rows of `rel`
+//! picked by [`distance_buckets`]), multiplied with the batch folded into the
+//! rows (`[heads, b s, d] @ [heads, d, 2s - 1]`: no batch-broadcast copy), and
+//! the [s, 2s - 1] score rows are read at column `j - i + s - 1` through views
+//! ([`skew`]), which autograd undoes from shapes alone: the scores by distance
+//! are never saved for backward.
 use tch::{nn, Kind, Tensor};
 
 use super::layers::{finfo_min, Linear};
@@ -52,11 +62,9 @@ fn log_bucket_position(relative: &Tensor, bucket_size: i64, max_position: i64) -
     bucket.to_kind(Kind::Int64)
 }
 
-/// HF's `build_relative_position` for self-attention: query - key, bucketed when
-/// `bucket_size > 0 && max_position > 0`. -> [s, s] i64 on the CPU.
-pub(super) fn relative_positions(s: i64, bucket_size: i64, max_position: i64) -> Tensor {
-    let ids = Tensor::arange(s, (Kind::Int64, tch::Device::Cpu));
-    let relative = ids.unsqueeze(1) - ids.unsqueeze(0);
+/// HF's `build_relative_position` applied to the distances `relative` (query -
+/// key): bucketed when `bucket_size > 0 && max_position > 0`.
+fn bucket_positions(relative: Tensor, bucket_size: i64, max_position: i64) -> Tensor {
     if bucket_size > 0 && max_position > 0 {
         log_bucket_position(&relative, bucket_size, max_position)
     } else {
@@ -64,11 +72,65 @@ pub(super) fn relative_positions(s: i64, bucket_size: i64, max_position: i64) ->
     }
 }
 
+/// The rows of `rel` that a block of length `s` reads: entry `v` is the clamped
+/// bucket `δ + span` of the distance query - key = `v - (s - 1)`, for `v` in
+/// `0..2s-1`. -> [2s - 1] i64 on the CPU.
+pub(super) fn distance_buckets(s: i64, spec: &AttentionSpec) -> Tensor {
+    let distances = Tensor::arange_start(1 - s, s, (Kind::Int64, tch::Device::Cpu));
+    let buckets = bucket_positions(distances, spec.position_buckets, spec.max_relative_positions);
+    (buckets + spec.span).clamp(0, 2 * spec.span - 1)
+}
+
+/// `scores` [.., s, 2s - 1], whose row `r` holds at column `v` the score of
+/// distance `v - (s - 1)` (in the orientation of the caller), -> the view
+/// [.., s, s] with `out[.., r, c] = scores[.., r, c - r + s - 1]`: row `r`
+/// starts at flat offset `r (2s - 1) + s - 1 - r`, so the rows of the result
+/// lie `2s - 2` apart from offset `s - 1` (Transformer-XL's relative shift).
+fn skew(scores: &Tensor, s: i64) -> Tensor {
+    if s == 1 {
+        return scores.shallow_clone();
+    }
+    let mut lead = scores.size();
+    lead.truncate(lead.len() - 2);
+    let shape = |tail: &[i64]| [lead.as_slice(), tail].concat();
+    scores
+        .view(shape(&[s * (2 * s - 1)]).as_slice())
+        .narrow(-1, s - 1, s * (2 * s - 2))
+        .view(shape(&[s, 2 * s - 2]).as_slice())
+        .narrow(-1, 0, s)
+}
+
 /// HF's `get_attention_mask`: query i may see key j when both are tokens.
 /// `attention_mask` [b, s] -> [b, 1, s, s] bool.
 pub(super) fn pair_mask(attention_mask: &Tensor) -> Tensor {
     let m = attention_mask.ne(0);
     m.unsqueeze(1).unsqueeze(2).logical_and(&m.unsqueeze(1).unsqueeze(3))
+}
+
+/// The relative-position inputs of every layer of one forward.
+#[derive(Debug)]
+pub(super) struct RelativeInputs {
+    /// [2 span, h]: the (normalised) relative embeddings.
+    rel: Tensor,
+    /// [2s - 1] i64: [`distance_buckets`], on the activations' device.
+    by_distance: Tensor,
+    /// The same, reversed: entry `v` for the distance `s - 1 - v`.
+    by_distance_rev: Tensor,
+}
+
+impl RelativeInputs {
+    /// `rel` [2 span, h], for blocks of length `s`.
+    #[cfg(test)]
+    pub(super) fn new(rel: Tensor, s: i64, spec: &AttentionSpec) -> Self {
+        let by_distance = distance_buckets(s, spec).to_device(rel.device());
+        Self::from_parts(rel, by_distance)
+    }
+
+    /// From `rel` and [`distance_buckets`] on its device.
+    pub(super) fn from_parts(rel: Tensor, by_distance: Tensor) -> Self {
+        let by_distance_rev = by_distance.flip([0]);
+        Self { rel, by_distance, by_distance_rev }
+    }
 }
 
 /// `deberta.encoder.layer.N.attention.self`.
@@ -106,73 +168,81 @@ impl DisentangledSelfAttention {
         x.view(shape.as_slice()).transpose(rank - 3, rank - 2)
     }
 
-    /// `x` [b, s, h], `mask` [b, 1, s, s] bool, `rel` [2 span, h] (normalised
-    /// relative embeddings), `rel_pos` [s, s] i64 -> context [b, s, h].
+    /// `x` [b, s, h] (a projection's output) -> `[heads, b s, d]`, a view.
+    fn heads_by_rows(&self, x: &Tensor) -> Tensor {
+        let (b, s, h) = x.size3().expect("[batch, seq, hidden]");
+        x.view([b * s, self.spec.heads, h / self.spec.heads]).transpose(0, 1)
+    }
+
+    /// The c2p + p2c term, each divided by `scale` before the sum as HF does.
+    /// `q`, `k` [b, s, h] (projected), -> [b, heads, s, s], or `None` when the
+    /// config has neither term.
+    fn position_bias(&self, q: &Tensor, k: &Tensor, rel: &RelativeInputs, scale: f64, train: bool) -> Option<Tensor> {
+        let (b, s, _) = q.size3().expect("[batch, seq, hidden]");
+        let spec = &self.spec;
+        let rel_emb = rel.rel.dropout(spec.pos_dropout, train);
+        // `rows` [heads, b s, d] times the projection of the `rel` rows `index`
+        // [2s - 1] -> [heads, b, s, 2s - 1].
+        let by_distance = |rows: &Tensor, proj: &Linear, index: &Tensor| {
+            let pos = self.split_heads(&proj.forward(&rel_emb.index_select(0, index))); // [heads, 2s - 1, d]
+            rows.matmul(&pos.transpose(-1, -2)).view([spec.heads, b, s, 2 * s - 1])
+        };
+        // c2p: row i, column v <-> key j = i + v - (s - 1), distance i - j = s - 1 - v.
+        let c2p = spec.c2p.then(|| {
+            let proj = self.pos_key_proj.as_ref().unwrap_or(&self.key_proj);
+            let scores = by_distance(&self.heads_by_rows(q), proj, &rel.by_distance_rev);
+            skew(&scores, s).permute([1, 0, 2, 3]) / scale // [b, heads, i, j]
+        });
+        // p2c: row j (key), column v <-> query i = j + v - (s - 1), distance i - j = v - (s - 1).
+        // HF's bucket -δ(j, i) is δ(i, j): the (log) bucketing is odd.
+        let p2c = spec.p2c.then(|| {
+            let proj = self.pos_query_proj.as_ref().unwrap_or(&self.query_proj);
+            let scores = by_distance(&self.heads_by_rows(k), proj, &rel.by_distance);
+            skew(&scores, s).permute([1, 0, 3, 2]) / scale // [b, heads, i, j]
+        });
+        match (c2p, p2c) {
+            // In place: neither quotient is saved for backward.
+            (Some(mut c2p), Some(p2c)) => Some(c2p.g_add_(&p2c)),
+            (c2p, p2c) => c2p.or(p2c),
+        }
+    }
+
+    /// `x` [b, s, h], `pad` [b, 1, s, s] bool: the (query, key) pairs to mask,
+    /// `None` when the batch has no padding; `rel`: the relative-position inputs
+    /// (`None` without relative attention) -> context [b, s, h].
     pub(super) fn forward(
         &self,
         x: &Tensor,
-        mask: &Tensor,
-        rel: Option<&Tensor>,
-        rel_pos: Option<&Tensor>,
+        pad: Option<&Tensor>,
+        rel: Option<&RelativeInputs>,
         train: bool,
     ) -> Tensor {
         let (b, s, h) = x.size3().expect("attention input must be [batch, seq, hidden]");
         let spec = &self.spec;
-        let q = self.split_heads(&self.query_proj.forward(x)); // [b, heads, s, d]
-        let k = self.split_heads(&self.key_proj.forward(x));
-        let v = self.split_heads(&self.value_proj.forward(x));
+        let (q, k) = (self.query_proj.forward(x), self.key_proj.forward(x)); // [b, s, h]
+        let v = self.split_heads(&self.value_proj.forward(x)); // [b, heads, s, d]
         let d = h / spec.heads;
         let factor = 1 + spec.c2p as i64 + spec.p2c as i64;
         // HF: sqrt(float32(d) * factor), divided in the activations' dtype.
         let scale = ((d * factor) as f32).sqrt() as f64;
 
-        let mut bias = Tensor::zeros([b, spec.heads, s, s], (x.kind(), x.device()));
-        if let (true, Some(rel), Some(rel_pos)) = (spec.relative_attention, rel, rel_pos) {
-            let rel = rel.dropout(spec.pos_dropout, train);
-            let span = spec.span;
-            let index = |pos: Tensor| pos.clamp(0, 2 * span - 1).expand([b, spec.heads, s, s], false);
-            if spec.c2p {
-                let proj = self.pos_key_proj.as_ref().unwrap_or(&self.key_proj);
-                let pos_key = self.split_heads(&proj.forward(&rel)); // [heads, 2 span, d]
-                let c2p = q.matmul(&pos_key.transpose(-1, -2)); // [b, heads, s, 2 span]
-                let c2p = c2p.gather(-1, &index(rel_pos + span), false);
-                bias = bias + c2p / scale;
-            }
-            if spec.p2c {
-                let proj = self.pos_query_proj.as_ref().unwrap_or(&self.query_proj);
-                let pos_query = self.split_heads(&proj.forward(&rel)); // [heads, 2 span, d]
-                let p2c = k.matmul(&pos_query.transpose(-1, -2)); // [b, heads, s_key, 2 span]
-                let p2c = p2c.gather(-1, &index(-rel_pos + span), false).transpose(-1, -2);
-                bias = bias + p2c / scale;
-            }
-        }
+        let bias =
+            rel.filter(|_| spec.relative_attention).and_then(|rel| self.position_bias(&q, &k, rel, scale, train));
         // Where HF fills the scores with finfo.min, the bias is finfo.min: adding a
         // finite score leaves it there, so padded queries attend uniformly as in HF.
-        let bias = bias.masked_fill(&mask.logical_not(), finfo_min(x.kind()));
+        let bias = match (bias, pad) {
+            (bias, Some(pad)) => {
+                let mut bias = bias.unwrap_or_else(|| Tensor::zeros([b, 1, s, s], (x.kind(), x.device())));
+                Some(bias.masked_fill_(pad, finfo_min(x.kind()))) // in place: a fresh sum
+            }
+            (bias, None) => bias,
+        };
         let p = if train { spec.attention_dropout } else { 0.0 };
-        let ctx = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&bias), p, false, 1.0 / scale, false);
+        let (q, k) = (self.split_heads(&q), self.split_heads(&k));
+        let ctx = Tensor::scaled_dot_product_attention(&q, &k, &v, bias.as_ref(), p, false, 1.0 / scale, false);
         ctx.transpose(1, 2).contiguous().view([b, s, h])
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn log_buckets_follow_transformers() {
-        // torch: make_log_bucket_position(arange(-40, 41), 8, 64)
-        let rel = Tensor::arange_start(-40, 41, (Kind::Int64, tch::Device::Cpu));
-        let got: Vec<i64> = Vec::try_from(log_bucket_position(&rel, 8, 64)).unwrap();
-        let mut want = vec![-7i64; 15];
-        want.extend([-6; 15]);
-        want.extend([-5; 6]);
-        want.extend(-4..=4);
-        want.extend([5; 6]);
-        want.extend([6; 15]);
-        want.extend([7; 15]);
-        assert_eq!(got, want);
-        let rel = relative_positions(3, -1, -1);
-        assert_eq!(Vec::<i64>::try_from(rel.view([-1])).unwrap(), [0, -1, -2, 1, 0, -1, 2, 1, 0]);
-    }
-}
+mod tests;

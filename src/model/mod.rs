@@ -239,13 +239,15 @@ pub struct LoadReport {
 /// What every layer of an encoder takes besides the hidden states.
 #[derive(Debug, Default)]
 pub struct LayerInputs {
-    /// The attention mask in the form the layers use (an additive bias for
-    /// BERT-likes, `None` when nothing is padded; the pair mask for DeBERTa).
+    /// The attention mask in the form the layers use, `None` when nothing is
+    /// padded: an additive bias for BERT-likes, the [b, 1, s, s] "may not see"
+    /// mask for DeBERTa.
     pub mask: Option<Tensor>,
     /// DeBERTa: the normalised relative-position embeddings [2 span, h], which
     /// every layer shares and whose gradient sums over the layers.
     pub rel_embeddings: Option<Tensor>,
-    /// DeBERTa: relative positions query - key [s, s] (bucketed).
+    /// DeBERTa: the relative-position bucket of each distance a block of
+    /// length s can have, [2s - 1] i64 (`deberta_attention::distance_buckets`).
     pub rel_pos: Option<Tensor>,
 }
 

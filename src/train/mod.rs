@@ -19,7 +19,7 @@ pub mod timing;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
@@ -204,6 +204,9 @@ struct Claimed {
     data: Prepared,
 }
 
+/// How long the other workers wait for rank 0 to prepare the data.
+const PREPARE_WAIT_S: u64 = 24 * 3600;
+
 /// Rank 0 locks the output directory, cleans up after a crash, decides where
 /// the job starts (refusing before anything is written) and prepares the data
 /// while the others wait; then every worker opens the same start point and data.
@@ -219,7 +222,13 @@ fn claim_output_and_data(cfg: &Config, tok: &TextTokenizer, sync: &mut GradSync)
         sync.broadcast_string(&chosen)?;
         return Ok(Claimed { _lock: Some(lock), start, data });
     }
-    let chosen = sync.broadcast_string("")?;
+    // Preparing a large corpus takes longer than distributed.timeout_s: wait
+    // for it (a rank 0 that dies closes its connections or is reaped by the
+    // launcher, so this does not hang on a crash).
+    sync.set_timeout(Duration::from_secs(cfg.distributed.timeout_s.max(PREPARE_WAIT_S)));
+    let chosen = sync.broadcast_string("");
+    sync.set_timeout(Duration::from_secs(cfg.distributed.timeout_s.max(1)));
+    let chosen = chosen?;
     let start = if chosen.is_empty() {
         StartPoint::default()
     } else {

@@ -128,8 +128,11 @@ mod tests {
             "model_type": model_type, "vocab_size": 120, "hidden_size": 32, "dim": 32,
             "num_hidden_layers": 3, "n_layers": 3, "num_attention_heads": 4, "n_heads": 4,
             "intermediate_size": 40, "hidden_dim": 40, "max_position_embeddings": 40,
-            "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
-            "dropout": 0.1, "attention_dropout": 0.1,
+            // Without dropout: libtorch's generator is global and other tests
+            // draw from it concurrently (tests/activation_checkpointing.rs checks
+            // the dropout replay in a process of its own).
+            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+            "dropout": 0.0, "attention_dropout": 0.0,
         });
         for (k, v) in extra.as_object().unwrap() {
             config[k] = v.clone();
@@ -172,7 +175,7 @@ mod tests {
     }
 
     #[test]
-    fn recomputed_layers_give_the_plain_gradients_for_every_architecture() {
+    fn recomputed_layers_give_the_plain_gradients_for_every_architecture_padded_or_not() {
         let deberta = serde_json::json!({
             "relative_attention": true, "position_buckets": 8, "max_relative_positions": 40,
             "share_att_key": true, "pos_att_type": "p2c|c2p", "norm_rel_ebd": "layer_norm",
@@ -201,7 +204,9 @@ mod tests {
                     let a = if a.defined() { a.shallow_clone() } else { b.zeros_like() };
                     let scale = a.abs().max().double_value(&[]).max(1e-6);
                     let diff = (&a - b).abs().max().double_value(&[]);
-                    assert!(diff <= 1e-5 * scale, "{model_type} padded={padded} param {i}: {diff} vs {scale}");
+                    // Relative to the parameter's own gradient, with an absolute floor for
+                    // gradients that are rounding noise around 0 (attention key biases).
+                    assert!(diff <= 1e-5 * scale + 1e-7, "{model_type} padded={padded} param {i}: {diff} vs {scale}");
                     nonzero += usize::from(scale > 1e-6);
                 }
                 assert!(nonzero * 10 >= g0.len() * 8, "{model_type}: only {nonzero} of {} gradients", names.len());

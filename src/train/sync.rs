@@ -50,6 +50,11 @@ impl GradSync {
         Ok(())
     }
 
+    /// How long later collectives may wait for the other ranks.
+    pub fn set_timeout(&mut self, timeout: std::time::Duration) {
+        self.comm.set_timeout(timeout);
+    }
+
     /// Rank 0's `value` on every rank.
     pub fn broadcast_string(&mut self, value: &str) -> Result<String> {
         if self.world() == 1 {

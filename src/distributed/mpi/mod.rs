@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{bail, Result};
 
 use super::tensor::{self, Elem};
+use super::watchdog::Watchdog;
 use super::Communicator;
+use std::time::Duration;
 
 mod ffi;
 
@@ -32,17 +34,20 @@ pub fn library_info() -> Result<(String, String)> {
     Ok((lib.path, version))
 }
 
-/// The MPI world of this process.
+/// The MPI world of this process. MPI calls cannot be interrupted, so each
+/// collective runs under a [`Watchdog`] that ends the process when it outlives
+/// `distributed.timeout_s` (the launcher then stops the other ranks).
 pub struct MpiComm {
     mpi: Box<dyn Mpi>,
     rank: usize,
     size: usize,
+    watchdog: Option<Watchdog>,
 }
 
 impl MpiComm {
     /// Loads the MPI library, initialises MPI (once per process) and returns
     /// the world communicator.
-    pub fn init() -> Result<Self> {
+    pub fn init(timeout: Duration) -> Result<Self> {
         let mpi = Library::open()?.api()?;
         if INITIALISED.swap(true, Ordering::SeqCst) {
             bail!("MPI is initialised once per process and was already used; keep the first communicator");
@@ -52,12 +57,13 @@ impl MpiComm {
         }
         let provided = mpi.init_thread(THREAD_SERIALIZED)?;
         // From here on, dropping `comm` finalises MPI.
-        let mut comm = Self { mpi, rank: 0, size: 1 };
+        let mut comm = Self { mpi, rank: 0, size: 1, watchdog: None };
         if provided < THREAD_SERIALIZED {
             bail!("the MPI library offers thread level {}; mlm needs at least Serialized", thread_level(provided));
         }
         comm.rank = comm.mpi.rank()?;
         comm.size = comm.mpi.size()?;
+        comm.watchdog = Some(Watchdog::exiting(comm.rank, timeout));
         Ok(comm)
     }
 }
@@ -97,17 +103,23 @@ impl Communicator for MpiComm {
     fn all_reduce_sum(&mut self, t: &mut tch::Tensor) -> Result<()> {
         let elem = Elem::of(t, self.rank)?;
         let rank = self.rank;
-        tensor::on_host(t, rank, |host| match elem {
-            // SAFETY: a contiguous CPU f32 tensor, not otherwise viewed here.
-            Elem::F32 => self.mpi.sum_f32(unsafe { tensor::f32_slice(host) }),
-            Elem::Bf16 => {
-                // Sum in f32, round once (libtorch rounds to nearest even).
-                let mut work = host.to_kind(tch::Kind::Float);
-                // SAFETY: `work` is a fresh contiguous CPU f32 tensor.
-                self.mpi.sum_f32(unsafe { tensor::f32_slice(&mut work) })?;
-                host.copy_(&work);
-                Ok(())
-            }
+        let described = format!("MPI all-reduce of {} {:?} ({:.1} MiB)", t.numel(), t.kind(), mib(t));
+        let what = move || described;
+        let dog = self.watchdog.as_ref().expect("set in init");
+        let mpi = &mut self.mpi;
+        dog.run(what, || {
+            tensor::on_host(t, rank, |host| match elem {
+                // SAFETY: a contiguous CPU f32 tensor, not otherwise viewed here.
+                Elem::F32 => mpi.sum_f32(unsafe { tensor::f32_slice(host) }),
+                Elem::Bf16 => {
+                    // Sum in f32, round once (libtorch rounds to nearest even).
+                    let mut work = host.to_kind(tch::Kind::Float);
+                    // SAFETY: `work` is a fresh contiguous CPU f32 tensor.
+                    mpi.sum_f32(unsafe { tensor::f32_slice(&mut work) })?;
+                    host.copy_(&work);
+                    Ok(())
+                }
+            })
         })
     }
 
@@ -115,19 +127,38 @@ impl Communicator for MpiComm {
         if root >= self.size {
             bail!("rank {}: broadcast from rank {root} in a job of {} workers", self.rank, self.size);
         }
-        let mut len = data.len() as u64;
-        self.mpi.broadcast_u64(root, &mut len)?;
-        data.resize(len as usize, 0);
-        self.mpi.broadcast_bytes(root, data)
+        let dog = self.watchdog.as_ref().expect("set in init");
+        let mpi = &mut self.mpi;
+        dog.run(
+            || format!("MPI broadcast from rank {root}"),
+            || {
+                let mut len = data.len() as u64;
+                mpi.broadcast_u64(root, &mut len)?;
+                data.resize(len as usize, 0);
+                mpi.broadcast_bytes(root, data)
+            },
+        )
     }
 
     fn barrier(&mut self) -> Result<()> {
-        self.mpi.barrier()
+        let dog = self.watchdog.as_ref().expect("set in init");
+        let mpi = &mut self.mpi;
+        dog.run(|| "MPI barrier".into(), || mpi.barrier())
+    }
+
+    fn set_timeout(&mut self, timeout: Duration) {
+        if let Some(dog) = &mut self.watchdog {
+            dog.set_timeout(timeout);
+        }
     }
 
     fn name(&self) -> &'static str {
         "mpi"
     }
+}
+
+fn mib(t: &tch::Tensor) -> f64 {
+    (t.numel() * t.kind().elt_size_in_bytes()) as f64 / (1u64 << 20) as f64
 }
 
 #[cfg(test)]

@@ -208,6 +208,11 @@ impl Communicator for NcclComm {
     fn name(&self) -> &'static str {
         "nccl"
     }
+
+    fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+        self.bootstrap.set_timeout(timeout);
+    }
 }
 
 impl Drop for NcclComm {

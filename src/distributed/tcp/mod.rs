@@ -447,7 +447,13 @@ impl Communicator for TcpComm {
             return Ok(());
         }
         let rank = self.rank;
-        tensor::on_host(t, rank, |host| {
+        let what = format!(
+            "an all-reduce of {} {:?} ({:.1} MiB)",
+            t.numel(),
+            t.kind(),
+            (t.numel() * t.kind().elt_size_in_bytes()) as f64 / (1u64 << 20) as f64
+        );
+        let result = tensor::on_host(t, rank, |host| {
             self.guarded(|me| match elem {
                 Elem::F32 => {
                     // SAFETY: `host` is a contiguous CPU f32 tensor not otherwise viewed here.
@@ -464,7 +470,8 @@ impl Communicator for TcpComm {
                     Ok(())
                 }
             })
-        })
+        });
+        result.map_err(|e| anyhow!("{e} (during {what})"))
     }
 
     fn broadcast_bytes(&mut self, root: usize, data: &mut Vec<u8>) -> Result<()> {
@@ -513,6 +520,10 @@ impl Communicator for TcpComm {
 
     fn name(&self) -> &'static str {
         "tcp"
+    }
+
+    fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
     }
 }
 
