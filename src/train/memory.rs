@@ -28,7 +28,6 @@ use serde::Serialize;
 
 use crate::config::{Config, MicroBatchSize, Precision};
 use crate::model::shape::ModelShape;
-use crate::model::Arch;
 
 pub const GIB: f64 = (1u64 << 30) as f64;
 
@@ -225,9 +224,11 @@ impl<'a> Estimate<'a> {
         let moments = vec![
             ("start of backward (vocabulary gradients)", saved + self.head_backward(rows)),
             ("backward of the top layer", saved - self.head_saved(rows) + head_grads + self.layer_backward(rows)),
+            // The word embeddings' own gradient and its sum with the tied
+            // decoder's, beside every other parameter's gradient.
             (
                 "end of backward (every parameter's gradient)",
-                self.embeddings_saved(rows) + (m.parameters + m.word_embedding_parameters) * self.a,
+                self.embeddings_saved(rows) + (m.parameters + 2 * m.word_embedding_parameters) * self.a,
             ),
         ];
         (saved, moments)
@@ -269,11 +270,9 @@ impl<'a> Estimate<'a> {
         // embedding lookups keep their indices; LayerNorm its input and statistics
         let mut saved = self.batch(rows) + 2 * n * 8 + n * m.hidden * self.a + 2 * n * 4;
         saved += self.dropout(m.hidden_dropout, n * m.hidden);
-        if m.arch == Arch::DebertaV2 {
-            // `embed_proj`'s input, the padding mask the output is multiplied by,
-            // and the [b, 1, s, s] pair mask every layer reads.
-            saved += if m.embedding != m.hidden { n * m.embedding * self.a } else { 0 };
-            saved += n * self.a + rows * self.job.block * self.job.block;
+        if m.embedding != m.hidden {
+            // DeBERTa's `embed_proj` keeps its input.
+            saved += n * m.embedding * self.a;
         }
         saved
     }
@@ -295,9 +294,10 @@ impl<'a> Estimate<'a> {
     /// Whether attention runs libtorch's math kernel (explicit probabilities)
     /// rather than a fused one (flash or memory-efficient: output and
     /// log-sum-exp only). CUDA always fuses; the CPU's flash kernel takes no
-    /// dropout and no bias that needs a gradient (DeBERTa's).
+    /// dropout and no bias that needs a gradient (DeBERTa's c2p and p2c).
     fn math_attention(&self) -> bool {
-        self.job.target == Target::Cpu && (self.model.attention_dropout > 0.0 || self.model.relative.is_some())
+        let bias = self.model.relative.is_some_and(|r| r.c2p || r.p2c);
+        self.job.target == Target::Cpu && (self.model.attention_dropout > 0.0 || bias)
     }
 
     /// `scaled_dot_product_attention`'s saved tensors, and the context the
@@ -319,33 +319,27 @@ impl<'a> Estimate<'a> {
     }
 
     /// DeBERTa's disentangled attention beyond the plain attention, as
-    /// `src/model/deberta_attention.rs` computes it now. Saved: the padding
-    /// mask's complement; a fused kernel keeps the score bias `[b, heads, s, s]`
-    /// it adds; for each of c2p and p2c, a copy of q (k) made by the batched
-    /// matmul, the relative-position projection broadcast over the batch
-    /// `[b * heads, d, 2 span]`, the whole score tensor `[b, heads, s, 2 span]`
-    /// that `gather` keeps for its backward and its index; each layer's dropout
-    /// of the relative embeddings. Backward: the bias's gradient, then one
-    /// score tensor's and broadcast projection's. Without autograd: the bias, one
-    /// term's score tensor, projection, q copy and gathered scores. Change this
-    /// function with that file.
+    /// `src/model/deberta_attention.rs` computes it: c2p and p2c taken at the
+    /// `2s - 1` distances of a block and read through views into one score bias
+    /// `[b, heads, s, s]`, no padding mask (training chunks have none). Saved,
+    /// for each term: the relative rows and their projection `[2s - 1, h]` and
+    /// the rows' index; q (k) itself, which the math kernel keeps only as a
+    /// copy; a fused kernel keeps the bias it adds; the dropout mask of the
+    /// relative embeddings. Backward: the bias's gradient and one term's by
+    /// distance `[heads, b, s, 2s - 1]` twice (the views undone), q's (k's).
+    /// Without autograd: two quotients `[b, heads, s, s]` and one term's scores
+    /// by distance. Change this function with that file.
     fn deberta_attention(&self, rows: u64) -> Extra {
         let m = self.model;
-        if m.arch != Arch::DebertaV2 {
-            return Extra::default();
-        }
+        let Some(r) = m.relative.filter(|r| r.c2p || r.p2c) else { return Extra::default() };
         let (n, s, a) = (self.tokens(rows), self.job.block, self.a);
-        let bias = rows * m.heads * s * s * a;
-        let mut saved = rows * s * s + if self.math_attention() { 0 } else { bias };
-        let Some(r) = m.relative else { return Extra { saved, backward: 0, workspace: bias } };
-        let (q_copy, projection, scores) =
-            (n * m.hidden * a, rows * m.hidden * 2 * r.span * a, rows * m.heads * s * 2 * r.span * a);
+        let (bias, distances) = (rows * m.heads * s * s * a, 2 * s - 1);
+        let by_distance = rows * m.heads * s * distances * a;
         let terms = r.c2p as u64 + r.p2c as u64;
-        saved += terms * (q_copy + projection + scores + s * s * 8);
-        if m.hidden_dropout > 0.0 {
-            saved += 2 * r.span * m.hidden * (self.mask + a);
-        }
-        Extra { saved, backward: bias + scores + projection, workspace: bias + scores + projection + q_copy + bias }
+        let mut saved = terms * (2 * distances * m.hidden * a + distances * 8);
+        saved += if self.math_attention() { terms * n * m.hidden * a } else { bias };
+        saved += self.dropout(m.hidden_dropout, 2 * r.span * m.hidden);
+        Extra { saved, backward: bias + 2 * by_distance + n * m.hidden * a, workspace: 2 * bias + by_distance }
     }
 
     /// The head's saved tensors: the rows it projects, the transform's
@@ -509,7 +503,7 @@ mod tests {
             "norm_rel_ebd": "layer_norm", "position_biased_input": false,
         }))
         .unwrap();
-        assert_eq!(Estimate::new(&deberta, &j).layer_saved(4), 27_598_848);
+        assert_eq!(Estimate::new(&deberta, &j).layer_saved(4), 15_212_528);
     }
 
     #[test]

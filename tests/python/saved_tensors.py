@@ -1,6 +1,7 @@
 """What torch's autograd saves for backward in one encoder layer, op for op as
 mlm's model files compute it (src/model/bert.rs, deberta.rs, deberta_attention.rs,
-layers.rs), on the CPU: the reference of `a_cpu_layer_saves_what_autograd_saves`
+layers.rs), on the CPU, without padding (training chunks have none): the
+reference of `a_cpu_layer_saves_what_autograd_saves`
 in src/train/memory.rs.
 
 Usage: saved_tensors.py [ROWS]   (default 4; prints bytes per layer)
@@ -71,22 +72,33 @@ def bert_layer():
 rel_emb, rel_ln = param(2 * SPAN, H), (param(H), param(H))
 # Normalised once per pass by the embeddings (DebertaV2ForMaskedLM::embed), not per layer.
 rel = F.layer_norm(rel_emb, (H,), *rel_ln, 1e-7)
-distance = torch.arange(S)[:, None] - torch.arange(S)[None, :]
-pair = torch.ones(ROWS, 1, S, S, dtype=torch.bool)
+# The rows of `rel` the 2s - 1 distances of a block read (deberta_attention::distance_buckets;
+# which rows does not change the memory).
+by_distance = (torch.arange(1 - S, S) + SPAN).clamp(0, 2 * SPAN - 1)
+
+
+def skew(scores):
+    """[.., s, 2s - 1] by distance -> the [.., s, s] view (deberta_attention::skew)."""
+    lead = list(scores.shape[:-2])
+    flat = scores.reshape(*lead, S * (2 * S - 1)).narrow(-1, S - 1, S * (2 * S - 2))
+    return flat.view(*lead, S, 2 * S - 2).narrow(-1, 0, S)
 
 
 def deberta_layer():
-    q, k, v = (heads(F.linear(x, *w)) for w in (q_lin, k_lin, v_lin))
+    q, k = F.linear(x, *q_lin), F.linear(x, *k_lin)
+    v = heads(F.linear(x, *v_lin))
     scale = math.sqrt(H // HEADS * 3)
-    bias = torch.zeros(ROWS, HEADS, S, S)
     r = F.dropout(rel, P, True)
-    index = lambda pos: pos.clamp(0, 2 * SPAN - 1).expand(ROWS, HEADS, S, S)
-    c2p = q.matmul(heads(F.linear(r, *k_lin)).transpose(-1, -2)).gather(-1, index(distance + SPAN))
-    bias = bias + c2p / scale
-    p2c = k.matmul(heads(F.linear(r, *q_lin)).transpose(-1, -2)).gather(-1, index(-distance + SPAN))
-    bias = bias + p2c.transpose(-1, -2) / scale
-    bias = bias.masked_fill(pair.logical_not(), torch.finfo(torch.float32).min)
-    out = F.scaled_dot_product_attention(q, k, v, bias, P, False, scale=1 / scale)
+    rows = lambda t: t.view(ROWS * S, HEADS, H // HEADS).transpose(0, 1)  # [heads, b s, d]
+
+    def scores(t, w, index):
+        pos = heads(F.linear(r.index_select(0, index), *w))  # [heads, 2s - 1, d]
+        return rows(t).matmul(pos.transpose(-1, -2)).view(HEADS, ROWS, S, 2 * S - 1)
+
+    c2p = skew(scores(q, k_lin, by_distance.flip(0))).permute(1, 0, 2, 3) / scale
+    p2c = skew(scores(k, q_lin, by_distance)).permute(1, 0, 3, 2) / scale
+    bias = c2p.add_(p2c)
+    out = F.scaled_dot_product_attention(heads(q), heads(k), v, bias, P, False, scale=1 / scale)
     return feed_forward(out.transpose(1, 2).contiguous().view(ROWS, S, H), x)
 
 
