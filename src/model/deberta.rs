@@ -378,7 +378,7 @@ pub(super) const HF_NAMES: NameMap = NameMap {
 };
 
 impl super::Encoder for DebertaV2ForMaskedLM {
-    /// `input_ids`, `attention_mask` [b, s] -> last hidden state [b, s, h]
+    /// `input_ids`, `attention_mask` [b, s] -> the embeddings [b, s, h] and what each layer takes
     fn embed(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> (Tensor, LayerInputs) {
         // Training chunks have no padding: one flag read back per forward (on a GPU a
         // sync, after the batch's blocking copies from the host have just synced)
