@@ -32,12 +32,72 @@ pub struct Args {
     /// Seconds between SIGTERM and SIGKILL when stopping workers.
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
     pub grace_period: f64,
-    /// Address of the tcp rendezvous (rank 0 listens there).
+    /// Address of the tcp rendezvous: rank 0 (on node 0) listens there, every
+    /// other worker connects to it. With several nodes, node 0's address as the
+    /// other nodes reach it.
     #[arg(long, default_value = "127.0.0.1")]
     pub master_addr: String,
+    /// Port of the tcp rendezvous. Default: a free port, new at each restart,
+    /// on one node; 29500 (torchrun's) with several nodes, where every node
+    /// must be given the same port.
+    #[arg(long, value_name = "PORT")]
+    pub master_port: Option<u16>,
+    /// Number of nodes of the job; run one mlm-launch per node, each with the
+    /// same --nnodes, --master-addr, --master-port and number of workers.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub nnodes: usize,
+    /// This node's rank, 0..nnodes; node 0 prepares the data and hosts rank 0.
+    #[arg(long, value_name = "R", default_value_t = 0)]
+    pub node_rank: usize,
     /// The `mlm` binary (default: next to this launcher, then PATH).
     #[arg(long)]
     pub mlm: Option<PathBuf>,
+}
+
+/// torchrun's default rendezvous port, used when several nodes must agree on one.
+pub const DEFAULT_MULTI_NODE_PORT: u16 = 29500;
+
+/// Where this launcher's workers sit in the whole job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Nodes {
+    pub nnodes: usize,
+    pub node_rank: usize,
+    /// Workers on every node (this node's plan; every node must use the same).
+    pub per_node: usize,
+}
+
+impl Nodes {
+    /// Checks `--nnodes`/`--node-rank` against each other.
+    pub fn new(args: &Args, per_node: usize) -> Result<Self> {
+        if args.nnodes == 0 {
+            bail!("--nnodes 0: a job needs at least one node");
+        }
+        if args.node_rank >= args.nnodes {
+            bail!(
+                "--node-rank {} is not below --nnodes {} (node ranks are 0..{})",
+                args.node_rank,
+                args.nnodes,
+                args.nnodes
+            );
+        }
+        if args.nnodes > 1 && args.master_port == Some(0) {
+            bail!("--master-port 0: with several nodes every node must be given the same, real port");
+        }
+        Ok(Self { nnodes: args.nnodes, node_rank: args.node_rank, per_node })
+    }
+
+    pub fn world(&self) -> usize {
+        self.nnodes * self.per_node
+    }
+
+    /// The job-wide rank of local worker `local`: node_rank * per_node + local.
+    pub fn rank(&self, local: usize) -> usize {
+        self.node_rank * self.per_node + local
+    }
+
+    pub fn multi(&self) -> bool {
+        self.nnodes > 1
+    }
 }
 
 /// Where one worker runs.
@@ -172,6 +232,20 @@ mod tests {
         assert!(plan(&args(&["--gpus", "3"]), gpus(&["0"])).unwrap_err().to_string().contains("only 1 visible"));
         assert!(plan(&args(&["--gpus", "0,0"]), None).is_err());
         assert!(plan(&args(&["--gpus", "x"]), None).is_err());
+    }
+
+    #[test]
+    fn ranks_follow_torchrun_across_nodes() {
+        let a = args(&["--nnodes", "3", "--node-rank", "2", "--nproc", "4", "--device", "cpu"]);
+        let n = Nodes::new(&a, 4).unwrap();
+        assert_eq!((n.world(), n.rank(0), n.rank(3)), (12, 8, 11));
+        assert!(n.multi());
+        let single = Nodes::new(&args(&[]), 2).unwrap();
+        assert_eq!((single.world(), single.rank(1), single.multi()), (2, 1, false));
+        let e = Nodes::new(&args(&["--nnodes", "2", "--node-rank", "2"]), 1).unwrap_err().to_string();
+        assert!(e.contains("--node-rank 2") && e.contains("--nnodes 2"), "{e}");
+        assert!(Nodes::new(&args(&["--nnodes", "0"]), 1).is_err());
+        assert!(Nodes::new(&args(&["--nnodes", "2", "--master-port", "0"]), 1).is_err());
     }
 
     #[test]

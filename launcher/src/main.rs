@@ -4,10 +4,18 @@
 //! (exiting non-zero with the failing rank and its last lines), and restarts the
 //! group up to `--max-restarts` times. Processes only: no tensors, no model code.
 //!
-//! Environment of each worker (the contract with `mlm::dist`): `RANK`,
-//! `WORLD_SIZE`, `LOCAL_RANK`, `MLM_MASTER_ADDR`, `MLM_MASTER_PORT` (a free port
-//! for the tcp rendezvous, new at each restart), `MLM_JOB_TOKEN` (random per
-//! job), and `CUDA_VISIBLE_DEVICES` (its one GPU) for GPU workers.
+//! Several nodes: one launcher per node with torchrun's `--nnodes`,
+//! `--node-rank`, `--master-addr` and `--master-port`. Node 0 prepares the data
+//! (on a filesystem every node sees) and hosts rank 0's rendezvous; a worker
+//! that fails on any node breaks the ring, so every node's workers stop, and
+//! each launcher restarts its group (same port) while restarts remain.
+//!
+//! Environment of each worker (the contract with `mlm::distributed`): `RANK`
+//! (node_rank * workers per node + local rank), `WORLD_SIZE`, `LOCAL_RANK`,
+//! `LOCAL_WORLD_SIZE`, `GROUP_RANK` (the node), `MLM_MASTER_ADDR`,
+//! `MLM_MASTER_PORT` and, on one node, `MLM_JOB_TOKEN` (random per job; with
+//! several nodes the workers derive one from the job unless the user exports
+//! it), and `CUDA_VISIBLE_DEVICES` (its one GPU) for GPU workers.
 mod args;
 mod supervise;
 
@@ -19,7 +27,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
-use args::{Args, Slot};
+use args::{Args, Nodes, Slot};
 use supervise::{describe, Outcome, Signals, Spec};
 
 fn main() {
@@ -35,6 +43,7 @@ fn main() {
 fn run(args: Args) -> Result<i32> {
     let signals = Signals::install()?;
     let slots = args::plan(&args, args::visible_gpus())?;
+    let nodes = Nodes::new(&args, slots.len())?;
     let mlm = args.mlm.clone().unwrap_or_else(find_mlm);
     let grace = Duration::from_secs_f64(args.grace_period.max(0.0));
     let mut overrides: Vec<String> = args.set.iter().flat_map(|s| ["--set".to_string(), s.clone()]).collect();
@@ -42,48 +51,66 @@ fn run(args: Args) -> Result<i32> {
     // finds no usable GPU fails naming the cause instead of training on the CPU.
     let device = if slots[0] == Slot::Cpu { "cpu" } else { "cuda" };
     overrides.extend(["--set".into(), format!("training.device={device}")]);
+    let node = if nodes.multi() { format!("node {}: ", nodes.node_rank) } else { String::new() };
 
     // Prepare once before any worker starts, so workers only read the store.
-    let mut prepare = Command::new(&mlm);
-    prepare.arg("prepare").arg(&args.config).args(&overrides);
-    let (status, signal) = supervise::run_one(prepare, "prepare", &signals)?;
-    if let Some(signal) = signal {
-        eprintln!(
-            "mlm-launch: stopped by signal {signal} while preparing the data; `mlm prepare` was told and has exited"
-        );
-        return Ok(128 + signal);
-    }
-    if !status.success() {
-        bail!("`{} prepare` {}", mlm.display(), describe(&status));
+    // With several nodes node 0 prepares; the others' workers wait for rank 0.
+    if nodes.node_rank == 0 {
+        let mut prepare = Command::new(&mlm);
+        prepare.arg("prepare").arg(&args.config).args(&overrides);
+        let (status, signal) = supervise::run_one(prepare, "prepare", &signals)?;
+        if let Some(signal) = signal {
+            eprintln!(
+                "mlm-launch: {node}stopped by signal {signal} while preparing the data; `mlm prepare` was told and \
+                 has exited"
+            );
+            return Ok(128 + signal);
+        }
+        if !status.success() {
+            bail!("{node}`{} prepare` {}", mlm.display(), describe(&status));
+        }
+    } else {
+        eprintln!("mlm-launch: {node}node 0 prepares the data; these workers wait for it at the rendezvous");
     }
 
-    let world = slots.len();
-    let token = job_token()?;
-    let cpu_threads = cpu_threads_per_worker(world);
+    let world = nodes.world();
+    let token = job_token(&nodes)?;
+    let cpu_threads = cpu_threads_per_worker(slots.len());
+    let first = nodes.rank(0);
+    let ranks = format!("rank{} {}", if slots.len() > 1 { "s" } else { "" }, span(first, first + slots.len() - 1));
     let where_ = match &slots[0] {
-        Slot::Cpu => format!("{world} CPU worker(s)"),
+        Slot::Cpu => format!("{} CPU worker(s), {ranks} of {world}", slots.len()),
         Slot::Gpu(_) => {
             let ids: Vec<&str> = slots.iter().map(|s| if let Slot::Gpu(g) = s { g.as_str() } else { "" }).collect();
-            format!("{world} GPU worker(s) on CUDA_VISIBLE_DEVICES {}", ids.join(","))
+            format!("{} GPU worker(s) on CUDA_VISIBLE_DEVICES {}, {ranks} of {world}", slots.len(), ids.join(","))
         }
     };
     for attempt in 0..=args.max_restarts {
-        let port = free_port(&args.master_addr)?;
-        eprintln!("mlm-launch: starting {where_}; rendezvous {}:{port}", args.master_addr);
+        let port = match args.master_port {
+            Some(p) => p,
+            None if nodes.multi() => args::DEFAULT_MULTI_NODE_PORT,
+            None => free_port(&args.master_addr)?,
+        };
+        eprintln!("mlm-launch: {node}starting {where_}; rendezvous {}:{port}", args.master_addr);
         let specs = slots
             .iter()
             .enumerate()
-            .map(|(rank, slot)| {
+            .map(|(local, slot)| {
+                let rank = nodes.rank(local);
                 let mut cmd = Command::new(&mlm);
                 cmd.arg("train")
                     .arg(&args.config)
                     .args(&overrides)
                     .env("RANK", rank.to_string())
                     .env("WORLD_SIZE", world.to_string())
-                    .env("LOCAL_RANK", rank.to_string())
+                    .env("LOCAL_RANK", local.to_string())
+                    .env("LOCAL_WORLD_SIZE", nodes.per_node.to_string())
+                    .env("GROUP_RANK", nodes.node_rank.to_string())
                     .env("MLM_MASTER_ADDR", &args.master_addr)
-                    .env("MLM_MASTER_PORT", port.to_string())
-                    .env("MLM_JOB_TOKEN", &token);
+                    .env("MLM_MASTER_PORT", port.to_string());
+                if let Some(token) = &token {
+                    cmd.env("MLM_JOB_TOKEN", token);
+                }
                 match slot {
                     Slot::Gpu(g) => {
                         cmd.env("CUDA_VISIBLE_DEVICES", g);
@@ -100,11 +127,16 @@ fn run(args: Args) -> Result<i32> {
         match supervise::run_group(specs, &signals, grace)? {
             Outcome::Success => return Ok(0),
             Outcome::Interrupted { signal } => {
-                eprintln!("mlm-launch: stopped by signal {signal}; the workers were told and have exited");
+                eprintln!("mlm-launch: {node}stopped by signal {signal}; the workers were told and have exited");
                 return Ok(128 + signal);
             }
-            Outcome::Failed { rank, status, tail } => {
-                let mut msg = format!("rank {rank} {}; the other workers were stopped", describe(&status));
+            Outcome::Failed { local, status, tail } => {
+                let rank = nodes.rank(local);
+                let mut msg = format!("{node}rank {rank} {}", describe(&status));
+                if let Some(cause) = supervise::error_line(&tail) {
+                    msg.push_str(&format!(": {cause}"));
+                }
+                msg.push_str("; the other workers were stopped");
                 if !tail.is_empty() {
                     msg.push_str(&format!("\nlast lines of rank {rank}:"));
                     for l in &tail {
@@ -113,7 +145,7 @@ fn run(args: Args) -> Result<i32> {
                 }
                 if attempt < args.max_restarts {
                     eprintln!("mlm-launch: {msg}");
-                    eprintln!("mlm-launch: restarting (attempt {}/{})", attempt + 1, args.max_restarts);
+                    eprintln!("mlm-launch: {node}restarting (attempt {}/{})", attempt + 1, args.max_restarts);
                     continue;
                 }
                 bail!(msg);
@@ -123,6 +155,15 @@ fn run(args: Args) -> Result<i32> {
     unreachable!("the loop returns")
 }
 
+/// "3" or "2-5".
+fn span(first: usize, last: usize) -> String {
+    if first == last {
+        first.to_string()
+    } else {
+        format!("{first}-{last}")
+    }
+}
+
 /// A port nobody listens on now (rank 0 binds it moments later).
 fn free_port(addr: &str) -> Result<u16> {
     let l = std::net::TcpListener::bind((addr, 0))
@@ -130,8 +171,19 @@ fn free_port(addr: &str) -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-/// 128 random bits, hex: workers of another job cannot join this one.
-fn job_token() -> Result<String> {
+/// The job token to give the workers. On one node: 128 random bits, hex, so
+/// workers of another job cannot join this one. With several nodes the
+/// launchers cannot agree on a random one: `MLM_JOB_TOKEN` when the user
+/// exports the same value on every node, else none, and the workers derive one
+/// from their config, output directory, rendezvous address and world size.
+fn job_token(nodes: &Nodes) -> Result<Option<String>> {
+    if nodes.multi() {
+        return Ok(None); // an exported MLM_JOB_TOKEN reaches the workers as it is
+    }
+    random_token().map(Some)
+}
+
+fn random_token() -> Result<String> {
     let mut b = [0u8; 16];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut b))

@@ -46,8 +46,9 @@ impl Signals {
 pub enum Outcome {
     /// Every worker exited with status 0.
     Success,
-    /// A worker failed first; the others were stopped.
-    Failed { rank: usize, status: ExitStatus, tail: Vec<String> },
+    /// A worker (`local`: its index in the specs) failed first; the others
+    /// were stopped.
+    Failed { local: usize, status: ExitStatus, tail: Vec<String> },
     /// The launcher got a signal and passed it on; the workers are gone.
     Interrupted { signal: i32 },
 }
@@ -90,12 +91,12 @@ pub fn run_group(specs: Vec<Spec>, signals: &Signals, grace: Duration) -> Result
             }
             kill_at.get_or_insert(Instant::now() + grace);
         }
-        for (rank, p) in procs.iter_mut().enumerate() {
+        for (local, p) in procs.iter_mut().enumerate() {
             if p.status.is_none() {
                 if let Some(st) = p.child.try_wait()? {
                     p.status = Some(st);
                     if !st.success() && failed.is_none() && interrupted.is_none() {
-                        failed = Some(rank);
+                        failed = Some(local);
                     }
                 }
             }
@@ -125,10 +126,10 @@ pub fn run_group(specs: Vec<Spec>, signals: &Signals, grace: Duration) -> Result
     if let Some(signal) = interrupted {
         return Ok(Outcome::Interrupted { signal });
     }
-    if let Some(rank) = failed {
-        let p = &procs[rank];
+    if let Some(local) = failed {
+        let p = &procs[local];
         let tail = p.tail.lock().expect("tail lock").iter().cloned().collect();
-        return Ok(Outcome::Failed { rank, status: p.status.expect("exited"), tail });
+        return Ok(Outcome::Failed { local, status: p.status.expect("exited"), tail });
     }
     Ok(Outcome::Success)
 }
@@ -229,6 +230,12 @@ fn stop_all(procs: &mut [Running], grace: Duration) {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// The error a worker reported last (`mlm` prints one `error: ...` line), if
+/// it printed one: the cause, where the other lines are context.
+pub fn error_line(tail: &[String]) -> Option<&str> {
+    tail.iter().rev().find_map(|l| l.strip_prefix("error: ")).map(str::trim)
 }
 
 /// "exited with status 3" / "was killed by signal 9 (SIGKILL)".

@@ -17,7 +17,7 @@ dir="{dir}"
 if [ "$cmd" = prepare ]; then echo "prepare $*" >> "$dir/prepare.log"; exit 0; fi
 attempt=$(ls "$dir" | grep -c "^pid\.$RANK\.")
 echo $$ > "$dir/pid.$RANK.$attempt"
-env | grep -E '^(RANK|WORLD_SIZE|LOCAL_RANK|MLM_MASTER_ADDR|MLM_MASTER_PORT|MLM_JOB_TOKEN|CUDA_VISIBLE_DEVICES)=' | sort > "$dir/env.$RANK.$attempt"
+env | grep -E '^(RANK|WORLD_SIZE|LOCAL_RANK|LOCAL_WORLD_SIZE|GROUP_RANK|MLM_MASTER_ADDR|MLM_MASTER_PORT|MLM_JOB_TOKEN|CUDA_VISIBLE_DEVICES)=' | sort > "$dir/env.$RANK.$attempt"
 echo "$*" > "$dir/args.$RANK.$attempt"
 echo "hello from $RANK"
 echo "complaint from $RANK" >&2
@@ -35,7 +35,7 @@ echo "complaint from $RANK" >&2
 fn launch(dir: &Path, mlm: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(LAUNCH);
     cmd.arg("--mlm").arg(mlm).arg(dir.join("job.toml")).args(args);
-    cmd.env_remove("CUDA_VISIBLE_DEVICES");
+    cmd.env_remove("CUDA_VISIBLE_DEVICES").env_remove("MLM_JOB_TOKEN");
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd
 }
@@ -121,6 +121,53 @@ fn output_is_prefixed_per_rank_and_env_is_set_per_rank() {
     assert!(var(&envs[0], "MLM_MASTER_PORT").parse::<u16>().unwrap() > 0);
     let token = var(&envs[0], "MLM_JOB_TOKEN");
     assert!(token.len() == 32 && token.chars().all(|c| c.is_ascii_hexdigit()), "{token}");
+}
+
+#[test]
+fn a_second_node_numbers_its_workers_after_the_first_and_leaves_prepare_to_node_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let mlm = fake_mlm(dir.path(), "exit 0");
+    let (out, _) = run_timed(
+        launch(
+            dir.path(),
+            &mlm,
+            &["--nnodes", "3", "--node-rank", "1", "--nproc", "2", "--device", "cpu", "--master-addr", "10.0.0.5"],
+        ),
+        Duration::from_secs(30),
+    );
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("node 1: node 0 prepares the data"), "{stderr}");
+    assert!(read(dir.path(), "prepare.log").is_empty(), "node 1 must not prepare");
+    let var = |env: &str, k: &str| {
+        env.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).map(str::to_string).unwrap_or_default()
+    };
+    for (local, rank) in [(0, 2), (1, 3)] {
+        let env = read(dir.path(), &format!("env.{rank}.0"));
+        assert_eq!(var(&env, "RANK"), rank.to_string(), "{env}");
+        assert_eq!(var(&env, "LOCAL_RANK"), local.to_string());
+        assert_eq!(var(&env, "LOCAL_WORLD_SIZE"), "2");
+        assert_eq!(var(&env, "GROUP_RANK"), "1");
+        assert_eq!(var(&env, "WORLD_SIZE"), "6");
+        assert_eq!(var(&env, "MLM_MASTER_ADDR"), "10.0.0.5");
+        // Every node must agree on the port: torchrun's default, not a random one.
+        assert_eq!(var(&env, "MLM_MASTER_PORT"), "29500");
+        // Launchers cannot agree on a random token: the workers derive one.
+        assert_eq!(var(&env, "MLM_JOB_TOKEN"), "");
+    }
+    // A token exported on every node reaches the workers unchanged.
+    let dir = tempfile::tempdir().unwrap();
+    let mlm = fake_mlm(dir.path(), "exit 0");
+    let mut cmd = launch(dir.path(), &mlm, &["--nnodes", "2", "--node-rank", "1", "--device", "cpu"]);
+    cmd.env("MLM_JOB_TOKEN", "shared-secret").args(["--master-port", "4242"]);
+    let (out, _) = run_timed(cmd, Duration::from_secs(30));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let env = read(dir.path(), "env.1.0");
+    assert!(env.contains("MLM_JOB_TOKEN=shared-secret\n") && env.contains("MLM_MASTER_PORT=4242\n"), "{env}");
+
+    let out = launch(dir.path(), &mlm, &["--nnodes", "2", "--node-rank", "2"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("--node-rank 2 is not below --nnodes 2"), "{}", text(&out.stderr));
 }
 
 #[test]

@@ -38,6 +38,38 @@ const SPLIT_STREAM: u64 = 0x0053_504C_4954; // "SPLIT"
 /// lock and written under an exclusive one, so a job never rebuilds a store
 /// another job is reading or writing.
 pub fn prepare(cfg: &Config, tok: &TextTokenizer, show_progress: bool, resumed_key: Option<&str>) -> Result<Prepared> {
+    prepare_or_open(cfg, tok, show_progress, resumed_key, Mode::Prepare)
+}
+
+/// Opens the store rank 0 has prepared (the other workers of a job): the same
+/// checks as [`prepare`], but never writes, so workers on a node that does not
+/// see rank 0's files fail saying so instead of preparing a copy each.
+pub fn open_prepared(cfg: &Config, tok: &TextTokenizer, resumed_key: Option<&str>) -> Result<Prepared> {
+    prepare_or_open(cfg, tok, false, resumed_key, Mode::OpenOnly)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Prepare,
+    OpenOnly,
+}
+
+fn busy(dir: &Path, b: crate::lock::Busy) -> anyhow::Error {
+    anyhow::anyhow!(
+        "prepared data {} is in use by another mlm job ({}) that is writing or reading it: wait for it, or set \
+         data.prepared_dir to another folder",
+        dir.display(),
+        b.holder()
+    )
+}
+
+fn prepare_or_open(
+    cfg: &Config,
+    tok: &TextTokenizer,
+    show_progress: bool,
+    resumed_key: Option<&str>,
+    mode: Mode,
+) -> Result<Prepared> {
     let d = &cfg.data;
     let files = expand_files(&d.files)?;
     if files.is_empty() {
@@ -59,14 +91,18 @@ pub fn prepare(cfg: &Config, tok: &TextTokenizer, show_progress: bool, resumed_k
     let dir = cfg.prepared_dir();
     check_store_dir(&dir)?;
     let lock_path = crate::lock::store_lock_path(&dir);
-    let busy = |b: crate::lock::Busy| {
-        anyhow::anyhow!(
-            "prepared data {} is in use by another mlm job ({}) that is writing or reading it: wait for it, or set \
-             data.prepared_dir to another folder",
-            dir.display(),
-            b.holder()
-        )
-    };
+    if mode == Mode::OpenOnly {
+        let _shared = crate::lock::Lock::shared(&lock_path)?.map_err(|b| busy(&dir, b))?;
+        return reusable(&dir, &key).with_context(|| {
+            format!(
+                "prepared data {} is missing here or was made from other inputs, though rank 0 has prepared it: every \
+                 worker must see the same data.files and data.prepared_dir (with several nodes, on a filesystem \
+                 shared by all of them)",
+                dir.display()
+            )
+        });
+    }
+    let busy = |b: crate::lock::Busy| busy(&dir, b);
     {
         let _shared = crate::lock::Lock::shared(&lock_path)?.map_err(busy)?;
         if let Some(p) = reusable(&dir, &key) {
@@ -408,6 +444,19 @@ mod tests {
             assert_eq!(p.test.chunk(k), &all[id as usize * 64..(id as usize + 1) * 64]);
         }
         assert_eq!(siblings(tmp.path()), vec!["data"]);
+    }
+
+    #[test]
+    fn other_workers_open_rank_0s_store_and_never_write_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tok = testutil::tokenizer();
+        let cfg = config(tmp.path(), corpus(3), 64);
+        let e = format!("{:#}", open_prepared(&cfg, tok, None).unwrap_err());
+        assert!(e.contains("rank 0 has prepared it") && e.contains("shared by all of them"), "{e}");
+        assert!(!cfg.prepared_dir().exists(), "a worker wrote a store");
+        let made = prepare(&cfg, tok, false, None).unwrap();
+        let opened = open_prepared(&cfg, tok, None).unwrap();
+        assert_eq!(opened.manifest.inputs_key, made.manifest.inputs_key);
     }
 
     #[test]

@@ -225,8 +225,17 @@ fn tcp_from_env(world: WorldInfo, timeout: Duration, job: &str) -> Result<TcpCom
         .map_err(|_| anyhow::anyhow!("rank {rank}: MLM_MASTER_PORT={port:?} is not a port number"))?;
     let addr = format!("{addr}:{port}");
     let token = job_token(std::env::var("MLM_JOB_TOKEN").ok().as_deref(), job, &addr, world.world_size);
-    let rdv = tcp::Rendezvous { addr, token, timeout };
+    let ranks_per_node = ranks_per_node(&|k| std::env::var(k).ok(), world.world_size);
+    let rdv = tcp::Rendezvous { addr, token, timeout, ranks_per_node };
     TcpComm::connect(rank, world.world_size, &rdv)
+}
+
+/// Workers per node of a job that spans several nodes of equal size
+/// (`LOCAL_WORLD_SIZE`, set by `mlm-launch`), so that errors can name a peer's
+/// node; `None` on one node or when unknown.
+fn ranks_per_node(get: &dyn Fn(&str) -> Option<String>, world: usize) -> Option<usize> {
+    let n: usize = get("LOCAL_WORLD_SIZE")?.trim().parse().ok()?;
+    (n > 0 && world > n && world.is_multiple_of(n)).then_some(n)
 }
 
 /// The token every rank of a tcp job presents: `MLM_JOB_TOKEN` when set
@@ -303,6 +312,16 @@ mod tests {
         assert!(e.contains("WORLD_SIZE"), "{e}");
         let e = WorldInfo::from_vars(&vars(&[("WORLD_SIZE", "2")])).unwrap_err().to_string();
         assert!(e.contains("RANK is not"), "{e}");
+    }
+
+    #[test]
+    fn peers_are_named_with_their_node_in_multi_node_jobs() {
+        assert_eq!(ranks_per_node(&vars(&[("LOCAL_WORLD_SIZE", "2")]), 4), Some(2));
+        assert_eq!(ranks_per_node(&vars(&[("LOCAL_WORLD_SIZE", "2")]), 2), None);
+        assert_eq!(ranks_per_node(&vars(&[("LOCAL_WORLD_SIZE", "3")]), 4), None);
+        assert_eq!(ranks_per_node(&vars(&[]), 4), None);
+        assert_eq!(tcp::peer_name(5, Some(2)), "rank 5 (node 2)");
+        assert_eq!(tcp::peer_name(5, None), "rank 5");
     }
 
     #[test]

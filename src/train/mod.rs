@@ -28,7 +28,7 @@ use crate::checkpoint::{self, TrainerState};
 use crate::config::{Config, Precision};
 use crate::data::loader::{epoch_order, eval_batches, rank_shard, Batch, BatchStream};
 use crate::data::masking::MaskingParams;
-use crate::data::prepare::prepare;
+use crate::data::prepare::{open_prepared, prepare};
 use crate::data::store::Prepared;
 use crate::data::tokenizer::TextTokenizer;
 use crate::device::select_device;
@@ -236,7 +236,7 @@ fn claim_output_and_data(cfg: &Config, tok: &TextTokenizer, sync: &mut GradSync)
         let state = resume::checked_state(&dir, cfg)?;
         StartPoint { checkpoint: Some((dir, state)) }
     };
-    let data = prepare(cfg, tok, false, start.data_key())?;
+    let data = open_prepared(cfg, tok, start.data_key()).with_context(|| format!("rank {}", sync.rank()))?;
     Ok(Claimed { _lock: None, start, data })
 }
 

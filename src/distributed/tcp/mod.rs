@@ -66,12 +66,25 @@ pub struct Rendezvous {
     pub token: String,
     /// How long to wait for peers (`distributed.timeout_s`).
     pub timeout: Duration,
+    /// Workers per node when the job spans several nodes of equal size
+    /// (`LOCAL_WORLD_SIZE` from `mlm-launch --nnodes`), so that errors name
+    /// the node of a peer: "rank 5 (node 1)".
+    pub ranks_per_node: Option<usize>,
+}
+
+/// "rank 5 (node 1)" in a multi-node job, "rank 5" otherwise.
+pub fn peer_name(rank: usize, ranks_per_node: Option<usize>) -> String {
+    match ranks_per_node {
+        Some(n) if n > 0 => format!("rank {rank} (node {})", rank / n),
+        _ => format!("rank {rank}"),
+    }
 }
 
 /// One rank of a tcp ring.
 pub struct TcpComm {
     rank: usize,
     world: usize,
+    ranks_per_node: Option<usize>,
     timeout: Duration,
     /// Receives from rank - 1; `None` at world size 1.
     left: Option<TcpStream>,
@@ -101,13 +114,23 @@ impl TcpComm {
                 .collect();
             let listener = TcpListener::bind(&addrs[..])
                 .map_err(|e| anyhow!("rank 0: cannot listen at {} (MLM_MASTER_ADDR:MLM_MASTER_PORT): {e}", rdv.addr))?;
-            return Self::host(listener, world, &rdv.token, rdv.timeout);
+            return Self::host_with(listener, world, &rdv.token, rdv.timeout, rdv.ranks_per_node);
         }
         Self::join(rank, world, rdv)
     }
 
     /// Rank 0 on an already bound rendezvous listener (tests bind port 0).
     pub fn host(listener: TcpListener, world: usize, token: &str, timeout: Duration) -> Result<Self> {
+        Self::host_with(listener, world, token, timeout, None)
+    }
+
+    fn host_with(
+        listener: TcpListener,
+        world: usize,
+        token: &str,
+        timeout: Duration,
+        ranks_per_node: Option<usize>,
+    ) -> Result<Self> {
         if world == 1 {
             return Ok(Self::single(timeout));
         }
@@ -135,7 +158,7 @@ impl TcpComm {
             j.stream.write_all(&msg).map_err(|e| anyhow!("rank 0: cannot answer rank {r} at the rendezvous: {e}"))?;
         }
         drop(joined);
-        Self::link(0, world, addr[1], ring, token, deadline, timeout)
+        Self::link(0, world, addr[1], ring, token, deadline, timeout, ranks_per_node)
     }
 
     /// Ranks 1..world: connect to the rendezvous, learn the right neighbour.
@@ -177,10 +200,11 @@ impl TcpComm {
         let right: SocketAddr =
             text.parse().map_err(|_| anyhow!("rank {rank}: bad neighbour address {text:?} from rank 0"))?;
         drop(master);
-        Self::link(rank, world, right, ring, &rdv.token, deadline, rdv.timeout)
+        Self::link(rank, world, right, ring, &rdv.token, deadline, rdv.timeout, rdv.ranks_per_node)
     }
 
     /// Connects to the right neighbour and accepts the left one.
+    #[allow(clippy::too_many_arguments)]
     fn link(
         rank: usize,
         world: usize,
@@ -189,15 +213,16 @@ impl TcpComm {
         token: &str,
         deadline: Instant,
         timeout: Duration,
+        ranks_per_node: Option<usize>,
     ) -> Result<Self> {
-        let right_rank = (rank + 1) % world;
+        let right_rank = peer_name((rank + 1) % world, ranks_per_node);
         let left_rank = (rank + world - 1) % world;
         let mut right = connect_retry(&right_addr.to_string(), deadline)
-            .map_err(|e| anyhow!("rank {rank}: cannot connect to rank {right_rank} at {right_addr}: {e}"))?;
+            .map_err(|e| anyhow!("rank {rank}: cannot connect to {right_rank} at {right_addr}: {e}"))?;
         let mut hello = b"MLMP".to_vec();
         put_str(&mut hello, token);
         hello.extend_from_slice(&(rank as u32).to_le_bytes());
-        right.write_all(&hello).map_err(|e| anyhow!("rank {rank}: cannot send to rank {right_rank}: {e}"))?;
+        right.write_all(&hello).map_err(|e| anyhow!("rank {rank}: cannot send to {right_rank}: {e}"))?;
         ring.set_nonblocking(true)?;
         let left = loop {
             match ring.accept() {
@@ -227,7 +252,8 @@ impl TcpComm {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     if Instant::now() >= deadline {
                         bail!(
-                            "rank {rank}: rank {left_rank} did not connect within {} s (distributed.timeout_s)",
+                            "rank {rank}: {} did not connect within {} s (distributed.timeout_s)",
+                            peer_name(left_rank, ranks_per_node),
                             timeout.as_secs()
                         );
                     }
@@ -243,6 +269,7 @@ impl TcpComm {
         Ok(Self {
             rank,
             world,
+            ranks_per_node,
             timeout,
             left: Some(left),
             writer: Some(Writer::spawn(right, rank, right_rank)?),
@@ -256,6 +283,7 @@ impl TcpComm {
         Self {
             rank: 0,
             world: 1,
+            ranks_per_node: None,
             timeout,
             left: None,
             writer: None,
@@ -267,6 +295,11 @@ impl TcpComm {
 
     fn left_rank(&self) -> usize {
         (self.rank + self.world - 1) % self.world
+    }
+
+    /// The left neighbour as errors name it: "rank 4", or "rank 4 (node 1)".
+    fn left_name(&self) -> String {
+        peer_name(self.left_rank(), self.ranks_per_node)
     }
 
     /// Runs one collective; on error poisons the ring and tells the right neighbour.
@@ -305,10 +338,10 @@ impl TcpComm {
         }
         if h[0] != kind {
             bail!(
-                "rank {}: expected {} but rank {} sent {}: the ranks called different collectives",
+                "rank {}: expected {} but {} sent {}: the ranks called different collectives",
                 self.rank,
                 kind_name(kind),
-                self.left_rank(),
+                self.left_name(),
                 kind_name(h[0])
             );
         }
@@ -320,9 +353,9 @@ impl TcpComm {
         let len = self.recv_header(kind)?;
         if len != buf.len() {
             bail!(
-                "rank {}: rank {} sent {len} bytes of {} where {} were expected: the ranks passed tensors of different sizes or dtypes",
+                "rank {}: {} sent {len} bytes of {} where {} were expected: the ranks passed tensors of different sizes or dtypes",
                 self.rank,
-                self.left_rank(),
+                self.left_name(),
                 kind_name(kind),
                 buf.len()
             );
@@ -333,14 +366,14 @@ impl TcpComm {
     /// Reads `buf.len()` bytes from the left neighbour, checking the writer's
     /// health and the deadline while it waits.
     fn read_full(&mut self, buf: &mut [u8]) -> Result<()> {
-        let (rank, left_rank) = (self.rank, self.left_rank());
+        let (rank, left_rank) = (self.rank, self.left_name());
         let stream = self.left.as_mut().expect("world > 1");
         let writer = self.writer.as_ref().expect("world > 1");
         let mut done = 0;
         let mut last = Instant::now();
         while done < buf.len() {
             match stream.read(&mut buf[done..]) {
-                Ok(0) => bail!("rank {rank}: rank {left_rank} closed the connection (it exited or crashed)"),
+                Ok(0) => bail!("rank {rank}: {left_rank} closed the connection (it exited or crashed)"),
                 Ok(n) => {
                     done += n;
                     last = Instant::now();
@@ -351,12 +384,12 @@ impl TcpComm {
                     }
                     if last.elapsed() >= self.timeout {
                         bail!(
-                            "rank {rank}: no data from rank {left_rank} for {} s (distributed.timeout_s); is it alive?",
+                            "rank {rank}: no data from {left_rank} for {} s (distributed.timeout_s); is it alive?",
                             self.timeout.as_secs()
                         );
                     }
                 }
-                Err(e) => bail!("rank {rank}: connection from rank {left_rank} failed: {e}"),
+                Err(e) => bail!("rank {rank}: connection from {left_rank} failed: {e}"),
             }
         }
         Ok(())
@@ -546,7 +579,8 @@ struct Writer {
 }
 
 impl Writer {
-    fn spawn(mut stream: TcpStream, rank: usize, right_rank: usize) -> Result<Self> {
+    /// `right_rank` names the neighbour in errors ("rank 1 (node 1)").
+    fn spawn(mut stream: TcpStream, rank: usize, right_rank: String) -> Result<Self> {
         let (tx, rx) = mpsc::channel::<Vec<u8>>();
         let (pool_tx, pool) = mpsc::channel();
         let error = Arc::new(Mutex::new(None));
@@ -558,9 +592,9 @@ impl Writer {
                     if let Err(e) = stream.write_all(&frame) {
                         let why = match e.kind() {
                             ErrorKind::WouldBlock | ErrorKind::TimedOut => {
-                                format!("rank {right_rank} stopped reading (send timed out; distributed.timeout_s)")
+                                format!("{right_rank} stopped reading (send timed out; distributed.timeout_s)")
                             }
-                            _ => format!("cannot send to rank {right_rank} (it exited or crashed): {e}"),
+                            _ => format!("cannot send to {right_rank} (it exited or crashed): {e}"),
                         };
                         *err.lock().expect("writer error lock") = Some(why);
                         return;

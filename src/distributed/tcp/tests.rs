@@ -22,7 +22,7 @@ fn run_ring<T: Send + 'static>(
     };
     handles.push(host);
     for rank in 1..world {
-        let rdv = Rendezvous { addr: addr.clone(), token: token.clone(), timeout };
+        let rdv = Rendezvous { addr: addr.clone(), token: token.clone(), timeout, ranks_per_node: None };
         let f = f.clone();
         handles.push(std::thread::spawn(move || f(TcpComm::connect(rank, world, &rdv).unwrap())));
     }
@@ -158,7 +158,7 @@ fn stray_connection_with_wrong_token_is_refused_and_job_completes() {
     let why = get_str(&mut s).unwrap();
     assert_eq!(status[0], 1, "the stray is refused");
     assert!(why.contains("belongs to another job"), "{why}");
-    let rdv = Rendezvous { addr, token: "right".into(), timeout };
+    let rdv = Rendezvous { addr, token: "right".into(), timeout, ranks_per_node: None };
     let mut c = TcpComm::connect(1, 2, &rdv).unwrap();
     let mut t = Tensor::from_slice(&[10.0f32, 20.0]);
     c.all_reduce_sum(&mut t).unwrap();
@@ -226,7 +226,12 @@ fn mismatched_sizes_fail_instead_of_mixing_data() {
 
 #[test]
 fn world_of_one_needs_no_network() {
-    let rdv = Rendezvous { addr: "unused:1".into(), token: String::new(), timeout: Duration::from_secs(1) };
+    let rdv = Rendezvous {
+        addr: "unused:1".into(),
+        token: String::new(),
+        timeout: Duration::from_secs(1),
+        ranks_per_node: None,
+    };
     let mut c = TcpComm::connect(0, 1, &rdv).unwrap();
     let mut t = Tensor::from_slice(&[3.0f32]);
     c.all_reduce_sum(&mut t).unwrap();

@@ -1,0 +1,165 @@
+//! Two "nodes" on loopback: two `mlm-launch --nnodes 2 --node-rank {0,1}`
+//! processes, one CPU worker each, train the run of one process with twice the
+//! batch; a worker killed on node 1 stops node 0 naming node and rank, and with
+//! `--max-restarts 1` both nodes restart and finish the uninterrupted run.
+mod common;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const STEPS: usize = 20;
+
+fn launcher() -> PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_mlm")).with_file_name("mlm-launch");
+    assert!(p.is_file(), "{} not built: run `cargo build --workspace --bins`", p.display());
+    p
+}
+
+/// A tiny fp32 job without dropout and without a first evaluation.
+fn job(dir: &Path) -> PathBuf {
+    let cfg = write_job(dir, "");
+    let model = dir.join("tiny-bert.json");
+    let text = std::fs::read_to_string(&model).unwrap().replace("_dropout_prob\": 0.1", "_dropout_prob\": 0.0");
+    std::fs::write(&model, text).unwrap();
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("max_steps = 30", &format!("max_steps = {STEPS}"))
+        .replace("threads = 2", "threads = 1")
+        .replace("[eval]\n", "[eval]\nat_start = false\n");
+    std::fs::write(&cfg, text).unwrap();
+    cfg
+}
+
+const SETS: [&str; 6] =
+    ["--set", "training.log_every=1", "--set", "checkpoint.every_steps=4", "--set", "training.batch_size=8"];
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One node's launcher, 1 CPU worker, rendezvous on `port`.
+fn node(cfg: &Path, node_rank: usize, port: u16, extra: &[&str]) -> Child {
+    Command::new(launcher())
+        .args(["--nnodes", "2", "--node-rank", &node_rank.to_string(), "--nproc", "1", "--device", "cpu"])
+        .args(["--master-addr", "127.0.0.1", "--master-port", &port.to_string(), "--mlm"])
+        .arg(env!("CARGO_BIN_EXE_mlm"))
+        .args(extra)
+        .arg(cfg)
+        .args(SETS)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The per-step losses of one process with the summed batch (16).
+fn single_process_losses() -> BTreeMap<u64, f64> {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job(dir.path());
+    let out = run(mlm().arg("train").arg(&cfg).args(SETS).args(["--set", "training.batch_size=16"]));
+    assert!(out.status.success());
+    let l = losses(&dir.path().join("out"));
+    assert_eq!(l.len(), STEPS, "one loss per step expected: {l:?}");
+    l
+}
+
+fn assert_close(want: &BTreeMap<u64, f64>, got: &BTreeMap<u64, f64>, what: &str) {
+    assert_eq!(want.keys().collect::<Vec<_>>(), got.keys().collect::<Vec<_>>(), "{what}: steps differ");
+    let worst = want.iter().map(|(s, w)| ((got[s] - w) / w).abs()).fold(0.0, f64::max);
+    eprintln!("{what}: largest relative loss difference over {} steps {worst:.2e}", want.len());
+    assert!(worst < 1e-5, "{what}: {worst:.2e}\nwant {want:?}\ngot {got:?}");
+}
+
+fn wait(child: Child, limit: Duration, what: &str) -> Output {
+    let t0 = Instant::now();
+    let mut child = child;
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > limit {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!("{what} still running after {limit:?}:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// The pid of the `mlm train` worker of a launcher.
+fn worker_of(launcher_pid: u32) -> Option<u32> {
+    let out = Command::new("pgrep").args(["-P", &launcher_pid.to_string(), "-f", "mlm train"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| l.trim().parse().ok())
+}
+
+#[test]
+fn two_nodes_on_loopback_equal_one_process_with_twice_the_batch() {
+    let want = single_process_losses();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job(dir.path());
+    let port = free_port();
+    // Node 1 may start first: its worker waits at the rendezvous for node 0.
+    let n1 = node(&cfg, 1, port, &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    let n0 = node(&cfg, 0, port, &[]);
+    let (o0, o1) = (wait(n0, Duration::from_secs(300), "node 0"), wait(n1, Duration::from_secs(300), "node 1"));
+    let (e0, e1) = (String::from_utf8_lossy(&o0.stderr), String::from_utf8_lossy(&o1.stderr));
+    assert!(o0.status.success() && o1.status.success(), "node 0:\n{e0}\nnode 1:\n{e1}");
+    assert!(e0.contains("node 0: starting 1 CPU worker(s), rank 0 of 2"), "{e0}");
+    assert!(e1.contains("node 1: starting 1 CPU worker(s), rank 1 of 2"), "{e1}");
+    assert!(e1.contains("node 0 prepares the data"), "{e1}");
+    assert_close(&want, &losses(&dir.path().join("out")), "mlm-launch --nnodes 2");
+}
+
+#[test]
+fn a_worker_killed_on_node_1_stops_node_0_and_restarts_resume_on_both() {
+    // Without restarts: node 0 stops within 10 s, naming node 1 and rank 1.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job(dir.path());
+    let port = free_port();
+    let n0 = node(&cfg, 0, port, &[]);
+    let n1 = node(&cfg, 1, port, &[]);
+    let out = dir.path().join("out");
+    let t0 = Instant::now();
+    while losses(&out).keys().max().copied().unwrap_or(0) < 6 {
+        assert!(t0.elapsed() < Duration::from_secs(180), "the job did not reach step 6");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let victim = worker_of(n1.id()).expect("node 1's worker");
+    let killed = Instant::now();
+    Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap();
+    let o0 = wait(n0, Duration::from_secs(60), "node 0");
+    let secs = killed.elapsed().as_secs_f64();
+    let o1 = wait(n1, Duration::from_secs(60), "node 1");
+    let (e0, e1) = (String::from_utf8_lossy(&o0.stderr), String::from_utf8_lossy(&o1.stderr));
+    assert!(!o0.status.success() && !o1.status.success(), "both nodes must fail:\n{e0}\n{e1}");
+    eprintln!("node 0 stopped {secs:.2} s after the kill");
+    assert!(secs < 10.0, "node 0 took {secs:.1} s to stop");
+    let headline = e0.lines().find(|l| l.starts_with("mlm-launch: error:")).unwrap_or_else(|| panic!("{e0}"));
+    assert!(headline.contains("rank 1 (node 1)"), "node 0 must name node 1 and rank 1: {headline}");
+    let headline = e1.lines().find(|l| l.starts_with("mlm-launch: error:")).unwrap_or_else(|| panic!("{e1}"));
+    assert!(headline.contains("node 1: rank 1 was killed by signal 9"), "{headline}");
+
+    // With one restart on each node: both restart and the job finishes with
+    // the losses of one process with the summed batch.
+    let want = single_process_losses();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job(dir.path());
+    let port = free_port();
+    let n0 = node(&cfg, 0, port, &["--max-restarts", "1"]);
+    let n1 = node(&cfg, 1, port, &["--max-restarts", "1"]);
+    let out = dir.path().join("out");
+    let t0 = Instant::now();
+    while losses(&out).keys().max().copied().unwrap_or(0) < 10 {
+        assert!(t0.elapsed() < Duration::from_secs(180), "the job did not reach step 10");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let victim = worker_of(n1.id()).expect("node 1's worker");
+    Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap();
+    let (o0, o1) = (wait(n0, Duration::from_secs(300), "node 0"), wait(n1, Duration::from_secs(300), "node 1"));
+    let (e0, e1) = (String::from_utf8_lossy(&o0.stderr), String::from_utf8_lossy(&o1.stderr));
+    assert!(o0.status.success() && o1.status.success(), "node 0:\n{e0}\nnode 1:\n{e1}");
+    assert!(e0.contains("restarting (attempt 1/1)") && e1.contains("restarting (attempt 1/1)"), "{e0}\n{e1}");
+    assert_close(&want, &losses(&out), "restarted on both nodes");
+}
