@@ -66,6 +66,20 @@ pub enum InputFormat {
     Parquet,
 }
 
+/// What to do with bytes that are not UTF-8 in text and JSON-lines inputs.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum InvalidUtf8 {
+    /// Stop with an error naming the file and the byte offset.
+    #[default]
+    Error,
+    /// Replace each invalid sequence with U+FFFD (as Python's
+    /// `errors="replace"`), counting them.
+    Replace,
+    /// Leave out every line that holds invalid bytes, counting them.
+    Skip,
+}
+
 /// `[data]`: inputs, preparation and masking.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -76,6 +90,8 @@ pub struct DataConfig {
     /// Field (JSON lines) or column (Parquet) holding the text.
     pub text_field: String,
     pub document_boundary: DocumentBoundary,
+    /// Bytes that are not UTF-8: error, replace or skip (their lines).
+    pub invalid_utf8: InvalidUtf8,
     /// Tokens per training example (chunk).
     pub block_size: usize,
     /// Fraction of chunks held out for evaluation.
@@ -105,6 +121,7 @@ impl Default for DataConfig {
             format: InputFormat::Auto,
             text_field: "text".into(),
             document_boundary: DocumentBoundary::BlankLine,
+            invalid_utf8: InvalidUtf8::Error,
             block_size: 128,
             test_fraction: 0.05,
             split_seed: 42,

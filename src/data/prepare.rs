@@ -325,6 +325,12 @@ fn inputs_key(d: &DataConfig, tok: &TextTokenizer, sources: &[SourceInfo]) -> St
         "split_seed": d.split_seed,
         "tokenizer_sha256": tok.hash,
     });
+    let mut v = v;
+    // Only when it can change the text, so stores made before the key existed
+    // keep their identity.
+    if d.invalid_utf8 != crate::config::InvalidUtf8::Error {
+        v["invalid_utf8"] = serde_json::json!(d.invalid_utf8);
+    }
     hex(&Sha256::digest(v.to_string().as_bytes()))
 }
 

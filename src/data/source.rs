@@ -1,4 +1,6 @@
-//! Reading input files into documents (plain text, JSON lines or Parquet).
+//! Reading input files into documents (plain text, JSON lines or Parquet),
+//! text and JSON lines optionally compressed (`.gz`, `.zst`, `.bz2`).
+use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -7,7 +9,7 @@ use arrow_array::{Array, LargeStringArray, StringArray, StringViewArray};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 
-use crate::config::{DataConfig, DocumentBoundary, InputFormat};
+use crate::config::{DataConfig, DocumentBoundary, InputFormat, InvalidUtf8};
 
 /// Expands `data.files` (paths or glob patterns) into a sorted, deduplicated
 /// list of files. A pattern that matches no file, or a missing file, is an error
@@ -40,10 +42,47 @@ pub fn expand_files(patterns: &[String]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// The format `path` is read with: `cfg.format`, or from the extension.
+/// How an input file is compressed, from its last extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    /// `.gz` (several concatenated members are read as one stream, as `zcat`).
+    Gzip,
+    /// `.zst` / `.zstd`.
+    Zstd,
+    /// `.bz2`.
+    Bzip2,
+}
+
+impl Compression {
+    pub fn of(path: &Path) -> Self {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("gz") => Self::Gzip,
+            Some("zst" | "zstd") => Self::Zstd,
+            Some("bz2") => Self::Bzip2,
+            _ => Self::None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::None => "plain",
+            Self::Gzip => "gzip",
+            Self::Zstd => "zstd",
+            Self::Bzip2 => "bzip2",
+        }
+    }
+}
+
+/// The format `path` is read with: `cfg.format`, or from the extension under
+/// any compression extension (`wiki.jsonl.gz` is JSON lines).
 pub fn resolve_format(path: &Path, format: InputFormat) -> InputFormat {
+    let inner = match Compression::of(path) {
+        Compression::None => path.to_path_buf(),
+        _ => path.with_extension(""),
+    };
     match format {
-        InputFormat::Auto => match path.extension().and_then(|e| e.to_str()) {
+        InputFormat::Auto => match inner.extension().and_then(|e| e.to_str()) {
             Some("jsonl" | "json") => InputFormat::Jsonl,
             Some("parquet") => InputFormat::Parquet,
             _ => InputFormat::Text,
@@ -131,17 +170,94 @@ impl PartialEq<Vec<&str>> for Documents {
 /// are skipped. Errors name the file (and line, or byte offset for bad UTF-8).
 pub fn read_documents(path: &Path, cfg: &DataConfig) -> Result<Documents> {
     let format = resolve_format(path, cfg.format);
+    let compression = Compression::of(path);
     if format == InputFormat::Parquet {
+        if compression != Compression::None {
+            bail!(
+                "{}: a {}-compressed Parquet file; Parquet compresses its own columns: decompress the file",
+                path.display(),
+                compression.name()
+            );
+        }
         return parquet_documents(path, &cfg.text_field);
     }
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read input file {}", path.display()))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        let at = e.utf8_error().valid_up_to();
-        anyhow::anyhow!("{}: not valid UTF-8 (first invalid byte at offset {at})", path.display())
-    })?;
+    let bytes = read_bytes(path, compression)?;
+    let text = decode(path, bytes, cfg.invalid_utf8, compression)?;
     match format {
         InputFormat::Jsonl => jsonl_documents(path, text.strip_prefix('\u{feff}').unwrap_or(&text), &cfg.text_field),
         _ => Ok(text_documents(text, cfg.document_boundary)),
+    }
+}
+
+/// The bytes of `path`, decompressed.
+fn read_bytes(path: &Path, compression: Compression) -> Result<Vec<u8>> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot read input file {}", path.display()))?;
+    let mut out = Vec::new();
+    let read = match compression {
+        Compression::None => {
+            return std::fs::read(path).with_context(|| format!("cannot read input file {}", path.display()))
+        }
+        Compression::Gzip => flate2::read::MultiGzDecoder::new(file).read_to_end(&mut out),
+        Compression::Zstd => zstd::stream::read::Decoder::new(file).and_then(|mut d| d.read_to_end(&mut out)),
+        Compression::Bzip2 => bzip2::read::MultiBzDecoder::new(file).read_to_end(&mut out),
+    };
+    read.map_err(|e| {
+        anyhow::anyhow!("{}: cannot decompress it as {} (from its extension): {e}", path.display(), compression.name())
+    })?;
+    Ok(out)
+}
+
+/// The text of `bytes`, with `policy` for invalid UTF-8: an error naming the
+/// file and offset, or the text with each invalid sequence replaced (U+FFFD) or
+/// each line holding one left out; the number replaced or left out is logged.
+fn decode(path: &Path, bytes: Vec<u8>, policy: InvalidUtf8, compression: Compression) -> Result<String> {
+    let e = match String::from_utf8(bytes) {
+        Ok(text) => return Ok(text),
+        Err(e) => e,
+    };
+    let at = e.utf8_error().valid_up_to();
+    let bytes = e.into_bytes();
+    let line = bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+    let place = match compression {
+        Compression::None => format!("byte offset {at}, line {line}"),
+        c => format!("byte offset {at} of the {} text, line {line}", c.name()),
+    };
+    match policy {
+        InvalidUtf8::Error => bail!(
+            "{}: not valid UTF-8 (first invalid byte at {place}); convert it (e.g. iconv -f latin1 -t utf-8), or \
+             set data.invalid_utf8 = \"replace\" or \"skip\"",
+            path.display()
+        ),
+        InvalidUtf8::Replace => {
+            let n = bytes.utf8_chunks().filter(|c| !c.invalid().is_empty()).count();
+            tracing::warn!(
+                "{}: {n} invalid UTF-8 sequence(s) replaced with U+FFFD (data.invalid_utf8 = \"replace\"; first at \
+                 {place})",
+                path.display()
+            );
+            Ok(String::from_utf8_lossy(&bytes).into_owned())
+        }
+        InvalidUtf8::Skip => {
+            let mut text = String::with_capacity(bytes.len());
+            let mut skipped = 0usize;
+            for l in bytes.split_inclusive(|&b| b == b'\n') {
+                match std::str::from_utf8(l) {
+                    Ok(l) => text.push_str(l),
+                    Err(_) => {
+                        skipped += 1;
+                        // Keep the line break, so blank-line boundaries stay.
+                        if l.ends_with(b"\n") {
+                            text.push('\n');
+                        }
+                    }
+                }
+            }
+            tracing::warn!(
+                "{}: {skipped} line(s) with invalid UTF-8 left out (data.invalid_utf8 = \"skip\"; first at {place})",
+                path.display()
+            );
+            Ok(text)
+        }
     }
 }
 
@@ -400,7 +516,59 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = write(d.path(), "bad.txt", b"abc\xffdef");
         let e = format!("{:#}", read_documents(&p, &cfg(DocumentBoundary::BlankLine)).unwrap_err());
-        assert!(e.contains("bad.txt") && e.contains("offset 3"), "{e}");
+        assert!(e.contains("bad.txt") && e.contains("offset 3") && e.contains("data.invalid_utf8"), "{e}");
+    }
+
+    #[test]
+    fn invalid_utf8_is_replaced_or_its_lines_skipped_when_asked() {
+        let d = tempfile::tempdir().unwrap();
+        // Latin-1 "café" in the second line, a lone continuation byte in the fourth.
+        let p = write(d.path(), "latin1.txt", b"one\ncaf\xe9 au lait\n\nthree\nx\x80y\nfour\n");
+        let with = |policy| DataConfig { invalid_utf8: policy, ..cfg(DocumentBoundary::Line) };
+        assert!(read_documents(&p, &with(InvalidUtf8::Error)).is_err());
+        let replaced = read_documents(&p, &with(InvalidUtf8::Replace)).unwrap();
+        assert_eq!(replaced, vec!["one", "caf\u{fffd} au lait", "three", "x\u{fffd}y", "four"]);
+        let skipped = read_documents(&p, &with(InvalidUtf8::Skip)).unwrap();
+        assert_eq!(skipped, vec!["one", "three", "four"]);
+        // Skipping a line keeps its line break: blank-line documents stay apart.
+        let p = write(d.path(), "paras.txt", b"a\n\xff\n\nb\n");
+        let skip = DataConfig { invalid_utf8: InvalidUtf8::Skip, ..cfg(DocumentBoundary::BlankLine) };
+        assert_eq!(read_documents(&p, &skip).unwrap(), vec!["a", "b"]);
+    }
+
+    #[test]
+    fn compressed_inputs_read_as_their_plain_text() {
+        use std::io::Write;
+        let d = tempfile::tempdir().unwrap();
+        let text = b"first doc\n\nsecond doc\n";
+        let jsonl = b"{\"text\": \"a json doc\"}\n{\"text\": \"another\"}\n";
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(text).unwrap();
+        let gz = gz.finish().unwrap();
+        // Two gzip members, as `cat a.gz b.gz` makes: both are read.
+        let p = write(d.path(), "a.txt.gz", &[gz.clone(), gz].concat());
+        let docs = read_documents(&p, &cfg(DocumentBoundary::Line)).unwrap();
+        assert_eq!(docs, vec!["first doc", "second doc", "first doc", "second doc"]);
+        let p = write(d.path(), "b.jsonl.zst", &zstd::encode_all(&jsonl[..], 3).unwrap());
+        assert_eq!(resolve_format(&p, InputFormat::Auto), InputFormat::Jsonl);
+        assert_eq!(read_documents(&p, &cfg(DocumentBoundary::BlankLine)).unwrap(), vec!["a json doc", "another"]);
+        let mut bz = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::default());
+        bz.write_all(text).unwrap();
+        let p = write(d.path(), "c.txt.bz2", &bz.finish().unwrap());
+        assert_eq!(read_documents(&p, &cfg(DocumentBoundary::BlankLine)).unwrap(), vec!["first doc", "second doc"]);
+        // A file that is not what its extension says: named, with the codec.
+        let p = write(d.path(), "fake.txt.gz", b"plain text");
+        let e = format!("{:#}", read_documents(&p, &cfg(DocumentBoundary::BlankLine)).unwrap_err());
+        assert!(e.contains("fake.txt.gz") && e.contains("gzip"), "{e}");
+        let p = write(d.path(), "t.parquet.gz", b"x");
+        let e = format!("{:#}", read_documents(&p, &cfg(DocumentBoundary::BlankLine)).unwrap_err());
+        assert!(e.contains("decompress the file"), "{e}");
+        // Invalid UTF-8 inside a compressed file: the offset is in the text.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(b"ok\nbad \xff\n").unwrap();
+        let p = write(d.path(), "bad.txt.gz", &gz.finish().unwrap());
+        let e = format!("{:#}", read_documents(&p, &cfg(DocumentBoundary::BlankLine)).unwrap_err());
+        assert!(e.contains("byte offset 7 of the gzip text, line 2"), "{e}");
     }
 
     #[test]
