@@ -6,15 +6,28 @@
 //! | backend | when `auto` picks it | tensors |
 //! |---|---|---|
 //! | [`local`] | one process | any (no-op) |
-//! | [`tcp`]   | `mlm-launch` CPU workers (`WORLD_SIZE` > 1) | CPU (CUDA is copied through the host) |
-//! | [`mpi`]   | started by `mpirun`/`srun`, CPU device | CPU (CUDA is copied through the host) |
-//! | [`nccl`]  | CUDA device, under `mlm-launch` (id over the tcp rendezvous) or `mpirun`/`srun` (id over MPI) | CUDA |
+//! | [`tcp`]   | CPU workers of `mlm-launch` (`WORLD_SIZE` > 1) or of `srun` without MPI ([`slurm`]) | CPU (CUDA is copied through the host) |
+//! | [`mpi`]   | CPU workers of `mpirun` or `srun --mpi=pmix` | CPU (CUDA is copied through the host) |
+//! | [`nccl`]  | CUDA device; its id over the tcp rendezvous (`mlm-launch`, `srun`) or MPI (`mpirun`, `srun --mpi=pmix`) | CUDA |
+//!
+//! Who started the process ([`Launcher`], from [`WorldInfo::from_env`]), first
+//! match wins:
+//!
+//! | variables | launcher |
+//! |---|---|
+//! | `MLM_MASTER_PORT` with `RANK`, `WORLD_SIZE` (a launcher inside a batch job inherits `SLURM_*`) | `Env` (`Single` if 1) |
+//! | `OMPI_COMM_WORLD_*` (mpirun), `PMI_RANK`/`PMI_SIZE` (MPICH) | `Mpi` |
+//! | `srun` task: `SLURM_PROCID`, `SLURM_STEP_ID`, more than one task, with `PMIX_RANK`/`PMI_RANK` | `Mpi` |
+//! | the same without PMI | `Slurm` (tcp rendezvous from `SLURM_*`, see [`slurm`]) |
+//! | `SLURM_PROCID` and `SLURM_NTASKS` > 1 outside a step | `Mpi` |
+//! | `RANK`, `WORLD_SIZE` > 1 | `Env` |
 //!
 //! The environment contract with `mlm-launch` (see `docs/cluster.md`): `RANK`,
 //! `WORLD_SIZE`, `LOCAL_RANK`, `MLM_MASTER_ADDR` (default `127.0.0.1`),
 //! `MLM_MASTER_PORT` and `MLM_JOB_TOKEN`. The NCCL unique id is not passed by
 //! the launcher (it cannot link NCCL): rank 0 makes it and broadcasts it over the
-//! bootstrap communicator (tcp under `mlm-launch`, MPI under `mpirun`/`srun`).
+//! bootstrap communicator (tcp under `mlm-launch` and `srun`, MPI under `mpirun`
+//! and `srun --mpi=pmix`).
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -24,6 +37,7 @@ use crate::config::{Backend, DistributedConfig};
 pub mod local;
 pub mod mpi;
 pub mod nccl;
+pub mod slurm;
 pub mod tcp;
 pub(crate) mod tensor;
 pub mod watchdog;
@@ -66,8 +80,10 @@ pub struct WorldInfo {
 /// Who started this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Launcher {
-    /// `mpirun` (Open MPI or MPICH/PMI) or `srun` with more than one task.
+    /// `mpirun` (Open MPI or MPICH/PMI), or `srun` with PMI (`--mpi=pmix`).
     Mpi,
+    /// `srun` with more than one task and no PMI: the tasks meet over tcp.
+    Slurm,
     /// `mlm-launch` (or anything setting `WORLD_SIZE` > 1).
     Env,
     /// A single process.
@@ -82,8 +98,8 @@ impl WorldInfo {
 
     /// Reads rank, world size and local rank from the variables of `mpirun`
     /// (Open MPI's `OMPI_COMM_WORLD_*`, MPICH's `PMI_*`), `srun` (`SLURM_*`) or
-    /// `mlm-launch` (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`), in that order, and
-    /// says which launcher it found. Nothing is initialised.
+    /// `mlm-launch` (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`), and says which
+    /// launcher it found (the order: see the module doc). Nothing is initialised.
     pub fn from_env() -> Result<(Self, Launcher)> {
         Self::from_vars(&|k| std::env::var(k).ok())
     }
@@ -112,9 +128,7 @@ impl WorldInfo {
         // inherits the job's SLURM_* variables, which describe the launcher.
         if get("MLM_MASTER_PORT").is_some() {
             if let Some(w) = triple("RANK", "WORLD_SIZE", "LOCAL_RANK")? {
-                if w.world_size > 1 {
-                    return Ok((w, Launcher::Env));
-                }
+                return Ok(if w.world_size > 1 { (w, Launcher::Env) } else { (WorldInfo::single(), Launcher::Single) });
             }
         }
         if let Some(w) = triple("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK")? {
@@ -123,9 +137,17 @@ impl WorldInfo {
         if let Some(w) = triple("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID")? {
             return Ok((w, Launcher::Mpi));
         }
-        if num("SLURM_NTASKS")?.unwrap_or(0) > 1 && get("SLURM_PROCID").is_some() {
-            if let Some(w) = triple("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")? {
-                return Ok((w, Launcher::Mpi));
+        if get("SLURM_PROCID").is_some() {
+            // A task of an srun step knows its step's size; the batch script
+            // itself (no step id) only the job's.
+            let in_step = slurm::step_id(get).is_some();
+            let tasks =
+                if in_step && get("SLURM_STEP_NUM_TASKS").is_some() { "SLURM_STEP_NUM_TASKS" } else { "SLURM_NTASKS" };
+            if num(tasks)?.unwrap_or(0) > 1 {
+                if let Some(w) = triple("SLURM_PROCID", tasks, "SLURM_LOCALID")? {
+                    let pmi = get("PMIX_RANK").is_some() || get("PMI_RANK").is_some();
+                    return Ok((w, if in_step && !pmi { Launcher::Slurm } else { Launcher::Mpi }));
+                }
             }
         }
         if let Some(w) = triple("RANK", "WORLD_SIZE", "LOCAL_RANK")? {
@@ -143,7 +165,7 @@ pub fn resolve_backend(requested: Backend, launcher: Launcher, device: tch::Devi
         Backend::Auto => match (launcher, device.is_cuda()) {
             (Launcher::Single, _) => Backend::Local,
             (Launcher::Mpi, false) => Backend::Mpi,
-            (Launcher::Env, false) => Backend::Tcp,
+            (Launcher::Env | Launcher::Slurm, false) => Backend::Tcp,
             (_, true) => Backend::Nccl,
         },
         b => b,
@@ -171,7 +193,7 @@ pub fn init(cfg: &DistributedConfig, device: tch::Device, job: &str) -> Result<B
             }
             Box::new(LocalComm)
         }
-        Backend::Tcp => Box::new(tcp_from_env(world, timeout, job)?),
+        Backend::Tcp => Box::new(tcp_bootstrap(launcher, world, timeout, job)?),
         Backend::Mpi => Box::new(mpi_from_env(rank, timeout)?),
         Backend::Nccl => {
             let tch::Device::Cuda(index) = device else {
@@ -181,7 +203,7 @@ pub fn init(cfg: &DistributedConfig, device: tch::Device, job: &str) -> Result<B
             nccl::check_available().with_context(|| format!("rank {rank}"))?;
             let bootstrap: Box<dyn Communicator> = match launcher {
                 Launcher::Mpi => Box::new(mpi_from_env(rank, timeout)?),
-                Launcher::Env => Box::new(tcp_from_env(world, timeout, job)?),
+                Launcher::Env | Launcher::Slurm => Box::new(tcp_bootstrap(launcher, world, timeout, job)?),
                 Launcher::Single => Box::new(LocalComm),
             };
             Box::new(nccl::NcclComm::new(bootstrap, index, timeout)?)
@@ -199,17 +221,28 @@ fn mpi_from_env(rank: usize, timeout: Duration) -> Result<mpi::MpiComm> {
 
 /// Open MPI joins `srun` tasks into one job only through Slurm's PMIx plugin
 /// (`srun --mpi=pmix`); without it every task would abort inside `MPI_Init` with
-/// a page about rebuilding Slurm. Say what to do instead.
+/// a page about rebuilding Slurm. Say what to do instead (`auto` never gets
+/// here: it joins such tasks over tcp).
 fn check_srun_has_pmi(get: &dyn Fn(&str) -> Option<String>, rank: usize) -> Result<()> {
-    let from_srun = get("SLURM_PROCID").is_some() && get("SLURM_STEP_ID").is_some();
+    let from_srun = get("SLURM_PROCID").is_some() && slurm::step_id(get).is_some();
     let has_pmi = ["OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"].iter().any(|k| get(k).is_some());
     if from_srun && !has_pmi {
         bail!(
             "rank {rank}: started by srun without PMI (no PMIX_RANK), so MPI cannot join the tasks into one job; \
-             run `srun --mpi=pmix ...` (see `srun --mpi=list`) or set MpiDefault=pmix in slurm.conf"
+             run `srun --mpi=pmix ...` (see `srun --mpi=list`), set MpiDefault=pmix in slurm.conf, or leave \
+             distributed.backend = \"auto\" to join the tasks over tcp without MPI"
         );
     }
     Ok(())
+}
+
+/// The tcp ring (a backend, or NCCL's bootstrap): from `SLURM_*` under `srun`
+/// without MPI, else from `mlm-launch`'s variables.
+fn tcp_bootstrap(launcher: Launcher, world: WorldInfo, timeout: Duration, job: &str) -> Result<TcpComm> {
+    match launcher {
+        Launcher::Slurm => slurm::tcp_from_env(world, timeout, job),
+        _ => tcp_from_env(world, timeout, job),
+    }
 }
 
 /// The tcp ring from `mlm-launch`'s variables.
@@ -305,6 +338,50 @@ mod tests {
     }
 
     #[test]
+    fn srun_without_pmi_meets_over_tcp_and_with_pmi_over_mpi() {
+        let srun = [
+            ("SLURM_JOB_ID", "77"),
+            ("SLURM_STEP_ID", "1"),
+            ("SLURM_PROCID", "9"),
+            ("SLURM_NTASKS", "16"),
+            ("SLURM_STEP_NUM_TASKS", "12"),
+            ("SLURM_LOCALID", "1"),
+            ("SLURM_STEP_NODELIST", "gpu[07-08]"),
+        ];
+        let (w, l) = WorldInfo::from_vars(&vars(&srun)).unwrap();
+        assert_eq!((w, l), (WorldInfo { rank: 9, world_size: 12, local_rank: 1 }, Launcher::Slurm));
+        assert_eq!(resolve_backend(Backend::Auto, l, tch::Device::Cpu), Backend::Tcp);
+        assert_eq!(resolve_backend(Backend::Auto, l, tch::Device::Cuda(1)), Backend::Nccl);
+        let parse = |_: &str, list: &str| Ok(slurm::HostList::parse(list).unwrap().first());
+        let m = slurm::meeting(&vars(&srun), w, "job", &parse).unwrap();
+        assert_eq!(m.addr(), "gpu07:10771");
+        // The older SLURM_STEPID, and SLURM_NTASKS without SLURM_STEP_NUM_TASKS.
+        let old = [("SLURM_STEPID", "0"), ("SLURM_PROCID", "1"), ("SLURM_NTASKS", "2")];
+        assert_eq!(WorldInfo::from_vars(&vars(&old)).unwrap().1, Launcher::Slurm);
+        // srun --mpi=pmix (or pmi2): MPI as before.
+        for pmi in ["PMIX_RANK", "PMI_RANK"] {
+            let with_pmi = [srun.as_slice(), &[(pmi, "9")]].concat();
+            let (w, l) = WorldInfo::from_vars(&vars(&with_pmi)).unwrap();
+            assert_eq!((w.rank, w.world_size, l), (9, 12, Launcher::Mpi), "{pmi}");
+            assert_eq!(resolve_backend(Backend::Auto, l, tch::Device::Cpu), Backend::Mpi);
+        }
+        // A one-task step is one process.
+        let one = [("SLURM_STEP_ID", "0"), ("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2"), ("SLURM_STEP_NUM_TASKS", "1")];
+        assert_eq!(WorldInfo::from_vars(&vars(&one)).unwrap().1, Launcher::Single);
+        // mlm-launch's workers inside an srun step: the launcher's variables win.
+        let launched = [srun.as_slice(), &[("MLM_MASTER_PORT", "29500"), ("RANK", "3"), ("WORLD_SIZE", "16")]].concat();
+        let (w, l) = WorldInfo::from_vars(&vars(&launched)).unwrap();
+        assert_eq!((w.rank, w.world_size, l), (3, 16, Launcher::Env));
+        let alone = [srun.as_slice(), &[("MLM_MASTER_PORT", "29500"), ("RANK", "0"), ("WORLD_SIZE", "1")]].concat();
+        assert_eq!(WorldInfo::from_vars(&vars(&alone)).unwrap(), (WorldInfo::single(), Launcher::Single));
+        // MLM_MASTER_PORT alone only overrides the port of the srun meeting.
+        let port = [srun.as_slice(), &[("MLM_MASTER_PORT", "29500")]].concat();
+        assert_eq!(WorldInfo::from_vars(&vars(&port)).unwrap().1, Launcher::Slurm);
+        let e = WorldInfo::from_vars(&vars(&[srun.as_slice(), &[("SLURM_PROCID", "12")]].concat())).unwrap_err();
+        assert!(e.to_string().contains("SLURM_PROCID=12 is not below SLURM_STEP_NUM_TASKS=12"), "{e}");
+    }
+
+    #[test]
     fn world_info_errors_name_the_variable() {
         let e = WorldInfo::from_vars(&vars(&[("RANK", "3"), ("WORLD_SIZE", "2")])).unwrap_err().to_string();
         assert!(e.contains("RANK=3") && e.contains("WORLD_SIZE=2"), "{e}");
@@ -346,6 +423,9 @@ mod tests {
         assert_eq!(resolve_backend(Backend::Auto, Launcher::Env, gpu), Backend::Nccl);
         assert_eq!(resolve_backend(Backend::Auto, Launcher::Mpi, cpu), Backend::Mpi);
         assert_eq!(resolve_backend(Backend::Auto, Launcher::Mpi, gpu), Backend::Nccl);
+        assert_eq!(resolve_backend(Backend::Auto, Launcher::Slurm, cpu), Backend::Tcp);
+        assert_eq!(resolve_backend(Backend::Auto, Launcher::Slurm, gpu), Backend::Nccl);
+        assert_eq!(resolve_backend(Backend::Mpi, Launcher::Slurm, cpu), Backend::Mpi);
         assert_eq!(resolve_backend(Backend::Tcp, Launcher::Mpi, gpu), Backend::Tcp);
     }
 
