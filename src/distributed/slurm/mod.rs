@@ -157,9 +157,25 @@ pub fn tcp_from_env(world: WorldInfo, timeout: Duration, job: &str) -> Result<Tc
     if world.rank == 0 {
         tracing::info!(rendezvous = %addr, listen = %listen, world_size = world.world_size, "slurm: tasks meet over tcp");
     }
-    let rdv = tcp::Rendezvous { addr: listen, token: m.token.clone(), timeout };
+    let ranks_per_node = tasks_per_node(&get, world.world_size);
+    let rdv = tcp::Rendezvous { addr: listen, token: m.token.clone(), timeout, ranks_per_node };
     TcpComm::connect(world.rank, world.world_size, &rdv)
         .with_context(|| format!("srun tasks meet at {addr} ({})", m.origin))
+}
+
+/// Tasks per node when srun placed the same number on every node of several
+/// (`SLURM_STEP_TASKS_PER_NODE` = "8(x2)"; block distribution, Slurm's
+/// default), so that errors can name a peer's node; `None` otherwise.
+pub fn tasks_per_node(get: &dyn Fn(&str) -> Option<String>, world: usize) -> Option<usize> {
+    let v = get("SLURM_STEP_TASKS_PER_NODE").or_else(|| get("SLURM_TASKS_PER_NODE"))?;
+    let v = v.trim();
+    let n: usize = match v.split_once("(x") {
+        Some((n, rest)) if rest.ends_with(')') && !rest.contains(',') && !n.contains(',') => n.parse().ok()?,
+        None if !v.contains(',') => v.parse().ok()?,
+        _ => return None, // nodes with different task counts
+    };
+    let block = get("SLURM_DISTRIBUTION").is_none_or(|d| d.starts_with("block"));
+    (n > 0 && world > n && world.is_multiple_of(n) && block).then_some(n)
 }
 
 /// Every interface, of the address family `addr` resolves to here.

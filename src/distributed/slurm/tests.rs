@@ -134,3 +134,13 @@ fn first_host_reads_the_list_with_or_without_scontrol() {
     let e = first_host("SLURM_STEP_NODELIST", "n[1-").unwrap_err().to_string();
     assert_eq!(e, "SLURM_STEP_NODELIST=\"n[1-\" is not a Slurm host list ('[' at byte 1 is not closed)");
 }
+
+#[test]
+fn peers_are_named_with_their_node_when_every_node_has_the_same_tasks() {
+    assert_eq!(tasks_per_node(&vars(&[("SLURM_STEP_TASKS_PER_NODE", "8(x2)")]), 16), Some(8));
+    assert_eq!(tasks_per_node(&vars(&[("SLURM_TASKS_PER_NODE", "4")]), 4), None); // one node
+    assert_eq!(tasks_per_node(&vars(&[("SLURM_STEP_TASKS_PER_NODE", "2(x2),1")]), 5), None);
+    let cyclic = [("SLURM_STEP_TASKS_PER_NODE", "2(x2)"), ("SLURM_DISTRIBUTION", "cyclic")];
+    assert_eq!(tasks_per_node(&vars(&cyclic), 4), None);
+    assert_eq!(tasks_per_node(&vars(&[]), 4), None);
+}
