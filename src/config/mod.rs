@@ -418,11 +418,13 @@ pub struct LoggingConfig {
     pub progress: ProgressMode,
     /// JSON-lines metrics file, relative to the output directory.
     pub metrics_file: String,
+    /// Also write the metrics as TensorBoard scalars in `<output_dir>/tb/`.
+    pub tensorboard: bool,
 }
 
 impl Default for LoggingConfig {
     fn default() -> Self {
-        Self { progress: ProgressMode::Auto, metrics_file: "metrics.jsonl".into() }
+        Self { progress: ProgressMode::Auto, metrics_file: "metrics.jsonl".into(), tensorboard: false }
     }
 }
 

@@ -1,4 +1,5 @@
-//! Metrics as JSON lines, and a progress bar when a person is watching.
+//! Metrics as JSON lines (and TensorBoard scalars when asked), and a progress
+//! bar when a person is watching.
 use crate::config::ProgressMode;
 use std::fs::{File, OpenOptions};
 use std::io::{IsTerminal, Write};
@@ -7,27 +8,37 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// Appends one JSON object per line to the metrics file.
+use super::tensorboard::{self, EventWriter};
+
+/// Appends one JSON object per line to the metrics file, and each record's
+/// numbers to a TensorBoard event file when `logging.tensorboard` is on.
 pub struct Metrics {
     /// `None` on workers other than rank 0, which write nothing.
     file: Option<File>,
+    tensorboard: Option<EventWriter>,
 }
 
 impl Metrics {
-    pub fn open(path: &Path) -> Result<Self> {
+    /// `tensorboard`: the folder of the event files, or `None`.
+    pub fn open(path: &Path, tensorboard: Option<&Path>) -> Result<Self> {
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .with_context(|| format!("cannot open metrics file {}", path.display()))?;
-        Ok(Self { file: Some(file) })
+        let tensorboard = tensorboard.map(EventWriter::create).transpose()?;
+        Ok(Self { file: Some(file), tensorboard })
     }
 
     pub fn disabled() -> Self {
-        Self { file: None }
+        Self { file: None, tensorboard: None }
     }
 
     pub fn write(&mut self, record: &serde_json::Value) -> Result<()> {
+        if let Some(tb) = &mut self.tensorboard {
+            let step = record["step"].as_i64().unwrap_or(0);
+            tb.scalars(step, &tensorboard::scalars_of(record))?;
+        }
         match &mut self.file {
             Some(f) => writeln!(f, "{record}").context("cannot write metrics"),
             None => Ok(()),

@@ -15,6 +15,7 @@ pub mod recompute;
 pub mod resume;
 pub mod schedule;
 pub mod sync;
+pub mod tensorboard;
 pub mod timing;
 
 use std::path::{Path, PathBuf};
@@ -328,8 +329,12 @@ impl Trainer {
         let model = compute.as_ref().unwrap_or(&master);
         let micro_rows = micro::rows_per_pass(&cfg, model, &compute_tensors, &data.train, &masking, device)?;
         let out = t.output_dir.clone();
-        let metrics =
-            if sync.rank() == 0 { Metrics::open(&out.join(&cfg.logging.metrics_file))? } else { Metrics::disabled() };
+        let metrics = if sync.rank() == 0 {
+            let tb = cfg.logging.tensorboard.then(|| out.join("tb"));
+            Metrics::open(&out.join(&cfg.logging.metrics_file), tb.as_deref())?
+        } else {
+            Metrics::disabled()
+        };
         tracing::info!(
             "model: {} parameters on {:?} ({:?}); {} train / {} test chunks of {} tokens; {} steps of {} sequences",
             master.num_parameters(),

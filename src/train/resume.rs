@@ -33,6 +33,8 @@ pub fn shaping_config(cfg: &Config) -> Value {
     for (section, key) in [
         ("data", "masker_threads"),
         ("data", "prefetch_batches"),
+        // Part of the prepared data's key, which a resume checks on its own.
+        ("data", "invalid_utf8"),
         ("training", "threads"),
         ("training", "micro_batch_size"),
         ("training", "log_every"),
