@@ -124,6 +124,7 @@ fn run(args: Args) -> Result<i32> {
                 Spec { label: format!("rank {rank}"), command: cmd }
             })
             .collect();
+        let oom = supervise::OomKills::now();
         match supervise::run_group(specs, &signals, grace)? {
             Outcome::Success => return Ok(0),
             Outcome::Interrupted { signal } => {
@@ -133,7 +134,9 @@ fn run(args: Args) -> Result<i32> {
             Outcome::Failed { local, status, tail } => {
                 let rank = nodes.rank(local);
                 let mut msg = format!("{node}rank {rank} {}", describe(&status));
-                if let Some(cause) = supervise::error_line(&tail) {
+                if std::os::unix::process::ExitStatusExt::signal(&status) == Some(libc::SIGKILL) {
+                    msg.push_str(&format!(" {}", oom.verdict()));
+                } else if let Some(cause) = supervise::error_line(&tail) {
                     msg.push_str(&format!(": {cause}"));
                 }
                 msg.push_str("; the other workers were stopped");

@@ -8,6 +8,7 @@
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -249,7 +250,7 @@ pub fn describe(status: &ExitStatus) -> String {
 
 fn signal_name(s: i32) -> &'static str {
     match s {
-        libc::SIGKILL => "SIGKILL; out of memory?",
+        libc::SIGKILL => "SIGKILL",
         libc::SIGTERM => "SIGTERM",
         libc::SIGINT => "SIGINT",
         libc::SIGSEGV => "SIGSEGV",
@@ -257,6 +258,70 @@ fn signal_name(s: i32) -> &'static str {
         libc::SIGBUS => "SIGBUS",
         _ => "signal",
     }
+}
+
+/// The kernel's out-of-memory kills in this process's memory cgroup (the
+/// workers inherit it): `oom_kill` of cgroup v2's `memory.events` or v1's
+/// `memory.oom_control`, read before a group starts and after a worker dies
+/// of SIGKILL, so the launcher can say whether the OOM killer did it.
+pub struct OomKills {
+    file: Option<PathBuf>,
+    before: Option<u64>,
+}
+
+impl OomKills {
+    pub fn now() -> Self {
+        let file = oom_counter_file(&std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default());
+        let before = file.as_deref().and_then(read_oom_kills);
+        Self { file, before }
+    }
+
+    /// Why a worker got SIGKILL, as far as the cgroup's counter tells.
+    pub fn verdict(&self) -> String {
+        let after = self.file.as_deref().and_then(read_oom_kills);
+        match (&self.file, self.before, after) {
+            (Some(f), Some(b), Some(a)) if a > b => format!(
+                "by the kernel's out-of-memory killer (oom_kill {b} -> {a} in {}): lower training.micro_batch_size \
+                 or the batch, or give the job more memory",
+                f.display()
+            ),
+            (Some(f), Some(_), Some(_)) => format!(
+                "not by the out-of-memory killer (no new oom_kill in {}): by a person, the scheduler (a time or \
+                 memory limit?) or another process",
+                f.display()
+            ),
+            _ => "by a person, the scheduler or the kernel's out-of-memory killer (no readable cgroup memory \
+                  counter tells which)"
+                .into(),
+        }
+    }
+}
+
+/// The first readable OOM counter file of this process's memory cgroup.
+fn oom_counter_file(proc_cgroup: &str) -> Option<PathBuf> {
+    let mut candidates = Vec::new();
+    for line in proc_cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let path = path.trim_start_matches('/');
+        if controllers.is_empty() {
+            // cgroup v2, mounted at /sys/fs/cgroup (unified) or beside v1.
+            for root in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+                candidates.push(Path::new(root).join(path).join("memory.events"));
+            }
+        } else if controllers.split(',').any(|c| c == "memory") {
+            candidates.push(Path::new("/sys/fs/cgroup/memory").join(path).join("memory.oom_control"));
+        }
+    }
+    // In a container the cgroup's own folder is often mounted as the root.
+    candidates.push(PathBuf::from("/sys/fs/cgroup/memory.events"));
+    candidates.push(PathBuf::from("/sys/fs/cgroup/memory/memory.oom_control"));
+    candidates.into_iter().find(|f| read_oom_kills(f).is_some())
+}
+
+fn read_oom_kills(file: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(file).ok()?;
+    text.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|n| n.trim().parse().ok())
 }
 
 /// Runs one process in the foreground (no prefix), forwarding signals; returns
@@ -286,5 +351,30 @@ pub fn run_one(mut cmd: Command, what: &str, signals: &Signals) -> Result<(ExitS
             received = Some(sig);
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_oom_counter_is_found_for_cgroup_v1_and_v2_paths() {
+        // Whatever this machine has, the lookup never panics, and a file it
+        // returns holds an oom_kill count.
+        let here = oom_counter_file(&std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default());
+        if let Some(f) = here {
+            assert!(read_oom_kills(&f).is_some(), "{}", f.display());
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("memory.events");
+        std::fs::write(&f, "low 0\nhigh 0\nmax 3\noom 2\noom_kill 2\n").unwrap();
+        assert_eq!(read_oom_kills(&f), Some(2));
+        let unknown = OomKills { file: None, before: None };
+        assert!(unknown.verdict().contains("no readable cgroup memory counter"));
+        let counted = OomKills { file: Some(f.clone()), before: Some(1) };
+        assert!(counted.verdict().contains("out-of-memory killer (oom_kill 1 -> 2"), "{}", counted.verdict());
+        let same = OomKills { file: Some(f), before: Some(2) };
+        assert!(same.verdict().starts_with("not by the out-of-memory killer"), "{}", same.verdict());
     }
 }
