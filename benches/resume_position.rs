@@ -1,6 +1,6 @@
 //! Time from start to the first resumed step, at an early and a late position
 //! of a large prepared corpus. The data position is restored by arithmetic
-//! (epoch, batch in the epoch), so the two times must be the same; the Python
+//! (epoch, step in the epoch), so the two times must be the same; the Python
 //! workflow replays (skips) the consumed batches instead.
 //!
 //! `cargo bench --bench resume_position`. The late checkpoint is the early one
@@ -89,7 +89,7 @@ fn time_to_step(cfg: &Path, out: &Path, step: u64) -> f64 {
     }
 }
 
-/// Moves a copy of `ckpt` to `step` (same epoch, batch = step) and redoes its checksums.
+/// Moves a copy of `ckpt` to `step` (same epoch, step in the epoch = step) and redoes its checksums.
 fn shifted_copy(ckpt: &Path, out: &Path, step: usize) {
     let dest = out.join(format!("checkpoint-{step}"));
     std::fs::create_dir_all(&dest).unwrap();
@@ -103,7 +103,7 @@ fn shifted_copy(ckpt: &Path, out: &Path, step: usize) {
     let applied = state["step"].as_u64().unwrap() as usize - state["nonfinite_skipped"].as_u64().unwrap() as usize;
     state["nonfinite_skipped"] = (step - applied).into();
     state["step"] = step.into();
-    state["batch_in_epoch"] = step.into();
+    state["step_in_epoch"] = step.into();
     std::fs::write(&state_path, serde_json::to_string_pretty(&state).unwrap()).unwrap();
     let mut sums = serde_json::Map::new();
     for e in std::fs::read_dir(&dest).unwrap().flatten() {

@@ -21,8 +21,10 @@ use crate::model::MaskedLm;
 
 pub use crate::durable::sha256_file;
 
-/// Version of the trainer-state format.
-pub const STATE_FORMAT: u32 = 1;
+/// Version of the trainer-state format. 2: the position counts optimizer steps
+/// of the epoch (`step_in_epoch`), whatever the number of workers; 1 counted
+/// each worker's loader batches (`batch_in_epoch`), still read.
+pub const STATE_FORMAT: u32 = 2;
 
 const STATE_FILE: &str = "trainer_state.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -94,18 +96,37 @@ pub fn save(
     Ok(final_dir)
 }
 
-/// Reads `trainer_state.json` of a checkpoint (or of `best/`).
+/// Reads `trainer_state.json` of a checkpoint (or of `best/`), in the current
+/// format (a format-1 state is converted: [`position_of_format_1`]).
 pub fn load_state(dir: &Path) -> Result<TrainerState> {
     let path = dir.join(STATE_FILE);
     let text = fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
     let fresh = "start a new training.output_dir or set checkpoint.resume = \"none\"";
-    let state: TrainerState = serde_json::from_str(&text).with_context(|| {
-        format!("{}: not a trainer state this mlm can resume (another version wrote it?); {fresh}", path.display())
-    })?;
-    if state.format_version != STATE_FORMAT {
-        bail!("{}: format version {} (this mlm reads {STATE_FORMAT}); {fresh}", path.display(), state.format_version);
+    let not_ours =
+        || format!("{}: not a trainer state this mlm can resume (another version wrote it?); {fresh}", path.display());
+    let mut json: serde_json::Value = serde_json::from_str(&text).with_context(not_ours)?;
+    match json.get("format_version").and_then(serde_json::Value::as_u64) {
+        Some(v) if v == u64::from(STATE_FORMAT) => {}
+        Some(1) => position_of_format_1(&mut json).with_context(not_ours)?,
+        v => bail!(
+            "{}: format version {} (this mlm reads {STATE_FORMAT} and 1); {fresh}",
+            path.display(),
+            v.map_or("none".into(), |v| v.to_string())
+        ),
     }
-    Ok(state)
+    serde_json::from_value(json).with_context(not_ours)
+}
+
+/// A format-1 state counted the loader batches of each worker (`batch_in_epoch`),
+/// `grad_accum_steps` per step (its own config says how many): the steps of
+/// the epoch are their quotient.
+fn position_of_format_1(state: &mut serde_json::Value) -> Result<()> {
+    let accum = state["config"]["training"]["grad_accum_steps"].as_u64().unwrap_or(1).max(1);
+    let obj = state.as_object_mut().context("not an object")?;
+    let batches = obj.remove("batch_in_epoch").and_then(|b| b.as_u64()).context("no batch_in_epoch")?;
+    obj.insert("step_in_epoch".into(), (batches / accum).into());
+    obj.insert("format_version".into(), STATE_FORMAT.into());
+    Ok(())
 }
 
 /// AdamW's moments and step count saved beside the model; `numel` is the size
@@ -247,6 +268,24 @@ mod tests {
         assert_eq!(steps(tmp.path()), vec![20, 30]);
         prune(tmp.path(), 0, 30).unwrap();
         assert_eq!(steps(tmp.path()), vec![30]);
+    }
+
+    #[test]
+    fn a_format_1_state_is_read_with_its_position_in_steps() {
+        let tmp = tempfile::tempdir().unwrap();
+        let old = serde_json::json!({
+            "format_version": 1, "step": 14, "epoch": 1, "batch_in_epoch": 12, "best_perplexity": null,
+            "best_step": null, "seed": 42, "tokens_seen": 100, "nonfinite_skipped": 0, "config_hash": "abc",
+            "config": {"training": {"batch_size": 8, "grad_accum_steps": 3}},
+        });
+        fs::write(tmp.path().join(STATE_FILE), old.to_string()).unwrap();
+        let s = load_state(tmp.path()).unwrap();
+        assert_eq!((s.format_version, s.step, s.position), (STATE_FORMAT, 14, Position { epoch: 1, step_in_epoch: 4 }));
+        let saved = serde_json::to_value(&s).unwrap();
+        assert!(saved.get("batch_in_epoch").is_none() && saved["step_in_epoch"] == 4, "{saved}");
+        fs::write(tmp.path().join(STATE_FILE), r#"{"format_version": 7}"#).unwrap();
+        let e = load_state(tmp.path()).unwrap_err().to_string();
+        assert!(e.contains("format version 7 (this mlm reads 2 and 1)"), "{e}");
     }
 
     #[test]

@@ -183,6 +183,7 @@ fn mistakes_are_one_line_naming_what_to_do() {
         (vec!["--gpu-memory", "-3"], "must be a positive number of GiB"),
         (missing_model.to_vec(), "pass --model-config"),
         (vec!["--set", "training.device=\"cpu\"", "--gpu-memory", "80"], "training.device = \"cpu\""),
+        (vec!["--set", "training.global_batch_size=48", "--workers", "5"], "is not divisible by 5 workers"),
     ] {
         let out = run(mlm().arg("estimate-memory").arg(&cfg).args(&args));
         assert_eq!(out.status.code(), Some(1), "{args:?}");
@@ -194,4 +195,15 @@ fn mistakes_are_one_line_naming_what_to_do() {
     let out = run(mlm().arg("estimate-memory").arg(dir.path().join("nope.toml")));
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8(out.stderr).unwrap().contains("nope.toml"));
+}
+
+#[test]
+fn a_global_batch_is_shared_among_the_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_job(dir.path(), "");
+    // training.global_batch_size without a per-worker batch size.
+    let text = std::fs::read_to_string(&cfg).unwrap().replacen("batch_size = 16\n", "global_batch_size = 48\n", 1);
+    std::fs::write(&cfg, text).unwrap();
+    let share = |workers: &str| estimate(&cfg, &["--workers".into(), workers.into()])["configured"]["rows"].as_u64();
+    assert_eq!((share("1"), share("4")), (Some(48), Some(12)));
 }

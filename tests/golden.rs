@@ -23,7 +23,7 @@ use std::sync::{Mutex, OnceLock};
 
 use common::*;
 use mlm::config::Config;
-use mlm::data::{epoch_order, rank_shard, Batch, BatchStream, MaskingParams, Prepared, TextTokenizer};
+use mlm::data::{epoch_order, worker_chunks, Batch, BatchStream, MaskingParams, Prepared, TextTokenizer};
 use mlm::model::MaskedLm;
 use tch::{Device, Tensor};
 
@@ -155,15 +155,16 @@ fn step_batches(cfg: &Config, steps: usize) -> Vec<Vec<Batch>> {
     let data = Prepared::open(&cfg.prepared_dir()).unwrap();
     let tok = TextTokenizer::load(&cfg.tokenizer_path()).unwrap();
     let masking = std::sync::Arc::new(MaskingParams::new(&cfg.data, &tok));
-    let t = &cfg.training;
+    let (t, shape) = (&cfg.training, cfg.training.batch_shape(1).unwrap());
     let mut out = Vec::new();
     for epoch in 0..100 {
-        let ids = rank_shard(&epoch_order(data.train.len(), t.seed, epoch), 0, 1);
+        let ids = worker_chunks(&epoch_order(data.train.len(), t.seed, epoch), 0, 1);
+        let (batch, accum) = (shape.batch_size, shape.grad_accum_steps);
         let mut stream =
-            BatchStream::new(data.train_arc(), masking.clone(), ids, t.batch_size, 0, t.seed, epoch, 1, 1).unwrap();
+            BatchStream::new(data.train_arc(), masking.clone(), ids, batch, 0, t.seed, epoch, 1, 1).unwrap();
         loop {
-            let micro: Vec<Batch> = stream.by_ref().take(t.grad_accum_steps).collect();
-            if micro.len() < t.grad_accum_steps {
+            let micro: Vec<Batch> = stream.by_ref().take(accum).collect();
+            if micro.len() < accum {
                 break;
             }
             out.push(micro);

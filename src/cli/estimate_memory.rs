@@ -30,6 +30,10 @@ pub struct Args {
     /// machine (a path on the cluster, a hub name).
     #[arg(long, value_name = "PATH")]
     model_config: Option<PathBuf>,
+    /// Workers the job runs on: with training.global_batch_size, each worker's
+    /// batch is the global batch divided among them.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    workers: usize,
     /// One JSON object instead of the table (bytes, not GiB).
     #[arg(long)]
     json: bool,
@@ -74,7 +78,11 @@ pub fn run(args: Args) -> Result<()> {
     let shape = ModelShape::from_config(&json).with_context(|| format!("{}", path.display()))?;
     let target = target(&cfg, gpu_memory.is_some())?;
     let (memory, source) = memory(target, gpu_memory)?;
-    let job = Job::from_config(&cfg, target);
+    if args.workers == 0 {
+        bail!("--workers 0: a job has at least one worker");
+    }
+    let batch = cfg.training.batch_shape(args.workers)?.batch_size;
+    let job = Job::from_config(&cfg, batch, target);
     let r = report(&Estimate::new(&shape, &job), memory, source, path);
     if args.json {
         return emit(serde_json::to_string(&r)?);

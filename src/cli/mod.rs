@@ -166,7 +166,8 @@ pub fn run(cli: Cli) -> Result<()> {
             let out = &cfg.training.output_dir;
             let _lock =
                 if cfg.prepared_dir().starts_with(out) { Some(crate::lock::lock_output_dir(out)?) } else { None };
-            let start = resume::plan(&cfg, Apply::Check)?;
+            // The number of workers is `mlm train`'s to know: the global batch is checked there.
+            let start = resume::plan(&cfg, None, Apply::Check)?;
             let p = prepare(&cfg, &tok, show_progress(cfg.logging.progress), start.data_key())?;
             emit(format_args!(
                 "{}: {} train and {} test chunks of {} tokens",

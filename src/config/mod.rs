@@ -8,9 +8,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+mod batch;
 mod micro_batch;
 mod validate;
 
+pub use batch::{BatchShape, DEFAULT_BATCH_SIZE};
 pub use micro_batch::{nearest_divisors, MicroBatchSize};
 
 /// A whole job.
@@ -175,11 +177,20 @@ pub struct TrainingConfig {
     pub epochs: usize,
     /// Stop after this many optimizer steps (0: run all epochs).
     pub max_steps: usize,
-    /// Examples per loader batch (per worker); `grad_accum_steps` of them make a step.
-    pub batch_size: usize,
+    /// Examples per loader batch (per worker); `grad_accum_steps` of them make a
+    /// step. Absent: 8, or derived from `global_batch_size` ([`BatchShape`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
     /// Examples per forward pass: splits each batch without changing the step.
     pub micro_batch_size: MicroBatchSize,
-    pub grad_accum_steps: usize,
+    /// Loader batches per optimizer step. Absent: 1, or derived from
+    /// `global_batch_size` and `batch_size`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_accum_steps: Option<usize>,
+    /// Examples per optimizer step over all workers: the batch that shapes the
+    /// job, split over whatever number of workers runs it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub global_batch_size: Option<usize>,
     pub lr: f64,
     pub weight_decay: f64,
     pub adam_beta1: f64,
@@ -218,9 +229,10 @@ impl Default for TrainingConfig {
             seed: 42,
             epochs: 1,
             max_steps: 0,
-            batch_size: 8,
+            batch_size: None,
             micro_batch_size: MicroBatchSize::Whole,
-            grad_accum_steps: 1,
+            grad_accum_steps: None,
+            global_batch_size: None,
             lr: 5e-5,
             weight_decay: 0.01,
             adam_beta1: 0.9,

@@ -59,13 +59,7 @@ impl Config {
         if t.output_dir.as_os_str().is_empty() {
             bail!("training.output_dir is empty: name the folder for checkpoints and metrics");
         }
-        if t.batch_size == 0 {
-            bail!("training.batch_size must be at least 1");
-        }
-        t.micro_batch_size.check(t.batch_size)?;
-        if t.grad_accum_steps == 0 {
-            bail!("training.grad_accum_steps must be at least 1");
-        }
+        t.check_batch_keys()?;
         if t.epochs == 0 && t.max_steps == 0 {
             bail!("training.epochs and training.max_steps are both 0: nothing to train");
         }

@@ -72,30 +72,63 @@ pub fn make_batch(store: &TokenStore, p: &MaskingParams, ids: &[u32], seed: u64,
 }
 
 /// Where a run stands in its data: the epoch in progress (0-based) and the
-/// batches of it already consumed (per worker). Saved in every checkpoint, so a
-/// resume continues from here by arithmetic, never by replaying batches.
+/// optimizer steps of it already taken. Saved in every checkpoint, so a resume
+/// continues from here by arithmetic, never by replaying batches. It does not
+/// depend on how a step is split: step `s` of an epoch takes the chunks
+/// `order[s*G..(s+1)*G]` of the epoch's order (global batch `G`) on any number
+/// of workers ([`index_in_step`]), so a job resumes on another world size.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Position {
     pub epoch: usize,
-    pub batch_in_epoch: usize,
+    pub step_in_epoch: usize,
 }
 
 impl Position {
-    /// After a step of `batches` micro-batches, in an epoch of `per_epoch` batches.
-    pub fn advance(&mut self, batches: usize, per_epoch: usize) {
-        self.batch_in_epoch = (self.batch_in_epoch + batches).min(per_epoch);
+    /// After an optimizer step.
+    pub fn advance(&mut self) {
+        self.step_in_epoch += 1;
     }
 
-    /// Whether the epoch has no full step of `accum` batches left.
-    pub fn epoch_done(&self, accum: usize, per_epoch: usize) -> bool {
-        self.batch_in_epoch + accum > per_epoch
+    /// Whether the epoch of `steps_per_epoch` steps has no step left.
+    pub fn epoch_done(&self, steps_per_epoch: usize) -> bool {
+        self.step_in_epoch >= steps_per_epoch
     }
 
     /// The start of the next epoch.
     pub fn next_epoch(&mut self) {
         self.epoch += 1;
-        self.batch_in_epoch = 0;
+        self.step_in_epoch = 0;
     }
+
+    /// The first loader batch of a worker that takes `grad_accum_steps`
+    /// batches per step.
+    pub fn start_batch(&self, grad_accum_steps: usize) -> usize {
+        self.step_in_epoch * grad_accum_steps
+    }
+}
+
+/// Full optimizer steps in an epoch of `n_chunks` chunks at a global batch of
+/// `global` sequences: the same for every split of it, since
+/// `floor(floor(n / world) / batch_size) / grad_accum_steps = floor(n / global)`.
+pub fn steps_per_epoch(n_chunks: usize, global: usize) -> usize {
+    n_chunks / global
+}
+
+/// The chunks of this worker in epoch order: its [`rank_shard`], cut to the
+/// length every worker has (`n_chunks / world`). Loader batch `i` of `rank`
+/// then holds `order[rank + world * (i * batch_size + j)]`, `j < batch_size`.
+pub fn worker_chunks(order: &[u32], rank: usize, world: usize) -> Vec<u32> {
+    let mut ids = rank_shard(order, rank, world);
+    ids.truncate(order.len() / world);
+    ids
+}
+
+/// Where a row of a step lies in the step's slice of the epoch order: row `row`
+/// of loader batch `micro` (of the step's `grad_accum_steps`) on `rank` of
+/// `world`, with `batch_size` rows per loader batch, is `order[s*G + index]`
+/// for step `s` of the epoch. Every `index` below `G` is taken exactly once.
+pub fn index_in_step(micro: usize, rank: usize, row: usize, world: usize, batch_size: usize) -> usize {
+    rank + world * (micro * batch_size + row)
 }
 
 /// The order of chunk ids `0..n_chunks` in `epoch`: a Fisher-Yates shuffle
@@ -297,6 +330,43 @@ mod tests {
         let mut all: Vec<u32> = shards.concat();
         all.sort();
         assert_eq!(all, (0..103).collect::<Vec<_>>());
+    }
+
+    /// The chunk ids of step `step` of an epoch, over all workers of a split.
+    fn step_chunks(order: &[u32], step: usize, world: usize, batch_size: usize, accum: usize) -> Vec<u32> {
+        let mut all = Vec::new();
+        for rank in 0..world {
+            let ids = worker_chunks(order, rank, world);
+            let batches: Vec<&[u32]> = ids.chunks_exact(batch_size).collect();
+            for (a, batch) in batches[step * accum..(step + 1) * accum].iter().enumerate() {
+                for (row, &id) in batch.iter().enumerate() {
+                    assert_eq!(
+                        order[step * world * batch_size * accum + index_in_step(a, rank, row, world, batch_size)],
+                        id
+                    );
+                    all.push(id);
+                }
+            }
+        }
+        all.sort();
+        all
+    }
+
+    #[test]
+    fn a_step_takes_the_same_chunks_however_the_global_batch_is_split() {
+        let order = epoch_order(101, 7, 3);
+        let splits = [(1, 8, 1), (2, 4, 1), (4, 1, 2), (2, 2, 2), (8, 1, 1)];
+        for (w, bs, a) in splits {
+            let ids = worker_chunks(&order, 0, w);
+            assert_eq!(ids.len() / bs / a, steps_per_epoch(order.len(), 8), "split {w}x{bs}x{a}");
+        }
+        for step in 0..steps_per_epoch(order.len(), 8) {
+            let mut want = order[step * 8..(step + 1) * 8].to_vec();
+            want.sort();
+            for (w, bs, a) in splits {
+                assert_eq!(step_chunks(&order, step, w, bs, a), want, "step {step}, split {w}x{bs}x{a}");
+            }
+        }
     }
 
     #[test]

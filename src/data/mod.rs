@@ -20,7 +20,7 @@ pub mod wordpiece;
 #[cfg(test)]
 pub(crate) mod testutil;
 
-pub use loader::{epoch_order, eval_batches, rank_shard, Batch, BatchStream};
+pub use loader::{epoch_order, eval_batches, rank_shard, worker_chunks, Batch, BatchStream};
 pub use masking::{mask_chunk, mask_chunk_words, MaskingParams};
 pub use prepare::prepare;
 pub use store::{Manifest, Prepared, SourceInfo, TokenStore, WordStarts};

@@ -56,13 +56,15 @@ pub struct Job {
 }
 
 impl Job {
-    pub fn from_config(cfg: &Config, target: Target) -> Self {
+    /// The job of `cfg` with `batch` sequences per loader batch on each worker
+    /// (`training.batch_size`, or what `global_batch_size` gives it).
+    pub fn from_config(cfg: &Config, batch: usize, target: Target) -> Self {
         let t = &cfg.training;
         Self {
             target,
             precision: t.precision,
             block: cfg.data.block_size as u64,
-            batch: t.batch_size as u64,
+            batch: batch as u64,
             micro_batch_size: t.micro_batch_size,
             activation_checkpointing: t.activation_checkpointing,
             sparse_head: t.sparse_head,

@@ -6,7 +6,7 @@
 //! The slices are cut from the loader's batch after masking (same data, same
 //! masks), and each slice's loss is normalised by the masked tokens of the whole
 //! optimizer step, as with `grad_accum_steps`: the slices' gradients add up to
-//! the batch's. The data position stays in loader batches, so a checkpoint
+//! the batch's. The data position counts optimizer steps, so a checkpoint
 //! resumes the same way whatever split either run used (`"auto"` may choose
 //! another size on another GPU).
 use std::borrow::Cow;
@@ -16,8 +16,9 @@ use tch::{Device, Tensor};
 
 use super::loss::{masked_lm_loss_sum, DeviceBatch};
 use crate::config::{Config, MicroBatchSize};
-use crate::data::loader::{make_batch, Batch};
+use crate::data::loader::{index_in_step, make_batch, Batch};
 use crate::data::masking::MaskingParams;
+use crate::data::rng::hash_words;
 use crate::data::store::TokenStore;
 use crate::logging::catch_out_of_memory;
 use crate::model::MaskedLm;
@@ -49,19 +50,48 @@ pub fn split(batch: &Batch, rows: usize) -> Vec<Cow<'_, Batch>> {
         .collect()
 }
 
-/// Sequences per forward pass for this job: the configured size, the whole
-/// batch, or for `"auto"` on a GPU the largest divisor of `batch_size` whose
+/// The forward passes of one optimizer step on worker `rank` of `world`: each
+/// of the step's loader batches cut into slices of `rows` rows, with the index
+/// of the slice's first row in the step's slice of the epoch order
+/// ([`index_in_step`]): unique over the passes of all workers in the step.
+pub fn step_passes(
+    batches: &[Batch],
+    rows: usize,
+    rank: usize,
+    world: usize,
+) -> impl Iterator<Item = (usize, Cow<'_, Batch>)> {
+    batches.iter().enumerate().flat_map(move |(a, b)| {
+        split(b, rows)
+            .into_iter()
+            .enumerate()
+            .map(move |(k, pass)| (index_in_step(a, rank, k * rows, world, b.rows), pass))
+    })
+}
+
+/// The libtorch seed of one forward pass's dropout: a hash of the run's seed,
+/// the step, and the index of the pass's first row in the step
+/// ([`step_passes`]). Every pass of every worker draws its own masks; a resumed
+/// job draws what the uninterrupted one drew; a job that splits its global
+/// batch otherwise (world size, batch size, micro-batches) draws other masks.
+pub fn dropout_seed(seed: u64, step: usize, first_row: usize) -> i64 {
+    const DROPOUT_STREAM: u64 = 0x44_524F_504F_5554; // "DROPOUT"
+    (hash_words(&[seed, step as u64, first_row as u64, DROPOUT_STREAM]) >> 1) as i64
+}
+
+/// Sequences per forward pass for this job (`batch` sequences per loader batch
+/// on each worker): the configured size, the whole batch, or for `"auto"` on a
+/// GPU the largest divisor of `batch` whose
 /// forward and backward fit, tried on the training data's first chunks (one
 /// line in the log says what was chosen).
 pub fn rows_per_pass(
     cfg: &Config,
+    batch: usize,
     model: &MaskedLm,
     params: &[Tensor],
     train: &TokenStore,
     masking: &MaskingParams,
     device: Device,
 ) -> Result<usize> {
-    let batch = cfg.training.batch_size;
     match cfg.training.micro_batch_size {
         MicroBatchSize::Whole => Ok(batch),
         MicroBatchSize::Rows(n) => Ok(n),
@@ -73,7 +103,7 @@ pub fn rows_per_pass(
             Ok(batch)
         }
         MicroBatchSize::Auto => {
-            super::oom::finding_micro_batch(cfg);
+            super::oom::finding_micro_batch(cfg, batch);
             let ids: Vec<u32> = (0..batch.min(train.len()) as u32).collect();
             let sparse = cfg.training.sparse_head;
             let fits = |rows: usize| {
@@ -166,6 +196,34 @@ mod tests {
         assert_eq!(cat(|p| &p.labels), b.labels);
         assert_eq!(parts.iter().flat_map(|p| p.chunk_ids.clone()).collect::<Vec<_>>(), b.chunk_ids);
         assert_eq!(parts.iter().map(|p| p.n_masked).sum::<usize>(), b.n_masked);
+    }
+
+    #[test]
+    fn every_pass_of_every_worker_has_its_own_dropout_seed() {
+        // 2 workers x 2 batches of 4 rows x passes of 2 rows: 8 passes in the step.
+        let (world, rows) = (2, 2);
+        let batches = [batch(4, 5), batch(4, 5)];
+        let mut firsts: Vec<usize> = Vec::new();
+        for rank in 0..world {
+            let passes: Vec<(usize, Cow<'_, Batch>)> = step_passes(&batches, rows, rank, world).collect();
+            assert_eq!(passes.len(), 4);
+            assert!(passes.iter().all(|(_, p)| p.rows == rows));
+            firsts.extend(passes.iter().map(|(i, _)| *i));
+        }
+        // Row j of batch a on rank r is row r + 2 * (4a + j) of the step.
+        assert_eq!(firsts, vec![0, 4, 8, 12, 1, 5, 9, 13]);
+        let seeds: std::collections::BTreeSet<i64> = firsts.iter().map(|&i| dropout_seed(42, 7, i)).collect();
+        assert_eq!(seeds.len(), firsts.len(), "two passes share a seed");
+        for &i in &firsts {
+            let s = dropout_seed(42, 7, i);
+            assert!(s >= 0);
+            assert_eq!(s, dropout_seed(42, 7, i), "a pure function of (seed, step, row)");
+            assert_ne!(s, dropout_seed(42, 8, i), "another step");
+            assert_ne!(s, dropout_seed(43, 7, i), "another seed");
+        }
+        // Whole batches: one pass per batch, at the batch's first row.
+        let whole: Vec<usize> = step_passes(&batches, 4, 1, world).map(|(i, _)| i).collect();
+        assert_eq!(whole, vec![1, 9]);
     }
 
     #[test]

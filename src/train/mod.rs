@@ -26,8 +26,8 @@ use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, TrainerState};
-use crate::config::{Config, Precision};
-use crate::data::loader::{epoch_order, eval_batches, rank_shard, Batch, BatchStream};
+use crate::config::{BatchShape, Config, Precision};
+use crate::data::loader::{epoch_order, eval_batches, worker_chunks, Batch, BatchStream};
 use crate::data::masking::MaskingParams;
 use crate::data::prepare::{open_prepared, prepare};
 use crate::data::store::Prepared;
@@ -122,20 +122,17 @@ struct LogWindow {
     flops: f64,
 }
 
-/// Batches of one epoch on each worker (every worker takes the same number:
-/// floor(chunks / world) chunks); an error when that is less than one step.
-fn batches_per_epoch(cfg: &Config, train_chunks: usize, world: usize) -> Result<usize> {
-    let t = &cfg.training;
-    let per_epoch = train_chunks / world / t.batch_size;
-    if per_epoch / t.grad_accum_steps == 0 {
+/// Optimizer steps in an epoch of `train_chunks` chunks (the same for every
+/// split of the global batch); an error when that is less than one step.
+fn steps_per_epoch(train_chunks: usize, shape: &BatchShape) -> Result<usize> {
+    let steps = crate::data::loader::steps_per_epoch(train_chunks, shape.global());
+    if steps == 0 {
         bail!(
-            "the training split has {train_chunks} chunks: fewer than one step (training.batch_size {} x \
-             grad_accum_steps {} x {world} workers)",
-            t.batch_size,
-            t.grad_accum_steps,
+            "the training split has {train_chunks} chunks: fewer than one step ({shape}); lower \
+             training.global_batch_size (or batch_size, grad_accum_steps) or give more data"
         );
     }
-    Ok(per_epoch)
+    Ok(steps)
 }
 
 /// The model that runs forward and backward: `master` itself in fp32, or a bf16
@@ -175,25 +172,32 @@ fn restore(
     saved: TrainerState,
     fresh: TrainerState,
     opt: &mut FlatAdamW,
-    batches_per_epoch: usize,
+    steps_per_epoch: usize,
 ) -> Result<TrainerState> {
     let moments = checkpoint::load_optimizer(dir, opt.numel())?;
-    resume::check_position(dir, &saved, batches_per_epoch, moments.step)?;
+    resume::check_position(dir, &saved, steps_per_epoch, moments.step)?;
     opt.restore(&moments.exp_avg, &moments.exp_avg_sq, moments.step);
     tracing::info!(
-        "resuming from {} (step {}, epoch {}, batch {} of the epoch)",
+        "resuming from {} (step {}, epoch {}, step {} of the epoch)",
         dir.display(),
         saved.step,
         saved.position.epoch,
-        saved.position.batch_in_epoch
+        saved.position.step_in_epoch
     );
-    Ok(TrainerState { config_hash: fresh.config_hash, config: fresh.config, data_key: fresh.data_key, ..saved })
+    Ok(TrainerState {
+        format_version: fresh.format_version,
+        config_hash: fresh.config_hash,
+        config: fresh.config,
+        data_key: fresh.data_key,
+        ..saved
+    })
 }
 
-/// What identifies a job to its workers: the settings that shape it and where
-/// it writes. Workers with different fingerprints never train together.
+/// What identifies a job to its workers: the settings that shape it (as
+/// written: the workers have not met yet, so the world size is not known) and
+/// where it writes. Workers with different fingerprints never train together.
 pub fn job_fingerprint(cfg: &Config) -> String {
-    format!("{} {}", resume::config_hash(cfg), cfg.training.output_dir.display())
+    format!("{} {}", resume::job_hash(cfg), cfg.training.output_dir.display())
 }
 
 /// What rank 0 settles before training, for every worker: the start point and
@@ -217,7 +221,7 @@ fn claim_output_and_data(cfg: &Config, tok: &TextTokenizer, sync: &mut GradSync)
     if sync.rank() == 0 {
         let lock = lock_output_dir(out)?;
         checkpoint::recover(out)?;
-        let start = resume::plan(cfg, Apply::Apply)?;
+        let start = resume::plan(cfg, Some(sync.world()), Apply::Apply)?;
         let data = prepare(cfg, tok, show, start.data_key())?;
         let chosen = start.checkpoint.as_ref().map(|(d, _)| d.to_string_lossy().into_owned()).unwrap_or_default();
         sync.broadcast_string(&chosen)?;
@@ -234,7 +238,7 @@ fn claim_output_and_data(cfg: &Config, tok: &TextTokenizer, sync: &mut GradSync)
         StartPoint::default()
     } else {
         let dir = PathBuf::from(chosen);
-        let state = resume::checked_state(&dir, cfg)?;
+        let state = resume::checked_state(&dir, cfg, Some(sync.world()))?;
         StartPoint { checkpoint: Some((dir, state)) }
     };
     let data = open_prepared(cfg, tok, start.data_key()).with_context(|| format!("rank {}", sync.rank()))?;
@@ -259,13 +263,15 @@ struct Trainer {
     compute: Option<MaskedLm>,
     /// The trainable parameters of the model that runs, in the flat buffers' order.
     compute_tensors: Vec<Tensor>,
+    /// How a step's global batch is split on this job's workers.
+    shape: BatchShape,
     /// Sequences per forward pass (`training.micro_batch_size`, resolved).
     micro_rows: usize,
     opt: FlatAdamW,
     schedule: LrSchedule,
     metrics: Metrics,
     state: TrainerState,
-    batches_per_epoch: usize,
+    steps_per_epoch: usize,
     total_steps: usize,
     nonfinite_in_a_row: usize,
     started: Instant,
@@ -296,20 +302,24 @@ impl Trainer {
             );
         }
         let mut sync = GradSync::join(&cfg.distributed, device, &job_fingerprint(&cfg))?;
+        let shape = t.batch_shape(sync.world())?;
+        if sync.rank() == 0 {
+            tracing::info!("{shape}");
+        }
         let Claimed { _lock, start, data } = claim_output_and_data(&cfg, &tok, &mut sync)?;
         let masking = Arc::new(MaskingParams::new(&cfg.data, &tok));
         let eval_set = eval_batches(&data.test, &masking, cfg.eval.batch_size, cfg.eval.max_chunks, cfg.eval.mask_seed);
         for b in &eval_set {
             b.check_ids(master.vocab_size(), &data.dir)?;
         }
-        let batches_per_epoch = batches_per_epoch(&cfg, data.train.len(), sync.world())?;
-        let total_steps =
-            if t.max_steps > 0 { t.max_steps } else { t.epochs * (batches_per_epoch / t.grad_accum_steps) };
+        let steps_per_epoch = steps_per_epoch(data.train.len(), &shape)?;
+        let total_steps = if t.max_steps > 0 { t.max_steps } else { t.epochs * steps_per_epoch };
+        let shaping = resume::shaping_config(&cfg, Some(shape.global()));
         let mut state = TrainerState {
             format_version: checkpoint::STATE_FORMAT,
             seed: t.seed,
-            config_hash: resume::config_hash(&cfg),
-            config: resume::shaping_config(&cfg),
+            config_hash: resume::config_hash(&shaping),
+            config: shaping,
             data_key: Some(data.manifest.inputs_key.clone()),
             ..Default::default()
         };
@@ -320,14 +330,15 @@ impl Trainer {
             master.vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
         let mut opt = FlatAdamW::new(params, MaskedLm::no_decay, AdamWParams::from(t))?;
         if let Some((dir, saved)) = start.checkpoint {
-            state = restore(&dir, saved, state, &mut opt, batches_per_epoch)?;
+            state = restore(&dir, saved, state, &mut opt, steps_per_epoch)?;
             if sync.rank() == 0 && cfg.checkpoint.save_best {
                 resume::complete_best(&t.output_dir, &state)?;
             }
         }
         let (compute, compute_tensors) = compute_model(&master, &mut opt, t.precision)?;
         let model = compute.as_ref().unwrap_or(&master);
-        let micro_rows = micro::rows_per_pass(&cfg, model, &compute_tensors, &data.train, &masking, device)?;
+        let micro_rows =
+            micro::rows_per_pass(&cfg, shape.batch_size, model, &compute_tensors, &data.train, &masking, device)?;
         let out = t.output_dir.clone();
         let metrics = if sync.rank() == 0 {
             let tb = cfg.logging.tensorboard.then(|| out.join("tb"));
@@ -344,7 +355,7 @@ impl Trainer {
             data.test.len(),
             cfg.data.block_size,
             total_steps,
-            t.batch_size * t.grad_accum_steps
+            shape.global()
         );
         Ok(Self {
             _lock,
@@ -359,6 +370,7 @@ impl Trainer {
             master,
             compute,
             compute_tensors,
+            shape,
             micro_rows,
             opt,
             metrics,
@@ -366,7 +378,7 @@ impl Trainer {
             last_eval: None,
             startup_rss,
             state,
-            batches_per_epoch,
+            steps_per_epoch,
             total_steps,
             nonfinite_in_a_row: 0,
             started: Instant::now(),
@@ -383,14 +395,12 @@ impl Trainer {
     fn epoch_stream(&self) -> Result<BatchStream> {
         let at = self.state.position;
         let order = epoch_order(self.data.train.len(), self.cfg.training.seed, at.epoch as u64);
-        let mut ids = rank_shard(&order, self.sync.rank(), self.sync.world());
-        ids.truncate(self.data.train.len() / self.sync.world());
         BatchStream::new(
             self.data.train_arc(),
             self.masking.clone(),
-            ids,
-            self.cfg.training.batch_size,
-            at.batch_in_epoch,
+            worker_chunks(&order, self.sync.rank(), self.sync.world()),
+            self.shape.batch_size,
+            at.start_batch(self.shape.grad_accum_steps),
             self.cfg.training.seed,
             at.epoch as u64,
             self.cfg.data.masker_threads,
@@ -406,7 +416,7 @@ impl Trainer {
         }
         self.timer.exact = self.device.is_cuda() && (self.state.step + 1).is_multiple_of(self.cfg.training.log_every);
         self.timer.start();
-        let accum = self.cfg.training.grad_accum_steps;
+        let accum = self.shape.grad_accum_steps;
         let micro: Vec<Batch> = epoch.by_ref().take(accum).collect();
         self.timer.end(Phase::Data);
         (micro.len() == accum).then_some(micro)
@@ -419,16 +429,16 @@ impl Trainer {
     fn forward_backward(&mut self, batches: &[Batch]) -> Result<Tensor> {
         let local: usize = batches.iter().map(|b| b.n_masked).sum();
         let n_masked = self.sync.sum(&[local as f64])?[0] as usize;
-        oom::at_step(self.state.step + 1, &self.cfg, self.micro_rows);
-        // Dropout draws from libtorch's generator: seed it per step so that a
-        // resumed job draws what the uninterrupted one drew.
-        tch::manual_seed((self.cfg.training.seed as i64).wrapping_mul(1_000_003).wrapping_add(self.state.step as i64));
+        oom::at_step(self.state.step + 1, &self.cfg, self.shape.batch_size, self.micro_rows);
         let mut total = Tensor::zeros([], (Kind::Float, self.device));
         for b in batches {
             b.check_ids(self.master.vocab_size(), &self.data.dir)?;
         }
-        let rows = self.micro_rows;
-        for b in batches.iter().flat_map(|b| micro::split(b, rows)) {
+        let (rows, rank, world) = (self.micro_rows, self.sync.rank(), self.sync.world());
+        for (first_row, b) in micro::step_passes(batches, rows, rank, world) {
+            // Dropout draws from libtorch's generator: one draw per pass
+            // (`DropoutSeeds`, replayed by activation checkpointing).
+            tch::manual_seed(micro::dropout_seed(self.cfg.training.seed, self.state.step, first_row));
             let db = DeviceBatch::new(&b, self.device);
             let sparse = self.cfg.training.sparse_head;
             let divisor = n_masked.max(1) as f64;
@@ -498,7 +508,7 @@ impl Trainer {
             }
         }
         self.state.step += 1;
-        self.state.position.advance(micro.len(), self.batches_per_epoch);
+        self.state.position.advance();
         self.timer.end(Phase::Optimizer);
         self.timer.step_done();
         let tokens: u64 = micro.iter().map(|b| (b.rows * b.block_size) as u64).sum();
@@ -621,8 +631,7 @@ impl Trainer {
     /// Moves the position to the next epoch (when the run goes on, or when this
     /// epoch has no full step left), then the epoch-end evaluation.
     fn end_epoch(&mut self) -> Result<()> {
-        let accum = self.cfg.training.grad_accum_steps;
-        if self.state.step < self.total_steps || self.state.position.epoch_done(accum, self.batches_per_epoch) {
+        if self.state.step < self.total_steps || self.state.position.epoch_done(self.steps_per_epoch) {
             self.state.position.next_epoch();
         }
         self.maybe_evaluate_and_save(Moment::EpochEnd)

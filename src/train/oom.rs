@@ -6,8 +6,8 @@ use crate::logging::{clear_activity, set_activity};
 
 /// The forward and backward passes of optimizer step `step` (1-based), `rows`
 /// sequences per pass.
-pub fn at_step(step: usize, cfg: &Config, rows: usize) {
-    let (batch, block) = (cfg.training.batch_size, cfg.data.block_size);
+pub fn at_step(step: usize, cfg: &Config, batch: usize, rows: usize) {
+    let block = cfg.data.block_size;
     set_activity(
         format!(" at step {step} (batch {batch}, micro-batch {rows}, block {block})"),
         step_advice(batch, rows),
@@ -29,8 +29,8 @@ fn step_advice(batch: usize, rows: usize) -> String {
 
 /// The `"auto"` search for the micro-batch size (its own allocation failures
 /// are caught; this names anything else that runs out).
-pub fn finding_micro_batch(cfg: &Config) {
-    let (batch, block) = (cfg.training.batch_size, cfg.data.block_size);
+pub fn finding_micro_batch(cfg: &Config, batch: usize) {
+    let block = cfg.data.block_size;
     set_activity(
         format!(" while finding training.micro_batch_size = \"auto\" (batch {batch}, block {block})"),
         "set training.micro_batch_size to a small divisor of training.batch_size, set \

@@ -24,11 +24,11 @@ use serde_json::Value;
 use crate::checkpoint::{self, TrainerState};
 use crate::config::{Config, Resume};
 
-/// Settings that shape the trained weights: a resumed job must match them.
+/// The settings that shape the trained weights, as the job wrote them.
 /// Throughput and memory knobs (threads, prefetch, logging, device, the
 /// micro-batch size: `"auto"` may choose another on another GPU, activation
 /// checkpointing) may change freely.
-pub fn shaping_config(cfg: &Config) -> Value {
+fn written_shaping(cfg: &Config) -> Value {
     let mut v = serde_json::json!({ "model": cfg.model, "data": cfg.data, "training": cfg.training });
     for (section, key) in [
         ("data", "masker_threads"),
@@ -47,10 +47,36 @@ pub fn shaping_config(cfg: &Config) -> Value {
     v
 }
 
-/// Hash of [`shaping_config`].
-pub fn config_hash(cfg: &Config) -> String {
+/// The batch keys of `[training]`: replaced by the global batch in [`shaping_config`].
+const BATCH_KEYS: [&str; 3] = ["batch_size", "grad_accum_steps", "global_batch_size"];
+
+/// Settings that shape the trained weights: a resumed job must match them. The
+/// batch is the global batch `global` only (`training.global_batch_size`), not
+/// how the workers split it, so a job resumes on another world size; `None`
+/// leaves the batch out (`mlm prepare`, which does not know the world size).
+pub fn shaping_config(cfg: &Config, global: Option<usize>) -> Value {
+    let mut v = written_shaping(cfg);
+    let training = v["training"].as_object_mut().expect("sections are objects");
+    for key in BATCH_KEYS {
+        training.remove(key);
+    }
+    if let Some(g) = global {
+        training.insert("global_batch_size".into(), g.into());
+    }
+    v
+}
+
+/// Hash of a [`shaping_config`] (recorded in checkpoints).
+pub fn config_hash(shaping: &Value) -> String {
     use sha2::{Digest, Sha256};
-    format!("{:x}", Sha256::digest(shaping_config(cfg).to_string().as_bytes()))
+    format!("{:x}", Sha256::digest(shaping.to_string().as_bytes()))
+}
+
+/// Hash of the shaping settings as written, batch keys included: known before
+/// the workers meet, and the same on every worker of one job (same config,
+/// same world size), so the workers derive their job token from it.
+pub fn job_hash(cfg: &Config) -> String {
+    config_hash(&written_shaping(cfg))
 }
 
 /// Where a job starts.
@@ -77,8 +103,10 @@ pub enum Apply {
     Apply,
 }
 
-/// Decides where the job starts and enforces the rules of the module doc.
-pub fn plan(cfg: &Config, apply: Apply) -> Result<StartPoint> {
+/// Decides where the job starts and enforces the rules of the module doc;
+/// `world` is the number of workers (`None` where it is unknown: the global
+/// batch is then not compared).
+pub fn plan(cfg: &Config, world: Option<usize>, apply: Apply) -> Result<StartPoint> {
     let out = &cfg.training.output_dir;
     let overwrite = cfg.checkpoint.overwrite_output_dir;
     let existing = checkpoint::list(out);
@@ -116,7 +144,7 @@ pub fn plan(cfg: &Config, apply: Apply) -> Result<StartPoint> {
         }
         return Ok(StartPoint::default());
     };
-    let state = checked_state(&dir, cfg)?;
+    let state = checked_state(&dir, cfg, world)?;
     let inside = same_dir(dir.parent().unwrap_or(Path::new("")), out);
     let later = results_in(out, &existing, Some(state.step)).into_iter().filter(|p| *p != dir);
     let in_the_way: Vec<PathBuf> = if inside {
@@ -173,10 +201,11 @@ fn explicit(path: &Path) -> Result<PathBuf> {
     Ok(path.to_path_buf())
 }
 
-/// The trainer state of `dir`, checked against the current job: same format,
-/// same shaping settings (unless allowed), and self-consistent.
-pub fn checked_state(dir: &Path, cfg: &Config) -> Result<TrainerState> {
-    let state = checkpoint::load_state(dir)?;
+/// The trainer state of `dir`, checked against the current job of `world`
+/// workers: same format, same shaping settings (unless allowed), and
+/// self-consistent.
+pub fn checked_state(dir: &Path, cfg: &Config, world: Option<usize>) -> Result<TrainerState> {
+    let mut state = checkpoint::load_state(dir)?;
     let named = dir
         .file_name()
         .and_then(|n| n.to_str())
@@ -202,10 +231,25 @@ pub fn checked_state(dir: &Path, cfg: &Config) -> Result<TrainerState> {
     if state.best_perplexity.is_some_and(|p| !(p.is_finite() && p >= 1.0)) {
         bail!("{}/trainer_state.json: best_perplexity {:?} is not a perplexity", dir.display(), state.best_perplexity);
     }
-    let changes = differing_keys(&state.config, &shaping_config(cfg));
+    let global = match world {
+        Some(w) => Some(cfg.training.batch_shape(w)?.global()),
+        None => None,
+    };
+    global_batch_of_old_state(&mut state.config, world);
+    if global.is_none() {
+        state.config["training"].as_object_mut().map(|t| t.remove("global_batch_size"));
+    }
+    let changes = differing_keys(&state.config, &shaping_config(cfg, global));
     if !changes.is_empty() && !cfg.checkpoint.allow_config_change {
+        let batch = changes.iter().any(|c| c.starts_with("training.global_batch_size"));
+        let hint = if batch && cfg.training.global_batch_size.is_none() {
+            "; the global batch is workers x training.batch_size x training.grad_accum_steps: to resume on another \
+             number of workers, set training.global_batch_size to the checkpoint's"
+        } else {
+            ""
+        };
         bail!(
-            "cannot resume from {}: the job's config changed ({}); restore it, start a new output_dir, \
+            "cannot resume from {}: the job's config changed ({}){hint}; restore it, start a new output_dir, \
              or set checkpoint.allow_config_change = true",
             dir.display(),
             changes.join("; ")
@@ -217,16 +261,33 @@ pub fn checked_state(dir: &Path, cfg: &Config) -> Result<TrainerState> {
     Ok(state)
 }
 
+/// A state written before global batches (format 1) recorded `batch_size` and
+/// `grad_accum_steps`, not its world size: its global batch is taken to be
+/// theirs times this job's `world` (that format resumed on one world size only).
+fn global_batch_of_old_state(config: &mut Value, world: Option<usize>) {
+    let Some(training) = config.get_mut("training").and_then(Value::as_object_mut) else { return };
+    if training.contains_key("global_batch_size") || !training.contains_key("batch_size") {
+        return;
+    }
+    let num = |k: &str| training.get(k).and_then(Value::as_u64).unwrap_or(1);
+    let per_worker = num("batch_size") * num("grad_accum_steps");
+    training.remove("batch_size");
+    training.remove("grad_accum_steps");
+    if let Some(w) = world {
+        training.insert("global_batch_size".into(), (per_worker * w as u64).into());
+    }
+}
+
 /// The checks a resumed state needs once the data is known: its position must
-/// lie within an epoch of `batches_per_epoch` batches, and the optimizer's
-/// update count must match the steps taken.
-pub fn check_position(dir: &Path, state: &TrainerState, batches_per_epoch: usize, optimizer_steps: i64) -> Result<()> {
-    if state.position.batch_in_epoch > batches_per_epoch {
+/// lie within an epoch of `steps_per_epoch` steps, and the optimizer's update
+/// count must match the steps taken.
+pub fn check_position(dir: &Path, state: &TrainerState, steps_per_epoch: usize, optimizer_steps: i64) -> Result<()> {
+    if state.position.step_in_epoch > steps_per_epoch {
         bail!(
-            "{}/trainer_state.json: batch {} of an epoch of {batches_per_epoch} batches: the checkpoint does not \
+            "{}/trainer_state.json: step {} of an epoch of {steps_per_epoch} steps: the checkpoint does not \
              belong to this data; resume another one or start a new training.output_dir",
             dir.display(),
-            state.position.batch_in_epoch
+            state.position.step_in_epoch
         );
     }
     let applied = state.step - state.nonfinite_skipped;
@@ -346,18 +407,110 @@ mod tests {
         assert_eq!(differing_keys(&a, &b), vec!["training.lr (0.0001 -> 0.00003)".to_string()]);
     }
 
+    /// The hash a checkpoint records for `c` on `world` workers.
+    fn hash(c: &Config, world: usize) -> String {
+        config_hash(&shaping_config(c, Some(c.training.batch_shape(world).unwrap().global())))
+    }
+
     #[test]
     fn throughput_knobs_do_not_shape_the_job() {
         let mut c = Config::from_toml("[model]\npath = \"m\"\n").unwrap();
-        let h = config_hash(&c);
+        let (h, job) = (hash(&c, 1), job_hash(&c));
         c.training.threads = 7;
         c.data.masker_threads = 5;
         c.training.micro_batch_size = crate::config::MicroBatchSize::Auto;
-        assert_eq!(config_hash(&c), h);
+        assert_eq!((hash(&c, 1), job_hash(&c)), (h.clone(), job.clone()));
         c.training.micro_batch_size = crate::config::MicroBatchSize::Rows(2);
-        assert_eq!(config_hash(&c), h);
+        assert_eq!((hash(&c, 1), job_hash(&c)), (h.clone(), job.clone()));
         c.training.lr = 1.0;
-        assert_ne!(config_hash(&c), h);
+        assert_ne!(hash(&c, 1), h);
+        assert_ne!(job_hash(&c), job);
+    }
+
+    #[test]
+    fn the_global_batch_shapes_the_job_and_its_split_does_not() {
+        let c = Config::from_toml("[model]\npath = \"m\"\n[training]\nglobal_batch_size = 16\n").unwrap();
+        let h = hash(&c, 1);
+        assert_eq!(hash(&c, 2), h);
+        assert_eq!(hash(&c, 16), h);
+        let mut split = c.clone();
+        split.training.batch_size = Some(2);
+        assert_eq!(hash(&split, 4), h, "4 workers x 2 x accumulation 2");
+        split.training.global_batch_size = None;
+        split.training.grad_accum_steps = Some(4);
+        assert_eq!(hash(&split, 2), h, "2 workers x 2 x 4, without global_batch_size");
+        assert_ne!(hash(&split, 1), h, "1 worker x 2 x 4 is another global batch");
+        // What the workers agree on before they meet is the config as written.
+        assert_ne!(job_hash(&split), job_hash(&c));
+    }
+
+    /// A checkpoint of `cfg` on `world` workers in `dir` (its trainer state only).
+    fn checkpoint_of(dir: &Path, cfg: &Config, world: usize) -> PathBuf {
+        let ckpt = dir.join("checkpoint-3");
+        std::fs::create_dir_all(&ckpt).unwrap();
+        let shaping = shaping_config(cfg, Some(cfg.training.batch_shape(world).unwrap().global()));
+        let state = TrainerState {
+            format_version: checkpoint::STATE_FORMAT,
+            step: 3,
+            config_hash: config_hash(&shaping),
+            config: shaping,
+            ..Default::default()
+        };
+        std::fs::write(ckpt.join("trainer_state.json"), serde_json::to_string(&state).unwrap()).unwrap();
+        ckpt
+    }
+
+    #[test]
+    fn a_changed_global_batch_is_refused_naming_it_and_a_changed_world_size_is_not() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = Config::from_toml("[model]\npath = \"m\"\n[training]\nglobal_batch_size = 8\n").unwrap();
+        let ckpt = checkpoint_of(tmp.path(), &c, 2);
+        for world in [1, 2, 4, 8] {
+            checked_state(&ckpt, &c, Some(world)).unwrap_or_else(|e| panic!("{world} workers: {e}"));
+        }
+        let mut other = c.clone();
+        other.training.global_batch_size = Some(16);
+        let e = checked_state(&ckpt, &other, Some(2)).unwrap_err().to_string();
+        assert!(e.contains("training.global_batch_size (8 -> 16)") && e.contains("allow_config_change"), "{e}");
+        // `mlm prepare` does not know the world size: it leaves the batch to `mlm train`.
+        checked_state(&ckpt, &other, None).unwrap();
+        // Per-worker keys: another world size is another global batch, and the
+        // error says how to keep it.
+        let mut per_worker = c.clone();
+        (per_worker.training.global_batch_size, per_worker.training.batch_size) = (None, Some(4));
+        checked_state(&ckpt, &per_worker, Some(2)).unwrap();
+        let e = checked_state(&ckpt, &per_worker, Some(4)).unwrap_err().to_string();
+        assert!(
+            e.contains("training.global_batch_size (8 -> 16)") && e.contains("set training.global_batch_size"),
+            "{e}"
+        );
+        other.checkpoint.allow_config_change = true;
+        checked_state(&ckpt, &other, Some(2)).unwrap();
+    }
+
+    #[test]
+    fn a_format_1_checkpoint_resumes_on_its_world_size_with_its_global_batch() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = Config::from_toml("[model]\npath = \"m\"\n[training]\nbatch_size = 4\ngrad_accum_steps = 2\n").unwrap();
+        let ckpt = tmp.path().join("checkpoint-3");
+        std::fs::create_dir_all(&ckpt).unwrap();
+        // As format 1 wrote it: the per-worker keys in the config, the position in batches.
+        let mut config = written_shaping(&c);
+        config["training"]["batch_size"] = 4.into();
+        config["training"]["grad_accum_steps"] = 2.into();
+        let old = serde_json::json!({
+            "format_version": 1, "step": 3, "epoch": 0, "batch_in_epoch": 6, "best_perplexity": null,
+            "best_step": null, "seed": 42, "tokens_seen": 0, "nonfinite_skipped": 0, "config_hash": "x",
+            "config": config,
+        });
+        std::fs::write(ckpt.join("trainer_state.json"), old.to_string()).unwrap();
+        let s = checked_state(&ckpt, &c, Some(2)).unwrap();
+        assert_eq!(s.position.step_in_epoch, 3);
+        let mut g = c.clone();
+        (g.training.global_batch_size, g.training.batch_size, g.training.grad_accum_steps) = (Some(16), None, None);
+        checked_state(&ckpt, &g, Some(2)).unwrap();
+        let e = checked_state(&ckpt, &g, Some(1)).unwrap_err().to_string();
+        assert!(e.contains("training.global_batch_size (8 -> 16)"), "{e}");
     }
 
     #[test]
@@ -368,13 +521,13 @@ mod tests {
         std::fs::create_dir_all(out.join("best")).unwrap();
         let mut c = Config::from_toml("[model]\npath = \"m\"\n[checkpoint]\nresume = \"none\"\n").unwrap();
         c.training.output_dir = out.clone();
-        let e = plan(&c, Apply::Apply).unwrap_err().to_string();
+        let e = plan(&c, Some(1), Apply::Apply).unwrap_err().to_string();
         assert!(e.contains("checkpoint-200/") && e.contains("overwrite_output_dir"), "{e}");
         assert!(out.join("checkpoint-200").exists() && out.join("best").exists());
         c.checkpoint.overwrite_output_dir = true;
-        plan(&c, Apply::Check).unwrap();
+        plan(&c, Some(1), Apply::Check).unwrap();
         assert!(out.join("checkpoint-200").exists(), "a check deletes nothing");
-        assert!(plan(&c, Apply::Apply).unwrap().checkpoint.is_none());
+        assert!(plan(&c, Some(1), Apply::Apply).unwrap().checkpoint.is_none());
         assert!(!out.join("checkpoint-200").exists() && !out.join("best").exists());
     }
 }
