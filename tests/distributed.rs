@@ -18,17 +18,7 @@ fn launcher() -> PathBuf {
 /// A tiny job without dropout (dropout masks are per worker, as in any
 /// data-parallel framework), fp32, `steps` steps, no evaluation before.
 fn job(dir: &Path, steps: usize) -> PathBuf {
-    let cfg = write_job(dir, "");
-    let model = dir.join("tiny-bert.json");
-    let text = std::fs::read_to_string(&model).unwrap().replace("_dropout_prob\": 0.1", "_dropout_prob\": 0.0");
-    std::fs::write(&model, text).unwrap();
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("max_steps = 30", &format!("max_steps = {steps}"))
-        .replace("threads = 2", "threads = 1")
-        .replace("[eval]\n", "[eval]\nat_start = false\n");
-    std::fs::write(&cfg, text).unwrap();
-    cfg
+    comparable_job(dir, steps)
 }
 
 fn mpirun() -> Option<PathBuf> {
@@ -97,12 +87,7 @@ fn launch_and_kill(dir: &Path, cfg: &Path, extra: &[&str], at: u64) -> (bool, f6
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let out = dir.join("out");
-    let t0 = Instant::now();
-    while losses(&out).keys().max().copied().unwrap_or(0) < at {
-        assert!(t0.elapsed() < Duration::from_secs(180), "job did not reach step {at}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_step(&dir.join("out"), at, Duration::from_secs(180));
     let victims = workers(child.id());
     assert_eq!(victims.len(), 2, "two workers expected, found {victims:?}");
     // SIGKILL rank 1 (its rank is in its environment).

@@ -23,9 +23,7 @@ fn launcher() -> PathBuf {
 fn job(dir: &Path, dropout: bool) -> PathBuf {
     let cfg = write_job(dir, "");
     if !dropout {
-        let model = dir.join("tiny-bert.json");
-        let text = std::fs::read_to_string(&model).unwrap().replace("_dropout_prob\": 0.1", "_dropout_prob\": 0.0");
-        std::fs::write(&model, text).unwrap();
+        without_dropout(dir);
     }
     let text = std::fs::read_to_string(&cfg)
         .unwrap()

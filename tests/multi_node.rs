@@ -20,17 +20,7 @@ fn launcher() -> PathBuf {
 
 /// A tiny fp32 job without dropout and without a first evaluation.
 fn job(dir: &Path) -> PathBuf {
-    let cfg = write_job(dir, "");
-    let model = dir.join("tiny-bert.json");
-    let text = std::fs::read_to_string(&model).unwrap().replace("_dropout_prob\": 0.1", "_dropout_prob\": 0.0");
-    std::fs::write(&model, text).unwrap();
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("max_steps = 30", &format!("max_steps = {STEPS}"))
-        .replace("threads = 2", "threads = 1")
-        .replace("[eval]\n", "[eval]\nat_start = false\n");
-    std::fs::write(&cfg, text).unwrap();
-    cfg
+    comparable_job(dir, STEPS)
 }
 
 const SETS: [&str; 6] =
@@ -120,12 +110,7 @@ fn a_worker_killed_on_node_1_stops_node_0_and_restarts_resume_on_both() {
     let port = free_port();
     let n0 = node(&cfg, 0, port, &[]);
     let n1 = node(&cfg, 1, port, &[]);
-    let out = dir.path().join("out");
-    let t0 = Instant::now();
-    while losses(&out).keys().max().copied().unwrap_or(0) < 6 {
-        assert!(t0.elapsed() < Duration::from_secs(180), "the job did not reach step 6");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_step(&dir.path().join("out"), 6, Duration::from_secs(180));
     let victim = worker_of(n1.id()).expect("node 1's worker");
     let killed = Instant::now();
     Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap();
@@ -150,11 +135,7 @@ fn a_worker_killed_on_node_1_stops_node_0_and_restarts_resume_on_both() {
     let n0 = node(&cfg, 0, port, &["--max-restarts", "1"]);
     let n1 = node(&cfg, 1, port, &["--max-restarts", "1"]);
     let out = dir.path().join("out");
-    let t0 = Instant::now();
-    while losses(&out).keys().max().copied().unwrap_or(0) < 10 {
-        assert!(t0.elapsed() < Duration::from_secs(180), "the job did not reach step 10");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_step(&out, 10, Duration::from_secs(180));
     let victim = worker_of(n1.id()).expect("node 1's worker");
     Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap();
     let (o0, o1) = (wait(n0, Duration::from_secs(300), "node 0"), wait(n1, Duration::from_secs(300), "node 1"));

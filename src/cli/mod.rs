@@ -227,7 +227,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let store = TokenStore::from_tokens(tokens, block_size);
             let params = MaskingParams::new(&dc, &tok);
             let batches = eval_batches(&store, &params, batch_size, 0, seed);
-            let r = evaluate(&m, &batches, device);
+            let r = evaluate(&m, &batches, device, &crate::train::metrics::Progress::hidden());
             emit(serde_json::json!({
                 "perplexity": r.perplexity, "loss": r.loss, "masked_tokens": r.tokens, "chunks": store.len(),
                 "definition": "exp(mean cross-entropy over masked tokens), masks fixed by seed",

@@ -432,11 +432,18 @@ pub struct LoggingConfig {
     pub metrics_file: String,
     /// Also write the metrics as TensorBoard scalars in `<output_dir>/tb/`.
     pub tensorboard: bool,
+    /// When stderr is not a terminal: seconds between progress lines (0: none).
+    pub progress_every_s: f64,
 }
 
 impl Default for LoggingConfig {
     fn default() -> Self {
-        Self { progress: ProgressMode::Auto, metrics_file: "metrics.jsonl".into(), tensorboard: false }
+        Self {
+            progress: ProgressMode::Auto,
+            metrics_file: "metrics.jsonl".into(),
+            tensorboard: false,
+            progress_every_s: 60.0,
+        }
     }
 }
 

@@ -91,6 +91,7 @@ impl Config {
         if self.eval.top_k == 0 {
             bail!("eval.top_k must be at least 1");
         }
+        non_negative("logging.progress_every_s", self.logging.progress_every_s)?;
         if self.logging.metrics_file.is_empty() {
             bail!("logging.metrics_file is empty: name the JSON-lines file (default metrics.jsonl)");
         }

@@ -25,6 +25,7 @@ use super::store::{
 };
 use super::tokenizer::{hex, TextTokenizer};
 use crate::config::{Config, DataConfig};
+use crate::train::metrics::Progress;
 
 /// Stream id separating the split shuffle from other uses of `split_seed`.
 const SPLIT_STREAM: u64 = 0x0053_504C_4954; // "SPLIT"
@@ -119,9 +120,10 @@ fn prepare_or_open(
     crate::durable::recover(&crate::durable::parent_of(&dir), |n| n == name)?;
 
     let t0 = Instant::now();
-    let pb = progress_bar(show_progress, sources.iter().map(|s| s.bytes).sum());
+    let total: u64 = sources.iter().map(|s| s.bytes).sum();
+    let pb = if show_progress { Progress::bytes(total, "tokenizing", &cfg.logging) } else { Progress::hidden() };
     let Tokenized { tokens, starts, counts } = tokenize_files(&files, d, tok, &pb)?;
-    pb.finish_and_clear();
+    pb.finish();
     let secs = t0.elapsed().as_secs_f64();
     for (s, (docs, toks)) in sources.iter_mut().zip(counts) {
         (s.documents, s.tokens) = (docs, toks);
@@ -180,7 +182,7 @@ pub fn tokenize_to_chunks(d: &DataConfig, tok: &TextTokenizer) -> Result<Vec<u32
     if files.is_empty() {
         bail!("no input files given");
     }
-    let Tokenized { mut tokens, counts, .. } = tokenize_files(&files, d, tok, &indicatif::ProgressBar::hidden())?;
+    let Tokenized { mut tokens, counts, .. } = tokenize_files(&files, d, tok, &Progress::hidden())?;
     check_corpus(&files, counts.iter().map(|c| c.0).sum(), tokens.len(), d.block_size)?;
     tokens.truncate(tokens.len() / d.block_size * d.block_size);
     Ok(tokens)
@@ -204,12 +206,7 @@ const BATCH_BYTES: usize = 1 << 18;
 
 /// Reads and tokenizes `files` in order (batches of documents in parallel,
 /// order kept). `pb` advances by bytes.
-fn tokenize_files(
-    files: &[PathBuf],
-    d: &DataConfig,
-    tok: &TextTokenizer,
-    pb: &indicatif::ProgressBar,
-) -> Result<Tokenized> {
+fn tokenize_files(files: &[PathBuf], d: &DataConfig, tok: &TextTokenizer, pb: &Progress) -> Result<Tokenized> {
     let (mut tokens, mut starts, mut counts, mut done) = (Vec::new(), Vec::new(), Vec::new(), 0);
     for file in files {
         let docs = read_documents(file, d)?;
@@ -233,7 +230,7 @@ fn tokenize_files(
         }
         counts.push((docs.len(), n));
         done += std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
-        pb.set_position(done);
+        pb.set(done);
     }
     Ok(Tokenized { tokens, starts, counts })
 }
@@ -340,19 +337,6 @@ fn list_files(files: &[PathBuf]) -> String {
         s.push(format!("and {} more files", files.len() - 3));
     }
     s.join(", ")
-}
-
-fn progress_bar(show: bool, total: u64) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
-    }
-    let pb = indicatif::ProgressBar::new(total);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "tokenizing {bar:40} {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, eta {eta})",
-    ) {
-        pb.set_style(style);
-    }
-    pb
 }
 
 /// The store at `dir` when it was made from `key`, else `None` (with a line

@@ -7,6 +7,7 @@ use serde::Serialize;
 use tch::{Device, Kind};
 
 use super::loss::{masked_lm_loss_sum, DeviceBatch};
+use super::metrics::Progress;
 use crate::data::loader::Batch;
 use crate::model::MaskedLm;
 
@@ -28,12 +29,14 @@ impl EvalResult {
     }
 }
 
-/// Scores `batches` (fixed masks) with `model` in eval mode.
-pub fn evaluate(model: &MaskedLm, batches: &[Batch], device: Device) -> EvalResult {
+/// Scores `batches` (fixed masks) with `model` in eval mode, advancing
+/// `progress` by one per batch.
+pub fn evaluate(model: &MaskedLm, batches: &[Batch], device: Device, progress: &Progress) -> EvalResult {
     let mut sum = 0f64;
     let mut tokens = 0usize;
     tch::no_grad(|| {
         for b in batches {
+            progress.inc(1);
             let db = DeviceBatch::new(b, device);
             if db.n_masked == 0 {
                 continue;

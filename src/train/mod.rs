@@ -60,7 +60,12 @@ pub struct Summary {
 pub fn run(cfg: Config) -> Result<Summary> {
     let mut t = Trainer::new(cfg)?;
     let before = t.evaluate_at_start()?;
-    let progress = Progress::new(t.total_steps as u64, "train", t.cfg.logging.progress);
+    let progress = if t.sync.rank() == 0 {
+        Progress::new(t.total_steps as u64, "train", &t.cfg.logging)
+    } else {
+        Progress::hidden()
+    };
+    progress.set(t.state.step as u64);
     while t.state.step < t.total_steps {
         let mut epoch = t.epoch_stream()?;
         while let Some(micro) = t.next_step(&mut epoch) {
@@ -568,12 +573,25 @@ impl Trainer {
         let (rank, world) = (self.sync.rank(), self.sync.world());
         oom::in_evaluation(self.state.step, &self.cfg);
         let mine: Vec<Batch> = self.eval_set.iter().skip(rank).step_by(world).cloned().collect();
-        let local = evaluate(self.model(), &mine, self.device);
+        let t0 = Instant::now();
+        let progress = if rank == 0 {
+            Progress::new(mine.len() as u64, &format!("evaluation at step {}", self.state.step), &self.cfg.logging)
+        } else {
+            Progress::hidden()
+        };
+        let local = evaluate(self.model(), &mine, self.device, &progress);
+        progress.finish();
         let sums = self.sync.sum(&[local.loss_sum, local.tokens as f64])?;
         let r = EvalResult::from_sums(sums[0], sums[1] as usize);
         if rank != 0 {
             return Ok(r);
         }
+        tracing::info!(
+            "evaluated {} held-out blocks ({} masked tokens) in {:.1} s",
+            self.eval_set.len(),
+            r.tokens,
+            t0.elapsed().as_secs_f64()
+        );
         self.metrics.write(&serde_json::json!({
             "kind": "eval", "step": self.state.step, "epoch": self.state.position.epoch, "eval_loss": r.loss,
             "perplexity": r.perplexity, "eval_tokens": r.tokens,

@@ -108,6 +108,38 @@ progress = "never"
     cfg
 }
 
+/// Sets every dropout probability of the tiny model written by [`write_job`]
+/// in `dir` to 0: runs that split one batch differently (workers, nodes, an
+/// elastic resume) draw other dropout masks, so they compare without dropout.
+pub fn without_dropout(dir: &Path) {
+    let model = dir.join("tiny-bert.json");
+    let text = std::fs::read_to_string(&model).unwrap().replace("_dropout_prob\": 0.1", "_dropout_prob\": 0.0");
+    std::fs::write(&model, text).unwrap();
+}
+
+/// [`write_job`] for comparing runs: no dropout, fp32, `steps` steps, one
+/// thread per process, no evaluation before training.
+pub fn comparable_job(dir: &Path, steps: usize) -> PathBuf {
+    let cfg = write_job(dir, "");
+    without_dropout(dir);
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("max_steps = 30", &format!("max_steps = {steps}"))
+        .replace("threads = 2", "threads = 1")
+        .replace("[eval]\n", "[eval]\nat_start = false\n");
+    std::fs::write(&cfg, text).unwrap();
+    cfg
+}
+
+/// Waits until the run writing `out` has logged step `step` (metrics.jsonl).
+pub fn wait_for_step(out: &Path, step: u64, limit: std::time::Duration) {
+    let t0 = std::time::Instant::now();
+    while losses(out).keys().max().copied().unwrap_or(0) < step {
+        assert!(t0.elapsed() < limit, "the job did not reach step {step} within {limit:?}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// Leftovers of interrupted writes in `dir`: `.tmp-<pid>` / `.old-<pid>` folders.
 pub fn leftovers(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
