@@ -168,8 +168,9 @@ fn fresh_head_of_a_base_checkpoint_is_drawn_from_the_job_seed() {
     // BertModel checkpoint lacks must come out the same on each.
     let cfg = mlm::config::Config::from_toml(&format!("[model]\npath = {:?}\n", minilm_dir())).unwrap();
     let head = |cfg: &mlm::config::Config| {
-        let m = mlm::model::load::load_model(cfg, tch::Device::Cpu).unwrap();
-        m.vs.variables()["cls.predictions.transform.dense.weight"].copy()
+        let loaded = mlm::model::load::load_model(cfg, tch::Device::Cpu).unwrap();
+        assert!(loaded.fresh_head, "a BertModel checkpoint has no MLM head");
+        loaded.model.vs.variables()["cls.predictions.transform.dense.weight"].copy()
     };
     let (a, b) = (head(&cfg), head(&cfg));
     assert!(a.equal(&b), "two loads with one seed differ");

@@ -183,8 +183,16 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             let cfg = Config::load(&config, &set)?;
             let s = crate::train::run(cfg)?;
-            if let Some(b) = s.before {
-                emit(format_args!("perplexity before: {:.3}", b.perplexity))?;
+            if let Some((step, p)) = s.first_eval.filter(|_| s.start_step > 0) {
+                emit(format_args!("perplexity at step {step} (the run's first evaluation): {p:.3}"))?;
+            }
+            match (s.before, s.start_step) {
+                (Some(b), 0) => {
+                    let fresh = if s.fresh_head { " (fresh MLM head)" } else { "" };
+                    emit(format_args!("perplexity before: {:.3}{fresh}", b.perplexity))?;
+                }
+                (Some(b), step) => emit(format_args!("perplexity at step {step} (resumed): {:.3}", b.perplexity))?,
+                (None, _) => {}
             }
             emit(format_args!("perplexity after:  {:.3} ({} steps)", s.after.perplexity, s.steps))?;
             emit(format_args!("last checkpoint:   {}", s.last.display()))?;

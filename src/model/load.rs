@@ -9,8 +9,16 @@ use super::MaskedLm;
 use crate::config::Config;
 use crate::data::tokenizer::TextTokenizer;
 
+/// A model and whether its MLM head starts fresh (random), not trained.
+pub struct Loaded {
+    pub model: MaskedLm,
+    /// The checkpoint lacked weights (an encoder without its MLM head), or the
+    /// model is random-init: the "before" perplexity measures a random head.
+    pub fresh_head: bool,
+}
+
 /// Loads the model named by `[model]`, reporting what the checkpoint lacked.
-pub fn load_model(cfg: &Config, device: Device) -> Result<MaskedLm> {
+pub fn load_model(cfg: &Config, device: Device) -> Result<Loaded> {
     // Weights a checkpoint lacks (a fresh MLM head) and random-init models are
     // drawn from the job's seed: every worker of a job starts from the same
     // weights, and a rerun from the same ones.
@@ -28,10 +36,10 @@ pub fn load_model(cfg: &Config, device: Device) -> Result<MaskedLm> {
         if !report.unexpected.is_empty() {
             tracing::warn!("{}: ignored (not part of the model): {}", dir.display(), report.unexpected.join(", "));
         }
-        Ok(model)
+        Ok(Loaded { fresh_head: !report.missing.is_empty(), model })
     } else {
         let path = cfg.model.config.as_ref().expect("validated: path or config");
-        MaskedLm::from_config_file(path, device)
+        Ok(Loaded { model: MaskedLm::from_config_file(path, device)?, fresh_head: true })
     }
 }
 

@@ -49,6 +49,59 @@ impl Metrics {
     }
 }
 
+/// What a resumed run keeps of its metrics file: the records up to the step
+/// it resumes at (those of a killed attempt's later steps, which are redone,
+/// are dropped, so each step has one record).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct History {
+    /// The run's first evaluation (step, perplexity), usually at step 0.
+    pub first_eval: Option<(u64, f64)>,
+    /// An evaluation of the resumed step is already recorded.
+    pub eval_at_resume: bool,
+}
+
+impl History {
+    /// Rewrites `path` (atomically) without the records after step `step`.
+    pub fn keep_until(path: &Path, step: u64) -> Result<Self> {
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return Ok(Self::default()); // no metrics yet
+        };
+        let mut kept = String::with_capacity(text.len());
+        let mut history = Self::default();
+        let mut dropped = 0usize;
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                dropped += 1; // a line cut by a crash
+                continue;
+            };
+            let at = v["step"].as_u64().unwrap_or(0);
+            if at > step {
+                dropped += 1;
+                continue;
+            }
+            if v["kind"] == "eval" {
+                if history.first_eval.is_none() {
+                    history.first_eval = v["perplexity"].as_f64().map(|p| (at, p));
+                }
+                history.eval_at_resume |= at == step;
+            }
+            kept.push_str(line);
+            kept.push('\n');
+        }
+        if dropped > 0 {
+            let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+            std::fs::write(&tmp, kept)
+                .and_then(|_| std::fs::rename(&tmp, path))
+                .with_context(|| format!("cannot rewrite {}", path.display()))?;
+            tracing::info!(
+                "{}: dropped {dropped} record(s) after step {step} (redone from the checkpoint)",
+                path.display()
+            );
+        }
+        Ok(history)
+    }
+}
+
 /// This process's resident memory now and at its peak so far (`VmRSS` and
 /// `VmHWM` of /proc/self/status), in bytes; `None` where there is no such file.
 pub fn resident_memory() -> Option<(u64, u64)> {
@@ -211,6 +264,26 @@ pub fn show_progress(mode: ProgressMode) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resume_keeps_each_step_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("metrics.jsonl");
+        let lines = [
+            r#"{"kind":"eval","step":0,"perplexity":900.0}"#,
+            r#"{"kind":"train","step":2,"loss":5.0}"#,
+            r#"{"kind":"eval","step":4,"perplexity":300.0}"#,
+            r#"{"kind":"train","step":4,"loss":4.0}"#,
+            r#"{"kind":"train","step":6,"loss":3.0}"#,
+            r#"{"kind":"train","st"#,
+        ];
+        std::fs::write(&p, lines.join("\n")).unwrap();
+        let h = History::keep_until(&p, 4).unwrap();
+        assert_eq!(h, History { first_eval: Some((0, 900.0)), eval_at_resume: true });
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), lines[..4].join("\n") + "\n");
+        assert!(!History::keep_until(&p, 2).unwrap().eval_at_resume);
+        assert_eq!(History::keep_until(&dir.path().join("none"), 3).unwrap(), History::default());
+    }
 
     #[test]
     fn progress_lines_say_how_far_how_long_and_how_much_is_left() {

@@ -35,7 +35,7 @@ use crate::data::tokenizer::TextTokenizer;
 use crate::device::select_device;
 use crate::infer::fill_mask;
 use crate::lock::{lock_output_dir, Lock};
-use crate::model::load::{check_vocab, load_model};
+use crate::model::load::{check_vocab, load_model, Loaded};
 use crate::model::MaskedLm;
 use eval::{evaluate, EvalResult};
 use loss::{masked_lm_loss_sum, DeviceBatch};
@@ -49,7 +49,15 @@ use timing::{Phase, StepTimer};
 /// What a finished job reports.
 #[derive(Debug, Clone)]
 pub struct Summary {
+    /// The evaluation at the start (`eval.at_start`): before training, or at
+    /// the step a resumed run starts from.
     pub before: Option<EvalResult>,
+    /// The step the run started from (0, or the resumed checkpoint's).
+    pub start_step: usize,
+    /// A resumed run's first evaluation (step, perplexity) from its metrics.
+    pub first_eval: Option<(u64, f64)>,
+    /// The model started with a fresh (random) MLM head.
+    pub fresh_head: bool,
     pub after: EvalResult,
     pub best: Option<PathBuf>,
     pub last: PathBuf,
@@ -80,17 +88,19 @@ pub fn run(cfg: Config) -> Result<Summary> {
     progress.finish();
     let after = t.final_evaluation()?;
     t.probe_fill_mask("after training")?;
-    if let Some(b) = &before {
-        tracing::info!(
-            "held-out perplexity: {:.2} before, {:.2} after ({:.1}x lower)",
-            b.perplexity,
-            after.perplexity,
-            b.perplexity / after.perplexity
-        );
-    }
+    t.log_improvement(before.as_ref(), &after);
     let last = checkpoint::list(&t.out).pop().map(|(_, p)| p).context("no checkpoint was written")?;
     let best = t.cfg.checkpoint.save_best.then(|| t.out.join("best"));
-    Ok(Summary { before, after, best, last, steps: t.state.step })
+    Ok(Summary {
+        before,
+        start_step: t.start_step,
+        first_eval: t.history.first_eval,
+        fresh_head: t.fresh_head,
+        after,
+        best,
+        last,
+        steps: t.state.step,
+    })
 }
 
 /// When the loop asks whether to evaluate or save.
@@ -286,6 +296,12 @@ struct Trainer {
     last_eval: Option<Evaluated>,
     /// Resident memory before the model was built (libtorch, tokenizer), bytes.
     startup_rss: Option<u64>,
+    /// The step this run started from (a resumed checkpoint's, else 0).
+    start_step: usize,
+    /// What the metrics file already held for a resumed run.
+    history: metrics::History,
+    /// The run started from a fresh (random) MLM head.
+    fresh_head: bool,
 }
 
 impl Trainer {
@@ -297,7 +313,7 @@ impl Trainer {
         let device = sync::worker_device(select_device(t.device, "training.device")?)?;
         let tok = TextTokenizer::load(&cfg.tokenizer_path())?;
         let startup_rss = metrics::resident_memory().map(|(now, _)| now);
-        let master = load_model(&cfg, device)?;
+        let Loaded { model: master, fresh_head } = load_model(&cfg, device)?;
         check_vocab(&tok, &master)?;
         if cfg.data.block_size as i64 > master.max_positions() {
             bail!(
@@ -345,6 +361,12 @@ impl Trainer {
         let micro_rows =
             micro::rows_per_pass(&cfg, shape.batch_size, model, &compute_tensors, &data.train, &masking, device)?;
         let out = t.output_dir.clone();
+        let start_step = state.step;
+        let history = if sync.rank() == 0 && start_step > 0 {
+            metrics::History::keep_until(&out.join(&cfg.logging.metrics_file), start_step as u64)?
+        } else {
+            metrics::History::default()
+        };
         let metrics = if sync.rank() == 0 {
             let tb = cfg.logging.tensorboard.then(|| out.join("tb"));
             Metrics::open(&out.join(&cfg.logging.metrics_file), tb.as_deref())?
@@ -380,6 +402,9 @@ impl Trainer {
             opt,
             metrics,
             window: LogWindow { since_step: state.step, ..Default::default() },
+            start_step,
+            history,
+            fresh_head: (fresh_head && start_step == 0),
             last_eval: None,
             startup_rss,
             state,
@@ -542,22 +567,26 @@ impl Trainer {
             .map(|k| record[k].as_f64().unwrap_or(0.0))
             .sum();
         // Throughput of the training steps themselves (evaluation and saving excluded).
-        let tps = self.window.tokens as f64 / (step_s * steps.max(1) as f64);
+        let per_worker = self.window.tokens as f64 / (step_s * steps.max(1) as f64);
+        // Every worker trains the same number of tokens per step.
+        let world = self.sync.world();
+        let tps = per_worker * world as f64;
         let tflops = self.window.flops / (step_s * steps.max(1) as f64) / 1e12;
         let peak = self.cfg.training.peak_tflops;
         let mfu = (peak > 0.0).then(|| tflops / peak);
         self.window = LogWindow { since_step: step, ..Default::default() };
         tracing::info!(
-            "step {step}/{} epoch {} loss {loss:.4} lr {lr:.3e} grad_norm {gn:.3} tokens/s {tps:.0} \
+            "step {step}/{} epoch {} loss {loss:.4} lr {lr:.3e} grad_norm {gn:.3} tokens/s {tps:.0}{} \
              (data {:.0}% of the step){}",
             self.total_steps,
             self.state.position.epoch,
+            if world > 1 { format!(" ({per_worker:.0} per worker)") } else { String::new() },
             100.0 * record["data_wait_fraction"].as_f64().unwrap_or(0.0),
             mfu.map(|m| format!(" MFU {:.1}%", 100.0 * m)).unwrap_or_default()
         );
         let extra = serde_json::json!({
             "kind": "train", "step": step, "epoch": self.state.position.epoch, "loss": loss, "lr": lr,
-            "grad_norm": gn, "tokens_per_s": tps, "step_s": step_s, "model_tflops": tflops, "mfu": mfu,
+            "grad_norm": gn, "tokens_per_s": tps, "tokens_per_s_per_worker": per_worker, "step_s": step_s, "model_tflops": tflops, "mfu": mfu,
             "tokens_seen": self.state.tokens_seen, "elapsed_s": self.started.elapsed().as_secs_f64(),
             // The process's peak resident memory so far (on the CPU what the
             // steps allocated; `mlm estimate-memory` predicts peak - startup).
@@ -588,10 +617,15 @@ impl Trainer {
         }
         tracing::info!(
             "evaluated {} held-out blocks ({} masked tokens) in {:.1} s",
-            self.eval_set.len(),
+            self.eval_set.iter().map(|b| b.rows).sum::<usize>(),
             r.tokens,
             t0.elapsed().as_secs_f64()
         );
+        if self.history.eval_at_resume && self.state.step == self.start_step {
+            // The killed attempt recorded this step's evaluation: one record per step.
+            self.history.eval_at_resume = false;
+            return Ok(r);
+        }
         self.metrics.write(&serde_json::json!({
             "kind": "eval", "step": self.state.step, "epoch": self.state.position.epoch, "eval_loss": r.loss,
             "perplexity": r.perplexity, "eval_tokens": r.tokens,
@@ -609,16 +643,54 @@ impl Trainer {
         if !self.cfg.eval.at_start {
             return Ok(None);
         }
-        let when = "before training";
         let r = self.evaluate()?;
-        tracing::info!(
-            "held-out perplexity {when}: {:.2} (loss {:.4} over {} masked tokens)",
-            r.perplexity,
-            r.loss,
-            r.tokens
-        );
-        self.probe_fill_mask(when)?;
+        let when = if self.start_step > 0 {
+            tracing::info!("resumed at step {} (held-out perplexity {:.2})", self.start_step, r.perplexity);
+            format!("at step {} (resumed)", self.start_step)
+        } else {
+            let fresh = if self.fresh_head { " (a fresh MLM head: this measures a random head)" } else { "" };
+            tracing::info!(
+                "held-out perplexity before training: {:.2} (loss {:.4} over {} masked tokens){fresh}",
+                r.perplexity,
+                r.loss,
+                r.tokens
+            );
+            "before training".to_string()
+        };
+        self.probe_fill_mask(&when)?;
         Ok(Some(r))
+    }
+
+    /// The closing comparison: against the run's first evaluation (a resumed
+    /// run reads it from its metrics), saying when the first model had a fresh
+    /// MLM head, whose perplexity is no measure of the pretrained encoder.
+    fn log_improvement(&self, start: Option<&EvalResult>, after: &EvalResult) {
+        let first = match (self.start_step, self.history.first_eval, start) {
+            (0, _, Some(b)) => Some((0, b.perplexity)),
+            (_, Some(first), _) => Some(first),
+            _ => None,
+        };
+        let Some((step, p)) = first else { return };
+        let what = if step == 0 { "before training".to_string() } else { format!("at step {step}") };
+        let fresh = if self.fresh_head {
+            "; the first model had a fresh MLM head, so the ratio is not the encoder's gain"
+        } else {
+            ""
+        };
+        tracing::info!(
+            "held-out perplexity: {p:.2} {what}, {:.2} after step {} ({:.1}x lower){fresh}",
+            after.perplexity,
+            self.state.step,
+            p / after.perplexity
+        );
+        if let (true, Some(s)) = (self.start_step > 0, start) {
+            tracing::info!(
+                "this attempt: {:.2} at step {} (resumed), {:.2} after",
+                s.perplexity,
+                self.start_step,
+                after.perplexity
+            );
+        }
     }
 
     /// What the eval and checkpoint cadence asks for at `moment`.
