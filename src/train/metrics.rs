@@ -63,9 +63,12 @@ pub struct History {
 impl History {
     /// Rewrites `path` (atomically) without the records after step `step`.
     pub fn keep_until(path: &Path, step: u64) -> Result<Self> {
-        let Ok(text) = std::fs::read_to_string(path) else {
+        // Only a regular file is read: a device (say /dev/full) never ends, and
+        // its write errors come when the run writes its first record.
+        if !std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
             return Ok(Self::default()); // no metrics yet
-        };
+        }
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         let mut kept = String::with_capacity(text.len());
         let mut history = Self::default();
         let mut dropped = 0usize;
@@ -283,6 +286,8 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&p).unwrap(), lines[..4].join("\n") + "\n");
         assert!(!History::keep_until(&p, 2).unwrap().eval_at_resume);
         assert_eq!(History::keep_until(&dir.path().join("none"), 3).unwrap(), History::default());
+        // A device is left alone (reading /dev/full or /dev/zero would never end).
+        assert_eq!(History::keep_until(Path::new("/dev/zero"), 3).unwrap(), History::default());
     }
 
     #[test]
