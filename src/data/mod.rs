@@ -3,7 +3,7 @@
 //! Text, JSON-lines and Parquet files are read into documents ([`source`]),
 //! tokenized with the model's `tokenizer.json` ([`tokenizer`], exactly and
 //! faster for BERT-style WordPiece files by [`wordpiece`]), concatenated,
-//! chunked and split into a memory-mapped token store on disk, with each
+//! chunked and split ([`split`]) into a memory-mapped token store on disk, with each
 //! token's word-start mark for whole-word masking ([`prepare`], [`store`]).
 //! During training, [`loader`] orders each rank's chunks per epoch and masks
 //! them in background threads ([`masking`]); the mask of a chunk is a pure
@@ -13,6 +13,7 @@ pub mod masking;
 pub mod prepare;
 pub mod rng;
 pub mod source;
+pub mod split;
 pub mod store;
 pub mod tokenizer;
 pub mod wordpiece;

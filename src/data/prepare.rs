@@ -3,7 +3,8 @@
 //! Mirrors Hugging Face `run_mlm`'s default path: each document is tokenized with
 //! its special tokens (`[CLS] ... [SEP]`), all documents are concatenated in file
 //! order, cut into `block_size` chunks and the remainder dropped (`group_texts`).
-//! Chunks are then split into train/test by a seeded shuffle. Each token's
+//! Files are read a window at a time and each chunk is written to train or test
+//! as it is cut ([`super::split`]), so memory does not grow with the corpus. Each token's
 //! word-start mark (for whole-word masking) is stored beside the tokens, so the
 //! same store serves token and whole-word masking.
 use std::fs::File;
@@ -17,18 +18,12 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
-use super::rng::{hash_words, SplitMix64};
-use super::source::{expand_files, read_documents, Documents};
-use super::store::{
-    write_tokens, write_word_starts, Manifest, Prepared, SourceInfo, FORMAT_VERSION, MANIFEST, TEST_FILE, TRAIN_FILE,
-    WORDS_EXT,
-};
+use super::source::{expand_files, for_each_window, Documents};
+use super::split::SplitWriter;
+use super::store::{Manifest, Prepared, SourceInfo, FORMAT_VERSION, MANIFEST};
 use super::tokenizer::{hex, TextTokenizer};
 use crate::config::{Config, DataConfig};
 use crate::train::metrics::Progress;
-
-/// Stream id separating the split shuffle from other uses of `split_seed`.
-const SPLIT_STREAM: u64 = 0x0053_504C_4954; // "SPLIT"
 
 /// Prepares the token store in `cfg.prepared_dir()`, or reuses the one there
 /// when it was made from the same inputs and settings (same `inputs_key`).
@@ -122,44 +117,39 @@ fn prepare_or_open(
     let t0 = Instant::now();
     let total: u64 = sources.iter().map(|s| s.bytes).sum();
     let pb = if show_progress { Progress::bytes(total, "tokenizing", &cfg.logging) } else { Progress::hidden() };
-    let Tokenized { tokens, starts, counts } = tokenize_files(&files, d, tok, &pb)?;
-    pb.finish();
-    let secs = t0.elapsed().as_secs_f64();
-    for (s, (docs, toks)) in sources.iter_mut().zip(counts) {
-        (s.documents, s.tokens) = (docs, toks);
-    }
-    let documents: usize = sources.iter().map(|s| s.documents).sum();
-    check_corpus(&files, documents, tokens.len(), d.block_size)?;
-    let bs = d.block_size;
-    let n = tokens.len() / bs;
-    let (train_ids, test_ids) = split_chunks(n, d.test_fraction, d.split_seed)?;
-    let manifest = Manifest {
-        format_version: FORMAT_VERSION,
-        block_size: bs,
-        tokenizer_sha256: tok.hash.clone(),
-        vocab_size: tok.vocab_size,
-        inputs_key: key,
-        sources,
-        documents,
-        tokens: tokens.len(),
-        words: starts.iter().filter(|&&s| s).count(),
-        dropped_tokens: tokens.len() % bs,
-        train_chunks: train_ids.len(),
-        test_chunks: test_ids.len(),
-    };
-    let chunk = |i: &u32| &tokens[*i as usize * bs..(*i as usize + 1) * bs];
-    let chunk_starts = |i: &u32| &starts[*i as usize * bs..(*i as usize + 1) * bs];
+    let mut manifest = None;
     crate::durable::write_dir_atomically(&dir, |tmp| {
-        for (name, ids) in [(TRAIN_FILE, &train_ids), (TEST_FILE, &test_ids)] {
-            let p = tmp.join(name);
-            write_tokens(&p, ids.iter().map(chunk))?;
-            write_word_starts(&p.with_extension(WORDS_EXT), ids.iter().map(chunk_starts))?;
+        let mut split = SplitWriter::create(tmp, d.block_size, d.test_fraction, d.split_seed)?;
+        let counts = tokenize_files(&files, d, tok, &pb, READ_WINDOW, |ids, starts| split.push(ids, starts))?;
+        pb.finish();
+        for (s, (docs, toks)) in sources.iter_mut().zip(counts) {
+            (s.documents, s.tokens) = (docs, toks);
         }
+        let documents: usize = sources.iter().map(|s| s.documents).sum();
+        check_corpus(&files, documents, split.tokens, d.block_size)?;
+        let written = split.finish()?;
+        let m = Manifest {
+            format_version: FORMAT_VERSION,
+            block_size: d.block_size,
+            tokenizer_sha256: tok.hash.clone(),
+            vocab_size: tok.vocab_size,
+            inputs_key: key,
+            sources: std::mem::take(&mut sources),
+            documents,
+            tokens: written.tokens,
+            words: written.words,
+            dropped_tokens: written.dropped_tokens,
+            train_chunks: written.train_chunks,
+            test_chunks: written.test_chunks,
+        };
         let p = tmp.join(MANIFEST);
-        std::fs::write(&p, serde_json::to_vec_pretty(&manifest)?)
-            .with_context(|| format!("cannot write {}", p.display()))?;
-        File::open(&p)?.sync_all().with_context(|| format!("cannot sync {}", p.display()))
+        std::fs::write(&p, serde_json::to_vec_pretty(&m)?).with_context(|| format!("cannot write {}", p.display()))?;
+        File::open(&p)?.sync_all().with_context(|| format!("cannot sync {}", p.display()))?;
+        manifest = Some(m);
+        Ok(())
     })?;
+    let manifest = manifest.expect("written with the store");
+    let (documents, secs) = (manifest.documents, t0.elapsed().as_secs_f64());
     info!(
         documents,
         tokens = manifest.tokens,
@@ -182,7 +172,11 @@ pub fn tokenize_to_chunks(d: &DataConfig, tok: &TextTokenizer) -> Result<Vec<u32
     if files.is_empty() {
         bail!("no input files given");
     }
-    let Tokenized { mut tokens, counts, .. } = tokenize_files(&files, d, tok, &Progress::hidden())?;
+    let mut tokens = Vec::new();
+    let counts = tokenize_files(&files, d, tok, &Progress::hidden(), READ_WINDOW, |ids, _| {
+        tokens.extend_from_slice(ids);
+        Ok(())
+    })?;
     check_corpus(&files, counts.iter().map(|c| c.0).sum(), tokens.len(), d.block_size)?;
     tokens.truncate(tokens.len() / d.block_size * d.block_size);
     Ok(tokens)
@@ -191,48 +185,55 @@ pub fn tokenize_to_chunks(d: &DataConfig, tok: &TextTokenizer) -> Result<Vec<u32
 /// (documents, tokens) of one input file.
 type FileCounts = (usize, usize);
 
-/// The documents of all input files, tokenized and concatenated.
-struct Tokenized {
-    tokens: Vec<u32>,
-    /// Word-start mark of each token.
-    starts: Vec<bool>,
-    counts: Vec<FileCounts>,
-}
+/// Bytes of text read from a file at a time: the text, its documents and their
+/// tokens are held for one window only, so memory does not grow with the corpus.
+const READ_WINDOW: usize = 64 << 20;
 
 /// Bytes of text per batch of documents tokenized by one task: large enough
 /// that a batch's buffers and its task are cheap, small enough to balance
 /// the threads.
 const BATCH_BYTES: usize = 1 << 18;
 
-/// Reads and tokenizes `files` in order (batches of documents in parallel,
-/// order kept). `pb` advances by bytes.
-fn tokenize_files(files: &[PathBuf], d: &DataConfig, tok: &TextTokenizer, pb: &Progress) -> Result<Tokenized> {
-    let (mut tokens, mut starts, mut counts, mut done) = (Vec::new(), Vec::new(), Vec::new(), 0);
+/// Reads and tokenizes `files` in order, a window of about `window` bytes of a
+/// file at a time (batches of documents in parallel, order kept), and hands
+/// `sink` the ids and word-start marks of each window in order. `pb` advances
+/// by bytes.
+fn tokenize_files(
+    files: &[PathBuf],
+    d: &DataConfig,
+    tok: &TextTokenizer,
+    pb: &Progress,
+    window: usize,
+    mut sink: impl FnMut(&[u32], &[bool]) -> Result<()>,
+) -> Result<Vec<FileCounts>> {
+    let (mut counts, mut done) = (Vec::new(), 0);
     for file in files {
-        let docs = read_documents(file, d)?;
-        // Indexed parallel collect keeps batch order.
-        let encoded: Vec<(Vec<u32>, Vec<bool>)> = batches(&docs, BATCH_BYTES)
-            .into_par_iter()
-            .map(|batch| {
-                let (mut ids, mut marks) = (Vec::new(), Vec::new());
-                tok.encode_documents_into(docs.range(batch.clone()), &mut ids, &mut marks)?;
-                pb.inc(docs.bytes_in(batch) as u64);
-                Ok((ids, marks))
-            })
-            .collect::<Result<_>>()
-            .with_context(|| format!("cannot tokenize {}", file.display()))?;
-        let n: usize = encoded.iter().map(|e| e.0.len()).sum();
-        tokens.reserve(n);
-        starts.reserve(n);
-        for (ids, s) in &encoded {
-            tokens.extend_from_slice(ids);
-            starts.extend_from_slice(s);
-        }
-        counts.push((docs.len(), n));
+        let (mut n_docs, mut n_tokens) = (0, 0);
+        for_each_window(file, d, window, |docs| {
+            // Indexed parallel collect keeps batch order.
+            let encoded: Vec<(Vec<u32>, Vec<bool>)> = batches(&docs, BATCH_BYTES)
+                .into_par_iter()
+                .map(|batch| {
+                    let (mut ids, mut marks) = (Vec::new(), Vec::new());
+                    tok.encode_documents_into(docs.range(batch.clone()), &mut ids, &mut marks)?;
+                    pb.inc(docs.bytes_in(batch) as u64);
+                    Ok((ids, marks))
+                })
+                .collect::<Result<_>>()
+                .with_context(|| format!("cannot tokenize {}", file.display()))?;
+            n_docs += docs.len();
+            drop(docs);
+            for (ids, s) in &encoded {
+                n_tokens += ids.len();
+                sink(ids, s)?;
+            }
+            Ok(())
+        })?;
+        counts.push((n_docs, n_tokens));
         done += std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
         pb.set(done);
     }
-    Ok(Tokenized { tokens, starts, counts })
+    Ok(counts)
 }
 
 /// Index ranges cutting `docs` into runs of consecutive documents of about
@@ -263,27 +264,6 @@ fn check_corpus(files: &[PathBuf], documents: usize, tokens: usize, block_size: 
         );
     }
     Ok(())
-}
-
-/// Splits chunk ids `0..n` into (train, test), each ascending: a shuffle seeded
-/// by `seed` puts `round(n * test_fraction)` ids (at least 1 when the fraction is
-/// positive, and leaving at least one for training) in test.
-pub fn split_chunks(n: usize, test_fraction: f64, seed: u64) -> Result<(Vec<u32>, Vec<u32>)> {
-    if n > u32::MAX as usize {
-        bail!("corpus makes {n} chunks, more than 2^32: raise data.block_size");
-    }
-    if test_fraction > 0.0 && n < 2 {
-        bail!(
-            "corpus makes {n} chunk of data.block_size tokens, but a train/test split (data.test_fraction = {test_fraction}) needs at least 2: add text, lower data.block_size, or set data.test_fraction = 0"
-        );
-    }
-    let n_test = if test_fraction > 0.0 { ((n as f64 * test_fraction).round() as usize).clamp(1, n - 1) } else { 0 };
-    let mut ids: Vec<u32> = (0..n as u32).collect();
-    SplitMix64::new(hash_words(&[seed, SPLIT_STREAM])).shuffle(&mut ids);
-    let (mut test, mut train) = (ids[..n_test].to_vec(), ids[n_test..].to_vec());
-    test.sort_unstable();
-    train.sort_unstable();
-    Ok((train, test))
 }
 
 /// Hashes every input file (in parallel); counts are filled in later.
@@ -379,6 +359,8 @@ fn check_store_dir(dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::split::split_chunks;
+    use crate::data::store::TRAIN_FILE;
     use crate::data::{source, testutil, TokenStore};
     use std::os::unix::fs::MetadataExt;
 
@@ -425,8 +407,8 @@ mod tests {
         let m = &p.manifest;
         assert_eq!((m.tokens, m.dropped_tokens, m.sources.len()), (all.len(), all.len() % 64, 12));
         assert_eq!(m.train_chunks + m.test_chunks, all.len() / 64);
-        assert_eq!(m.test_chunks, ((all.len() / 64) as f64 * 0.1).round() as usize);
         let (train, test) = split_chunks(all.len() / 64, 0.1, cfg.data.split_seed).unwrap();
+        assert_eq!((m.train_chunks, m.test_chunks), (train.len(), test.len()));
         for (k, &id) in train.iter().enumerate() {
             assert_eq!(p.train.chunk(k), &all[id as usize * 64..(id as usize + 1) * 64]);
         }
@@ -488,7 +470,9 @@ mod tests {
         drop(first);
         // A version-1 store: no word marks, format_version 1.
         let m = dir.join(MANIFEST);
-        let text = std::fs::read_to_string(&m).unwrap().replace("\"format_version\": 2", "\"format_version\": 1");
+        let text = std::fs::read_to_string(&m)
+            .unwrap()
+            .replace(&format!("\"format_version\": {FORMAT_VERSION}"), "\"format_version\": 1");
         std::fs::write(&m, text).unwrap();
         std::fs::remove_file(dir.join("train.words")).unwrap();
         assert!(Prepared::open(&dir).unwrap_err().to_string().contains("format_version 1"));
@@ -603,17 +587,17 @@ mod tests {
     }
 
     #[test]
-    fn split_is_deterministic_disjoint_and_sorted() {
-        let (train, test) = split_chunks(1000, 0.05, 42).unwrap();
-        assert_eq!((train.len(), test.len()), (950, 50));
-        assert_eq!(split_chunks(1000, 0.05, 42).unwrap(), (train.clone(), test.clone()));
-        assert_ne!(split_chunks(1000, 0.05, 43).unwrap().1, test);
-        assert!(train.windows(2).all(|w| w[0] < w[1]) && test.windows(2).all(|w| w[0] < w[1]));
-        let mut all: Vec<u32> = train.iter().chain(&test).copied().collect();
-        all.sort();
-        assert_eq!(all, (0..1000).collect::<Vec<_>>());
-        assert_eq!(split_chunks(3, 0.001, 1).unwrap().1.len(), 1);
-        assert_eq!(split_chunks(2, 0.9, 1).unwrap().0.len(), 1);
-        assert!(split_chunks(5, 0.0, 1).unwrap().1.is_empty());
+    fn prepared_store_moves_the_last_chunk_when_no_chunk_drew_test() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tok = testutil::tokenizer();
+        let mut cfg = config(tmp.path(), corpus(2), 64);
+        cfg.data.test_fraction = 1e-9;
+        let p = prepare(&cfg, tok, false, None).unwrap();
+        let all = tokenize_to_chunks(&cfg.data, tok).unwrap();
+        let n = all.len() / 64;
+        assert_eq!((p.manifest.train_chunks, p.manifest.test_chunks), (n - 1, 1));
+        assert_eq!(p.test.chunk(0), &all[(n - 1) * 64..]);
+        assert_eq!(p.train.chunk(n - 2), &all[(n - 2) * 64..(n - 1) * 64]);
+        assert!(p.test.word_starts(0).unwrap().get(0));
     }
 }

@@ -169,6 +169,28 @@ impl PartialEq<Vec<&str>> for Documents {
 /// Reads the documents of one file, in file order; whitespace-only documents
 /// are skipped. Errors name the file (and line, or byte offset for bad UTF-8).
 pub fn read_documents(path: &Path, cfg: &DataConfig) -> Result<Documents> {
+    let mut all = Documents::default();
+    for_each_window(path, cfg, usize::MAX, |docs| {
+        all = docs;
+        Ok(())
+    })?;
+    Ok(all)
+}
+
+/// Reads the documents of one file in order, a window of about `window` bytes
+/// at a time, and calls `f` with each window's documents: the same documents as
+/// [`read_documents`], in the same order, without holding the whole file. A
+/// window of text or JSON lines ends at a document boundary (a blank line, or a
+/// line end; a document longer than `window` makes its window longer); with
+/// `document_boundary = "file"` the file is one window. Compressed files are
+/// decompressed as they are read; Parquet is read a record batch at a time.
+pub fn for_each_window(
+    path: &Path,
+    cfg: &DataConfig,
+    window: usize,
+    mut f: impl FnMut(Documents) -> Result<()>,
+) -> Result<()> {
+    let window = window.max(1);
     let format = resolve_format(path, cfg.format);
     let compression = Compression::of(path);
     if format == InputFormat::Parquet {
@@ -179,50 +201,159 @@ pub fn read_documents(path: &Path, cfg: &DataConfig) -> Result<Documents> {
                 compression.name()
             );
         }
-        return parquet_documents(path, &cfg.text_field);
+        return parquet_documents(path, &cfg.text_field, window, f);
     }
-    let bytes = read_bytes(path, compression)?;
-    let text = decode(path, bytes, cfg.invalid_utf8, compression)?;
-    match format {
-        InputFormat::Jsonl => jsonl_documents(path, text.strip_prefix('\u{feff}').unwrap_or(&text), &cfg.text_field),
-        _ => Ok(text_documents(text, cfg.document_boundary)),
-    }
-}
-
-/// The bytes of `path`, decompressed.
-fn read_bytes(path: &Path, compression: Compression) -> Result<Vec<u8>> {
     let file = std::fs::File::open(path).with_context(|| format!("cannot read input file {}", path.display()))?;
-    let mut out = Vec::new();
-    let read = match compression {
-        Compression::None => {
-            return std::fs::read(path).with_context(|| format!("cannot read input file {}", path.display()))
+    let mut reader: Box<dyn Read> = match compression {
+        Compression::None => Box::new(file),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(file)),
+        Compression::Zstd => {
+            Box::new(zstd::stream::read::Decoder::new(file).map_err(|e| decompress_error(path, compression, e))?)
         }
-        Compression::Gzip => flate2::read::MultiGzDecoder::new(file).read_to_end(&mut out),
-        Compression::Zstd => zstd::stream::read::Decoder::new(file).and_then(|mut d| d.read_to_end(&mut out)),
-        Compression::Bzip2 => bzip2::read::MultiBzDecoder::new(file).read_to_end(&mut out),
+        Compression::Bzip2 => Box::new(bzip2::read::MultiBzDecoder::new(file)),
     };
-    read.map_err(|e| {
-        anyhow::anyhow!("{}: cannot decompress it as {} (from its extension): {e}", path.display(), compression.name())
-    })?;
-    Ok(out)
+    let window = if format == InputFormat::Text && cfg.document_boundary == DocumentBoundary::File {
+        usize::MAX
+    } else {
+        window
+    };
+    let cut_at = if format == InputFormat::Text && cfg.document_boundary == DocumentBoundary::BlankLine {
+        after_last_blank_line
+    } else {
+        after_last_line
+    };
+    let (mut buf, mut target, mut at, mut bad) = (Vec::new(), window, Place { offset: 0, line: 1 }, None);
+    loop {
+        let eof = fill(&mut reader, &mut buf, target).map_err(|e| match compression {
+            Compression::None => anyhow::Error::new(e).context(format!("cannot read input file {}", path.display())),
+            c => decompress_error(path, c, e),
+        })?;
+        let Some(cut) = (if eof { Some(buf.len()) } else { cut_at(&buf) }) else {
+            // No boundary yet: one document longer than the window.
+            target = buf.len().saturating_add(window);
+            continue;
+        };
+        let rest = buf.split_off(cut);
+        let piece = std::mem::replace(&mut buf, rest);
+        let here = at;
+        at.offset += piece.len();
+        at.line += piece.iter().filter(|&&b| b == b'\n').count();
+        let text = decode(path, piece, cfg.invalid_utf8, compression, here, &mut bad)?;
+        // A byte-order mark counts only at the start of the file.
+        let first = here.offset == 0;
+        let docs = match format {
+            InputFormat::Jsonl => {
+                let body = if first { text.strip_prefix('\u{feff}').unwrap_or(&text) } else { &text };
+                jsonl_documents(path, body, &cfg.text_field, here.line)?
+            }
+            _ => split_text(text, cfg.document_boundary, first),
+        };
+        if !docs.is_empty() {
+            f(docs)?;
+        }
+        target = window;
+        if eof {
+            break;
+        }
+    }
+    if let Some(b) = bad {
+        b.log(path, cfg.invalid_utf8);
+    }
+    Ok(())
 }
 
-/// The text of `bytes`, with `policy` for invalid UTF-8: an error naming the
-/// file and offset, or the text with each invalid sequence replaced (U+FFFD) or
-/// each line holding one left out; the number replaced or left out is logged.
-fn decode(path: &Path, bytes: Vec<u8>, policy: InvalidUtf8, compression: Compression) -> Result<String> {
+/// Where a window starts in a file's (decompressed) text.
+#[derive(Debug, Clone, Copy)]
+struct Place {
+    offset: usize,
+    /// 1-based.
+    line: usize,
+}
+
+/// The invalid UTF-8 of one file so far, logged once when the file is read.
+struct BadUtf8 {
+    count: usize,
+    first: String,
+}
+
+impl BadUtf8 {
+    fn log(&self, path: &Path, policy: InvalidUtf8) {
+        let (n, first) = (self.count, &self.first);
+        match policy {
+            InvalidUtf8::Replace => tracing::warn!(
+                "{}: {n} invalid UTF-8 sequence(s) replaced with U+FFFD (data.invalid_utf8 = \"replace\"; first at \
+                 {first})",
+                path.display()
+            ),
+            _ => tracing::warn!(
+                "{}: {n} line(s) with invalid UTF-8 left out (data.invalid_utf8 = \"skip\"; first at {first})",
+                path.display()
+            ),
+        }
+    }
+}
+
+fn decompress_error(path: &Path, compression: Compression, e: std::io::Error) -> anyhow::Error {
+    anyhow::anyhow!("{}: cannot decompress it as {} (from its extension): {e}", path.display(), compression.name())
+}
+
+/// Reads from `r` until `buf` holds `target` bytes; true at the end of the input.
+fn fill(r: &mut dyn Read, buf: &mut Vec<u8>, target: usize) -> std::io::Result<bool> {
+    while buf.len() < target {
+        let want = (target - buf.len()).min(1 << 30) as u64;
+        if (&mut *r).take(want).read_to_end(buf)? == 0 {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Just after the last line end of `buf`: lines and JSON lines end there.
+fn after_last_line(buf: &[u8]) -> Option<usize> {
+    buf.iter().rposition(|&b| b == b'\n').map(|p| p + 1)
+}
+
+/// Just after the last whitespace-only line of `buf` (ended by its line end):
+/// blank-line documents end there.
+fn after_last_blank_line(buf: &[u8]) -> Option<usize> {
+    let mut end = buf.iter().rposition(|&b| b == b'\n')?;
+    loop {
+        let start = buf[..end].iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+        if std::str::from_utf8(&buf[start..end]).is_ok_and(|l| l.trim().is_empty()) {
+            return Some(end + 1);
+        }
+        if start == 0 {
+            return None;
+        }
+        end = start - 1;
+    }
+}
+
+/// The text of `bytes` (a window starting at `at` of the file), with `policy`
+/// for invalid UTF-8: an error naming the file and offset, or the text with each
+/// invalid sequence replaced (U+FFFD) or each line holding one left out; the
+/// number replaced or left out is added to `bad`, logged after the file.
+fn decode(
+    path: &Path,
+    bytes: Vec<u8>,
+    policy: InvalidUtf8,
+    compression: Compression,
+    at: Place,
+    bad: &mut Option<BadUtf8>,
+) -> Result<String> {
     let e = match String::from_utf8(bytes) {
         Ok(text) => return Ok(text),
         Err(e) => e,
     };
-    let at = e.utf8_error().valid_up_to();
+    let local = e.utf8_error().valid_up_to();
     let bytes = e.into_bytes();
-    let line = bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+    let line = at.line + bytes[..local].iter().filter(|&&b| b == b'\n').count();
+    let offset = at.offset + local;
     let place = match compression {
-        Compression::None => format!("byte offset {at}, line {line}"),
-        c => format!("byte offset {at} of the {} text, line {line}", c.name()),
+        Compression::None => format!("byte offset {offset}, line {line}"),
+        c => format!("byte offset {offset} of the {} text, line {line}", c.name()),
     };
-    match policy {
+    let (text, n) = match policy {
         InvalidUtf8::Error => bail!(
             "{}: not valid UTF-8 (first invalid byte at {place}); convert it (e.g. iconv -f latin1 -t utf-8), or \
              set data.invalid_utf8 = \"replace\" or \"skip\"",
@@ -230,12 +361,7 @@ fn decode(path: &Path, bytes: Vec<u8>, policy: InvalidUtf8, compression: Compres
         ),
         InvalidUtf8::Replace => {
             let n = bytes.utf8_chunks().filter(|c| !c.invalid().is_empty()).count();
-            tracing::warn!(
-                "{}: {n} invalid UTF-8 sequence(s) replaced with U+FFFD (data.invalid_utf8 = \"replace\"; first at \
-                 {place})",
-                path.display()
-            );
-            Ok(String::from_utf8_lossy(&bytes).into_owned())
+            (String::from_utf8_lossy(&bytes).into_owned(), n)
         }
         InvalidUtf8::Skip => {
             let mut text = String::with_capacity(bytes.len());
@@ -252,19 +378,23 @@ fn decode(path: &Path, bytes: Vec<u8>, policy: InvalidUtf8, compression: Compres
                     }
                 }
             }
-            tracing::warn!(
-                "{}: {skipped} line(s) with invalid UTF-8 left out (data.invalid_utf8 = \"skip\"; first at {place})",
-                path.display()
-            );
-            Ok(text)
+            (text, skipped)
         }
-    }
+    };
+    bad.get_or_insert_with(|| BadUtf8 { count: 0, first: place }).count += n;
+    Ok(text)
 }
 
 /// Splits plain text into documents; a leading byte-order mark is dropped.
 /// Lines end at LF or CRLF, as `str::lines`.
 pub fn text_documents(text: String, boundary: DocumentBoundary) -> Documents {
-    let bom = if text.starts_with('\u{feff}') { '\u{feff}'.len_utf8() } else { 0 };
+    split_text(text, boundary, true)
+}
+
+/// [`text_documents`] of a window of a file: `first` when it starts the file
+/// (only there is a byte-order mark dropped).
+fn split_text(text: String, boundary: DocumentBoundary, first: bool) -> Documents {
+    let bom = if first && text.starts_with('\u{feff}') { '\u{feff}'.len_utf8() } else { 0 };
     let body = &text[bom..];
     let mut spans = Vec::new();
     match boundary {
@@ -316,13 +446,14 @@ fn lines_at(text: &str) -> impl Iterator<Item = (usize, &str)> {
     })
 }
 
-fn jsonl_documents(path: &Path, text: &str, field: &str) -> Result<Documents> {
+/// The documents of JSON lines `text`, whose first line is line `first_line` of the file.
+fn jsonl_documents(path: &Path, text: &str, field: &str, first_line: usize) -> Result<Documents> {
     let mut docs = Documents::default();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let at = || format!("{}:{}", path.display(), i + 1);
+        let at = || format!("{}:{}", path.display(), first_line + i);
         let v: serde_json::Value =
             serde_json::from_str(line).map_err(|e| anyhow::anyhow!("{}: invalid JSON: {e}", at()))?;
         let Some(obj) = v.as_object() else {
@@ -343,8 +474,14 @@ fn jsonl_documents(path: &Path, text: &str, field: &str) -> Result<Documents> {
 
 /// The string column `column` of a Parquet file, one document per row (as
 /// Hugging Face `datasets` reads it), in file order; null and whitespace-only
-/// rows are skipped. Only that column is read, batch by batch.
-fn parquet_documents(path: &Path, column: &str) -> Result<Documents> {
+/// rows are skipped. Only that column is read, batch by batch, and `f` gets the
+/// documents of about `window` bytes at a time.
+fn parquet_documents(
+    path: &Path,
+    column: &str,
+    window: usize,
+    mut f: impl FnMut(Documents) -> Result<()>,
+) -> Result<()> {
     let file = std::fs::File::open(path).with_context(|| format!("cannot read input file {}", path.display()))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(|e| anyhow::anyhow!("{}: not a readable Parquet file ({e})", path.display()))?;
@@ -370,8 +507,14 @@ fn parquet_documents(path: &Path, column: &str) -> Result<Documents> {
                 docs.push(s);
             }
         });
+        if docs.text.len() >= window {
+            f(std::mem::take(&mut docs))?;
+        }
     }
-    Ok(docs)
+    if !docs.is_empty() {
+        f(docs)?;
+    }
+    Ok(())
 }
 
 /// Calls `f` on every non-null value of a string array (UTF-8, large UTF-8 or
@@ -569,6 +712,80 @@ mod tests {
         let p = write(d.path(), "bad.txt.gz", &gz.finish().unwrap());
         let e = format!("{:#}", read_documents(&p, &cfg(DocumentBoundary::BlankLine)).unwrap_err());
         assert!(e.contains("byte offset 7 of the gzip text, line 2"), "{e}");
+    }
+
+    /// The documents `for_each_window` gives with a `window`-byte window, in order.
+    fn windowed(p: &Path, c: &DataConfig, window: usize) -> (Vec<String>, usize) {
+        let (mut docs, mut windows) = (Vec::new(), 0);
+        for_each_window(p, c, window, |d| {
+            docs.extend(d.iter().map(str::to_string));
+            windows += 1;
+            Ok(())
+        })
+        .unwrap();
+        (docs, windows)
+    }
+
+    #[test]
+    fn windowed_reads_give_the_documents_of_the_whole_file() {
+        use std::io::Write;
+        let d = tempfile::tempdir().unwrap();
+        // Real text with CRLF lines, runs of blank lines, whitespace-only lines,
+        // a paragraph longer than the window and a byte-order mark (at the start
+        // only; one inside the text is text).
+        let mut text = String::from("\u{feff}");
+        for f in testutil::corpus_files().iter().take(3) {
+            text.push_str(&std::fs::read_to_string(f).unwrap());
+        }
+        text.push_str("crlf line\r\n\r\n  \t \nafter blank\r\n\u{feff}inner mark\n\n\n");
+        text.push_str(&"long paragraph ".repeat(500));
+        text.push_str("\nend without a newline");
+        let p = write(d.path(), "big.txt", text.as_bytes());
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(text.as_bytes()).unwrap();
+        let pgz = write(d.path(), "big.txt.gz", &gz.finish().unwrap());
+        for boundary in [DocumentBoundary::BlankLine, DocumentBoundary::Line, DocumentBoundary::File] {
+            let c = cfg(boundary);
+            let whole: Vec<String> = read_documents(&p, &c).unwrap().iter().map(str::to_string).collect();
+            assert!(!whole.is_empty());
+            for window in [1, 100, 4096, 1 << 20] {
+                for path in [&p, &pgz] {
+                    let (docs, windows) = windowed(path, &c, window);
+                    assert_eq!(docs, whole, "{boundary:?}, window {window}, {}", path.display());
+                    if window <= 100 && boundary != DocumentBoundary::File {
+                        assert!(windows > 10, "{boundary:?}: {windows} windows of {window} bytes");
+                    }
+                }
+            }
+        }
+        // JSON lines, plain and zstd.
+        let lines: Vec<String> = text.lines().map(|l| serde_json::json!({ "text": l }).to_string()).collect();
+        let jl = write(d.path(), "big.jsonl", format!("\u{feff}{}", lines.join("\n")).as_bytes());
+        let zjl = write(d.path(), "big.jsonl.zst", &zstd::encode_all(&std::fs::read(&jl).unwrap()[..], 1).unwrap());
+        let c = cfg(DocumentBoundary::BlankLine);
+        let whole: Vec<String> = read_documents(&jl, &c).unwrap().iter().map(str::to_string).collect();
+        for window in [1, 1000, 1 << 20] {
+            assert_eq!(windowed(&jl, &c, window).0, whole);
+            assert_eq!(windowed(&zjl, &c, window).0, whole);
+        }
+    }
+
+    #[test]
+    fn windowed_reads_name_the_place_in_the_whole_file() {
+        let d = tempfile::tempdir().unwrap();
+        let mut bytes = "good line\n".repeat(100).into_bytes();
+        bytes.extend(b"bad \xff line\n");
+        let p = write(d.path(), "bad.txt", &bytes);
+        let c = cfg(DocumentBoundary::Line);
+        let e = format!("{:#}", for_each_window(&p, &c, 64, |_| Ok(())).unwrap_err());
+        assert!(e.contains("byte offset 1004, line 101"), "{e}");
+        let replace = DataConfig { invalid_utf8: InvalidUtf8::Replace, ..c.clone() };
+        assert_eq!(windowed(&p, &replace, 64).0.last().unwrap(), "bad \u{fffd} line");
+        let mut lines = vec![r#"{"text": "a"}"#.to_string(); 50];
+        lines.push("{not json".into());
+        let jl = write(d.path(), "bad.jsonl", lines.join("\n").as_bytes());
+        let e = format!("{:#}", for_each_window(&jl, &c, 100, |_| Ok(())).unwrap_err());
+        assert!(e.contains("bad.jsonl:51: invalid JSON"), "{e}");
     }
 
     #[test]
