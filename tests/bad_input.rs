@@ -330,6 +330,7 @@ fn numbers_outside_their_meaning_are_refused() {
         ("training.weight_decay=-5", "training.weight_decay"),
         ("training.lr=nan", "training.lr"),
         ("data.test_fraction=0", "data.test_fraction"),
+        ("data.test_size=1000000000", "data.test_size"),
         ("data.mlm_probability=nan", "data.mlm_probability"),
         ("data.mlm_probability=2.5", "data.mlm_probability"),
         ("data.random_replace_prob=-0.1", "data.random_replace_prob"),

@@ -82,6 +82,11 @@ pub enum InvalidUtf8 {
     Skip,
 }
 
+/// `data.test_size` unless set: 10,000 blocks (1.28M tokens at block 128) give
+/// a perplexity precise to well under 1% in minutes on a CPU, seconds on a GPU,
+/// whatever the corpus size.
+pub const DEFAULT_TEST_SIZE: usize = 10_000;
+
 /// `[data]`: inputs, preparation and masking.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -98,6 +103,9 @@ pub struct DataConfig {
     pub block_size: usize,
     /// Fraction of chunks held out for evaluation.
     pub test_fraction: f64,
+    /// At most this many chunks held out (0: `test_fraction` alone): a sample
+    /// of the `test_fraction` ones, the others train.
+    pub test_size: usize,
     /// Seed of the train/test split.
     pub split_seed: u64,
     /// Where the prepared token store is written; default `<output_dir>/data`.
@@ -126,6 +134,7 @@ impl Default for DataConfig {
             invalid_utf8: InvalidUtf8::Error,
             block_size: 128,
             test_fraction: 0.05,
+            test_size: DEFAULT_TEST_SIZE,
             split_seed: 42,
             prepared_dir: None,
             mlm_probability: 0.15,

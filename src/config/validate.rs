@@ -31,6 +31,16 @@ impl Config {
                 d.test_fraction
             );
         }
+        let max = crate::data::split::MAX_TEST_TOKENS;
+        if d.test_size.saturating_mul(d.block_size) > max {
+            bail!(
+                "data.test_size = {} blocks of data.block_size = {} tokens is more than {max} tokens, which prepare \
+                 holds in memory to sample them: lower data.test_size, or set it to 0 to hold out data.test_fraction \
+                 of the blocks",
+                d.test_size,
+                d.block_size
+            );
+        }
         probability("data.mlm_probability", d.mlm_probability, false)?;
         if d.mlm_probability == 0.0 || d.mlm_probability == 1.0 {
             bail!("data.mlm_probability = {} must be in (0, 1)", d.mlm_probability);

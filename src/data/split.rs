@@ -1,6 +1,12 @@
 //! The train/test split of a token store, written as the chunks come: each
 //! chunk's side is a hash of (`split_seed`, chunk index), so `prepare` needs
 //! neither the chunk count nor the tokens of the corpus to place a chunk.
+//!
+//! `data.test_size` caps the test side: of the chunks the hash puts in test,
+//! the `test_size` with the smallest hashes stay there (a uniform sample of
+//! them, whatever the corpus order) and the others go to train. The candidates
+//! are held in memory until the end (at most `test_size` chunks).
+use std::collections::BinaryHeap;
 use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
@@ -19,17 +25,46 @@ const SPLIT_STREAM: u64 = 0x0053_504C_4954; // "SPLIT"
 /// is cut, without the chunk count, so the store is written as the tokens come;
 /// about `n * test_fraction` of `n` chunks are test chunks.
 pub fn is_test_chunk(i: u64, test_fraction: f64, seed: u64) -> bool {
-    test_fraction > 0.0 && (hash_words(&[seed, SPLIT_STREAM, i]) as f64) < test_fraction * 2f64.powi(64)
+    test_fraction > 0.0 && (chunk_hash(i, seed) as f64) < test_fraction * 2f64.powi(64)
 }
 
-/// Splits chunk ids `0..n` into (train, test), each ascending, as the store is
-/// written: chunk `i` is in test when [`is_test_chunk`]. With a positive fraction
-/// at least one chunk is in test and one in train: when a side is empty, the last
-/// chunk moves to it.
-pub fn split_chunks(n: usize, test_fraction: f64, seed: u64) -> Result<(Vec<u32>, Vec<u32>)> {
+fn chunk_hash(i: u64, seed: u64) -> u64 {
+    hash_words(&[seed, SPLIT_STREAM, i])
+}
+
+/// The most tokens `data.test_size` may hold (the test candidates stay in
+/// memory while the store is written: 4 bytes a token).
+pub const MAX_TEST_TOKENS: usize = 1 << 25;
+
+/// The chunk ids `0..n` of (train, test) in the order [`SplitWriter`] writes
+/// them: chunk `i` is in test when [`is_test_chunk`], and of those only the
+/// `test_size` with the smallest hashes (0: no cap), in ascending order; train
+/// holds the others ascending, except that a test chunk pushed out by the cap
+/// follows the chunk that pushed it out. With a positive fraction at least one
+/// chunk is in test and one in train: when a side is empty, its other side's
+/// last chunk moves to it.
+pub fn split_chunks(n: usize, test_fraction: f64, test_size: usize, seed: u64) -> Result<(Vec<u32>, Vec<u32>)> {
     check_split(n, test_fraction)?;
-    let (mut train, mut test): (Vec<u32>, Vec<u32>) =
-        (0..n as u32).partition(|&i| !is_test_chunk(i as u64, test_fraction, seed));
+    let (mut train, mut test) = (Vec::new(), Vec::new());
+    let mut held = BinaryHeap::new();
+    for i in 0..n as u32 {
+        if !is_test_chunk(i as u64, test_fraction, seed) {
+            train.push(i);
+        } else if test_size == 0 {
+            test.push(i);
+        } else {
+            held.push((chunk_hash(i as u64, seed), i));
+            if held.len() > test_size {
+                train.extend(held.pop().map(|(_, i)| i));
+            }
+        }
+    }
+    let mut kept: Vec<u32> = held.into_iter().map(|(_, i)| i).collect();
+    kept.sort_unstable();
+    if train.is_empty() {
+        train.extend(kept.pop());
+    }
+    test.extend(kept);
     if test_fraction > 0.0 {
         if test.is_empty() {
             test.extend(train.pop());
@@ -58,7 +93,11 @@ fn check_split(n: usize, test_fraction: f64) -> Result<()> {
 pub struct SplitWriter {
     block_size: usize,
     test_fraction: f64,
+    /// At most this many test chunks (0: no cap).
+    test_size: usize,
     seed: u64,
+    /// With a cap: the test chunks so far, the largest hash on top.
+    candidates: BinaryHeap<Candidate>,
     train: ChunkFile,
     test: ChunkFile,
     /// The incomplete chunk.
@@ -80,11 +119,13 @@ pub struct Written {
 }
 
 impl SplitWriter {
-    pub fn create(dir: &Path, block_size: usize, test_fraction: f64, seed: u64) -> Result<Self> {
+    pub fn create(dir: &Path, block_size: usize, test_fraction: f64, test_size: usize, seed: u64) -> Result<Self> {
         Ok(Self {
             block_size,
             test_fraction,
+            test_size,
             seed,
+            candidates: BinaryHeap::new(),
             train: ChunkFile::create(&dir.join(TRAIN_FILE))?,
             test: ChunkFile::create(&dir.join(TEST_FILE))?,
             ids: Vec::with_capacity(block_size),
@@ -126,14 +167,38 @@ impl SplitWriter {
     fn write_chunk(&mut self, ids: &[u32], starts: &[bool]) -> Result<()> {
         let i = self.chunks;
         self.chunks += 1;
-        let file = if is_test_chunk(i, self.test_fraction, self.seed) { &mut self.test } else { &mut self.train };
-        file.write(ids.iter().flat_map(|t| t.to_le_bytes()), starts)
+        if !is_test_chunk(i, self.test_fraction, self.seed) {
+            return self.train.write(ids.iter().flat_map(|t| t.to_le_bytes()), starts);
+        }
+        if self.test_size == 0 {
+            return self.test.write(ids.iter().flat_map(|t| t.to_le_bytes()), starts);
+        }
+        self.candidates.push(Candidate {
+            hash: chunk_hash(i, self.seed),
+            index: i,
+            ids: ids.to_vec(),
+            starts: starts.to_vec(),
+        });
+        if self.candidates.len() > self.test_size {
+            let out = self.candidates.pop().expect("more candidates than the cap");
+            self.train.write(out.ids.iter().flat_map(|t| t.to_le_bytes()), &out.starts)?;
+        }
+        Ok(())
     }
 
     /// Drops the incomplete chunk, gives an empty side the last chunk (see
     /// [`split_chunks`]) and syncs the files.
     pub fn finish(mut self) -> Result<Written> {
         check_split(self.chunks as usize, self.test_fraction)?;
+        let mut kept = std::mem::take(&mut self.candidates).into_vec();
+        kept.sort_unstable_by_key(|c| c.index);
+        if self.train.chunks == 0 && !kept.is_empty() {
+            let last = kept.pop().expect("not empty");
+            self.train.write(last.ids.iter().flat_map(|t| t.to_le_bytes()), &last.starts)?;
+        }
+        for c in kept {
+            self.test.write(c.ids.iter().flat_map(|t| t.to_le_bytes()), &c.starts)?;
+        }
         if self.test_fraction > 0.0 {
             if self.test.chunks == 0 {
                 self.train.move_last_to(&mut self.test, self.block_size)?;
@@ -151,6 +216,34 @@ impl SplitWriter {
         self.train.close()?;
         self.test.close()?;
         Ok(written)
+    }
+}
+
+/// A test chunk held while a cap may still send it to train.
+struct Candidate {
+    hash: u64,
+    index: u64,
+    ids: Vec<u32>,
+    starts: Vec<bool>,
+}
+
+impl PartialEq for Candidate {
+    fn eq(&self, other: &Self) -> bool {
+        (self.hash, self.index) == (other.hash, other.index)
+    }
+}
+
+impl Eq for Candidate {}
+
+impl PartialOrd for Candidate {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Candidate {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.hash, self.index).cmp(&(other.hash, other.index))
     }
 }
 
@@ -230,28 +323,28 @@ mod tests {
 
     #[test]
     fn split_is_deterministic_disjoint_and_sorted() {
-        let (train, test) = split_chunks(1000, 0.05, 42).unwrap();
+        let (train, test) = split_chunks(1000, 0.05, 0, 42).unwrap();
         assert_eq!(train.len() + test.len(), 1000);
-        assert_eq!(split_chunks(1000, 0.05, 42).unwrap(), (train.clone(), test.clone()));
-        assert_ne!(split_chunks(1000, 0.05, 43).unwrap().1, test);
+        assert_eq!(split_chunks(1000, 0.05, 0, 42).unwrap(), (train.clone(), test.clone()));
+        assert_ne!(split_chunks(1000, 0.05, 0, 43).unwrap().1, test);
         assert!(train.windows(2).all(|w| w[0] < w[1]) && test.windows(2).all(|w| w[0] < w[1]));
         let mut all: Vec<u32> = train.iter().chain(&test).copied().collect();
         all.sort();
         assert_eq!(all, (0..1000).collect::<Vec<_>>());
         // Each chunk's side depends on its index alone: a longer corpus keeps
         // the split of the chunks it shares with a shorter one.
-        let (train2, _) = split_chunks(2000, 0.05, 42).unwrap();
+        let (train2, _) = split_chunks(2000, 0.05, 0, 42).unwrap();
         assert_eq!(train2.iter().take_while(|&&i| i < 1000).copied().collect::<Vec<_>>(), train);
-        assert!(split_chunks(5, 0.0, 1).unwrap().1.is_empty());
-        assert!(split_chunks(1, 0.1, 1).unwrap_err().to_string().contains("needs at least 2"));
-        assert_eq!(split_chunks(1, 0.0, 1).unwrap(), (vec![0], vec![]));
+        assert!(split_chunks(5, 0.0, 0, 1).unwrap().1.is_empty());
+        assert!(split_chunks(1, 0.1, 0, 1).unwrap_err().to_string().contains("needs at least 2"));
+        assert_eq!(split_chunks(1, 0.0, 0, 1).unwrap(), (vec![0], vec![]));
     }
 
     #[test]
     fn split_fraction_holds_within_tolerance() {
         let n = 100_000;
         for (fraction, seed) in [(0.05, 42), (0.1, 7), (0.01, 1), (0.5, 3)] {
-            let test = split_chunks(n, fraction, seed).unwrap().1.len() as f64;
+            let test = split_chunks(n, fraction, 0, seed).unwrap().1.len() as f64;
             // Binomial: 5 standard deviations.
             let sd = (n as f64 * fraction * (1.0 - fraction)).sqrt();
             assert!((test - n as f64 * fraction).abs() < 5.0 * sd, "{fraction}: {test} test chunks of {n}");
@@ -259,15 +352,33 @@ mod tests {
     }
 
     #[test]
+    fn test_size_caps_the_test_side_with_the_smallest_hashes() {
+        let (train, test) = split_chunks(100_000, 0.05, 50, 9).unwrap();
+        assert_eq!((train.len(), test.len()), (99_950, 50));
+        let (_, uncapped) = split_chunks(100_000, 0.05, 0, 9).unwrap();
+        let mut by_hash = uncapped.clone();
+        by_hash.sort_by_key(|&i| chunk_hash(i as u64, 9));
+        let mut want = by_hash[..50].to_vec();
+        want.sort_unstable();
+        assert_eq!(test, want);
+        // A sample of the whole corpus, not of its start.
+        assert!(test.iter().any(|&i| i > 50_000) && test.iter().any(|&i| i < 50_000), "{test:?}");
+        // A cap above the fraction's count changes nothing.
+        assert_eq!(split_chunks(1000, 0.05, 10_000, 9).unwrap(), split_chunks(1000, 0.05, 0, 9).unwrap());
+        // Every chunk test-hashed and under the cap: the last one trains.
+        assert_eq!(split_chunks(3, 0.999_999, 5, 1).unwrap(), (vec![2], vec![0, 1]));
+    }
+
+    #[test]
     fn split_keeps_a_test_and_a_train_chunk() {
         // A tiny fraction of few chunks draws no test chunk: the last one moves.
         for seed in 0..50 {
-            let (train, test) = split_chunks(3, 0.001, seed).unwrap();
+            let (train, test) = split_chunks(3, 0.001, 0, seed).unwrap();
             assert_eq!(test.len(), (0..3).filter(|&i| is_test_chunk(i, 0.001, seed)).count().max(1));
             assert!(!train.is_empty());
-            let (train, test) = split_chunks(2, 0.999, seed).unwrap();
+            let (train, test) = split_chunks(2, 0.999, 0, seed).unwrap();
             assert_eq!((train.len(), test.len()), (1, 1));
         }
-        assert_eq!(split_chunks(3, 1e-9, 1).unwrap(), (vec![0, 1], vec![2]));
+        assert_eq!(split_chunks(3, 1e-9, 0, 1).unwrap(), (vec![0, 1], vec![2]));
     }
 }

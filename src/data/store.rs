@@ -12,8 +12,9 @@ use serde::{Deserialize, Serialize};
 
 /// Version of the on-disk layout; bumped on incompatible changes
 /// (2: word-start marks beside the tokens; 3: each chunk's train/test side a
-/// hash of (split seed, chunk), so the store is written as the tokens come).
-pub const FORMAT_VERSION: u32 = 3;
+/// hash of (split seed, chunk), so the store is written as the tokens come;
+/// 4: `data.test_size` caps the test split).
+pub const FORMAT_VERSION: u32 = 4;
 /// File names inside the prepared directory.
 pub const MANIFEST: &str = "manifest.json";
 pub const TRAIN_FILE: &str = "train.tokens";
