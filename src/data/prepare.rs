@@ -71,7 +71,9 @@ fn prepare_or_open(
     if files.is_empty() {
         bail!("data.files is empty: list the text, JSON-lines or Parquet files to train on");
     }
+    let hashing = Instant::now();
     let mut sources = hash_sources(&files)?;
+    let mut times = PrepareTimes { hashing_s: hashing.elapsed().as_secs_f64(), ..Default::default() };
     let key = inputs_key(d, tok, &sources);
     if let Some(want) = resumed_key.filter(|w| *w != key) {
         changed_data(want, &key, cfg, tok, &sources)?;
@@ -112,7 +114,8 @@ fn prepare_or_open(
     let mut manifest = None;
     crate::durable::write_dir_atomically(&dir, |tmp| {
         let mut split = SplitWriter::create(tmp, d.block_size, d.test_fraction, d.test_size, d.split_seed)?;
-        let counts = tokenize_files(&files, d, tok, &pb, READ_WINDOW, |ids, starts| split.push(ids, starts))?;
+        let counts =
+            tokenize_files(&files, d, tok, &pb, READ_WINDOW, &mut times, |ids, starts| split.push(ids, starts))?;
         pb.finish();
         for (s, (docs, toks)) in sources.iter_mut().zip(counts) {
             (s.documents, s.tokens) = (docs, toks);
@@ -153,6 +156,17 @@ fn prepare_or_open(
         "prepared data at {}",
         dir.display()
     );
+    let threads = rayon::current_num_threads();
+    info!(
+        "prepare took {secs:.1} s: hashing {:.1} s, tokenizing {:.1} s on {threads} threads, waiting for input {:.1} s, \
+         writing {:.1} s; serial fraction {:.3} (Amdahl: {:.1}x on 16 cores)",
+        times.hashing_s,
+        times.tokenizing_s,
+        times.waiting_for_input_s,
+        times.writing_s,
+        times.serial_fraction(threads),
+        times.speedup(threads, 16)
+    );
     Prepared::open(&dir)
 }
 
@@ -165,7 +179,8 @@ pub fn tokenize_to_chunks(d: &DataConfig, tok: &TextTokenizer) -> Result<Vec<u32
         bail!("no input files given");
     }
     let mut tokens = Vec::new();
-    let counts = tokenize_files(&files, d, tok, &Progress::hidden(), READ_WINDOW, |ids, _| {
+    let mut times = PrepareTimes::default();
+    let counts = tokenize_files(&files, d, tok, &Progress::hidden(), READ_WINDOW, &mut times, |ids, _| {
         tokens.extend_from_slice(ids);
         Ok(())
     })?;
@@ -186,45 +201,109 @@ const READ_WINDOW: usize = 64 << 20;
 /// the threads.
 const BATCH_BYTES: usize = 1 << 18;
 
-/// Reads and tokenizes `files` in order, a window of about `window` bytes of a
-/// file at a time (batches of documents in parallel, order kept), and hands
-/// `sink` the ids and word-start marks of each window in order. `pb` advances
-/// by bytes.
+/// Where the time of a preparation went: the parts that more cores do not
+/// shorten, for the serial fraction that bounds its speed-up.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PrepareTimes {
+    /// Hashing the input files (parallel over files, serial within one).
+    pub hashing_s: f64,
+    /// Tokenizing, in parallel over the cores.
+    pub tokenizing_s: f64,
+    /// Waiting for the reader thread (reading, decompressing and cutting the
+    /// next window took longer than tokenizing this one).
+    pub waiting_for_input_s: f64,
+    /// Cutting the tokens into blocks and writing them (serial).
+    pub writing_s: f64,
+}
+
+impl PrepareTimes {
+    /// The fraction of the work that stays serial on `threads` cores (Amdahl's
+    /// s, with the parallel part's work counted as `threads` x its wall time).
+    pub fn serial_fraction(&self, threads: usize) -> f64 {
+        let serial = self.hashing_s + self.waiting_for_input_s + self.writing_s;
+        serial / (serial + self.tokenizing_s * threads as f64).max(1e-12)
+    }
+
+    /// The speed-up over one core that `cores` would give by Amdahl's law.
+    pub fn speedup(&self, threads: usize, cores: usize) -> f64 {
+        let s = self.serial_fraction(threads);
+        1.0 / (s + (1.0 - s) / cores as f64)
+    }
+}
+
+/// One window of a file's documents, or the end of file `i`.
+enum Piece {
+    Window(usize, Documents),
+    FileDone(usize),
+}
+
+/// Tokenizes the documents of `files` in order and hands the tokens and their
+/// word-start marks to `sink`, a window at a time: a reader thread reads (and
+/// decompresses, and cuts) the next window while the cores tokenize this one.
+/// Returns each file's (documents, tokens).
 fn tokenize_files(
     files: &[PathBuf],
     d: &DataConfig,
     tok: &TextTokenizer,
     pb: &Progress,
     window: usize,
+    times: &mut PrepareTimes,
     mut sink: impl FnMut(&[u32], &[bool]) -> Result<()>,
 ) -> Result<Vec<FileCounts>> {
-    let (mut counts, mut done) = (Vec::new(), 0);
-    for file in files {
-        let (mut n_docs, mut n_tokens) = (0, 0);
-        for_each_window(file, d, window, |docs| {
-            // Indexed parallel collect keeps batch order.
-            let encoded: Vec<(Vec<u32>, Vec<bool>)> = batches(&docs, BATCH_BYTES)
-                .into_par_iter()
-                .map(|batch| {
-                    let (mut ids, mut marks) = (Vec::new(), Vec::new());
-                    tok.encode_documents_into(docs.range(batch.clone()), &mut ids, &mut marks)?;
-                    pb.inc(docs.bytes_in(batch) as u64);
-                    Ok((ids, marks))
-                })
-                .collect::<Result<_>>()
-                .with_context(|| format!("cannot tokenize {}", file.display()))?;
-            n_docs += docs.len();
-            drop(docs);
-            for (ids, s) in &encoded {
-                n_tokens += ids.len();
-                sink(ids, s)?;
+    let mut counts = vec![(0, 0); files.len()];
+    let mut done = 0;
+    std::thread::scope(|scope| {
+        let (tx, rx) = crossbeam_channel::bounded::<Result<Piece>>(1);
+        scope.spawn(move || {
+            for (i, file) in files.iter().enumerate() {
+                let read = for_each_window(file, d, window, |docs| {
+                    tx.send(Ok(Piece::Window(i, docs))).map_err(|_| anyhow::anyhow!("preparation stopped"))
+                });
+                let sent = match read {
+                    Ok(()) => tx.send(Ok(Piece::FileDone(i))),
+                    Err(e) => tx.send(Err(e)),
+                };
+                if sent.is_err() {
+                    return;
+                }
             }
-            Ok(())
-        })?;
-        counts.push((n_docs, n_tokens));
-        done += std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
-        pb.set(done);
-    }
+        });
+        loop {
+            let t = Instant::now();
+            let Ok(piece) = rx.recv() else { break };
+            times.waiting_for_input_s += t.elapsed().as_secs_f64();
+            match piece? {
+                Piece::FileDone(i) => {
+                    done += std::fs::metadata(&files[i]).map(|m| m.len()).unwrap_or(0);
+                    pb.set(done);
+                }
+                Piece::Window(i, docs) => {
+                    let t = Instant::now();
+                    // Indexed parallel collect keeps batch order.
+                    let encoded: Vec<(Vec<u32>, Vec<bool>)> = batches(&docs, BATCH_BYTES)
+                        .into_par_iter()
+                        .map(|batch| {
+                            let (mut ids, mut marks) = (Vec::new(), Vec::new());
+                            tok.encode_documents_into(docs.range(batch.clone()), &mut ids, &mut marks)?;
+                            pb.inc(docs.bytes_in(batch) as u64);
+                            Ok((ids, marks))
+                        })
+                        .collect::<Result<_>>()
+                        .with_context(|| format!("cannot tokenize {}", files[i].display()))?;
+                    times.tokenizing_s += t.elapsed().as_secs_f64();
+                    let t = Instant::now();
+                    counts[i].0 += docs.len();
+                    drop(docs);
+                    for (ids, s) in &encoded {
+                        counts[i].1 += ids.len();
+                        sink(ids, s)?;
+                    }
+                    times.writing_s += t.elapsed().as_secs_f64();
+                }
+            }
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
     Ok(counts)
 }
 

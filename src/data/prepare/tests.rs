@@ -282,3 +282,12 @@ fn prepared_store_moves_the_last_chunk_when_no_chunk_drew_test() {
     assert_eq!(p.train.chunk(n - 2), &all[(n - 2) * 64..(n - 1) * 64]);
     assert!(p.test.word_starts(0).unwrap().get(0));
 }
+
+#[test]
+fn serial_fraction_is_amdahls() {
+    // 2 s serial, 4 s of tokenizing on 2 threads (8 s of work): s = 0.2.
+    let t = PrepareTimes { hashing_s: 1.0, tokenizing_s: 4.0, waiting_for_input_s: 0.5, writing_s: 0.5 };
+    assert!((t.serial_fraction(2) - 0.2).abs() < 1e-12);
+    assert!((t.speedup(2, 16) - 4.0).abs() < 1e-9, "{}", t.speedup(2, 16));
+    assert!((t.speedup(2, 1) - 1.0).abs() < 1e-12);
+}
