@@ -34,7 +34,7 @@ pub fn fill_mask(model: &MaskedLm, tok: &TextTokenizer, text: &str, top_k: usize
     let input_t = Tensor::from_slice(&input).view([1, -1]).to_device(device);
     let mask_t = Tensor::ones_like(&input_t);
     let probs = tch::no_grad(|| {
-        let hidden = model.forward_hidden(&input_t, &mask_t, false);
+        let hidden = model.forward_hidden(&input_t, Some(&mask_t), false);
         let pos: Vec<i64> = mask_positions.iter().map(|&p| p as i64).collect();
         let picked = hidden.select(0, 0).index_select(0, &Tensor::from_slice(&pos).to_device(device));
         model.mlm_head(&picked).to_kind(Kind::Float).softmax(-1, Kind::Float).to_device(Device::Cpu)

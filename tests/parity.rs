@@ -107,7 +107,7 @@ fn our_logits(model: &MaskedLm) -> Tensor {
 }
 
 fn our_logits_on(arch: &str, model: &MaskedLm) -> Tensor {
-    tch::no_grad(|| model.logits(&batch(arch, "input_ids"), &batch(arch, "attention_mask"), false))
+    tch::no_grad(|| model.logits(&batch(arch, "input_ids"), Some(&batch(arch, "attention_mask")), false))
 }
 
 fn load_clean(dir: &Path) -> MaskedLm {
@@ -227,7 +227,7 @@ fn deberta_v2_variant_logits_match_transformers() {
 /// positions, eval mode), backward, and each parameter's gradient against HF's.
 fn grads_match_transformers(arch: &str) {
     let model = load_clean(&fixture().join(arch));
-    let logits = model.logits(&batch(arch, "input_ids"), &batch(arch, "attention_mask"), false);
+    let logits = model.logits(&batch(arch, "input_ids"), Some(&batch(arch, "attention_mask")), false);
     let loss = logits.to_kind(Kind::Float).view([-1, model.vocab_size()]).cross_entropy_loss::<Tensor>(
         &batch(arch, "labels").view([-1]),
         None,
@@ -369,7 +369,8 @@ fn minilm_base_model_loads_with_head_missing_and_pooler_unexpected() {
         ]
     );
     assert_eq!(report.unexpected, ["pooler.dense.bias", "pooler.dense.weight"]);
-    let hidden = tch::no_grad(|| model.forward_hidden(&reference("input_ids"), &reference("attention_mask"), false));
+    let hidden =
+        tch::no_grad(|| model.forward_hidden(&reference("input_ids"), Some(&reference("attention_mask")), false));
     let (non_pad, all) = max_abs_diff(&hidden, &reference("minilm_hidden"));
     println!("MiniLM last_hidden_state: {non_pad:.3e} (non-pad), {all:.3e} (all)");
     assert!(non_pad < TOL && all < TOL);

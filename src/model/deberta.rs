@@ -223,9 +223,9 @@ impl DebertaEmbeddings {
         }
     }
 
-    /// `input_ids`, `attention_mask` [b, s] -> [b, s, h]; `padded`: whether
-    /// `attention_mask` has a 0 (without one, zeroing the pads is skipped).
-    fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, padded: bool, train: bool) -> Tensor {
+    /// `input_ids`, `attention_mask` [b, s] -> [b, s, h]; `attention_mask`:
+    /// `Some` only when it has a 0 (without one, zeroing the pads is skipped).
+    fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, train: bool) -> Tensor {
         let s = input_ids.size()[1];
         let mut x = self.word_embeddings.forward(input_ids);
         if let Some(pos) = &self.position_embeddings {
@@ -238,8 +238,8 @@ impl DebertaEmbeddings {
             x = x.linear::<Tensor>(w, None);
         }
         let mut x = self.layer_norm.forward(&x);
-        if padded {
-            x = &x * attention_mask.unsqueeze(-1).to_kind(x.kind());
+        if let Some(m) = attention_mask {
+            x = &x * m.unsqueeze(-1).to_kind(x.kind());
         }
         x.dropout(self.dropout, train)
     }
@@ -379,13 +379,13 @@ pub(super) const HF_NAMES: NameMap = NameMap {
 
 impl super::Encoder for DebertaV2ForMaskedLM {
     /// `input_ids`, `attention_mask` [b, s] -> the embeddings [b, s, h] and what each layer takes
-    fn embed(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> (Tensor, LayerInputs) {
-        // Training chunks have no padding: one flag read back per forward (on a GPU a
-        // sync, after the batch's blocking copies from the host have just synced)
-        // spares every layer a masked_fill over [b, heads, s, s] and its backward.
-        let padded = attention_mask.eq(0).any().int64_value(&[]) != 0;
-        let x = self.embeddings.forward(input_ids, attention_mask, padded, train);
-        let pad = padded.then(|| pair_mask(attention_mask).logical_not());
+    fn embed(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, train: bool) -> (Tensor, LayerInputs) {
+        // Training chunks have no padding and say so (`None`): no flag is read
+        // back (a device sync), and every layer is spared a masked_fill over
+        // [b, heads, s, s] and its backward. A given mask is inspected once.
+        let mask = attention_mask.filter(|&m| m.eq(0i64).any().int64_value(&[]) != 0);
+        let x = self.embeddings.forward(input_ids, mask, train);
+        let pad = mask.map(|m| pair_mask(m).logical_not());
         let s = input_ids.size()[1];
         // [2 span, h]; every layer shares it (and sums its gradient).
         let rel = self.rel_embeddings.as_ref().map(|e| match &self.rel_layer_norm {

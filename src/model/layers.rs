@@ -115,6 +115,32 @@ pub fn additive_mask(attention_mask: &Tensor, kind: Kind) -> Option<Tensor> {
     Some(Tensor::zeros([b, 1, 1, s], (kind, attention_mask.device())).masked_fill(&masked, finfo_min(kind)))
 }
 
+/// The kernel libtorch's `scaled_dot_product_attention` picks on `device` for
+/// `heads` heads of `head_dim` over `seq` tokens in `kind`, with dropout
+/// `dropout` and without a mask (`with_bias` false: a training block, no
+/// padding) or with an additive bias (DeBERTa's relative positions): what its
+/// dispatcher (`_fused_sdp_choice`) decides for these inputs.
+pub fn sdpa_kernel(
+    device: tch::Device,
+    kind: Kind,
+    heads: i64,
+    seq: i64,
+    head_dim: i64,
+    with_bias: bool,
+    dropout: f64,
+) -> &'static str {
+    let q = Tensor::zeros([1, heads, seq, head_dim], (kind, device));
+    let bias = with_bias.then(|| Tensor::zeros([1, 1, seq, seq], (kind, device)));
+    match Tensor::f_internal_fused_sdp_choice(&q, &q, &q, bias.as_ref(), dropout, false, None, false) {
+        Ok(0) => "math (unfused)",
+        Ok(1) => "flash attention",
+        Ok(2) => "memory-efficient attention",
+        Ok(3) => "cuDNN attention",
+        Ok(4) => "an overriding backend",
+        _ => "none (no kernel takes these inputs)",
+    }
+}
+
 /// The most negative finite value of `kind` (HF's `torch.finfo(dtype).min`).
 pub fn finfo_min(kind: Kind) -> f64 {
     match kind {

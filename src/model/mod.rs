@@ -258,9 +258,10 @@ pub struct LayerInputs {
 /// activation checkpointing (`src/train/recompute.rs`) can keep only each
 /// layer's input and run a layer again during backward.
 pub(crate) trait Encoder: std::fmt::Debug + Send {
-    /// `input_ids` [b, s], `attention_mask` [b, s] -> the embeddings [b, s, h]
-    /// and what every layer takes besides them.
-    fn embed(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> (Tensor, LayerInputs);
+    /// `input_ids` [b, s], `attention_mask` [b, s] (`None`: no padding, known
+    /// on the host, so attention runs without a mask) -> the embeddings
+    /// [b, s, h] and what every layer takes besides them.
+    fn embed(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, train: bool) -> (Tensor, LayerInputs);
     fn num_layers(&self) -> usize;
     /// Layer `i`: hidden states [b, s, h] -> [b, s, h].
     fn layer(&self, i: usize, x: &Tensor, inputs: &LayerInputs, train: bool) -> Tensor;
@@ -354,9 +355,11 @@ impl MaskedLm {
         weights::write_safetensors(&self.vs, &dir.join("model.safetensors"))
     }
 
-    /// `input_ids` [b, s] i64, `attention_mask` [b, s] (1 = token, 0 = pad)
+    /// `input_ids` [b, s] i64, `attention_mask` [b, s] (1 = token, 0 = pad;
+    /// `None`: no padding, as every training block, so that attention may take
+    /// the fastest kernel (flash) and no mask is built or read)
     /// -> last hidden state [b, s, h] in the weights' dtype. Dropout only if `train`.
-    pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
+    pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, train: bool) -> Tensor {
         let s = input_ids.size().get(1).copied().unwrap_or(0);
         assert!(
             s <= self.max_positions(),
@@ -374,7 +377,7 @@ impl MaskedLm {
     }
 
     /// The stages of [`MaskedLm::forward_hidden`], for activation checkpointing.
-    pub fn embed(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> (Tensor, LayerInputs) {
+    pub fn embed(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, train: bool) -> (Tensor, LayerInputs) {
         self.net.embed(input_ids, attention_mask, train)
     }
 
@@ -393,8 +396,26 @@ impl MaskedLm {
     }
 
     /// `forward_hidden` then `mlm_head`: [b, s, vocab].
-    pub fn logits(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
+    pub fn logits(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, train: bool) -> Tensor {
         self.mlm_head(&self.forward_hidden(input_ids, attention_mask, train))
+    }
+
+    /// The dtype of the weights (of the first parameter).
+    pub fn kind(&self) -> Kind {
+        self.vs.variables().values().next().map_or(Kind::Float, |t| t.kind())
+    }
+
+    /// One line saying which attention kernel a training pass of `seq` tokens
+    /// in `kind` gets on `device` ([`layers::sdpa_kernel`]).
+    pub fn attention_kernel_line(&self, device: Device, kind: Kind, seq: i64) -> String {
+        let Ok(shape) = shape::ModelShape::from_config(&self.config_json) else {
+            return "attention kernel: unknown (the config gives no shape)".into();
+        };
+        let (heads, head_dim) = (shape.heads as i64, (shape.hidden / shape.heads.max(1)) as i64);
+        let bias = shape.relative.is_some();
+        let kernel = layers::sdpa_kernel(device, kind, heads, seq, head_dim, bias, shape.attention_dropout);
+        let mask = if bias { "the relative-position bias" } else { "no mask (blocks have no padding)" };
+        format!("attention: {kernel} on {device:?} ({kind:?}, {heads} heads of {head_dim}, {seq} tokens, {mask})")
     }
 
     pub fn vocab_size(&self) -> i64 {
@@ -445,6 +466,36 @@ mod tests {
     }
 
     #[test]
+    fn no_mask_gives_what_an_all_ones_mask_gives_and_attention_says_its_kernel() {
+        let deberta = serde_json::json!({
+            "model_type": "deberta-v2", "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "intermediate_size": 24, "max_position_embeddings": 12,
+            "relative_attention": true, "position_buckets": 4, "pos_att_type": ["p2c", "c2p"],
+            "position_biased_input": false,
+        });
+        let models = [
+            tiny("bert"),
+            tiny("distilbert"),
+            tiny("roberta"),
+            MaskedLm::from_config_json(deberta, Device::Cpu).unwrap(),
+        ];
+        let ids = Tensor::from_slice(&[2i64, 7, 9, 3, 4, 5, 6, 8]).view([2, 4]);
+        let ones = Tensor::ones([2, 4], (Kind::Int64, Device::Cpu));
+        for model in &models {
+            let with = model.logits(&ids, Some(&ones), false);
+            let without = model.logits(&ids, None, false);
+            let diff = (with - without).abs().max().double_value(&[]);
+            assert!(diff < 1e-6, "{}: {diff}", model.config_json["model_type"]);
+            let line = model.attention_kernel_line(Device::Cpu, Kind::Float, 4);
+            assert!(line.starts_with("attention: ") && !line.contains("none (no kernel"), "{line}");
+        }
+        assert!(models[0].attention_kernel_line(Device::Cpu, Kind::Float, 4).contains("no mask"));
+        assert!(models[3].attention_kernel_line(Device::Cpu, Kind::Float, 4).contains("relative-position bias"));
+        // libtorch's CPU dispatcher takes its flash kernel for attention without a mask.
+        assert_eq!(layers::sdpa_kernel(Device::Cpu, Kind::Float, 2, 128, 64, false, 0.0), "flash attention");
+    }
+
+    #[test]
     fn bf16_copies_run_forward_and_stay_close_to_fp32() {
         for model_type in ["bert", "distilbert"] {
             let model = tiny(model_type);
@@ -452,14 +503,14 @@ mod tests {
             let ids = Tensor::from_slice(&[2i64, 7, 9, 3, 4, 0, 0, 0]).view([2, 4]);
             let mask = ids.ne(0).to_kind(Kind::Int64);
             let _ = mask.get(0).fill_(1);
-            let full = model.logits(&ids, &mask, false);
-            let half = bf16.logits(&ids, &mask, false);
+            let full = model.logits(&ids, Some(&mask), false);
+            let half = bf16.logits(&ids, Some(&mask), false);
             assert_eq!(half.kind(), Kind::BFloat16);
             assert_eq!(half.size(), [2, 4, 50]);
             let diff = (half.to_kind(Kind::Float) - full).abs().max().double_value(&[]);
             assert!(diff < 0.05, "{model_type}: bf16 vs fp32 max abs diff {diff}");
             // Training mode (dropout) also runs in bf16.
-            let _ = bf16.logits(&ids, &mask, true).sum(Kind::Float).double_value(&[]);
+            let _ = bf16.logits(&ids, Some(&mask), true).sum(Kind::Float).double_value(&[]);
         }
     }
 
@@ -519,11 +570,12 @@ mod tests {
             let bf16 = model.to_kind_copy(Kind::BFloat16).unwrap();
             let ids = Tensor::from_slice(&[0i64, 7, 9, 2, 0, 5, 2, 1]).view([2, 4]);
             let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 0]).view([2, 4]);
-            let full = model.logits(&ids, &mask, false);
-            let half = bf16.logits(&ids, &mask, true);
+            let full = model.logits(&ids, Some(&mask), false);
+            let half = bf16.logits(&ids, Some(&mask), true);
             assert_eq!(half.kind(), Kind::BFloat16);
             assert_eq!(full.size(), [2, 4, 50]);
-            let diff = (bf16.logits(&ids, &mask, false).to_kind(Kind::Float) - full).abs().max().double_value(&[]);
+            let diff =
+                (bf16.logits(&ids, Some(&mask), false).to_kind(Kind::Float) - full).abs().max().double_value(&[]);
             assert!(diff < 0.05, "{:?}: bf16 vs fp32 {diff}", model.arch);
         }
     }

@@ -187,9 +187,9 @@ pub(super) const HF_NAMES: NameMap = NameMap {
 
 impl super::Encoder for RobertaForMaskedLM {
     /// `input_ids`, `attention_mask` [b, s] -> the embeddings [b, s, h] and what each layer takes
-    fn embed(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> (Tensor, LayerInputs) {
+    fn embed(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, train: bool) -> (Tensor, LayerInputs) {
         let x = self.embeddings.forward(input_ids, train);
-        let mask = additive_mask(attention_mask, x.kind());
+        let mask = attention_mask.and_then(|m| additive_mask(m, x.kind()));
         (x, LayerInputs { mask, ..Default::default() })
     }
 

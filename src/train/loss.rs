@@ -12,8 +12,9 @@ use crate::model::MaskedLm;
 pub struct DeviceBatch {
     /// `[rows, block]` token ids after masking.
     pub input_ids: Tensor,
-    /// `[rows, block]` ones: chunks have no padding.
-    pub attention_mask: Tensor,
+    /// `None`: training and evaluation blocks have no padding (known on the
+    /// host, so attention runs without a mask and may use flash attention).
+    pub attention_mask: Option<Tensor>,
     /// Flat indices (into `rows * block`) of the positions to predict.
     pub positions: Tensor,
     /// The original token ids at `positions`.
@@ -30,7 +31,7 @@ impl DeviceBatch {
             b.labels.iter().enumerate().filter(|(_, &l)| l != -100).map(|(i, &l)| (i as i64, l)).unzip();
         Self {
             input_ids: Tensor::from_slice(&b.input_ids).view(shape).to_device(device),
-            attention_mask: Tensor::ones(shape, (Kind::Int64, device)),
+            attention_mask: None,
             n_masked: positions.len(),
             positions: Tensor::from_slice(&positions).to_device(device),
             targets: Tensor::from_slice(&targets).to_device(device),
@@ -44,7 +45,7 @@ impl DeviceBatch {
 /// `sparse`: project to the vocabulary only at masked positions; otherwise at
 /// every position, as Hugging Face's models do (same loss, more work).
 pub fn masked_lm_loss_sum(model: &MaskedLm, batch: &DeviceBatch, train: bool, sparse: bool) -> Tensor {
-    let hidden = model.forward_hidden(&batch.input_ids, &batch.attention_mask, train);
+    let hidden = model.forward_hidden(&batch.input_ids, batch.attention_mask.as_ref(), train);
     head_loss_sum(model, &hidden, batch, sparse)
 }
 

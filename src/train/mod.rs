@@ -385,6 +385,9 @@ impl Trainer {
             total_steps,
             shape.global()
         );
+        if sync.rank() == 0 {
+            tracing::info!("{}", model.attention_kernel_line(device, model.kind(), cfg.data.block_size as i64));
+        }
         Ok(Self {
             _lock,
             sync,

@@ -43,7 +43,7 @@ pub fn forward_backward(
 
     // 1. Embeddings with their graph; the layers keep only their inputs.
     dropout.before(0);
-    let (x0, inputs) = model.embed(&batch.input_ids, &batch.attention_mask, true);
+    let (x0, inputs) = model.embed(&batch.input_ids, batch.attention_mask.as_ref(), true);
     let mut xs: Vec<Tensor> = Vec::with_capacity(layers + 1);
     xs.push(x0.detach());
     tch::no_grad(|| {
@@ -189,11 +189,13 @@ mod tests {
         ];
         for (model_type, extra) in cases {
             let m = model(model_type, extra);
-            let db = DeviceBatch::new(&batch(), Device::Cpu);
+            let mut db = DeviceBatch::new(&batch(), Device::Cpu);
             for padded in [false, true] {
                 if padded {
                     // The last row is half padding.
-                    let _ = db.attention_mask.get(2).narrow(0, 12, 12).fill_(0);
+                    let mask = Tensor::ones(db.input_ids.size(), (tch::Kind::Int64, Device::Cpu));
+                    let _ = mask.get(2).narrow(0, 12, 12).fill_(0);
+                    db.attention_mask = Some(mask);
                 }
                 let (l0, g0) = run(&m, &db, false);
                 let (l1, g1) = run(&m, &db, true);
