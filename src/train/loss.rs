@@ -19,8 +19,6 @@ pub struct DeviceBatch {
     pub positions: Tensor,
     /// The original token ids at `positions`.
     pub targets: Tensor,
-    /// `[rows, block]` labels: the original id where masked, -100 elsewhere.
-    pub labels: Tensor,
     pub n_masked: usize,
 }
 
@@ -35,7 +33,6 @@ impl DeviceBatch {
             n_masked: positions.len(),
             positions: Tensor::from_slice(&positions).to_device(device),
             targets: Tensor::from_slice(&targets).to_device(device),
-            labels: Tensor::from_slice(&b.labels).view(shape).to_device(device),
         }
     }
 }
@@ -58,9 +55,12 @@ pub fn head_loss_sum(model: &MaskedLm, hidden: &Tensor, batch: &DeviceBatch, spa
         let logits = model.mlm_head(&picked).to_kind(Kind::Float); // [n_masked, vocab]
         logits.cross_entropy_loss::<Tensor>(&batch.targets, None, Reduction::Sum, -100, 0.0)
     } else {
+        // Every position projected, as Hugging Face's models do; the loss at the
+        // masked ones (what cross-entropy with labels of -100 elsewhere sums).
         let logits = model.mlm_head(hidden).to_kind(Kind::Float); // [rows, block, vocab]
         let v = logits.size()[2];
-        logits.view([-1, v]).cross_entropy_loss::<Tensor>(&batch.labels.view([-1]), None, Reduction::Sum, -100, 0.0)
+        let picked = logits.view([-1, v]).index_select(0, &batch.positions);
+        picked.cross_entropy_loss::<Tensor>(&batch.targets, None, Reduction::Sum, -100, 0.0)
     }
 }
 

@@ -259,10 +259,11 @@ impl<'a> Estimate<'a> {
         (at_head.max(at_layer), moments)
     }
 
-    /// The batch on the device: input ids, attention mask and labels (i64), the
-    /// head's positions and targets.
+    /// The batch on the device: input ids (i64), the head's positions and
+    /// targets (no attention mask: blocks have no padding; no labels: the loss
+    /// takes the targets at the positions).
     fn batch(&self, rows: u64) -> u64 {
-        3 * self.tokens(rows) * 8 + 2 * self.projected(rows) * 8
+        self.tokens(rows) * 8 + 2 * self.projected(rows) * 8
     }
 
     /// The embeddings' saved tensors and the batch. The embeddings' output is

@@ -502,11 +502,11 @@ impl Trainer {
     /// gradient of one process with the summed batch.
     fn sync_gradients(&mut self, loss: Tensor) -> Result<Tensor> {
         self.sync.sum_grads(&mut self.opt.grad)?;
-        let loss = if self.sync.world() > 1 {
-            Tensor::from(self.sync.sum(&[loss.double_value(&[])])?[0]).to_device(self.device)
-        } else {
-            loss
-        };
+        // Summed on the device: the loss is read back at log steps only.
+        if self.sync.world() > 1 {
+            let mut flat = loss.reshape([1]);
+            self.sync.comm.all_reduce_sum(&mut flat).context("summing the step's loss over the workers")?;
+        }
         self.timer.end(Phase::Sync);
         Ok(loss)
     }
