@@ -6,30 +6,34 @@
 //! pre-tokenizer and hands each word to the model on its own
 //! (`Model::tokenize`), so a word's tokens depend on the word alone when the
 //! model is deterministic (Unigram's Viterbi path; BPE without dropout). Words
-//! repeat enormously in text: [`SubwordFast`] keeps each word's ids in a
-//! per-thread cache (bounded: cleared when it holds [`CACHE_WORDS`] words) and
-//! calls the model only on a miss. The words come from
+//! repeat enormously in text: [`SubwordFast`] keeps each word's ids in a cache
+//! shared by the threads (sharded behind 64 locks; bounded: a shard is cleared
+//! when it holds its share of [`CACHE_WORDS`] words) and calls the model only
+//! on a miss. The words come from
 //! [`pretokenize`](super::pretokenize) for ASCII text of the configurations it
 //! re-implements, else from the tokenizer's own normalizer and pre-tokenizer,
 //! so any normalizer and pre-tokenizer stays exact. Special tokens of the
 //! template go around the document; a document containing an added token's
 //! content (`[MASK]`, `<mask>`, ...) is encoded whole by `tokenizers`, since
 //! added tokens are matched before normalization.
-use std::cell::RefCell;
+use std::hash::{Hash, Hasher};
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use aho_corasick::AhoCorasick;
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHasher};
 use serde_json::Value;
 use tokenizers::{Model, OffsetReferential, OffsetType, PreTokenizer, Tokenizer};
 
 use super::pretokenize::AsciiWords;
 use super::wordpiece::{append_encoding, special_tokens};
 
-/// Words a thread's cache holds before it is cleared: about 100 bytes each,
-/// so at most ~13 MB per thread.
-pub const CACHE_WORDS: usize = 1 << 17;
+/// Words the cache holds at most, whatever the thread count: about 100 bytes
+/// each, so ~50 MB. Text rarely has more distinct words than this in use.
+pub const CACHE_WORDS: usize = 1 << 19;
+
+/// Shards of the cache (each behind its own lock).
+const SHARDS: usize = 64;
 
 /// Encodes documents exactly as a Unigram or BPE `tokenizers::Tokenizer`
 /// does (padding and truncation off); see the module doc.
@@ -45,8 +49,8 @@ pub struct SubwordFast {
     /// Contents of all added tokens, searched in the raw text: a document
     /// holding one goes to `Tokenizer::encode` whole.
     added: Option<AhoCorasick>,
-    /// Identifies this tokenizer's entries in the thread caches.
-    id: u64,
+    /// Each word's ids.
+    cache: WordCache,
 }
 
 impl std::fmt::Debug for SubwordFast {
@@ -60,18 +64,32 @@ impl std::fmt::Debug for SubwordFast {
     }
 }
 
-/// One thread's words -> ids, for the tokenizer `owner`.
-#[derive(Default)]
+/// One shard of the cache: words -> ids.
+type Shard = Mutex<FxHashMap<Box<str>, Box<[u32]>>>;
+
+/// Words -> ids, shared by the threads: [`SHARDS`] maps, each behind its lock
+/// and cleared when it holds `per_shard` words.
 struct WordCache {
-    owner: u64,
-    ids: FxHashMap<Box<str>, Box<[u32]>>,
+    shards: Box<[Shard]>,
+    per_shard: usize,
 }
 
-thread_local! {
-    static CACHE: RefCell<WordCache> = RefCell::default();
-}
+impl WordCache {
+    fn new(words: usize) -> Self {
+        Self { shards: (0..SHARDS).map(|_| Mutex::default()).collect(), per_shard: words.div_ceil(SHARDS).max(1) }
+    }
 
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+    fn shard(&self, word: &str) -> &Shard {
+        let mut h = FxHasher::default();
+        word.hash(&mut h);
+        &self.shards[(h.finish() >> 32) as usize % SHARDS]
+    }
+
+    /// Words held now.
+    fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len()).sum()
+    }
+}
 
 /// Reused buffers of one batch of documents.
 #[derive(Default)]
@@ -116,8 +134,20 @@ impl SubwordFast {
             prefix,
             suffix,
             added,
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            cache: WordCache::new(CACHE_WORDS),
         })
+    }
+
+    /// This path with a cache of at most `words` words (tests of the bound).
+    #[cfg(test)]
+    fn with_cache_words(mut self, words: usize) -> Self {
+        self.cache = WordCache::new(words);
+        self
+    }
+
+    /// Words in the cache now.
+    pub fn cached_words(&self) -> usize {
+        self.cache.len()
     }
 
     /// Whether ASCII text skips `tokenizers`' normalizer and pre-tokenizer.
@@ -137,24 +167,17 @@ impl SubwordFast {
         ids: &mut Vec<u32>,
         starts: &mut Vec<bool>,
     ) -> tokenizers::Result<()> {
-        CACHE.with_borrow_mut(|cache| {
-            if cache.owner != self.id {
-                cache.ids = FxHashMap::default();
-                cache.owner = self.id;
-            }
-            let mut scratch = Scratch::default();
-            for doc in docs {
-                self.encode_one(doc, tokenizer, &mut cache.ids, &mut scratch, ids, starts)?;
-            }
-            Ok(())
-        })
+        let mut scratch = Scratch::default();
+        for doc in docs {
+            self.encode_one(doc, tokenizer, &mut scratch, ids, starts)?;
+        }
+        Ok(())
     }
 
     fn encode_one(
         &self,
         doc: &str,
         tokenizer: &Tokenizer,
-        cache: &mut FxHashMap<Box<str>, Box<[u32]>>,
         s: &mut Scratch,
         ids: &mut Vec<u32>,
         starts: &mut Vec<bool>,
@@ -167,7 +190,7 @@ impl SubwordFast {
         if self.ascii.as_ref().is_some_and(|a| a.words(doc, &mut s.norm, &mut s.buf, &mut s.words)) {
             push_specials(&self.prefix, ids, starts);
             for r in &s.words {
-                push_word(cache, model, &s.buf[r.clone()], ids, starts)?;
+                push_word(&self.cache, model, &s.buf[r.clone()], ids, starts)?;
             }
             push_specials(&self.suffix, ids, starts);
             return Ok(());
@@ -185,7 +208,7 @@ impl SubwordFast {
         }
         push_specials(&self.prefix, ids, starts);
         for (word, _, _) in words {
-            push_word(cache, model, word, ids, starts)?;
+            push_word(&self.cache, model, word, ids, starts)?;
         }
         push_specials(&self.suffix, ids, starts);
         Ok(())
@@ -200,7 +223,7 @@ fn push_specials(tokens: &[u32], ids: &mut Vec<u32>, starts: &mut Vec<bool>) {
 /// Appends the model's ids of `word`, from the cache or, on a miss, from
 /// `Model::tokenize` (then cached); its first token starts a word.
 fn push_word(
-    cache: &mut FxHashMap<Box<str>, Box<[u32]>>,
+    cache: &WordCache,
     model: &impl Model,
     word: &str,
     ids: &mut Vec<u32>,
@@ -210,16 +233,18 @@ fn push_word(
         ids.extend_from_slice(found);
         starts.extend((0..found.len()).map(|k| k == 0));
     };
-    if let Some(found) = cache.get(word) {
+    let shard = cache.shard(word);
+    if let Some(found) = shard.lock().unwrap_or_else(PoisonError::into_inner).get(word) {
         push(found, ids, starts);
         return Ok(());
     }
     let found: Box<[u32]> = model.tokenize(word)?.iter().map(|t| t.id).collect();
     push(&found, ids, starts);
-    if cache.len() >= CACHE_WORDS {
-        cache.clear();
+    let mut map = shard.lock().unwrap_or_else(PoisonError::into_inner);
+    if map.len() >= cache.per_shard {
+        map.clear();
     }
-    cache.insert(word.into(), found);
+    map.insert(word.into(), found);
     Ok(())
 }
 

@@ -204,9 +204,9 @@ fn other_settings_stay_exact_ascii_path_or_not() {
 #[test]
 fn many_documents_append_like_one_at_a_time_and_the_cache_stays_bounded() {
     let (tok, f) = load(&unigram());
-    let f = f.unwrap();
-    // More distinct words than the cache holds: it is cleared and refilled.
-    let words: Vec<String> = (0..CACHE_WORDS + 100).map(|i| format!("t{i}")).collect();
+    let f = f.unwrap().with_cache_words(640);
+    // More distinct words than the cache holds: its shards are cleared and refilled.
+    let words: Vec<String> = (0..20_000).map(|i| format!("t{i}")).collect();
     let docs: Vec<String> = words.chunks(1000).map(|c| c.join(" ")).chain(tricky()).collect();
     let (mut ids, mut starts) = (vec![9], vec![false]);
     f.encode_many_into(docs.iter().map(String::as_str), &tok, &mut ids, &mut starts).unwrap();
@@ -217,7 +217,8 @@ fn many_documents_append_like_one_at_a_time_and_the_cache_stays_bounded() {
         want_starts.extend(s);
     }
     assert_eq!((ids, starts), (want_ids, want_starts));
-    assert!(CACHE.with_borrow(|c| c.ids.len()) <= CACHE_WORDS);
+    assert!(f.cached_words() <= 640, "{}", f.cached_words());
+    assert!(f.cached_words() > 0);
 }
 
 #[test]
