@@ -50,8 +50,14 @@ def main():
     block = a.block
     try:
         t0 = time.perf_counter()
-        tokenizer = PreTrainedTokenizerFast(tokenizer_file=a.tokenizer, unk_token="[UNK]", sep_token="[SEP]",
-                                            pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
+        # The file's own special tokens: BERT's and DeBERTa-v3's [..], or RoBERTa's <..>.
+        with open(a.tokenizer, encoding="utf-8") as f:
+            added = {t["content"] for t in json.load(f).get("added_tokens", [])}
+        if "<mask>" in added:
+            names = dict(unk_token="<unk>", sep_token="</s>", pad_token="<pad>", cls_token="<s>", mask_token="<mask>")
+        else:
+            names = dict(unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=a.tokenizer, **names)
 
         def tokenize_function(examples):
             result = tokenizer([t for t in examples["text"] if t.strip()])

@@ -2,7 +2,8 @@
 //!
 //! Text, JSON-lines and Parquet files are read into documents ([`source`]),
 //! tokenized with the model's `tokenizer.json` ([`tokenizer`], exactly and
-//! faster for BERT-style WordPiece files by [`wordpiece`]), concatenated,
+//! faster for BERT-style WordPiece files by [`wordpiece`], for Unigram and BPE
+//! files by [`subword`] and [`pretokenize`]), concatenated,
 //! chunked and split ([`split`]) into a memory-mapped token store on disk, with each
 //! token's word-start mark for whole-word masking ([`prepare`], [`store`]).
 //! During training, [`loader`] orders each rank's chunks per epoch and masks
@@ -11,10 +12,12 @@
 pub mod loader;
 pub mod masking;
 pub mod prepare;
+pub mod pretokenize;
 pub mod rng;
 pub mod source;
 pub mod split;
 pub mod store;
+pub mod subword;
 pub mod tokenizer;
 pub mod wordpiece;
 

@@ -1,5 +1,6 @@
 //! The model's `tokenizer.json`, loaded with Hugging Face `tokenizers`, with
-//! the exact fast path of [`wordpiece`](super::wordpiece) for BERT-style files.
+//! the exact fast paths of [`wordpiece`](super::wordpiece) for BERT-style files
+//! and of [`subword`](super::subword) for Unigram and BPE files.
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -7,16 +8,26 @@ use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
 use tracing::debug;
 
+use super::subword::SubwordFast;
 use super::wordpiece::{append_encoding, WordPieceFast};
+
+/// An exact fast path for the file's configuration.
+#[derive(Clone, Debug)]
+pub enum FastPath {
+    /// BERT-style WordPiece.
+    WordPiece(Arc<WordPieceFast>),
+    /// Unigram or BPE, with a per-word cache.
+    Subword(Arc<SubwordFast>),
+}
 
 /// A loaded tokenizer with the ids the data pipeline needs.
 #[derive(Clone)]
 pub struct TextTokenizer {
     /// The Hugging Face tokenizer, with padding and truncation disabled.
     pub inner: tokenizers::Tokenizer,
-    /// The same encoding, faster, when the file is BERT-style WordPiece
-    /// (`None`: documents go through `inner`).
-    fast: Option<Arc<WordPieceFast>>,
+    /// The same encoding, faster, when the file is BERT-style WordPiece, or
+    /// Unigram or BPE (`None`: documents go through `inner`).
+    fast: Option<FastPath>,
     /// Id of the mask token (`[MASK]` or `<mask>`).
     pub mask_id: u32,
     /// Id of the padding token (`[PAD]` or `<pad>`).
@@ -69,11 +80,14 @@ impl TextTokenizer {
         };
         let vocab_size = inner.get_vocab_size(true);
         let fast = match WordPieceFast::from_json(&bytes) {
-            Ok(f) => Some(Arc::new(f)),
-            Err(why) => {
-                debug!("{}: tokenizing with `tokenizers` only: {why}", path.display());
-                None
-            }
+            Ok(f) => Some(FastPath::WordPiece(Arc::new(f))),
+            Err(not_wordpiece) => match SubwordFast::from_json(&bytes) {
+                Ok(f) => Some(FastPath::Subword(Arc::new(f))),
+                Err(not_subword) => {
+                    debug!("{}: tokenizing with `tokenizers` only: {not_wordpiece}; {not_subword}", path.display());
+                    None
+                }
+            },
         };
         Ok(Self {
             inner,
@@ -119,8 +133,10 @@ impl TextTokenizer {
         starts: &mut Vec<bool>,
     ) -> Result<()> {
         let failed = |e| anyhow!("tokenizer {} failed: {e}", self.path.display());
-        if let Some(fast) = &self.fast {
-            return fast.encode_many_into(docs, &self.inner, ids, starts).map_err(failed);
+        match &self.fast {
+            Some(FastPath::WordPiece(f)) => return f.encode_many_into(docs, &self.inner, ids, starts).map_err(failed),
+            Some(FastPath::Subword(f)) => return f.encode_many_into(docs, &self.inner, ids, starts).map_err(failed),
+            None => {}
         }
         for doc in docs {
             append_encoding(&self.inner.encode(doc, true).map_err(failed)?, ids, starts);
@@ -129,8 +145,15 @@ impl TextTokenizer {
     }
 
     /// The exact fast path, when the file is one it reproduces.
-    pub fn fast_path(&self) -> Option<&WordPieceFast> {
-        self.fast.as_deref()
+    pub fn fast_path(&self) -> Option<&FastPath> {
+        self.fast.as_ref()
+    }
+
+    /// This tokenizer with its fast path switched off: every document through
+    /// `inner` (for tests and benchmarks that compare the two).
+    pub fn without_fast_path(mut self) -> Self {
+        self.fast = None;
+        self
     }
 
     /// Text of `ids`, special tokens included.

@@ -351,12 +351,13 @@ fn non_ascii_run_end(bytes: &[u8], from: usize) -> usize {
 
 /// The template's token ids before and after the sequence, from
 /// `TemplateProcessing` (single template: special tokens, `$A`, special
-/// tokens) or `BertProcessing` (`cls`, `$A`, `sep`).
-fn special_tokens(p: &Value) -> Result<(Vec<u32>, Vec<u32>), String> {
+/// tokens), `BertProcessing` or `RobertaProcessing` (`cls`, `$A`, `sep`; the
+/// latter's options touch only offsets).
+pub(super) fn special_tokens(p: &Value) -> Result<(Vec<u32>, Vec<u32>), String> {
     match p["type"].as_str() {
-        Some("BertProcessing") => match (as_u32(&p["cls"][1]), as_u32(&p["sep"][1])) {
+        Some("BertProcessing" | "RobertaProcessing") => match (as_u32(&p["cls"][1]), as_u32(&p["sep"][1])) {
             (Some(cls), Some(sep)) => Ok((vec![cls], vec![sep])),
-            _ => Err("BertProcessing without cls and sep ids".into()),
+            _ => Err(format!("{} without cls and sep ids", p["type"])),
         },
         Some("TemplateProcessing") => {
             let bad = || format!("single template {} is not one sequence A between special tokens", p["single"]);
@@ -386,7 +387,9 @@ fn special_tokens(p: &Value) -> Result<(Vec<u32>, Vec<u32>), String> {
             }
             Ok((before, after))
         }
-        _ => Err(format!("post_processor {} is not TemplateProcessing or BertProcessing", p["type"])),
+        _ => {
+            Err(format!("post_processor {} is not TemplateProcessing, BertProcessing or RobertaProcessing", p["type"]))
+        }
     }
 }
 
@@ -398,6 +401,7 @@ fn as_u32(v: &Value) -> Option<u32> {
 mod tests {
     use super::*;
     use crate::data::testutil;
+    use crate::data::tokenizer::FastPath;
     use rayon::prelude::*;
 
     /// `tokenizers`' ids of `text` with special tokens, and word starts by the
@@ -532,7 +536,7 @@ mod tests {
     #[test]
     fn matches_tokenizers_on_tricky_text() {
         let t = testutil::tokenizer();
-        let f = t.fast_path().expect("the MiniLM tokenizer gets the fast path");
+        let Some(FastPath::WordPiece(f)) = t.fast_path() else { panic!("the MiniLM tokenizer gets the fast path") };
         for text in tricky_texts() {
             assert_exact(f, &t.inner, &text);
         }
@@ -541,7 +545,7 @@ mod tests {
     #[test]
     fn many_documents_append_like_one_at_a_time() {
         let t = testutil::tokenizer();
-        let f = t.fast_path().unwrap();
+        let Some(FastPath::WordPiece(f)) = t.fast_path() else { panic!("no WordPiece fast path") };
         let docs = tricky_texts();
         let (mut ids, mut starts) = (Vec::new(), Vec::new());
         f.encode_many_into(docs.iter().map(String::as_str), &t.inner, &mut ids, &mut starts).unwrap();
