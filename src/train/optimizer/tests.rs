@@ -192,6 +192,40 @@ fn a_bad_call_into_libtorch_is_an_error_not_a_crash() {
     assert!(err.to_string().contains("fused AdamW"), "{err}");
 }
 
+/// On a GPU (a no-op without one): libtorch's kernel equals the reference with
+/// clipping, a skipped step changes nothing, and no step reads anything back.
+#[test]
+fn on_cuda_the_fused_step_equals_the_reference_and_reads_nothing_back() {
+    if !tch::Cuda::is_available() {
+        return;
+    }
+    let cuda = Device::Cuda(0);
+    let mut plain = model(6, Kernel::Torch, false);
+    let params: Vec<(String, Tensor)> = plain.named_master().into_iter().map(|(n, t)| (n, t.to_device(cuda))).collect();
+    let compute: Vec<(String, Tensor)> = params.iter().map(|(n, t)| (n.clone(), t.to_kind(Kind::BFloat16))).collect();
+    let mut gpu = FlatAdamW::new(params, |n| n == "b", plain.hp).unwrap();
+    assert_eq!(gpu.kernel, Kernel::Torch);
+    gpu.attach_shadow(&compute, Kind::BFloat16);
+    let grads: Vec<Tensor> = (0..4).map(|_| Tensor::randn([plain.numel()], (Kind::Float, Device::Cpu))).collect();
+    let reads = host::reads();
+    for (i, g) in grads.iter().enumerate() {
+        gpu.grad.copy_(g);
+        let norm = gpu.clip_grad_norm(1.0);
+        let skip = if i == 2 { norm.full_like(1.0) } else { norm.zeros_like() };
+        gpu.step(1e-2, &skip).unwrap();
+    }
+    assert_eq!(host::reads(), reads, "a GPU step read a tensor back");
+    for (t, g) in [1.0, 2.0, 3.0].into_iter().zip(grads.iter().enumerate().filter(|(i, _)| *i != 2).map(|(_, g)| g)) {
+        plain.grad.copy_(g);
+        let coef = (1.0 / (g.norm().double_value(&[]) + 1e-6)).min(1.0);
+        reference_step(&mut plain, 1e-2, t, coef);
+    }
+    assert!(close(&gpu.master.to_device(Device::Cpu), &plain.master));
+    assert!(close(&gpu.exp_avg_sq.to_device(Device::Cpu), &plain.exp_avg_sq));
+    assert!(gpu.shadow.as_ref().unwrap().equal(&gpu.master.to_kind(Kind::BFloat16)));
+    assert_eq!(gpu.steps(), 3);
+}
+
 /// Per-step time of the two CPU kernels on a 67M-element buffer with a bf16
 /// shadow (docs/benchmarks.md): `cargo test --release --lib adamw_kernel_timings
 /// -- --ignored --nocapture`.
