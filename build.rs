@@ -1,14 +1,23 @@
-//! Link-time settings for libtorch.
+//! Link-time settings for libtorch, and our C++ shim over it.
 //!
 //! * An rpath to libtorch's folder, so `mlm`, the tests and installed copies start
 //!   without `LD_LIBRARY_PATH`.
 //! * `libtorch_cuda.so` forced in when present: it is linked `--as-needed` and no
 //!   symbol of ours names it, so without this `tch::Cuda::is_available()` is false
 //!   even on a GPU machine.
+//! * `src/train/optimizer/fused_adamw.cpp` (libtorch's fused AdamW, which tch does
+//!   not bind) compiled against the headers beside that folder (`<lib>/../include`,
+//!   both in a pip torch and in a libtorch archive; `LIBTORCH_INCLUDE` as torch-sys
+//!   reads it otherwise) with torch-sys's C++ ABI setting.
 use std::path::PathBuf;
+
+const SHIM: &str = "src/train/optimizer/fused_adamw.cpp";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed={SHIM}");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_INCLUDE");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         return;
     };
@@ -17,4 +26,20 @@ fn main() {
     if dir.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }
+    let include = match std::env::var("LIBTORCH_INCLUDE") {
+        Ok(root) => PathBuf::from(root).join("include"),
+        Err(_) => dir.join("..").join("include"),
+    };
+    // torch 2.x wheels and archives are built with the C++11 ABI (torch-sys's default too).
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .std("c++17")
+        .opt_level(2)
+        .warnings(false)
+        .include(&include)
+        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
+        .file(SHIM)
+        .compile("mlm_fused_adamw");
 }

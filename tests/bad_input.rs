@@ -286,7 +286,8 @@ fn fill_mask_without_mask_token_is_refused() {
 #[test]
 fn diverging_training_stops_after_non_finite_steps_and_saves_nothing() {
     // lr 1e30 blows the weights up after one step: every later step has a
-    // non-finite loss, is skipped, and after 5 in a row the job stops; the
+    // non-finite loss, is skipped, and after 5 in a row the job stops (at the
+    // next log step, where the skips counted on the device are read); the
     // existing checkpoints stay as they were and no NaN weights are written.
     let (dir, cfg) = setup();
     fails(

@@ -15,8 +15,8 @@
 //!   each layer's input and one layer's saved tensors at a time;
 //! - the transient peak on top: the two fp32 `[positions, vocab]` gradients at
 //!   the start of backward, a layer's backward temporaries, the parameter
-//!   gradients a pass returns, AdamW's temporaries on a GPU, the bf16 copy
-//!   being built at start-up, an evaluation pass.
+//!   gradients a pass returns, the bf16 copy being built at start-up, an
+//!   evaluation pass (AdamW's fused step, on either device, adds nothing).
 //!
 //! Where the kernels differ by device the target decides: on the CPU dropout
 //! keeps its noise in the activations' dtype and attention with dropout runs
@@ -109,7 +109,7 @@ pub struct Pass {
 /// Peaks outside the forward and backward passes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct OtherPeaks {
-    /// AdamW's update (its whole-buffer temporaries on a GPU).
+    /// AdamW's update: the states alone (its fused kernels have no whole-buffer temporaries).
     pub optimizer_step_bytes: u64,
     /// An evaluation pass of `eval.batch_size` sequences without gradients.
     pub evaluation_bytes: u64,
@@ -180,13 +180,10 @@ impl<'a> Estimate<'a> {
 
     pub fn other_peaks(&self) -> OtherPeaks {
         let (p, states) = (self.model.parameters, self.states().total());
-        // `step_tensors`: at most two whole-buffer fp32 temporaries at a time (the
-        // CPU step is one fused pass without any).
-        let optimizer = if self.job.target == Target::Cuda { 8 * p } else { 0 };
         // `to_kind_copy` builds the copy as an fp32 model, then converts it.
         let startup = if self.job.precision == Precision::Bf16 { 4 * p } else { 0 };
         OtherPeaks {
-            optimizer_step_bytes: states + optimizer,
+            optimizer_step_bytes: states,
             evaluation_bytes: states + self.evaluation(self.job.eval_batch),
             startup_bytes: states - self.states().compute_weights_bytes + startup,
         }

@@ -4,10 +4,12 @@
 //! backward, optimizer step, maybe log, maybe evaluate, maybe save. The details
 //! live in [`Trainer`]'s methods and the modules beside this one.
 pub mod eval;
+pub mod host;
 pub mod loss;
 pub mod memory;
 pub mod metrics;
 mod micro;
+pub mod nonfinite;
 mod oom;
 pub mod optimizer;
 pub mod plot;
@@ -41,6 +43,7 @@ use crate::model::MaskedLm;
 use eval::{evaluate, EvalResult};
 use loss::{masked_lm_loss_sum, DeviceBatch};
 use metrics::{Metrics, Progress};
+use nonfinite::NonFiniteGuard;
 use optimizer::{ordered_params, AdamWParams, FlatAdamW};
 use resume::{Apply, StartPoint};
 use schedule::LrSchedule;
@@ -289,7 +292,8 @@ struct Trainer {
     state: TrainerState,
     steps_per_epoch: usize,
     total_steps: usize,
-    nonfinite_in_a_row: usize,
+    /// Skipped steps, counted on the device.
+    nonfinite: NonFiniteGuard,
     started: Instant,
     window: LogWindow,
     timer: StepTimer,
@@ -414,7 +418,7 @@ impl Trainer {
             state,
             steps_per_epoch,
             total_steps,
-            nonfinite_in_a_row: 0,
+            nonfinite: NonFiniteGuard::new(device, start_step),
             started: Instant::now(),
             timer: StepTimer::new(device),
             cfg,
@@ -512,35 +516,12 @@ impl Trainer {
     }
 
     /// Clipping, the non-finite policy, the AdamW update, the position, and
-    /// the step's log line.
+    /// the step's log line. A step that does not log reads nothing back from
+    /// the device: a non-finite loss or gradient skips the update on the device,
+    /// and the skips are counted and acted on at log steps ([`nonfinite`]).
     fn optimizer_step(&mut self, micro: &[Batch], loss: Tensor) -> Result<()> {
         let lr = self.schedule.lr(self.state.step);
-        let grad_norm = self.opt.clip_grad_norm(self.cfg.training.max_grad_norm);
-        // One host sync per step: a non-finite loss or gradient must never reach
-        // the weights.
-        let finite = (&grad_norm + &loss).isfinite().int64_value(&[]) != 0;
-        if finite {
-            self.opt.step(lr);
-            self.nonfinite_in_a_row = 0;
-        } else {
-            self.opt.discard_grads();
-            self.state.nonfinite_skipped += 1;
-            self.nonfinite_in_a_row += 1;
-            tracing::warn!(
-                "step {}: non-finite loss or gradient, step skipped ({} in a row, {} in all)",
-                self.state.step + 1,
-                self.nonfinite_in_a_row,
-                self.state.nonfinite_skipped
-            );
-            if self.nonfinite_in_a_row >= self.cfg.training.max_nonfinite_steps {
-                bail!(
-                    "{} steps in a row had a non-finite loss or gradient (up to step {}): lower training.lr, \
-                     check the data, or use precision = \"fp32\"; the last checkpoint is intact",
-                    self.nonfinite_in_a_row,
-                    self.state.step + 1
-                );
-            }
-        }
+        let grad_norm = self.nonfinite.step(&mut self.opt, &loss, lr, self.cfg.training.max_grad_norm)?;
         self.state.step += 1;
         self.state.position.advance();
         self.timer.end(Phase::Optimizer);
@@ -554,6 +535,7 @@ impl Trainer {
             timing::train_flops(&self.master, tokens as f64, projected as f64, self.cfg.data.block_size as f64);
         let step = self.state.step;
         if step.is_multiple_of(self.cfg.training.log_every) || step == self.total_steps {
+            self.settle_nonfinite()?;
             self.log_step(loss, grad_norm, lr)?;
         }
         Ok(())
@@ -617,7 +599,8 @@ impl Trainer {
             self.state.best_perplexity = eval.map(|r| r.perplexity);
             self.state.best_step = Some(self.state.step);
         }
-        if self.opt.master.isfinite().all().int64_value(&[]) == 0 {
+        self.settle_nonfinite()?;
+        if host::read_f64(&self.opt.master.isfinite().all()) == 0.0 {
             bail!("the weights hold NaN or infinity at step {}: not saved", self.state.step);
         }
         if self.sync.rank() != 0 {
@@ -627,7 +610,7 @@ impl Trainer {
         let moments = checkpoint::OptimizerState {
             exp_avg: self.opt.exp_avg.shallow_clone(),
             exp_avg_sq: self.opt.exp_avg_sq.shallow_clone(),
-            step: self.opt.step,
+            step: self.opt.steps(),
         };
         let dir = checkpoint::save(&self.out, &self.master, &self.tok.path, &moments, &self.state)?;
         if improved && self.cfg.checkpoint.save_best {
@@ -641,5 +624,12 @@ impl Trainer {
         checkpoint::prune(&self.out, self.cfg.checkpoint.keep_last, self.state.step)?;
         tracing::info!("saved {}", dir.display());
         self.sync.barrier()
+    }
+
+    /// Brings `state.nonfinite_skipped` up to date from the device counters, and
+    /// stops the job after `training.max_nonfinite_steps` skipped in a row.
+    fn settle_nonfinite(&mut self) -> Result<()> {
+        let limit = self.cfg.training.max_nonfinite_steps;
+        self.nonfinite.settle(self.state.step, &mut self.state.nonfinite_skipped, limit)
     }
 }

@@ -5,10 +5,24 @@
 //! re-pointed (`set_data`) at a slice of one contiguous buffer, decayed parameters
 //! first, so a step is a handful of whole-buffer kernels and the moments are plain
 //! tensors we save and load. Semantics follow `torch.optim.AdamW`.
+//!
+//! A step takes no host sync: the clipping factor, the skip flag of a step with
+//! a non-finite loss or gradient, and the step count (for bias correction) stay
+//! 0-d tensors on the device, as in `torch.optim.AdamW(fused=True)` under a
+//! `GradScaler`. On a GPU the update is libtorch's fused kernel
+//! ([`fused::adamw`], one launch per decay group) and the bf16 compute copy is
+//! rewritten from the master by one copy; on the CPU it is our one-pass kernel
+//! (`mlm_kernels::adamw`), which writes the bf16 copy in the same pass and
+//! measured faster than libtorch's (docs/benchmarks.md).
+mod fused;
+#[cfg(test)]
+mod tests;
+
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::TrainingConfig;
+use crate::train::host;
 
 /// One trainable parameter's place in the flat buffers.
 #[derive(Debug, Clone)]
@@ -43,8 +57,10 @@ pub struct FlatAdamW {
     pub grad: Tensor,
     pub exp_avg: Tensor,
     pub exp_avg_sq: Tensor,
-    /// Optimizer steps taken (for bias correction).
-    pub step: i64,
+    /// Updates applied (skipped steps not counted), for bias correction: a 0-d
+    /// fp32 tensor on the buffers' device (torch's `state_steps`, exact up to
+    /// 2^24 steps), so that a step need not read it; [`Self::steps`] does.
+    step: Tensor,
     pub hp: AdamWParams,
     /// Flat bf16 compute copy of `master` (bf16 training): the compute model's
     /// parameters are views of it, and each step rewrites it from the master.
@@ -52,8 +68,30 @@ pub struct FlatAdamW {
     /// The gradient buffer holds nothing yet for the coming step: the first
     /// micro-batch overwrites it instead of adding.
     grad_fresh: bool,
-    /// Clipping scale the fused CPU step applies to the gradient.
-    pending_scale: f32,
+    /// The coming step's clipping factor `min(1, max_norm / (norm + 1e-6))`, a
+    /// 0-d fp32 tensor on the device (none: no clipping).
+    clip: Option<Tensor>,
+    kernel: Kernel,
+}
+
+/// Which kernel updates the buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// `mlm_kernels::adamw`: CPU only, writes the bf16 shadow in the same pass.
+    Rust,
+    /// libtorch's `_fused_adamw_` through our shim (any device), then a shadow copy.
+    Torch,
+}
+
+impl Kernel {
+    /// The faster kernel on `device`.
+    pub fn for_device(device: Device) -> Self {
+        if device == Device::Cpu {
+            Kernel::Rust
+        } else {
+            Kernel::Torch
+        }
+    }
 }
 
 impl FlatAdamW {
@@ -88,13 +126,21 @@ impl FlatAdamW {
             grad: master.zeros_like(),
             exp_avg: master.zeros_like(),
             exp_avg_sq: master.zeros_like(),
+            step: Tensor::zeros([], (Kind::Float, device)),
             master,
-            step: 0,
             hp,
             shadow: None,
             grad_fresh: true,
-            pending_scale: 1.0,
+            clip: None,
+            kernel: Kernel::for_device(device),
         })
+    }
+
+    /// Updates with `kernel` instead of the device's faster one (`Rust`: CPU only).
+    pub fn with_kernel(mut self, kernel: Kernel) -> Self {
+        assert!(kernel == Kernel::Torch || self.master.device() == Device::Cpu, "the Rust AdamW kernel is CPU-only");
+        self.kernel = kernel;
+        self
     }
 
     /// Continues from saved moments and step count.
@@ -102,8 +148,13 @@ impl FlatAdamW {
         tch::no_grad(|| {
             self.exp_avg.copy_(exp_avg);
             self.exp_avg_sq.copy_(exp_avg_sq);
+            let _ = self.step.fill_(step as f64);
         });
-        self.step = step;
+    }
+
+    /// Updates applied so far (a host read: for saving).
+    pub fn steps(&self) -> i64 {
+        host::read_f64(&self.step) as i64
     }
 
     pub fn numel(&self) -> i64 {
@@ -135,76 +186,90 @@ impl FlatAdamW {
         self.grad_fresh = false;
     }
 
-    /// Scales the gradient so its global L2 norm is at most `max_norm` (0: off)
-    /// and returns the norm before clipping as a 0-d tensor. On the CPU the
-    /// scale is applied inside the fused AdamW pass instead of a pass of its own.
+    /// Makes the coming step scale the gradient so its global L2 norm is at
+    /// most `max_norm` (0: off), and returns the norm before clipping as a 0-d
+    /// tensor. Nothing is read on the host: the factor stays on the device and
+    /// the update applies it in its own pass over the gradient.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> Tensor {
         let norm = self.grad.norm();
-        if max_norm > 0.0 {
-            let coef = (Tensor::from(max_norm).to_device(norm.device()) / (&norm + 1e-6)).clamp_max(1.0);
-            if self.master.device() == Device::Cpu {
-                self.pending_scale = coef.double_value(&[]) as f32;
-            } else {
-                let _ = self.grad.g_mul_(&coef);
-            }
-        }
+        self.clip = (max_norm > 0.0).then(|| (norm.full_like(max_norm) / (&norm + 1e-6)).clamp_max(1.0));
         norm
     }
 
     /// Drops the accumulated gradient without updating anything.
     pub fn discard_grads(&mut self) {
         self.grad_fresh = true;
-        self.pending_scale = 1.0;
+        self.clip = None;
     }
 
-    /// One AdamW step with learning rate `lr`; the gradient is consumed.
-    pub fn step(&mut self, lr: f64) {
-        self.step += 1;
-        if self.master.device() == Device::Cpu {
-            self.step_fused_cpu(lr);
-        } else {
-            self.step_tensors(lr);
-            if let Some(shadow) = &mut self.shadow {
-                tch::no_grad(|| shadow.copy_(&self.master));
+    /// One AdamW step with learning rate `lr`, unless `skip` (a 0-d fp32 tensor
+    /// on the device: 1.0 or 0.0) is set: then master, moments, shadow and the
+    /// step count stay as they were. Either way the gradient is consumed.
+    pub fn step(&mut self, lr: f64, skip: &Tensor) -> Result<()> {
+        let done = match self.kernel {
+            Kernel::Rust => {
+                self.step_rust(lr, skip);
+                Ok(())
             }
-        }
-        self.grad_fresh = true;
-        self.pending_scale = 1.0;
+            Kernel::Torch => self.step_torch(lr, skip),
+        };
+        self.discard_grads();
+        done
     }
 
-    /// AdamW as whole-buffer tensor kernels (GPU).
-    fn step_tensors(&mut self, lr: f64) {
+    /// libtorch's fused AdamW, once per decay group, then the shadow copy. As
+    /// `torch.optim.AdamW(fused=True)` does: the step count is incremented
+    /// before and the skip flag subtracted after. The kernel divides the
+    /// gradient by its `grad_scale`: the reciprocal of the clipping factor.
+    fn step_torch(&mut self, lr: f64, skip: &Tensor) -> Result<()> {
         let hp = self.hp;
-        let t = self.step as f64;
+        let n = self.numel();
         tch::no_grad(|| {
-            if hp.weight_decay != 0.0 && self.n_decay > 0 {
-                let _ = self.master.narrow(0, 0, self.n_decay).g_mul_scalar_(1.0 - lr * hp.weight_decay);
+            let _ = self.step.g_add_scalar_(1.0);
+            let scale = self.clip.as_ref().map(Tensor::reciprocal);
+            for (start, len, weight_decay) in
+                [(0, self.n_decay, hp.weight_decay), (self.n_decay, n - self.n_decay, 0.0)]
+            {
+                if len == 0 {
+                    continue;
+                }
+                let part = |t: &Tensor| t.narrow(0, start, len);
+                let (p, g, m, v) = (part(&self.master), part(&self.grad), part(&self.exp_avg), part(&self.exp_avg_sq));
+                let group = fused::Group { param: &p, grad: &g, exp_avg: &m, exp_avg_sq: &v, step: &self.step };
+                let hyper = fused::Hyper { lr, beta1: hp.beta1, beta2: hp.beta2, weight_decay, eps: hp.eps };
+                fused::adamw(&[group], hyper, scale.as_ref(), Some(skip))?;
             }
-            let _ = self.exp_avg.lerp_(&self.grad, 1.0 - hp.beta1);
-            let _ = self.exp_avg_sq.g_mul_scalar_(hp.beta2);
-            let _ = self.exp_avg_sq.addcmul_(&self.grad, &self.grad.g_mul_scalar(1.0 - hp.beta2));
-            let bc1 = 1.0 - hp.beta1.powf(t);
-            let bc2 = 1.0 - hp.beta2.powf(t);
-            let denom = (self.exp_avg_sq.sqrt() / bc2.sqrt()).g_add_scalar_(hp.eps);
-            let _ = self.master.addcdiv_(&(&self.exp_avg * (-lr / bc1)), &denom);
-        });
+            let _ = self.step.g_sub_(skip);
+            if let Some(shadow) = &mut self.shadow {
+                // A skipped step left the master as it was: the copy changes nothing.
+                shadow.copy_(&self.master);
+            }
+            Ok(())
+        })
     }
 
     /// AdamW in one pass over the four flat buffers, split across threads (what
     /// torch's fused CPU AdamW does): gradient scale, decoupled decay, moments,
-    /// update, read and written once per element.
-    fn step_fused_cpu(&mut self, lr: f64) {
+    /// update and the bf16 shadow, read and written once per element. Its
+    /// scalars are read from CPU memory (no device to wait for).
+    fn step_rust(&mut self, lr: f64, skip: &Tensor) {
+        if host::cpu_value(skip) != 0.0 {
+            return;
+        }
+        let _ = tch::no_grad(|| self.step.g_add_scalar_(1.0));
         let n = self.numel() as usize;
         let hp = self.hp;
-        let t = self.step as f64;
+        let t = host::cpu_value(&self.step);
         let step = mlm_kernels::adamw::Step {
             step_size: (lr / (1.0 - hp.beta1.powf(t))) as f32,
             beta1: hp.beta1 as f32,
             beta2: hp.beta2 as f32,
+            one_minus_beta1: (1.0 - hp.beta1) as f32,
+            one_minus_beta2: (1.0 - hp.beta2) as f32,
             eps: hp.eps as f32,
             bc2_sqrt: (1.0 - hp.beta2.powf(t)).sqrt() as f32,
             decay: (1.0 - lr * hp.weight_decay) as f32,
-            grad_scale: self.pending_scale,
+            grad_scale: self.clip.as_ref().map_or(1.0, |c| host::cpu_value(c) as f32),
         };
         for b in [&self.master, &self.grad, &self.exp_avg, &self.exp_avg_sq] {
             assert!(b.kind() == Kind::Float && b.is_contiguous() && b.numel() == n, "flat fp32 buffers");
@@ -259,80 +324,4 @@ pub fn ordered_params(vs: &tch::nn::VarStore, slots: &[Slot]) -> Result<Vec<(Str
             None => bail!("parameter {} missing from the compute model", s.name),
         })
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Our flat AdamW must equal torch.optim.AdamW; these numbers are from
-    /// torch 2.11 (lr 0.1, betas (0.9, 0.999), eps 1e-8, wd 0.1, two steps with
-    /// grads [0.5, -1.0] then [0.25, 2.0] on p = [1.0, 2.0], the second entry
-    /// without decay).
-    #[test]
-    fn adamw_matches_torch_reference() {
-        let p1 = Tensor::from_slice(&[1.0f32]).set_requires_grad(true);
-        let p2 = Tensor::from_slice(&[2.0f32]).set_requires_grad(true);
-        let hp = AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
-        let mut opt =
-            FlatAdamW::new(vec![("w".into(), p1.shallow_clone()), ("b".into(), p2.shallow_clone())], |n| n == "b", hp)
-                .unwrap();
-        for g in [[0.5f32, -1.0], [0.25, 2.0]] {
-            opt.grad.copy_(&Tensor::from_slice(&g));
-            opt.step(0.1);
-        }
-        let got: Vec<f32> = Vec::try_from(&opt.master).unwrap();
-        // torch: p = [0.7878821, 2.0633895] (decay on "w" only).
-        assert!((got[0] - 0.787_882_1).abs() < 1e-5, "{got:?}");
-        assert!((got[1] - 2.063_389_5).abs() < 1e-5, "{got:?}");
-        // the parameters are views of the master buffer
-        assert!((f64::try_from(&p1).unwrap() - got[0] as f64).abs() < 1e-7);
-    }
-
-    #[test]
-    fn fused_cpu_step_equals_the_tensor_step() {
-        tch::manual_seed(0);
-        let hp = AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
-        let w = Tensor::randn([1000, 70], (Kind::Float, Device::Cpu));
-        let b = Tensor::randn([70], (Kind::Float, Device::Cpu));
-        let make = || FlatAdamW::new(vec![("w".into(), w.copy()), ("b".into(), b.copy())], |n| n == "b", hp).unwrap();
-        let (mut fused, mut plain) = (make(), make());
-        for _ in 0..3 {
-            let g = Tensor::randn([fused.numel()], (Kind::Float, Device::Cpu));
-            fused.grad.copy_(&g);
-            fused.pending_scale = 0.5;
-            fused.step += 1;
-            fused.step_fused_cpu(1e-2);
-            plain.grad.copy_(&(&g * 0.5));
-            plain.step += 1;
-            plain.step_tensors(1e-2);
-        }
-        let diff = (&fused.master - &plain.master).abs().max().double_value(&[]);
-        assert!(diff < 1e-6, "{diff}");
-        let diff = (&fused.exp_avg_sq - &plain.exp_avg_sq).abs().max().double_value(&[]);
-        assert!(diff < 1e-7, "{diff}");
-    }
-
-    #[test]
-    fn bf16_compute_copy_is_rewritten_by_each_step_as_torch_rounds_it() {
-        tch::manual_seed(1);
-        let hp = AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
-        let w = Tensor::randn([300, 70], (Kind::Float, Device::Cpu));
-        let b = Tensor::randn([70], (Kind::Float, Device::Cpu));
-        let mut opt = FlatAdamW::new(vec![("w".into(), w.copy()), ("b".into(), b.copy())], |n| n == "b", hp).unwrap();
-        // The compute copy, in slot order ("w" decays, so it comes first).
-        let compute: Vec<(String, Tensor)> =
-            vec![("w".into(), w.to_kind(Kind::BFloat16)), ("b".into(), b.to_kind(Kind::BFloat16))];
-        opt.attach_shadow(&compute, Kind::BFloat16);
-        for _ in 0..2 {
-            let g = Tensor::randn([opt.numel()], (Kind::Float, Device::Cpu)) * 1e-3;
-            opt.accumulate_grads(&[g.narrow(0, 0, 21000), g.narrow(0, 21000, 70)]);
-            opt.step(0.5);
-        }
-        for ((_, p), master) in compute.iter().zip(opt.named_master()) {
-            let want = master.1.to_kind(Kind::BFloat16);
-            assert_eq!(p.size(), want.size());
-            assert!(p.equal(&want), "compute copy differs from torch's rounding of the master");
-        }
-    }
 }
