@@ -187,7 +187,7 @@ impl DisentangledSelfAttention {
         // [2s - 1] -> [heads, b, s, 2s - 1].
         let by_distance = |rows: &Tensor, proj: &Linear, index: &Tensor| {
             let pos = self.split_heads(&proj.forward(&rel_emb.index_select(0, index))); // [heads, 2s - 1, d]
-            rows.matmul(&pos.transpose(-1, -2)).view([spec.heads, b, s, 2 * s - 1])
+            rows.matmul(&pos.to_kind(rows.kind()).transpose(-1, -2)).view([spec.heads, b, s, 2 * s - 1])
         };
         // c2p: row i, column v <-> key j = i + v - (s - 1), distance i - j = s - 1 - v.
         let c2p = spec.c2p.then(|| {
@@ -275,7 +275,10 @@ impl DisentangledSelfAttention {
     /// which (torch 2.11) copies q, k, v and the scores to fp32 in bf16 and masks
     /// fully masked rows in extra passes; here the scale is folded into q and k
     /// (`[b, s, h]`, not the scores), c2p seeds a `baddbmm` of q k^T and p2c is
-    /// added in place: one `[heads b, s, s]` tensor until the softmax.
+    /// added in place: one `[heads b, s, s]` tensor until the softmax. In bf16
+    /// (and fp16) the batched matmuls and the softmax run in fp32, as the math
+    /// kernel's do: libtorch's bf16 `bmm` on the CPU is many times slower than
+    /// its fp32 one; only the linear projections stay in the compute dtype.
     #[allow(clippy::too_many_arguments)]
     fn explicit_attention(
         &self,
@@ -290,14 +293,18 @@ impl DisentangledSelfAttention {
     ) -> Tensor {
         let (b, s, h) = q.size3().expect("[batch, seq, hidden]");
         let (heads, d) = (self.spec.heads, h / self.spec.heads);
-        let (qs, ks) = (q / scale, k / scale);
+        let acc = match q.kind() {
+            Kind::BFloat16 | Kind::Half => Kind::Float,
+            kind => kind,
+        };
+        let (qs, ks, k) = (q.to_kind(acc) / scale, k.to_kind(acc) / scale, k.to_kind(acc));
         let [c2p, p2c] = match rel {
             Some(rel) => self.position_terms(&qs, &ks, rel, train),
             None => [None, None],
         };
         // [b, s, h] -> [heads b, s, d]
         let by_head = |x: &Tensor| self.heads_by_rows(x).reshape([heads * b, s, d]);
-        let (qh, kt) = (by_head(&qs), by_head(k).transpose(1, 2));
+        let (qh, kt) = (by_head(&qs), by_head(&k).transpose(1, 2));
         let mut scores = match c2p {
             Some(c2p) => c2p.reshape([heads * b, s, s]).baddbmm(&qh, &kt, 1.0, 1.0),
             None => qh.bmm(&kt),
@@ -308,11 +315,11 @@ impl DisentangledSelfAttention {
         if let Some(pad) = pad {
             // HF's masked_fill of the scores with finfo.min: padded queries attend uniformly.
             let pad = pad.permute([1, 0, 2, 3]).expand([heads, b, s, s], false).reshape([heads * b, s, s]);
-            let _ = scores.masked_fill_(&pad, finfo_min(q.kind()));
+            let _ = scores.masked_fill_(&pad, finfo_min(acc));
         }
-        let probs = scores.softmax(-1, q.kind()).dropout(p, train);
-        let ctx = probs.bmm(&by_head(v)); // [heads b, s, d]
-        ctx.view([heads, b, s, d]).permute([1, 2, 0, 3]).contiguous().view([b, s, h])
+        let probs = scores.softmax(-1, acc).dropout(p, train);
+        let ctx = probs.bmm(&by_head(&v.to_kind(acc))); // [heads b, s, d]
+        ctx.view([heads, b, s, d]).permute([1, 2, 0, 3]).to_kind(q.kind()).contiguous().view([b, s, h])
     }
 }
 
