@@ -10,7 +10,7 @@
 //! ```
 //!
 //! where δ is the (log-bucketed) relative distance query - key and `rel` the
-//! relative-position embeddings. On the CPU the scores are written out as HF
+//! relative-position embeddings. On the CPU in fp32 the scores are written out as HF
 //! does, with the scale folded into q and k ([`DisentangledSelfAttention::forward`]);
 //! elsewhere the c2p + p2c term, with the padding mask folded in when there is
 //! padding, is the float `attn_mask` of libtorch's scaled_dot_product_attention,
