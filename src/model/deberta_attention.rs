@@ -224,9 +224,10 @@ impl DisentangledSelfAttention {
         rel: Option<&RelativeInputs>,
         train: bool,
     ) -> Tensor {
-        // Measured on a 2-core AVX-512 VM (one layer's attention, b 8 x s 128,
-        // forward + backward): fp32 1.95 s written out vs 4.16 s through the math
-        // kernel; in bf16 the math kernel was the faster (5.3 s vs 6.2 s).
+        // One layer's attention, b 8 x s 128, forward + backward, on a loaded
+        // 2-core VM without AVX-512: fp32 1.95 s written out vs 4.16 s through
+        // the math kernel; bf16 6.2 s vs 5.3 s. A whole step on a quiet machine
+        // showed no fp32 gain (docs/benchmarks.md).
         let explicit = x.device() == tch::Device::Cpu && x.kind() == Kind::Float;
         self.forward_with(x, pad, rel, train, explicit)
     }
