@@ -21,9 +21,12 @@
 //! names when loading (see `weights.rs`). Keys HF reads that this implementation
 //! does not (the convolution of deberta-v2-xlarge, `conv_kernel_size`, and
 //! others) are refused by [`DebertaV2Config::validate`], never ignored.
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
-use tch::{nn, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 use super::deberta_attention::{distance_buckets, pair_mask, AttentionSpec, DisentangledSelfAttention, RelativeInputs};
 use super::layers::{Activation, Embedding, LayerNorm, Linear};
@@ -325,6 +328,8 @@ pub struct DebertaV2ForMaskedLM {
     rel_layer_norm: Option<LayerNorm>,
     head: DebertaLmHead,
     spec: AttentionSpec,
+    /// [`distance_buckets`] per (block length, device): built once, not per forward.
+    buckets: Mutex<HashMap<(i64, Device), Tensor>>,
 }
 
 impl DebertaV2ForMaskedLM {
@@ -353,7 +358,14 @@ impl DebertaV2ForMaskedLM {
             head: DebertaLmHead::new(&(root / "cls" / "predictions"), &config, act),
             spec,
             config,
+            buckets: Mutex::default(),
         })
+    }
+
+    /// The cached [`distance_buckets`] of blocks of length `s` on `device`.
+    fn distance_buckets(&self, s: i64, device: Device) -> Tensor {
+        let mut cache = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        cache.entry((s, device)).or_insert_with(|| distance_buckets(s, &self.spec).to_device(device)).shallow_clone()
     }
 }
 
@@ -392,7 +404,7 @@ impl super::Encoder for DebertaV2ForMaskedLM {
             Some(ln) => ln.forward(&e.weight),
             None => e.weight.shallow_clone(),
         });
-        let rel_pos = rel.as_ref().map(|r| distance_buckets(s, &self.spec).to_device(r.device()));
+        let rel_pos = rel.as_ref().map(|r| self.distance_buckets(s, r.device()));
         (x, LayerInputs { mask: pad, rel_embeddings: rel, rel_pos })
     }
 
@@ -425,5 +437,30 @@ impl super::Encoder for DebertaV2ForMaskedLM {
 
     fn hidden_size(&self) -> i64 {
         self.config.hidden_size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distance_buckets_are_built_once_per_block_length_and_device() {
+        let config: DebertaV2Config = serde_json::from_value(serde_json::json!({
+            "vocab_size": 16, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 16, "relative_attention": true, "position_buckets": 8,
+            "max_relative_positions": 64, "pos_att_type": ["p2c", "c2p"]
+        }))
+        .unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = DebertaV2ForMaskedLM::new(&vs.root(), config).unwrap();
+        // Shorter than the buckets, where bucketing starts (s > 4), longer than the span.
+        for s in [1, 3, 5, 13, 40] {
+            let first = model.distance_buckets(s, Device::Cpu);
+            assert_eq!(first, distance_buckets(s, &model.spec), "s {s}");
+            assert_eq!(first.size(), [2 * s - 1]);
+            assert_eq!(model.distance_buckets(s, Device::Cpu).data_ptr(), first.data_ptr(), "s {s}: rebuilt");
+        }
+        assert_eq!(model.buckets.lock().unwrap().len(), 5);
     }
 }

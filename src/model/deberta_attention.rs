@@ -10,9 +10,11 @@
 //! ```
 //!
 //! where δ is the (log-bucketed) relative distance query - key and `rel` the
-//! relative-position embeddings. Here the c2p + p2c term, with the padding mask
-//! folded in when there is padding, is the float `attn_mask` of libtorch's
-//! scaled_dot_product_attention, called with scale 1 / sqrt(d k).
+//! relative-position embeddings. On the CPU in fp32 the scores are written out as HF
+//! does, with the scale folded into q and k ([`DisentangledSelfAttention::forward`]);
+//! elsewhere the c2p + p2c term, with the padding mask folded in when there is
+//! padding, is the float `attn_mask` of libtorch's scaled_dot_product_attention,
+//! called with scale 1 / sqrt(d k).
 //!
 //! HF multiplies Q by the projections of all `2 span` buckets and `gather`s the
 //! [b, heads, s, 2 span] result, which autograd then keeps whole for `gather`'s
@@ -174,10 +176,10 @@ impl DisentangledSelfAttention {
         x.view([b * s, self.spec.heads, h / self.spec.heads]).transpose(0, 1)
     }
 
-    /// The c2p + p2c term, each divided by `scale` before the sum as HF does.
-    /// `q`, `k` [b, s, h] (projected), -> [b, heads, s, s], or `None` when the
-    /// config has neither term.
-    fn position_bias(&self, q: &Tensor, k: &Tensor, rel: &RelativeInputs, scale: f64, train: bool) -> Option<Tensor> {
+    /// c2p and p2c as views of their scores by distance: `q`, `k` [b, s, h]
+    /// (projected; c2p reads `q`, p2c `k`) -> each `[heads, b, i, j]`, or
+    /// `None` for a term the config lacks.
+    fn position_terms(&self, q: &Tensor, k: &Tensor, rel: &RelativeInputs, train: bool) -> [Option<Tensor>; 2] {
         let (b, s, _) = q.size3().expect("[batch, seq, hidden]");
         let spec = &self.spec;
         let rel_emb = rel.rel.dropout(spec.pos_dropout, train);
@@ -185,21 +187,26 @@ impl DisentangledSelfAttention {
         // [2s - 1] -> [heads, b, s, 2s - 1].
         let by_distance = |rows: &Tensor, proj: &Linear, index: &Tensor| {
             let pos = self.split_heads(&proj.forward(&rel_emb.index_select(0, index))); // [heads, 2s - 1, d]
-            rows.matmul(&pos.transpose(-1, -2)).view([spec.heads, b, s, 2 * s - 1])
+            rows.matmul(&pos.to_kind(rows.kind()).transpose(-1, -2)).view([spec.heads, b, s, 2 * s - 1])
         };
         // c2p: row i, column v <-> key j = i + v - (s - 1), distance i - j = s - 1 - v.
         let c2p = spec.c2p.then(|| {
             let proj = self.pos_key_proj.as_ref().unwrap_or(&self.key_proj);
-            let scores = by_distance(&self.heads_by_rows(q), proj, &rel.by_distance_rev);
-            skew(&scores, s).permute([1, 0, 2, 3]) / scale // [b, heads, i, j]
+            skew(&by_distance(&self.heads_by_rows(q), proj, &rel.by_distance_rev), s)
         });
         // p2c: row j (key), column v <-> query i = j + v - (s - 1), distance i - j = v - (s - 1).
         // HF's bucket -δ(j, i) is δ(i, j): the (log) bucketing is odd.
         let p2c = spec.p2c.then(|| {
             let proj = self.pos_query_proj.as_ref().unwrap_or(&self.query_proj);
-            let scores = by_distance(&self.heads_by_rows(k), proj, &rel.by_distance);
-            skew(&scores, s).permute([1, 0, 3, 2]) / scale // [b, heads, i, j]
+            skew(&by_distance(&self.heads_by_rows(k), proj, &rel.by_distance), s).transpose(-1, -2)
         });
+        [c2p, p2c]
+    }
+
+    /// The c2p + p2c term, each divided by `scale` before the sum as HF does.
+    /// -> [b, heads, s, s], or `None` when the config has neither term.
+    fn position_bias(&self, q: &Tensor, k: &Tensor, rel: &RelativeInputs, scale: f64, train: bool) -> Option<Tensor> {
+        let [c2p, p2c] = self.position_terms(q, k, rel, train).map(|t| t.map(|t| t.permute([1, 0, 2, 3]) / scale));
         match (c2p, p2c) {
             // In place: neither quotient is saved for backward.
             (Some(mut c2p), Some(p2c)) => Some(c2p.g_add_(&p2c)),
@@ -217,17 +224,40 @@ impl DisentangledSelfAttention {
         rel: Option<&RelativeInputs>,
         train: bool,
     ) -> Tensor {
+        // One layer's attention, b 8 x s 128, forward + backward, on a loaded
+        // 2-core VM without AVX-512: fp32 1.95 s written out vs 4.16 s through
+        // the math kernel; bf16 6.2 s vs 5.3 s. A whole step on a quiet machine
+        // showed no fp32 gain (docs/benchmarks.md).
+        let explicit = x.device() == tch::Device::Cpu && x.kind() == Kind::Float;
+        self.forward_with(x, pad, rel, train, explicit)
+    }
+
+    /// [`Self::forward`] with the kernel chosen: `explicit`, the scores
+    /// written out ([`Self::explicit_attention`], the CPU's), else libtorch's
+    /// scaled_dot_product_attention with c2p + p2c as its float mask.
+    pub(super) fn forward_with(
+        &self,
+        x: &Tensor,
+        pad: Option<&Tensor>,
+        rel: Option<&RelativeInputs>,
+        train: bool,
+        explicit: bool,
+    ) -> Tensor {
         let (b, s, h) = x.size3().expect("attention input must be [batch, seq, hidden]");
         let spec = &self.spec;
         let (q, k) = (self.query_proj.forward(x), self.key_proj.forward(x)); // [b, s, h]
-        let v = self.split_heads(&self.value_proj.forward(x)); // [b, heads, s, d]
+        let v = self.value_proj.forward(x);
         let d = h / spec.heads;
         let factor = 1 + spec.c2p as i64 + spec.p2c as i64;
         // HF: sqrt(float32(d) * factor), divided in the activations' dtype.
         let scale = ((d * factor) as f32).sqrt() as f64;
+        let rel = rel.filter(|_| spec.relative_attention);
+        let p = if train { spec.attention_dropout } else { 0.0 };
+        if explicit {
+            return self.explicit_attention(&q, &k, &v, pad, rel, scale, p, train);
+        }
 
-        let bias =
-            rel.filter(|_| spec.relative_attention).and_then(|rel| self.position_bias(&q, &k, rel, scale, train));
+        let bias = rel.and_then(|rel| self.position_bias(&q, &k, rel, scale, train));
         // Where HF fills the scores with finfo.min, the bias is finfo.min: adding a
         // finite score leaves it there, so padded queries attend uniformly as in HF.
         let bias = match (bias, pad) {
@@ -237,10 +267,63 @@ impl DisentangledSelfAttention {
             }
             (bias, None) => bias,
         };
-        let p = if train { spec.attention_dropout } else { 0.0 };
-        let (q, k) = (self.split_heads(&q), self.split_heads(&k));
+        let (q, k, v) = (self.split_heads(&q), self.split_heads(&k), self.split_heads(&v));
         let ctx = Tensor::scaled_dot_product_attention(&q, &k, &v, bias.as_ref(), p, false, 1.0 / scale, false);
         ctx.transpose(1, 2).contiguous().view([b, s, h])
+    }
+
+    /// Attention with the scores written out, as HF's `DisentangledSelfAttention`
+    /// does, laid out heads first (`[heads b, s, s]`) so that the c2p and p2c
+    /// views merge their leading dims without a copy. On the CPU with dropout, or
+    /// a bias that needs a gradient, libtorch's attention runs its math kernel,
+    /// which (torch 2.11) copies q, k, v and the scores to fp32 in bf16 and masks
+    /// fully masked rows in extra passes; here the scale is folded into q and k
+    /// (`[b, s, h]`, not the scores), c2p seeds a `baddbmm` of q k^T and p2c is
+    /// added in place: one `[heads b, s, s]` tensor until the softmax. In bf16
+    /// (and fp16) the batched matmuls and the softmax run in fp32, as the math
+    /// kernel's do: libtorch's bf16 `bmm` on the CPU is many times slower than
+    /// its fp32 one; only the linear projections stay in the compute dtype.
+    #[allow(clippy::too_many_arguments)]
+    fn explicit_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        pad: Option<&Tensor>,
+        rel: Option<&RelativeInputs>,
+        scale: f64,
+        p: f64,
+        train: bool,
+    ) -> Tensor {
+        let (b, s, h) = q.size3().expect("[batch, seq, hidden]");
+        let (heads, d) = (self.spec.heads, h / self.spec.heads);
+        let acc = match q.kind() {
+            Kind::BFloat16 | Kind::Half => Kind::Float,
+            kind => kind,
+        };
+        let (qs, ks, k) = (q.to_kind(acc) / scale, k.to_kind(acc) / scale, k.to_kind(acc));
+        let [c2p, p2c] = match rel {
+            Some(rel) => self.position_terms(&qs, &ks, rel, train),
+            None => [None, None],
+        };
+        // [b, s, h] -> [heads b, s, d]
+        let by_head = |x: &Tensor| self.heads_by_rows(x).reshape([heads * b, s, d]);
+        let (qh, kt) = (by_head(&qs), by_head(&k).transpose(1, 2));
+        let mut scores = match c2p {
+            Some(c2p) => c2p.reshape([heads * b, s, s]).baddbmm(&qh, &kt, 1.0, 1.0),
+            None => qh.bmm(&kt),
+        };
+        if let Some(p2c) = p2c {
+            let _ = scores.g_add_(&p2c.reshape([heads * b, s, s]));
+        }
+        if let Some(pad) = pad {
+            // HF's masked_fill of the scores with finfo.min: padded queries attend uniformly.
+            let pad = pad.permute([1, 0, 2, 3]).expand([heads, b, s, s], false).reshape([heads * b, s, s]);
+            let _ = scores.masked_fill_(&pad, finfo_min(acc));
+        }
+        let probs = scores.softmax(-1, acc).dropout(p, train);
+        let ctx = probs.bmm(&by_head(&v.to_kind(acc))); // [heads b, s, d]
+        ctx.view([heads, b, s, d]).permute([1, 2, 0, 3]).to_kind(q.kind()).contiguous().view([b, s, h])
     }
 }
 

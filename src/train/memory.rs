@@ -295,6 +295,8 @@ impl<'a> Estimate<'a> {
     /// rather than a fused one (flash or memory-efficient: output and
     /// log-sum-exp only). CUDA always fuses; the CPU's flash kernel takes no
     /// dropout and no bias that needs a gradient (DeBERTa's c2p and p2c).
+    /// DeBERTa in fp32 on the CPU writes its scores out itself (`explicit_attention` in
+    /// `src/model/deberta_attention.rs`), keeping what the math kernel keeps.
     fn math_attention(&self) -> bool {
         let bias = self.model.relative.is_some_and(|r| r.c2p || r.p2c);
         self.job.target == Target::Cpu && (self.model.attention_dropout > 0.0 || bias)
