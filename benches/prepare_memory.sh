@@ -6,7 +6,9 @@
 # The corpus is one plain-text file per size: every reST source of the Python 3.11
 # documentation concatenated, repeated to the size (document_boundary = "line",
 # block 128, MiniLM's tokenizer). Prints one table row per size: megabytes of
-# text, tokens, wall seconds, tokens/s and the peak RSS (`/usr/bin/time -v`).
+# text, tokens, wall seconds, tokens/s, the peak RSS (`/usr/bin/time -v`), and the
+# serial fraction prepare logs (hashing, waiting for input and writing against the
+# tokenizing work) with Amdahl's speed-up on 16 cores.
 # Corpora are kept in $MLM_BENCH_DIR (default /tmp/mlm-prepare-memory) for reruns.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -22,11 +24,11 @@ tok=$root/data/models/all-MiniLM-L6-v2/tokenizer.json
 mkdir -p "$work"
 seed=$work/seed.txt
 if [ ! -f "$seed" ]; then
-    find "$docs" -name '*.rst.txt' | sort | while read -r f; do cat "$f"; echo; done >"$seed.tmp"
+    find -L "$docs" -name '*.rst.txt' | sort | while read -r f; do cat "$f"; echo; done >"$seed.tmp"
     mv "$seed.tmp" "$seed"
 fi
 echo '{"model_type": "distilbert", "vocab_size": 30522, "dim": 768, "n_layers": 6, "n_heads": 12, "hidden_dim": 3072}' >"$work/config.json"
-printf '| text | tokens | wall s | tokens/s | peak RSS |\n|---|---|---|---|---|\n'
+printf '| text | tokens | wall s | tokens/s | peak RSS | serial fraction | 16 cores (Amdahl) |\n|---|---|---|---|---|---|---|\n'
 for mb in "${sizes[@]}"; do
     corpus=$work/corpus-${mb}MB.txt
     if [ ! -f "$corpus" ]; then
@@ -59,7 +61,8 @@ TOML
     rss_kb=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$run/stderr")
     tokens=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['tokens'])" "$run/prepared/manifest.json")
     secs=$(echo "$end - $start" | bc)
-    printf '| %s MB | %s | %.1f | %.2fM | %.2f GB |\n' "$mb" "$tokens" "$secs" \
-        "$(echo "$tokens / $secs / 1000000" | bc -l)" "$(echo "$rss_kb / 1048576" | bc -l)"
+    serial=$(sed -n 's/.*serial fraction \([0-9.]*\) (Amdahl: \([0-9.]*x\).*/\1 | \2/p' "$run/stderr" | tail -1)
+    printf '| %s MB | %s | %.1f | %.2fM | %.2f GB | %s |\n' "$mb" "$tokens" "$secs" \
+        "$(echo "$tokens / $secs / 1000000" | bc -l)" "$(echo "$rss_kb / 1048576" | bc -l)" "${serial:-? | ?}"
     rm -rf "$run/prepared"
 done

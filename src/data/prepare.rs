@@ -158,8 +158,8 @@ fn prepare_or_open(
     );
     let threads = rayon::current_num_threads();
     info!(
-        "prepare took {secs:.1} s: hashing {:.1} s, tokenizing {:.1} s on {threads} threads, waiting for input {:.1} s, \
-         writing {:.1} s; serial fraction {:.3} (Amdahl: {:.1}x on 16 cores)",
+        "prepare took {secs:.2} s: hashing {:.2} s, tokenizing {:.2} s on {threads} threads, waiting for input {:.2} s, \
+         writing {:.2} s; serial fraction {:.3} (Amdahl: {:.1}x on 16 cores)",
         times.hashing_s,
         times.tokenizing_s,
         times.waiting_for_input_s,
@@ -239,7 +239,8 @@ enum Piece {
 
 /// Tokenizes the documents of `files` in order and hands the tokens and their
 /// word-start marks to `sink`, a window at a time: a reader thread reads (and
-/// decompresses, and cuts) the next window while the cores tokenize this one.
+/// decompresses, and cuts) the next window while the cores tokenize this one,
+/// and a writer thread hands the previous one to `sink`.
 /// Returns each file's (documents, tokens).
 fn tokenize_files(
     files: &[PathBuf],
@@ -248,12 +249,23 @@ fn tokenize_files(
     pb: &Progress,
     window: usize,
     times: &mut PrepareTimes,
-    mut sink: impl FnMut(&[u32], &[bool]) -> Result<()>,
+    mut sink: impl FnMut(&[u32], &[bool]) -> Result<()> + Send,
 ) -> Result<Vec<FileCounts>> {
     let mut counts = vec![(0, 0); files.len()];
     let mut done = 0;
     std::thread::scope(|scope| {
         let (tx, rx) = crossbeam_channel::bounded::<Result<Piece>>(1);
+        // The writer: cuts and writes one window's tokens while the cores
+        // tokenize the next.
+        let (wtx, wrx) = crossbeam_channel::bounded::<Vec<(Vec<u32>, Vec<bool>)>>(1);
+        let writer = scope.spawn(move || {
+            for encoded in wrx {
+                for (ids, s) in &encoded {
+                    sink(ids, s)?;
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        });
         scope.spawn(move || {
             for (i, file) in files.iter().enumerate() {
                 let read = for_each_window(file, d, window, |docs| {
@@ -294,15 +306,21 @@ fn tokenize_files(
                     let t = Instant::now();
                     counts[i].0 += docs.len();
                     drop(docs);
-                    for (ids, s) in &encoded {
-                        counts[i].1 += ids.len();
-                        sink(ids, s)?;
-                    }
+                    counts[i].1 += encoded.iter().map(|(ids, _)| ids.len()).sum::<usize>();
+                    // Waiting here is the part of writing that tokenizing did not hide.
+                    let sent = wtx.send(encoded);
                     times.writing_s += t.elapsed().as_secs_f64();
+                    if sent.is_err() {
+                        break;
+                    }
                 }
             }
         }
-        Ok::<_, anyhow::Error>(())
+        drop(wtx);
+        let t = Instant::now();
+        let written = writer.join().map_err(|_| anyhow::anyhow!("the store writer panicked"))?;
+        times.writing_s += t.elapsed().as_secs_f64();
+        written
     })?;
     Ok(counts)
 }
