@@ -102,6 +102,13 @@ fn skew(scores: &Tensor, s: i64) -> Tensor {
         .narrow(-1, 0, s)
 }
 
+/// Whether DeBERTa's attention on `device` in `kind` writes its scores out
+/// ([`DisentangledSelfAttention::forward`]) instead of calling libtorch's
+/// scaled_dot_product_attention: fp32 on the CPU.
+pub(super) fn writes_scores_out(device: tch::Device, kind: Kind) -> bool {
+    device == tch::Device::Cpu && kind == Kind::Float
+}
+
 /// HF's `get_attention_mask`: query i may see key j when both are tokens.
 /// `attention_mask` [b, s] -> [b, 1, s, s] bool.
 pub(super) fn pair_mask(attention_mask: &Tensor) -> Tensor {
@@ -228,8 +235,7 @@ impl DisentangledSelfAttention {
         // 2-core VM without AVX-512: fp32 1.95 s written out vs 4.16 s through
         // the math kernel; bf16 6.2 s vs 5.3 s. A whole step on a quiet machine
         // showed no fp32 gain (docs/benchmarks.md).
-        let explicit = x.device() == tch::Device::Cpu && x.kind() == Kind::Float;
-        self.forward_with(x, pad, rel, train, explicit)
+        self.forward_with(x, pad, rel, train, writes_scores_out(x.device(), x.kind()))
     }
 
     /// [`Self::forward`] with the kernel chosen: `explicit`, the scores

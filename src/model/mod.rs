@@ -413,7 +413,11 @@ impl MaskedLm {
         };
         let (heads, head_dim) = (shape.heads as i64, (shape.hidden / shape.heads.max(1)) as i64);
         let bias = shape.relative.is_some();
-        let kernel = layers::sdpa_kernel(device, kind, heads, seq, head_dim, bias, shape.attention_dropout);
+        let kernel = if shape.arch == Arch::DebertaV2 && deberta_attention::writes_scores_out(device, kind) {
+            "scores written out (matmuls, softmax)"
+        } else {
+            layers::sdpa_kernel(device, kind, heads, seq, head_dim, bias, shape.attention_dropout)
+        };
         let mask = if bias { "the relative-position bias" } else { "no mask (blocks have no padding)" };
         format!("attention: {kernel} on {device:?} ({kind:?}, {heads} heads of {head_dim}, {seq} tokens, {mask})")
     }
@@ -490,7 +494,8 @@ mod tests {
             assert!(line.starts_with("attention: ") && !line.contains("none (no kernel"), "{line}");
         }
         assert!(models[0].attention_kernel_line(Device::Cpu, Kind::Float, 4).contains("no mask"));
-        assert!(models[3].attention_kernel_line(Device::Cpu, Kind::Float, 4).contains("relative-position bias"));
+        let deberta = models[3].attention_kernel_line(Device::Cpu, Kind::Float, 4);
+        assert!(deberta.contains("relative-position bias") && deberta.contains("scores written out"), "{deberta}");
         // libtorch's CPU dispatcher takes its flash kernel for attention without a mask.
         assert_eq!(layers::sdpa_kernel(Device::Cpu, Kind::Float, 2, 128, 64, false, 0.0), "flash attention");
     }
