@@ -167,6 +167,85 @@ pub fn quiet_panics() {
     }));
 }
 
+/// The process's allocator: the system's, except that a failed host
+/// allocation ends the process with the same one-line out-of-memory error as a
+/// failed libtorch allocation (what ran, what to change) and exit status 1,
+/// where Rust would abort with "memory allocation of N bytes failed". Under a
+/// tight limit the allocation that fails first may be the data loader's next
+/// batch rather than the step's logits; the user's remedy is the same.
+/// Nothing is flushed or written after the failure (`_exit`), so no checkpoint
+/// is half-written by it.
+pub struct ReportingAllocator;
+
+// SAFETY: every call is forwarded to `System` with the same arguments; the
+// only addition is what happens when it returns null.
+unsafe impl std::alloc::GlobalAlloc for ReportingAllocator {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        checked(std::alloc::System.alloc(layout), layout.size())
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        checked(std::alloc::System.alloc_zeroed(layout), layout.size())
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        checked(std::alloc::System.realloc(ptr, layout, new_size), new_size)
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        std::alloc::System.dealloc(ptr, layout)
+    }
+}
+
+fn checked(ptr: *mut u8, size: usize) -> *mut u8 {
+    if ptr.is_null() {
+        host_allocation_failed(size);
+    }
+    ptr
+}
+
+/// Writes "error: out of memory<what>: a host allocation of N bytes failed; to
+/// fit, <advice>" to stderr and exits with status 1, allocating nothing: the
+/// activity's strings are written as they are, the number through a stack buffer.
+fn host_allocation_failed(size: usize) -> ! {
+    fn put(bytes: &[u8]) {
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            // SAFETY: writes from a live slice to the standard error descriptor.
+            let n = unsafe { libc::write(2, rest.as_ptr().cast(), rest.len()) };
+            if n <= 0 {
+                return;
+            }
+            rest = &rest[n as usize..];
+        }
+    }
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = size;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    put(b"error: out of memory");
+    // try_lock: the failing allocation may come from a thread that holds it.
+    let activity = ACTIVITY.try_lock();
+    let current = activity.as_ref().ok().and_then(|a| a.as_ref());
+    if let Some(a) = current {
+        put(a.what.as_bytes());
+    }
+    put(b": a host allocation of ");
+    put(&digits[at..]);
+    put(b" bytes failed; to fit, ");
+    put(current.map_or(GENERIC_ADVICE, |a| a.advice.as_str()).as_bytes());
+    put(b"\n");
+    // SAFETY: ends the process at once; nothing further is allocated or written.
+    unsafe { libc::_exit(1) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,5 +284,30 @@ mod tests {
         let other = std::panic::catch_unwind(|| catch_out_of_memory(|| -> u32 { panic!("index out of range") }));
         assert!(other.is_err(), "a panic other than an allocation failure is not caught");
         assert!(!CATCHING_OOM.with(Cell::get));
+    }
+
+    #[test]
+    fn a_failed_host_allocation_is_one_out_of_memory_line_and_status_1() {
+        // The failure path ends the process, so it runs in a child: this test
+        // binary again, with only this test and the variable set.
+        if std::env::var_os("MLM_TEST_HOST_ALLOCATION_FAILS").is_some() {
+            set_activity(" at step 3 (batch 8, micro-batch 8, block 64)".into(), "lower it".into());
+            host_allocation_failed(262_144);
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "logging::tests::a_failed_host_allocation_is_one_out_of_memory_line_and_status_1"])
+            .args(["--nocapture", "--test-threads=1"])
+            .env("MLM_TEST_HOST_ALLOCATION_FAILS", "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(
+                "error: out of memory at step 3 (batch 8, micro-batch 8, block 64): a host allocation of 262144 bytes \
+                 failed; to fit, lower it\n"
+            ),
+            "{stderr}"
+        );
     }
 }

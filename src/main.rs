@@ -1,6 +1,10 @@
 //! The `mlm` binary: prepare, train, eval, fill-mask.
 use clap::Parser;
 
+/// A failed host allocation is reported like a failed libtorch one.
+#[global_allocator]
+static ALLOCATOR: mlm::logging::ReportingAllocator = mlm::logging::ReportingAllocator;
+
 fn main() {
     mlm::logging::init();
     mlm::logging::quiet_panics();

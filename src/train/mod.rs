@@ -454,6 +454,9 @@ impl Trainer {
         }
         self.timer.exact = self.device.is_cuda() && (self.state.step + 1).is_multiple_of(self.cfg.training.log_every);
         self.timer.start();
+        // From here the step runs: the loader's threads (building this and the
+        // next batches) and the passes; a failed allocation in either names it.
+        oom::at_step(self.state.step + 1, &self.cfg, self.shape.batch_size, self.micro_rows);
         let accum = self.shape.grad_accum_steps;
         let micro: Vec<Batch> = epoch.by_ref().take(accum).collect();
         self.timer.end(Phase::Data);
@@ -467,7 +470,6 @@ impl Trainer {
     fn forward_backward(&mut self, batches: &[Batch]) -> Result<Tensor> {
         let local: usize = batches.iter().map(|b| b.n_masked).sum();
         let n_masked = self.sync.sum(&[local as f64])?[0] as usize;
-        oom::at_step(self.state.step + 1, &self.cfg, self.shape.batch_size, self.micro_rows);
         let mut total = Tensor::zeros([], (Kind::Float, self.device));
         for b in batches {
             b.check_ids(self.master.vocab_size(), &self.data.dir)?;
