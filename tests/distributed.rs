@@ -68,6 +68,39 @@ fn two_workers_equal_one_worker_with_twice_the_batch() {
     assert!(worst < 1e-5, "mpirun: {worst} in {name}");
 }
 
+/// 2 workers on tcp with the all-reduce overlapped with backward (layer by
+/// layer, in small buckets; with and without activation checkpointing) end
+/// with the parameters of the plain all-reduce after backward.
+#[test]
+fn overlapped_all_reduce_equals_the_plain_one() {
+    const STEPS: usize = 8;
+    let launch = |extra: &[&str]| {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = job(dir.path(), STEPS);
+        let out = run(Command::new(launcher())
+            .args(["--nproc", "2", "--device", "cpu", "--mlm"])
+            .arg(env!("CARGO_BIN_EXE_mlm"))
+            .arg(&cfg)
+            .args(["--set", "training.batch_size=8", "--set", "training.micro_batch_size=4"])
+            .args(extra.iter().flat_map(|e| ["--set", e])));
+        assert!(out.status.success());
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        (weights(&dir.path().join(format!("out/checkpoint-{STEPS}"))), log)
+    };
+    let (plain, log) = launch(&["distributed.overlap=false"]);
+    assert!(!log.contains("overlapped with backward"), "{log}");
+    for extra in [
+        &["distributed.bucket_elems=5000"][..],
+        &["distributed.bucket_elems=5000", "training.activation_checkpointing=true"][..],
+    ] {
+        let (overlapped, log) = launch(extra);
+        assert!(log.contains("gradient all-reduce overlapped with backward"), "{log}");
+        let (worst, name) = worst_relative_difference(&plain, &overlapped);
+        eprintln!("overlap {extra:?}: largest relative difference {worst:.2e} ({name})");
+        assert!(worst < 1e-5, "{extra:?}: {worst} in {name}");
+    }
+}
+
 /// The pids of the `mlm train` workers of a launcher.
 fn workers(launcher_pid: u32) -> Vec<u32> {
     let out = Command::new("pgrep").args(["-P", &launcher_pid.to_string(), "-f", "mlm train"]).output().unwrap();

@@ -412,11 +412,13 @@ pub struct DistributedConfig {
     pub timeout_s: u64,
     /// Elements per all-reduce bucket (0: the whole gradient at once).
     pub bucket_elems: usize,
+    /// All-reduce each layer's gradients while backward runs on the layers below.
+    pub overlap: bool,
 }
 
 impl Default for DistributedConfig {
     fn default() -> Self {
-        Self { backend: Backend::Auto, comm_dtype: CommDtype::Fp32, timeout_s: 300, bucket_elems: 0 }
+        Self { backend: Backend::Auto, comm_dtype: CommDtype::Fp32, timeout_s: 300, bucket_elems: 0, overlap: true }
     }
 }
 

@@ -12,6 +12,7 @@ mod micro;
 pub mod nonfinite;
 mod oom;
 pub mod optimizer;
+pub mod overlap;
 pub mod plot;
 pub mod recompute;
 mod report;
@@ -45,6 +46,7 @@ use loss::{masked_lm_loss_sum, DeviceBatch};
 use metrics::{Metrics, Progress};
 use nonfinite::NonFiniteGuard;
 use optimizer::{ordered_params, AdamWParams, FlatAdamW};
+use overlap::Overlap;
 use resume::{Apply, StartPoint};
 use schedule::LrSchedule;
 use sync::GradSync;
@@ -294,6 +296,12 @@ struct Trainer {
     total_steps: usize,
     /// Skipped steps, counted on the device.
     nonfinite: NonFiniteGuard,
+    /// The all-reduce overlapped with backward (several workers, `distributed.overlap`).
+    overlap: Option<Overlap>,
+    /// The step's gradient is already summed over the workers (by `overlap`).
+    grads_summed: bool,
+    /// This worker's masked tokens in the current step.
+    step_masked: usize,
     started: Instant,
     window: LogWindow,
     timer: StepTimer,
@@ -392,6 +400,7 @@ impl Trainer {
         if sync.rank() == 0 {
             tracing::info!("{}", model.attention_kernel_line(device, model.kind(), cfg.data.block_size as i64));
         }
+        let overlap = (cfg.distributed.overlap && sync.world() > 1).then(|| Overlap::new(cfg.distributed.bucket_elems));
         Ok(Self {
             _lock,
             sync,
@@ -419,6 +428,9 @@ impl Trainer {
             steps_per_epoch,
             total_steps,
             nonfinite: NonFiniteGuard::new(device, start_step),
+            overlap,
+            grads_summed: false,
+            step_masked: 0,
             started: Instant::now(),
             timer: StepTimer::new(device),
             cfg,
@@ -466,55 +478,72 @@ impl Trainer {
     /// Forward and backward over one optimizer step's batches, each in passes of
     /// `micro_rows` sequences; the loss is normalised by the masked tokens of the
     /// whole step, so accumulation and micro-batches give the same gradient as
-    /// one large batch. Returns the step's loss (0-d tensor).
+    /// one large batch. Returns the step's loss (0-d tensor). With several
+    /// workers, loss and gradient are sums here, divided once summed over the
+    /// workers ([`Self::sync_gradients`]): no collective before backward.
     fn forward_backward(&mut self, batches: &[Batch]) -> Result<Tensor> {
-        let local: usize = batches.iter().map(|b| b.n_masked).sum();
-        let n_masked = self.sync.sum(&[local as f64])?[0] as usize;
+        self.step_masked = batches.iter().map(|b| b.n_masked).sum();
+        let divisor = if self.sync.world() > 1 { 1.0 } else { self.step_masked.max(1) as f64 };
         let mut total = Tensor::zeros([], (Kind::Float, self.device));
         for b in batches {
             b.check_ids(self.master.vocab_size(), &self.data.dir)?;
         }
         let (rows, rank, world) = (self.micro_rows, self.sync.rank(), self.sync.world());
-        for (first_row, b) in micro::step_passes(batches, rows, rank, world) {
+        let passes: Vec<_> = micro::step_passes(batches, rows, rank, world).collect();
+        let last = passes.len().saturating_sub(1);
+        for (pass, (first_row, b)) in passes.into_iter().enumerate() {
             // Dropout draws from libtorch's generator: one draw per pass
             // (`DropoutSeeds`, replayed by activation checkpointing).
             tch::manual_seed(micro::dropout_seed(self.cfg.training.seed, self.state.step, first_row));
             let db = DeviceBatch::new(&b, self.device);
             let sparse = self.cfg.training.sparse_head;
-            let divisor = n_masked.max(1) as f64;
-            if self.cfg.training.activation_checkpointing {
-                let (model, opt) = (self.compute.as_ref().unwrap_or(&self.master), &mut self.opt);
-                let loss = recompute::forward_backward(model, &db, divisor, sparse, &self.compute_tensors, |g| {
-                    opt.accumulate_grads(g)
-                });
+            let recompute = self.cfg.training.activation_checkpointing;
+            let model = self.compute.as_ref().unwrap_or(&self.master);
+            let params = &self.compute_tensors;
+            if let (Some(overlap), true) = (self.overlap.as_mut(), pass == last) {
+                // The step's last pass: staged backward, each stage's final
+                // gradients summed over the workers while the stages below run.
+                let loss = overlap.run(&mut self.sync, &mut self.opt, |sink| {
+                    recompute::forward_backward(model, &db, divisor, sparse, params, recompute, |g| sink(g))
+                })?;
+                self.grads_summed = true;
                 total += loss;
-                self.timer.end(Phase::Backward);
-                continue;
+            } else if recompute {
+                let opt = &mut self.opt;
+                total +=
+                    recompute::forward_backward(model, &db, divisor, sparse, params, true, |g| opt.accumulate_grads(g));
+            } else {
+                let loss = masked_lm_loss_sum(model, &db, true, sparse) / divisor;
+                self.timer.end(Phase::Forward);
+                // Gradients as outputs of the backward pass, not accumulated into
+                // `.grad`: no per-parameter add or zeroing, straight into the flat buffer.
+                let grads = Tensor::run_backward(&[&loss], params, false, false);
+                self.opt.accumulate_grads(&grads);
+                total += loss.detach();
             }
-            let loss = masked_lm_loss_sum(self.model(), &db, true, sparse) / divisor;
-            self.timer.end(Phase::Forward);
-            // Gradients as outputs of the backward pass, not accumulated into
-            // `.grad`: no per-parameter add or zeroing, straight into the flat buffer.
-            let grads = Tensor::run_backward(&[&loss], &self.compute_tensors, false, false);
-            self.opt.accumulate_grads(&grads);
-            total += loss.detach();
             self.timer.end(Phase::Backward);
         }
         Ok(total)
     }
 
-    /// Sums the step's gradients (and its loss) over the workers: each worker's
-    /// loss is normalised by the whole step's masked tokens, so the sum is the
-    /// gradient of one process with the summed batch.
+    /// Sums the step's gradients, loss and masked tokens over the workers,
+    /// and divides loss and gradient (the latter in the update) by the
+    /// tokens: the gradient of one process with the summed batch. The loss and
+    /// the tokens go in one all-reduce, on the device: nothing is read back.
     fn sync_gradients(&mut self, loss: Tensor) -> Result<Tensor> {
-        self.sync.sum_grads(&mut self.opt.grad)?;
-        // Summed on the device: the loss is read back at log steps only.
-        if self.sync.world() > 1 {
-            let mut flat = loss.reshape([1]);
-            self.sync.comm.all_reduce_sum(&mut flat).context("summing the step's loss over the workers")?;
+        if !std::mem::take(&mut self.grads_summed) {
+            self.sync.sum_grads(&mut self.opt.grad)?;
         }
+        if self.sync.world() == 1 {
+            self.timer.end(Phase::Sync);
+            return Ok(loss);
+        }
+        let mut sums = Tensor::stack(&[&loss, &loss.full_like(self.step_masked as f64)], 0);
+        self.sync.comm.all_reduce_sum(&mut sums).context("summing the step's loss over the workers")?;
+        let tokens = sums.get(1).clamp_min(1.0);
+        self.opt.divide_grads_by(tokens.shallow_clone());
         self.timer.end(Phase::Sync);
-        Ok(loss)
+        Ok(sums.get(0) / tokens)
     }
 
     /// Clipping, the non-finite policy, the AdamW update, the position, and

@@ -28,7 +28,12 @@ use crate::model::{DropoutSeeds, LayerInputs, MaskedLm};
 
 /// Forward and backward of `batch` with the loss divided by `divisor`; the
 /// parameter gradients (one per tensor of `params`, undefined where a stage
-/// does not use a parameter) are handed to `sink` stage by stage, to be summed.
+/// does not use a parameter) are handed to `sink` stage by stage, to be summed:
+/// the head's first, then each layer's from the top, the embeddings' last.
+/// With `recompute` the layers run again during backward (activation
+/// checkpointing); without, each layer keeps its graph and only the backward
+/// is staged, so that the gradients of the upper layers are complete while the
+/// lower ones still run (what the overlapped all-reduce needs, [`super::overlap`]).
 /// Returns the divided loss (0-d, detached).
 pub fn forward_backward(
     model: &MaskedLm,
@@ -36,32 +41,16 @@ pub fn forward_backward(
     divisor: f64,
     sparse: bool,
     params: &[Tensor],
+    recompute: bool,
     mut sink: impl FnMut(&[Tensor]),
 ) -> Tensor {
     let layers = model.num_layers();
     let dropout = DropoutSeeds::draw(true);
 
-    // 1. Embeddings with their graph; the layers keep only their inputs.
+    // 1. Embeddings with their graph. Inputs every layer shares that need a
+    // gradient (DeBERTa's relative embeddings) become leaves of their own.
     dropout.before(0);
     let (x0, inputs) = model.embed(&batch.input_ids, batch.attention_mask.as_ref(), true);
-    let mut xs: Vec<Tensor> = Vec::with_capacity(layers + 1);
-    xs.push(x0.detach());
-    tch::no_grad(|| {
-        for i in 0..layers {
-            dropout.before(i + 1);
-            let y = model.layer(i, &xs[i], &inputs, true);
-            xs.push(y);
-        }
-    });
-
-    // 2. Head and loss.
-    let top = xs.pop().expect("at least the embeddings").set_requires_grad(true);
-    let loss = head_loss_sum(model, &top, batch, sparse) / divisor;
-    let mut g_x = backward_into(&loss, params, &[&top], &mut sink).remove(0);
-    drop(top);
-
-    // 3. The layers again, last to first. Inputs every layer shares that need
-    // a gradient (DeBERTa's relative embeddings) become leaves of their own.
     let shared = inputs.rel_embeddings.as_ref().filter(|t| t.requires_grad());
     let shared_leaf = shared.map(|t| t.detach().set_requires_grad(true));
     let leaf_inputs = LayerInputs {
@@ -72,11 +61,39 @@ pub fn forward_backward(
         },
         rel_pos: inputs.rel_pos.as_ref().map(Tensor::shallow_clone),
     };
+    // Each layer's input as a leaf; without recompute also its output, with
+    // the layer's graph. With recompute the layers run without autograd.
+    let mut xs: Vec<Tensor> = Vec::with_capacity(layers + 1);
+    let mut ys: Vec<Tensor> = Vec::with_capacity(if recompute { 0 } else { layers });
+    xs.push(x0.detach().set_requires_grad(!recompute));
+    for i in 0..layers {
+        dropout.before(i + 1);
+        if recompute {
+            let y = tch::no_grad(|| model.layer(i, &xs[i], &inputs, true));
+            xs.push(y);
+        } else {
+            let y = model.layer(i, &xs[i], &leaf_inputs, true);
+            xs.push(y.detach().set_requires_grad(true));
+            ys.push(y);
+        }
+    }
+
+    // 2. Head and loss.
+    let top = xs.pop().expect("at least the embeddings").set_requires_grad(true);
+    let loss = head_loss_sum(model, &top, batch, sparse) / divisor;
+    let mut g_x = backward_into(&loss, params, &[&top], &mut sink).remove(0);
+    drop(top);
+
+    // 3. The layers, last to first (run again with recompute).
     let mut g_shared: Option<Tensor> = None;
     for i in (0..layers).rev() {
         let x = xs.pop().expect("one input per layer").set_requires_grad(true);
-        dropout.before(i + 1);
-        let y = model.layer(i, &x, &leaf_inputs, true);
+        let y = if recompute {
+            dropout.before(i + 1);
+            model.layer(i, &x, &leaf_inputs, true)
+        } else {
+            ys.pop().expect("one output per layer")
+        };
         let root = (y * &g_x).sum(Kind::Float);
         let mut wrt: Vec<&Tensor> = vec![&x];
         if let Some(l) = &shared_leaf {
@@ -149,18 +166,19 @@ mod tests {
         Batch { input_ids, labels, rows, block_size: block, chunk_ids: vec![0, 1, 2], n_masked, max_token: 119 }
     }
 
-    /// (loss, one gradient per parameter) of the plain path or the recomputing one.
-    fn run(model: &MaskedLm, db: &DeviceBatch, recompute: bool) -> (f64, Vec<Tensor>) {
+    /// (loss, one gradient per parameter) of the plain path (`None`) or the
+    /// staged one, recomputing or not.
+    fn run(model: &MaskedLm, db: &DeviceBatch, staged: Option<bool>) -> (f64, Vec<Tensor>) {
         let params: Vec<Tensor> = model.vs.trainable_variables();
         let divisor = db.n_masked as f64;
         tch::manual_seed(5);
-        if !recompute {
+        let Some(recompute) = staged else {
             let loss = masked_lm_loss_sum(model, db, true, true) / divisor;
             let grads = Tensor::run_backward(&[&loss], &params, false, false);
             return (loss.double_value(&[]), grads);
-        }
+        };
         let mut sum: Vec<Option<Tensor>> = params.iter().map(|_| None).collect();
-        let loss = forward_backward(model, db, divisor, true, &params, |g| {
+        let loss = forward_backward(model, db, divisor, true, &params, recompute, |g| {
             for (acc, g) in sum.iter_mut().zip(g) {
                 if g.defined() {
                     *acc = Some(match acc.take() {
@@ -175,7 +193,7 @@ mod tests {
     }
 
     #[test]
-    fn recomputed_layers_give_the_plain_gradients_for_every_architecture_padded_or_not() {
+    fn staged_and_recomputed_layers_give_the_plain_gradients_for_every_architecture_padded_or_not() {
         let deberta = serde_json::json!({
             "relative_attention": true, "position_buckets": 8, "max_relative_positions": 40,
             "share_att_key": true, "pos_att_type": "p2c|c2p", "norm_rel_ebd": "layer_norm",
@@ -197,21 +215,26 @@ mod tests {
                     let _ = mask.get(2).narrow(0, 12, 12).fill_(0);
                     db.attention_mask = Some(mask);
                 }
-                let (l0, g0) = run(&m, &db, false);
-                let (l1, g1) = run(&m, &db, true);
-                assert!((l0 - l1).abs() <= 1e-6 * l0.abs(), "{model_type}: loss {l0} vs {l1}");
-                let names: Vec<String> = m.vs.variables().into_keys().collect();
-                let mut nonzero = 0;
-                for (i, (a, b)) in g0.iter().zip(&g1).enumerate() {
-                    let a = if a.defined() { a.shallow_clone() } else { b.zeros_like() };
-                    let scale = a.abs().max().double_value(&[]).max(1e-6);
-                    let diff = (&a - b).abs().max().double_value(&[]);
-                    // Relative to the parameter's own gradient, with an absolute floor for
-                    // gradients that are rounding noise around 0 (attention key biases).
-                    assert!(diff <= 1e-5 * scale + 1e-7, "{model_type} padded={padded} param {i}: {diff} vs {scale}");
-                    nonzero += usize::from(scale > 1e-6);
+                let (l0, g0) = run(&m, &db, None);
+                for recompute in [false, true] {
+                    let (l1, g1) = run(&m, &db, Some(recompute));
+                    assert!((l0 - l1).abs() <= 1e-6 * l0.abs(), "{model_type}: loss {l0} vs {l1}");
+                    let names: Vec<String> = m.vs.variables().into_keys().collect();
+                    let mut nonzero = 0;
+                    for (i, (a, b)) in g0.iter().zip(&g1).enumerate() {
+                        let a = if a.defined() { a.shallow_clone() } else { b.zeros_like() };
+                        let scale = a.abs().max().double_value(&[]).max(1e-6);
+                        let diff = (&a - b).abs().max().double_value(&[]);
+                        // Relative to the parameter's own gradient, with an absolute floor for
+                        // gradients that are rounding noise around 0 (attention key biases).
+                        assert!(
+                            diff <= 1e-5 * scale + 1e-7,
+                            "{model_type} padded={padded} recompute={recompute} param {i}: {diff} vs {scale}"
+                        );
+                        nonzero += usize::from(scale > 1e-6);
+                    }
+                    assert!(nonzero * 10 >= g0.len() * 8, "{model_type}: only {nonzero} of {} gradients", names.len());
                 }
-                assert!(nonzero * 10 >= g0.len() * 8, "{model_type}: only {nonzero} of {} gradients", names.len());
             }
         }
     }

@@ -89,28 +89,38 @@ impl GradSync {
         if self.world() == 1 {
             return Ok(());
         }
-        let n = grad.numel() as i64;
-        let bucket = if self.bucket > 0 { self.bucket } else { n };
-        let mut start = 0;
-        while start < n {
-            let len = bucket.min(n - start);
-            let mut part = grad.narrow(0, start, len);
-            match self.dtype {
-                CommDtype::Fp32 => self.comm.all_reduce_sum(&mut part)?,
-                CommDtype::Bf16 => {
-                    let mut half = part.to_kind(Kind::BFloat16);
-                    self.comm.all_reduce_sum(&mut half)?;
-                    tch::no_grad(|| part.copy_(&half));
-                }
-            }
-            start += len;
+        for (start, len) in bucket_ranges(0, grad.numel() as i64, self.bucket) {
+            self.reduce_part(&mut grad.narrow(0, start, len))?;
         }
         Ok(())
+    }
+
+    /// Sums one range of the flat fp32 gradient over the workers, in place, in
+    /// the configured communication dtype.
+    pub fn reduce_part(&mut self, part: &mut Tensor) -> Result<()> {
+        if self.world() == 1 {
+            return Ok(());
+        }
+        match self.dtype {
+            CommDtype::Fp32 => self.comm.all_reduce_sum(part),
+            CommDtype::Bf16 => {
+                let mut half = part.to_kind(Kind::BFloat16);
+                self.comm.all_reduce_sum(&mut half)?;
+                tch::no_grad(|| part.copy_(&half));
+                Ok(())
+            }
+        }
     }
 
     pub fn barrier(&mut self) -> Result<()> {
         self.comm.barrier()
     }
+}
+
+/// `[start, start + len)` cut into pieces of at most `bucket` elements (0: whole).
+pub fn bucket_ranges(start: i64, len: i64, bucket: i64) -> impl Iterator<Item = (i64, i64)> {
+    let step = if bucket > 0 { bucket } else { len.max(1) };
+    (start..start + len).step_by(step as usize).map(move |s| (s, step.min(start + len - s)))
 }
 
 /// The device of this worker: under `mpirun`/`srun` with every GPU visible to

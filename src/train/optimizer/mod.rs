@@ -68,9 +68,14 @@ pub struct FlatAdamW {
     /// The gradient buffer holds nothing yet for the coming step: the first
     /// micro-batch overwrites it instead of adding.
     grad_fresh: bool,
-    /// The coming step's clipping factor `min(1, max_norm / (norm + 1e-6))`, a
-    /// 0-d fp32 tensor on the device (none: no clipping).
+    /// The factor the coming update multiplies the gradient by: the clipping
+    /// factor `min(1, max_norm / (norm + 1e-6))`, over the divisor if any; a
+    /// 0-d fp32 tensor on the device (none: 1).
     clip: Option<Tensor>,
+    /// What the accumulated gradient is still to be divided by (the step's
+    /// masked tokens over all workers, summed with it): a 0-d fp32 tensor on
+    /// the device, applied by the update, not by a pass of its own.
+    divisor: Option<Tensor>,
     kernel: Kernel,
 }
 
@@ -132,6 +137,7 @@ impl FlatAdamW {
             shadow: None,
             grad_fresh: true,
             clip: None,
+            divisor: None,
             kernel: Kernel::for_device(device),
         })
     }
@@ -186,13 +192,30 @@ impl FlatAdamW {
         self.grad_fresh = false;
     }
 
-    /// Makes the coming step scale the gradient so its global L2 norm is at
-    /// most `max_norm` (0: off), and returns the norm before clipping as a 0-d
-    /// tensor. Nothing is read on the host: the factor stays on the device and
-    /// the update applies it in its own pass over the gradient.
+    /// The accumulated gradient is a sum still to be divided by `divisor` (a
+    /// 0-d fp32 tensor on the buffers' device): the clipping norm and the
+    /// coming update see the gradient divided by it. Call before
+    /// [`Self::clip_grad_norm`].
+    pub fn divide_grads_by(&mut self, divisor: Tensor) {
+        self.divisor = Some(divisor);
+    }
+
+    /// Makes the coming step scale the gradient (divided by the divisor, if
+    /// any) so its global L2 norm is at most `max_norm` (0: off), and returns
+    /// the norm before clipping as a 0-d tensor. Nothing is read on the host:
+    /// the factor stays on the device and the update applies it in its own
+    /// pass over the gradient.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> Tensor {
-        let norm = self.grad.norm();
-        self.clip = (max_norm > 0.0).then(|| (norm.full_like(max_norm) / (&norm + 1e-6)).clamp_max(1.0));
+        let mut norm = self.grad.norm();
+        if let Some(d) = &self.divisor {
+            norm = norm / d;
+        }
+        let clip = (max_norm > 0.0).then(|| (norm.full_like(max_norm) / (&norm + 1e-6)).clamp_max(1.0));
+        self.clip = match (clip, &self.divisor) {
+            (Some(c), Some(d)) => Some(c / d),
+            (None, Some(d)) => Some(d.reciprocal()),
+            (c, None) => c,
+        };
         norm
     }
 
@@ -200,6 +223,7 @@ impl FlatAdamW {
     pub fn discard_grads(&mut self) {
         self.grad_fresh = true;
         self.clip = None;
+        self.divisor = None;
     }
 
     /// One AdamW step with learning rate `lr`, unless `skip` (a 0-d fp32 tensor

@@ -112,6 +112,35 @@ fn fused_kernels_equal_the_tensor_reference_with_and_without_clipping() {
     }
 }
 
+/// A summed gradient with its divisor (several workers) updates as the
+/// divided gradient does, with the norm of the divided one, for both kernels,
+/// clipping on and off.
+#[test]
+fn a_divisor_is_applied_by_the_update_as_if_the_gradient_were_divided() {
+    // The divided gradient is rounded once more: a few ulps, summed over 70k elements.
+    let near = |a: &Tensor, b: &Tensor| max_diff(a, b) <= 1e-5 * b.abs().max().double_value(&[]);
+    for kernel in KERNELS {
+        for max_norm in [1.0, 0.0] {
+            let (mut summed, mut divided) = (model(5, kernel, true), model(5, kernel, true));
+            for _ in 0..3 {
+                let g = Tensor::randn([summed.numel()], (Kind::Float, Device::Cpu)) * 300.0;
+                summed.grad.copy_(&g);
+                divided.grad.copy_(&(&g / 300.0));
+                summed.divide_grads_by(Tensor::from(300.0f32));
+                let (a, b) = (summed.clip_grad_norm(max_norm), divided.clip_grad_norm(max_norm));
+                assert!(near(&a, &b), "{kernel:?}: norm {a:?} vs {b:?}");
+                summed.step(1e-2, &no_skip()).unwrap();
+                divided.step(1e-2, &no_skip()).unwrap();
+            }
+            let what = format!("{kernel:?}, max_norm {max_norm}");
+            assert!(near(&summed.master, &divided.master), "{what}: {}", max_diff(&summed.master, &divided.master));
+            let diff = max_diff(&summed.exp_avg_sq, &divided.exp_avg_sq);
+            let top = divided.exp_avg_sq.abs().max().double_value(&[]);
+            assert!(near(&summed.exp_avg_sq, &divided.exp_avg_sq), "{what}: {diff} of {top}");
+        }
+    }
+}
+
 /// The two kernels agree with each other too (clipping active).
 #[test]
 fn torch_kernel_equals_the_rust_kernel() {

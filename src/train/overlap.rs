@@ -1,0 +1,207 @@
+//! The gradient all-reduce overlapped with backward (`distributed.overlap`).
+//!
+//! The last forward pass of a step runs its backward in stages, head first,
+//! then the layers from the top, the embeddings last
+//! ([`super::recompute::forward_backward`]). Once a stage's gradients are added
+//! to the flat buffer, the parameters that no later stage touches are final:
+//! their ranges of the buffer (a layer's weights and its biases and norms, two
+//! contiguous ranges since the slots are sorted by name) go to a communication
+//! thread that all-reduces them while the main thread runs the stages below.
+//! The ranges are disjoint from everything the lower stages write, so nothing
+//! waits but the end of the step, for the last ranges.
+//!
+//! Which stage is a parameter's last is learned on the first step, which sums
+//! the whole buffer after backward as without overlap; a gradient that arrives
+//! after its range was sent is an error, never a silent race. The schedule is
+//! the same for every backend: on the CPU (tcp, MPI) the thread's sends run
+//! beside the backward kernels.
+use std::sync::mpsc;
+
+use anyhow::{anyhow, bail, Result};
+use tch::Tensor;
+
+use super::optimizer::FlatAdamW;
+use super::sync::{bucket_ranges, GradSync};
+
+/// Where each stage's final gradients lie in the flat buffer.
+pub struct Overlap {
+    /// Per backward stage: the `(offset, length)` ranges of the flat gradient
+    /// that are final once the stage is summed (none until the first step ran).
+    stage_ranges: Option<Vec<Vec<(i64, i64)>>>,
+    /// Per slot: the stage after which it is final.
+    last_stage: Vec<usize>,
+    /// Elements per all-reduce (0: a stage's ranges whole).
+    bucket: i64,
+}
+
+impl Overlap {
+    pub fn new(bucket_elems: usize) -> Self {
+        Self { stage_ranges: None, last_stage: Vec::new(), bucket: bucket_elems as i64 }
+    }
+
+    /// Runs `backward`, which hands each stage's gradients (one per slot,
+    /// undefined where the stage does not reach a parameter) to the sink it is
+    /// given, sums them into `opt`'s flat gradient, and leaves that gradient
+    /// summed over the workers of `sync`: range by range during backward once
+    /// the schedule is known, else whole afterwards (learning the schedule).
+    pub fn run<T>(
+        &mut self,
+        sync: &mut GradSync,
+        opt: &mut FlatAdamW,
+        backward: impl FnOnce(&mut dyn FnMut(&[Tensor])) -> T,
+    ) -> Result<T> {
+        let Some(stage_ranges) = &self.stage_ranges else {
+            let mut defined_in: Vec<Vec<usize>> = Vec::new();
+            let out = backward(&mut |g: &[Tensor]| {
+                defined_in.push((0..g.len()).filter(|&i| g[i].defined()).collect());
+                opt.accumulate_grads(g);
+            });
+            self.learn(opt, &defined_in);
+            sync.sum_grads(&mut opt.grad)?;
+            return Ok(out);
+        };
+        let (tx, rx) = mpsc::channel::<Tensor>();
+        let last_stage = &self.last_stage;
+        std::thread::scope(|scope| {
+            let comm = scope.spawn(move || -> Result<()> {
+                // After a failure the rest is drained unsent: the error ends the job.
+                let mut result = Ok(());
+                for mut part in rx {
+                    if result.is_ok() {
+                        result = sync.reduce_part(&mut part);
+                    }
+                }
+                result
+            });
+            let mut stage = 0usize;
+            let mut late: Option<String> = None;
+            let out = backward(&mut |g: &[Tensor]| {
+                if let Some(i) = (0..g.len()).find(|&i| g[i].defined() && last_stage[i] < stage) {
+                    late.get_or_insert_with(|| opt.slots[i].name.clone());
+                }
+                opt.accumulate_grads(g);
+                for &(start, len) in stage_ranges.get(stage).map_or(&[][..], Vec::as_slice) {
+                    // A closed channel means the thread stopped on an error, returned below.
+                    let _ = tx.send(opt.grad.narrow(0, start, len));
+                }
+                stage += 1;
+            });
+            drop(tx);
+            let sent = comm.join().map_err(|_| anyhow!("the gradient communication thread panicked"))?;
+            if let Some(name) = late {
+                bail!(
+                    "internal error: the gradient of {name} arrived after its all-reduce started (set \
+                     distributed.overlap = false, and please report it)"
+                );
+            }
+            if stage != stage_ranges.len() {
+                bail!("internal error: backward ran {stage} stages, the overlap schedule has {}", stage_ranges.len());
+            }
+            sent?;
+            Ok(out)
+        })
+    }
+
+    /// Each slot is final after the last stage that defines its gradient (the
+    /// first stage if none does: the first stage zeroes it); the stages' final
+    /// slots become contiguous ranges of at most `bucket` elements.
+    fn learn(&mut self, opt: &FlatAdamW, defined_in: &[Vec<usize>]) {
+        let mut last_stage = vec![0usize; opt.slots.len()];
+        for (stage, defined) in defined_in.iter().enumerate() {
+            for &i in defined {
+                last_stage[i] = stage;
+            }
+        }
+        let mut stage_ranges: Vec<Vec<(i64, i64)>> = vec![Vec::new(); defined_in.len()];
+        for (stage, ranges) in stage_ranges.iter_mut().enumerate() {
+            let mut slots: Vec<(i64, i64)> = (0..opt.slots.len())
+                .filter(|&i| last_stage[i] == stage)
+                .map(|i| (opt.slots[i].offset, opt.slots[i].numel))
+                .collect();
+            slots.sort_unstable();
+            let mut merged: Vec<(i64, i64)> = Vec::new();
+            for (offset, numel) in slots {
+                match merged.last_mut() {
+                    Some((start, len)) if *start + *len == offset => *len += numel,
+                    _ => merged.push((offset, numel)),
+                }
+            }
+            for (start, len) in merged {
+                ranges.extend(bucket_ranges(start, len, self.bucket));
+            }
+        }
+        let sends: usize = stage_ranges.iter().map(Vec::len).sum();
+        tracing::info!(
+            "gradient all-reduce overlapped with backward: {sends} all-reduces over {} backward stages",
+            stage_ranges.len()
+        );
+        self.last_stage = last_stage;
+        self.stage_ranges = Some(stage_ranges);
+    }
+
+    /// The elements sent after each stage (for the log and tests).
+    pub fn stage_elements(&self) -> Vec<i64> {
+        self.stage_ranges.as_ref().map_or_else(Vec::new, |s| s.iter().map(|r| r.iter().map(|x| x.1).sum()).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Backend, DistributedConfig};
+    use crate::train::optimizer::AdamWParams;
+    use tch::{Device, Kind};
+
+    fn opt() -> FlatAdamW {
+        let hp = AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
+        // Sorted by (no decay, name): a.w [0,6), b.w [6,10), a.b [10,12), b.b [12,14).
+        let params = vec![
+            ("b.w".to_string(), Tensor::zeros([2, 2], (Kind::Float, Device::Cpu))),
+            ("a.w".to_string(), Tensor::zeros([2, 3], (Kind::Float, Device::Cpu))),
+            ("a.b".to_string(), Tensor::zeros([2], (Kind::Float, Device::Cpu))),
+            ("b.b".to_string(), Tensor::zeros([2], (Kind::Float, Device::Cpu))),
+        ];
+        FlatAdamW::new(params, |n| n.ends_with(".b"), hp).unwrap()
+    }
+
+    /// Stage 0 reaches b (weight and bias), stage 1 reaches a and b's weight
+    /// again (a shared weight, like a tied embedding).
+    fn stages(g: f64) -> Vec<Vec<Tensor>> {
+        let none = Tensor::new;
+        let full = |n: i64| Tensor::full([n], g, (Kind::Float, Device::Cpu));
+        vec![vec![none(), full(4), none(), full(2)], vec![full(6), full(4), full(2), none()]]
+    }
+
+    fn local() -> GradSync {
+        let cfg = DistributedConfig { backend: Backend::Local, ..Default::default() };
+        GradSync::join(&cfg, Device::Cpu, "job").unwrap()
+    }
+
+    #[test]
+    fn a_slot_is_sent_after_its_last_stage_in_contiguous_ranges() {
+        let (mut sync, mut o, mut overlap) = (local(), opt(), Overlap::new(0));
+        overlap.run(&mut sync, &mut o, |sink| stages(1.0).iter().for_each(|g| sink(g))).unwrap();
+        // Stage 0: b.b [12,14) only (b.w comes again in stage 1); stage 1: a.w, b.w, a.b.
+        assert_eq!(overlap.stage_ranges.as_ref().unwrap(), &vec![vec![(12, 2)], vec![(0, 12)]]);
+        assert_eq!(overlap.stage_elements(), vec![2, 12]);
+        let mut small = Overlap::new(5);
+        small.learn(&o, &[vec![1, 3], vec![0, 1, 2]]);
+        assert_eq!(small.stage_ranges.unwrap()[1], vec![(0, 5), (5, 5), (10, 2)]);
+        // The second step runs the overlapped schedule: the same sums.
+        o.discard_grads();
+        overlap.run(&mut sync, &mut o, |sink| stages(2.0).iter().for_each(|g| sink(g))).unwrap();
+        let expect: Vec<f32> = [vec![2.0; 6], vec![4.0; 4], vec![2.0; 2], vec![2.0; 2]].concat();
+        assert_eq!(Vec::<f32>::try_from(&o.grad).unwrap(), expect);
+    }
+
+    #[test]
+    fn a_gradient_after_its_range_was_sent_is_an_error() {
+        let (mut sync, mut o, mut overlap) = (local(), opt(), Overlap::new(0));
+        overlap.run(&mut sync, &mut o, |sink| stages(1.0).iter().for_each(|g| sink(g))).unwrap();
+        // Now b.b also comes in stage 1, after its range went out in stage 0.
+        let mut late = stages(1.0);
+        late[1][3] = Tensor::ones([2], (Kind::Float, Device::Cpu));
+        let e = overlap.run(&mut sync, &mut o, |sink| late.iter().for_each(|g| sink(g))).unwrap_err();
+        assert!(e.to_string().contains("gradient of b.b arrived after its all-reduce started"), "{e}");
+    }
+}
