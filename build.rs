@@ -8,14 +8,18 @@
 //! * `src/train/optimizer/fused_adamw.cpp` (libtorch's fused AdamW, which tch does
 //!   not bind) compiled against the headers beside that folder (`<lib>/../include`,
 //!   both in a pip torch and in a libtorch archive; `LIBTORCH_INCLUDE` as torch-sys
-//!   reads it otherwise) with torch-sys's C++ ABI setting.
+//!   reads it otherwise) with torch-sys's C++ ABI setting; with it
+//!   `src/matmul_precision.cpp` (the float32 matmul precision, `training.tf32`).
 use std::path::PathBuf;
 
 const SHIM: &str = "src/train/optimizer/fused_adamw.cpp";
+/// `torch.set_float32_matmul_precision`, for `training.tf32` (src/device.rs).
+const PRECISION: &str = "src/matmul_precision.cpp";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed={SHIM}");
+    println!("cargo:rerun-if-changed={PRECISION}");
     println!("cargo:rerun-if-env-changed=LIBTORCH_INCLUDE");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
@@ -41,5 +45,6 @@ fn main() {
         .include(&include)
         .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
         .file(SHIM)
+        .file(PRECISION)
         .compile("mlm_fused_adamw");
 }

@@ -184,7 +184,8 @@ s_parity() {
     job "$RUN/parity-$name" tiny-bert.json "max_steps = 8
 batch_size = 8
 device = \"$d\"
-precision = \"fp32\""
+precision = \"fp32\"
+tf32 = false"
     "$BIN" train "$RUN/parity-$name/job.toml" --resume none 2> "$RUN/parity-$name/log" || { tail "$RUN/parity-$name/log"; return 1; }
     losses_of "$RUN/parity-$name/out/metrics.jsonl" > "$RUN/parity-$name/losses"
   done

@@ -40,6 +40,8 @@ def parse_args():
     p.add_argument("--steps", type=int, default=12, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    p.add_argument("--tf32", choices=["on", "off"], default="on",
+                   help="on CUDA, fp32 matmuls as TF32 (as mlm's training.tf32, default on)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads (CPU)")
     p.add_argument("--lr", type=float, default=5e-5)
@@ -97,19 +99,19 @@ def model_flops_per_token(cfg, block, mlm_probability=0.15):
     return 6 * dense + 12 * layers * d * block + 6 * d * cfg.vocab_size * mlm_probability
 
 
-def guess_peak_tflops(device, precision):
+def guess_peak_tflops(device, precision, tf32=True):
     import torch
 
     if device.type != "cuda":
         return 0.0
     name = torch.cuda.get_device_name(device)
     bf16 = precision == "bf16"
-    # Dense (no sparsity) tensor-core peaks; fp32 runs as TF32 only when allowed.
-    table = [("H200", 989.0, 67.0), ("H100 PCIe", 756.0, 51.0), ("H100", 989.0, 67.0),
-             ("A100", 312.0, 19.5), ("L40S", 362.0, 91.6)]
-    for key, bf, fp in table:
+    # Dense (no sparsity) peaks: bf16 and TF32 on tensor cores, fp32 without them.
+    table = [("H200", 989.0, 494.7, 67.0), ("H100 PCIe", 756.0, 378.0, 51.0), ("H100", 989.0, 494.7, 67.0),
+             ("A100", 312.0, 156.0, 19.5), ("L40S", 362.0, 183.0, 91.6)]
+    for key, bf, tf, fp in table:
         if key in name:
-            return bf if bf16 else fp
+            return bf if bf16 else (tf if tf32 else fp)
     return 0.0
 
 
@@ -123,6 +125,8 @@ def main():
     device = torch.device(a.device)
     if device.type == "cpu":
         torch.set_num_threads(a.threads)
+    else:
+        torch.set_float32_matmul_precision("high" if a.tf32 == "on" else "highest")
 
     t0 = time.perf_counter()
     blocks, n_docs = read_blocks(a.files, a.tokenizer, a.block)
@@ -198,7 +202,7 @@ def main():
     step_s = elapsed / a.steps
     tokens_per_s = a.batch * a.block / step_s
     flops = model_flops_per_token(cfg, a.block)
-    peak = a.peak_tflops or guess_peak_tflops(device, a.precision)
+    peak = a.peak_tflops or guess_peak_tflops(device, a.precision, a.tf32 == "on")
     out = {
         "impl": "transformers+torch",
         "model_type": cfg.model_type,

@@ -27,6 +27,29 @@ pub fn select_device(choice: DeviceChoice, key: &str) -> Result<Device> {
     })
 }
 
+extern "C" {
+    fn mlm_set_float32_matmul_precision_high(high: i32) -> i32;
+    fn mlm_float32_matmul_precision_high() -> i32;
+}
+
+/// Lets libtorch run fp32 matmuls as TF32 on CUDA tensor cores (`on`), or
+/// keeps them in full fp32: `torch.set_float32_matmul_precision("high")` or
+/// `("highest")`. A process-wide setting; the training job sets it on CUDA
+/// devices only (`training.tf32`).
+pub fn set_tf32(on: bool) -> Result<()> {
+    // SAFETY: a call into our shim with a plain integer; it catches C++ exceptions.
+    if unsafe { mlm_set_float32_matmul_precision_high(i32::from(on)) } != 0 {
+        bail!("libtorch refused to set the float32 matmul precision");
+    }
+    Ok(())
+}
+
+/// Whether fp32 matmuls may run as TF32 (libtorch's current setting).
+pub fn tf32() -> bool {
+    // SAFETY: reads a field of libtorch's global context.
+    unsafe { mlm_float32_matmul_precision_high() != 0 }
+}
+
 /// What this process can learn about CUDA without libtorch's help: the driver
 /// (`libcuda.so.1`, through cudarc), its version and devices, and the CUDA
 /// runtime libtorch was built with.
@@ -195,5 +218,27 @@ mod tests {
         if let Some(v) = runtime_version() {
             assert!(v >= 11000, "{v}");
         }
+    }
+
+    #[test]
+    fn tf32_is_set_and_read_back() {
+        // A process-wide libtorch setting: changed in a child (this test binary
+        // again, this test only), never under the other tests.
+        if std::env::var_os("MLM_TEST_TF32").is_some() {
+            assert!(!super::tf32(), "libtorch's default is full fp32");
+            super::set_tf32(true).unwrap();
+            assert!(super::tf32());
+            super::set_tf32(false).unwrap();
+            assert!(!super::tf32());
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "device::tests::tf32_is_set_and_read_back", "--test-threads=1"])
+            .env("MLM_TEST_TF32", "1")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && stdout.contains("1 passed"), "{stdout}{stderr}");
     }
 }

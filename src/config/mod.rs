@@ -229,6 +229,8 @@ pub struct TrainingConfig {
     /// Keep only each encoder layer's input during forward and run the layer
     /// again in backward: far less activation memory for ~1/3 more compute.
     pub activation_checkpointing: bool,
+    /// On CUDA, fp32 matmuls as TF32 (`torch.set_float32_matmul_precision("high")`).
+    pub tf32: bool,
 }
 
 impl Default for TrainingConfig {
@@ -259,6 +261,7 @@ impl Default for TrainingConfig {
             max_nonfinite_steps: 5,
             sparse_head: true,
             activation_checkpointing: false,
+            tf32: true,
         }
     }
 }

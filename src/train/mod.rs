@@ -302,6 +302,8 @@ struct Trainer {
     grads_summed: bool,
     /// This worker's masked tokens in the current step.
     step_masked: usize,
+    /// What the logged MFU is measured against, TFLOP/s (0: not logged).
+    peak_tflops: f64,
     started: Instant,
     window: LogWindow,
     timer: StepTimer,
@@ -324,6 +326,11 @@ impl Trainer {
             tch::set_num_threads(t.threads as i32);
         }
         let device = sync::worker_device(select_device(t.device, "training.device")?)?;
+        if device.is_cuda() {
+            crate::device::set_tf32(t.tf32)?;
+            let how = if t.tf32 { "TF32 (training.tf32 = true)" } else { "full fp32 (training.tf32 = false)" };
+            tracing::info!("fp32 matmuls on {device:?}: {how}");
+        }
         let tok = TextTokenizer::load(&cfg.tokenizer_path())?;
         let startup_rss = metrics::resident_memory().map(|(now, _)| now);
         let Loaded { model: master, fresh_head } = load_model(&cfg, device)?;
@@ -400,6 +407,13 @@ impl Trainer {
         if sync.rank() == 0 {
             tracing::info!("{}", model.attention_kernel_line(device, model.kind(), cfg.data.block_size as i64));
         }
+        let kind = if cfg.training.precision == Precision::Bf16 { Kind::BFloat16 } else { Kind::Float };
+        let (peak_tflops, peak_line) = timing::resolve_peak_tflops(cfg.training.peak_tflops, device, || {
+            timing::measure_peak_tflops(device, kind, timing::PEAK_SIZE, 5)
+        });
+        if let (Some(line), 0) = (peak_line, sync.rank()) {
+            tracing::info!("{line}");
+        }
         let overlap = (cfg.distributed.overlap && sync.world() > 1).then(|| Overlap::new(cfg.distributed.bucket_elems));
         Ok(Self {
             _lock,
@@ -431,6 +445,7 @@ impl Trainer {
             overlap,
             grads_summed: false,
             step_masked: 0,
+            peak_tflops,
             started: Instant::now(),
             timer: StepTimer::new(device),
             cfg,

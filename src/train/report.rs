@@ -21,7 +21,7 @@ impl Trainer {
         let world = self.sync.world();
         let tps = per_worker * world as f64;
         let tflops = self.window.flops / (step_s * steps.max(1) as f64) / 1e12;
-        let peak = self.cfg.training.peak_tflops;
+        let peak = self.peak_tflops;
         let mfu = (peak > 0.0).then(|| tflops / peak);
         self.window = LogWindow { since_step: step, ..Default::default() };
         tracing::info!(

@@ -41,6 +41,8 @@ fn written_shaping(cfg: &Config) -> Value {
         ("training", "device"),
         ("training", "output_dir"),
         ("training", "activation_checkpointing"),
+        ("training", "tf32"),
+        ("training", "peak_tflops"),
     ] {
         v[section].as_object_mut().expect("sections are objects").remove(key);
     }

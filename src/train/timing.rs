@@ -100,8 +100,9 @@ pub fn train_flops(model: &MaskedLm, tokens: f64, projected_tokens: f64, seq: f6
 /// Measured peak matmul throughput of `device` in TFLOP/s for `kind`
 /// (`mlm bench-peak`): the best of a few large square matmuls.
 pub fn measure_peak_tflops(device: Device, kind: tch::Kind, n: i64, reps: usize) -> f64 {
-    let a = tch::Tensor::randn([n, n], (kind, device));
-    let b = tch::Tensor::randn([n, n], (kind, device));
+    // Not drawn from libtorch's generator: training's dropout draws from it.
+    let a = tch::Tensor::ones([n, n], (kind, device));
+    let b = tch::Tensor::ones([n, n], (kind, device));
     let sync = || {
         if let Device::Cuda(i) = device {
             tch::Cuda::synchronize(i as i64);
@@ -119,9 +120,43 @@ pub fn measure_peak_tflops(device: Device, kind: tch::Kind, n: i64, reps: usize)
     2.0 * (n as f64).powi(3) / best / 1e12
 }
 
+/// The peak the logged MFU is measured against: `training.peak_tflops` when
+/// set, else on a GPU `measure()` (the best large matmul in the training's
+/// dtype, what `mlm bench-peak` prints), else none (0: no MFU logged). Returns
+/// the peak and the line that says where it came from.
+pub fn resolve_peak_tflops(configured: f64, device: Device, measure: impl FnOnce() -> f64) -> (f64, Option<String>) {
+    if configured > 0.0 {
+        return (configured, Some(format!("MFU against training.peak_tflops = {configured} TFLOP/s")));
+    }
+    if !device.is_cuda() {
+        return (0.0, None);
+    }
+    let peak = measure();
+    let line = format!(
+        "MFU against {peak:.0} TFLOP/s, measured on {device:?} (the best of 5 matmuls of {PEAK_SIZE}x{PEAK_SIZE} in \
+         the training's dtype, as `mlm bench-peak`; training.peak_tflops overrides)"
+    );
+    (peak, Some(line))
+}
+
+/// The matmul size of the measured peak.
+pub const PEAK_SIZE: i64 = 8192;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_peak_is_configured_or_measured_on_gpus_only() {
+        let never = || -> f64 { panic!("measured") };
+        assert_eq!(resolve_peak_tflops(0.0, Device::Cpu, never), (0.0, None));
+        let (peak, line) = resolve_peak_tflops(312.0, Device::Cuda(0), never);
+        assert_eq!(peak, 312.0);
+        assert!(line.unwrap().contains("training.peak_tflops = 312"));
+        let (peak, line) = resolve_peak_tflops(0.0, Device::Cuda(0), || 801.4);
+        assert_eq!(peak, 801.4);
+        assert!(line.unwrap().contains("MFU against 801 TFLOP/s, measured on Cuda(0)"));
+    }
 
     #[test]
     fn phases_add_up_per_step() {
