@@ -141,6 +141,34 @@ fn a_divisor_is_applied_by_the_update_as_if_the_gradient_were_divided() {
     }
 }
 
+/// Gradients land in their slots whatever their dtype, undefined ones are
+/// zero on the first micro-batch and left alone after, and later micro-batches add.
+#[test]
+fn accumulated_gradients_land_in_their_slots() {
+    let hp = AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+    let shapes: [&[i64]; 4] = [&[2, 2], &[3], &[1, 2], &[2]];
+    let params = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (format!("p{i}"), Tensor::zeros(*s, (Kind::Float, Device::Cpu))))
+        .collect();
+    let mut opt = FlatAdamW::new(params, |_| false, hp).unwrap();
+    let _ = opt.grad.fill_(7.0);
+    let g = |s: &[i64], v: f64, kind: Kind| Tensor::full(s, v, (kind, Device::Cpu));
+    // p0 bf16, p1 undefined, p2 and p3 fp32 (one run of two).
+    let first = [
+        g(shapes[0], 1.5, Kind::BFloat16),
+        Tensor::new(),
+        g(shapes[2], 2.0, Kind::Float),
+        g(shapes[3], 3.0, Kind::Float),
+    ];
+    opt.accumulate_grads(&first);
+    assert_eq!(Vec::<f32>::try_from(&opt.grad).unwrap(), [1.5, 1.5, 1.5, 1.5, 0.0, 0.0, 0.0, 2.0, 2.0, 3.0, 3.0]);
+    let second = [Tensor::new(), g(shapes[1], 1.0, Kind::BFloat16), g(shapes[2], 1.0, Kind::BFloat16), Tensor::new()];
+    opt.accumulate_grads(&second);
+    assert_eq!(Vec::<f32>::try_from(&opt.grad).unwrap(), [1.5, 1.5, 1.5, 1.5, 1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 3.0]);
+}
+
 /// The two kernels agree with each other too (clipping active).
 #[test]
 fn torch_kernel_equals_the_rust_kernel() {
