@@ -9,12 +9,13 @@
 //!   not bind) compiled against the headers beside that folder (`<lib>/../include`,
 //!   both in a pip torch and in a libtorch archive; `LIBTORCH_INCLUDE` as torch-sys
 //!   reads it otherwise) with torch-sys's C++ ABI setting; with it
-//!   `src/matmul_precision.cpp` (the float32 matmul precision, `training.tf32`).
+//!   `src/torch_extras.cpp` (the float32 matmul precision, `training.tf32`, and
+//!   pinned host memory for uploads).
 use std::path::PathBuf;
 
 const SHIM: &str = "src/train/optimizer/fused_adamw.cpp";
-/// `torch.set_float32_matmul_precision`, for `training.tf32` (src/device.rs).
-const PRECISION: &str = "src/matmul_precision.cpp";
+/// `torch.set_float32_matmul_precision` (`training.tf32`) and pinning (src/device.rs).
+const PRECISION: &str = "src/torch_extras.cpp";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

@@ -30,6 +30,16 @@ pub fn select_device(choice: DeviceChoice, key: &str) -> Result<Device> {
 extern "C" {
     fn mlm_set_float32_matmul_precision_high(high: i32) -> i32;
     fn mlm_float32_matmul_precision_high() -> i32;
+    fn mlm_pinned_copy(t: *const torch_sys::C_tensor) -> *mut torch_sys::C_tensor;
+}
+
+/// A copy of the CPU tensor `host` in pinned host memory, for a non-blocking
+/// upload; `None` without CUDA or when pinning fails.
+pub fn pinned(host: &tch::Tensor) -> Option<tch::Tensor> {
+    // SAFETY: `host` is a live tch handle; the shim returns null or a new
+    // `at::Tensor` allocated as tch's own handles are, which `from_ptr` owns.
+    let ptr = unsafe { mlm_pinned_copy(host.as_ptr()) };
+    (!ptr.is_null()).then(|| unsafe { tch::Tensor::from_ptr(ptr) })
 }
 
 /// Lets libtorch run fp32 matmuls as TF32 on CUDA tensor cores (`on`), or
@@ -240,5 +250,14 @@ mod tests {
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success() && stdout.contains("1 passed"), "{stdout}{stderr}");
+    }
+
+    #[test]
+    fn without_cuda_nothing_is_pinned() {
+        let t = tch::Tensor::from_slice(&[1i64, 2, 3]);
+        match super::pinned(&t) {
+            None => assert!(!tch::Cuda::is_available()),
+            Some(p) => assert_eq!(Vec::<i64>::try_from(&p).unwrap(), [1, 2, 3]),
+        }
     }
 }

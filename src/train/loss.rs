@@ -23,17 +23,38 @@ pub struct DeviceBatch {
 }
 
 impl DeviceBatch {
+    /// Ids, masked positions and their targets travel as one int64 buffer: one
+    /// upload per pass, from pinned memory without blocking on a GPU
+    /// ([`upload`]), then views of it.
     pub fn new(b: &Batch, device: Device) -> Self {
-        let shape = [b.rows as i64, b.block_size as i64];
-        let (positions, targets): (Vec<i64>, Vec<i64>) =
-            b.labels.iter().enumerate().filter(|(_, &l)| l != -100).map(|(i, &l)| (i as i64, l)).unzip();
+        let cells = b.rows * b.block_size;
+        let n_masked = b.labels.iter().filter(|&&l| l != -100).count();
+        let mut host: Vec<i64> = Vec::with_capacity(cells + 2 * n_masked);
+        host.extend_from_slice(&b.input_ids);
+        host.extend(b.labels.iter().enumerate().filter(|(_, &l)| l != -100).map(|(i, _)| i as i64));
+        host.extend(b.labels.iter().filter(|&&l| l != -100));
+        let all = upload(Tensor::from_slice(&host), device);
+        let (cells, masked) = (cells as i64, n_masked as i64);
         Self {
-            input_ids: Tensor::from_slice(&b.input_ids).view(shape).to_device(device),
+            input_ids: all.narrow(0, 0, cells).view([b.rows as i64, b.block_size as i64]),
             attention_mask: None,
-            n_masked: positions.len(),
-            positions: Tensor::from_slice(&positions).to_device(device),
-            targets: Tensor::from_slice(&targets).to_device(device),
+            n_masked,
+            positions: all.narrow(0, cells, masked),
+            targets: all.narrow(0, cells + masked, masked),
         }
+    }
+}
+
+/// `host` (a CPU tensor) on `device`. On a GPU it is copied to pinned memory
+/// and uploaded without blocking the host (libtorch's pinned allocator keeps
+/// the buffer until the copy has run); if pinning fails, a blocking upload.
+pub fn upload(host: Tensor, device: Device) -> Tensor {
+    if !device.is_cuda() {
+        return host;
+    }
+    match crate::device::pinned(&host) {
+        Some(pinned) => pinned.to_device_(device, host.kind(), true, false),
+        None => host.to_device(device),
     }
 }
 
@@ -115,5 +136,18 @@ mod tests {
             let scale = b.abs().max().double_value(&[]).max(1e-4);
             assert!(diff / scale < 1e-5, "{n}: {diff} vs scale {scale}");
         }
+    }
+
+    #[test]
+    fn a_device_batch_holds_the_ids_positions_and_targets_of_its_batch() {
+        let b = batch();
+        let db = DeviceBatch::new(&b, Device::Cpu);
+        assert_eq!(db.input_ids.size(), [3, 16]);
+        assert_eq!(Vec::<i64>::try_from(db.input_ids.reshape([-1])).unwrap(), b.input_ids);
+        let masked: Vec<(i64, i64)> =
+            b.labels.iter().enumerate().filter(|(_, &l)| l != -100).map(|(i, &l)| (i as i64, l)).collect();
+        assert_eq!(db.n_masked, masked.len());
+        assert_eq!(Vec::<i64>::try_from(&db.positions).unwrap(), masked.iter().map(|m| m.0).collect::<Vec<_>>());
+        assert_eq!(Vec::<i64>::try_from(&db.targets).unwrap(), masked.iter().map(|m| m.1).collect::<Vec<_>>());
     }
 }
