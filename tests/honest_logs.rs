@@ -77,3 +77,39 @@ fn a_fresh_mlm_head_is_named_beside_the_before_perplexity() {
     assert!(stderr.contains("the first model had a fresh MLM head"), "{stderr}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("perplexity before: "), "no summary");
 }
+
+#[test]
+fn the_held_out_set_is_capped_and_the_last_step_is_saved_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_job(dir.path(), "");
+    let out = run(mlm().arg("train").arg(&cfg).args([
+        "--set",
+        "data.test_fraction=0.5",
+        "--set",
+        "data.test_size=3",
+        "--set",
+        "eval.max_chunks=0",
+        "--set",
+        "training.max_steps=4",
+        "--set",
+        "checkpoint.every_steps=2",
+        "--set",
+        "eval.every_steps=2",
+    ]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let o = dir.path().join("out");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(o.join("data/manifest.json")).unwrap()).unwrap();
+    // Half the blocks would be test blocks; the cap keeps three and trains on the rest.
+    assert_eq!(manifest["test_chunks"], 3, "{manifest}");
+    assert!(manifest["train_chunks"].as_u64().unwrap() > 100, "{manifest}");
+    let evaluations: Vec<&str> = stderr.lines().filter(|l| l.contains("evaluated ")).collect();
+    // Before training, at step 2 and at the end (step 4).
+    assert_eq!(evaluations.len(), 3, "{stderr}");
+    assert!(evaluations.iter().all(|l| l.contains("evaluated 3 held-out blocks")), "{evaluations:?}");
+    let saves = |step: &str| stderr.lines().filter(|l| l.contains("saved ") && l.ends_with(step)).count();
+    assert_eq!(saves("checkpoint-2"), 1, "{stderr}");
+    assert_eq!(saves("checkpoint-4"), 1, "the last step is saved once: {stderr}");
+    assert_eq!(counts(&o).get(&("eval".to_string(), 4)), Some(&1), "{:?}", counts(&o));
+}
