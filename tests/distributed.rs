@@ -15,6 +15,13 @@ fn launcher() -> PathBuf {
     p
 }
 
+/// `mlm-launch --nproc 2 --device cpu --mlm <mlm>`: the job's file and flags follow.
+fn two_cpu_workers() -> Command {
+    let mut c = Command::new(launcher());
+    c.args(["--nproc", "2", "--device", "cpu", "--mlm"]).arg(env!("CARGO_BIN_EXE_mlm"));
+    c
+}
+
 /// A tiny job without dropout (dropout masks are per worker, as in any
 /// data-parallel framework), fp32, `steps` steps, no evaluation before.
 fn job(dir: &Path, steps: usize) -> PathBuf {
@@ -36,11 +43,7 @@ fn two_workers_equal_one_worker_with_twice_the_batch() {
 
     let launched = tempfile::tempdir().unwrap();
     let cfg = job(launched.path(), STEPS);
-    let out = run(Command::new(launcher())
-        .args(["--nproc", "2", "--device", "cpu", "--mlm"])
-        .arg(env!("CARGO_BIN_EXE_mlm"))
-        .arg(&cfg)
-        .args(["--set", "training.batch_size=8"]));
+    let out = run(two_cpu_workers().arg(&cfg).args(["--set", "training.batch_size=8"]));
     assert!(out.status.success());
     let (worst, name) =
         worst_relative_difference(&reference, &weights(&launched.path().join(format!("out/checkpoint-{STEPS}"))));
@@ -77,9 +80,7 @@ fn overlapped_all_reduce_equals_the_plain_one() {
     let launch = |extra: &[&str]| {
         let dir = tempfile::tempdir().unwrap();
         let cfg = job(dir.path(), STEPS);
-        let out = run(Command::new(launcher())
-            .args(["--nproc", "2", "--device", "cpu", "--mlm"])
-            .arg(env!("CARGO_BIN_EXE_mlm"))
+        let out = run(two_cpu_workers()
             .arg(&cfg)
             .args(["--set", "training.batch_size=8", "--set", "training.micro_batch_size=4"])
             .args(extra.iter().flat_map(|e| ["--set", e])));
@@ -110,9 +111,7 @@ fn workers(launcher_pid: u32) -> Vec<u32> {
 /// Runs a 2-worker job, SIGKILLs one worker once step `at` is logged, and
 /// returns (exit success, seconds from the kill to the launcher's exit, stderr).
 fn launch_and_kill(dir: &Path, cfg: &Path, extra: &[&str], at: u64) -> (bool, f64, String) {
-    let child = Command::new(launcher())
-        .args(["--nproc", "2", "--device", "cpu", "--mlm"])
-        .arg(env!("CARGO_BIN_EXE_mlm"))
+    let child = two_cpu_workers()
         .args(extra)
         .arg(cfg)
         .args(["--set", "training.batch_size=8", "--set", "training.log_every=1", "--set", "checkpoint.every_steps=4"])
@@ -141,18 +140,14 @@ fn killed_worker_stops_the_group_and_a_restart_resumes_exactly() {
     const STEPS: usize = 24;
     let whole = tempfile::tempdir().unwrap();
     let cfg = job(whole.path(), STEPS);
-    let out = run(Command::new(launcher())
-        .args(["--nproc", "2", "--device", "cpu", "--mlm"])
-        .arg(env!("CARGO_BIN_EXE_mlm"))
-        .arg(&cfg)
-        .args([
-            "--set",
-            "training.batch_size=8",
-            "--set",
-            "training.log_every=1",
-            "--set",
-            "checkpoint.every_steps=4",
-        ]));
+    let out = run(two_cpu_workers().arg(&cfg).args([
+        "--set",
+        "training.batch_size=8",
+        "--set",
+        "training.log_every=1",
+        "--set",
+        "checkpoint.every_steps=4",
+    ]));
     assert!(out.status.success());
     let want = losses(&whole.path().join("out"));
 

@@ -248,7 +248,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 PrecisionArg::Fp32 => (tch::Kind::Float, "fp32"),
                 PrecisionArg::Bf16 => (tch::Kind::BFloat16, "bf16"),
             };
-            let tflops = crate::train::timing::measure_peak_tflops(device, kind, size, 5);
+            let tflops = crate::train::timing::measure_peak_tflops(device, kind, size, crate::train::timing::PEAK_REPS);
             emit(serde_json::json!({ "device": format!("{device:?}"), "precision": name, "peak_tflops": tflops }))
         }
         Command::Doctor => {

@@ -409,7 +409,7 @@ impl Trainer {
         }
         let kind = if cfg.training.precision == Precision::Bf16 { Kind::BFloat16 } else { Kind::Float };
         let (peak_tflops, peak_line) = timing::resolve_peak_tflops(cfg.training.peak_tflops, device, || {
-            timing::measure_peak_tflops(device, kind, timing::PEAK_SIZE, 5)
+            timing::measure_peak_tflops(device, kind, timing::PEAK_SIZE, timing::PEAK_REPS)
         });
         if let (Some(line), 0) = (peak_line, sync.rank()) {
             tracing::info!("{line}");

@@ -133,14 +133,16 @@ pub fn resolve_peak_tflops(configured: f64, device: Device, measure: impl FnOnce
     }
     let peak = measure();
     let line = format!(
-        "MFU against {peak:.0} TFLOP/s, measured on {device:?} (the best of 5 matmuls of {PEAK_SIZE}x{PEAK_SIZE} in \
-         the training's dtype, as `mlm bench-peak`; training.peak_tflops overrides)"
+        "MFU against {peak:.0} TFLOP/s, measured on {device:?} (the best of {PEAK_REPS} matmuls of {PEAK_SIZE}x{PEAK_SIZE} in \
+         the training's dtype, as `mlm bench-peak --size {PEAK_SIZE}`; training.peak_tflops overrides)"
     );
     (peak, Some(line))
 }
 
 /// The matmul size of the measured peak.
 pub const PEAK_SIZE: i64 = 8192;
+/// How many matmuls the measured peak is the best of.
+pub const PEAK_REPS: usize = 5;
 
 #[cfg(test)]
 mod tests {
