@@ -30,19 +30,20 @@ impl EvalResult {
 }
 
 /// Scores `batches` (fixed masks) with `model` in eval mode, advancing
-/// `progress` by one per batch.
+/// `progress` by one per batch scored.
 pub fn evaluate(model: &MaskedLm, batches: &[Batch], device: Device, progress: &Progress) -> EvalResult {
     let mut sum = 0f64;
     let mut tokens = 0usize;
     tch::no_grad(|| {
         for b in batches {
-            progress.inc(1);
             let db = DeviceBatch::new(b, device);
-            if db.n_masked == 0 {
-                continue;
+            if db.n_masked > 0 {
+                sum += masked_lm_loss_sum(model, &db, false, true).to_kind(Kind::Double).double_value(&[]);
+                tokens += db.n_masked;
             }
-            sum += masked_lm_loss_sum(model, &db, false, true).to_kind(Kind::Double).double_value(&[]);
-            tokens += db.n_masked;
+            // Counted once scored, so a line reports work done (and the first
+            // one never races the progress's own start).
+            progress.inc(1);
         }
     });
     EvalResult::from_sums(sum, tokens)
