@@ -322,8 +322,35 @@ impl TcpComm {
     }
 
     fn send(&mut self, kind: u8, bytes: &[u8]) -> Result<()> {
-        let w = self.writer.as_ref().expect("world > 1");
-        w.send(kind, bytes).map_err(|e| anyhow!("rank {}: {e}", self.rank))
+        let sent = self.writer.as_ref().expect("world > 1").send(kind, bytes);
+        sent.map_err(|e| self.send_failed(&e))
+    }
+
+    /// The error of a failed send to the right neighbour, with what the left
+    /// one says if it has gone too. A failure travels round the ring both
+    /// ways: the right neighbour may have stopped only because the rank that
+    /// died is this one's left neighbour, whose closed connection (or abort
+    /// message) names the cause.
+    fn send_failed(&mut self, send_error: &str) -> anyhow::Error {
+        let rank = self.rank;
+        let left_name = self.left_name();
+        let Some(stream) = self.left.as_mut() else { return anyhow!("rank {rank}: {send_error}") };
+        // Waits at most the read timeout (POLL) for the left's end or abort;
+        // an abort frame is only looked at (it came in one write).
+        let mut head = vec![0u8; HEADER + MAX_STR];
+        let left = match stream.peek(&mut head) {
+            Ok(0) => Some(format!("{left_name} closed the connection too (it exited or crashed)")),
+            Ok(n) if n > HEADER && head[0] == K_ABORT => {
+                let len = u64::from_le_bytes(head[1..HEADER].try_into().expect("8 bytes")) as usize;
+                let text = &head[HEADER..n.min(HEADER + len)];
+                Some(format!("{left_name} stopped too, because {}", String::from_utf8_lossy(text)))
+            }
+            _ => None,
+        };
+        match left {
+            Some(left) => anyhow!("rank {rank}: {send_error}; {left}"),
+            None => anyhow!("rank {rank}: {send_error}"),
+        }
     }
 
     /// Reads one frame's header; fails on an abort or a different collective.
@@ -380,7 +407,7 @@ impl TcpComm {
                 }
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {
                     if let Some(err) = writer.error() {
-                        bail!("rank {rank}: {err}");
+                        return Err(self.send_failed(&err));
                     }
                     if last.elapsed() >= self.timeout {
                         bail!(

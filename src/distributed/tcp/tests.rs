@@ -194,6 +194,28 @@ fn dead_peer_makes_the_others_fail_naming_it() {
     }
 }
 
+/// Both neighbours gone: the error names the left one (the rank that died
+/// first in a cascade) even when the send to the right fails first.
+#[test]
+fn a_failed_send_also_names_a_left_neighbour_that_is_gone() {
+    for _ in 0..3 {
+        let timeout = Duration::from_secs(5);
+        let out = run_ring(3, timeout, move |mut c| {
+            let mut t = Tensor::ones([1000], (Kind::Float, tch::Device::Cpu));
+            c.all_reduce_sum(&mut t).unwrap();
+            if c.rank() != 0 {
+                return None;
+            }
+            // Ranks 1 and 2 are dropping their sockets now.
+            std::thread::sleep(Duration::from_millis(300));
+            let mut t = Tensor::ones([1 << 22], (Kind::Float, tch::Device::Cpu));
+            Some(c.all_reduce_sum(&mut t).unwrap_err().to_string())
+        });
+        let err = out[0].as_ref().unwrap();
+        assert!(err.starts_with("rank 0:") && err.contains("rank 2"), "{err}");
+    }
+}
+
 #[test]
 fn silent_peer_times_out_naming_it() {
     let timeout = Duration::from_secs(2);
