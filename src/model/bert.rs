@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Tensor};
 
 use super::layers::{additive_mask, attention, Activation, Embedding, LayerNorm, Linear};
+use super::qkv::QkvProjection;
 use super::weights::NameMap;
 use super::LayerInputs;
 
@@ -135,9 +136,7 @@ impl BertEmbeddings {
 /// `attention.self` + `attention.output` of one layer.
 #[derive(Debug)]
 struct BertAttention {
-    query: Linear,
-    key: Linear,
-    value: Linear,
+    qkv: QkvProjection,
     output_dense: Linear,
     output_layer_norm: LayerNorm,
     heads: i64,
@@ -150,9 +149,11 @@ impl BertAttention {
         let (h, std) = (c.hidden_size, c.initializer_range);
         let (s, o) = (p / "self", p / "output");
         Self {
-            query: Linear::new(&(&s / "query"), h, h, std),
-            key: Linear::new(&(&s / "key"), h, h, std),
-            value: Linear::new(&(&s / "value"), h, h, std),
+            qkv: QkvProjection::new(
+                Linear::new(&(&s / "query"), h, h, std),
+                Linear::new(&(&s / "key"), h, h, std),
+                Linear::new(&(&s / "value"), h, h, std),
+            ),
             output_dense: Linear::new(&(&o / "dense"), h, h, std),
             output_layer_norm: LayerNorm::new(&(&o / "LayerNorm"), h, c.layer_norm_eps),
             heads: c.num_attention_heads,
@@ -164,7 +165,8 @@ impl BertAttention {
     /// `x` [b, s, h], `bias` [b, 1, 1, s] -> [b, s, h]
     fn forward(&self, x: &Tensor, bias: Option<&Tensor>, train: bool) -> Tensor {
         let p = if train { self.attention_dropout } else { 0.0 };
-        let ctx = attention(&self.query.forward(x), &self.key.forward(x), &self.value.forward(x), bias, self.heads, p);
+        let [q, k, v] = self.qkv.forward(x);
+        let ctx = attention(&q, &k, &v, bias, self.heads, p);
         let out = self.output_dense.forward(&ctx).dropout(self.hidden_dropout, train);
         self.output_layer_norm.forward(&(out + x))
     }
@@ -183,6 +185,10 @@ pub(super) struct BertLayer {
 }
 
 impl BertLayer {
+    pub(super) fn qkv_mut(&mut self) -> &mut QkvProjection {
+        &mut self.attention.qkv
+    }
+
     pub(super) fn new(p: &nn::Path, c: &BertConfig, act: Activation) -> Self {
         let std = c.initializer_range;
         Self {
@@ -294,5 +300,9 @@ impl super::Encoder for BertForMaskedLM {
 
     fn hidden_size(&self) -> i64 {
         self.config.hidden_size
+    }
+
+    fn qkv_projections(&mut self) -> Vec<&mut QkvProjection> {
+        self.layers.iter_mut().map(|l| &mut l.attention.qkv).collect()
     }
 }

@@ -30,6 +30,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use super::deberta_attention::{distance_buckets, pair_mask, AttentionSpec, DisentangledSelfAttention, RelativeInputs};
 use super::layers::{Activation, Embedding, LayerNorm, Linear};
+use super::qkv::QkvProjection;
 use super::weights::NameMap;
 use super::LayerInputs;
 
@@ -437,6 +438,10 @@ impl super::Encoder for DebertaV2ForMaskedLM {
 
     fn hidden_size(&self) -> i64 {
         self.config.hidden_size
+    }
+
+    fn qkv_projections(&mut self) -> Vec<&mut QkvProjection> {
+        self.layers.iter_mut().map(|l| l.attention.qkv_mut()).collect()
     }
 }
 

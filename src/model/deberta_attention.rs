@@ -28,6 +28,7 @@
 use tch::{nn, Kind, Tensor};
 
 use super::layers::{finfo_min, Linear};
+use super::qkv::{Qkv, QkvProjection};
 
 /// What the attention layers need of the config, checked once.
 #[derive(Debug, Clone, Copy)]
@@ -145,9 +146,7 @@ impl RelativeInputs {
 /// `deberta.encoder.layer.N.attention.self`.
 #[derive(Debug)]
 pub(super) struct DisentangledSelfAttention {
-    query_proj: Linear,
-    key_proj: Linear,
-    value_proj: Linear,
+    qkv: QkvProjection,
     /// Without `share_att_key`: their own projections of the relative embeddings.
     pos_key_proj: Option<Linear>,
     pos_query_proj: Option<Linear>,
@@ -159,13 +158,19 @@ impl DisentangledSelfAttention {
         let (h, std) = (spec.hidden, spec.std);
         let own = spec.relative_attention && !spec.share_att_key;
         Self {
-            query_proj: Linear::new(&(p / "query_proj"), h, h, std),
-            key_proj: Linear::new(&(p / "key_proj"), h, h, std),
-            value_proj: Linear::new(&(p / "value_proj"), h, h, std),
+            qkv: QkvProjection::new(
+                Linear::new(&(p / "query_proj"), h, h, std),
+                Linear::new(&(p / "key_proj"), h, h, std),
+                Linear::new(&(p / "value_proj"), h, h, std),
+            ),
             pos_key_proj: (own && spec.c2p).then(|| Linear::new(&(p / "pos_key_proj"), h, h, std)),
             pos_query_proj: (own && spec.p2c).then(|| Linear::new(&(p / "pos_query_proj"), h, h, std)),
             spec,
         }
+    }
+
+    pub(super) fn qkv_mut(&mut self) -> &mut QkvProjection {
+        &mut self.qkv
     }
 
     /// `[.., n, h]` -> `[.., heads, n, d]`
@@ -198,14 +203,14 @@ impl DisentangledSelfAttention {
         };
         // c2p: row i, column v <-> key j = i + v - (s - 1), distance i - j = s - 1 - v.
         let c2p = spec.c2p.then(|| {
-            let proj = self.pos_key_proj.as_ref().unwrap_or(&self.key_proj);
-            skew(&by_distance(&self.heads_by_rows(q), proj, &rel.by_distance_rev), s)
+            let proj = self.pos_key_proj.as_ref().map_or_else(|| self.qkv.linear(Qkv::Key), Linear::shallow_clone);
+            skew(&by_distance(&self.heads_by_rows(q), &proj, &rel.by_distance_rev), s)
         });
         // p2c: row j (key), column v <-> query i = j + v - (s - 1), distance i - j = v - (s - 1).
         // HF's bucket -δ(j, i) is δ(i, j): the (log) bucketing is odd.
         let p2c = spec.p2c.then(|| {
-            let proj = self.pos_query_proj.as_ref().unwrap_or(&self.query_proj);
-            skew(&by_distance(&self.heads_by_rows(k), proj, &rel.by_distance), s).transpose(-1, -2)
+            let proj = self.pos_query_proj.as_ref().map_or_else(|| self.qkv.linear(Qkv::Query), Linear::shallow_clone);
+            skew(&by_distance(&self.heads_by_rows(k), &proj, &rel.by_distance), s).transpose(-1, -2)
         });
         [c2p, p2c]
     }
@@ -251,8 +256,7 @@ impl DisentangledSelfAttention {
     ) -> Tensor {
         let (b, s, h) = x.size3().expect("attention input must be [batch, seq, hidden]");
         let spec = &self.spec;
-        let (q, k) = (self.query_proj.forward(x), self.key_proj.forward(x)); // [b, s, h]
-        let v = self.value_proj.forward(x);
+        let [q, k, v] = self.qkv.forward(x); // [b, s, h]
         let d = h / spec.heads;
         let factor = 1 + spec.c2p as i64 + spec.p2c as i64;
         // HF: sqrt(float32(d) * factor), divided in the activations' dtype.

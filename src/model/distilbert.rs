@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Tensor};
 
 use super::layers::{additive_mask, attention, Activation, Embedding, LayerNorm, Linear};
+use super::qkv::QkvProjection;
 use super::weights::NameMap;
 use super::LayerInputs;
 
@@ -118,9 +119,7 @@ fn sinusoidal_table(n_pos: i64, dim: i64) -> Tensor {
 /// `sa_layer_norm`, `ffn` (`lin1`, `lin2`), `output_layer_norm`.
 #[derive(Debug)]
 struct TransformerBlock {
-    q_lin: Linear,
-    k_lin: Linear,
-    v_lin: Linear,
+    qkv: QkvProjection,
     out_lin: Linear,
     sa_layer_norm: LayerNorm,
     lin1: Linear,
@@ -137,9 +136,11 @@ impl TransformerBlock {
         let (d, std) = (c.dim, c.initializer_range);
         let (a, f) = (p / "attention", p / "ffn");
         Self {
-            q_lin: Linear::new(&(&a / "q_lin"), d, d, std),
-            k_lin: Linear::new(&(&a / "k_lin"), d, d, std),
-            v_lin: Linear::new(&(&a / "v_lin"), d, d, std),
+            qkv: QkvProjection::new(
+                Linear::new(&(&a / "q_lin"), d, d, std),
+                Linear::new(&(&a / "k_lin"), d, d, std),
+                Linear::new(&(&a / "v_lin"), d, d, std),
+            ),
             out_lin: Linear::new(&(&a / "out_lin"), d, d, std),
             sa_layer_norm: LayerNorm::new(&(p / "sa_layer_norm"), d, LAYER_NORM_EPS),
             lin1: Linear::new(&(&f / "lin1"), d, c.hidden_dim, std),
@@ -155,8 +156,8 @@ impl TransformerBlock {
     /// `x` [b, s, dim], `bias` [b, 1, 1, s] -> [b, s, dim]
     fn forward(&self, x: &Tensor, bias: Option<&Tensor>, train: bool) -> Tensor {
         let p = if train { self.attention_dropout } else { 0.0 };
-        let ctx =
-            attention(&self.q_lin.forward(x), &self.k_lin.forward(x), &self.v_lin.forward(x), bias, self.heads, p);
+        let [q, k, v] = self.qkv.forward(x);
+        let ctx = attention(&q, &k, &v, bias, self.heads, p);
         // HF's DistilBERT applies no dropout to the attention output projection.
         let x = self.sa_layer_norm.forward(&(self.out_lin.forward(&ctx) + x));
         let y = self.lin2.forward(&self.act.forward(&self.lin1.forward(&x))).dropout(self.dropout, train);
@@ -237,5 +238,9 @@ impl super::Encoder for DistilBertForMaskedLM {
 
     fn hidden_size(&self) -> i64 {
         self.config.dim
+    }
+
+    fn qkv_projections(&mut self) -> Vec<&mut QkvProjection> {
+        self.layers.iter_mut().map(|l| &mut l.qkv).collect()
     }
 }

@@ -23,6 +23,11 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         x.linear(&self.weight, Some(&self.bias))
     }
+
+    /// The same tensors (not copies).
+    pub fn shallow_clone(&self) -> Self {
+        Self { weight: self.weight.shallow_clone(), bias: self.bias.shallow_clone() }
+    }
 }
 
 /// `nn.LayerNorm(dim, eps)`.

@@ -13,6 +13,7 @@ mod deberta_attention;
 pub mod distilbert;
 mod layers;
 pub mod load;
+mod qkv;
 pub mod roberta;
 pub mod shape;
 mod torch_pickle;
@@ -26,6 +27,8 @@ use tch::{nn::VarStore, Device, Kind, Tensor};
 pub use bert::{BertConfig, BertForMaskedLM};
 pub use deberta::{DebertaV2Config, DebertaV2ForMaskedLM};
 pub use distilbert::{DistilBertConfig, DistilBertForMaskedLM};
+pub use qkv::FusedLeaves;
+use qkv::QkvProjection;
 pub use roberta::{RobertaConfig, RobertaForMaskedLM};
 
 /// The supported architectures, by `model_type` in `config.json`.
@@ -271,6 +274,8 @@ pub(crate) trait Encoder: std::fmt::Debug + Send {
     /// The longest sequence the model takes.
     fn max_positions(&self) -> i64;
     fn hidden_size(&self) -> i64;
+    /// Each layer's query, key and value projections (for [`MaskedLm::fuse_qkv`]).
+    fn qkv_projections(&mut self) -> Vec<&mut QkvProjection>;
 }
 
 /// A masked language model: parameters (`vs`, HF names), architecture and config.
@@ -387,6 +392,14 @@ impl MaskedLm {
 
     pub fn layer(&self, i: usize, x: &Tensor, inputs: &LayerInputs, train: bool) -> Tensor {
         self.net.layer(i, x, inputs, train)
+    }
+
+    /// Fuses each layer's query, key and value projections that lie back to
+    /// back in `buffer`, the flat buffer every parameter is a view of
+    /// (`src/model/qkv.rs`), and returns the fused leaves: from then on the
+    /// forward pass differentiates those, not the separate weights.
+    pub fn fuse_qkv(&mut self, buffer: &Tensor) -> Vec<FusedLeaves> {
+        self.net.qkv_projections().into_iter().flat_map(|p| p.fuse(buffer)).collect()
     }
 
     /// The MLM head: `hidden` [..., h] -> logits [..., vocab]. Apply it to the masked

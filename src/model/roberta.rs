@@ -17,6 +17,7 @@ use tch::{nn, Kind, Tensor};
 
 use super::bert::{BertConfig, BertLayer};
 use super::layers::{additive_mask, Activation, Embedding, LayerNorm, Linear};
+use super::qkv::QkvProjection;
 use super::weights::NameMap;
 use super::LayerInputs;
 
@@ -216,6 +217,10 @@ impl super::Encoder for RobertaForMaskedLM {
 
     fn hidden_size(&self) -> i64 {
         self.config.hidden_size
+    }
+
+    fn qkv_projections(&mut self) -> Vec<&mut QkvProjection> {
+        self.layers.iter_mut().map(|l| l.qkv_mut()).collect()
     }
 }
 

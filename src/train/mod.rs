@@ -4,6 +4,8 @@
 //! backward, optimizer step, maybe log, maybe evaluate, maybe save. The details
 //! live in [`Trainer`]'s methods and the modules beside this one.
 pub mod eval;
+#[cfg(test)]
+mod fused_qkv_tests;
 pub mod host;
 pub mod loss;
 pub mod memory;
@@ -157,14 +159,15 @@ fn steps_per_epoch(train_chunks: usize, shape: &BatchShape) -> Result<usize> {
 }
 
 /// The model that runs forward and backward: `master` itself in fp32, or a bf16
-/// copy whose weights the optimizer rewrites after each update; and its
-/// trainable tensors in the optimizer's flat-buffer order.
+/// copy whose weights the optimizer rewrites after each update; with its
+/// query, key and value projections fused where the flat buffer allows; and
+/// the tensors the step differentiates, one per leaf of the optimizer.
 fn compute_model(
-    master: &MaskedLm,
+    master: &mut MaskedLm,
     opt: &mut FlatAdamW,
     precision: Precision,
 ) -> Result<(Option<MaskedLm>, Vec<Tensor>)> {
-    let compute = match precision {
+    let mut compute = match precision {
         Precision::Fp32 => None,
         Precision::Bf16 => Some(master.to_kind_copy(Kind::BFloat16)?),
     };
@@ -172,7 +175,27 @@ fn compute_model(
     if compute.is_some() {
         opt.attach_shadow(&params, Kind::BFloat16);
     }
-    Ok((compute, params.into_iter().map(|(_, t)| t).collect()))
+    let model = compute.as_mut().unwrap_or(master);
+    let fused = model.fuse_qkv(opt.compute_buffer());
+    let mut tensors: std::collections::HashMap<i64, Tensor> =
+        opt.slots.iter().zip(params).map(|(s, (_, t))| (s.offset, t)).collect();
+    for f in &fused {
+        for (range, tensor) in [(f.weight_range, &f.weight), (f.bias_range, &f.bias)] {
+            opt.fuse_leaves(range)?;
+            tensors.insert(range.0, tensor.shallow_clone());
+        }
+    }
+    if !fused.is_empty() {
+        let members: usize = fused.iter().map(|f| f.members).sum();
+        tracing::info!(
+            "attention: {members} of {} query/key/value projections fused into {} GEMMs (views of the flat buffer)",
+            3 * model.num_layers(),
+            fused.len()
+        );
+    }
+    let leaves =
+        opt.leaves.iter().map(|l| tensors.remove(&l.offset).context("internal error: a leaf without a tensor"));
+    Ok((compute, leaves.collect::<Result<_>>()?))
 }
 
 /// Loads a checkpoint's weights into `master` (before the optimizer takes
@@ -333,7 +356,7 @@ impl Trainer {
         }
         let tok = TextTokenizer::load(&cfg.tokenizer_path())?;
         let startup_rss = metrics::resident_memory().map(|(now, _)| now);
-        let Loaded { model: master, fresh_head } = load_model(&cfg, device)?;
+        let Loaded { model: mut master, fresh_head } = load_model(&cfg, device)?;
         check_vocab(&tok, &master)?;
         if cfg.data.block_size as i64 > master.max_positions() {
             bail!(
@@ -376,7 +399,7 @@ impl Trainer {
                 resume::complete_best(&t.output_dir, &state)?;
             }
         }
-        let (compute, compute_tensors) = compute_model(&master, &mut opt, t.precision)?;
+        let (compute, compute_tensors) = compute_model(&mut master, &mut opt, t.precision)?;
         let model = compute.as_ref().unwrap_or(&master);
         let micro_rows =
             micro::rows_per_pass(&cfg, shape.batch_size, model, &compute_tensors, &data.train, &masking, device)?;

@@ -28,7 +28,7 @@ pub struct Overlap {
     /// Per backward stage: the `(offset, length)` ranges of the flat gradient
     /// that are final once the stage is summed (none until the first step ran).
     stage_ranges: Option<Vec<Vec<(i64, i64)>>>,
-    /// Per slot: the stage after which it is final.
+    /// Per leaf (a slot, or fused slots): the stage after which it is final.
     last_stage: Vec<usize>,
     /// Elements per all-reduce (0: a stage's ranges whole).
     bucket: i64,
@@ -39,7 +39,7 @@ impl Overlap {
         Self { stage_ranges: None, last_stage: Vec::new(), bucket: bucket_elems as i64 }
     }
 
-    /// Runs `backward`, which hands each stage's gradients (one per slot,
+    /// Runs `backward`, which hands each stage's gradients (one per leaf,
     /// undefined where the stage does not reach a parameter) to the sink it is
     /// given, sums them into `opt`'s flat gradient, and leaves that gradient
     /// summed over the workers of `sync`: range by range during backward once
@@ -77,7 +77,7 @@ impl Overlap {
             let mut late: Option<String> = None;
             let out = backward(&mut |g: &[Tensor]| {
                 if let Some(i) = (0..g.len()).find(|&i| g[i].defined() && last_stage[i] < stage) {
-                    late.get_or_insert_with(|| opt.slots[i].name.clone());
+                    late.get_or_insert_with(|| opt.leaves[i].name.clone());
                 }
                 opt.accumulate_grads(g);
                 for &(start, len) in stage_ranges.get(stage).map_or(&[][..], Vec::as_slice) {
@@ -102,11 +102,11 @@ impl Overlap {
         })
     }
 
-    /// Each slot is final after the last stage that defines its gradient (the
+    /// Each leaf is final after the last stage that defines its gradient (the
     /// first stage if none does: the first stage zeroes it); the stages' final
-    /// slots become contiguous ranges of at most `bucket` elements.
+    /// leaves become contiguous ranges of at most `bucket` elements.
     fn learn(&mut self, opt: &FlatAdamW, defined_in: &[Vec<usize>]) {
-        let mut last_stage = vec![0usize; opt.slots.len()];
+        let mut last_stage = vec![0usize; opt.leaves.len()];
         for (stage, defined) in defined_in.iter().enumerate() {
             for &i in defined {
                 last_stage[i] = stage;
@@ -114,13 +114,13 @@ impl Overlap {
         }
         let mut stage_ranges: Vec<Vec<(i64, i64)>> = vec![Vec::new(); defined_in.len()];
         for (stage, ranges) in stage_ranges.iter_mut().enumerate() {
-            let mut slots: Vec<(i64, i64)> = (0..opt.slots.len())
+            let mut leaves: Vec<(i64, i64)> = (0..opt.leaves.len())
                 .filter(|&i| last_stage[i] == stage)
-                .map(|i| (opt.slots[i].offset, opt.slots[i].numel))
+                .map(|i| (opt.leaves[i].offset, opt.leaves[i].numel))
                 .collect();
-            slots.sort_unstable();
+            leaves.sort_unstable();
             let mut merged: Vec<(i64, i64)> = Vec::new();
-            for (offset, numel) in slots {
+            for (offset, numel) in leaves {
                 match merged.last_mut() {
                     Some((start, len)) if *start + *len == offset => *len += numel,
                     _ => merged.push((offset, numel)),

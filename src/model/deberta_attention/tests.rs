@@ -18,9 +18,9 @@ impl DisentangledSelfAttention {
     fn forward_oracle(&self, x: &Tensor, mask: &Tensor, rel: Option<&Tensor>, rel_pos: Option<&Tensor>) -> Tensor {
         let (b, s, h) = x.size3().unwrap();
         let spec = &self.spec;
-        let q = self.split_heads(&self.query_proj.forward(x)); // [b, heads, s, d]
-        let k = self.split_heads(&self.key_proj.forward(x));
-        let v = self.split_heads(&self.value_proj.forward(x));
+        let q = self.split_heads(&self.qkv.query.forward(x)); // [b, heads, s, d]
+        let k = self.split_heads(&self.qkv.key.forward(x));
+        let v = self.split_heads(&self.qkv.value.forward(x));
         let d = h / spec.heads;
         let factor = 1 + spec.c2p as i64 + spec.p2c as i64;
         let scale = ((d * factor) as f32).sqrt() as f64;
@@ -30,13 +30,13 @@ impl DisentangledSelfAttention {
             let span = spec.span;
             let index = |pos: Tensor| pos.clamp(0, 2 * span - 1).expand([b, spec.heads, s, s], false);
             if spec.c2p {
-                let proj = self.pos_key_proj.as_ref().unwrap_or(&self.key_proj);
+                let proj = self.pos_key_proj.as_ref().unwrap_or(&self.qkv.key);
                 let pos_key = self.split_heads(&proj.forward(rel)); // [heads, 2 span, d]
                 let c2p = q.matmul(&pos_key.transpose(-1, -2)); // [b, heads, s, 2 span]
                 bias = bias + c2p.gather(-1, &index(rel_pos + span), false) / scale;
             }
             if spec.p2c {
-                let proj = self.pos_query_proj.as_ref().unwrap_or(&self.query_proj);
+                let proj = self.pos_query_proj.as_ref().unwrap_or(&self.qkv.query);
                 let pos_query = self.split_heads(&proj.forward(rel)); // [heads, 2 span, d]
                 let p2c = k.matmul(&pos_query.transpose(-1, -2)); // [b, heads, s_key, 2 span]
                 bias = bias + p2c.gather(-1, &index(-rel_pos + span), false).transpose(-1, -2) / scale;

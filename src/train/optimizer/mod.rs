@@ -33,6 +33,17 @@ pub struct Slot {
     pub shape: Vec<i64>,
 }
 
+/// A tensor the training step differentiates: one slot, or adjacent slots
+/// fused into one tensor (a layer's query, key and value weights:
+/// [`crate::model::MaskedLm::fuse_qkv`]); one gradient each.
+#[derive(Debug, Clone)]
+pub struct Leaf {
+    /// The slot's name, or the first fused slot's name with a `+N` suffix.
+    pub name: String,
+    pub offset: i64,
+    pub numel: i64,
+}
+
 /// AdamW hyper-parameters (the learning rate comes per step from the schedule).
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWParams {
@@ -51,6 +62,8 @@ impl From<&TrainingConfig> for AdamWParams {
 /// The fp32 master weights, their gradients and AdamW's moments, all flat.
 pub struct FlatAdamW {
     pub slots: Vec<Slot>,
+    /// The gradients' units, in offset order: the slots, some fused.
+    pub leaves: Vec<Leaf>,
     /// Elements `[0, n_decay)` get weight decay, the rest (biases, LayerNorm) do not.
     pub n_decay: i64,
     pub master: Tensor,
@@ -125,8 +138,10 @@ impl FlatAdamW {
             slots.push(Slot { name, offset, numel, shape });
             offset += numel;
         }
+        let leaves = slots.iter().map(|s| Leaf { name: s.name.clone(), offset: s.offset, numel: s.numel }).collect();
         Ok(Self {
             slots,
+            leaves,
             n_decay,
             grad: master.zeros_like(),
             exp_avg: master.zeros_like(),
@@ -167,16 +182,36 @@ impl FlatAdamW {
         self.master.numel() as i64
     }
 
-    /// Adds one micro-batch's gradients (one per slot, in slot order; any
+    /// Makes the leaves that exactly cover `(offset, numel)` one leaf (their
+    /// tensors fused into one the step differentiates).
+    pub fn fuse_leaves(&mut self, (offset, numel): (i64, i64)) -> Result<()> {
+        let Some(first) = self.leaves.iter().position(|l| l.offset == offset) else {
+            bail!("internal error: no parameter starts at element {offset} of the flat buffer");
+        };
+        let mut last = first;
+        let mut end = offset + self.leaves[first].numel;
+        while end < offset + numel && last + 1 < self.leaves.len() {
+            last += 1;
+            end += self.leaves[last].numel;
+        }
+        if end != offset + numel {
+            bail!("internal error: elements {offset}..{} of the flat buffer are not whole parameters", offset + numel);
+        }
+        let name = format!("{}+{}", self.leaves[first].name, last - first);
+        self.leaves.splice(first..=last, [Leaf { name, offset, numel }]);
+        Ok(())
+    }
+
+    /// Adds one micro-batch's gradients (one per leaf, in leaf order; any
     /// dtype; undefined for a parameter the loss did not reach) into the flat
     /// fp32 gradient. The first micro-batch of a step overwrites it.
     ///
-    /// Adjacent slots are handled together: a run of defined gradients is one
+    /// Adjacent leaves are handled together: a run of defined gradients is one
     /// `cat` into its range of the buffer (plus one add when accumulating), a
     /// run of undefined ones one fill, so a whole-model backward costs a few
     /// kernels, not one copy per parameter (200-390 launches on a GPU).
     pub fn accumulate_grads(&mut self, grads: &[Tensor]) {
-        assert_eq!(grads.len(), self.slots.len(), "one gradient per parameter");
+        assert_eq!(grads.len(), self.leaves.len(), "one gradient per leaf");
         let fresh = self.grad_fresh;
         tch::no_grad(|| {
             let mut i = 0;
@@ -186,7 +221,7 @@ impl FlatAdamW {
                 while j < grads.len() && grads[j].defined() == defined {
                     j += 1;
                 }
-                let (start, end) = (self.slots[i].offset, self.slots[j - 1].offset + self.slots[j - 1].numel);
+                let (start, end) = (self.leaves[i].offset, self.leaves[j - 1].offset + self.leaves[j - 1].numel);
                 let mut dst = self.grad.narrow(0, start, end - start);
                 if !defined {
                     if fresh {
@@ -342,6 +377,12 @@ impl FlatAdamW {
             p.set_data(&shadow.narrow(0, s.offset, s.numel).view(s.shape.as_slice()));
         }
         self.shadow = Some(shadow);
+    }
+
+    /// The flat buffer the running model's parameters are views of: the bf16
+    /// shadow if any, else the master.
+    pub fn compute_buffer(&self) -> &Tensor {
+        self.shadow.as_ref().unwrap_or(&self.master)
     }
 
     /// The master view of every parameter, by name (for saving).
