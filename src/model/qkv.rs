@@ -14,7 +14,7 @@
 //! RoBERTa) and `key_proj`, `query_proj`, `value_proj` (DeBERTa with shared
 //! attention keys) are adjacent in that order; DistilBERT's `k_lin`, `out_lin`,
 //! `q_lin`, `v_lin` give one fused pair, `q_lin` + `v_lin`.
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use super::layers::Linear;
 
@@ -180,25 +180,16 @@ fn offset_in(t: &Tensor, buffer: &Tensor) -> Option<i64> {
     if t.device() != buffer.device() || t.kind() != buffer.kind() || !t.is_contiguous() || buffer.dim() != 1 {
         return None;
     }
-    let size = elem_size(buffer.kind())?;
+    let size = buffer.kind().elt_size_in_bytes() as i64;
     let (start, base) = (t.data_ptr() as i64, buffer.data_ptr() as i64);
     let (delta, n) = (start - base, t.numel() as i64);
     (delta >= 0 && delta % size == 0 && delta / size + n <= buffer.numel() as i64).then_some(delta / size)
 }
 
-fn elem_size(kind: Kind) -> Option<i64> {
-    match kind {
-        Kind::Float => Some(4),
-        Kind::BFloat16 | Kind::Half => Some(2),
-        Kind::Double => Some(8),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::{nn, Device};
+    use tch::{nn, Device, Kind};
 
     /// Three projections of `h` made views of one flat buffer laid out in
     /// `order` (by row blocks), with an unrelated tensor after `gap_after`.

@@ -3,9 +3,8 @@
 //! The loop in [`run`] reads like the recipe: next step's batches, forward and
 //! backward, optimizer step, maybe log, maybe evaluate, maybe save. The details
 //! live in [`Trainer`]'s methods and the modules beside this one.
+mod compute;
 pub mod eval;
-#[cfg(test)]
-mod fused_qkv_tests;
 pub mod host;
 pub mod loss;
 pub mod memory;
@@ -43,11 +42,12 @@ use crate::infer::fill_mask;
 use crate::lock::{lock_output_dir, Lock};
 use crate::model::load::{check_vocab, load_model, Loaded};
 use crate::model::MaskedLm;
+use compute::compute_model;
 use eval::{evaluate, EvalResult};
 use loss::{masked_lm_loss_sum, DeviceBatch};
 use metrics::{Metrics, Progress};
 use nonfinite::NonFiniteGuard;
-use optimizer::{ordered_params, AdamWParams, FlatAdamW};
+use optimizer::{AdamWParams, FlatAdamW};
 use overlap::Overlap;
 use resume::{Apply, StartPoint};
 use schedule::LrSchedule;
@@ -156,46 +156,6 @@ fn steps_per_epoch(train_chunks: usize, shape: &BatchShape) -> Result<usize> {
         );
     }
     Ok(steps)
-}
-
-/// The model that runs forward and backward: `master` itself in fp32, or a bf16
-/// copy whose weights the optimizer rewrites after each update; with its
-/// query, key and value projections fused where the flat buffer allows; and
-/// the tensors the step differentiates, one per leaf of the optimizer.
-fn compute_model(
-    master: &mut MaskedLm,
-    opt: &mut FlatAdamW,
-    precision: Precision,
-) -> Result<(Option<MaskedLm>, Vec<Tensor>)> {
-    let mut compute = match precision {
-        Precision::Fp32 => None,
-        Precision::Bf16 => Some(master.to_kind_copy(Kind::BFloat16)?),
-    };
-    let params = ordered_params(&compute.as_ref().unwrap_or(master).vs, &opt.slots)?;
-    if compute.is_some() {
-        opt.attach_shadow(&params, Kind::BFloat16);
-    }
-    let model = compute.as_mut().unwrap_or(master);
-    let fused = model.fuse_qkv(opt.compute_buffer());
-    let mut tensors: std::collections::HashMap<i64, Tensor> =
-        opt.slots.iter().zip(params).map(|(s, (_, t))| (s.offset, t)).collect();
-    for f in &fused {
-        for (range, tensor) in [(f.weight_range, &f.weight), (f.bias_range, &f.bias)] {
-            opt.fuse_leaves(range)?;
-            tensors.insert(range.0, tensor.shallow_clone());
-        }
-    }
-    if !fused.is_empty() {
-        let members: usize = fused.iter().map(|f| f.members).sum();
-        tracing::info!(
-            "attention: {members} of {} query/key/value projections fused into {} GEMMs (views of the flat buffer)",
-            3 * model.num_layers(),
-            fused.len()
-        );
-    }
-    let leaves =
-        opt.leaves.iter().map(|l| tensors.remove(&l.offset).context("internal error: a leaf without a tensor"));
-    Ok((compute, leaves.collect::<Result<_>>()?))
 }
 
 /// Loads a checkpoint's weights into `master` (before the optimizer takes

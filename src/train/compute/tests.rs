@@ -2,11 +2,11 @@
 //! ([`super::compute_model`]) gives the flat gradient of the separate ones.
 use tch::{Device, Kind, Tensor};
 
-use super::loss::{masked_lm_loss_sum, DeviceBatch};
-use super::optimizer::{ordered_params, AdamWParams, FlatAdamW};
 use super::{compute_model, Precision};
 use crate::data::Batch;
 use crate::model::MaskedLm;
+use crate::train::loss::{masked_lm_loss_sum, DeviceBatch};
+use crate::train::optimizer::{ordered_params, AdamWParams, FlatAdamW};
 
 fn config(model_type: &str, extra: serde_json::Value) -> serde_json::Value {
     let mut c = serde_json::json!({
