@@ -5,7 +5,8 @@
 #
 #   1 preflight   every library of the bundled binaries resolves (ldd)
 #   2 doctor      `mlm doctor`: libtorch, CUDA, driver, GPUs, NCCL, MPI
-#   3 nccl        a world-1 NCCL all-reduce (`mlm-comm-check --backend nccl`)
+#   3 nccl        a world-1 NCCL all-reduce (`mlm-comm-check --backend nccl`), also the
+#                 overlapped way: on a stream of its own, after a CUDA event
 #   4 parity      GPU and CPU losses of a tiny fp32 model agree (1e-4)
 #   5 resume      `mlm-launch --gpus 1`, killed after a checkpoint, resumed: the
 #                 resumed losses equal the uninterrupted run's (1e-3)

@@ -40,6 +40,7 @@ fn comm_check_passes_under_mpirun() {
             assert_eq!(v["backend"], "mpi", "{v}");
             assert_eq!(v["world_size"], 2);
             assert_eq!(v["exact_sum"], true, "{v}");
+            assert_eq!(v["exact_overlapped_sum"], true, "{v}");
             assert_eq!(v["identical_on_all_ranks"], true, "{v}");
             assert_eq!(v["broadcast"], true, "{v}");
         }

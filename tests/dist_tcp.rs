@@ -58,6 +58,7 @@ fn comm_check_passes_over_tcp_in_three_processes() {
             assert_eq!(v["rank"], rank);
             assert_eq!(v["world_size"], 3);
             assert_eq!(v["exact_sum"], true);
+            assert_eq!(v["exact_overlapped_sum"], true);
             assert_eq!(v["identical_on_all_ranks"], true);
             hashes.push(v["result_hash"].as_str().unwrap().to_string());
         }

@@ -1,6 +1,7 @@
 //! `mlm-comm-check`: checks a cluster set-up without a model or data. Every
 //! rank joins the job exactly as `mlm train` would (`mlm::distributed::init`), sums a
-//! known tensor, checks the sum, broadcasts a message from rank 0, meets at a
+//! known tensor, checks the sum (also the overlapped way, on NCCL's own stream
+//! after an event), broadcasts a message from rank 0, meets at a
 //! barrier, times `--iters` all-reduces, and prints one JSON line per rank.
 //! Exits non-zero on any mismatch or communication error.
 //!
@@ -113,6 +114,25 @@ fn run(args: Args) -> Result<()> {
     let got = t.to_device(Device::Cpu).to_kind(Kind::Float);
     let exact = n == 0 || got.equal(&want);
 
+    // 1b. The overlapped gradient sum's way (`start_all_reduce_sum` after a
+    // mark, then `finish_started`): on NCCL a stream of its own that waits for
+    // an event. The tensor is written by device work queued just before the
+    // mark, behind a long matmul on a GPU, so a sum that did not wait for it
+    // would add zeros.
+    let mut s = Tensor::zeros([n as i64], (kind, device));
+    if device.is_cuda() {
+        let m = Tensor::randn([2048, 2048], (Kind::Float, device));
+        let _ = (0..8).fold(m.shallow_clone(), |acc, _| acc.matmul(&m) / 2048.0);
+    }
+    tch::no_grad(|| s.copy_(&(&pattern * (rank as f64 + 1.0)).to_kind(kind).to_device(device)));
+    let after = match comm.marker() {
+        Some(mark) => mark()?,
+        None => mlm::distributed::Ready::Now,
+    };
+    comm.start_all_reduce_sum(&mut s, after)?;
+    comm.finish_started()?;
+    let overlapped_exact = n == 0 || s.to_device(Device::Cpu).to_kind(Kind::Float).equal(&want);
+
     // 2. Same bits everywhere: sum random values, compare a hash from rank 0.
     let mut r = Tensor::randn([n as i64], (Kind::Float, Device::Cpu)).to_kind(kind).to_device(device);
     comm.all_reduce_sum(&mut r)?;
@@ -134,7 +154,7 @@ fn run(args: Args) -> Result<()> {
     }
     let secs = start.elapsed().as_secs_f64() / args.iters.max(1) as f64;
     let bytes = (n * t.kind().elt_size_in_bytes()) as f64;
-    let ok = exact && identical && broadcast_ok;
+    let ok = exact && overlapped_exact && identical && broadcast_ok;
     let line = serde_json::json!({
         "rank": rank,
         "world_size": size,
@@ -143,6 +163,7 @@ fn run(args: Args) -> Result<()> {
         "dtype": args.dtype,
         "elems": n,
         "exact_sum": exact,
+        "exact_overlapped_sum": overlapped_exact,
         "identical_on_all_ranks": identical,
         "broadcast": broadcast_ok,
         "result_hash": format!("{hash:016x}"),
@@ -160,7 +181,10 @@ fn run(args: Args) -> Result<()> {
     }
     comm.barrier()?;
     if !ok {
-        bail!("rank {rank}: check failed: exact sum {exact}, identical on all ranks {identical}, broadcast {broadcast_ok}");
+        bail!(
+            "rank {rank}: check failed: exact sum {exact}, exact overlapped sum {overlapped_exact}, identical on all \
+             ranks {identical}, broadcast {broadcast_ok}"
+        );
     }
     Ok(())
 }

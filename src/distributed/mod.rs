@@ -65,7 +65,44 @@ pub trait Communicator: Send {
     /// How long later calls may wait for the other ranks before failing
     /// (`distributed.timeout_s`; longer while rank 0 prepares the data).
     fn set_timeout(&mut self, timeout: Duration);
+
+    /// Where collectives run on a device stream of their own (NCCL), what marks
+    /// the device work a thread has queued so far, for
+    /// [`Self::start_all_reduce_sum`]; `None` where they run in order with the
+    /// caller (the default: every CPU backend).
+    fn marker(&self) -> Option<Marker> {
+        None
+    }
+
+    /// Starts the in-place sum of `t` once the work `after` marks is done and
+    /// may return before it is: [`Self::finish_started`] waits for every sum
+    /// started. `t` must stay alive and untouched until then. The default sums
+    /// at once.
+    fn start_all_reduce_sum(&mut self, t: &mut tch::Tensor, after: Ready) -> Result<()> {
+        drop(after);
+        self.all_reduce_sum(t)
+    }
+
+    /// Returns once every sum [`Self::start_all_reduce_sum`] started is done
+    /// (against the timeout, like every call).
+    fn finish_started(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
+
+/// A point in the device work that one thread has queued, after which a
+/// collective on a stream of its own may start: a CUDA event recorded on the
+/// thread's stream (NCCL), or nothing to wait for.
+pub enum Ready {
+    /// The work is done, or the collective runs in order with it.
+    Now,
+    /// Recorded on the caller's CUDA stream.
+    Event(nccl::Event),
+}
+
+/// Marks the device work queued so far by the calling thread
+/// ([`Communicator::marker`]); any thread may call it.
+pub type Marker = Box<dyn Fn() -> Result<Ready> + Send + Sync>;
 
 /// Where this process stands in the job, read from the environment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

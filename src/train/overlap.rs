@@ -14,7 +14,10 @@
 //! the whole buffer after backward as without overlap; a gradient that arrives
 //! after its range was sent is an error, never a silent race. The schedule is
 //! the same for every backend: on the CPU (tcp, MPI) the thread's sends run
-//! beside the backward kernels.
+//! beside the backward kernels; with NCCL the thread queues each all-reduce on
+//! the communicator's own CUDA stream behind an event that the training thread
+//! recorded after the stage's kernels, so the sums run on the GPU beside the
+//! lower stages' backward (see [`crate::distributed::nccl`]).
 use std::sync::mpsc;
 
 use anyhow::{anyhow, bail, Result};
@@ -22,6 +25,7 @@ use tch::Tensor;
 
 use super::optimizer::FlatAdamW;
 use super::sync::{bucket_ranges, GradSync};
+use crate::distributed::Ready;
 
 /// Where each stage's final gradients lie in the flat buffer.
 pub struct Overlap {
@@ -60,16 +64,28 @@ impl Overlap {
             sync.sum_grads(&mut opt.grad)?;
             return Ok(out);
         };
-        let (tx, rx) = mpsc::channel::<Tensor>();
+        // Where the backend sums on a stream of its own (NCCL), each part goes
+        // with an event that marks its stage's queued kernels, already in the
+        // wire dtype; a converted part is kept here until the sums are done
+        // and then copied back. Elsewhere the thread converts and sums at once.
+        let marker = sync.marker();
+        let streamed = marker.is_some();
+        let wire = sync.wire_kind();
+        let mut converted: Vec<(Tensor, Tensor)> = Vec::new();
+        let mut mark_failed: Option<anyhow::Error> = None;
+        let (tx, rx) = mpsc::channel::<(Tensor, Ready)>();
         let last_stage = &self.last_stage;
         std::thread::scope(|scope| {
             let comm = scope.spawn(move || -> Result<()> {
                 // After a failure the rest is drained unsent: the error ends the job.
                 let mut result = Ok(());
-                for mut part in rx {
+                for (mut part, after) in rx {
                     if result.is_ok() {
-                        result = sync.reduce_part(&mut part);
+                        result = if streamed { sync.start_part(&mut part, after) } else { sync.reduce_part(&mut part) };
                     }
+                }
+                if streamed && result.is_ok() {
+                    result = sync.finish_parts();
                 }
                 result
             });
@@ -81,8 +97,28 @@ impl Overlap {
                 }
                 opt.accumulate_grads(g);
                 for &(start, len) in stage_ranges.get(stage).map_or(&[][..], Vec::as_slice) {
+                    let part = opt.grad.narrow(0, start, len);
+                    let sent = match &marker {
+                        None => (part, Ready::Now),
+                        Some(mark) => {
+                            let part = if part.kind() == wire {
+                                part
+                            } else {
+                                let on_wire = part.to_kind(wire);
+                                converted.push((part, on_wire.shallow_clone()));
+                                on_wire
+                            };
+                            match mark() {
+                                Ok(after) => (part, after),
+                                Err(e) => {
+                                    mark_failed.get_or_insert(e);
+                                    continue;
+                                }
+                            }
+                        }
+                    };
                     // A closed channel means the thread stopped on an error, returned below.
-                    let _ = tx.send(opt.grad.narrow(0, start, len));
+                    let _ = tx.send(sent);
                 }
                 stage += 1;
             });
@@ -97,7 +133,16 @@ impl Overlap {
             if stage != stage_ranges.len() {
                 bail!("internal error: backward ran {stage} stages, the overlap schedule has {}", stage_ranges.len());
             }
+            if let Some(e) = mark_failed {
+                return Err(e.context("marking a backward stage for its all-reduce"));
+            }
             sent?;
+            // The sums are done: the parts summed in another dtype go back.
+            tch::no_grad(|| {
+                for (mut part, on_wire) in converted {
+                    part.copy_(&on_wire);
+                }
+            });
             Ok(out)
         })
     }
@@ -148,7 +193,10 @@ impl Overlap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Backend, DistributedConfig};
+    use std::sync::{Arc, Mutex};
+
+    use crate::config::{Backend, CommDtype, DistributedConfig};
+    use crate::distributed::{Communicator, Marker};
     use crate::train::optimizer::AdamWParams;
     use tch::{Device, Kind};
 
@@ -192,6 +240,79 @@ mod tests {
         overlap.run(&mut sync, &mut o, |sink| stages(2.0).iter().for_each(|g| sink(g))).unwrap();
         let expect: Vec<f32> = [vec![2.0; 6], vec![4.0; 4], vec![2.0; 2], vec![2.0; 2]].concat();
         assert_eq!(Vec::<f32>::try_from(&o.grad).unwrap(), expect);
+    }
+
+    /// Rank 0 of two workers whose other one has the same gradient: a sum
+    /// doubles. `streamed`: a backend with a stream of its own, whose started
+    /// sums are done only at `finish_started` (NCCL's may run that late).
+    struct Doubling {
+        streamed: bool,
+        pending: Vec<Tensor>,
+        /// The dtype of every started sum.
+        started: Arc<Mutex<Vec<Kind>>>,
+    }
+
+    impl Communicator for Doubling {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world_size(&self) -> usize {
+            2
+        }
+        fn all_reduce_sum(&mut self, t: &mut Tensor) -> Result<()> {
+            let _ = t.g_mul_scalar_(2.0);
+            Ok(())
+        }
+        fn broadcast_bytes(&mut self, _: usize, _: &mut Vec<u8>) -> Result<()> {
+            Ok(())
+        }
+        fn barrier(&mut self) -> Result<()> {
+            Ok(())
+        }
+        fn name(&self) -> &'static str {
+            "doubling"
+        }
+        fn set_timeout(&mut self, _: std::time::Duration) {}
+        fn marker(&self) -> Option<Marker> {
+            self.streamed.then(|| Box::new(|| Ok(Ready::Now)) as Marker)
+        }
+        fn start_all_reduce_sum(&mut self, t: &mut Tensor, _: Ready) -> Result<()> {
+            self.started.lock().unwrap().push(t.kind());
+            self.pending.push(t.shallow_clone());
+            Ok(())
+        }
+        fn finish_started(&mut self) -> Result<()> {
+            for mut t in self.pending.drain(..) {
+                let _ = t.g_mul_scalar_(2.0);
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn sums_on_a_stream_of_their_own_are_waited_for_and_copied_back() {
+        for (streamed, dtype) in
+            [(false, CommDtype::Fp32), (true, CommDtype::Fp32), (true, CommDtype::Bf16), (false, CommDtype::Bf16)]
+        {
+            let started = Arc::new(Mutex::new(Vec::new()));
+            let comm = Doubling { streamed, pending: Vec::new(), started: started.clone() };
+            let mut sync = GradSync::with_comm(Box::new(comm), dtype, Device::Cpu);
+            let (mut o, mut overlap) = (opt(), Overlap::new(0));
+            // The first step learns the schedule and sums the whole buffer after backward.
+            overlap.run(&mut sync, &mut o, |sink| stages(1.0).iter().for_each(|g| sink(g))).unwrap();
+            let want = |g: f32| -> Vec<f32> {
+                [vec![2.0 * g; 6], vec![4.0 * g; 4], vec![2.0 * g; 2], vec![2.0 * g; 2]].concat()
+            };
+            assert_eq!(Vec::<f32>::try_from(&o.grad).unwrap(), want(1.0), "{streamed} {dtype:?}");
+            assert!(started.lock().unwrap().is_empty());
+            o.discard_grads();
+            overlap.run(&mut sync, &mut o, |sink| stages(2.0).iter().for_each(|g| sink(g))).unwrap();
+            assert_eq!(Vec::<f32>::try_from(&o.grad).unwrap(), want(2.0), "{streamed} {dtype:?}");
+            let wire = sync.wire_kind();
+            let kinds = started.lock().unwrap().clone();
+            // One sum per range (b.b after stage 0, a.w..a.b after stage 1), started in the wire dtype.
+            assert_eq!(kinds, if streamed { vec![wire; 2] } else { vec![] }, "{dtype:?}");
+        }
     }
 
     #[test]

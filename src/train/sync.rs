@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{CommDtype, DistributedConfig};
-use crate::distributed::{self, Communicator, WorldInfo};
+use crate::distributed::{self, Communicator, Marker, Ready, WorldInfo};
 
 pub struct GradSync {
     pub comm: Box<dyn Communicator>,
@@ -25,6 +25,12 @@ impl GradSync {
         let mut sync = Self { comm, dtype: cfg.comm_dtype, bucket: cfg.bucket_elems as i64, device };
         sync.check_same_job(job)?;
         Ok(sync)
+    }
+
+    /// Around a given communicator (tests).
+    #[cfg(test)]
+    pub(crate) fn with_comm(comm: Box<dyn Communicator>, dtype: CommDtype, device: Device) -> Self {
+        Self { comm, dtype, bucket: 0, device }
     }
 
     /// Every rank compares its job fingerprint with rank 0's; all fail together
@@ -110,6 +116,42 @@ impl GradSync {
                 Ok(())
             }
         }
+    }
+
+    /// Where the backend sums on a device stream of its own (NCCL), what marks
+    /// the device work queued so far ([`Communicator::marker`]); `None` for one
+    /// worker and for the CPU backends, which sum in order with the caller.
+    pub fn marker(&self) -> Option<Marker> {
+        if self.world() == 1 {
+            return None;
+        }
+        self.comm.marker()
+    }
+
+    /// The dtype the gradient travels in (`distributed.comm_dtype`).
+    pub fn wire_kind(&self) -> Kind {
+        match self.dtype {
+            CommDtype::Fp32 => Kind::Float,
+            CommDtype::Bf16 => Kind::BFloat16,
+        }
+    }
+
+    /// Starts summing `part`, already in [`Self::wire_kind`], over the workers
+    /// once the work `after` marks is done ([`Communicator::start_all_reduce_sum`]);
+    /// [`Self::finish_parts`] waits for it.
+    pub fn start_part(&mut self, part: &mut Tensor, after: Ready) -> Result<()> {
+        if self.world() == 1 {
+            return Ok(());
+        }
+        self.comm.start_all_reduce_sum(part, after)
+    }
+
+    /// Waits for the sums [`Self::start_part`] started.
+    pub fn finish_parts(&mut self) -> Result<()> {
+        if self.world() == 1 {
+            return Ok(());
+        }
+        self.comm.finish_started()
     }
 
     pub fn barrier(&mut self) -> Result<()> {

@@ -5,11 +5,27 @@
 //! `mpirun`/`srun`, none at world size 1.
 //!
 //! Ordering with libtorch: tch gives no access to libtorch's current CUDA
-//! stream, so NCCL runs on the legacy default stream (the null stream, which is
-//! libtorch's default stream unless a caller changes it), and the device is
-//! synchronised before each all-reduce, which makes the call correct whatever
-//! stream produced the tensor. For data parallelism (one all-reduce of the flat
-//! gradient per step) the cost is one pipeline drain.
+//! stream, which is the legacy default stream (the null stream) unless a caller
+//! changes it, and `mlm` never does. Two ways in:
+//!
+//! - [`Communicator::all_reduce_sum`] synchronises the device, then runs on the
+//!   null stream and waits for it: correct whatever stream produced the tensor,
+//!   at the cost of a pipeline drain. Everything but the overlapped gradient
+//!   sum uses it (a handful of small sums per step at most).
+//! - The overlapped gradient sum ([`crate::train::overlap`]) runs on a stream of
+//!   the communicator's own, created non-blocking so that it never waits for the
+//!   null stream implicitly. The training thread records a CUDA event on the
+//!   null stream once a backward stage's gradients are queued
+//!   ([`Communicator::marker`]); the communication thread makes the own stream
+//!   wait for that event and queues the all-reduce there
+//!   ([`Communicator::start_all_reduce_sum`]), so the sum of the upper layers'
+//!   gradients runs on the GPU while the lower layers' backward kernels do.
+//!   [`Communicator::finish_started`] records an event on the own stream and
+//!   polls it against the timeout; the training thread queues the optimizer
+//!   only after that, so no event is needed on the way back. The flat gradient
+//!   lives for the whole run and a part in another dtype is kept alive by the
+//!   caller until then, so libtorch's caching allocator never hands the
+//!   memory of a tensor in flight to another kernel.
 //!
 //! No hang: the communicator is non-blocking. Every call returns at once and
 //! is then polled (`ncclCommGetAsyncError`, then the stream) against
@@ -26,7 +42,7 @@ use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{sys as cu, CudaContext};
 use tch::Kind;
 
-use super::Communicator;
+use super::{Communicator, Marker, Ready};
 
 pub mod library;
 
@@ -35,6 +51,59 @@ use library::{Comm, Config, Nccl, NcclResult, UniqueId};
 /// Fails with an actionable message when NCCL cannot be loaded (see [`library`]).
 pub fn check_available() -> Result<()> {
     library::load().map(|_| ())
+}
+
+/// A CUDA event of one context, destroyed on drop (also from another thread:
+/// CUDA releases an event that a stream still waits for once the wait is over).
+pub struct Event {
+    event: cu::CUevent,
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: a CUDA event may be used from any thread that binds its context;
+// every use here binds it first.
+unsafe impl Send for Event {}
+
+impl Event {
+    /// Records an event on `stream` of `ctx` (null: the legacy default stream,
+    /// libtorch's): it completes once the work queued there so far is done.
+    fn record(ctx: &Arc<CudaContext>, stream: cu::CUstream) -> Result<Self> {
+        ctx.bind_to_thread().map_err(|e| anyhow!("CUDA context: {e:?}"))?;
+        let mut event: cu::CUevent = std::ptr::null_mut();
+        let flags = cu::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
+        // SAFETY: `event` is a valid out-pointer; the context is bound.
+        cuda_check(unsafe { cu::cuEventCreate(&mut event, flags) }, "cuEventCreate")?;
+        let this = Self { event, ctx: ctx.clone() };
+        // SAFETY: a live event and a stream of the bound context.
+        cuda_check(unsafe { cu::cuEventRecord(this.event, stream) }, "cuEventRecord")?;
+        Ok(this)
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: created by cuEventCreate, destroyed once here.
+        unsafe { cu::cuEventDestroy_v2(self.event) };
+    }
+}
+
+fn cuda_check(code: cu::CUresult, call: &str) -> Result<()> {
+    match code {
+        cu::CUresult::CUDA_SUCCESS => Ok(()),
+        e => bail!("{call} failed: CUDA error {e:?}"),
+    }
+}
+
+/// What [`NcclComm::wait`] waits for besides NCCL's own state.
+#[derive(Clone, Copy)]
+enum Until {
+    /// The call was taken (a non-blocking communicator may still be queueing it).
+    Queued,
+    /// The null stream's work is done.
+    NullStream,
+    /// The event is complete.
+    Event(cu::CUevent),
 }
 
 /// One rank of a non-blocking NCCL communicator on one GPU. Every call is
@@ -50,6 +119,10 @@ pub struct NcclComm {
     ctx: Arc<CudaContext>,
     timeout: Duration,
     failed: bool,
+    /// The stream of the overlapped sums (created on first use, non-blocking).
+    stream: cu::CUstream,
+    /// The sums started on `stream` since the last [`Communicator::finish_started`]: count, elements.
+    started: (usize, usize),
 }
 
 // SAFETY: an NCCL communicator may be used from any thread, one call at a time;
@@ -87,19 +160,84 @@ impl NcclComm {
         let mut config = Config::non_blocking();
         // SAFETY: `comm` and `config` are valid pointers; the id is the same on every rank.
         let code = unsafe { (nccl.comm_init_rank_config)(&mut comm, world as i32, id, rank as i32, &mut config) };
-        let mut this = Self { nccl, comm, rank, world, device, bootstrap, ctx, timeout, failed: false };
+        let mut this = Self {
+            nccl,
+            comm,
+            rank,
+            world,
+            device,
+            bootstrap,
+            ctx,
+            timeout,
+            failed: false,
+            stream: std::ptr::null_mut(),
+            started: (0, 0),
+        };
         if code != library::SUCCESS && code != library::IN_PROGRESS {
             this.failed = true;
             return Err(nccl_error(nccl, rank, "ncclCommInitRankConfig", code, None));
         }
         let what = format!("joining the NCCL communicator of {world} ranks");
-        this.wait(&what, false)?;
+        this.wait(&what, Until::Queued)?;
         Ok(this)
     }
 
-    /// Polls until the communicator has no call in progress (and, with
-    /// `stream`, the null stream's work is done), an error, or the timeout.
-    fn wait(&mut self, what: &str, stream: bool) -> Result<()> {
+    fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(|e| anyhow!("rank {}: CUDA context: {e:?}", self.rank))
+    }
+
+    /// Checks `t` for an in-place all-reduce -> NCCL's dtype, its elements and
+    /// the call's description for errors.
+    fn describe(&self, t: &tch::Tensor) -> Result<(std::ffi::c_int, usize, String)> {
+        let rank = self.rank;
+        if self.failed {
+            bail!("rank {rank}: an earlier NCCL call failed");
+        }
+        let dtype = match t.kind() {
+            Kind::Float => library::FLOAT32,
+            Kind::BFloat16 => library::BFLOAT16,
+            k => bail!("rank {rank}: all_reduce_sum supports f32 and bf16 tensors, got {k:?}"),
+        };
+        if t.device() != tch::Device::Cuda(self.device) {
+            bail!("rank {rank}: the nccl backend reduces tensors on cuda:{}, got one on {:?}", self.device, t.device());
+        }
+        if !t.is_contiguous() {
+            bail!("rank {rank}: all_reduce_sum needs a contiguous tensor");
+        }
+        let n = t.numel();
+        let what = format!(
+            "all-reduce of {n} {} ({:.1} MiB)",
+            if dtype == library::FLOAT32 { "f32" } else { "bf16" },
+            (n * t.kind().elt_size_in_bytes()) as f64 / (1 << 20) as f64
+        );
+        Ok((dtype, n, what))
+    }
+
+    /// Queues the in-place all-reduce of `t` (`n` elements of `dtype`) on
+    /// `stream` and waits until NCCL has taken the call (not until it is done).
+    fn enqueue(
+        &mut self,
+        t: &tch::Tensor,
+        dtype: std::ffi::c_int,
+        n: usize,
+        what: &str,
+        stream: cu::CUstream,
+    ) -> Result<()> {
+        let ptr = t.data_ptr();
+        // SAFETY: `ptr` addresses `n` contiguous elements of `dtype` on this
+        // communicator's device ([`Self::describe`]); in-place all-reduce is
+        // allowed by NCCL; `stream` is null or this communicator's own.
+        let code = unsafe { (self.nccl.all_reduce)(ptr, ptr, n, dtype, library::SUM, self.comm, stream.cast()) };
+        if code != library::SUCCESS && code != library::IN_PROGRESS {
+            self.failed = true;
+            return Err(nccl_error(self.nccl, self.rank, &format!("{what}: ncclAllReduce"), code, Some(self.comm)));
+        }
+        self.wait(what, Until::Queued)
+    }
+
+    /// Polls until the communicator has no call in progress and `until` holds,
+    /// an error, or the timeout.
+    fn wait(&mut self, what: &str, until: Until) -> Result<()> {
         let rank = self.rank;
         let deadline = Instant::now() + self.timeout;
         let mut spins = 0u32;
@@ -117,11 +255,13 @@ impl NcclComm {
                 return Err(nccl_error(self.nccl, rank, &call, state, Some(self.comm)));
             }
             if state == library::SUCCESS {
-                if !stream {
-                    return Ok(());
-                }
-                // SAFETY: the null stream of the bound context.
-                match unsafe { cu::cuStreamQuery(std::ptr::null_mut()) } {
+                // SAFETY: the null stream of the bound context, or a live event of it.
+                let done = match until {
+                    Until::Queued => return Ok(()),
+                    Until::NullStream => unsafe { cu::cuStreamQuery(std::ptr::null_mut()) },
+                    Until::Event(event) => unsafe { cu::cuEventQuery(event) },
+                };
+                match done {
                     cu::CUresult::CUDA_SUCCESS => return Ok(()),
                     cu::CUresult::CUDA_ERROR_NOT_READY => {}
                     e => {
@@ -160,41 +300,60 @@ impl Communicator for NcclComm {
     }
 
     fn all_reduce_sum(&mut self, t: &mut tch::Tensor) -> Result<()> {
+        let (dtype, n, what) = self.describe(t)?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        tch::Cuda::synchronize(self.device as i64);
+        self.enqueue(t, dtype, n, &what, std::ptr::null_mut())?;
+        self.wait(&what, Until::NullStream)
+    }
+
+    fn marker(&self) -> Option<Marker> {
+        let (ctx, rank) = (self.ctx.clone(), self.rank);
+        Some(Box::new(move || {
+            let event = Event::record(&ctx, std::ptr::null_mut()).map_err(|e| anyhow!("rank {rank}: {e}"))?;
+            Ok(Ready::Event(event))
+        }))
+    }
+
+    fn start_all_reduce_sum(&mut self, t: &mut tch::Tensor, after: Ready) -> Result<()> {
+        let (dtype, n, what) = self.describe(t)?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        let rank = self.rank;
+        if self.stream.is_null() {
+            let flags = cu::CUstream_flags::CU_STREAM_NON_BLOCKING as u32;
+            // SAFETY: a valid out-pointer; the context is bound.
+            let code = unsafe { cu::cuStreamCreate(&mut self.stream, flags) };
+            cuda_check(code, "cuStreamCreate").map_err(|e| anyhow!("rank {rank}: {e}"))?;
+        }
+        if let Ready::Event(event) = &after {
+            // SAFETY: a live event and stream of the bound context.
+            let code = unsafe { cu::cuStreamWaitEvent(self.stream, event.event, 0) };
+            cuda_check(code, "cuStreamWaitEvent").map_err(|e| anyhow!("rank {rank}: {what}: {e}"))?;
+        }
+        drop(after); // the wait is queued: CUDA keeps the event until it is over
+        self.enqueue(t, dtype, n, &what, self.stream)?;
+        self.started = (self.started.0 + 1, self.started.1 + n);
+        Ok(())
+    }
+
+    fn finish_started(&mut self) -> Result<()> {
+        let (count, elems) = std::mem::take(&mut self.started);
+        if count == 0 {
+            return Ok(());
+        }
         let rank = self.rank;
         if self.failed {
             bail!("rank {rank}: an earlier NCCL call failed");
         }
-        let dtype = match t.kind() {
-            Kind::Float => library::FLOAT32,
-            Kind::BFloat16 => library::BFLOAT16,
-            k => bail!("rank {rank}: all_reduce_sum supports f32 and bf16 tensors, got {k:?}"),
-        };
-        if t.device() != tch::Device::Cuda(self.device) {
-            bail!("rank {rank}: the nccl backend reduces tensors on cuda:{}, got one on {:?}", self.device, t.device());
-        }
-        if !t.is_contiguous() {
-            bail!("rank {rank}: all_reduce_sum needs a contiguous tensor");
-        }
-        let n = t.numel();
-        if n == 0 {
-            return Ok(());
-        }
-        self.ctx.bind_to_thread().map_err(|e| anyhow!("rank {rank}: CUDA context: {e:?}"))?;
-        tch::Cuda::synchronize(self.device as i64);
-        let ptr = t.data_ptr();
-        let what = format!(
-            "all-reduce of {n} {} ({:.1} MiB)",
-            if dtype == library::FLOAT32 { "f32" } else { "bf16" },
-            (n * t.kind().elt_size_in_bytes()) as f64 / (1 << 20) as f64
-        );
-        // SAFETY: `ptr` addresses `n` contiguous elements of `dtype` on this
-        // communicator's device; in-place all-reduce is allowed by NCCL.
-        let code = unsafe { (self.nccl.all_reduce)(ptr, ptr, n, dtype, library::SUM, self.comm, std::ptr::null_mut()) };
-        if code != library::SUCCESS && code != library::IN_PROGRESS {
-            self.failed = true;
-            return Err(nccl_error(self.nccl, rank, &format!("{what}: ncclAllReduce"), code, Some(self.comm)));
-        }
-        self.wait(&what, true)
+        let done = Event::record(&self.ctx, self.stream).map_err(|e| anyhow!("rank {rank}: {e}"))?;
+        let what = format!("{count} all-reduces of {elems} gradient elements overlapped with backward");
+        self.wait(&what, Until::Event(done.event))
     }
 
     fn broadcast_bytes(&mut self, root: usize, data: &mut Vec<u8>) -> Result<()> {
@@ -217,22 +376,23 @@ impl Communicator for NcclComm {
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        if self.comm.is_null() {
-            return;
-        }
         let _ = self.ctx.bind_to_thread();
-        // SAFETY: `comm` came from ncclCommInitRankConfig and is released once here.
+        // SAFETY: `comm` came from ncclCommInitRankConfig and `stream` from
+        // cuStreamCreate; each is released once here (`comm` is null once aborted).
         unsafe {
-            if self.failed {
+            if self.failed && !self.comm.is_null() {
                 (self.nccl.comm_abort)(self.comm);
-            } else {
+            } else if !self.comm.is_null() {
                 if let Some(finalize) = self.nccl.comm_finalize {
                     finalize(self.comm);
-                    let _ = self.wait("closing the NCCL communicator", false);
+                    let _ = self.wait("closing the NCCL communicator", Until::Queued);
                 }
                 if !self.comm.is_null() {
                     (self.nccl.comm_destroy)(self.comm);
                 }
+            }
+            if !self.stream.is_null() {
+                cu::cuStreamDestroy_v2(self.stream);
             }
         }
     }
