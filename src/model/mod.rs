@@ -426,8 +426,16 @@ impl MaskedLm {
         };
         let (heads, head_dim) = (shape.heads as i64, (shape.hidden / shape.heads.max(1)) as i64);
         let bias = shape.relative.is_some();
-        let kernel = if shape.arch == Arch::DebertaV2 && deberta_attention::writes_scores_out(device, kind) {
-            "scores written out (matmuls, softmax)"
+        let written_out = if shape.arch == Arch::DebertaV2 {
+            deberta_attention::writes_scores_out(device, kind)
+        } else {
+            layers::writes_scores_out(device, kind, shape.attention_dropout)
+        };
+        let kernel = if written_out {
+            match kind {
+                Kind::BFloat16 => "scores written out (bf16 matmuls, fp32 softmax)",
+                _ => "scores written out (matmuls, softmax)",
+            }
         } else {
             layers::sdpa_kernel(device, kind, heads, seq, head_dim, bias, shape.attention_dropout)
         };

@@ -215,6 +215,30 @@ fn lean_attention_matches_the_gather_formulation_on_edge_shapes() {
     }
 }
 
+/// In bf16 both kernels stay within bf16's rounding of the fp32 oracle (the
+/// written-out one multiplies in bf16 where the CPU has bf16 instructions).
+#[test]
+fn lean_attention_in_bf16_stays_near_the_fp32_gather_formulation() {
+    let spec = spec_for(16, 2, true, true, true, 8, 64);
+    let s = 13;
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let layer = DisentangledSelfAttention::new(&vs.root(), spec);
+    let x = Tensor::randn([3, s, spec.hidden], (Kind::Float, Device::Cpu));
+    let rel = Tensor::randn([2 * spec.span, spec.hidden], (Kind::Float, Device::Cpu));
+    let mask = Tensor::ones([3, s], (Kind::Int64, Device::Cpu));
+    let oracle = run(&layer, &vs, &x, &rel, &mask, Kernel::Oracle);
+    vs.bfloat16();
+    let (x, rel) = (x.to_kind(Kind::BFloat16), rel.to_kind(Kind::BFloat16));
+    for kernel in [Kernel::Sdpa, Kernel::Explicit] {
+        let got = run(&layer, &vs, &x, &rel, &mask, kernel);
+        for ((name, got), (_, want)) in got.iter().zip(&oracle) {
+            let scale = want.abs().max().double_value(&[]).max(1e-6);
+            let err = (got.to_kind(Kind::Float) - want).abs().max().double_value(&[]) / scale;
+            assert!(err < 0.03, "{name}: {kernel:?}: max |diff| / max |oracle| = {err:.4}");
+        }
+    }
+}
+
 /// Bytes of the heap in use (arena + mmapped chunks): libtorch's CPU tensors
 /// come from malloc, and it caches none.
 fn heap_in_use() -> usize {
