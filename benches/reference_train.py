@@ -15,7 +15,8 @@ plain PyTorch loop so that nothing but the step is timed:
 - `clip_grad_norm_(1.0)`, `torch.optim.AdamW` (fused when supported, else foreach;
   no decay on biases and LayerNorm weights), a linear schedule.
 
-Prints one JSON object on stdout: tokens_per_s, step_s, per-phase mean times,
+Prints one JSON object on stdout: tokens_per_s, step_s, per-phase mean times, each
+timed step's time (`step_times_s`, where the phases are synchronised: the CPU),
 flops_per_token (model FLOPs, see `model_flops_per_token`) and, on CUDA, mfu.
 
     python benches/reference_train.py --config cfg.json --tokenizer tokenizer.json \
@@ -170,6 +171,7 @@ def main():
 
     phases = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     losses = []
+    step_times = []
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(a.seed)).tolist()
     start = None
     for step in range(total):
@@ -196,6 +198,8 @@ def main():
         te = time.perf_counter()
         for k, dt in zip(phases, (tb - ta, tc - tb, td - tc, te - td)):
             phases[k] += dt
+        if step >= a.warmup and timed_phases:
+            step_times.append(te - ta)
         losses.append(loss.detach())
     sync()
     elapsed = time.perf_counter() - start
@@ -217,6 +221,9 @@ def main():
         "warmup": a.warmup,
         "tokens_per_s": tokens_per_s,
         "step_s": step_s,
+        # Each timed step's wall time where the phases are synchronised (the CPU),
+        # for a median that one slow step on a shared machine does not move.
+        "step_times_s": step_times if timed_phases else None,
         **({f"time_{k}_s": v / a.steps for k, v in phases.items()} if timed_phases else {}),
         "data_fraction": phases["data"] / elapsed if timed_phases else None,
         "flops_per_token": flops,

@@ -9,10 +9,14 @@
 //! 30,522 (`deberta-v3-small-shape-vocab30522`: the encoder's share); fp32 and bf16; block 128, batch 8; the corpus is the
 //! Python tutorial + FAQ reST. Ours is read from `metrics.jsonl` (one line per
 //! step, `log_every = 1`) after the warm-up steps, so start-up, the final
-//! evaluation and the checkpoint written at the end are not timed.
+//! evaluation and the checkpoint written at the end are not timed. The two sides
+//! take turns (`MLM_BENCH_ROUNDS` runs each, default 2) and the ratio is of the
+//! median step times over all of a side's timed steps, so that a spell of load on
+//! a shared machine moves neither side alone; the ratio of the means is printed
+//! beside it.
 //!
-//! Knobs: `MLM_BENCH_STEPS` (timed steps, default 8), `MLM_BENCH_WARMUP` (untimed
-//! steps first, default 2), `MLM_BENCH_MODELS` (`distilbert,deberta`),
+//! Knobs: `MLM_BENCH_STEPS` (timed steps per run, default 8), `MLM_BENCH_WARMUP`
+//! (untimed steps first, default 2), `MLM_BENCH_ROUNDS`, `MLM_BENCH_MODELS` (`distilbert,deberta`),
 //! `MLM_BENCH_PRECISIONS` (`fp32,bf16`), `MLM_BENCH_THREADS` (default: all cores),
 //! `MLM_BENCH_HEADS` (0: skip the sparse-vs-dense head comparison, run for fp32),
 //! `MLM_BIN`, `MLM_PYTHON`. Results also go to `target/bench/train/results.json`.
@@ -63,7 +67,8 @@ fn target(model: &str, precision: &str) -> Option<f64> {
 }
 
 struct Ours {
-    tokens_per_s: f64,
+    /// Each timed step's time.
+    step_times: Vec<f64>,
     step_s: f64,
     /// Mean of each `time_*_s` field the metrics carry (absent on older builds).
     phases: Vec<(String, f64)>,
@@ -145,7 +150,8 @@ progress = "never"
     // `step_s` where the metrics carry it, else from the step's tokens/s.
     let step_time =
         |v: &Value| v["step_s"].as_f64().unwrap_or_else(|| tokens / v["tokens_per_s"].as_f64().unwrap_or(f64::NAN));
-    let step_s = rows.iter().map(step_time).sum::<f64>() / rows.len() as f64;
+    let step_times: Vec<f64> = rows.iter().map(step_time).collect();
+    let step_s = step_times.iter().sum::<f64>() / rows.len() as f64;
     let mut phases = Vec::new();
     if let Some(obj) = rows[0].as_object() {
         for k in obj.keys().filter(|k| k.starts_with("time_") && k.ends_with("_s")) {
@@ -157,7 +163,7 @@ progress = "never"
     }
     let mfus: Vec<f64> = rows.iter().filter_map(|v| v["mfu"].as_f64()).collect();
     let mfu = (!mfus.is_empty()).then(|| mfus.iter().sum::<f64>() / mfus.len() as f64);
-    Ok(Ours { tokens_per_s: tokens / step_s, step_s, phases, mfu })
+    Ok(Ours { step_times, step_s, phases, mfu })
 }
 
 fn run_reference(dir: &Path, cfg: &Path, prec: &str, warmup: usize, steps: usize, threads: usize) -> Result<Value> {
@@ -179,10 +185,26 @@ fn run_reference(dir: &Path, cfg: &Path, prec: &str, warmup: usize, steps: usize
     last_json(&stdout)
 }
 
+/// The middle value of `x` (the mean of the two middle ones for an even count).
+fn median(x: &[f64]) -> f64 {
+    let mut v = x.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
 fn main() -> Result<()> {
     let steps = knob("STEPS", 8).max(1);
     let warmup = knob("WARMUP", 2);
     let threads = knob("THREADS", cores());
+    let rounds = knob("ROUNDS", 2).max(1);
     let bin = mlm_bin()?;
     let models: [(&str, Value); 3] = [
         ("distilbert-base", distilbert_base()),
@@ -205,30 +227,65 @@ fn main() -> Result<()> {
         let cfg = dir.join("config.json");
         std::fs::write(&cfg, serde_json::to_vec_pretty(config)?)?;
         for prec in &want_prec {
-            eprintln!("train_throughput: {name} {prec}: mlm train ...");
-            let ours = run_ours(&bin, &dir, &cfg, prec, warmup, steps, threads, true)?;
-            eprintln!("train_throughput: {name} {prec}: reference ...");
-            let reference = run_reference(&dir, &cfg, prec, warmup, steps, threads)?;
-            let ref_tps = reference["tokens_per_s"].as_f64().context("reference: no tokens_per_s")?;
+            // Ours and the reference take turns, so that a spell of load on this
+            // shared machine falls on both sides; each side's time is the median
+            // of all its timed steps.
+            let (mut ours_runs, mut refs) = (Vec::new(), Vec::new());
+            for round in 1..=rounds {
+                eprintln!("train_throughput: {name} {prec}: mlm train (round {round} of {rounds}) ...");
+                ours_runs.push(run_ours(&bin, &dir, &cfg, prec, warmup, steps, threads, true)?);
+                eprintln!("train_throughput: {name} {prec}: reference (round {round} of {rounds}) ...");
+                refs.push(run_reference(&dir, &cfg, prec, warmup, steps, threads)?);
+            }
+            let ours_times: Vec<f64> = ours_runs.iter().flat_map(|o| o.step_times.iter().copied()).collect();
+            let ref_times = refs
+                .iter()
+                .map(|r| match r["step_times_s"].as_array() {
+                    Some(t) => Ok(t.iter().filter_map(Value::as_f64).collect::<Vec<f64>>()),
+                    None => r["step_s"].as_f64().map(|s| vec![s]).context("reference: no step_s"),
+                })
+                .collect::<Result<Vec<_>>>()?
+                .concat();
+            let tokens = (BATCH * BLOCK) as f64;
+            let (ours_step, ref_step) = (median(&ours_times), median(&ref_times));
+            let ours = &ours_runs[0];
+            let phases: serde_json::Map<String, Value> = ours
+                .phases
+                .iter()
+                .map(|(k, _)| {
+                    let all: Vec<f64> =
+                        ours_runs.iter().flat_map(|o| o.phases.iter().filter(|p| &p.0 == k).map(|p| p.1)).collect();
+                    (k.clone(), json!(all.iter().sum::<f64>() / all.len() as f64))
+                })
+                .collect();
+            let mean = |t: &[f64]| t.iter().sum::<f64>() / t.len() as f64;
             results.push(json!({
-                "model": name, "precision": prec,
-                "ours_tokens_per_s": ours.tokens_per_s, "ours_step_s": ours.step_s,
-                "ours_phases_s": ours.phases.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<String, Value>>(),
+                "model": name, "precision": prec, "rounds": rounds,
+                "ours_tokens_per_s": tokens / ours_step, "ours_step_s": ours_step, "ours_step_times_s": ours_times,
+                "ours_phases_s": phases,
                 "ours_mfu": ours.mfu,
-                "reference_tokens_per_s": ref_tps, "reference": reference,
-                "ratio": ours.tokens_per_s / ref_tps, "target_ratio": target(name, prec),
+                "reference_tokens_per_s": tokens / ref_step, "reference_step_s": ref_step,
+                "reference_step_times_s": ref_times, "reference": refs,
+                "ratio": ref_step / ours_step, "ratio_of_means": mean(&ref_times) / mean(&ours_times),
+                "target_ratio": target(name, prec),
             }));
             eprintln!(
-                "train_throughput: {name} {prec}: ours {:.0} tokens/s, reference {ref_tps:.0} tokens/s",
-                ours.tokens_per_s
+                "train_throughput: {name} {prec}: ours {:.0} tokens/s, reference {:.0} tokens/s (medians)",
+                tokens / ours_step,
+                tokens / ref_step
             );
         }
     }
 
     println!();
-    println!("training throughput, CPU, {threads} threads, block {BLOCK} x batch {BATCH}, mean of {steps} steps after {warmup}");
-    println!("| model | precision | ours tokens/s | reference tokens/s | ratio | target | ours data wait |");
-    println!("|---|---|---:|---:|---:|---:|---:|");
+    println!(
+        "training throughput, CPU, {threads} threads, block {BLOCK} x batch {BATCH}: median step time of {rounds} \
+         alternating runs of {steps} steps after {warmup} per side"
+    );
+    println!(
+        "| model | precision | ours tokens/s | reference tokens/s | ratio | ratio of means | target | ours data wait |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
     for r in &results {
         let phases = r["ours_phases_s"].as_object();
         let wait = phases
@@ -238,12 +295,13 @@ fn main() -> Result<()> {
             .unwrap_or_else(|| "n/a".into());
         let target = r["target_ratio"].as_f64().map(|t| format!("≥ {t:.1}x")).unwrap_or_else(|| "-".into());
         println!(
-            "| {} | {} | {} | {} | {:.2}x | {target} | {wait} |",
+            "| {} | {} | {} | {} | {:.2}x | {:.2}x | {target} | {wait} |",
             r["model"].as_str().unwrap(),
             r["precision"].as_str().unwrap(),
             thousands(r["ours_tokens_per_s"].as_f64().unwrap()),
             thousands(r["reference_tokens_per_s"].as_f64().unwrap()),
             r["ratio"].as_f64().unwrap(),
+            r["ratio_of_means"].as_f64().unwrap(),
         );
     }
     // The sparse MLM head against the dense one (HF's: the vocabulary projection
@@ -270,7 +328,7 @@ fn main() -> Result<()> {
     let load_after = load_average();
     println!("load average before {load_before}, after {load_after}");
     let summary = json!({
-        "block": BLOCK, "batch": BATCH, "steps": steps, "warmup": warmup, "threads": threads,
+        "block": BLOCK, "batch": BATCH, "steps": steps, "warmup": warmup, "threads": threads, "rounds": rounds,
         "load_average_before": load_before, "load_average_after": load_after, "results": results,
         "heads": heads,
     });
