@@ -119,12 +119,14 @@ fn run(args: Args) -> Result<()> {
     // an event. The tensor is written by device work queued just before the
     // mark, behind a long matmul on a GPU, so a sum that did not wait for it
     // would add zeros.
+    // (The upload first: a blocking upload would wait for the matmuls itself.)
+    let src = (&pattern * (rank as f64 + 1.0)).to_kind(kind).to_device(device);
     let mut s = Tensor::zeros([n as i64], (kind, device));
     if device.is_cuda() {
         let m = Tensor::randn([2048, 2048], (Kind::Float, device));
         let _ = (0..8).fold(m.shallow_clone(), |acc, _| acc.matmul(&m) / 2048.0);
     }
-    tch::no_grad(|| s.copy_(&(&pattern * (rank as f64 + 1.0)).to_kind(kind).to_device(device)));
+    tch::no_grad(|| s.copy_(&src)); // queued behind the matmuls
     let after = match comm.marker() {
         Some(mark) => mark()?,
         None => mlm::distributed::Ready::Now,

@@ -88,6 +88,12 @@ pub trait Communicator: Send {
     fn finish_started(&mut self) -> Result<()> {
         Ok(())
     }
+
+    /// Checks the started sums without waiting for them: fails (and stops
+    /// them) once one has failed or run past the timeout since it started.
+    fn poll_started(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A point in the device work that one thread has queued, after which a

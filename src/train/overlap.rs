@@ -27,6 +27,9 @@ use super::optimizer::FlatAdamW;
 use super::sync::{bucket_ranges, GradSync};
 use crate::distributed::Ready;
 
+/// How often the communication thread checks the sums in flight.
+const POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Where each stage's final gradients lie in the flat buffer.
 pub struct Overlap {
     /// Per backward stage: the `(offset, length)` ranges of the flat gradient
@@ -79,7 +82,19 @@ impl Overlap {
             let comm = scope.spawn(move || -> Result<()> {
                 // After a failure the rest is drained unsent: the error ends the job.
                 let mut result = Ok(());
-                for (mut part, after) in rx {
+                // While sums are in flight the backend is polled, so that a dead
+                // peer ends the step within the timeout even while backward runs.
+                loop {
+                    let (mut part, after) = match rx.recv_timeout(POLL) {
+                        Ok(message) => message,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            if streamed && result.is_ok() {
+                                result = sync.poll_parts();
+                            }
+                            continue;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    };
                     if result.is_ok() {
                         result = if streamed { sync.start_part(&mut part, after) } else { sync.reduce_part(&mut part) };
                     }
@@ -111,8 +126,13 @@ impl Overlap {
                             match mark() {
                                 Ok(after) => (part, after),
                                 Err(e) => {
+                                    // Still sent, so that every rank runs the same
+                                    // collectives: after a device-wide wait instead.
+                                    if let tch::Device::Cuda(i) = part.device() {
+                                        tch::Cuda::synchronize(i as i64);
+                                    }
                                     mark_failed.get_or_insert(e);
-                                    continue;
+                                    (part, Ready::Now)
                                 }
                             }
                         }
@@ -247,6 +267,8 @@ mod tests {
     /// sums are done only at `finish_started` (NCCL's may run that late).
     struct Doubling {
         streamed: bool,
+        /// `poll_started` fails while a sum is pending (a peer died).
+        dead_peer: bool,
         pending: Vec<Tensor>,
         /// The dtype of every started sum.
         started: Arc<Mutex<Vec<Kind>>>,
@@ -281,6 +303,12 @@ mod tests {
             self.pending.push(t.shallow_clone());
             Ok(())
         }
+        fn poll_started(&mut self) -> Result<()> {
+            if self.dead_peer && !self.pending.is_empty() {
+                bail!("rank 1 died; the communicator was aborted");
+            }
+            Ok(())
+        }
         fn finish_started(&mut self) -> Result<()> {
             for mut t in self.pending.drain(..) {
                 let _ = t.g_mul_scalar_(2.0);
@@ -295,7 +323,7 @@ mod tests {
             [(false, CommDtype::Fp32), (true, CommDtype::Fp32), (true, CommDtype::Bf16), (false, CommDtype::Bf16)]
         {
             let started = Arc::new(Mutex::new(Vec::new()));
-            let comm = Doubling { streamed, pending: Vec::new(), started: started.clone() };
+            let comm = Doubling { streamed, dead_peer: false, pending: Vec::new(), started: started.clone() };
             let mut sync = GradSync::with_comm(Box::new(comm), dtype, Device::Cpu);
             let (mut o, mut overlap) = (opt(), Overlap::new(0));
             // The first step learns the schedule and sums the whole buffer after backward.
@@ -313,6 +341,27 @@ mod tests {
             // One sum per range (b.b after stage 0, a.w..a.b after stage 1), started in the wire dtype.
             assert_eq!(kinds, if streamed { vec![wire; 2] } else { vec![] }, "{dtype:?}");
         }
+    }
+
+    #[test]
+    fn sums_in_flight_are_polled_while_backward_runs() {
+        let started = Arc::new(Mutex::new(Vec::new()));
+        let comm = Doubling { streamed: true, dead_peer: true, pending: Vec::new(), started };
+        let mut sync = GradSync::with_comm(Box::new(comm), CommDtype::Fp32, Device::Cpu);
+        let (mut o, mut overlap) = (opt(), Overlap::new(0));
+        overlap.run(&mut sync, &mut o, |sink| stages(1.0).iter().for_each(|g| sink(g))).unwrap();
+        // The lower stage's backward takes longer than a poll: the error of the
+        // sum in flight ends the step.
+        let slow = |sink: &mut dyn FnMut(&[Tensor])| {
+            for (i, g) in stages(1.0).iter().enumerate() {
+                if i == 1 {
+                    std::thread::sleep(3 * POLL);
+                }
+                sink(g);
+            }
+        };
+        let e = overlap.run(&mut sync, &mut o, slow).unwrap_err();
+        assert!(e.to_string().contains("rank 1 died"), "{e}");
     }
 
     #[test]

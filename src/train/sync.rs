@@ -146,6 +146,15 @@ impl GradSync {
         self.comm.start_all_reduce_sum(part, after)
     }
 
+    /// Checks the sums in flight without waiting: an error once one has run
+    /// past the timeout or failed ([`Communicator::poll_started`]).
+    pub fn poll_parts(&mut self) -> Result<()> {
+        if self.world() == 1 {
+            return Ok(());
+        }
+        self.comm.poll_started()
+    }
+
     /// Waits for the sums [`Self::start_part`] started.
     pub fn finish_parts(&mut self) -> Result<()> {
         if self.world() == 1 {

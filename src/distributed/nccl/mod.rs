@@ -20,8 +20,13 @@
 //!   wait for that event and queues the all-reduce there
 //!   ([`Communicator::start_all_reduce_sum`]), so the sum of the upper layers'
 //!   gradients runs on the GPU while the lower layers' backward kernels do.
-//!   [`Communicator::finish_started`] records an event on the own stream and
-//!   polls it against the timeout; the training thread queues the optimizer
+//!   An event recorded after each sum dates it: while backward still runs,
+//!   the communication thread polls them ([`Communicator::poll_started`]), so
+//!   a sum stuck past the timeout (a dead peer) aborts the communicator even
+//!   while the training thread waits on the device;
+//!   [`Communicator::finish_started`] polls the last one against the timeout,
+//!   and any error with sums in flight aborts the communicator and waits for
+//!   the own stream before returning. The training thread queues the optimizer
 //!   only after that, so no event is needed on the way back. The flat gradient
 //!   lives for the whole run and a part in another dtype is kept alive by the
 //!   caller until then, so libtorch's caching allocator never hands the
@@ -35,6 +40,7 @@
 //!
 //! NCCL refuses two ranks of one communicator on the same GPU ("Duplicate GPU
 //! detected"): give each rank its own device (`CUDA_VISIBLE_DEVICES`).
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -121,8 +127,9 @@ pub struct NcclComm {
     failed: bool,
     /// The stream of the overlapped sums (created on first use, non-blocking).
     stream: cu::CUstream,
-    /// The sums started on `stream` since the last [`Communicator::finish_started`]: count, elements.
-    started: (usize, usize),
+    /// The sums started on `stream` and not yet seen done: an event recorded
+    /// after each, when it started, its elements.
+    in_flight: VecDeque<(Event, Instant, usize)>,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread, one call at a time;
@@ -171,7 +178,7 @@ impl NcclComm {
             timeout,
             failed: false,
             stream: std::ptr::null_mut(),
-            started: (0, 0),
+            in_flight: VecDeque::new(),
         };
         if code != library::SUCCESS && code != library::IN_PROGRESS {
             this.failed = true;
@@ -233,6 +240,106 @@ impl NcclComm {
             return Err(nccl_error(self.nccl, self.rank, &format!("{what}: ncclAllReduce"), code, Some(self.comm)));
         }
         self.wait(what, Until::Queued)
+    }
+
+    /// [`Communicator::start_all_reduce_sum`]: the own stream waits for
+    /// `after`, then sums `t`; an event after it dates the sum.
+    fn start(&mut self, t: &tch::Tensor, after: Ready) -> Result<()> {
+        let (dtype, n, what) = self.describe(t)?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        let rank = self.rank;
+        if self.stream.is_null() {
+            let flags = cu::CUstream_flags::CU_STREAM_NON_BLOCKING as u32;
+            // SAFETY: a valid out-pointer; the context is bound.
+            let code = unsafe { cu::cuStreamCreate(&mut self.stream, flags) };
+            cuda_check(code, "cuStreamCreate").map_err(|e| anyhow!("rank {rank}: {e}"))?;
+        }
+        if let Ready::Event(event) = &after {
+            // SAFETY: a live event and stream of the bound context.
+            let code = unsafe { cu::cuStreamWaitEvent(self.stream, event.event, 0) };
+            cuda_check(code, "cuStreamWaitEvent").map_err(|e| anyhow!("rank {rank}: {what}: {e}"))?;
+        }
+        drop(after); // the wait is queued: CUDA keeps the event until it is over
+        self.enqueue(t, dtype, n, &what, self.stream)?;
+        let done = Event::record(&self.ctx, self.stream).map_err(|e| anyhow!("rank {rank}: {what}: {e}"))?;
+        self.in_flight.push_back((done, Instant::now(), n));
+        Ok(())
+    }
+
+    /// [`Communicator::poll_started`]: NCCL's state, then the oldest sums.
+    fn check_in_flight(&mut self) -> Result<()> {
+        let rank = self.rank;
+        if self.in_flight.is_empty() {
+            return Ok(());
+        }
+        if self.failed {
+            bail!("rank {rank}: an earlier NCCL call failed");
+        }
+        self.bind()?;
+        let mut state: NcclResult = library::SUCCESS;
+        // SAFETY: `comm` is live; `state` is a valid out-pointer.
+        let code = unsafe { (self.nccl.comm_get_async_error)(self.comm, &mut state) };
+        if code != library::SUCCESS {
+            return Err(nccl_error(self.nccl, rank, "ncclCommGetAsyncError", code, Some(self.comm)));
+        }
+        if state != library::SUCCESS && state != library::IN_PROGRESS {
+            let call = "an all-reduce overlapped with backward: NCCL";
+            return Err(nccl_error(self.nccl, rank, call, state, Some(self.comm)));
+        }
+        while let Some((event, since, elems)) = self.in_flight.front() {
+            // SAFETY: a live event of the bound context.
+            match unsafe { cu::cuEventQuery(event.event) } {
+                cu::CUresult::CUDA_SUCCESS => {
+                    self.in_flight.pop_front();
+                }
+                cu::CUresult::CUDA_ERROR_NOT_READY if since.elapsed() < self.timeout => return Ok(()),
+                cu::CUresult::CUDA_ERROR_NOT_READY => bail!(
+                    "rank {rank}: an all-reduce of {elems} gradient elements overlapped with backward did not \
+                     finish within {} s (distributed.timeout_s): another rank is stuck, dead or slower by that \
+                     much; the communicator was aborted",
+                    self.timeout.as_secs()
+                ),
+                e => bail!("rank {rank}: CUDA error {e:?} while waiting for an overlapped all-reduce"),
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Communicator::finish_started`]: waits for the last sum's event.
+    fn finish(&mut self) -> Result<()> {
+        let rank = self.rank;
+        if self.failed {
+            bail!("rank {rank}: an earlier NCCL call failed");
+        }
+        self.bind()?;
+        let (count, elems) = (self.in_flight.len(), self.in_flight.iter().map(|f| f.2).sum::<usize>());
+        let last = self.in_flight.back().map(|f| f.0.event).expect("not empty");
+        let what = format!("{count} all-reduces of {elems} gradient elements overlapped with backward");
+        self.wait(&what, Until::Event(last))?;
+        self.in_flight.clear();
+        Ok(())
+    }
+
+    /// After an error with sums in flight: aborts the communicator (its kernels
+    /// stop) and waits for the own stream, so that no sum writes into memory
+    /// its caller frees once the error returns.
+    fn abandon_started(&mut self) {
+        self.failed = true;
+        let _ = self.bind();
+        if !self.comm.is_null() {
+            // SAFETY: aborting a live communicator unblocks its kernels; it is
+            // not used again (`comm` null).
+            unsafe { (self.nccl.comm_abort)(self.comm) };
+            self.comm = std::ptr::null_mut();
+        }
+        if !self.stream.is_null() {
+            // SAFETY: the own stream of the bound context.
+            unsafe { cu::cuStreamSynchronize(self.stream) };
+        }
+        self.in_flight.clear();
     }
 
     /// Polls until the communicator has no call in progress and `until` holds,
@@ -319,41 +426,30 @@ impl Communicator for NcclComm {
     }
 
     fn start_all_reduce_sum(&mut self, t: &mut tch::Tensor, after: Ready) -> Result<()> {
-        let (dtype, n, what) = self.describe(t)?;
-        if n == 0 {
-            return Ok(());
+        let result = self.start(t, after);
+        if result.is_err() {
+            self.abandon_started();
         }
-        self.bind()?;
-        let rank = self.rank;
-        if self.stream.is_null() {
-            let flags = cu::CUstream_flags::CU_STREAM_NON_BLOCKING as u32;
-            // SAFETY: a valid out-pointer; the context is bound.
-            let code = unsafe { cu::cuStreamCreate(&mut self.stream, flags) };
-            cuda_check(code, "cuStreamCreate").map_err(|e| anyhow!("rank {rank}: {e}"))?;
+        result
+    }
+
+    fn poll_started(&mut self) -> Result<()> {
+        let result = self.check_in_flight();
+        if result.is_err() {
+            self.abandon_started();
         }
-        if let Ready::Event(event) = &after {
-            // SAFETY: a live event and stream of the bound context.
-            let code = unsafe { cu::cuStreamWaitEvent(self.stream, event.event, 0) };
-            cuda_check(code, "cuStreamWaitEvent").map_err(|e| anyhow!("rank {rank}: {what}: {e}"))?;
-        }
-        drop(after); // the wait is queued: CUDA keeps the event until it is over
-        self.enqueue(t, dtype, n, &what, self.stream)?;
-        self.started = (self.started.0 + 1, self.started.1 + n);
-        Ok(())
+        result
     }
 
     fn finish_started(&mut self) -> Result<()> {
-        let (count, elems) = std::mem::take(&mut self.started);
-        if count == 0 {
+        if self.in_flight.is_empty() {
             return Ok(());
         }
-        let rank = self.rank;
-        if self.failed {
-            bail!("rank {rank}: an earlier NCCL call failed");
+        let result = self.finish();
+        if result.is_err() {
+            self.abandon_started();
         }
-        let done = Event::record(&self.ctx, self.stream).map_err(|e| anyhow!("rank {rank}: {e}"))?;
-        let what = format!("{count} all-reduces of {elems} gradient elements overlapped with backward");
-        self.wait(&what, Until::Event(done.event))
+        result
     }
 
     fn broadcast_bytes(&mut self, root: usize, data: &mut Vec<u8>) -> Result<()> {
