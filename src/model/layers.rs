@@ -213,11 +213,17 @@ pub fn finfo_min(kind: Kind) -> f64 {
 /// Training in bf16 on a CPU with bf16 instructions writes the scores out
 /// ([`writes_scores_out`]); elsewhere libtorch's `scaled_dot_product_attention`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, heads: i64, dropout: f64) -> Tensor {
+    if writes_scores_out(q.device(), q.kind(), dropout) {
+        attention_written_out(q, k, v, bias, heads, dropout)
+    } else {
+        attention_sdpa(q, k, v, bias, heads, dropout)
+    }
+}
+
+/// [`attention`] through libtorch's `scaled_dot_product_attention`.
+fn attention_sdpa(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, heads: i64, dropout: f64) -> Tensor {
     let (b, s, h) = q.size3().expect("attention input must be [batch, seq, hidden]");
     let split = |x: &Tensor| x.view([b, s, heads, h / heads]).transpose(1, 2); // [b, heads, s, d]
-    if writes_scores_out(q.device(), q.kind(), dropout) {
-        return attention_written_out(q, k, v, bias, heads, dropout);
-    }
     let out = Tensor::scaled_dot_product_attention(&split(q), &split(k), &split(v), bias, dropout, false, None, false);
     out.transpose(1, 2).contiguous().view([b, s, h])
 }
@@ -252,20 +258,7 @@ mod tests {
         for (kind, tol) in [(Kind::Float, 1e-5), (Kind::BFloat16, 3e-2)] {
             let qkv = [g([b, s, h], 0.37), g([b, s, h], 0.91), g([b, s, h], 1.53)].map(|t| t.to_kind(kind));
             for bias in [None, additive_mask(&pad, kind)] {
-                let sdpa = |q: &Tensor, k: &Tensor, v: &Tensor| {
-                    let split = |x: &Tensor| x.view([b, s, heads, h / heads]).transpose(1, 2);
-                    let out = Tensor::scaled_dot_product_attention(
-                        &split(q),
-                        &split(k),
-                        &split(v),
-                        bias.as_ref(),
-                        0.0,
-                        false,
-                        None,
-                        false,
-                    );
-                    out.transpose(1, 2).contiguous().view([b, s, h])
-                };
+                let sdpa = |q: &Tensor, k: &Tensor, v: &Tensor| attention_sdpa(q, k, v, bias.as_ref(), heads, 0.0);
                 let ours =
                     |q: &Tensor, k: &Tensor, v: &Tensor| attention_written_out(q, k, v, bias.as_ref(), heads, 0.0);
                 for (i, (a, e)) in run(ours, &qkv).iter().zip(run(sdpa, &qkv)).enumerate() {

@@ -113,32 +113,28 @@ impl Overlap {
                 opt.accumulate_grads(g);
                 for &(start, len) in stage_ranges.get(stage).map_or(&[][..], Vec::as_slice) {
                     let part = opt.grad.narrow(0, start, len);
-                    let sent = match &marker {
-                        None => (part, Ready::Now),
-                        Some(mark) => {
-                            let part = if part.kind() == wire {
-                                part
-                            } else {
-                                let on_wire = part.to_kind(wire);
-                                converted.push((part, on_wire.shallow_clone()));
-                                on_wire
-                            };
-                            match mark() {
-                                Ok(after) => (part, after),
-                                Err(e) => {
-                                    // Still sent, so that every rank runs the same
-                                    // collectives: after a device-wide wait instead.
-                                    if let tch::Device::Cuda(i) = part.device() {
-                                        tch::Cuda::synchronize(i as i64);
-                                    }
-                                    mark_failed.get_or_insert(e);
-                                    (part, Ready::Now)
-                                }
-                            }
-                        }
+                    let Some(mark) = &marker else {
+                        // A closed channel means the thread stopped on an error, returned below.
+                        let _ = tx.send((part, Ready::Now));
+                        continue;
                     };
-                    // A closed channel means the thread stopped on an error, returned below.
-                    let _ = tx.send(sent);
+                    let part = if part.kind() == wire {
+                        part
+                    } else {
+                        let on_wire = part.to_kind(wire);
+                        converted.push((part, on_wire.shallow_clone()));
+                        on_wire
+                    };
+                    let after = mark().unwrap_or_else(|e| {
+                        // Still sent, so that every rank runs the same collectives:
+                        // after a device-wide wait instead.
+                        if let tch::Device::Cuda(i) = part.device() {
+                            tch::Cuda::synchronize(i as i64);
+                        }
+                        mark_failed.get_or_insert(e);
+                        Ready::Now
+                    });
+                    let _ = tx.send((part, after));
                 }
                 stage += 1;
             });

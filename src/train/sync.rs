@@ -107,15 +107,14 @@ impl GradSync {
         if self.world() == 1 {
             return Ok(());
         }
-        match self.dtype {
-            CommDtype::Fp32 => self.comm.all_reduce_sum(part),
-            CommDtype::Bf16 => {
-                let mut half = part.to_kind(Kind::BFloat16);
-                self.comm.all_reduce_sum(&mut half)?;
-                tch::no_grad(|| part.copy_(&half));
-                Ok(())
-            }
+        let wire = self.wire_kind();
+        if part.kind() == wire {
+            return self.comm.all_reduce_sum(part);
         }
+        let mut on_wire = part.to_kind(wire);
+        self.comm.all_reduce_sum(&mut on_wire)?;
+        tch::no_grad(|| part.copy_(&on_wire));
+        Ok(())
     }
 
     /// Where the backend sums on a device stream of its own (NCCL), what marks

@@ -279,16 +279,7 @@ impl NcclComm {
             bail!("rank {rank}: an earlier NCCL call failed");
         }
         self.bind()?;
-        let mut state: NcclResult = library::SUCCESS;
-        // SAFETY: `comm` is live; `state` is a valid out-pointer.
-        let code = unsafe { (self.nccl.comm_get_async_error)(self.comm, &mut state) };
-        if code != library::SUCCESS {
-            return Err(nccl_error(self.nccl, rank, "ncclCommGetAsyncError", code, Some(self.comm)));
-        }
-        if state != library::SUCCESS && state != library::IN_PROGRESS {
-            let call = "an all-reduce overlapped with backward: NCCL";
-            return Err(nccl_error(self.nccl, rank, call, state, Some(self.comm)));
-        }
+        self.in_progress("an all-reduce overlapped with backward")?;
         while let Some((event, since, elems)) = self.in_flight.front() {
             // SAFETY: a live event of the bound context.
             match unsafe { cu::cuEventQuery(event.event) } {
@@ -342,6 +333,32 @@ impl NcclComm {
         self.in_flight.clear();
     }
 
+    /// Whether the communicator still has a call in progress (non-blocking
+    /// NCCL); its error, naming `what`, when one failed.
+    fn in_progress(&mut self, what: &str) -> Result<bool> {
+        let rank = self.rank;
+        let mut state: NcclResult = library::SUCCESS;
+        // SAFETY: `comm` is live; `state` is a valid out-pointer.
+        let code = unsafe { (self.nccl.comm_get_async_error)(self.comm, &mut state) };
+        if code != library::SUCCESS {
+            self.failed = true;
+            return Err(nccl_error(self.nccl, rank, "ncclCommGetAsyncError", code, Some(self.comm)));
+        }
+        if state != library::SUCCESS && state != library::IN_PROGRESS {
+            self.failed = true;
+            return Err(nccl_error(self.nccl, rank, &format!("{what}: NCCL"), state, Some(self.comm)));
+        }
+        Ok(state == library::IN_PROGRESS)
+    }
+
+    /// `result`, after [`Self::abandon_started`] when it is an error.
+    fn or_abandon(&mut self, result: Result<()>) -> Result<()> {
+        if result.is_err() {
+            self.abandon_started();
+        }
+        result
+    }
+
     /// Polls until the communicator has no call in progress and `until` holds,
     /// an error, or the timeout.
     fn wait(&mut self, what: &str, until: Until) -> Result<()> {
@@ -349,19 +366,7 @@ impl NcclComm {
         let deadline = Instant::now() + self.timeout;
         let mut spins = 0u32;
         loop {
-            let mut state: NcclResult = library::SUCCESS;
-            // SAFETY: `comm` is live; `state` is a valid out-pointer.
-            let code = unsafe { (self.nccl.comm_get_async_error)(self.comm, &mut state) };
-            if code != library::SUCCESS {
-                self.failed = true;
-                return Err(nccl_error(self.nccl, rank, "ncclCommGetAsyncError", code, Some(self.comm)));
-            }
-            if state != library::SUCCESS && state != library::IN_PROGRESS {
-                self.failed = true;
-                let call = format!("{what}: NCCL");
-                return Err(nccl_error(self.nccl, rank, &call, state, Some(self.comm)));
-            }
-            if state == library::SUCCESS {
+            if !self.in_progress(what)? {
                 // SAFETY: the null stream of the bound context, or a live event of it.
                 let done = match until {
                     Until::Queued => return Ok(()),
@@ -427,18 +432,12 @@ impl Communicator for NcclComm {
 
     fn start_all_reduce_sum(&mut self, t: &mut tch::Tensor, after: Ready) -> Result<()> {
         let result = self.start(t, after);
-        if result.is_err() {
-            self.abandon_started();
-        }
-        result
+        self.or_abandon(result)
     }
 
     fn poll_started(&mut self) -> Result<()> {
         let result = self.check_in_flight();
-        if result.is_err() {
-            self.abandon_started();
-        }
-        result
+        self.or_abandon(result)
     }
 
     fn finish_started(&mut self) -> Result<()> {
@@ -446,10 +445,7 @@ impl Communicator for NcclComm {
             return Ok(());
         }
         let result = self.finish();
-        if result.is_err() {
-            self.abandon_started();
-        }
-        result
+        self.or_abandon(result)
     }
 
     fn broadcast_bytes(&mut self, root: usize, data: &mut Vec<u8>) -> Result<()> {
