@@ -6,3 +6,13 @@
 //! Nothing here knows about tensors: the callers hand over plain slices.
 pub mod adamw;
 pub mod bf16;
+pub mod dropout;
+
+/// Starts the threads the kernels split their work across (rayon's global pool)
+/// and returns how many there are. A process calls it before its memory can run
+/// out: started lazily at a first use under memory pressure, a thread that
+/// cannot map its stack or signal stack aborts the whole process instead of
+/// letting the allocation that ran out fail with an error.
+pub fn start_threads() -> usize {
+    rayon::current_num_threads()
+}

@@ -11,7 +11,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Tensor};
 
-use super::layers::{additive_mask, attention, Activation, Embedding, LayerNorm, Linear};
+use super::layers::{additive_mask, attention, dropout, Activation, Embedding, LayerNorm, Linear};
 use super::qkv::QkvProjection;
 use super::weights::NameMap;
 use super::LayerInputs;
@@ -129,7 +129,7 @@ impl BertEmbeddings {
         // Same order of additions as HF: (word + token_type) + position.
         let x = self.word_embeddings.forward(input_ids) + self.token_type_embeddings.weight.get(0);
         let x = x + self.position_embeddings.forward(&positions);
-        self.layer_norm.forward(&x).dropout(self.dropout, train)
+        dropout(&self.layer_norm.forward(&x), self.dropout, train)
     }
 }
 
@@ -167,7 +167,7 @@ impl BertAttention {
         let p = if train { self.attention_dropout } else { 0.0 };
         let [q, k, v] = self.qkv.forward(x);
         let ctx = attention(&q, &k, &v, bias, self.heads, p);
-        let out = self.output_dense.forward(&ctx).dropout(self.hidden_dropout, train);
+        let out = dropout(&self.output_dense.forward(&ctx), self.hidden_dropout, train);
         self.output_layer_norm.forward(&(out + x))
     }
 }
@@ -204,7 +204,7 @@ impl BertLayer {
     /// `x` [b, s, h], `bias` [b, 1, 1, s] (from `additive_mask`; `None`: no padding) -> [b, s, h]
     pub(super) fn forward(&self, x: &Tensor, bias: Option<&Tensor>, train: bool) -> Tensor {
         let x = self.attention.forward(x, bias, train);
-        let y = self.output.forward(&self.act.forward(&self.intermediate.forward(&x))).dropout(self.dropout, train);
+        let y = dropout(&self.output.forward(&self.act.forward(&self.intermediate.forward(&x))), self.dropout, train);
         self.output_layer_norm.forward(&(y + x))
     }
 }

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
 use super::deberta_attention::{distance_buckets, pair_mask, AttentionSpec, DisentangledSelfAttention, RelativeInputs};
-use super::layers::{Activation, Embedding, LayerNorm, Linear};
+use super::layers::{dropout, Activation, Embedding, LayerNorm, Linear};
 use super::qkv::QkvProjection;
 use super::weights::NameMap;
 use super::LayerInputs;
@@ -245,7 +245,7 @@ impl DebertaEmbeddings {
         if let Some(m) = attention_mask {
             x = &x * m.unsqueeze(-1).to_kind(x.kind());
         }
-        x.dropout(self.dropout, train)
+        dropout(&x, self.dropout, train)
     }
 }
 
@@ -283,9 +283,9 @@ impl DebertaLayer {
     /// padding), `rel` the relative-position inputs -> [b, s, h]
     fn forward(&self, x: &Tensor, pad: Option<&Tensor>, rel: Option<&RelativeInputs>, train: bool) -> Tensor {
         let ctx = self.attention.forward(x, pad, rel, train);
-        let y = self.attention_output.forward(&ctx).dropout(self.dropout, train);
+        let y = dropout(&self.attention_output.forward(&ctx), self.dropout, train);
         let x = self.attention_layer_norm.forward(&(y + x));
-        let y = self.output.forward(&self.act.forward(&self.intermediate.forward(&x))).dropout(self.dropout, train);
+        let y = dropout(&self.output.forward(&self.act.forward(&self.intermediate.forward(&x))), self.dropout, train);
         self.output_layer_norm.forward(&(y + x))
     }
 }

@@ -27,7 +27,7 @@
 //! are never saved for backward.
 use tch::{nn, Kind, Tensor};
 
-use super::layers::{finfo_min, Linear};
+use super::layers::{dropout, finfo_min, Linear};
 use super::qkv::{Qkv, QkvProjection};
 
 /// What the attention layers need of the config, checked once.
@@ -220,7 +220,7 @@ impl DisentangledSelfAttention {
     fn position_terms(&self, q: &Tensor, k: &Tensor, rel: &RelativeInputs, train: bool) -> [Option<Tensor>; 2] {
         let (b, s, _) = q.size3().expect("[batch, seq, hidden]");
         let spec = &self.spec;
-        let rel_emb = rel.rel.dropout(spec.pos_dropout, train);
+        let rel_emb = dropout(&rel.rel, spec.pos_dropout, train);
         // `rows` [heads, b s, d] times the projection of the `rel` rows `index`
         // [2s - 1] -> [heads, b, s, 2s - 1].
         let by_distance = |rows: &Tensor, proj: &Linear, index: &Tensor| {
@@ -354,7 +354,7 @@ impl DisentangledSelfAttention {
             let pad = pad.permute([1, 0, 2, 3]).expand([heads, b, s, s], false).reshape([heads * b, s, s]);
             let _ = scores.masked_fill_(&pad, finfo_min(acc));
         }
-        let probs = scores.softmax(-1, Kind::Float).dropout(p, train).to_kind(acc);
+        let probs = dropout(&scores.softmax(-1, Kind::Float), p, train).to_kind(acc);
         let ctx = probs.bmm(&by_head(&v.to_kind(acc))); // [heads b, s, d]
         ctx.view([heads, b, s, d]).permute([1, 2, 0, 3]).to_kind(q.kind()).contiguous().view([b, s, h])
     }

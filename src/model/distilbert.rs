@@ -11,7 +11,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Tensor};
 
-use super::layers::{additive_mask, attention, Activation, Embedding, LayerNorm, Linear};
+use super::layers::{additive_mask, attention, dropout, Activation, Embedding, LayerNorm, Linear};
 use super::qkv::QkvProjection;
 use super::weights::NameMap;
 use super::LayerInputs;
@@ -98,7 +98,7 @@ impl Embeddings {
         let s = input_ids.size()[1];
         let positions = Tensor::arange(s, (tch::Kind::Int64, input_ids.device()));
         let x = self.word_embeddings.forward(input_ids) + self.position_embeddings.forward(&positions);
-        self.layer_norm.forward(&x).dropout(self.dropout, train)
+        dropout(&self.layer_norm.forward(&x), self.dropout, train)
     }
 }
 
@@ -160,7 +160,7 @@ impl TransformerBlock {
         let ctx = attention(&q, &k, &v, bias, self.heads, p);
         // HF's DistilBERT applies no dropout to the attention output projection.
         let x = self.sa_layer_norm.forward(&(self.out_lin.forward(&ctx) + x));
-        let y = self.lin2.forward(&self.act.forward(&self.lin1.forward(&x))).dropout(self.dropout, train);
+        let y = dropout(&self.lin2.forward(&self.act.forward(&self.lin1.forward(&x))), self.dropout, train);
         self.output_layer_norm.forward(&(y + x))
     }
 }

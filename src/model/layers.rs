@@ -8,6 +8,53 @@
 use anyhow::{bail, Result};
 use tch::{nn, Kind, Tensor};
 
+/// `nn.Dropout(p)` in training (`train`), the identity otherwise: zeroes each
+/// element with probability `p` and scales the rest by `1 / (1 - p)`. On the
+/// CPU the mask comes from [`mlm_kernels::dropout`] (vectorised and split across
+/// threads, where libtorch's `bernoulli_` is one serial loop), keyed by one draw
+/// of libtorch's CPU generator, so `tch::manual_seed` decides the masks as it
+/// does libtorch's (a resumed job and a recomputed layer draw what they drew).
+/// Elsewhere, and for other dtypes, libtorch's dropout.
+pub fn dropout(x: &Tensor, p: f64, train: bool) -> Tensor {
+    if !train || p <= 0.0 {
+        return x.shallow_clone();
+    }
+    if x.device() != tch::Device::Cpu || p >= 1.0 {
+        return x.dropout(p, train);
+    }
+    let seed = Tensor::randint(i64::MAX, [1], (Kind::Int64, tch::Device::Cpu)).int64_value(&[0]) as u64;
+    cpu_dropout(x, p, seed)
+}
+
+/// [`dropout`] on the CPU with the mask of `seed`, `p` in (0, 1).
+fn cpu_dropout(x: &Tensor, p: f64, seed: u64) -> Tensor {
+    let scale = 1.0 / (1.0 - p);
+    let threshold = mlm_kernels::dropout::threshold(p);
+    let mask = Tensor::empty(x.size(), (x.kind(), tch::Device::Cpu));
+    let n = mask.numel();
+    let ptr = mask.data_ptr();
+    // SAFETY: `mask` is a fresh contiguous CPU tensor of `n` elements of its kind,
+    // owned here; nothing else reads or writes it during the fill.
+    unsafe {
+        match x.kind() {
+            Kind::Float => {
+                let out = std::slice::from_raw_parts_mut(ptr as *mut u32, n);
+                mlm_kernels::dropout::fill(seed, threshold, (scale as f32).to_bits(), 0, out);
+            }
+            Kind::BFloat16 => {
+                let out = std::slice::from_raw_parts_mut(ptr as *mut u16, n);
+                mlm_kernels::dropout::fill(seed, threshold, mlm_kernels::bf16::from_f32(scale as f32), 0, out);
+            }
+            Kind::Double => {
+                let out = std::slice::from_raw_parts_mut(ptr as *mut u64, n);
+                mlm_kernels::dropout::fill(seed, threshold, scale.to_bits(), 0, out);
+            }
+            _ => return x.dropout(p, true),
+        }
+    }
+    x * mask
+}
+
 /// `nn.Linear(in, out)`: `weight` [out, in], `bias` [out].
 #[derive(Debug)]
 pub struct Linear {
@@ -165,22 +212,31 @@ fn attention_written_out(
     if let Some(bias) = bias {
         scores = (scores.view([b, heads, s, s]) + bias).view([b * heads, s, s]);
     }
-    let probs = scores.softmax(-1, Kind::Float).dropout(dropout, dropout > 0.0).to_kind(q.kind());
+    let probs = self::dropout(&scores.softmax(-1, Kind::Float), dropout, dropout > 0.0).to_kind(q.kind());
     let ctx = probs.bmm(&by_head(v)); // [b heads, s, d]
     ctx.view([b, heads, s, d]).transpose(1, 2).contiguous().view([b, s, h])
 }
 
-/// Whether [`attention`] writes its scores out (bf16 `bmm`s, the softmax and
-/// its dropout in fp32) instead of calling libtorch's SDPA: training (dropout)
-/// in bf16 on a CPU that multiplies bf16 in hardware. There SDPA runs its math
+/// Whether [`attention`] writes its scores out (the softmax and its dropout in
+/// fp32) instead of calling libtorch's SDPA: training (dropout) on the CPU in
+/// fp32, and in bf16 where the CPU multiplies bf16 in hardware. There SDPA runs its math
 /// kernel (no fused CPU kernel takes dropout), which copies q, k, v and the
 /// scores to fp32 and adds `_safe_softmax`'s passes. A whole DistilBERT-base
 /// step (batch 8 x 128, 2 threads of a Xeon with AMX), the two taking turns
 /// step by step in one process: 0.64-0.67 s written out against 0.69-0.77 s
-/// (faster in 33 of 38 pairs of steps); in fp32 they tie (22 of 38), so fp32
-/// keeps SDPA.
+/// (faster in 33 of 38 pairs of steps). In fp32 they tied (22 of 38) while
+/// both drew their masks with libtorch's serial `bernoulli_`; with [`dropout`]'s
+/// masks the written-out forward took 0.44-0.47 s against SDPA's 0.51-0.56 s,
+/// and the step 1.34-1.40 s against 1.39-1.50 s (three runs each, 2 threads of
+/// a Xeon without AVX512-BF16), so fp32 training writes its scores out too.
 pub fn writes_scores_out(device: tch::Device, kind: Kind, dropout: f64) -> bool {
-    device == tch::Device::Cpu && kind == Kind::BFloat16 && dropout > 0.0 && cpu_has_bf16_dot()
+    device == tch::Device::Cpu
+        && dropout > 0.0
+        && match kind {
+            Kind::Float => true,
+            Kind::BFloat16 => cpu_has_bf16_dot(),
+            _ => false,
+        }
 }
 
 /// Whether this CPU multiplies bf16 in hardware (AVX512-BF16, which every
@@ -210,8 +266,8 @@ pub fn finfo_min(kind: Kind) -> f64 {
 /// `q`, `k`, `v` [batch, seq, hidden] (already projected), `bias` [batch, 1, 1, seq]
 /// or `None` -> [batch, seq, hidden].
 ///
-/// Training in bf16 on a CPU with bf16 instructions writes the scores out
-/// ([`writes_scores_out`]); elsewhere libtorch's `scaled_dot_product_attention`.
+/// Training on the CPU in fp32, or in bf16 with bf16 instructions, writes the
+/// scores out ([`writes_scores_out`]); elsewhere libtorch's `scaled_dot_product_attention`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, heads: i64, dropout: f64) -> Tensor {
     if writes_scores_out(q.device(), q.kind(), dropout) {
         attention_written_out(q, k, v, bias, heads, dropout)
@@ -267,6 +323,30 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn dropout_drops_p_and_rescales_the_rest_in_every_cpu_dtype() {
+        for kind in [Kind::Float, Kind::BFloat16, Kind::Double] {
+            let x = Tensor::ones([64, 1024], (kind, Device::Cpu)).set_requires_grad(true);
+            let y = cpu_dropout(&x, 0.2, 3);
+            let kept = y.ne(0.0).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+            assert!((kept - 0.8).abs() < 0.01, "{kind:?}: kept {kept}");
+            // The kept elements are scaled by 1 / (1 - p): the mean stays near 1.
+            let mean = y.to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+            assert!((mean - 1.0).abs() < 0.02, "{kind:?}: mean {mean}");
+            let off = (y.to_kind(Kind::Float) - 1.25).abs().gt(1e-2);
+            assert_eq!(y.ne(0.0).logical_and(&off).any().int64_value(&[]), 0, "{kind:?}: kept but not 1 / (1 - p)");
+            // Backward lets through what forward kept, with the same scale.
+            y.sum(Kind::Float).backward();
+            let g = x.grad();
+            assert!(g.to_kind(Kind::Float).allclose(&y.to_kind(Kind::Float), 0.0, 0.0, false), "{kind:?}");
+            // The seed decides the mask.
+            assert!(cpu_dropout(&x, 0.2, 3).equal(&y) && !cpu_dropout(&x, 0.2, 4).equal(&y));
+        }
+        let x = Tensor::ones([8], (Kind::Float, Device::Cpu));
+        assert!(dropout(&x, 0.5, false).equal(&x) && dropout(&x, 0.0, true).equal(&x));
+        assert_eq!(dropout(&x, 1.0, true).abs().sum(Kind::Float).double_value(&[]), 0.0);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};
 
 use super::bert::{BertConfig, BertLayer};
-use super::layers::{additive_mask, Activation, Embedding, LayerNorm, Linear};
+use super::layers::{additive_mask, dropout, Activation, Embedding, LayerNorm, Linear};
 use super::qkv::QkvProjection;
 use super::weights::NameMap;
 use super::LayerInputs;
@@ -117,7 +117,7 @@ impl RobertaEmbeddings {
         let positions = position_ids(input_ids, self.padding_idx);
         let x = self.word_embeddings.forward(input_ids) + self.token_type_embeddings.weight.get(0);
         let x = x + self.position_embeddings.forward(&positions);
-        self.layer_norm.forward(&x).dropout(self.dropout, train)
+        dropout(&self.layer_norm.forward(&x), self.dropout, train)
     }
 }
 

@@ -308,6 +308,7 @@ impl Trainer {
         if t.threads > 0 {
             tch::set_num_threads(t.threads as i32);
         }
+        mlm_kernels::start_threads();
         let device = sync::worker_device(select_device(t.device, "training.device")?)?;
         if device.is_cuda() {
             crate::device::set_tf32(t.tf32)?;
@@ -398,6 +399,12 @@ impl Trainer {
             tracing::info!("{line}");
         }
         let overlap = (cfg.distributed.overlap && sync.world() > 1).then(|| Overlap::new(cfg.distributed.bucket_elems));
+        if device == Device::Cpu {
+            // From here on only the steps and evaluations allocate: their freed
+            // tensors serve the next ones. Preparing the data, whose threads'
+            // memory would stay in their own arenas, is behind us.
+            tracing::info!("{}", crate::device::keep_freed_host_memory());
+        }
         Ok(Self {
             _lock,
             sync,
