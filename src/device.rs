@@ -61,8 +61,9 @@ pub fn tf32() -> bool {
 }
 
 /// glibc's `mallopt` values of [`keep_freed_host_memory`]: blocks up to 1 GiB come
-/// from the heap, and up to 2 GiB of freed heap stay mapped.
-const KEEP_MMAP_THRESHOLD: i32 = 1 << 30;
+/// from the heap (glibc before 2.35 takes at most 32 MiB, tried next), and up to
+/// 2 GiB of freed heap stay mapped.
+const KEEP_MMAP_THRESHOLDS: [(i32, &str); 2] = [(1 << 30, "1 GiB"), (32 << 20, "32 MiB")];
 const KEEP_TRIM_THRESHOLD: i32 = i32::MAX;
 
 /// Makes glibc's malloc keep the memory libtorch frees on the CPU for its next
@@ -74,26 +75,27 @@ const KEEP_TRIM_THRESHOLD: i32 = i32::MAX;
 /// resident peak is that of the live tensors plus what the heap keeps
 /// (docs/memory.md). A no-op, named in the returned line, when the environment
 /// configures glibc's malloc itself (`MALLOC_*_`, `GLIBC_TUNABLES=glibc.malloc.*`),
-/// e.g. `MALLOC_MMAP_THRESHOLD_=131072` for a memory-tight job.
+/// e.g. `MALLOC_MMAP_THRESHOLD_=131072` for a memory-tight job, or preloads
+/// another allocator (`LD_PRELOAD` naming a `*malloc*` library).
 pub fn keep_freed_host_memory() -> String {
     if let Some(var) = malloc_configured(|k| std::env::var(k).ok()) {
-        return format!("host memory: glibc's malloc as {var} in the environment configures it");
+        return format!("host memory: the allocator as {var} in the environment configures it");
     }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
+    for (threshold, named) in KEEP_MMAP_THRESHOLDS {
         // SAFETY: mallopt only sets glibc's allocator parameters, under its own lock.
         let ok = unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, KEEP_MMAP_THRESHOLD) == 1
+            libc::mallopt(libc::M_MMAP_THRESHOLD, threshold) == 1
                 && libc::mallopt(libc::M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD) == 1
         };
         if ok {
-            return "host memory: freed tensors' memory kept for reuse (malloc mmap threshold 1 GiB)".into();
+            return format!("host memory: freed tensors' memory kept for reuse (malloc mmap threshold {named})");
         }
     }
     "host memory: the system allocator's defaults".into()
 }
 
-/// The environment variable that configures glibc's malloc, if one does.
+/// The environment variable that configures glibc's malloc or replaces it, if one does.
 fn malloc_configured(var: impl Fn(&str) -> Option<String>) -> Option<&'static str> {
     const OWN: [&str; 6] = [
         "MALLOC_MMAP_THRESHOLD_",
@@ -105,6 +107,9 @@ fn malloc_configured(var: impl Fn(&str) -> Option<String>) -> Option<&'static st
     ];
     if let Some(k) = OWN.into_iter().find(|k| var(k).is_some()) {
         return Some(k);
+    }
+    if var("LD_PRELOAD").is_some_and(|p| p.contains("malloc")) {
+        return Some("LD_PRELOAD");
     }
     var("GLIBC_TUNABLES").filter(|t| t.contains("glibc.malloc.")).map(|_| "GLIBC_TUNABLES")
 }
@@ -248,9 +253,13 @@ mod tests {
         let tunables = env(&[("GLIBC_TUNABLES", "glibc.cpu.hwcaps=-AVX2:glibc.malloc.trim_threshold=0")]);
         assert_eq!(malloc_configured(tunables), Some("GLIBC_TUNABLES"));
         assert_eq!(malloc_configured(env(&[("GLIBC_TUNABLES", "glibc.cpu.hwcaps=-AVX2")])), None);
+        let jemalloc = env(&[("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")]);
+        assert_eq!(malloc_configured(jemalloc), Some("LD_PRELOAD"));
+        assert_eq!(malloc_configured(env(&[("LD_PRELOAD", "libfakeroot.so")])), None);
     }
 
     /// Minor page faults of this thread so far.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     fn minor_faults() -> i64 {
         // SAFETY: getrusage fills the zeroed struct it is given.
         let mut u: libc::rusage = unsafe { std::mem::zeroed() };

@@ -354,7 +354,11 @@ impl DisentangledSelfAttention {
             let pad = pad.permute([1, 0, 2, 3]).expand([heads, b, s, s], false).reshape([heads * b, s, s]);
             let _ = scores.masked_fill_(&pad, finfo_min(acc));
         }
-        let probs = dropout(&scores.softmax(-1, Kind::Float), p, train).to_kind(acc);
+        // The scores go before the dropout's mask and product exist (without
+        // autograd nothing else holds them).
+        let probs = scores.softmax(-1, Kind::Float);
+        drop(scores);
+        let probs = dropout(&probs, p, train).to_kind(acc);
         let ctx = probs.bmm(&by_head(&v.to_kind(acc))); // [heads b, s, d]
         ctx.view([heads, b, s, d]).permute([1, 2, 0, 3]).to_kind(q.kind()).contiguous().view([b, s, h])
     }

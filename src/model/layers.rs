@@ -16,7 +16,7 @@ use tch::{nn, Kind, Tensor};
 /// does libtorch's (a resumed job and a recomputed layer draw what they drew).
 /// Elsewhere, and for other dtypes, libtorch's dropout.
 pub fn dropout(x: &Tensor, p: f64, train: bool) -> Tensor {
-    if !train || p <= 0.0 {
+    if !train || p <= 0.0 || x.numel() == 0 {
         return x.shallow_clone();
     }
     if x.device() != tch::Device::Cpu || p >= 1.0 {
@@ -212,7 +212,11 @@ fn attention_written_out(
     if let Some(bias) = bias {
         scores = (scores.view([b, heads, s, s]) + bias).view([b * heads, s, s]);
     }
-    let probs = self::dropout(&scores.softmax(-1, Kind::Float), dropout, dropout > 0.0).to_kind(q.kind());
+    // The scores go before the dropout's mask and product exist (without
+    // autograd nothing else holds them).
+    let probs = scores.softmax(-1, Kind::Float);
+    drop(scores);
+    let probs = self::dropout(&probs, dropout, dropout > 0.0).to_kind(q.kind());
     let ctx = probs.bmm(&by_head(v)); // [b heads, s, d]
     ctx.view([b, heads, s, d]).transpose(1, 2).contiguous().view([b, s, h])
 }

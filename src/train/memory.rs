@@ -19,8 +19,10 @@
 //!   evaluation pass (AdamW's fused step, on either device, adds nothing).
 //!
 //! Where the kernels differ by device the target decides: on the CPU dropout
-//! keeps its noise in the activations' dtype and attention with dropout runs
-//! libtorch's math kernel (probabilities kept); on CUDA dropout keeps a bool
+//! keeps its mask in the activations' dtype and attention with dropout keeps
+//! its probabilities (libtorch's math kernel, or the scores written out as
+//! `src/model/layers.rs` and `deberta_attention.rs` do, which keep the same
+//! tensors); on CUDA dropout keeps a bool
 //! mask and attention runs flash / memory-efficient kernels (output and
 //! log-sum-exp kept). Measured against peak RSS on the CPU by
 //! `tests/estimate_memory.rs`.
@@ -295,8 +297,9 @@ impl<'a> Estimate<'a> {
     /// rather than a fused one (flash or memory-efficient: output and
     /// log-sum-exp only). CUDA always fuses; the CPU's flash kernel takes no
     /// dropout and no bias that needs a gradient (DeBERTa's c2p and p2c).
-    /// DeBERTa in fp32 on the CPU writes its scores out itself (`explicit_attention` in
-    /// `src/model/deberta_attention.rs`), keeping what the math kernel keeps.
+    /// CPU training that writes its scores out itself (`explicit_attention` in
+    /// `src/model/deberta_attention.rs`, `attention_written_out` in
+    /// `src/model/layers.rs`) keeps what the math kernel keeps.
     fn math_attention(&self) -> bool {
         let bias = self.model.relative.is_some_and(|r| r.c2p || r.p2c);
         self.job.target == Target::Cpu && (self.model.attention_dropout > 0.0 || bias)

@@ -308,7 +308,8 @@ impl Trainer {
         if t.threads > 0 {
             tch::set_num_threads(t.threads as i32);
         }
-        mlm_kernels::start_threads();
+        // The CPU kernels (dropout masks, AdamW) take libtorch's thread count.
+        mlm_kernels::start_threads(t.threads);
         let device = sync::worker_device(select_device(t.device, "training.device")?)?;
         if device.is_cuda() {
             crate::device::set_tf32(t.tf32)?;
