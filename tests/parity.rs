@@ -41,7 +41,7 @@ fn run_python(args: &[&Path]) {
 }
 
 /// The folder made by `make_models.py`: `bert/`, `distilbert/`, `bert_bin/`,
-/// `roberta/`, `deberta/`, `deberta_lm/`, `deberta_abs/`, `grads/`,
+/// `roberta/`, `deberta/`, `deberta_lm/`, `deberta_abs/`, `deberta_conv/`, `grads/`,
 /// `reference.safetensors`, `minilm_dir.txt`.
 fn fixture() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -133,7 +133,7 @@ fn saved_dirs() -> &'static Path {
     DIR.get_or_init(|| {
         let dir = fixture().join("saved");
         let mut jobs = Vec::new();
-        for name in ["bert", "distilbert", "roberta", "deberta", "deberta_lm", "random_init"] {
+        for name in ["bert", "distilbert", "roberta", "deberta", "deberta_lm", "deberta_conv", "random_init"] {
             let model = if name == "random_init" {
                 MaskedLm::from_config_file(&fixture().join("distilbert/config.json"), Device::Cpu).unwrap()
             } else {
@@ -324,16 +324,20 @@ fn roberta_max_positions_excludes_the_padding_offset() {
     assert_eq!(model.max_positions(), 62);
 }
 
+/// deberta-v2-xlarge's convolution after the first layer (`make_models.py`).
 #[test]
-fn deberta_conv_layer_is_refused_at_load_naming_the_key() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture().join("deberta/config.json")).unwrap()).unwrap();
-    config["conv_kernel_size"] = 3.into();
-    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
-    std::fs::copy(fixture().join("deberta/model.safetensors"), dir.path().join("model.safetensors")).unwrap();
-    let err = format!("{:#}", MaskedLm::load_dir(dir.path(), Device::Cpu).err().expect("must be refused"));
-    assert!(err.contains("conv_kernel_size") && err.contains("not supported"), "{err}");
+fn deberta_v2_convolution_logits_match_transformers() {
+    logits_match_transformers("deberta_conv");
+}
+
+#[test]
+fn deberta_v2_convolution_gradients_match_transformers() {
+    grads_match_transformers("deberta_conv");
+}
+
+#[test]
+fn deberta_v2_convolution_saved_dir_loads_in_transformers_without_missing_keys() {
+    saved_dir_loads_cleanly_in_transformers("deberta_conv");
 }
 
 #[test]

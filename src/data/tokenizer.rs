@@ -58,7 +58,9 @@ impl std::fmt::Debug for TextTokenizer {
 impl TextTokenizer {
     /// Loads `tokenizer.json`; errors name the file.
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read tokenizer file {}", path.display()))?;
+        let bytes = std::fs::read(path).with_context(|| {
+            format!("cannot read tokenizer file {}{}", path.display(), slow_tokenizer_hint(path).unwrap_or_default())
+        })?;
         let hash = hex(&Sha256::digest(&bytes));
         let mut inner = tokenizers::Tokenizer::from_bytes(&bytes)
             .map_err(|e| anyhow!("{} is not a valid tokenizer.json: {e}", path.display()))?;
@@ -185,6 +187,29 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Hugging Face model folders often ship only a slow tokenizer's files
+/// (DeBERTa-v2/v3: `spm.model`; older BERTs: `vocab.txt`; RoBERTa:
+/// `vocab.json` + `merges.txt`; XLM-R: `sentencepiece.bpe.model`), which
+/// `transformers` converts when it loads them. When `path` is missing and its
+/// folder holds such files, says so and how to write the `tokenizer.json`.
+fn slow_tokenizer_hint(path: &Path) -> Option<String> {
+    if path.exists() {
+        return None;
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let slow = ["spm.model", "sentencepiece.bpe.model", "vocab.txt", "vocab.json"];
+    let found = slow.iter().find(|f| dir.join(f).is_file())?;
+    let d = dir.display().to_string().replace('\'', "\\'");
+    let command = format!(
+        "python -c \"from transformers import AutoTokenizer as T; T.from_pretrained('{d}').save_pretrained('{d}')\""
+    );
+    Some(format!(
+        " ({} holds {found}, a slow tokenizer's file, but no tokenizer.json: write one once with {command} \
+         (transformers; for spm.model also sentencepiece and protobuf), or set model.tokenizer)",
+        dir.display()
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,6 +278,17 @@ mod tests {
         let text = "word ".repeat(2000);
         assert_eq!(t.encode_document(&text).unwrap().len(), 2002);
         assert_eq!(t.encode_document("a").unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_missing_tokenizer_json_beside_a_slow_tokenizer_says_how_to_write_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        let e = format!("{:#}", TextTokenizer::load(&path).unwrap_err());
+        assert!(e.contains("tokenizer.json") && !e.contains("slow tokenizer"), "{e}");
+        std::fs::write(dir.path().join("spm.model"), b"not read").unwrap();
+        let e = format!("{:#}", TextTokenizer::load(&path).unwrap_err());
+        assert!(e.contains("holds spm.model") && e.contains("save_pretrained"), "{e}");
     }
 
     #[test]

@@ -18,9 +18,11 @@
 //! `cls.predictions.{transform.dense, transform.LayerNorm, bias}`, with the decoder
 //! tied to the word embeddings; the `lm_predictions.lm_head.*` layout of DeBERTa-v3
 //! checkpoints (`legacy: false`) is the same computation and is mapped onto these
-//! names when loading (see `weights.rs`). Keys HF reads that this implementation
-//! does not (the convolution of deberta-v2-xlarge, `conv_kernel_size`, and
-//! others) are refused by [`DebertaV2Config::validate`], never ignored.
+//! names when loading (see `weights.rs`). With `conv_kernel_size > 0`
+//! (deberta-v2-xlarge and -xxlarge) the first layer's output also goes through
+//! HF's `ConvLayer` (`deberta.encoder.conv`, [`ConvLayer`]). Keys HF reads that
+//! this implementation does not are refused by [`DebertaV2Config::validate`],
+//! never ignored.
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -55,7 +57,8 @@ impl PosAttType {
 /// `DebertaV2Config`: the keys of `config.json` this model reads, with HF's defaults
 /// (those of the config class, or of the `getattr` defaults in the modeling code
 /// for keys the class does not declare: `share_att_key`, `position_buckets`,
-/// `norm_rel_ebd`, `embedding_size`, `conv_kernel_size`, `attention_head_size`).
+/// `norm_rel_ebd`, `embedding_size`, `conv_kernel_size`, `conv_act`, `conv_groups`,
+/// `attention_head_size`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct DebertaV2Config {
@@ -82,6 +85,8 @@ pub struct DebertaV2Config {
     pub norm_rel_ebd: String,
     pub embedding_size: Option<i64>,
     pub conv_kernel_size: i64,
+    pub conv_act: String,
+    pub conv_groups: i64,
     pub attention_head_size: Option<i64>,
 }
 
@@ -111,6 +116,8 @@ impl Default for DebertaV2Config {
             norm_rel_ebd: "none".into(),
             embedding_size: None,
             conv_kernel_size: 0,
+            conv_act: "tanh".into(),
+            conv_groups: 1,
             attention_head_size: None,
         }
     }
@@ -131,18 +138,34 @@ impl DebertaV2Config {
         }
     }
 
+    /// The convolution's activation when there is one (`conv_kernel_size > 0`),
+    /// its kernel size and groups checked.
+    pub(super) fn conv_activation(&self) -> Result<Option<Activation>> {
+        if self.conv_kernel_size <= 0 {
+            return Ok(None);
+        }
+        let k = self.conv_kernel_size;
+        if k % 2 == 0 {
+            // HF pads (k - 1) / 2 on each side, so an even kernel gives one
+            // position fewer than the block and its ConvLayer fails.
+            bail!("conv_kernel_size = {k} in config.json is not supported: it must be odd (transformers cannot run an even one either)");
+        }
+        if self.conv_groups <= 0 || self.hidden_size % self.conv_groups != 0 {
+            bail!(
+                "conv_groups = {} in config.json is not supported: it must divide hidden_size {}",
+                self.conv_groups,
+                self.hidden_size
+            );
+        }
+        Activation::parse(&self.conv_act).map(Some).map_err(|e| anyhow::anyhow!("conv_act: {e}"))
+    }
+
     pub(super) fn norm_rel_parts(&self) -> Vec<String> {
         self.norm_rel_ebd.to_lowercase().split('|').map(|x| x.trim().to_string()).collect()
     }
 
     /// Refuses what this implementation does not compute as HF does, naming the key.
     pub(super) fn validate(&self) -> Result<(Activation, AttentionSpec)> {
-        if self.conv_kernel_size > 0 {
-            bail!(
-                "conv_kernel_size = {} in config.json is not supported: the convolution layer of DeBERTa-v2 (deberta-v2-xlarge style) is not implemented (only conv_kernel_size = 0)",
-                self.conv_kernel_size
-            );
-        }
         if self.num_attention_heads <= 0 || self.hidden_size % self.num_attention_heads != 0 {
             bail!(
                 "hidden_size {} in config.json is not a multiple of num_attention_heads {}",
@@ -161,6 +184,7 @@ impl DebertaV2Config {
         if let Some(bad) = self.norm_rel_parts().iter().find(|p| !matches!(p.as_str(), "none" | "layer_norm")) {
             bail!("norm_rel_ebd = {bad:?} in config.json is not supported (supported: \"none\", \"layer_norm\")");
         }
+        self.conv_activation()?;
         if self.embedding_dim() <= 0 {
             bail!("embedding_size = {} in config.json must be positive", self.embedding_dim());
         }
@@ -290,6 +314,50 @@ impl DebertaLayer {
     }
 }
 
+/// `deberta.encoder.conv`, HF's `ConvLayer` (deberta-v2-xlarge, -xxlarge): a 1-d
+/// convolution over the positions of the embeddings' output, added to the first
+/// layer's output: `LayerNorm(layer_0 + act(dropout(conv(x) zeroed at pads)))`,
+/// zeroed at pads.
+#[derive(Debug)]
+struct ConvLayer {
+    /// `conv.weight` [h, h / groups, k], `conv.bias` [h].
+    weight: Tensor,
+    bias: Tensor,
+    groups: i64,
+    layer_norm: LayerNorm,
+    act: Activation,
+    dropout: f64,
+}
+
+impl ConvLayer {
+    fn new(p: &nn::Path, c: &DebertaV2Config, act: Activation) -> Self {
+        let (h, k, g) = (c.hidden_size, c.conv_kernel_size, c.conv_groups);
+        let conv = p / "conv";
+        Self {
+            weight: conv.randn("weight", &[h, h / g, k], 0.0, c.initializer_range),
+            bias: conv.zeros("bias", &[h]),
+            groups: g,
+            layer_norm: LayerNorm::new(&(p / "LayerNorm"), h, c.layer_norm_eps),
+            act,
+            dropout: c.hidden_dropout_prob,
+        }
+    }
+
+    /// `embedded` (the embeddings' output) and `residual` (the first layer's)
+    /// [b, s, h]; `pads` [b, s, 1] bool, true at pads (`None`: no padding) -> [b, s, h]
+    fn forward(&self, embedded: &Tensor, residual: &Tensor, pads: Option<&Tensor>, train: bool) -> Tensor {
+        let k = self.weight.size()[2];
+        let out = embedded.transpose(1, 2).conv1d(&self.weight, Some(&self.bias), [1], [(k - 1) / 2], [1], self.groups);
+        let zero_pads = |t: Tensor| match pads {
+            Some(pads) => t.masked_fill(pads, 0.0),
+            None => t,
+        };
+        let out = zero_pads(out.transpose(1, 2));
+        let out = self.act.forward(&dropout(&out, self.dropout, train));
+        zero_pads(self.layer_norm.forward(&(residual + out)))
+    }
+}
+
 /// `cls.predictions`: transform (dense to embedding_size, act, LayerNorm), then the
 /// tied decoder + bias. (`lm_predictions.lm_head.*` in the non-legacy layout.)
 #[derive(Debug)]
@@ -319,7 +387,7 @@ impl DebertaLmHead {
 }
 
 /// `DebertaV2ForMaskedLM`: `deberta.embeddings`, `deberta.encoder.{layer.*,
-/// rel_embeddings, LayerNorm}`, `cls.predictions`.
+/// rel_embeddings, LayerNorm, conv}`, `cls.predictions`.
 #[derive(Debug)]
 pub struct DebertaV2ForMaskedLM {
     pub config: DebertaV2Config,
@@ -327,6 +395,8 @@ pub struct DebertaV2ForMaskedLM {
     layers: Vec<DebertaLayer>,
     rel_embeddings: Option<Embedding>,
     rel_layer_norm: Option<LayerNorm>,
+    /// `conv_kernel_size > 0`: the convolution after the first layer.
+    conv: Option<ConvLayer>,
     head: DebertaLmHead,
     spec: AttentionSpec,
     /// [`distance_buckets`] per (block length, device): built once, not per forward.
@@ -337,6 +407,7 @@ impl DebertaV2ForMaskedLM {
     /// Creates the parameters under `root` (the VarStore root), HF-initialised.
     pub fn new(root: &nn::Path, config: DebertaV2Config) -> Result<Self> {
         let (act, spec) = config.validate()?;
+        let conv_act = config.conv_activation()?;
         let base = root / "deberta";
         let encoder = &base / "encoder";
         let layers = (0..config.num_hidden_layers)
@@ -356,6 +427,7 @@ impl DebertaV2ForMaskedLM {
                 Embedding::new(&(&encoder / "rel_embeddings"), 2 * spec.span, h, config.initializer_range, None)
             }),
             rel_layer_norm,
+            conv: conv_act.map(|a| ConvLayer::new(&(&encoder / "conv"), &config, a)),
             head: DebertaLmHead::new(&(root / "cls" / "predictions"), &config, act),
             spec,
             config,
@@ -420,7 +492,16 @@ impl super::Encoder for DebertaV2ForMaskedLM {
             }
             _ => None,
         };
-        self.layers[i].forward(x, inputs.mask.as_ref(), rel.as_ref(), train)
+        let y = self.layers[i].forward(x, inputs.mask.as_ref(), rel.as_ref(), train);
+        match &self.conv {
+            // The first layer's input is the embeddings' output, what HF convolves.
+            Some(conv) if i == 0 => {
+                // Token i is a pad where query i may not see key i: [b, 1, s, s] -> [b, s, 1].
+                let pads = inputs.mask.as_ref().map(|pad| pad.diagonal(0, -2, -1).squeeze_dim(1).unsqueeze(-1));
+                conv.forward(x, &y, pads.as_ref(), train)
+            }
+            _ => y,
+        }
     }
 
     /// `hidden` [..., h] -> logits [..., vocab]

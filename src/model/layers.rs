@@ -127,6 +127,8 @@ pub enum Activation {
     /// `"gelu_new"`, `"gelu_pytorch_tanh"`: the tanh approximation.
     GeluTanh,
     Relu,
+    /// `"tanh"` (the default `conv_act` of DeBERTa-v2's convolution).
+    Tanh,
 }
 
 impl Activation {
@@ -135,8 +137,9 @@ impl Activation {
             "gelu" => Self::Gelu,
             "gelu_new" | "gelu_pytorch_tanh" => Self::GeluTanh,
             "relu" => Self::Relu,
+            "tanh" => Self::Tanh,
             other => bail!(
-                "activation {other:?} in config.json is not supported (supported: gelu, gelu_new, gelu_pytorch_tanh, relu)"
+                "activation {other:?} in config.json is not supported (supported: gelu, gelu_new, gelu_pytorch_tanh, relu, tanh)"
             ),
         })
     }
@@ -146,6 +149,7 @@ impl Activation {
             Self::Gelu => x.gelu("none"),
             Self::GeluTanh => x.gelu("tanh"),
             Self::Relu => x.relu(),
+            Self::Tanh => x.tanh(),
         }
     }
 }

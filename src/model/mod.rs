@@ -98,7 +98,7 @@ impl Arch {
 /// Sizes every architecture's `config.json` may give, with their allowed range:
 /// a value outside would build a model that cannot exist (negative sizes) or
 /// cannot be allocated (a million-wide hidden size).
-const SIZES: [(&str, i64, i64); 14] = [
+const SIZES: [(&str, i64, i64); 16] = [
     ("vocab_size", 1, 1 << 24),
     ("hidden_size", 1, 1 << 16),
     ("dim", 1, 1 << 16),
@@ -113,6 +113,8 @@ const SIZES: [(&str, i64, i64); 14] = [
     ("embedding_size", 1, 1 << 16),
     ("position_buckets", -1, 1 << 16),
     ("max_relative_positions", -1, 1 << 20),
+    ("conv_kernel_size", 0, 1025),
+    ("conv_groups", 1, 1 << 16),
 ];
 
 /// Probabilities (dropouts), in [0, 1).
@@ -609,7 +611,9 @@ mod tests {
     #[test]
     fn unsupported_deberta_options_are_refused_naming_the_key() {
         for (extra, key) in [
-            (serde_json::json!({"conv_kernel_size": 3}), "conv_kernel_size"),
+            (serde_json::json!({"conv_kernel_size": 4}), "conv_kernel_size"),
+            (serde_json::json!({"conv_kernel_size": 3, "conv_act": "swish"}), "conv_act"),
+            (serde_json::json!({"conv_kernel_size": 3, "conv_groups": 3}), "conv_groups"),
             (serde_json::json!({"attention_head_size": 4}), "attention_head_size"),
             (serde_json::json!({"pos_att_type": ["c2p", "p2p"]}), "pos_att_type"),
             (serde_json::json!({"norm_rel_ebd": "layer_norm|scale"}), "norm_rel_ebd"),

@@ -42,6 +42,8 @@ pub struct ModelShape {
     pub attention_output_dropout: bool,
     /// DeBERTa with `relative_attention`.
     pub relative: Option<RelativeAttention>,
+    /// DeBERTa-v2's convolution after the first layer (`conv_kernel_size > 0`).
+    pub conv: bool,
     /// Every trainable scalar, the tied decoder counted once.
     pub parameters: u64,
     /// Of those, the word embeddings (also the tied decoder's weight).
@@ -79,6 +81,7 @@ impl ModelShape {
                     attention_dropout: b.attention_probs_dropout_prob,
                     attention_output_dropout: true,
                     relative: None,
+                    conv: false,
                     parameters: embeddings + u(b.num_hidden_layers) * bert_layer(h, f) + head,
                     word_embedding_parameters: v * h,
                 }
@@ -102,6 +105,7 @@ impl ModelShape {
                     attention_dropout: d.attention_dropout,
                     attention_output_dropout: false,
                     relative: None,
+                    conv: false,
                     parameters: embeddings + u(d.n_layers) * bert_layer(h, f) + head,
                     word_embedding_parameters: v * h,
                 }
@@ -131,6 +135,11 @@ impl ModelShape {
                 if d.norm_rel_parts().iter().any(|p| p == "layer_norm") {
                     encoder += 2 * h;
                 }
+                let conv = d.conv_activation()?.is_some();
+                if conv {
+                    // weight [h, h / groups, k], bias, LayerNorm
+                    encoder += h * (h / u(d.conv_groups)) * u(d.conv_kernel_size) + h + 2 * h;
+                }
                 let head = h * e + e + 2 * e + v;
                 Self {
                     arch,
@@ -144,6 +153,7 @@ impl ModelShape {
                     attention_dropout: d.attention_probs_dropout_prob,
                     attention_output_dropout: true,
                     relative,
+                    conv,
                     parameters: embeddings + u(d.num_hidden_layers) * layer + encoder + head,
                     word_embedding_parameters: v * e,
                 }
@@ -206,6 +216,8 @@ mod tests {
             deberta(serde_json::json!({"share_att_key": false, "pos_att_type": ["c2p"], "norm_rel_ebd": "none"})),
             deberta(serde_json::json!({"relative_attention": false, "position_biased_input": true})),
             deberta(serde_json::json!({"embedding_size": 16, "type_vocab_size": 2})),
+            deberta(serde_json::json!({"conv_kernel_size": 3, "conv_act": "gelu"})),
+            deberta(serde_json::json!({"conv_kernel_size": 5, "conv_groups": 4})),
         ];
         for extra in cases {
             let mut c = base.clone();
@@ -223,7 +235,7 @@ mod tests {
 
     #[test]
     fn configs_the_model_refuses_are_refused() {
-        let c = serde_json::json!({"model_type": "deberta-v2", "conv_kernel_size": 3});
+        let c = serde_json::json!({"model_type": "deberta-v2", "conv_kernel_size": 2});
         let err = ModelShape::from_config(&c).unwrap_err().to_string();
         assert!(err.contains("conv_kernel_size"), "{err}");
         let c = serde_json::json!({"model_type": "bert", "hidden_size": 10, "num_attention_heads": 4});

@@ -276,6 +276,11 @@ impl<'a> Estimate<'a> {
             // DeBERTa's `embed_proj` keeps its input.
             saved += n * m.embedding * self.a;
         }
+        if m.conv {
+            // DeBERTa-v2's convolution (its input is the first layer's): the
+            // activation's input, the LayerNorm's input and statistics, the dropout.
+            saved += 2 * n * m.hidden * self.a + 2 * n * 4 + self.dropout(m.hidden_dropout, n * m.hidden);
+        }
         saved
     }
 

@@ -203,7 +203,14 @@ mod tests {
             ("bert", serde_json::json!({})),
             ("distilbert", serde_json::json!({})),
             ("roberta", serde_json::json!({"pad_token_id": 1})),
-            ("deberta-v2", deberta),
+            ("deberta-v2", deberta.clone()),
+            // deberta-v2-xlarge's convolution after the first layer.
+            ("deberta-v2", {
+                let mut conv = deberta;
+                conv["conv_kernel_size"] = 3.into();
+                conv["conv_act"] = "gelu".into();
+                conv
+            }),
         ];
         for (model_type, extra) in cases {
             let m = model(model_type, extra);

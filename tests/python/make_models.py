@@ -16,13 +16,15 @@ Writes into OUT_DIR:
                 (`lm_predictions.lm_head.*`), as DeBERTa-v3 checkpoints have it
   deberta_abs/  DeBERTa-v2 variant: absolute positions too, separate pos_key_proj,
                 c2p only, no buckets, token types, embedding_size != hidden_size
+  deberta_conv/ DeBERTa-v2 as deberta-v2-xlarge: the convolution after the first
+                layer (`conv_kernel_size` 3, here in 2 groups, `conv_act` by default)
   reference.safetensors:
     input_ids, attention_mask   [3, 16] i64, rows of different lengths, pads = 0
     labels   [3, 16] i64, a few labelled positions, -100 elsewhere
     roberta_{input_ids,attention_mask,labels}   [3, 16], pads = 1
     deberta_{input_ids,attention_mask,labels}   [3, 32], pads = 0
     {arch}_logits   [3, seq, vocab] f32, eval mode, for bert, distilbert,
-                    roberta, deberta, deberta_abs
+                    roberta, deberta, deberta_abs, deberta_conv
     minilm_hidden   [3, 16, 384] f32, last_hidden_state of the real MiniLM BertModel
   grads/{arch}.safetensors   d(loss)/d(parameter) under the names model.safetensors
                 holds, loss = cross-entropy mean over the labelled positions (eval mode)
@@ -280,6 +282,19 @@ def main(out):
     abs_model.save_pretrained(adir)
     shutil.copy(os.path.join(ddir, "tokenizer.json"), adir)
     save_grads(abs_model, adir, os.path.join(out, "grads", "deberta_abs.safetensors"))
+
+    # DeBERTa-v2 as deberta-v2-xlarge: ConvLayer after the first layer; conv_act
+    # is left to its default (tanh), the groups exercise Conv1d's `groups`.
+    cdir = os.path.join(out, "deberta_conv")
+    torch.manual_seed(5)
+    conv_model = DebertaV2ForMaskedLM(
+        DebertaV2Config(**dict(v3, pos_att_type="p2c|c2p", num_hidden_layers=3), conv_kernel_size=3, conv_groups=2)
+    )
+    perturb(conv_model)
+    ref["deberta_conv_logits"] = logits_and_grads(conv_model, d_ids, d_mask, d_labels)
+    conv_model.save_pretrained(cdir)
+    shutil.copy(os.path.join(ddir, "tokenizer.json"), cdir)
+    save_grads(conv_model, cdir, os.path.join(out, "grads", "deberta_conv.safetensors"))
 
     os.makedirs(os.path.join(out, "fill_mask"), exist_ok=True)
     for arch, text in FILL_MASK_TEXT.items():
