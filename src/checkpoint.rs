@@ -75,15 +75,14 @@ pub struct OptimizerState {
 pub fn save(
     out: &Path,
     model: &MaskedLm,
-    tokenizer: &Path,
+    tokenizer_json: &[u8],
     opt: &OptimizerState,
     state: &TrainerState,
 ) -> Result<PathBuf> {
     let final_dir = out.join(format!("checkpoint-{}", state.step));
     durable::write_dir_atomically(&final_dir, |tmp| {
         model.save_dir(tmp)?;
-        fs::copy(tokenizer, tmp.join("tokenizer.json"))
-            .with_context(|| format!("cannot copy {}", tokenizer.display()))?;
+        fs::write(tmp.join("tokenizer.json"), tokenizer_json).context("cannot write tokenizer.json")?;
         let step = Tensor::from(opt.step);
         Tensor::write_safetensors(
             &[(EXP_AVG, &opt.exp_avg), (EXP_AVG_SQ, &opt.exp_avg_sq), (STEP, &step)],

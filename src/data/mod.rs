@@ -16,6 +16,7 @@ pub mod pretokenize;
 pub mod rng;
 pub mod source;
 pub mod split;
+pub mod spm;
 pub mod store;
 pub mod subword;
 pub mod tokenizer;

@@ -8,6 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
 use tracing::debug;
 
+use super::spm;
 use super::subword::SubwordFast;
 use super::wordpiece::{append_encoding, WordPieceFast};
 
@@ -38,8 +39,10 @@ pub struct TextTokenizer {
     pub special_ids: Vec<u32>,
     /// SHA-256 (hex) of the file's bytes.
     pub hash: String,
-    /// The file it was loaded from.
+    /// The file it was loaded from (`spm.model` when converted from it).
     pub path: PathBuf,
+    /// The `tokenizer.json` it was built from, which checkpoints hold.
+    pub json: Arc<[u8]>,
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -56,11 +59,27 @@ impl std::fmt::Debug for TextTokenizer {
 }
 
 impl TextTokenizer {
-    /// Loads `tokenizer.json`; errors name the file.
+    /// Loads `tokenizer.json`; errors name the file. A SentencePiece model
+    /// (`*.model`), or a missing `tokenizer.json` beside DeBERTa's `spm.model`,
+    /// is converted as `transformers` converts it ([`super::spm`]).
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).with_context(|| {
-            format!("cannot read tokenizer file {}{}", path.display(), slow_tokenizer_hint(path).unwrap_or_default())
-        })?;
+        let beside = path.with_file_name("spm.model");
+        let (bytes, path) = if path.extension().is_some_and(|e| e == "model") {
+            (spm::tokenizer_json(path)?, path.to_path_buf())
+        } else if !path.exists() && path.file_name().is_some_and(|n| n == "tokenizer.json") && beside.is_file() {
+            debug!("{} is missing: converting {}", path.display(), beside.display());
+            (spm::tokenizer_json(&beside)?, beside)
+        } else {
+            let bytes = std::fs::read(path).with_context(|| {
+                format!(
+                    "cannot read tokenizer file {}{}",
+                    path.display(),
+                    slow_tokenizer_hint(path).unwrap_or_default()
+                )
+            })?;
+            (bytes, path.to_path_buf())
+        };
+        let path = path.as_path();
         let hash = hex(&Sha256::digest(&bytes));
         let mut inner = tokenizers::Tokenizer::from_bytes(&bytes)
             .map_err(|e| anyhow!("{} is not a valid tokenizer.json: {e}", path.display()))?;
@@ -100,6 +119,7 @@ impl TextTokenizer {
             special_ids: special.into_iter().map(|(id, _)| id).collect(),
             hash,
             path: path.to_path_buf(),
+            json: bytes.into(),
         })
     }
 
@@ -187,9 +207,9 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Hugging Face model folders often ship only a slow tokenizer's files
-/// (DeBERTa-v2/v3: `spm.model`; older BERTs: `vocab.txt`; RoBERTa:
-/// `vocab.json` + `merges.txt`; XLM-R: `sentencepiece.bpe.model`), which
+/// Hugging Face model folders often ship only a slow tokenizer's files (older
+/// BERTs: `vocab.txt`; RoBERTa: `vocab.json` + `merges.txt`; XLM-R:
+/// `sentencepiece.bpe.model`; DeBERTa's `spm.model` is converted here), which
 /// `transformers` converts when it loads them. When `path` is missing and its
 /// folder holds such files, says so and how to write the `tokenizer.json`.
 fn slow_tokenizer_hint(path: &Path) -> Option<String> {
@@ -197,7 +217,7 @@ fn slow_tokenizer_hint(path: &Path) -> Option<String> {
         return None;
     }
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let slow = ["spm.model", "sentencepiece.bpe.model", "vocab.txt", "vocab.json"];
+    let slow = ["sentencepiece.bpe.model", "vocab.txt", "vocab.json"];
     let found = slow.iter().find(|f| dir.join(f).is_file())?;
     let d = dir.display().to_string().replace('\'', "\\'");
     let command = format!(
@@ -205,7 +225,7 @@ fn slow_tokenizer_hint(path: &Path) -> Option<String> {
     );
     Some(format!(
         " ({} holds {found}, a slow tokenizer's file, but no tokenizer.json: write one once with {command} \
-         (transformers; for spm.model also sentencepiece and protobuf), or set model.tokenizer)",
+         (transformers; for a SentencePiece model also sentencepiece and protobuf), or set model.tokenizer)",
         dir.display()
     ))
 }
@@ -286,9 +306,13 @@ mod tests {
         let path = dir.path().join("tokenizer.json");
         let e = format!("{:#}", TextTokenizer::load(&path).unwrap_err());
         assert!(e.contains("tokenizer.json") && !e.contains("slow tokenizer"), "{e}");
-        std::fs::write(dir.path().join("spm.model"), b"not read").unwrap();
+        std::fs::write(dir.path().join("vocab.txt"), b"not read").unwrap();
         let e = format!("{:#}", TextTokenizer::load(&path).unwrap_err());
-        assert!(e.contains("holds spm.model") && e.contains("save_pretrained"), "{e}");
+        assert!(e.contains("holds vocab.txt") && e.contains("save_pretrained"), "{e}");
+        // spm.model is converted: a broken one is named.
+        std::fs::write(dir.path().join("spm.model"), b"\x0a\xff").unwrap();
+        let e = format!("{:#}", TextTokenizer::load(&path).unwrap_err());
+        assert!(e.contains("spm.model") && e.contains("not a usable SentencePiece model"), "{e}");
     }
 
     #[test]

@@ -649,7 +649,7 @@ impl Trainer {
             exp_avg_sq: self.opt.exp_avg_sq.shallow_clone(),
             step: self.opt.steps(),
         };
-        let dir = checkpoint::save(&self.out, &self.master, &self.tok.path, &moments, &self.state)?;
+        let dir = checkpoint::save(&self.out, &self.master, &self.tok.json, &moments, &self.state)?;
         if improved && self.cfg.checkpoint.save_best {
             checkpoint::update_best(&self.out, &dir)?;
             tracing::info!(
