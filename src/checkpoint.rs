@@ -82,7 +82,8 @@ pub fn save(
     let final_dir = out.join(format!("checkpoint-{}", state.step));
     durable::write_dir_atomically(&final_dir, |tmp| {
         model.save_dir(tmp)?;
-        fs::write(tmp.join("tokenizer.json"), tokenizer_json).context("cannot write tokenizer.json")?;
+        let path = tmp.join("tokenizer.json");
+        fs::write(&path, tokenizer_json).with_context(|| format!("cannot write {}", path.display()))?;
         let step = Tensor::from(opt.step);
         Tensor::write_safetensors(
             &[(EXP_AVG, &opt.exp_avg), (EXP_AVG_SQ, &opt.exp_avg_sq), (STEP, &step)],

@@ -42,9 +42,7 @@ struct ModelProto {
     /// `trainer_spec.model_type`: 1 Unigram (the default), 2 BPE, 3 word, 4 char.
     model_type: u64,
     unk_id: u64,
-    byte_fallback: bool,
     precompiled_charsmap: Vec<u8>,
-    add_dummy_prefix: bool,
 }
 
 /// A protobuf field: its number and its value.
@@ -107,7 +105,7 @@ impl<'a> Reader<'a> {
 
 impl ModelProto {
     fn parse(buf: &[u8]) -> Result<Self> {
-        let mut m = Self { model_type: 1, add_dummy_prefix: true, ..Self::default() };
+        let mut m = Self { model_type: 1, ..Self::default() };
         let mut r = Reader { buf };
         while let Some((number, field)) = r.next()? {
             match (number, field) {
@@ -139,7 +137,6 @@ impl ModelProto {
         while let Some((number, field)) = r.next()? {
             match (number, field) {
                 (3, Field::Varint(t)) => self.model_type = t,
-                (35, Field::Varint(b)) => self.byte_fallback = b != 0,
                 (40, Field::Varint(id)) => self.unk_id = id,
                 _ => {}
             }
@@ -150,10 +147,8 @@ impl ModelProto {
     fn normalizer_spec(&mut self, buf: &[u8]) -> Result<()> {
         let mut r = Reader { buf };
         while let Some((number, field)) = r.next()? {
-            match (number, field) {
-                (2, Field::Bytes(map)) => self.precompiled_charsmap = map.to_vec(),
-                (3, Field::Varint(b)) => self.add_dummy_prefix = b != 0,
-                _ => {}
+            if let (2, Field::Bytes(map)) = (number, field) {
+                self.precompiled_charsmap = map.to_vec();
             }
         }
         Ok(())
@@ -203,6 +198,14 @@ impl Settings {
                 }
             }
         }
+        if let Some(class) = config["tokenizer_class"].as_str().filter(|c| !c.starts_with("DebertaV2Tokenizer")) {
+            bail!(
+                "{} names tokenizer_class {class:?}: only DeBERTa-v2/v3's SentencePiece model (DebertaV2Tokenizer) is \
+                 converted here; write its tokenizer.json with transformers (AutoTokenizer.from_pretrained(folder)\
+                 .save_pretrained(folder)) or set model.tokenizer",
+                dir.join("tokenizer_config.json").display()
+            );
+        }
         Ok(Self {
             do_lower_case: config["do_lower_case"].as_bool().unwrap_or(false),
             split_by_punct: config["split_by_punct"].as_bool().unwrap_or(false),
@@ -213,6 +216,17 @@ impl Settings {
             mask: token("mask_token", "[MASK]"),
             added,
         })
+    }
+}
+
+/// Refuses a character map `Precompiled` would misread: a little-endian u32
+/// trie size (a multiple of 4, within the map) before the trie and the
+/// normalised strings.
+fn check_charsmap(map: &[u8]) -> Result<()> {
+    let size = map.get(..4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize);
+    match size {
+        Some(size) if size > 0 && size % 4 == 0 && 4 + size <= map.len() => Ok(()),
+        _ => bail!("its precompiled_charsmap ({} bytes) is malformed", map.len()),
     }
 }
 
@@ -233,36 +247,45 @@ fn convert(bytes: &[u8], s: &Settings) -> Result<Vec<u8>> {
     if proto.model_type != 1 {
         bail!("its model type is {} (only Unigram, 1, is converted: DeBERTa-v2/v3's)", proto.model_type);
     }
-    let mut vocab: Vec<(String, f64)> =
-        proto.pieces.iter().map(|(p, score, _)| (p.clone(), f64::from(*score))).collect();
-    let unk_id = usize::try_from(proto.unk_id).ok().filter(|&i| i < vocab.len());
+    let vocab: Vec<(String, f64)> = proto.pieces.iter().map(|(p, score, _)| (p.clone(), f64::from(*score))).collect();
+    let n = vocab.len();
+    let unk_id = usize::try_from(proto.unk_id).ok().filter(|&i| i < n);
     let unk_id = unk_id.ok_or_else(|| anyhow!("its unknown piece id {} is not one of its pieces", proto.unk_id))?;
-    // Added tokens beyond the pieces (DeBERTa-v3's [MASK] at 128000) extend the
-    // vocabulary at their ids, in order; the mask token is added if missing.
-    let mut added = s.added.clone();
-    added.sort_by_key(|(_, id)| *id);
-    for (content, id) in &added {
-        if *id as usize == vocab.len() && !vocab.iter().any(|(p, _)| p == content) {
-            vocab.push((content.clone(), 0.0));
+    // Tokens that are not pieces (DeBERTa-v3's [MASK] at 128000) are added
+    // tokens, as transformers adds them: numbered from the pieces' count on,
+    // in the order of their ids; the mask token is added when missing.
+    let in_pieces = |t: &str| proto.pieces.iter().any(|(p, ..)| p == t);
+    let mut extra: Vec<(String, u32)> = s.added.iter().filter(|(t, _)| !in_pieces(t)).cloned().collect();
+    extra.sort_by_key(|(_, id)| *id);
+    extra.dedup_by(|a, b| a.0 == b.0);
+    for (i, (t, id)) in extra.iter().enumerate() {
+        if *id as usize != n + i {
+            bail!(
+                "added token {t:?} has id {id} in added_tokens.json or tokenizer_config.json, but the tokens after \
+                 its {n} pieces are numbered from {n} on ({} would be {t:?}'s)",
+                n + i
+            );
         }
     }
-    if !vocab.iter().any(|(p, _)| *p == s.mask) {
-        vocab.push((s.mask.clone(), 0.0));
+    if !in_pieces(&s.mask) && !extra.iter().any(|(t, _)| *t == s.mask) {
+        extra.push((s.mask.clone(), (n + extra.len()) as u32));
     }
-    let id_of = |t: &str| vocab.iter().position(|(p, _)| p == t);
-    let (cls, sep) = match (id_of(&s.cls), id_of(&s.sep)) {
-        (Some(c), Some(e)) => (c as u32, e as u32),
-        _ => bail!("its pieces lack the class or separator token ({:?}, {:?})", s.cls, s.sep),
+    let id_of = |t: &str| {
+        let piece = proto.pieces.iter().position(|(p, ..)| p == t).map(|i| i as u32);
+        piece.or_else(|| extra.iter().find(|(e, _)| e == t).map(|(_, id)| *id))
     };
+    let (cls, sep) = match (id_of(&s.cls), id_of(&s.sep)) {
+        (Some(c), Some(e)) => (c, e),
+        _ => bail!("it has no class or separator token ({:?}, {:?}): not a DeBERTa-v2/v3 tokenizer", s.cls, s.sep),
+    };
+    let named = [&s.cls, &s.sep, &s.unk, &s.pad, &s.mask];
     let specials: Vec<String> = proto
         .pieces
         .iter()
         .enumerate()
-        .filter(|(i, (p, _, kind))| {
-            *kind == CONTROL || *kind == UNKNOWN || *i == unk_id || [&s.cls, &s.sep, &s.unk, &s.pad].contains(&p)
-        })
+        .filter(|(i, (p, _, kind))| *kind == CONTROL || *kind == UNKNOWN || *i == unk_id || named.contains(&p))
         .map(|(_, (p, _, _))| p.clone())
-        .chain(vocab[proto.pieces.len()..].iter().map(|(p, _)| p.clone()))
+        .chain(extra.iter().map(|(t, _)| t.clone()))
         .collect();
     let user_defined: Vec<String> = proto
         .pieces
@@ -271,7 +294,8 @@ fn convert(bytes: &[u8], s: &Settings) -> Result<Vec<u8>> {
         .map(|(p, ..)| p.clone())
         .collect();
 
-    let model = Unigram::from(vocab, Some(unk_id), proto.byte_fallback).map_err(|e| anyhow!("Unigram model: {e}"))?;
+    // As transformers' converter: no byte fallback (DeBERTa's models have none).
+    let model = Unigram::from(vocab, Some(unk_id), false).map_err(|e| anyhow!("Unigram model: {e}"))?;
     let mut tokenizer = Tokenizer::new(model);
     let mut normalizers: Vec<NormalizerWrapper> = Vec::new();
     if s.do_lower_case {
@@ -279,6 +303,7 @@ fn convert(bytes: &[u8], s: &Settings) -> Result<Vec<u8>> {
     }
     normalizers.push(Strip::new(true, true).into());
     if !proto.precompiled_charsmap.is_empty() {
+        check_charsmap(&proto.precompiled_charsmap)?;
         let map = Precompiled::from(&proto.precompiled_charsmap).map_err(|e| anyhow!("precompiled_charsmap: {e}"))?;
         normalizers.push(map.into());
     }
@@ -288,7 +313,9 @@ fn convert(bytes: &[u8], s: &Settings) -> Result<Vec<u8>> {
             .into(),
     );
     tokenizer.with_normalizer(Some(Sequence::new(normalizers)));
-    let scheme = if proto.add_dummy_prefix { PrependScheme::Always } else { PrependScheme::Never };
+    // transformers prepends `▁` to every word (DebertaV2Tokenizer has no
+    // add_prefix_space: "always"), as SentencePiece's dummy prefix does.
+    let scheme = PrependScheme::Always;
     let mut pre: Vec<PreTokenizerWrapper> = Vec::new();
     if s.split_by_punct {
         pre.push(Punctuation::new(SplitDelimiterBehavior::Isolated).into());
@@ -307,6 +334,11 @@ fn convert(bytes: &[u8], s: &Settings) -> Result<Vec<u8>> {
     let special: Vec<AddedToken> =
         specials.iter().map(|t| AddedToken::from(t.clone(), true).normalized(false)).collect();
     tokenizer.add_special_tokens(&special);
+    for (t, id) in &extra {
+        if tokenizer.token_to_id(t) != Some(*id) {
+            bail!("added token {t:?} got id {:?}, not {id}", tokenizer.token_to_id(t));
+        }
+    }
     let plain: Vec<AddedToken> =
         user_defined.iter().map(|t| AddedToken::from(t.clone(), false).normalized(false)).collect();
     tokenizer.add_tokens(&plain);
@@ -369,7 +401,7 @@ mod tests {
         let bytes = model(&[("[PAD]", 0.0, 3), ("▁a", -1.5, 1), ("[UNK]", 0.0, 2)], 2);
         let m = ModelProto::parse(&bytes).unwrap();
         assert_eq!(m.pieces, vec![("[PAD]".into(), 0.0, 3), ("▁a".into(), -1.5, 1), ("[UNK]".into(), 0.0, 2)]);
-        assert_eq!((m.unk_id, m.model_type, m.add_dummy_prefix), (2, 1, true));
+        assert_eq!((m.unk_id, m.model_type), (2, 1));
         assert!(ModelProto::parse(&bytes[..bytes.len() - 3]).is_err(), "a truncated file is an error");
     }
 
@@ -389,7 +421,54 @@ mod tests {
         assert_eq!(t.token_to_id("[MASK]"), Some(7));
         let ids = t.encode("ab  c [MASK]", true).unwrap().get_ids().to_vec();
         assert_eq!(ids, vec![1, 5, 4, 6, 7, 2]);
+        // Tokenizing through the model alone never yields the mask (an added token).
+        assert_eq!(tokenizers::Model::token_to_id(t.get_model(), "[MASK]"), None);
         let err = format!("{:#}", convert(&model(&pieces[3..], 0), &settings()).unwrap_err());
         assert!(err.contains("class or separator"), "{err}");
+        // An added token declared at an id the pieces do not end at is refused.
+        let declared = Settings { added: vec![("[MASK]".into(), 9)], ..settings() };
+        let err = format!("{:#}", convert(&model(&pieces, 3), &declared).unwrap_err());
+        assert!(err.contains("[MASK]") && err.contains("id 9") && err.contains("numbered from 7"), "{err}");
+        let declared = Settings { added: vec![("[MASK]".into(), 7), ("[X]".into(), 8)], ..settings() };
+        let t = Tokenizer::from_bytes(convert(&model(&pieces, 3), &declared).unwrap()).unwrap();
+        assert_eq!((t.token_to_id("[MASK]"), t.token_to_id("[X]")), (Some(7), Some(8)));
+    }
+
+    #[test]
+    fn a_mask_among_the_pieces_is_special_and_keeps_its_id() {
+        let pieces = [
+            ("[PAD]", 0.0, 3),
+            ("[CLS]", 0.0, 3),
+            ("[SEP]", 0.0, 3),
+            ("[UNK]", 0.0, 2),
+            ("[MASK]", 0.0, 4),
+            ("▁a", -1.0, 1),
+        ];
+        let t = Tokenizer::from_bytes(convert(&model(&pieces, 3), &settings()).unwrap()).unwrap();
+        assert_eq!(t.token_to_id("[MASK]"), Some(4));
+        assert!(t.get_added_tokens_decoder()[&4].special);
+        assert_eq!(t.get_vocab_size(true), 6);
+    }
+
+    #[test]
+    fn another_tokenizer_class_is_refused_naming_its_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let pieces = [("<s>", 0.0, 3), ("<pad>", 0.0, 3), ("</s>", 0.0, 3), ("<unk>", 0.0, 2), ("▁a", -1.0, 1)];
+        std::fs::write(dir.path().join("sentencepiece.bpe.model"), model(&pieces, 3)).unwrap();
+        let config = dir.path().join("tokenizer_config.json");
+        std::fs::write(&config, r#"{"tokenizer_class": "XLMRobertaTokenizer"}"#).unwrap();
+        let err = format!("{:#}", tokenizer_json(&dir.path().join("sentencepiece.bpe.model")).unwrap_err());
+        assert!(err.contains("tokenizer_config.json") && err.contains("XLMRobertaTokenizer"), "{err}");
+        std::fs::write(&config, r#"{"tokenizer_class": "DebertaV2Tokenizer"}"#).unwrap();
+        let err = format!("{:#}", tokenizer_json(&dir.path().join("sentencepiece.bpe.model")).unwrap_err());
+        assert!(err.contains("sentencepiece.bpe.model") && err.contains("not a DeBERTa-v2/v3 tokenizer"), "{err}");
+    }
+
+    #[test]
+    fn malformed_character_maps_are_refused() {
+        for map in [&[1u8, 0][..], &[0, 0, 0, 0, 1], &[8, 0, 0, 0, 1, 2, 3], &[6, 0, 0, 0, 1, 2, 3, 4, 5, 6]] {
+            assert!(check_charsmap(map).is_err(), "{map:?}");
+        }
+        check_charsmap(&[4, 0, 0, 0, 1, 2, 3, 4, b'a', 0]).unwrap();
     }
 }

@@ -352,7 +352,7 @@ impl ConvLayer {
             Some(pads) => t.masked_fill(pads, 0.0),
             None => t,
         };
-        let out = zero_pads(out.transpose(1, 2));
+        let out = zero_pads(out.transpose(1, 2).contiguous());
         let out = self.act.forward(&dropout(&out, self.dropout, train));
         zero_pads(self.layer_norm.forward(&(residual + out)))
     }
