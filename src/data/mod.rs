@@ -20,6 +20,7 @@ pub mod spm;
 pub mod store;
 pub mod subword;
 pub mod tokenizer;
+pub mod vocab_txt;
 pub mod wordpiece;
 
 #[cfg(test)]

@@ -169,26 +169,42 @@ struct Settings {
     added: Vec<(String, u32)>,
 }
 
+/// `name` in `dir` as JSON; `Null` when there is no such file.
+pub(super) fn read_json(dir: &Path, name: &str) -> Result<serde_json::Value> {
+    let path = dir.join(name);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid JSON", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(serde_json::Value::Null),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// A special token of `tokenizer_config.json`: a string or an `AddedToken`
+/// object (`{"content": ...}`), else `default`.
+pub(super) fn config_token(config: &serde_json::Value, key: &str, default: &str) -> String {
+    let v = &config[key];
+    v.as_str().or_else(|| v["content"].as_str()).unwrap_or(default).to_string()
+}
+
+/// Refuses a `tokenizer_config.json` whose `tokenizer_class` is not one of
+/// `accepted` (by prefix, so the `Fast` variants pass), naming the file.
+pub(super) fn check_class(dir: &Path, config: &serde_json::Value, accepted: &[&str], what: &str) -> Result<()> {
+    if let Some(class) = config["tokenizer_class"].as_str().filter(|c| !accepted.iter().any(|a| c.starts_with(a))) {
+        bail!(
+            "{} names tokenizer_class {class:?}: only {what} is converted here; write its tokenizer.json with \
+             transformers (AutoTokenizer.from_pretrained(folder).save_pretrained(folder)) or set model.tokenizer",
+            dir.join("tokenizer_config.json").display()
+        );
+    }
+    Ok(())
+}
+
 impl Settings {
     fn read(dir: &Path) -> Result<Self> {
-        let read_json = |name: &str| -> Result<serde_json::Value> {
-            let path = dir.join(name);
-            match std::fs::read(&path) {
-                Ok(bytes) => {
-                    serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid JSON", path.display()))
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(serde_json::Value::Null),
-                Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
-            }
-        };
-        let config = read_json("tokenizer_config.json")?;
-        // A token is a string or an `AddedToken` object ({"content": ...}).
-        let token = |key: &str, default: &str| -> String {
-            let v = &config[key];
-            v.as_str().or_else(|| v["content"].as_str()).unwrap_or(default).to_string()
-        };
+        let config = read_json(dir, "tokenizer_config.json")?;
+        let token = |key: &str, default: &str| config_token(&config, key, default);
         let mut added: Vec<(String, u32)> = Vec::new();
-        if let Some(map) = read_json("added_tokens.json")?.as_object() {
+        if let Some(map) = read_json(dir, "added_tokens.json")?.as_object() {
             added.extend(map.iter().filter_map(|(t, id)| Some((t.clone(), u32::try_from(id.as_u64()?).ok()?))));
         }
         if let Some(map) = config["added_tokens_decoder"].as_object() {
@@ -198,14 +214,7 @@ impl Settings {
                 }
             }
         }
-        if let Some(class) = config["tokenizer_class"].as_str().filter(|c| !c.starts_with("DebertaV2Tokenizer")) {
-            bail!(
-                "{} names tokenizer_class {class:?}: only DeBERTa-v2/v3's SentencePiece model (DebertaV2Tokenizer) is \
-                 converted here; write its tokenizer.json with transformers (AutoTokenizer.from_pretrained(folder)\
-                 .save_pretrained(folder)) or set model.tokenizer",
-                dir.join("tokenizer_config.json").display()
-            );
-        }
+        check_class(dir, &config, &["DebertaV2Tokenizer"], "DeBERTa-v2/v3's SentencePiece model (DebertaV2Tokenizer)")?;
         Ok(Self {
             do_lower_case: config["do_lower_case"].as_bool().unwrap_or(false),
             split_by_punct: config["split_by_punct"].as_bool().unwrap_or(false),

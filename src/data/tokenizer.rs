@@ -8,9 +8,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
 use tracing::debug;
 
-use super::spm;
 use super::subword::SubwordFast;
 use super::wordpiece::{append_encoding, WordPieceFast};
+use super::{spm, vocab_txt};
 
 /// An exact fast path for the file's configuration.
 #[derive(Clone, Debug)]
@@ -60,15 +60,19 @@ impl std::fmt::Debug for TextTokenizer {
 
 impl TextTokenizer {
     /// Loads `tokenizer.json`; errors name the file. A SentencePiece model
-    /// (`*.model`), or a missing `tokenizer.json` beside DeBERTa's `spm.model`,
-    /// is converted as `transformers` converts it ([`super::spm`]).
+    /// (`*.model`, [`super::spm`]) or a WordPiece `vocab.txt`
+    /// ([`super::vocab_txt`]), named or found beside a missing `tokenizer.json`,
+    /// is converted as `transformers` converts it.
     pub fn load(path: &Path) -> Result<Self> {
-        let beside = path.with_file_name("spm.model");
-        let (bytes, path) = if path.extension().is_some_and(|e| e == "model") {
-            (spm::tokenizer_json(path)?, path.to_path_buf())
-        } else if !path.exists() && path.file_name().is_some_and(|n| n == "tokenizer.json") && beside.is_file() {
-            debug!("{} is missing: converting {}", path.display(), beside.display());
-            (spm::tokenizer_json(&beside)?, beside)
+        // A missing tokenizer.json is converted from the slow tokenizer's file
+        // beside it, when there is one this module converts.
+        let beside = ["spm.model", "vocab.txt"].map(|f| path.with_file_name(f)).into_iter().find(|f| f.is_file());
+        let beside = beside.filter(|_| !path.exists() && path.file_name().is_some_and(|n| n == "tokenizer.json"));
+        let source = beside.as_deref().unwrap_or(path);
+        let (bytes, path) = if source.extension().is_some_and(|e| e == "model") {
+            (spm::tokenizer_json(source)?, source.to_path_buf())
+        } else if source.file_name().is_some_and(|n| n == "vocab.txt") {
+            (vocab_txt::tokenizer_json(source)?, source.to_path_buf())
         } else {
             let bytes = std::fs::read(path).with_context(|| {
                 format!(
@@ -207,9 +211,9 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Hugging Face model folders often ship only a slow tokenizer's files (older
-/// BERTs: `vocab.txt`; RoBERTa: `vocab.json` + `merges.txt`; XLM-R:
-/// `sentencepiece.bpe.model`; DeBERTa's `spm.model` is converted here), which
+/// Hugging Face model folders often ship only a slow tokenizer's files
+/// (RoBERTa: `vocab.json` + `merges.txt`; XLM-R: `sentencepiece.bpe.model`;
+/// DeBERTa's `spm.model` and BERT's `vocab.txt` are converted here), which
 /// `transformers` converts when it loads them. When `path` is missing and its
 /// folder holds such files, says so and how to write the `tokenizer.json`.
 fn slow_tokenizer_hint(path: &Path) -> Option<String> {
@@ -217,7 +221,7 @@ fn slow_tokenizer_hint(path: &Path) -> Option<String> {
         return None;
     }
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let slow = ["sentencepiece.bpe.model", "vocab.txt", "vocab.json"];
+    let slow = ["sentencepiece.bpe.model", "vocab.json"];
     let found = slow.iter().find(|f| dir.join(f).is_file())?;
     let d = dir.display().to_string().replace('\'', "\\'");
     let command = format!(
@@ -306,9 +310,14 @@ mod tests {
         let path = dir.path().join("tokenizer.json");
         let e = format!("{:#}", TextTokenizer::load(&path).unwrap_err());
         assert!(e.contains("tokenizer.json") && !e.contains("slow tokenizer"), "{e}");
-        std::fs::write(dir.path().join("vocab.txt"), b"not read").unwrap();
+        std::fs::write(dir.path().join("vocab.json"), b"not read").unwrap();
         let e = format!("{:#}", TextTokenizer::load(&path).unwrap_err());
-        assert!(e.contains("holds vocab.txt") && e.contains("save_pretrained"), "{e}");
+        assert!(e.contains("holds vocab.json") && e.contains("save_pretrained"), "{e}");
+        // vocab.txt is converted: one without the special tokens is named.
+        std::fs::write(dir.path().join("vocab.txt"), b"a\nb\n").unwrap();
+        let e = format!("{:#}", TextTokenizer::load(&path).unwrap_err());
+        assert!(e.contains("vocab.txt") && e.contains("not a usable WordPiece vocabulary"), "{e}");
+        std::fs::remove_file(dir.path().join("vocab.txt")).unwrap();
         // spm.model is converted: a broken one is named.
         std::fs::write(dir.path().join("spm.model"), b"\x0a\xff").unwrap();
         let e = format!("{:#}", TextTokenizer::load(&path).unwrap_err());
