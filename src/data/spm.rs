@@ -186,6 +186,19 @@ pub(super) fn config_token(config: &serde_json::Value, key: &str, default: &str)
     v.as_str().or_else(|| v["content"].as_str()).unwrap_or(default).to_string()
 }
 
+/// BERT's post-processor, which both converters use: `cls $A sep` (and
+/// `cls $A sep $B sep` for pairs), with the two tokens' ids.
+pub(super) fn cls_sep_template(cls: (&str, u32), sep: (&str, u32)) -> Result<TemplateProcessing> {
+    let ((c, _), (e, _)) = (cls, sep);
+    TemplateProcessing::builder()
+        .try_single(format!("{c}:0 $A:0 {e}:0"))
+        .and_then(|b| b.try_pair(format!("{c}:0 $A:0 {e}:0 $B:1 {e}:1")))
+        .map_err(|e| anyhow!("template: {e}"))?
+        .special_tokens(vec![(c.to_string(), cls.1), (e.to_string(), sep.1)])
+        .build()
+        .map_err(|e| anyhow!("template: {e}"))
+}
+
 /// Refuses a `tokenizer_config.json` whose `tokenizer_class` is not one of
 /// `accepted` (by prefix, so the `Fast` variants pass), naming the file.
 pub(super) fn check_class(dir: &Path, config: &serde_json::Value, accepted: &[&str], what: &str) -> Result<()> {
@@ -332,14 +345,7 @@ fn convert(bytes: &[u8], s: &Settings) -> Result<Vec<u8>> {
     pre.push(Metaspace::new('▁', scheme, true).into());
     tokenizer.with_pre_tokenizer(Some(PreSequence::new(pre)));
     tokenizer.with_decoder(Some(MetaspaceDecoder::new('▁', scheme, true)));
-    let template = TemplateProcessing::builder()
-        .try_single(format!("{}:0 $A:0 {}:0", s.cls, s.sep))
-        .and_then(|b| b.try_pair(format!("{}:0 $A:0 {}:0 $B:1 {}:1", s.cls, s.sep, s.sep)))
-        .map_err(|e| anyhow!("template: {e}"))?
-        .special_tokens(vec![(s.cls.clone(), cls), (s.sep.clone(), sep)])
-        .build()
-        .map_err(|e| anyhow!("template: {e}"))?;
-    tokenizer.with_post_processor(Some(template));
+    tokenizer.with_post_processor(Some(cls_sep_template((&s.cls, cls), (&s.sep, sep))?));
     let special: Vec<AddedToken> =
         specials.iter().map(|t| AddedToken::from(t.clone(), true).normalized(false)).collect();
     tokenizer.add_special_tokens(&special);

@@ -21,10 +21,9 @@ use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
 use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
-use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, Tokenizer};
 
-use super::spm::{check_class, config_token, read_json};
+use super::spm::{check_class, cls_sep_template, config_token, read_json};
 
 /// The `tokenizer.json` (bytes) of the WordPiece vocabulary `vocab_txt`, with
 /// the settings of the `tokenizer_config.json` beside it; errors name the file.
@@ -72,14 +71,7 @@ fn convert(text: &str, config: &serde_json::Value) -> Result<Vec<u8>> {
     tokenizer.with_normalizer(Some(BertNormalizer::new(true, chinese, config["strip_accents"].as_bool(), lowercase)));
     tokenizer.with_pre_tokenizer(Some(BertPreTokenizer));
     tokenizer.with_decoder(Some(WordPieceDecoder::new("##".into(), true)));
-    let template = TemplateProcessing::builder()
-        .try_single(format!("{cls}:0 $A:0 {sep}:0"))
-        .and_then(|b| b.try_pair(format!("{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1")))
-        .map_err(|e| anyhow!("template: {e}"))?
-        .special_tokens(vec![(cls.clone(), cls_id), (sep.clone(), sep_id)])
-        .build()
-        .map_err(|e| anyhow!("template: {e}"))?;
-    tokenizer.with_post_processor(Some(template));
+    tokenizer.with_post_processor(Some(cls_sep_template((&cls, cls_id), (&sep, sep_id))?));
     // In id order, as transformers lists them.
     let mut specials = [pad, unk, cls, sep, mask];
     specials.sort_by_key(|t| tokenizer.token_to_id(t));
