@@ -10,17 +10,21 @@
 //!   both in a pip torch and in a libtorch archive; `LIBTORCH_INCLUDE` as torch-sys
 //!   reads it otherwise) with torch-sys's C++ ABI setting; with it
 //!   `src/torch_extras.cpp` (the float32 matmul precision, `training.tf32`, and
-//!   pinned host memory for uploads).
+//!   pinned host memory for uploads) and `src/model/linear_f32.cpp` (a bf16
+//!   `nn.Linear` computed by fp32 GEMMs, an autograd function of its own).
 use std::path::PathBuf;
 
 const SHIM: &str = "src/train/optimizer/fused_adamw.cpp";
 /// `torch.set_float32_matmul_precision` (`training.tf32`) and pinning (src/device.rs).
 const PRECISION: &str = "src/torch_extras.cpp";
+/// bf16 `nn.Linear` through fp32 GEMMs on CPUs without bf16 instructions (src/model/layers.rs).
+const LINEAR_F32: &str = "src/model/linear_f32.cpp";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed={SHIM}");
     println!("cargo:rerun-if-changed={PRECISION}");
+    println!("cargo:rerun-if-changed={LINEAR_F32}");
     println!("cargo:rerun-if-env-changed=LIBTORCH_INCLUDE");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
@@ -47,5 +51,6 @@ fn main() {
         .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
         .file(SHIM)
         .file(PRECISION)
+        .file(LINEAR_F32)
         .compile("mlm_fused_adamw");
 }

@@ -34,12 +34,16 @@ fn deberta_config() -> serde_json::Value {
 
 /// The job's overrides: the model, one logged step of `batch` sequences of 128
 /// tokens, no evaluation before or during training, prepared data shared.
-fn sets(dir: &Path, name: &str, batch: usize, checkpointing: bool) -> Vec<String> {
+fn sets(dir: &Path, name: &str, precision: &str, batch: usize, checkpointing: bool) -> Vec<String> {
     [
         format!("model.config={:?}", dir.join(format!("{name}.json")).display().to_string()),
         "data.block_size=128".into(),
         format!("data.prepared_dir={:?}", dir.join("prepared").display().to_string()),
-        format!("training.output_dir={:?}", dir.join(format!("out-{name}-{checkpointing}")).display().to_string()),
+        format!(
+            "training.output_dir={:?}",
+            dir.join(format!("out-{name}-{precision}-{checkpointing}")).display().to_string()
+        ),
+        format!("training.precision={precision:?}"),
         "training.max_steps=1".into(),
         format!("training.batch_size={batch}"),
         format!("training.activation_checkpointing={checkpointing}"),
@@ -77,22 +81,23 @@ fn estimated_peaks_are_within_20_percent_of_measured_cpu_peaks() {
     for (name, config) in [("bert", bert_config()), ("deberta", deberta_config())] {
         std::fs::write(dir.path().join(format!("{name}.json")), config.to_string()).unwrap();
     }
-    let prepared = run(mlm().arg("prepare").arg(&cfg).args(sets(dir.path(), "bert", 16, false)));
+    let prepared = run(mlm().arg("prepare").arg(&cfg).args(sets(dir.path(), "bert", "fp32", 16, false)));
     assert!(prepared.status.success());
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     let mut failures = Vec::new();
-    for (name, batch) in [("bert", 16), ("deberta", 16)] {
+    let cases = [("bert", "fp32", 16), ("deberta", "fp32", 16), ("bert", "bf16", 16), ("deberta", "bf16", 16)];
+    for (name, precision, batch) in cases {
         for checkpointing in [false, true] {
-            let sets = sets(dir.path(), name, batch, checkpointing);
+            let sets = sets(dir.path(), name, precision, batch, checkpointing);
             let report = estimate(&cfg, &sets);
             assert_eq!(report["target"], "cpu");
             assert_eq!(report["configured"]["rows"].as_u64(), Some(batch as u64));
             let predicted = report["configured"]["peak_bytes"].as_u64().unwrap();
-            let out = dir.path().join(format!("out-{name}-{checkpointing}"));
+            let out = dir.path().join(format!("out-{name}-{precision}-{checkpointing}"));
             let measured = measured(&cfg, &sets, out);
             let error = (predicted as f64 - measured as f64) / measured as f64;
             let line = format!(
-                "{name} batch {batch} checkpointing {checkpointing}: measured {:.1} MiB, predicted {:.1} MiB ({:+.1}%)",
+                "{name} {precision} batch {batch} checkpointing {checkpointing}: measured {:.1} MiB, predicted {:.1} MiB ({:+.1}%)",
                 mib(measured),
                 mib(predicted),
                 100.0 * error

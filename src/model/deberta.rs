@@ -382,7 +382,7 @@ impl DebertaLmHead {
     /// `x` [..., h], `decoder` = word embeddings [vocab, e] -> [..., vocab]
     fn forward(&self, x: &Tensor, decoder: &Tensor) -> Tensor {
         let x = self.layer_norm.forward(&self.act.forward(&self.dense.forward(x)));
-        x.linear(decoder, Some(&self.bias))
+        super::linear_f32::linear(&x, decoder, Some(&self.bias))
     }
 }
 

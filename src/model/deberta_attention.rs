@@ -105,8 +105,11 @@ fn skew(scores: &Tensor, s: i64) -> Tensor {
 
 /// Whether DeBERTa's attention on `device` in `kind` writes its scores out
 /// ([`DisentangledSelfAttention::forward`]) instead of calling libtorch's
-/// scaled_dot_product_attention: on the CPU in fp32, and in bf16 where the CPU
-/// multiplies bf16 in hardware ([`super::layers::cpu_has_bf16_dot`]).
+/// scaled_dot_product_attention: on the CPU in fp32 and bf16 (the matmuls in
+/// fp32 where the CPU has no bf16 instructions, [`matmul_kind`]: the
+/// 30,522-vocabulary DeBERTa-v3-small shape in bf16 on 2 threads of a Xeon
+/// without AVX512-BF16, three runs each taking turns, 542-555 tokens/s against
+/// 460-490 through the math kernel).
 ///
 /// A whole training step of the DeBERTa-v3-small shape (30,522 vocabulary,
 /// batch 8 x 128, bf16, 2 threads of a Xeon with AMX), with the kernels taking
@@ -115,12 +118,7 @@ fn skew(scores: &Tensor, s: i64) -> Tensor {
 /// took 1.07-1.14 s (faster in 34 of 38 pairs) and the written-out fp32
 /// matmuls 0.94-1.06 s (33 of 38).
 pub(super) fn writes_scores_out(device: tch::Device, kind: Kind) -> bool {
-    device == tch::Device::Cpu
-        && match kind {
-            Kind::Float => true,
-            Kind::BFloat16 => super::layers::cpu_has_bf16_dot(),
-            _ => false,
-        }
+    device == tch::Device::Cpu && matches!(kind, Kind::Float | Kind::BFloat16)
 }
 
 /// The dtype of the written-out attention's batched matmuls for activations of
@@ -130,7 +128,7 @@ pub(super) fn writes_scores_out(device: tch::Device, kind: Kind) -> bool {
 /// in fp32.
 fn matmul_kind(kind: Kind) -> Kind {
     match kind {
-        Kind::BFloat16 if super::layers::cpu_has_bf16_dot() => Kind::BFloat16,
+        Kind::BFloat16 if !super::linear_f32::gemm_via_f32(tch::Device::Cpu, kind) => Kind::BFloat16,
         Kind::BFloat16 | Kind::Half => Kind::Float,
         kind => kind,
     }

@@ -225,7 +225,7 @@ impl super::Encoder for DistilBertForMaskedLM {
     fn mlm_head(&self, hidden: &Tensor) -> Tensor {
         let x = self.act.forward(&self.vocab_transform.forward(hidden));
         let x = self.vocab_layer_norm.forward(&x);
-        x.linear(&self.embeddings.word_embeddings.weight, Some(&self.vocab_projector_bias))
+        super::linear_f32::linear(&x, &self.embeddings.word_embeddings.weight, Some(&self.vocab_projector_bias))
     }
 
     fn vocab_size(&self) -> i64 {

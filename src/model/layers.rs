@@ -68,7 +68,7 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, Some(&self.bias))
+        super::linear_f32::linear(x, &self.weight, Some(&self.bias))
     }
 
     /// The same tensors (not copies).
@@ -198,8 +198,9 @@ pub fn sdpa_kernel(
 }
 
 /// [`attention`] with the scores written out: q (scaled) k^T, the bias, softmax
-/// in fp32, dropout on the fp32 probabilities, back to q's dtype for the `bmm`
-/// with v. -> [batch, seq, hidden].
+/// in fp32, dropout on the fp32 probabilities, back to the matmuls' dtype (q's,
+/// or fp32 where [`super::linear_f32::gemm_via_f32`]) for the `bmm` with v.
+/// -> [batch, seq, hidden] in q's dtype.
 fn attention_written_out(
     q: &Tensor,
     k: &Tensor,
@@ -210,8 +211,11 @@ fn attention_written_out(
 ) -> Tensor {
     let (b, s, h) = q.size3().expect("attention input must be [batch, seq, hidden]");
     let d = h / heads;
-    let by_head = |x: &Tensor| x.view([b, s, heads, d]).transpose(1, 2).reshape([b * heads, s, d]);
-    let qh = by_head(&(q * (1.0 / (d as f64).sqrt())));
+    // bf16 on a CPU without bf16 instructions multiplies in fp32 (its bf16
+    // `bmm` is an emulation), as the projections do.
+    let acc = if super::linear_f32::gemm_via_f32(q.device(), q.kind()) { Kind::Float } else { q.kind() };
+    let by_head = |x: &Tensor| x.to_kind(acc).view([b, s, heads, d]).transpose(1, 2).reshape([b * heads, s, d]);
+    let qh = by_head(q) * (1.0 / (d as f64).sqrt());
     let mut scores = qh.bmm(&by_head(k).transpose(1, 2)); // [b heads, s, s]
     if let Some(bias) = bias {
         scores = (scores.view([b, heads, s, s]) + bias).view([b * heads, s, s]);
@@ -220,31 +224,28 @@ fn attention_written_out(
     // autograd nothing else holds them).
     let probs = scores.softmax(-1, Kind::Float);
     drop(scores);
-    let probs = self::dropout(&probs, dropout, dropout > 0.0).to_kind(q.kind());
+    let probs = self::dropout(&probs, dropout, dropout > 0.0).to_kind(acc);
     let ctx = probs.bmm(&by_head(v)); // [b heads, s, d]
-    ctx.view([b, heads, s, d]).transpose(1, 2).contiguous().view([b, s, h])
+    ctx.view([b, heads, s, d]).transpose(1, 2).to_kind(q.kind()).contiguous().view([b, s, h])
 }
 
 /// Whether [`attention`] writes its scores out (the softmax and its dropout in
-/// fp32) instead of calling libtorch's SDPA: training (dropout) on the CPU in
-/// fp32, and in bf16 where the CPU multiplies bf16 in hardware. There SDPA runs its math
-/// kernel (no fused CPU kernel takes dropout), which copies q, k, v and the
-/// scores to fp32 and adds `_safe_softmax`'s passes. A whole DistilBERT-base
-/// step (batch 8 x 128, 2 threads of a Xeon with AMX), the two taking turns
-/// step by step in one process: 0.64-0.67 s written out against 0.69-0.77 s
-/// (faster in 33 of 38 pairs of steps). In fp32 they tied (22 of 38) while
-/// both drew their masks with libtorch's serial `bernoulli_`; with [`dropout`]'s
-/// masks the written-out forward took 0.44-0.47 s against SDPA's 0.51-0.56 s,
-/// and the step 1.34-1.40 s against 1.39-1.50 s (three runs each, 2 threads of
-/// a Xeon without AVX512-BF16), so fp32 training writes its scores out too.
+/// fp32) instead of calling libtorch's SDPA: training (dropout) on the CPU, in
+/// fp32 and bf16. There SDPA runs its math kernel (no fused CPU kernel takes
+/// dropout), which copies q, k, v and the scores to fp32 and adds
+/// `_safe_softmax`'s passes. Measured, whole steps of DistilBERT-base (batch
+/// 8 x 128, 2 threads):
+/// - bf16 on a Xeon with AMX (bf16 matmuls), the two taking turns step by step
+///   in one process: 0.64-0.67 s written out against 0.69-0.77 s (faster in 33
+///   of 38 pairs of steps);
+/// - fp32 on a Xeon without AVX512-BF16, with [`dropout`]'s masks: forward
+///   0.44-0.47 s against SDPA's 0.51-0.56 s, step 1.34-1.40 s against
+///   1.39-1.50 s (three runs each); with libtorch's serial `bernoulli_` masks
+///   they had tied;
+/// - bf16 on that Xeon, the matmuls in fp32 ([`super::linear_f32::gemm_via_f32`]):
+///   median 641 tokens/s against SDPA's 608 (five runs each, taking turns).
 pub fn writes_scores_out(device: tch::Device, kind: Kind, dropout: f64) -> bool {
-    device == tch::Device::Cpu
-        && dropout > 0.0
-        && match kind {
-            Kind::Float => true,
-            Kind::BFloat16 => cpu_has_bf16_dot(),
-            _ => false,
-        }
+    device == tch::Device::Cpu && dropout > 0.0 && matches!(kind, Kind::Float | Kind::BFloat16)
 }
 
 /// Whether this CPU multiplies bf16 in hardware (AVX512-BF16, which every

@@ -12,6 +12,7 @@ pub mod deberta;
 mod deberta_attention;
 pub mod distilbert;
 mod layers;
+mod linear_f32;
 pub mod load;
 mod qkv;
 pub mod roberta;
@@ -27,6 +28,7 @@ use tch::{nn::VarStore, Device, Kind, Tensor};
 pub use bert::{BertConfig, BertForMaskedLM};
 pub use deberta::{DebertaV2Config, DebertaV2ForMaskedLM};
 pub use distilbert::{DistilBertConfig, DistilBertForMaskedLM};
+pub use linear_f32::gemm_via_f32;
 pub use qkv::FusedLeaves;
 use qkv::QkvProjection;
 pub use roberta::{RobertaConfig, RobertaForMaskedLM};
@@ -435,6 +437,10 @@ impl MaskedLm {
         };
         let kernel = if written_out {
             match kind {
+                Kind::BFloat16 if gemm_via_f32(device, kind) => {
+                    "scores written out (fp32 matmuls and softmax; this CPU has no bf16 instructions, so every \
+                     bf16 GEMM runs as an fp32 one)"
+                }
                 Kind::BFloat16 => "scores written out (bf16 matmuls, fp32 softmax)",
                 _ => "scores written out (matmuls, softmax)",
             }

@@ -149,7 +149,7 @@ impl RobertaLmHead {
     /// `x` [..., h], `decoder` = word embeddings [vocab, h] -> [..., vocab]
     fn forward(&self, x: &Tensor, decoder: &Tensor) -> Tensor {
         let x = self.layer_norm.forward(&self.dense.forward(x).gelu("none"));
-        x.linear(decoder, Some(&self.bias))
+        super::linear_f32::linear(&x, decoder, Some(&self.bias))
     }
 }
 

@@ -55,6 +55,9 @@ pub struct Job {
     pub mlm_probability: f64,
     /// Sequences per evaluation pass (`eval.batch_size`, never split).
     pub eval_batch: u64,
+    /// bf16 on a CPU without bf16 instructions: the attention's batched
+    /// matmuls run in fp32 ([`crate::model::gemm_via_f32`]), and keep fp32 copies.
+    pub attention_in_fp32: bool,
 }
 
 impl Job {
@@ -72,6 +75,9 @@ impl Job {
             sparse_head: t.sparse_head,
             mlm_probability: cfg.data.mlm_probability,
             eval_batch: cfg.eval.batch_size as u64,
+            attention_in_fp32: target == Target::Cpu
+                && t.precision == Precision::Bf16
+                && crate::model::gemm_via_f32(tch::Device::Cpu, tch::Kind::BFloat16),
         }
     }
 }
@@ -127,6 +133,10 @@ pub struct Estimate<'a> {
     a: u64,
     /// Bytes per element of a saved dropout mask.
     mask: u64,
+    /// Bytes per element of the written-out attention's matmul operands (q, k,
+    /// v, the probabilities they multiply): the compute dtype, or fp32 where
+    /// the CPU emulates bf16 ([`Job::attention_in_fp32`]).
+    x: u64,
 }
 
 /// The moment of a pass and the bytes allocated then (training state excluded).
@@ -153,7 +163,8 @@ impl<'a> Estimate<'a> {
             Target::Cpu => a,
             Target::Cuda => 1,
         };
-        Self { model, job, a, mask }
+        let x = if job.attention_in_fp32 { 4 } else { a };
+        Self { model, job, a, mask, x }
     }
 
     pub fn states(&self) -> States {
@@ -316,11 +327,18 @@ impl<'a> Estimate<'a> {
         let (m, n, s) = (self.model, self.tokens(rows), self.job.block);
         let (nh, scores) = (n * m.hidden * self.a, rows * m.heads * s * s);
         if self.math_attention() {
-            // q and k scaled and v, each copied by the batched matmuls; the
-            // probabilities, and with dropout its noise and the dropped copy; the
-            // output copied back to [b, s, h] for the output projection.
-            let dropped = if m.attention_dropout > 0.0 { scores * (self.mask + self.a) } else { 0 };
-            3 * nh + scores * self.a + dropped + nh
+            // q and k scaled and v, each copied by the batched matmuls (in the
+            // matmuls' dtype); the fp32 probabilities, with dropout its fp32
+            // noise, and the probabilities in the matmuls' dtype (the dropped
+            // ones, or a copy); the output copied back to [b, s, h] in the
+            // compute dtype for the output projection.
+            let x = self.x;
+            let probs = match (m.attention_dropout > 0.0, x) {
+                (true, _) => scores * (4 + 4 + x),
+                (false, 4) => scores * 4,
+                (false, _) => scores * (4 + x),
+            };
+            3 * n * m.hidden * x + probs + nh
         } else {
             // q, k, v as given, the output (laid out as [b, s, h]: the context
             // shares it), the log-sum-exp per query (rounded up to 32 queries).
@@ -342,14 +360,15 @@ impl<'a> Estimate<'a> {
     fn deberta_attention(&self, rows: u64) -> Extra {
         let m = self.model;
         let Some(r) = m.relative.filter(|r| r.c2p || r.p2c) else { return Extra::default() };
-        let (n, s, a) = (self.tokens(rows), self.job.block, self.a);
-        let (bias, distances) = (rows * m.heads * s * s * a, 2 * s - 1);
-        let by_distance = rows * m.heads * s * distances * a;
+        let (n, s, a, x) = (self.tokens(rows), self.job.block, self.a, self.x);
+        let (bias, distances) = (rows * m.heads * s * s * x, 2 * s - 1);
+        let by_distance = rows * m.heads * s * distances * x;
         let terms = r.c2p as u64 + r.p2c as u64;
-        let mut saved = terms * (2 * distances * m.hidden * a + distances * 8);
-        saved += if self.math_attention() { terms * n * m.hidden * a } else { bias };
+        // The rows (compute dtype) and their projection (the matmuls' dtype).
+        let mut saved = terms * (distances * m.hidden * (a + x) + distances * 8);
+        saved += if self.math_attention() { terms * n * m.hidden * x } else { bias };
         saved += self.dropout(m.hidden_dropout, 2 * r.span * m.hidden);
-        Extra { saved, backward: bias + 2 * by_distance + n * m.hidden * a, workspace: 2 * bias + by_distance }
+        Extra { saved, backward: bias + 2 * by_distance + n * m.hidden * x, workspace: 2 * bias + by_distance }
     }
 
     /// The head's saved tensors: the rows it projects, the transform's
@@ -371,8 +390,11 @@ impl<'a> Estimate<'a> {
         let (m, n, s, a) = (self.model, self.tokens(rows), self.job.block, self.a);
         let nh = n * m.hidden * a;
         let feed_forward = nh + 2 * n * m.intermediate * a;
-        let scores = rows * m.heads * s * s * a;
-        let attention = if self.math_attention() { 3 * nh + 2 * scores } else { 3 * nh + n * m.hidden * 4 };
+        let attention = if self.math_attention() {
+            3 * n * m.hidden * self.x + 2 * rows * m.heads * s * s * self.x.max(a)
+        } else {
+            3 * nh + n * m.hidden * 4
+        };
         feed_forward.max(attention + self.deberta_attention(rows).backward)
     }
 
@@ -494,6 +516,7 @@ mod tests {
             sparse_head: true,
             mlm_probability: 0.15,
             eval_batch: 16,
+            attention_in_fp32: false,
         }
     }
 
