@@ -17,7 +17,7 @@ use std::path::PathBuf;
 const SHIM: &str = "src/train/optimizer/fused_adamw.cpp";
 /// `torch.set_float32_matmul_precision` (`training.tf32`) and pinning (src/device.rs).
 const PRECISION: &str = "src/torch_extras.cpp";
-/// bf16 `nn.Linear` through fp32 GEMMs on CPUs without bf16 instructions (src/model/layers.rs).
+/// bf16 `nn.Linear` through fp32 GEMMs on CPUs without bf16 instructions (src/model/linear_f32.rs).
 const LINEAR_F32: &str = "src/model/linear_f32.cpp";
 
 fn main() {

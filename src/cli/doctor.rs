@@ -117,7 +117,7 @@ fn cpu_features(cpuinfo: &str) -> String {
     let bf16 = if have.contains(&"amx_bf16") || have.contains(&"avx512_bf16") {
         "bf16 in hardware"
     } else {
-        "no bf16 instructions (bf16 GEMMs run as fp32 GEMMs: bf16 saves memory, fp32 is faster)"
+        "no bf16 instructions (bf16 GEMMs run as fp32 GEMMs: fp32 training is faster here)"
     };
     if have.is_empty() {
         format!("none of {}; {bf16}", wanted.join(", "))

@@ -262,8 +262,8 @@ impl DisentangledSelfAttention {
     ) -> Tensor {
         // One layer's attention, b 8 x s 128, forward + backward, on a loaded
         // 2-core VM without AVX-512: fp32 1.95 s written out vs 4.16 s through
-        // the math kernel; bf16 6.2 s vs 5.3 s. A whole step on a quiet machine
-        // showed no fp32 gain (docs/benchmarks.md).
+        // the math kernel (bf16 then lost, 6.2 s vs 5.3 s, with bf16 matmuls;
+        // on such CPUs they now run in fp32, see `writes_scores_out`).
         self.forward_with(x, pad, rel, train, writes_scores_out(x.device(), x.kind()))
     }
 

@@ -256,7 +256,13 @@ pub fn cpu_has_bf16_dot() -> bool {
     std::arch::is_x86_feature_detected!("avx512bf16")
 }
 
-#[cfg(not(target_arch = "x86_64"))]
+/// Arm: the BF16 extension (BFDOT, BFMMLA; Graviton 3 and later, Neoverse V1/V2).
+#[cfg(target_arch = "aarch64")]
+pub fn cpu_has_bf16_dot() -> bool {
+    std::arch::is_aarch64_feature_detected!("bf16")
+}
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 pub fn cpu_has_bf16_dot() -> bool {
     false
 }
@@ -275,8 +281,8 @@ pub fn finfo_min(kind: Kind) -> f64 {
 /// `q`, `k`, `v` [batch, seq, hidden] (already projected), `bias` [batch, 1, 1, seq]
 /// or `None` -> [batch, seq, hidden].
 ///
-/// Training on the CPU in fp32, or in bf16 with bf16 instructions, writes the
-/// scores out ([`writes_scores_out`]); elsewhere libtorch's `scaled_dot_product_attention`.
+/// Training on the CPU (fp32 or bf16, with dropout) writes the scores out
+/// ([`writes_scores_out`]); elsewhere libtorch's `scaled_dot_product_attention`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, heads: i64, dropout: f64) -> Tensor {
     if writes_scores_out(q.device(), q.kind(), dropout) {
         attention_written_out(q, k, v, bias, heads, dropout)

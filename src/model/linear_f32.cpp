@@ -1,5 +1,5 @@
 // A bf16 `nn.Linear` whose three GEMMs (forward, input gradient, weight
-// gradient) run in libtorch's fp32 kernels, for src/model/layers.rs: on a CPU
+// gradient) run in libtorch's fp32 kernels, for src/model/linear_f32.rs: on a CPU
 // without bf16 instructions libtorch's bf16 GEMM is an emulation several times
 // slower than its fp32 one (a [1024, 768] x [768, 3072] product: 86 ms against
 // 19 ms for upcast + fp32 GEMM + round, 2 threads, torch 2.11).
@@ -37,9 +37,12 @@ struct LinearViaF32 : public torch::autograd::Function<LinearViaF32> {
   // x [..., in], weight [out, in], bias [out] or none -> [..., out] in x's dtype.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias) {
+    TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "linear: the input is ", x.scalar_type(),
+                ", the weight ", weight.scalar_type());
     ctx->save_for_backward({x, weight});
     const bool has_bias = bias.has_value() && bias->defined();
     ctx->saved_data["has_bias"] = has_bias;
+    if (has_bias) ctx->saved_data["bias_kind"] = static_cast<int64_t>(bias->scalar_type());
     const auto kind = x.scalar_type();
     auto out = at::linear(x.to(at::kFloat), weight.to(at::kFloat),
                           has_bias ? std::optional<at::Tensor>(bias->to(at::kFloat)) : std::nullopt);
@@ -62,7 +65,7 @@ struct LinearViaF32 : public torch::autograd::Function<LinearViaF32> {
       grad_weight = grad.t().mm(x.reshape({-1, in}).to(at::kFloat)).to(weight.scalar_type());
     }
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) {
-      grad_bias = grad.sum(0).to(weight.scalar_type());
+      grad_bias = grad.sum(0).to(static_cast<at::ScalarType>(ctx->saved_data["bias_kind"].toInt()));
     }
     return {grad_x, grad_weight, grad_bias};
   }
@@ -82,6 +85,8 @@ extern "C" at::Tensor* mlm_linear_via_f32(const at::Tensor* x, const at::Tensor*
     *error = copy_message(e.what_without_backtrace());
   } catch (const std::exception& e) {
     *error = copy_message(e.what());
+  } catch (...) {
+    *error = copy_message("an unknown C++ exception");
   }
   return nullptr;
 }

@@ -55,9 +55,11 @@ pub struct Job {
     pub mlm_probability: f64,
     /// Sequences per evaluation pass (`eval.batch_size`, never split).
     pub eval_batch: u64,
-    /// bf16 on a CPU without bf16 instructions: the attention's batched
-    /// matmuls run in fp32 ([`crate::model::gemm_via_f32`]), and keep fp32 copies.
-    pub attention_in_fp32: bool,
+    /// bf16 on a CPU without bf16 instructions: every GEMM runs as an fp32 GEMM
+    /// ([`crate::model::gemm_via_f32`]). The written-out attention keeps fp32
+    /// copies; a projection holds fp32 copies of its operands and result while
+    /// it runs (saved: the bf16 ones).
+    pub gemm_in_fp32: bool,
 }
 
 impl Job {
@@ -75,7 +77,7 @@ impl Job {
             sparse_head: t.sparse_head,
             mlm_probability: cfg.data.mlm_probability,
             eval_batch: cfg.eval.batch_size as u64,
-            attention_in_fp32: target == Target::Cpu
+            gemm_in_fp32: target == Target::Cpu
                 && t.precision == Precision::Bf16
                 && crate::model::gemm_via_f32(tch::Device::Cpu, tch::Kind::BFloat16),
         }
@@ -135,7 +137,7 @@ pub struct Estimate<'a> {
     mask: u64,
     /// Bytes per element of the written-out attention's matmul operands (q, k,
     /// v, the probabilities they multiply): the compute dtype, or fp32 where
-    /// the CPU emulates bf16 ([`Job::attention_in_fp32`]).
+    /// the CPU emulates bf16 ([`Job::gemm_in_fp32`]).
     x: u64,
 }
 
@@ -163,7 +165,7 @@ impl<'a> Estimate<'a> {
             Target::Cpu => a,
             Target::Cuda => 1,
         };
-        let x = if job.attention_in_fp32 { 4 } else { a };
+        let x = if job.gemm_in_fp32 { 4 } else { a };
         Self { model, job, a, mask, x }
     }
 
@@ -379,9 +381,29 @@ impl<'a> Estimate<'a> {
     }
 
     /// At the start of backward: the fp32 gradients of the log-probabilities and
-    /// of the logits, both `[positions, vocab]`.
+    /// of the logits, both `[positions, vocab]`; when the projection's GEMMs run
+    /// in fp32, then the logits' gradient in the compute dtype beside the
+    /// projection's fp32 copies, if that is more.
     fn head_backward(&self, rows: u64) -> u64 {
-        2 * self.projected(rows) * self.model.vocab * 4
+        let (m, p) = (self.model, self.projected(rows));
+        let log_probs = 2 * p * m.vocab * 4;
+        if self.job.gemm_in_fp32 {
+            log_probs.max(p * m.vocab * self.a + self.gemm_copies(p, m.embedding, m.vocab))
+        } else {
+            log_probs
+        }
+    }
+
+    /// What a projection of `rows` rows from `input` to `output` features holds
+    /// in fp32 during its backward when its GEMMs run in fp32
+    /// (`src/model/linear_f32.cpp`): the output's gradient, and either the
+    /// weight and the input's gradient or the input and the weight's gradient.
+    fn gemm_copies(&self, rows: u64, input: u64, output: u64) -> u64 {
+        if self.job.gemm_in_fp32 {
+            4 * (rows * output + input * output + rows * input)
+        } else {
+            0
+        }
     }
 
     /// Temporaries of one layer's backward beyond its saved tensors: the
@@ -389,7 +411,7 @@ impl<'a> Estimate<'a> {
     fn layer_backward(&self, rows: u64) -> u64 {
         let (m, n, s, a) = (self.model, self.tokens(rows), self.job.block, self.a);
         let nh = n * m.hidden * a;
-        let feed_forward = nh + 2 * n * m.intermediate * a;
+        let feed_forward = nh + 2 * n * m.intermediate * a + self.gemm_copies(n, m.intermediate, m.hidden);
         let attention = if self.math_attention() {
             3 * n * m.hidden * self.x + 2 * rows * m.heads * s * s * self.x.max(a)
         } else {
@@ -407,11 +429,21 @@ impl<'a> Estimate<'a> {
         // feed-forward's input, both [tokens, intermediate] values, its output and
         // the dropped output.
         let feed_forward = 3 * nh + 2 * n * m.intermediate * a + self.dropout(m.hidden_dropout, n * m.hidden);
-        let scores = rows * m.heads * s * s * a;
+        let (elements, x) = (rows * m.heads * s * s, self.x);
         let dropout = train && m.attention_dropout > 0.0;
-        let core =
-            if self.math_attention() || !train { scores * if dropout { 3 } else { 2 } } else { rows * m.heads * s * 4 };
-        feed_forward.max(5 * nh + core + self.deberta_attention(rows).workspace)
+        let core = if self.math_attention() && train {
+            // Written out: the scores (matmuls' dtype) beside the fp32
+            // probabilities; then with dropout the fp32 noise and dropped
+            // probabilities; a copy in the matmuls' dtype when that is not fp32.
+            let copy = if x == 4 { 0 } else { x };
+            elements * (x + 4).max(if dropout { 12 } else { 4 } + copy)
+        } else if self.math_attention() || !train {
+            elements * a * 2
+        } else {
+            rows * m.heads * s * 4
+        };
+        // The input, the context, and q, k, v (copies in the matmuls' dtype).
+        feed_forward.max(2 * nh + 3 * n * m.hidden * x + core + self.deberta_attention(rows).workspace)
     }
 
     /// An evaluation pass of `rows` sequences: the hidden states beside a
@@ -422,7 +454,11 @@ impl<'a> Estimate<'a> {
         let hidden = self.tokens(rows) * m.hidden * self.a;
         let p = (self.job.mlm_probability * self.tokens(rows) as f64).ceil() as u64;
         let to_fp32 = if self.a == 4 { 0 } else { 4 };
-        let head = p * m.vocab * (self.a + to_fp32 + 4) + p * (m.hidden + m.embedding) * self.a;
+        let mut head = p * m.vocab * (self.a + to_fp32 + 4) + p * (m.hidden + m.embedding) * self.a;
+        if self.job.gemm_in_fp32 {
+            // The projection's fp32 weight and logits before they are rounded.
+            head += 4 * (m.vocab * m.embedding + p * m.vocab);
+        }
         self.batch(rows) + hidden + self.layer_workspace(rows, false).max(head)
     }
 }
@@ -516,7 +552,7 @@ mod tests {
             sparse_head: true,
             mlm_probability: 0.15,
             eval_batch: 16,
-            attention_in_fp32: false,
+            gemm_in_fp32: false,
         }
     }
 
