@@ -25,6 +25,7 @@ fn main() {
     println!("cargo:rerun-if-changed={SHIM}");
     println!("cargo:rerun-if-changed={PRECISION}");
     println!("cargo:rerun-if-changed={LINEAR_F32}");
+    println!("cargo:rerun-if-changed=src/shim_message.h");
     println!("cargo:rerun-if-env-changed=LIBTORCH_INCLUDE");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {

@@ -28,9 +28,29 @@ pub fn select_device(choice: DeviceChoice, key: &str) -> Result<Device> {
 }
 
 extern "C" {
+    fn mlm_free_message(message: *mut std::ffi::c_char);
     fn mlm_set_float32_matmul_precision_high(high: i32) -> i32;
     fn mlm_float32_matmul_precision_high() -> i32;
     fn mlm_pinned_copy(t: *const torch_sys::C_tensor) -> *mut torch_sys::C_tensor;
+}
+
+/// The first line of the error message a C++ shim returned (src/shim_message.h),
+/// freed here; "no message" for null (the shim could not allocate it).
+///
+/// # Safety
+/// `message` is null or a message from `mlm_message` not yet freed; it is freed
+/// by this call.
+pub(crate) unsafe fn take_shim_message(message: *mut std::ffi::c_char) -> String {
+    if message.is_null() {
+        return "no message".into();
+    }
+    // SAFETY: a NUL-terminated malloc'd string (the caller's contract), freed once.
+    let text = unsafe {
+        let text = std::ffi::CStr::from_ptr(message).to_string_lossy().into_owned();
+        mlm_free_message(message);
+        text
+    };
+    crate::logging::first_line(&text)
 }
 
 /// A copy of the CPU tensor `host` in pinned host memory, for a non-blocking

@@ -11,14 +11,13 @@
 // activation memory is a bf16 linear's; the fp32 copies live inside one call.
 //
 // Tensors come as tch's handles (`torch::Tensor*`); a C++ exception never
-// crosses into Rust: it comes back as a malloc'd message the caller frees
-// (`mlm_free_message`, src/train/optimizer/fused_adamw.cpp).
+// crosses into Rust: it comes back as a message (src/shim_message.h).
+#include "../shim_message.h"
+
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/custom_function.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <exception>
 #include <optional>
 
@@ -26,12 +25,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-char* copy_message(const char* what) {
-  char* m = static_cast<char*>(std::malloc(std::strlen(what) + 1));
-  if (m != nullptr) std::strcpy(m, what);
-  return m;
-}
 
 struct LinearViaF32 : public torch::autograd::Function<LinearViaF32> {
   // x [..., in], weight [out, in], bias [out] or none -> [..., out] in x's dtype.
@@ -82,11 +75,11 @@ extern "C" at::Tensor* mlm_linear_via_f32(const at::Tensor* x, const at::Tensor*
     *error = nullptr;
     return new at::Tensor(LinearViaF32::apply(*x, *weight, bias == nullptr ? std::nullopt : std::optional<at::Tensor>(*bias)));
   } catch (const c10::Error& e) {
-    *error = copy_message(e.what_without_backtrace());
+    *error = mlm_message(e.what_without_backtrace());
   } catch (const std::exception& e) {
-    *error = copy_message(e.what());
+    *error = mlm_message(e.what());
   } catch (...) {
-    *error = copy_message("an unknown C++ exception");
+    *error = mlm_message("an unknown C++ exception");
   }
   return nullptr;
 }

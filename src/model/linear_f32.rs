@@ -10,7 +10,7 @@
 //! `linear_f32.cpp` saves the bf16 input and weight as a bf16 `linear` does, so
 //! the activation memory is unchanged; the input and weight gradients are fp32
 //! GEMMs too.
-use std::ffi::{c_char, CStr};
+use std::ffi::c_char;
 
 use tch::{Device, Kind, Tensor};
 
@@ -21,7 +21,6 @@ extern "C" {
         bias: *const torch_sys::C_tensor,
         error: *mut *mut c_char,
     ) -> *mut torch_sys::C_tensor;
-    fn mlm_free_message(message: *mut c_char);
 }
 
 /// Whether GEMMs of `kind` on `device` run as fp32 GEMMs: bf16 on a CPU that
@@ -51,18 +50,8 @@ pub fn linear_via_f32(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Ten
         mlm_linear_via_f32(x.as_ptr(), weight.as_ptr(), bias.map_or(std::ptr::null(), |b| b.as_ptr()), &mut error)
     };
     if out.is_null() {
-        // SAFETY: on failure the shim set `error` to a malloc'd C string (or null
-        // when allocation failed), freed here once.
-        let text = unsafe {
-            let text = if error.is_null() {
-                "no message".to_string()
-            } else {
-                CStr::from_ptr(error).to_string_lossy().into_owned()
-            };
-            mlm_free_message(error);
-            text
-        };
-        panic!("linear through fp32 GEMMs failed: {}", crate::logging::first_line(&text));
+        // SAFETY: on failure the shim set `error` to its message (or null).
+        panic!("linear through fp32 GEMMs failed: {}", unsafe { crate::device::take_shim_message(error) });
     }
     // SAFETY: a new handle from the shim (see above).
     unsafe { Tensor::from_ptr(out) }

@@ -413,7 +413,7 @@ impl<'a> Estimate<'a> {
         let nh = n * m.hidden * a;
         let feed_forward = nh + 2 * n * m.intermediate * a + self.gemm_copies(n, m.intermediate, m.hidden);
         let attention = if self.math_attention() {
-            3 * n * m.hidden * self.x + 2 * rows * m.heads * s * s * self.x.max(a)
+            3 * n * m.hidden * self.x + 2 * rows * m.heads * s * s * self.x
         } else {
             3 * nh + n * m.hidden * 4
         };

@@ -4,7 +4,7 @@
 //! One launch updates parameters and both moments; on the GPU it reads the
 //! step count, the gradient scale and the skip flag from device memory, so a
 //! step needs no host sync.
-use std::ffi::{c_char, CStr};
+use std::ffi::c_char;
 
 use anyhow::{bail, Result};
 use tch::Tensor;
@@ -25,7 +25,6 @@ extern "C" {
         grad_scale: *const torch_sys::C_tensor,
         found_inf: *const torch_sys::C_tensor,
     ) -> *mut c_char;
-    fn mlm_free_message(message: *mut c_char);
 }
 
 /// One group of same-length fp32 tensors on one device, updated in place.
@@ -87,11 +86,6 @@ pub fn adamw(groups: &[Group], hp: Hyper, grad_scale: Option<&Tensor>, found_inf
     if err.is_null() {
         return Ok(());
     }
-    // SAFETY: a NUL-terminated message malloc'd by the shim, freed once here.
-    let text = unsafe {
-        let text = CStr::from_ptr(err).to_string_lossy().into_owned();
-        mlm_free_message(err);
-        text
-    };
-    bail!("libtorch's fused AdamW failed: {}", crate::logging::first_line(&text))
+    // SAFETY: a message from the shim, not freed before.
+    bail!("libtorch's fused AdamW failed: {}", unsafe { crate::device::take_shim_message(err) })
 }

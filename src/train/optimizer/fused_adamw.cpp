@@ -2,6 +2,8 @@
 // runs) for src/train/optimizer/fused.rs: tch binds no op that returns nothing.
 // Tensors come as tch's handles (`torch::Tensor*`); a C++ exception never crosses
 // into Rust: it comes back as a malloc'd message the caller frees.
+#include "../../shim_message.h"
+
 #include <ATen/ops/_fused_adamw.h>
 #include <c10/util/Exception.h>
 
@@ -12,12 +14,6 @@
 #include <vector>
 
 namespace {
-
-char* message(const char* what) {
-  char* m = static_cast<char*>(std::malloc(std::strlen(what) + 1));
-  if (m != nullptr) std::strcpy(m, what);
-  return m;
-}
 
 std::vector<at::Tensor> list(at::Tensor* const* tensors, int64_t n) {
   std::vector<at::Tensor> v;
@@ -46,11 +42,11 @@ extern "C" char* mlm_fused_adamw(at::Tensor* const* params, at::Tensor* const* g
                       /*maximize=*/false, maybe(grad_scale), maybe(found_inf));
     return nullptr;
   } catch (const c10::Error& e) {
-    return message(e.what_without_backtrace());
+    return mlm_message(e.what_without_backtrace());
   } catch (const std::exception& e) {
-    return message(e.what());
+    return mlm_message(e.what());
   } catch (...) {
-    return message("unknown C++ exception in at::_fused_adamw_");
+    return mlm_message("unknown C++ exception in at::_fused_adamw_");
   }
 }
 
