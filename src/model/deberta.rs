@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
 use super::deberta_attention::{distance_buckets, pair_mask, AttentionSpec, DisentangledSelfAttention, RelativeInputs};
-use super::layers::{dropout, Activation, Embedding, LayerNorm, Linear};
+use super::layers::{self, dropout, Activation, Embedding, LayerNorm, Linear};
 use super::qkv::QkvProjection;
 use super::weights::NameMap;
 use super::LayerInputs;
@@ -245,7 +245,8 @@ impl DebertaEmbeddings {
                 .then(|| Embedding::new(&(p / "position_embeddings"), c.max_position_embeddings, e, std, None)),
             token_type_embeddings: (c.type_vocab_size > 0)
                 .then(|| Embedding::new(&(p / "token_type_embeddings"), c.type_vocab_size, e, std, None)),
-            embed_proj: (e != c.hidden_size).then(|| (p / "embed_proj").randn("weight", &[c.hidden_size, e], 0.0, std)),
+            embed_proj: (e != c.hidden_size)
+                .then(|| layers::normal(&(p / "embed_proj"), "weight", &[c.hidden_size, e], std)),
             layer_norm: LayerNorm::new(&(p / "LayerNorm"), c.hidden_size, c.layer_norm_eps),
             dropout: c.hidden_dropout_prob,
         }
@@ -334,7 +335,7 @@ impl ConvLayer {
         let (h, k, g) = (c.hidden_size, c.conv_kernel_size, c.conv_groups);
         let conv = p / "conv";
         Self {
-            weight: conv.randn("weight", &[h, h / g, k], 0.0, c.initializer_range),
+            weight: layers::normal(&conv, "weight", &[h, h / g, k], c.initializer_range),
             bias: conv.zeros("bias", &[h]),
             groups: g,
             layer_norm: LayerNorm::new(&(p / "LayerNorm"), h, c.layer_norm_eps),

@@ -5,8 +5,38 @@
 //! Each block creates its parameters under the `nn::Path` it is given, with the
 //! initialisation of `PreTrainedModel._init_weights`: normal(0, initializer_range)
 //! for Linear and Embedding weights, zero biases, LayerNorm weight 1 and bias 0.
+use std::cell::Cell;
+
 use anyhow::{bail, Result};
 use tch::{nn, Kind, Tensor};
+
+thread_local! {
+    static RANDOM_INIT: Cell<bool> = const { Cell::new(true) };
+}
+
+/// Runs `f` (building a model) with the weights that would be drawn from
+/// normal(0, std) created as zeros: for a model whose weights are overwritten
+/// next (a copy in another dtype), so that building it costs no draws and
+/// leaves libtorch's generator where it was.
+pub fn without_random_init<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            RANDOM_INIT.set(self.0);
+        }
+    }
+    let _restore = Restore(RANDOM_INIT.replace(false));
+    f()
+}
+
+/// A weight under `p` drawn from normal(0, `std`), unless [`without_random_init`] says zeros.
+pub fn normal(p: &nn::Path, name: &str, dims: &[i64], std: f64) -> Tensor {
+    if RANDOM_INIT.get() {
+        p.randn(name, dims, 0.0, std)
+    } else {
+        p.zeros(name, dims)
+    }
+}
 
 /// `nn.Dropout(p)` in training (`train`), the identity otherwise: zeroes each
 /// element with probability `p` and scales the rest by `1 / (1 - p)`. On the
@@ -64,7 +94,7 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(p: &nn::Path, in_dim: i64, out_dim: i64, std: f64) -> Self {
-        Self { weight: p.randn("weight", &[out_dim, in_dim], 0.0, std), bias: p.zeros("bias", &[out_dim]) }
+        Self { weight: normal(p, "weight", &[out_dim, in_dim], std), bias: p.zeros("bias", &[out_dim]) }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -104,7 +134,7 @@ pub struct Embedding {
 
 impl Embedding {
     pub fn new(p: &nn::Path, num: i64, dim: i64, std: f64, padding_idx: Option<i64>) -> Self {
-        let weight = p.randn("weight", &[num, dim], 0.0, std);
+        let weight = normal(p, "weight", &[num, dim], std);
         if let Some(pad) = padding_idx.filter(|&i| (0..num).contains(&i)) {
             tch::no_grad(|| {
                 let _ = weight.get(pad).zero_();

@@ -186,10 +186,8 @@ pub fn estimate_parameters(c: &serde_json::Value) -> u64 {
 
 /// Refuses, before allocating, a CPU model whose fp32 weights alone exceed the
 /// memory available (a GPU reports its own out-of-memory errors).
-fn check_fits_in_memory(c: &serde_json::Value, device: Device) -> Result<()> {
-    if device != Device::Cpu {
-        return Ok(());
-    }
+/// Every model is built in host memory first ([`MaskedLm::from_config_json`]).
+fn check_fits_in_memory(c: &serde_json::Value) -> Result<()> {
     let bytes = estimate_parameters(c).saturating_mul(4);
     if let Some(avail) = available_memory() {
         if bytes > avail {
@@ -299,11 +297,21 @@ impl MaskedLm {
         Self::from_config_json(json, device).with_context(|| format!("building the model of {}", path.display()))
     }
 
-    /// A randomly initialised model from the contents of a `config.json`.
+    /// A randomly initialised model from the contents of a `config.json`,
+    /// built on the CPU and then moved to `device`: libtorch's CPU generator
+    /// (mt19937) draws the weights whatever the device, so one seed gives the
+    /// same model on a CPU and a GPU (CUDA's Philox would draw others).
     pub fn from_config_json(config_json: serde_json::Value, device: Device) -> Result<Self> {
+        let mut model = Self::build_on_cpu(config_json)?;
+        model.vs.set_device(device);
+        Ok(model)
+    }
+
+    /// [`Self::from_config_json`] on the CPU.
+    fn build_on_cpu(config_json: serde_json::Value) -> Result<Self> {
         let arch = check_config(&config_json)?;
-        check_fits_in_memory(&config_json, device)?;
-        let vs = VarStore::new(device);
+        check_fits_in_memory(&config_json)?;
+        let vs = VarStore::new(Device::Cpu);
         let root = vs.root();
         let net: Box<dyn Encoder> = match arch {
             Arch::Bert => {
@@ -333,9 +341,11 @@ impl MaskedLm {
     /// `pytorch_model.bin`). Parameters the checkpoint lacks (e.g. the MLM head of a
     /// `BertModel`) keep their initialisation and are reported as missing.
     pub fn load_dir(dir: &Path, device: Device) -> Result<(Self, LoadReport)> {
-        let model = Self::from_config_file(&dir.join("config.json"), device)?;
+        // Loaded on the CPU, then moved: the device holds one copy of the weights.
+        let mut model = Self::from_config_file(&dir.join("config.json"), Device::Cpu)?;
         let (file, tensors) = weights::read_dir(dir)?;
         let report = weights::load_into(&model.vs, model.arch, tensors, &file)?;
+        model.vs.set_device(device);
         Ok((model, report))
     }
 
@@ -472,8 +482,11 @@ impl MaskedLm {
 
     /// A second model with a copy of these weights in `kind` (e.g. the bf16 compute
     /// copy of fp32 master weights); the two share no storage.
+    /// Built with zeros, not random draws ([`layers::without_random_init`]):
+    /// making the copy leaves libtorch's generator where it was.
     pub fn to_kind_copy(&self, kind: Kind) -> Result<MaskedLm> {
-        let mut copy = Self::from_config_json(self.config_json.clone(), self.vs.device())?;
+        let mut copy = layers::without_random_init(|| Self::build_on_cpu(self.config_json.clone()))?;
+        copy.vs.set_device(self.vs.device());
         copy.vs.copy(&self.vs).context("copying weights")?;
         copy.vs.set_kind(kind);
         Ok(copy)
@@ -657,5 +670,56 @@ mod tests {
             serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
         assert_eq!(config["model_type"], "xlm-roberta");
         assert_eq!(config["architectures"][0], "XLMRobertaForMaskedLM");
+    }
+
+    /// Building draws from libtorch's global generator, which the other tests'
+    /// threads draw from too: the check runs alone, in a child process.
+    #[test]
+    fn one_seed_gives_the_same_weights_on_every_device_and_copies_draw_nothing() {
+        if std::env::var_os("MLM_SEEDED_BUILD_CHILD").is_none() {
+            let name = "model::tests::one_seed_gives_the_same_weights_on_every_device_and_copies_draw_nothing";
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", name, "--test-threads", "1", "--nocapture"])
+                .env("MLM_SEEDED_BUILD_CHILD", "1")
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success() && text.contains("1 passed"), "{text}");
+            return;
+        }
+        let deberta = serde_json::json!({
+            "model_type": "deberta-v2", "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "intermediate_size": 24, "max_position_embeddings": 12,
+            "relative_attention": true, "position_buckets": 4, "pos_att_type": "p2c|c2p",
+            "position_biased_input": false,
+        });
+        let bert = tiny("bert").config_json;
+        // On a GPU machine the build moves to the GPU: CUDA's generator must draw nothing.
+        let device = Device::cuda_if_available();
+        for config in [bert, deberta] {
+            tch::manual_seed(7);
+            let direct = MaskedLm::build_on_cpu(config.clone()).unwrap();
+            tch::manual_seed(7);
+            let moved = MaskedLm::from_config_json(config.clone(), device).unwrap();
+            assert_eq!(moved.vs.device(), device);
+            let direct_vars = direct.vs.variables();
+            for (name, t) in moved.vs.variables() {
+                let d = &direct_vars[&name];
+                assert!(t.to_device(Device::Cpu).equal(d), "{}: {name} differs on {device:?}", config["model_type"]);
+            }
+            // A copy in another dtype is built without draws: the generator
+            // is where the master's build left it.
+            let after_build = Tensor::randn([8], (Kind::Float, Device::Cpu));
+            tch::manual_seed(7);
+            let master = MaskedLm::from_config_json(config.clone(), Device::Cpu).unwrap();
+            let copy = master.to_kind_copy(Kind::BFloat16).unwrap();
+            let after_copy = Tensor::randn([8], (Kind::Float, Device::Cpu));
+            assert!(after_build.equal(&after_copy), "to_kind_copy drew from the generator");
+            let master_vars = master.vs.variables();
+            for (name, t) in copy.vs.variables() {
+                assert_eq!(t.kind(), Kind::BFloat16);
+                assert!(t.equal(&master_vars[&name].to_kind(Kind::BFloat16)), "{name} is not the master's");
+            }
+        }
     }
 }
