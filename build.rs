@@ -12,13 +12,20 @@
 //!   `src/torch_extras.cpp` (the float32 matmul precision, `training.tf32`, and
 //!   pinned host memory for uploads) and `src/model/linear_f32.cpp` (a bf16
 //!   `nn.Linear` computed by fp32 GEMMs, an autograd function of its own).
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+#[allow(dead_code)]
+mod nccl_abi {
+    include!("src/distributed/nccl/abi.rs");
+}
 
 const SHIM: &str = "src/train/optimizer/fused_adamw.cpp";
 /// `torch.set_float32_matmul_precision` (`training.tf32`) and pinning (src/device.rs).
 const PRECISION: &str = "src/torch_extras.cpp";
 /// bf16 `nn.Linear` through fp32 GEMMs on CPUs without bf16 instructions (src/model/linear_f32.rs).
 const LINEAR_F32: &str = "src/model/linear_f32.cpp";
+/// The NCCL bindings' values against the `nccl.h` beside libtorch (src/distributed/nccl/abi.rs).
+const NCCL_ABI: &str = "src/distributed/nccl/abi_check.cpp";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -26,6 +33,8 @@ fn main() {
     println!("cargo:rerun-if-changed={PRECISION}");
     println!("cargo:rerun-if-changed={LINEAR_F32}");
     println!("cargo:rerun-if-changed=src/shim_message.h");
+    println!("cargo:rerun-if-changed={NCCL_ABI}");
+    println!("cargo:rerun-if-changed=src/distributed/nccl/abi.rs");
     println!("cargo:rerun-if-env-changed=LIBTORCH_INCLUDE");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
@@ -54,4 +63,46 @@ fn main() {
         .file(PRECISION)
         .file(LINEAR_F32)
         .compile("mlm_fused_adamw");
+    check_nccl_abi(&dir);
+}
+
+/// Compiles `NCCL_ABI` (static_asserts only, nothing linked) against pip's
+/// `nvidia/nccl/include/nccl.h` beside libtorch, when that header is there (a
+/// CUDA build of torch): a binding that disagrees with the NCCL users run fails
+/// the build. nccl.h includes `cuda_runtime.h` for `cudaStream_t` alone, and
+/// the wheels' runtime headers need nvcc's: a two-line stand-in gives it.
+fn check_nccl_abi(torch_lib: &Path) {
+    let nccl = torch_lib.join("..").join("..").join("nvidia").join("nccl").join("include");
+    if !nccl.join("nccl.h").exists() {
+        return;
+    }
+    let stub = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("nccl_abi_stub");
+    std::fs::create_dir_all(&stub).expect("creating the NCCL check's include folder");
+    // driver_types.h's definition; CUDART_VERSION stays undefined, so nccl.h
+    // skips the bf16/fp8 headers.
+    std::fs::write(stub.join("cuda_runtime.h"), "#pragma once\ntypedef struct CUstream_st* cudaStream_t;\n")
+        .and_then(|_| std::fs::write(stub.join("cuda_fp16.h"), "#pragma once\n"))
+        .expect("writing the NCCL check's cuda_runtime.h");
+    use nccl_abi::*;
+    let values = [
+        ("SUCCESS", SUCCESS.to_string()),
+        ("INVALID_USAGE", INVALID_USAGE.to_string()),
+        ("IN_PROGRESS", IN_PROGRESS.to_string()),
+        ("FLOAT32", FLOAT32.to_string()),
+        ("BFLOAT16", BFLOAT16.to_string()),
+        ("SUM", SUM.to_string()),
+        ("UNIQUE_ID_BYTES", UNIQUE_ID_BYTES.to_string()),
+        ("CONFIG_MAGIC", format!("{CONFIG_MAGIC:#x}u")),
+        ("CONFIG_OFFSET_SIZE", CONFIG_OFFSETS[0].to_string()),
+        ("CONFIG_OFFSET_MAGIC", CONFIG_OFFSETS[1].to_string()),
+        ("CONFIG_OFFSET_VERSION", CONFIG_OFFSETS[2].to_string()),
+        ("CONFIG_OFFSET_BLOCKING", CONFIG_OFFSETS[3].to_string()),
+    ];
+    let mut build = cc::Build::new();
+    build.cpp(true).std("c++17").warnings(false).cargo_metadata(false).include(&nccl).include(&stub).file(NCCL_ABI);
+    for (name, value) in &values {
+        build.define(&format!("MLM_NCCL_{name}"), value.as_str());
+    }
+    // Objects only: the check is that they compile.
+    build.compile_intermediates();
 }

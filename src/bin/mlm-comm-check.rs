@@ -1,7 +1,7 @@
 //! `mlm-comm-check`: checks a cluster set-up without a model or data. Every
 //! rank joins the job exactly as `mlm train` would (`mlm::distributed::init`), sums a
 //! known tensor, checks the sum (also the overlapped way, on NCCL's own stream
-//! after an event), broadcasts a message from rank 0, meets at a
+//! after an event, in place and out of place), broadcasts a message from rank 0, meets at a
 //! barrier, times `--iters` all-reduces, and prints one JSON line per rank.
 //! Exits non-zero on any mismatch or communication error.
 //!
@@ -122,10 +122,7 @@ fn run(args: Args) -> Result<()> {
     // (The upload first: a blocking upload would wait for the matmuls itself.)
     let src = (&pattern * (rank as f64 + 1.0)).to_kind(kind).to_device(device);
     let mut s = Tensor::zeros([n as i64], (kind, device));
-    if device.is_cuda() {
-        let m = Tensor::randn([2048, 2048], (Kind::Float, device));
-        let _ = (0..8).fold(m.shallow_clone(), |acc, _| acc.matmul(&m) / 2048.0);
-    }
+    slow_producer(device);
     tch::no_grad(|| s.copy_(&src)); // queued behind the matmuls
     let after = match comm.marker() {
         Some(mark) => mark()?,
@@ -134,6 +131,24 @@ fn run(args: Args) -> Result<()> {
     comm.start_all_reduce_sum(&mut s, after)?;
     comm.finish_started()?;
     let overlapped_exact = n == 0 || s.to_device(Device::Cpu).to_kind(Kind::Float).equal(&want);
+
+    // 1c. The same out of place, into a fresh tensor: at world size 1 an
+    // in-place NCCL sum launches nothing, while this one copies on NCCL's
+    // stream, so on one GPU too it adds what the slow producer wrote only if
+    // that stream waited for the mark.
+    let mut send = Tensor::zeros([n as i64], (kind, device));
+    let mut recv = Tensor::zeros([n as i64], (kind, device));
+    slow_producer(device);
+    tch::no_grad(|| send.copy_(&src)); // queued behind the matmuls
+    let after = match comm.marker() {
+        Some(mark) => mark()?,
+        None => mlm::distributed::Ready::Now,
+    };
+    comm.start_all_reduce_sum_into(&send, &mut recv, after)?;
+    comm.finish_started()?;
+    let out_of_place_exact = n == 0
+        || (recv.to_device(Device::Cpu).to_kind(Kind::Float).equal(&want)
+            && send.to_device(Device::Cpu).equal(&src.to_device(Device::Cpu)));
 
     // 2. Same bits everywhere: sum random values, compare a hash from rank 0.
     let mut r = Tensor::randn([n as i64], (Kind::Float, Device::Cpu)).to_kind(kind).to_device(device);
@@ -156,7 +171,7 @@ fn run(args: Args) -> Result<()> {
     }
     let secs = start.elapsed().as_secs_f64() / args.iters.max(1) as f64;
     let bytes = (n * t.kind().elt_size_in_bytes()) as f64;
-    let ok = exact && overlapped_exact && identical && broadcast_ok;
+    let ok = exact && overlapped_exact && out_of_place_exact && identical && broadcast_ok;
     let line = serde_json::json!({
         "rank": rank,
         "world_size": size,
@@ -166,6 +181,7 @@ fn run(args: Args) -> Result<()> {
         "elems": n,
         "exact_sum": exact,
         "exact_overlapped_sum": overlapped_exact,
+        "exact_out_of_place_sum": out_of_place_exact,
         "identical_on_all_ranks": identical,
         "broadcast": broadcast_ok,
         "result_hash": format!("{hash:016x}"),
@@ -184,11 +200,21 @@ fn run(args: Args) -> Result<()> {
     comm.barrier()?;
     if !ok {
         bail!(
-            "rank {rank}: check failed: exact sum {exact}, exact overlapped sum {overlapped_exact}, identical on all \
-             ranks {identical}, broadcast {broadcast_ok}"
+            "rank {rank}: check failed: exact sum {exact}, exact overlapped sum {overlapped_exact}, exact \
+             out-of-place sum {out_of_place_exact}, identical on all ranks {identical}, broadcast {broadcast_ok}"
         );
     }
     Ok(())
+}
+
+/// Queues a long run of matmuls on a GPU (about a few ms), so that work
+/// queued next finishes late: a collective that did not wait for it reads
+/// what was there before.
+fn slow_producer(device: Device) {
+    if device.is_cuda() {
+        let m = Tensor::randn([2048, 2048], (Kind::Float, device));
+        let _ = (0..8).fold(m.shallow_clone(), |acc, _| acc.matmul(&m) / 2048.0);
+    }
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {

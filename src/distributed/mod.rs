@@ -83,6 +83,16 @@ pub trait Communicator: Send {
         self.all_reduce_sum(t)
     }
 
+    /// [`Self::start_all_reduce_sum`] out of place: the sum of every rank's
+    /// `send` lands in `recv` (same size and dtype), `send` unchanged. On
+    /// NCCL at world size 1 this is a copy on the communicator's stream, so
+    /// it proves that stream waits for `after` (an in-place sum of one rank
+    /// launches nothing). The default copies, then sums in place.
+    fn start_all_reduce_sum_into(&mut self, send: &tch::Tensor, recv: &mut tch::Tensor, after: Ready) -> Result<()> {
+        tch::no_grad(|| recv.copy_(send));
+        self.start_all_reduce_sum(recv, after)
+    }
+
     /// Returns once every sum [`Self::start_all_reduce_sum`] started is done
     /// (against the timeout, like every call).
     fn finish_started(&mut self) -> Result<()> {

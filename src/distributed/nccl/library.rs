@@ -23,18 +23,13 @@ use anyhow::{anyhow, bail, Result};
 pub type Comm = *mut c_void;
 pub type NcclResult = c_int;
 
-pub const SUCCESS: NcclResult = 0;
-pub const INVALID_USAGE: NcclResult = 5;
-pub const IN_PROGRESS: NcclResult = 7;
-/// `ncclFloat32`, `ncclBfloat16` (NCCL >= 2.10).
-pub const FLOAT32: c_int = 7;
-pub const BFLOAT16: c_int = 9;
-pub const SUM: c_int = 0;
+// SUCCESS, IN_PROGRESS, FLOAT32, ...: checked against nccl.h at build time.
+include!("abi.rs");
 
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct UniqueId {
-    pub internal: [c_char; 128],
+    pub internal: [c_char; UNIQUE_ID_BYTES],
 }
 
 /// `ncclConfig_v21400`: `size`, `magic`, `version`, `blocking`. NCCL reads the
@@ -55,7 +50,7 @@ impl Config {
     pub fn non_blocking() -> Self {
         Self {
             size: std::mem::size_of::<Self>(),
-            magic: 0xcafe_beef,
+            magic: CONFIG_MAGIC,
             version: 21400,
             blocking: 0,
             undefined_tail: i32::MIN,
@@ -280,6 +275,20 @@ unsafe fn loaded_path(handle: *mut c_void) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// build.rs holds abi.rs to nccl.h; this holds our `Config` to abi.rs.
+    #[test]
+    fn config_fields_lie_where_abi_rs_says() {
+        let offsets = [
+            std::mem::offset_of!(Config, size),
+            std::mem::offset_of!(Config, magic),
+            std::mem::offset_of!(Config, version),
+            std::mem::offset_of!(Config, blocking),
+        ];
+        assert_eq!(offsets, CONFIG_OFFSETS);
+        assert_eq!(std::mem::size_of::<UniqueId>(), UNIQUE_ID_BYTES);
+        assert_eq!(Config::non_blocking().magic, CONFIG_MAGIC);
+    }
 
     #[test]
     fn lookup_prefers_the_loaded_copy_then_pips_then_the_search_path() {

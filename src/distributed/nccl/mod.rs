@@ -8,10 +8,13 @@
 //! stream, which is the legacy default stream (the null stream) unless a caller
 //! changes it, and `mlm` never does. Two ways in:
 //!
-//! - [`Communicator::all_reduce_sum`] synchronises the device, then runs on the
-//!   null stream and waits for it: correct whatever stream produced the tensor,
-//!   at the cost of a pipeline drain. Everything but the overlapped gradient
-//!   sum uses it (a handful of small sums per step at most).
+//! - [`Communicator::all_reduce_sum`] records an event on the null stream
+//!   (the work that produced the tensor), makes the communicator's own stream
+//!   wait for it, sums there and waits on the host for the sum's end event,
+//!   against the timeout: no device-wide synchronise, and the host waits for
+//!   the sum and what it depends on only. Everything but the overlapped
+//!   gradient sum uses it (a handful of small sums per step at most: the
+//!   step's loss and masked-token count, gradients when overlap is off).
 //! - The overlapped gradient sum ([`crate::train::overlap`]) runs on a stream of
 //!   the communicator's own, created non-blocking so that it never waits for the
 //!   null stream implicitly. The training thread records a CUDA event on the
@@ -53,6 +56,20 @@ use super::{Communicator, Marker, Ready};
 pub mod library;
 
 use library::{Comm, Config, Nccl, NcclResult, UniqueId};
+
+/// A warning when `NCCL_COMM_BLOCKING` (given as `value`) makes communicators
+/// blocking: it overrides the non-blocking config this backend asks for, so a
+/// call on a dead peer blocks inside NCCL and `distributed.timeout_s` cannot
+/// end it.
+pub fn blocking_warning(value: Option<&str>) -> Option<String> {
+    let v = value?.trim();
+    (!v.is_empty() && v != "0").then(|| {
+        format!(
+            "NCCL_COMM_BLOCKING={v} in the environment makes NCCL's calls blocking: distributed.timeout_s cannot stop \
+             a collective on a dead or stuck peer, and the job may hang until its time limit; unset it"
+        )
+    })
+}
 
 /// Fails with an actionable message when NCCL cannot be loaded (see [`library`]).
 pub fn check_available() -> Result<()> {
@@ -106,8 +123,6 @@ fn cuda_check(code: cu::CUresult, call: &str) -> Result<()> {
 enum Until {
     /// The call was taken (a non-blocking communicator may still be queueing it).
     Queued,
-    /// The null stream's work is done.
-    NullStream,
     /// The event is complete.
     Event(cu::CUevent),
 }
@@ -142,6 +157,9 @@ impl NcclComm {
     pub fn new(mut bootstrap: Box<dyn Communicator>, device: usize, timeout: Duration) -> Result<Self> {
         let (rank, world) = (bootstrap.rank(), bootstrap.world_size());
         let nccl = library::load().map_err(|e| anyhow!("rank {rank}: {e}"))?;
+        if let Some(warning) = blocking_warning(std::env::var("NCCL_COMM_BLOCKING").ok().as_deref()) {
+            tracing::warn!("rank {rank}: {warning}");
+        }
         let ctx =
             CudaContext::new(device).map_err(|e| anyhow!("rank {rank}: cannot open CUDA device {device}: {e:?}"))?;
         let mut id_bytes = Vec::new();
@@ -224,17 +242,19 @@ impl NcclComm {
     /// `stream` and waits until NCCL has taken the call (not until it is done).
     fn enqueue(
         &mut self,
+        send: &tch::Tensor,
         t: &tch::Tensor,
         dtype: std::ffi::c_int,
         n: usize,
         what: &str,
         stream: cu::CUstream,
     ) -> Result<()> {
-        let ptr = t.data_ptr();
-        // SAFETY: `ptr` addresses `n` contiguous elements of `dtype` on this
-        // communicator's device ([`Self::describe`]); in-place all-reduce is
-        // allowed by NCCL; `stream` is null or this communicator's own.
-        let code = unsafe { (self.nccl.all_reduce)(ptr, ptr, n, dtype, library::SUM, self.comm, stream.cast()) };
+        let (src, dst) = (send.data_ptr(), t.data_ptr());
+        // SAFETY: `src` and `dst` address `n` contiguous elements of `dtype`
+        // on this communicator's device ([`Self::describe`], the same for
+        // both); they are the same (in place) or distinct tensors; `stream` is
+        // null or this communicator's own.
+        let code = unsafe { (self.nccl.all_reduce)(src, dst, n, dtype, library::SUM, self.comm, stream.cast()) };
         if code != library::SUCCESS && code != library::IN_PROGRESS {
             self.failed = true;
             return Err(nccl_error(self.nccl, self.rank, &format!("{what}: ncclAllReduce"), code, Some(self.comm)));
@@ -243,9 +263,15 @@ impl NcclComm {
     }
 
     /// [`Communicator::start_all_reduce_sum`]: the own stream waits for
-    /// `after`, then sums `t`; an event after it dates the sum.
-    fn start(&mut self, t: &tch::Tensor, after: Ready) -> Result<()> {
+    /// `after`, then sums `t` (or `send` into `t`); an event after it dates the sum.
+    fn start(&mut self, send: Option<&tch::Tensor>, t: &tch::Tensor, after: Ready) -> Result<()> {
         let (dtype, n, what) = self.describe(t)?;
+        if let Some(send) = send {
+            let (send_dtype, send_n, _) = self.describe(send)?;
+            if (send_dtype, send_n) != (dtype, n) {
+                bail!("rank {}: an out-of-place all-reduce needs two tensors of one size and dtype", self.rank);
+            }
+        }
         if n == 0 {
             return Ok(());
         }
@@ -263,7 +289,7 @@ impl NcclComm {
             cuda_check(code, "cuStreamWaitEvent").map_err(|e| anyhow!("rank {rank}: {what}: {e}"))?;
         }
         drop(after); // the wait is queued: CUDA keeps the event until it is over
-        self.enqueue(t, dtype, n, &what, self.stream)?;
+        self.enqueue(send.unwrap_or(t), t, dtype, n, &what, self.stream)?;
         let done = Event::record(&self.ctx, self.stream).map_err(|e| anyhow!("rank {rank}: {what}: {e}"))?;
         self.in_flight.push_back((done, Instant::now(), n));
         Ok(())
@@ -367,10 +393,9 @@ impl NcclComm {
         let mut spins = 0u32;
         loop {
             if !self.in_progress(what)? {
-                // SAFETY: the null stream of the bound context, or a live event of it.
+                // SAFETY: a live event of the bound context.
                 let done = match until {
                     Until::Queued => return Ok(()),
-                    Until::NullStream => unsafe { cu::cuStreamQuery(std::ptr::null_mut()) },
                     Until::Event(event) => unsafe { cu::cuEventQuery(event) },
                 };
                 match done {
@@ -412,14 +437,23 @@ impl Communicator for NcclComm {
     }
 
     fn all_reduce_sum(&mut self, t: &mut tch::Tensor) -> Result<()> {
-        let (dtype, n, what) = self.describe(t)?;
+        let (_, n, what) = self.describe(t)?;
         if n == 0 {
             return Ok(());
         }
         self.bind()?;
-        tch::Cuda::synchronize(self.device as i64);
-        self.enqueue(t, dtype, n, &what, std::ptr::null_mut())?;
-        self.wait(&what, Until::NullStream)
+        let rank = self.rank;
+        let result = Event::record(&self.ctx, std::ptr::null_mut())
+            .map_err(|e| anyhow!("rank {rank}: {what}: {e}"))
+            .and_then(|after| self.start(None, t, Ready::Event(after)))
+            .and_then(|()| {
+                let done = self.in_flight.back().map(|f| f.0.event).expect("start queued the sum");
+                self.wait(&what, Until::Event(done))
+            });
+        if result.is_ok() {
+            self.in_flight.clear();
+        }
+        self.or_abandon(result)
     }
 
     fn marker(&self) -> Option<Marker> {
@@ -431,7 +465,12 @@ impl Communicator for NcclComm {
     }
 
     fn start_all_reduce_sum(&mut self, t: &mut tch::Tensor, after: Ready) -> Result<()> {
-        let result = self.start(t, after);
+        let result = self.start(None, t, after);
+        self.or_abandon(result)
+    }
+
+    fn start_all_reduce_sum_into(&mut self, send: &tch::Tensor, recv: &mut tch::Tensor, after: Ready) -> Result<()> {
+        let result = self.start(Some(send), recv, after);
         self.or_abandon(result)
     }
 
