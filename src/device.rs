@@ -115,6 +115,42 @@ pub fn keep_freed_host_memory() -> String {
     "host memory: the system allocator's defaults".into()
 }
 
+/// The CUDA caching allocator's setting `mlm` starts with when the environment
+/// sets none: expandable segments, since the sparse head's `[masked, vocab]`
+/// tensors change size every step and would otherwise fragment the cache into
+/// blocks of every size. Read by libtorch when it first allocates on a GPU.
+pub const CUDA_ALLOC_CONF: (&str, &str) = ("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True");
+
+/// Sets [`CUDA_ALLOC_CONF`] unless `PYTORCH_CUDA_ALLOC_CONF` or
+/// `PYTORCH_ALLOC_CONF` (torch >= 2.9's name) is set; call first in `main`,
+/// before any thread starts.
+pub fn default_cuda_allocator() {
+    let line = match cuda_alloc_conf_to_set(|k| std::env::var_os(k).is_some()) {
+        Some((key, value)) => {
+            // The first call in main: no other thread reads the environment yet.
+            std::env::set_var(key, value);
+            format!("{key}={value} (mlm's default; set {key} to choose another)")
+        }
+        None => ["PYTORCH_ALLOC_CONF", CUDA_ALLOC_CONF.0]
+            .into_iter()
+            .find_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v} (from the environment)")))
+            .unwrap_or_default(),
+    };
+    let _ = ALLOCATOR_LINE.set(line);
+}
+
+static ALLOCATOR_LINE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The CUDA allocator's setting, as [`default_cuda_allocator`] found or made it (`mlm doctor`).
+pub fn cuda_allocator_line() -> &'static str {
+    ALLOCATOR_LINE.get().map_or("libtorch's defaults (default_cuda_allocator was not called)", |s| s.as_str())
+}
+
+/// What [`default_cuda_allocator`] sets, given which variables are set.
+fn cuda_alloc_conf_to_set(is_set: impl Fn(&str) -> bool) -> Option<(&'static str, &'static str)> {
+    (!is_set("PYTORCH_ALLOC_CONF") && !is_set(CUDA_ALLOC_CONF.0)).then_some(CUDA_ALLOC_CONF)
+}
+
 /// The environment variable that configures glibc's malloc or replaces it, if one does.
 fn malloc_configured(var: impl Fn(&str) -> Option<String>) -> Option<&'static str> {
     const OWN: [&str; 6] = [
@@ -261,6 +297,13 @@ fn runtime_version() -> Option<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_allocator_default_yields_to_either_variable_the_user_set() {
+        assert_eq!(cuda_alloc_conf_to_set(|_| false), Some(CUDA_ALLOC_CONF));
+        assert_eq!(cuda_alloc_conf_to_set(|k| k == "PYTORCH_ALLOC_CONF"), None);
+        assert_eq!(cuda_alloc_conf_to_set(|k| k == "PYTORCH_CUDA_ALLOC_CONF"), None);
+    }
 
     #[test]
     fn the_environments_malloc_settings_win() {

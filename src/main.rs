@@ -6,6 +6,7 @@ use clap::Parser;
 static ALLOCATOR: mlm::logging::ReportingAllocator = mlm::logging::ReportingAllocator;
 
 fn main() {
+    mlm::device::default_cuda_allocator();
     mlm::logging::init();
     mlm::logging::quiet_panics();
     let cli = mlm::cli::Cli::parse();

@@ -55,6 +55,11 @@ pub fn report() -> Vec<(String, String)> {
             Err(e) => format!("not loadable: {e}"),
         },
     );
+    let blocking = crate::distributed::nccl::blocking_warning(std::env::var("NCCL_COMM_BLOCKING").ok().as_deref());
+    if let Some(warning) = blocking {
+        add("NCCL_COMM_BLOCKING", format!("warning: {warning}"));
+    }
+    add("CUDA allocator", crate::device::cuda_allocator_line().to_string());
     add(
         "MPI",
         match crate::distributed::mpi::library_info() {
@@ -139,6 +144,14 @@ mod tests {
             assert!(keys.contains(&k), "{k} missing from {keys:?}");
         }
         assert!(r.iter().all(|(_, v)| !v.is_empty()));
+    }
+
+    #[test]
+    fn a_blocking_nccl_is_warned_about() {
+        use crate::distributed::nccl::blocking_warning;
+        assert!(blocking_warning(Some("1")).unwrap().contains("distributed.timeout_s"));
+        assert_eq!(blocking_warning(Some("0")), None);
+        assert_eq!(blocking_warning(None), None);
     }
 
     #[test]

@@ -229,9 +229,13 @@ impl FlatAdamW {
                     }
                 } else {
                     let flat: Vec<Tensor> = grads[i..j].iter().map(|g| g.reshape([-1])).collect();
-                    if fresh {
-                        // Written in place, cast to fp32 by the copy.
+                    if fresh && flat.iter().all(|g| g.kind() == dst.kind()) {
                         let _ = Tensor::cat_out(&dst, &flat, 0);
+                    } else if fresh {
+                        // bf16 gradients: one cat in their dtype, then one
+                        // converting copy (`cat_out` across dtypes falls back
+                        // to a copy kernel per gradient on CUDA).
+                        dst.copy_(&Tensor::cat(&flat, 0));
                     } else {
                         let _ = dst.g_add_(&Tensor::cat(&flat, 0).to_kind(Kind::Float));
                     }

@@ -169,6 +169,30 @@ fn accumulated_gradients_land_in_their_slots() {
     assert_eq!(Vec::<f32>::try_from(&opt.grad).unwrap(), [1.5, 1.5, 1.5, 1.5, 1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 3.0]);
 }
 
+/// A run of bf16 gradients (the bf16 compute copy's) lands exactly, mixed
+/// with fp32 ones in one run too.
+#[test]
+fn a_run_of_bf16_gradients_lands_exactly() {
+    let hp = AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+    let shapes: [&[i64]; 3] = [&[2, 2], &[3], &[2]];
+    let params = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (format!("p{i}"), Tensor::zeros(*s, (Kind::Float, Device::Cpu))))
+        .collect();
+    let grads: Vec<Tensor> =
+        shapes.iter().map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16)).collect();
+    let want = Tensor::cat(&grads.iter().map(|g| g.reshape([-1]).to_kind(Kind::Float)).collect::<Vec<_>>(), 0);
+    let mut opt = FlatAdamW::new(params, |_| false, hp).unwrap();
+    opt.accumulate_grads(&grads);
+    assert!(opt.grad.equal(&want));
+    let mut mixed = grads.iter().map(|g| g.shallow_clone()).collect::<Vec<_>>();
+    mixed[1] = mixed[1].to_kind(Kind::Float);
+    opt.discard_grads();
+    opt.accumulate_grads(&mixed);
+    assert!(opt.grad.equal(&want));
+}
+
 /// The two kernels agree with each other too (clipping active).
 #[test]
 fn torch_kernel_equals_the_rust_kernel() {
