@@ -151,3 +151,41 @@ fn changed_config_refuses_to_resume_naming_the_key() {
     let fresh = run(mlm().arg("train").arg(&cfg).args(args).args(["--set", "checkpoint.overwrite_output_dir=true"]));
     assert!(fresh.status.success());
 }
+
+/// A checkpoint written by main before the flat parameter buffer became a
+/// type of its own (tests/fixtures/resume-d53fc4a: a tiny BERT with dropout,
+/// fp32, stopped at step 3 of 6) resumes here to the losses that run logged
+/// for steps 4-6: the saved layout of weights and moments is unchanged.
+/// The store key holds the inputs' absolute paths, so the job runs where it
+/// was written: one fixed folder, held under a lock against a parallel run.
+#[test]
+fn a_checkpoint_from_before_the_flat_params_type_resumes_to_its_losses() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/resume-d53fc4a");
+    let dir = Path::new("/tmp/mlm-resume-fixture-d53fc4a");
+    let lock = std::fs::File::create("/tmp/mlm-resume-fixture-d53fc4a.lock").unwrap();
+    // SAFETY: flock on a descriptor this function owns; released when it closes.
+    assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) }, 0);
+    let _ = std::fs::remove_dir_all(dir);
+    let ckpt = dir.join("out/checkpoint-3");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    for f in ["config.json", "tokenizer.json", "corpus.txt", "job.toml"] {
+        std::fs::copy(fixture.join(f), dir.join(f)).unwrap();
+    }
+    for entry in std::fs::read_dir(fixture.join("checkpoint-3")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), ckpt.join(entry.file_name())).unwrap();
+    }
+    let out = run(mlm().arg("train").arg("job.toml").current_dir(dir));
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resuming from out/checkpoint-3"));
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("losses.json")).unwrap()).unwrap();
+    let got = losses(&dir.join("out"));
+    let _ = std::fs::remove_dir_all(dir);
+    assert_eq!(got.keys().copied().collect::<Vec<_>>(), [4, 5, 6]);
+    for (step, loss) in got {
+        let old = want["losses"][step.to_string()].as_f64().unwrap();
+        // Bit-identical on the machine that wrote it; other CPUs may round differently.
+        assert!((loss - old).abs() <= 1e-5 * old.abs(), "step {step}: {loss} here, {old} before");
+    }
+}
