@@ -11,8 +11,9 @@ use clap::Parser;
     about = "Launch an mlm training job: prepare the data once, then one `mlm train` worker per GPU (or N CPU workers)"
 )]
 pub struct Args {
-    /// The job's TOML config.
-    pub config: PathBuf,
+    /// The job's TOML config (none with --selfcheck).
+    #[arg(required_unless_present = "selfcheck")]
+    pub config: Option<PathBuf>,
     /// Override a config key: section.key=value (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
@@ -52,6 +53,20 @@ pub struct Args {
     /// The `mlm` binary (default: next to this launcher, then PATH).
     #[arg(long)]
     pub mlm: Option<PathBuf>,
+    /// Check this node instead of running a job: on a tiny model it writes
+    /// itself, N ranks against 1 rank with the summed batch (overlap on and
+    /// off, fp32 and bf16 communication), a worker killed mid-step, and the
+    /// all-reduce bandwidth; one line per check and a PASS/FAIL verdict. Takes
+    /// the device flags (--gpus, --nproc, --device), no CONFIG.
+    #[arg(long)]
+    pub selfcheck: bool,
+    /// With --selfcheck: keep its temporary directory (jobs, logs, metrics).
+    #[arg(long, requires = "selfcheck")]
+    pub keep: bool,
+    /// Test hook of --selfcheck: the N-rank jobs train with another seed, so
+    /// the loss checks must fail (proves that they can).
+    #[arg(long, hide = true, requires = "selfcheck")]
+    pub selfcheck_break: bool,
 }
 
 /// torchrun's default rendezvous port, used when several nodes must agree on one.

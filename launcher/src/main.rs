@@ -16,11 +16,17 @@
 //! `MLM_MASTER_PORT` and, on one node, `MLM_JOB_TOKEN` (random per job; with
 //! several nodes the workers derive one from the job unless the user exports
 //! it), and `CUDA_VISIBLE_DEVICES` (its one GPU) for GPU workers.
+//!
+//! `--selfcheck` ([`selfcheck`]) runs no job of the user's: it checks the
+//! node on a tiny job of its own (N ranks against 1, a killed worker,
+//! `mlm-comm-check`) with the same supervision and environment.
 mod args;
+mod selfcheck;
 mod supervise;
+mod tiny_job;
 
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -42,6 +48,10 @@ fn main() {
 
 fn run(args: Args) -> Result<i32> {
     let signals = Signals::install()?;
+    if args.selfcheck {
+        return selfcheck::run(&args, &signals);
+    }
+    let config = args.config.clone().expect("clap requires CONFIG without --selfcheck");
     let slots = args::plan(&args, args::visible_gpus())?;
     let nodes = Nodes::new(&args, slots.len())?;
     let mlm = args.mlm.clone().unwrap_or_else(find_mlm);
@@ -57,7 +67,7 @@ fn run(args: Args) -> Result<i32> {
     // With several nodes node 0 prepares; the others' workers wait for rank 0.
     if nodes.node_rank == 0 {
         let mut prepare = Command::new(&mlm);
-        prepare.arg("prepare").arg(&args.config).args(&overrides);
+        prepare.arg("prepare").arg(&config).args(&overrides);
         let (status, signal) = supervise::run_one(prepare, "prepare", &signals)?;
         if let Some(signal) = signal {
             eprintln!(
@@ -92,36 +102,14 @@ fn run(args: Args) -> Result<i32> {
             None => free_port(&args.master_addr)?,
         };
         eprintln!("mlm-launch: {node}starting {where_}; rendezvous {}:{port}", args.master_addr);
+        let rendezvous = Rendezvous { addr: args.master_addr.clone(), port, token: token.clone() };
         let specs = slots
             .iter()
             .enumerate()
             .map(|(local, slot)| {
-                let rank = nodes.rank(local);
-                let mut cmd = Command::new(&mlm);
-                cmd.arg("train")
-                    .arg(&args.config)
-                    .args(&overrides)
-                    .env("RANK", rank.to_string())
-                    .env("WORLD_SIZE", world.to_string())
-                    .env("LOCAL_RANK", local.to_string())
-                    .env("LOCAL_WORLD_SIZE", nodes.per_node.to_string())
-                    .env("GROUP_RANK", nodes.node_rank.to_string())
-                    .env("MLM_MASTER_ADDR", &args.master_addr)
-                    .env("MLM_MASTER_PORT", port.to_string());
-                if let Some(token) = &token {
-                    cmd.env("MLM_JOB_TOKEN", token);
-                }
-                match slot {
-                    Slot::Gpu(g) => {
-                        cmd.env("CUDA_VISIBLE_DEVICES", g);
-                    }
-                    Slot::Cpu => {
-                        if std::env::var_os("OMP_NUM_THREADS").is_none() {
-                            cmd.env("OMP_NUM_THREADS", cpu_threads.to_string());
-                        }
-                    }
-                }
-                Spec { label: format!("rank {rank}"), command: cmd }
+                let mut cmd = worker_command(&mlm, &nodes, local, slot, &rendezvous, cpu_threads);
+                cmd.arg("train").arg(&config).args(&overrides);
+                Spec { label: format!("rank {}", nodes.rank(local)), command: cmd, log: None }
             })
             .collect();
         let oom = supervise::OomKills::now();
@@ -156,6 +144,47 @@ fn run(args: Args) -> Result<i32> {
         }
     }
     unreachable!("the loop returns")
+}
+
+/// Where the workers of one group start meet.
+struct Rendezvous {
+    addr: String,
+    port: u16,
+    token: Option<String>,
+}
+
+/// `program`, to run as local worker `local` of this node on `slot`, with the
+/// environment contract of the module doc; the caller adds its arguments.
+fn worker_command(
+    program: &Path,
+    nodes: &Nodes,
+    local: usize,
+    slot: &Slot,
+    rendezvous: &Rendezvous,
+    cpu_threads: usize,
+) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.env("RANK", nodes.rank(local).to_string())
+        .env("WORLD_SIZE", nodes.world().to_string())
+        .env("LOCAL_RANK", local.to_string())
+        .env("LOCAL_WORLD_SIZE", nodes.per_node.to_string())
+        .env("GROUP_RANK", nodes.node_rank.to_string())
+        .env("MLM_MASTER_ADDR", &rendezvous.addr)
+        .env("MLM_MASTER_PORT", rendezvous.port.to_string());
+    if let Some(token) = &rendezvous.token {
+        cmd.env("MLM_JOB_TOKEN", token);
+    }
+    match slot {
+        Slot::Gpu(g) => {
+            cmd.env("CUDA_VISIBLE_DEVICES", g);
+        }
+        Slot::Cpu => {
+            if std::env::var_os("OMP_NUM_THREADS").is_none() {
+                cmd.env("OMP_NUM_THREADS", cpu_threads.to_string());
+            }
+        }
+    }
+    cmd
 }
 
 /// "3" or "2-5".

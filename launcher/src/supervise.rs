@@ -58,12 +58,38 @@ pub enum Outcome {
 pub struct Spec {
     pub label: String,
     pub command: Command,
+    /// A file that takes the worker's prefixed lines instead of the
+    /// launcher's stdout and stderr (the selfcheck keeps its jobs' logs).
+    pub log: Option<PathBuf>,
+}
+
+/// How a group is supervised.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// Between SIGTERM and SIGKILL when stopping workers.
+    pub grace: Duration,
+    /// After the first failure, how long the other workers may take to exit
+    /// by themselves before they are stopped. Zero for jobs; the selfcheck
+    /// waits, to see that workers notice a dead peer on their own.
+    pub hold: Duration,
+}
+
+/// How one worker of a finished group exited.
+#[derive(Debug)]
+pub struct Exit {
+    pub status: ExitStatus,
+    pub at: Instant,
+    /// The launcher had signalled it (stopping the group) before it exited.
+    pub signalled: bool,
+    /// Its last [`TAIL_LINES`] lines.
+    pub tail: Vec<String>,
 }
 
 struct Running {
     label: String,
     child: Child,
-    status: Option<ExitStatus>,
+    status: Option<(ExitStatus, Instant)>,
+    signalled: bool,
     tail: Arc<Mutex<VecDeque<String>>>,
     forwarders: Vec<JoinHandle<()>>,
 }
@@ -71,6 +97,19 @@ struct Running {
 /// Runs the processes of `specs` until all exit, stopping all on the first
 /// failure or on a signal. `grace` separates SIGTERM from SIGKILL.
 pub fn run_group(specs: Vec<Spec>, signals: &Signals, grace: Duration) -> Result<Outcome> {
+    Ok(watch_group(specs, signals, Policy { grace, hold: Duration::ZERO }, |_| {})?.0)
+}
+
+/// [`run_group`] under `policy`, calling `tick` at every poll (every 20 ms)
+/// with each worker's pid while it runs (`None` once it has exited); returns
+/// how each worker exited too.
+pub fn watch_group(
+    specs: Vec<Spec>,
+    signals: &Signals,
+    policy: Policy,
+    mut tick: impl FnMut(&[Option<u32>]),
+) -> Result<(Outcome, Vec<Exit>)> {
+    let grace = policy.grace;
     let mut procs: Vec<Running> = Vec::new();
     for spec in specs {
         match spawn(spec) {
@@ -81,32 +120,43 @@ pub fn run_group(specs: Vec<Spec>, signals: &Signals, grace: Duration) -> Result
             }
         }
     }
-    let mut failed: Option<usize> = None;
+    let mut failed: Option<(usize, Instant)> = None;
     let mut interrupted: Option<i32> = None;
     let mut kill_at: Option<Instant> = None;
     loop {
         if let Some(sig) = signals.take() {
             interrupted.get_or_insert(sig);
-            for p in procs.iter().filter(|p| p.status.is_none()) {
+            for p in procs.iter_mut().filter(|p| p.status.is_none()) {
                 signal_group(&p.child, sig);
+                p.signalled = true;
             }
             kill_at.get_or_insert(Instant::now() + grace);
         }
+        // Of the workers found dead in one poll, name one a signal killed: the
+        // others' errors usually follow from its death (a closed connection).
+        let mut first: Option<(usize, bool)> = None;
         for (local, p) in procs.iter_mut().enumerate() {
             if p.status.is_none() {
                 if let Some(st) = p.child.try_wait()? {
-                    p.status = Some(st);
-                    if !st.success() && failed.is_none() && interrupted.is_none() {
-                        failed = Some(local);
+                    p.status = Some((st, Instant::now()));
+                    let by_signal = st.signal().is_some();
+                    if !st.success() && first.is_none_or(|(_, s)| by_signal && !s) {
+                        first = Some((local, by_signal));
                     }
                 }
             }
         }
-        if failed.is_some() && kill_at.is_none() {
-            for p in procs.iter().filter(|p| p.status.is_none()) {
-                signal_group(&p.child, libc::SIGTERM);
+        if failed.is_none() && interrupted.is_none() {
+            failed = first.map(|(local, _)| (local, Instant::now()));
+        }
+        if let Some((_, at)) = failed {
+            if kill_at.is_none() && Instant::now() >= at + policy.hold {
+                for p in procs.iter_mut().filter(|p| p.status.is_none()) {
+                    signal_group(&p.child, libc::SIGTERM);
+                    p.signalled = true;
+                }
+                kill_at = Some(Instant::now() + grace);
             }
-            kill_at = Some(Instant::now() + grace);
         }
         if procs.iter().all(|p| p.status.is_some()) {
             break;
@@ -118,21 +168,38 @@ pub fn run_group(specs: Vec<Spec>, signals: &Signals, grace: Duration) -> Result
             }
             kill_at = Some(Instant::now() + Duration::from_secs(3600));
         }
+        let pids: Vec<Option<u32>> = procs.iter().map(|p| p.status.is_none().then(|| p.child.id())).collect();
+        tick(&pids);
         std::thread::sleep(Duration::from_millis(20));
     }
     for p in &mut procs {
         // The group is dead; its children too, so the pipes close. Never wait long.
         finish_forwarders(&mut p.forwarders, Duration::from_secs(2));
     }
-    if let Some(signal) = interrupted {
-        return Ok(Outcome::Interrupted { signal });
-    }
-    if let Some(local) = failed {
-        let p = &procs[local];
-        let tail = p.tail.lock().expect("tail lock").iter().cloned().collect();
-        return Ok(Outcome::Failed { local, status: p.status.expect("exited"), tail });
-    }
-    Ok(Outcome::Success)
+    let exits: Vec<Exit> = procs
+        .iter()
+        .map(|p| {
+            let (status, at) = p.status.expect("exited");
+            let tail = p.tail.lock().expect("tail lock").iter().cloned().collect();
+            Exit { status, at, signalled: p.signalled, tail }
+        })
+        .collect();
+    let outcome = match (interrupted, failed) {
+        (Some(signal), _) => Outcome::Interrupted { signal },
+        (None, Some((local, _))) => {
+            Outcome::Failed { local, status: exits[local].status, tail: exits[local].tail.clone() }
+        }
+        (None, None) => Outcome::Success,
+    };
+    Ok((outcome, exits))
+}
+
+/// Where a worker's lines go.
+#[derive(Clone)]
+enum Sink {
+    Stdout,
+    Stderr,
+    File(Arc<Mutex<std::fs::File>>),
 }
 
 fn spawn(mut spec: Spec) -> Result<Running> {
@@ -151,23 +218,36 @@ fn spawn(mut spec: Spec) -> Result<Running> {
             Ok(())
         });
     }
+    let (out_sink, err_sink) = match &spec.log {
+        None => (Sink::Stdout, Sink::Stderr),
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open {} for the output of {}", path.display(), spec.label))?;
+            let file = Sink::File(Arc::new(Mutex::new(file)));
+            (file.clone(), file)
+        }
+    };
     let program = spec.command.get_program().to_string_lossy().into_owned();
     let mut child = spec.command.spawn().with_context(|| format!("cannot start {program} for {}", spec.label))?;
     let tail = Arc::new(Mutex::new(VecDeque::new()));
     let prefix = format!("[{}] ", spec.label);
     let out = child.stdout.take().expect("piped");
     let err = child.stderr.take().expect("piped");
-    let forwarders = vec![forward(out, prefix.clone(), tail.clone(), false), forward(err, prefix, tail.clone(), true)];
-    Ok(Running { label: spec.label, child, status: None, tail, forwarders })
+    let forwarders =
+        vec![forward(out, prefix.clone(), tail.clone(), out_sink), forward(err, prefix, tail.clone(), err_sink)];
+    Ok(Running { label: spec.label, child, status: None, signalled: false, tail, forwarders })
 }
 
-/// Copies `from` line by line to our stdout or stderr with `prefix`, keeping
-/// the last [`TAIL_LINES`] lines.
+/// Copies `from` line by line to `sink` with `prefix`, keeping the last
+/// [`TAIL_LINES`] lines.
 fn forward(
     from: impl Read + Send + 'static,
     prefix: String,
     tail: Arc<Mutex<VecDeque<String>>>,
-    to_stderr: bool,
+    sink: Sink,
 ) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(from);
@@ -181,10 +261,10 @@ fn forward(
             let line = String::from_utf8_lossy(&buf);
             let line = line.trim_end_matches(['\n', '\r']);
             let text = format!("{prefix}{line}\n");
-            let _ = if to_stderr {
-                std::io::stderr().lock().write_all(text.as_bytes())
-            } else {
-                std::io::stdout().lock().write_all(text.as_bytes())
+            let _ = match &sink {
+                Sink::Stdout => std::io::stdout().lock().write_all(text.as_bytes()),
+                Sink::Stderr => std::io::stderr().lock().write_all(text.as_bytes()),
+                Sink::File(f) => f.lock().expect("log lock").write_all(text.as_bytes()),
             };
             let mut t = tail.lock().expect("tail lock");
             if t.len() == TAIL_LINES {
@@ -357,6 +437,42 @@ pub fn run_one(mut cmd: Command, what: &str, signals: &Signals) -> Result<(ExitS
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sh(label: &str, script: &str, log: &Path) -> Spec {
+        let mut command = Command::new("sh");
+        command.args(["-c", script]);
+        Spec { label: label.into(), command, log: Some(log.to_path_buf()) }
+    }
+
+    #[test]
+    fn the_killed_worker_is_named_before_the_peer_that_saw_it_die() {
+        // Rank 0 reads a fifo until rank 1, which holds its write end, is
+        // SIGKILLed: rank 0 then fails within a moment, mostly before the next
+        // poll, which must still name rank 1. With a hold, rank 0 exits by
+        // itself before anyone stops it.
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        let log = dir.path().join("log");
+        let f = fifo.display();
+        let specs = vec![
+            sh("rank 0", &format!("cat '{f}' > /dev/null; echo 'error: rank 1 closed the connection'; exit 1"), &log),
+            sh("rank 1", &format!("exec 3> '{f}'; sleep 0.2; kill -9 $$"), &log),
+        ];
+        let signals = Signals(Arc::new(AtomicUsize::new(0)));
+        let policy = Policy { grace: Duration::from_secs(5), hold: Duration::from_secs(10) };
+        let (outcome, exits) = watch_group(specs, &signals, policy, |_| {}).unwrap();
+        match outcome {
+            Outcome::Failed { local, status, .. } => {
+                assert_eq!((local, status.signal()), (1, Some(libc::SIGKILL)), "{outcome:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(exits[0].status.code(), Some(1));
+        assert!(!exits[0].signalled, "rank 0 was stopped instead of exiting by itself");
+        assert_eq!(error_line(&exits[0].tail), Some("rank 1 closed the connection"));
+        assert!(std::fs::read_to_string(&log).unwrap().contains("[rank 0] error: rank 1 closed the connection\n"));
+    }
 
     #[test]
     fn the_oom_counter_is_found_for_cgroup_v1_and_v2_paths() {
