@@ -18,15 +18,18 @@
 //! is reduced, and a writer thread sends while the caller's thread receives.
 //!
 //! Every frame carries its collective and length, so ranks that disagree on the
-//! operation or the tensor size fail with an error instead of mixing data. A
-//! silent peer fails the wait after `timeout`; a rank that fails sends an abort
-//! frame naming the cause to its right neighbour, which passes it on, so every
-//! rank reports the rank that died.
+//! operation or the tensor size fail with an error instead of mixing data; a
+//! broadcast's buffer grows with the bytes that arrive, not with the length a
+//! header claims. A rank that fails sends an abort frame naming the cause to its
+//! right neighbour, which passes it on, so every rank reports the rank that died.
+//!
+//! Nothing waits past a deadline, however a peer or a stray trickles bytes,
+//! stops reading or says nothing: joining (rendezvous, connects, accepts and
+//! hellos) ends `timeout` after it began, and each collective `timeout` after
+//! its call, its sends included (a collective returns once its frames are
+//! written).
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
@@ -39,6 +42,12 @@ pub const SEGMENT_ELEMS: usize = 1 << 18;
 /// How often a blocked receive checks the writer and the deadline.
 const POLL: Duration = Duration::from_millis(100);
 const MAX_STR: usize = 4096;
+/// The largest broadcast a rank accepts (a header claiming more is refused).
+const MAX_BCAST: usize = 1 << 32;
+/// A broadcast is received in steps of this many bytes.
+const BCAST_STEP: usize = 4 << 20;
+/// How long a failing rank tries to pass the abort frame on.
+const ABORT_WITHIN: Duration = Duration::from_secs(10);
 
 const K_REDUCE: u8 = 1;
 const K_GATHER: u8 = 2;
@@ -86,6 +95,8 @@ pub struct TcpComm {
     world: usize,
     ranks_per_node: Option<usize>,
     timeout: Duration,
+    /// The end of the collective in progress.
+    deadline: Instant,
     /// Receives from rank - 1; `None` at world size 1.
     left: Option<TcpStream>,
     writer: Option<Writer>,
@@ -155,7 +166,9 @@ impl TcpComm {
             let right = addr[(r + 1) % world].to_string();
             let mut msg = vec![0u8];
             put_str(&mut msg, &right);
-            j.stream.write_all(&msg).map_err(|e| anyhow!("rank 0: cannot answer rank {r} at the rendezvous: {e}"))?;
+            ByDeadline::new(&j.stream, deadline)
+                .write_all(&msg)
+                .map_err(|e| anyhow!("rank 0: cannot answer rank {r} at the rendezvous: {e}"))?;
         }
         drop(joined);
         Self::link(0, world, addr[1], ring, token, deadline, timeout, ranks_per_node)
@@ -164,7 +177,7 @@ impl TcpComm {
     /// Ranks 1..world: connect to the rendezvous, learn the right neighbour.
     fn join(rank: usize, world: usize, rdv: &Rendezvous) -> Result<Self> {
         let deadline = Instant::now() + rdv.timeout;
-        let mut master = connect_retry(&rdv.addr, deadline).map_err(|e| {
+        let master = connect_retry(&rdv.addr, deadline).map_err(|e| {
             anyhow!(
                 "rank {rank}: cannot reach rank 0's rendezvous at {} (MLM_MASTER_ADDR:MLM_MASTER_PORT) within {} s: {e}",
                 rdv.addr,
@@ -179,13 +192,19 @@ impl TcpComm {
         hello.extend_from_slice(&(rank as u32).to_le_bytes());
         hello.extend_from_slice(&(world as u32).to_le_bytes());
         hello.extend_from_slice(&ring.local_addr()?.port().to_le_bytes());
-        master.write_all(&hello).map_err(|e| anyhow!("rank {rank}: cannot send to the rendezvous: {e}"))?;
+        let mut to_master = ByDeadline::new(&master, deadline);
+        to_master.write_all(&hello).map_err(|e| {
+            anyhow!(
+                "rank {rank}: cannot send to rank 0's rendezvous at {} within {} s: {e}",
+                rdv.addr,
+                rdv.timeout.as_secs()
+            )
+        })?;
         // Rank 0 answers once every rank has joined.
-        master.set_read_timeout(Some(remaining(deadline)))?;
         let answer = (|| -> std::io::Result<(u8, String)> {
             let mut status = [0u8];
-            master.read_exact(&mut status)?;
-            Ok((status[0], get_str(&mut master)?))
+            to_master.read_exact(&mut status)?;
+            Ok((status[0], get_str(&mut to_master)?))
         })();
         let (status, text) = answer.map_err(|e| {
             anyhow!(
@@ -217,60 +236,48 @@ impl TcpComm {
     ) -> Result<Self> {
         let right_rank = peer_name((rank + 1) % world, ranks_per_node);
         let left_rank = (rank + world - 1) % world;
-        let mut right = connect_retry(&right_addr.to_string(), deadline)
+        let right = connect_retry(&right_addr.to_string(), deadline)
             .map_err(|e| anyhow!("rank {rank}: cannot connect to {right_rank} at {right_addr}: {e}"))?;
         let mut hello = b"MLMP".to_vec();
         put_str(&mut hello, token);
         hello.extend_from_slice(&(rank as u32).to_le_bytes());
-        right.write_all(&hello).map_err(|e| anyhow!("rank {rank}: cannot send to {right_rank}: {e}"))?;
-        ring.set_nonblocking(true)?;
+        ByDeadline::new(&right, deadline)
+            .write_all(&hello)
+            .map_err(|e| anyhow!("rank {rank}: cannot send to {right_rank} within {} s: {e}", timeout.as_secs()))?;
+        // After the token: the sender's rank (u32).
+        let mut door = Doorman::new(ring, b"MLMP", 4, 1, format!("rank {rank}"), "ring")
+            .map_err(|e| anyhow!("rank {rank}: cannot use the ring listener: {e}"))?;
         let left = loop {
-            match ring.accept() {
-                Ok((mut s, peer)) => {
-                    s.set_nonblocking(false)?;
-                    s.set_read_timeout(Some(remaining(deadline).min(Duration::from_secs(10))))?;
-                    let check = (|| -> std::io::Result<(String, u32)> {
-                        let mut magic = [0u8; 4];
-                        s.read_exact(&mut magic)?;
-                        if &magic != b"MLMP" {
-                            return Err(std::io::Error::new(ErrorKind::InvalidData, "not an mlm peer"));
-                        }
-                        let t = get_str(&mut s)?;
-                        let mut r = [0u8; 4];
-                        s.read_exact(&mut r)?;
-                        Ok((t, u32::from_le_bytes(r)))
-                    })();
-                    match check {
-                        Ok((t, r)) if t == token && r as usize == left_rank => break s,
-                        Ok((t, r)) if t == token => {
-                            tracing::warn!("rank {rank}: refused a ring connection from {peer} claiming rank {r} (expected rank {left_rank})")
-                        }
-                        Ok(_) => tracing::warn!("rank {rank}: refused a ring connection from {peer}: wrong job token"),
-                        Err(e) => tracing::warn!("rank {rank}: refused a ring connection from {peer}: {e}"),
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
-                        bail!(
-                            "rank {rank}: {} did not connect within {} s (distributed.timeout_s)",
-                            peer_name(left_rank, ranks_per_node),
-                            timeout.as_secs()
-                        );
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(e) => bail!("rank {rank}: ring listener failed: {e}"),
+            let knock = door.next(deadline).map_err(|e| anyhow!("rank {rank}: the ring listener failed: {e}"))?;
+            let Some(Knock { stream, peer, hello }) = knock else {
+                bail!(
+                    "rank {rank}: {} did not connect within {} s (distributed.timeout_s)",
+                    peer_name(left_rank, ranks_per_node),
+                    timeout.as_secs()
+                );
+            };
+            let r = u32::from_le_bytes(hello.fields[..4].try_into().expect("4 bytes"));
+            if hello.token != token {
+                tracing::warn!("rank {rank}: refused a ring connection from {peer}: wrong job token");
+            } else if r as usize != left_rank {
+                tracing::warn!(
+                    "rank {rank}: refused a ring connection from {peer} claiming rank {r} (expected rank {left_rank})"
+                );
+            } else {
+                break stream;
             }
         };
+        // Closes the connections still waiting.
+        drop(door);
         left.set_read_timeout(Some(POLL))?;
         left.set_nodelay(true)?;
         right.set_nodelay(true)?;
-        right.set_write_timeout(Some(timeout))?;
         Ok(Self {
             rank,
             world,
             ranks_per_node,
             timeout,
+            deadline,
             left: Some(left),
             writer: Some(Writer::spawn(right, rank, right_rank)?),
             failed: None,
@@ -285,6 +292,7 @@ impl TcpComm {
             world: 1,
             ranks_per_node: None,
             timeout,
+            deadline: Instant::now(),
             left: None,
             writer: None,
             failed: None,
@@ -302,17 +310,22 @@ impl TcpComm {
         peer_name(self.left_rank(), self.ranks_per_node)
     }
 
-    /// Runs one collective; on error poisons the ring and tells the right neighbour.
+    /// Runs one collective by its deadline, its sends written included; on
+    /// error poisons the ring and tells the right neighbour.
     fn guarded<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         if let Some(e) = &self.failed {
             bail!("{e} (an earlier collective failed)");
         }
-        let out = f(self);
+        self.deadline = Instant::now() + self.timeout;
+        let out = f(self).and_then(|v| {
+            let drained = self.writer.as_ref().expect("world > 1").drain();
+            drained.map(|_| v).map_err(|e| self.send_failed(&e))
+        });
         if let Err(e) = &out {
             let msg = format!("{e:#}");
             self.failed = Some(msg.clone());
-            if let Some(w) = &self.writer {
-                let _ = w.send(K_ABORT, msg.as_bytes());
+            if let Some(w) = &mut self.writer {
+                let _ = w.send(K_ABORT, msg.as_bytes(), Instant::now() + ABORT_WITHIN, ABORT_WITHIN);
             }
             if let Some(l) = &self.left {
                 let _ = l.shutdown(Shutdown::Read);
@@ -322,7 +335,7 @@ impl TcpComm {
     }
 
     fn send(&mut self, kind: u8, bytes: &[u8]) -> Result<()> {
-        let sent = self.writer.as_ref().expect("world > 1").send(kind, bytes);
+        let sent = self.writer.as_mut().expect("world > 1").send(kind, bytes, self.deadline, self.timeout);
         sent.map_err(|e| self.send_failed(&e))
     }
 
@@ -390,30 +403,33 @@ impl TcpComm {
         self.read_full(buf)
     }
 
-    /// Reads `buf.len()` bytes from the left neighbour, checking the writer's
-    /// health and the deadline while it waits.
+    /// Reads `buf.len()` bytes from the left neighbour by the collective's
+    /// deadline, checking the writer's health while it waits.
     fn read_full(&mut self, buf: &mut [u8]) -> Result<()> {
-        let (rank, left_rank) = (self.rank, self.left_name());
+        let (rank, left_rank, secs) = (self.rank, self.left_name(), self.timeout.as_secs());
         let stream = self.left.as_mut().expect("world > 1");
         let writer = self.writer.as_ref().expect("world > 1");
         let mut done = 0;
-        let mut last = Instant::now();
         while done < buf.len() {
+            // Checked after every read too: a trickle of bytes must not extend it.
+            if Instant::now() >= self.deadline {
+                if done == 0 {
+                    bail!(
+                        "rank {rank}: no data from {left_rank} within {secs} s (distributed.timeout_s); is it alive?"
+                    );
+                }
+                bail!(
+                    "rank {rank}: {left_rank} sent only {done} of {} bytes within {secs} s (distributed.timeout_s); \
+                     is it stuck, or the link that slow?",
+                    buf.len()
+                );
+            }
             match stream.read(&mut buf[done..]) {
                 Ok(0) => bail!("rank {rank}: {left_rank} closed the connection (it exited or crashed)"),
-                Ok(n) => {
-                    done += n;
-                    last = Instant::now();
-                }
+                Ok(n) => done += n,
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {
                     if let Some(err) = writer.error() {
                         return Err(self.send_failed(&err));
-                    }
-                    if last.elapsed() >= self.timeout {
-                        bail!(
-                            "rank {rank}: no data from {left_rank} for {} s (distributed.timeout_s); is it alive?",
-                            self.timeout.as_secs()
-                        );
                     }
                 }
                 Err(e) => bail!("rank {rank}: connection from {left_rank} failed: {e}"),
@@ -546,13 +562,27 @@ impl Communicator for TcpComm {
                 return me.send(K_BCAST, data);
             }
             let len = me.recv_header(K_BCAST)?;
-            data.resize(len, 0);
-            me.read_full(data)?;
+            if len > MAX_BCAST {
+                bail!(
+                    "rank {}: {} announced a broadcast of {len} bytes, more than the {MAX_BCAST} a rank accepts: \
+                     is it an mlm worker of another version?",
+                    me.rank,
+                    me.left_name()
+                );
+            }
+            // Grows with the bytes that arrive, not with what the header claims.
+            data.clear();
+            while data.len() < len {
+                let from = data.len();
+                data.resize(from + (len - from).min(BCAST_STEP), 0);
+                me.read_full(&mut data[from..])?;
+            }
             if (me.rank + 1) % me.world != root {
                 me.send(K_BCAST, data)?;
             }
             Ok(())
         })
+        .map_err(|e| anyhow!("{e} (during a broadcast from rank {root})"))
     }
 
     fn barrier(&mut self) -> Result<()> {
@@ -576,6 +606,7 @@ impl Communicator for TcpComm {
                 Ok(())
             }
         })
+        .map_err(|e| anyhow!("{e} (during a barrier)"))
     }
 
     fn name(&self) -> &'static str {
@@ -596,72 +627,6 @@ impl Drop for TcpComm {
     }
 }
 
-/// Sends frames to the right neighbour on its own thread, so that a rank
-/// sends and receives at once (the ring never deadlocks on full socket buffers).
-struct Writer {
-    tx: Option<mpsc::Sender<Vec<u8>>>,
-    pool: mpsc::Receiver<Vec<u8>>,
-    error: Arc<Mutex<Option<String>>>,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl Writer {
-    /// `right_rank` names the neighbour in errors ("rank 1 (node 1)").
-    fn spawn(mut stream: TcpStream, rank: usize, right_rank: String) -> Result<Self> {
-        let (tx, rx) = mpsc::channel::<Vec<u8>>();
-        let (pool_tx, pool) = mpsc::channel();
-        let error = Arc::new(Mutex::new(None));
-        let err = error.clone();
-        let handle = std::thread::Builder::new()
-            .name(format!("mlm-tcp-send-{rank}"))
-            .spawn(move || {
-                for frame in rx {
-                    if let Err(e) = stream.write_all(&frame) {
-                        let why = match e.kind() {
-                            ErrorKind::WouldBlock | ErrorKind::TimedOut => {
-                                format!("{right_rank} stopped reading (send timed out; distributed.timeout_s)")
-                            }
-                            _ => format!("cannot send to {right_rank} (it exited or crashed): {e}"),
-                        };
-                        *err.lock().expect("writer error lock") = Some(why);
-                        return;
-                    }
-                    let _ = pool_tx.send(frame);
-                }
-                let _ = stream.flush();
-            })
-            .map_err(|e| anyhow!("rank {rank}: cannot start the tcp sender thread: {e}"))?;
-        Ok(Self { tx: Some(tx), pool, error, handle: Some(handle) })
-    }
-
-    fn error(&self) -> Option<String> {
-        self.error.lock().expect("writer error lock").clone()
-    }
-
-    fn send(&self, kind: u8, payload: &[u8]) -> std::result::Result<(), String> {
-        if let Some(e) = self.error() {
-            return Err(e);
-        }
-        let mut frame = self.pool.try_recv().unwrap_or_default();
-        frame.clear();
-        frame.reserve(HEADER + payload.len());
-        frame.push(kind);
-        frame.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        frame.extend_from_slice(payload);
-        let tx = self.tx.as_ref().expect("writer open");
-        tx.send(frame).map_err(|_| self.error().unwrap_or_else(|| "the sending thread stopped".into()))
-    }
-
-    fn finish(mut self, wait: bool) {
-        self.tx.take();
-        if let Some(h) = self.handle.take() {
-            if wait {
-                let _ = h.join();
-            }
-        }
-    }
-}
-
 /// Plain-old-data element types sent as raw little-endian bytes.
 trait Pod: Copy {}
 impl Pod for f32 {}
@@ -677,8 +642,12 @@ fn as_bytes_mut<T: Pod>(v: &mut [T]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }
 }
 
+mod handshake;
 mod rendezvous;
-use rendezvous::{connect_retry, gather_hellos, get_str, put_str, remaining};
+mod writer;
+use handshake::{ByDeadline, Doorman, Knock};
+use rendezvous::{connect_retry, gather_hellos, get_str, put_str};
+use writer::Writer;
 
 #[cfg(test)]
 mod tests;

@@ -2,11 +2,11 @@
 //! refusing strangers) and the small helpers that connect and frame strings.
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 
+use super::handshake::{ByDeadline, Doorman, Knock};
 use super::MAX_STR;
 
 pub(super) struct Joined {
@@ -15,14 +15,10 @@ pub(super) struct Joined {
     pub(super) port: u16,
 }
 
-pub(super) struct Hello {
-    pub(super) token: String,
-    pub(super) rank: u32,
-    pub(super) world: u32,
-    pub(super) port: u16,
-}
-
 /// Rank 0: waits until ranks 1..world have said hello with the right token.
+/// Connections are read side by side ([`Doorman`]), so a stray that trickles
+/// bytes or says nothing neither keeps the ranks out nor outlasts `deadline`;
+/// any still waiting are closed on return.
 pub(super) fn gather_hellos(
     listener: TcpListener,
     world: usize,
@@ -30,106 +26,57 @@ pub(super) fn gather_hellos(
     deadline: Instant,
     timeout: Duration,
 ) -> Result<Vec<Option<Joined>>> {
-    let (tx, rx) = mpsc::channel::<(TcpStream, SocketAddr, std::io::Result<Hello>)>();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    listener.set_nonblocking(true)?;
-    let acceptor = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((s, peer)) => {
-                        let tx = tx.clone();
-                        // One thread per connection: a silent stray cannot stall the others.
-                        std::thread::spawn(move || {
-                            let mut s = s;
-                            let hello = read_hello(&mut s);
-                            let _ = tx.send((s, peer, hello));
-                        });
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
-                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
-                }
-            }
-        })
-    };
+    // After the token: rank (u32), world size (u32), ring listener's port (u16).
+    let mut door = Doorman::new(listener, b"MLMR", 10, world - 1, "rank 0".into(), "rendezvous")
+        .map_err(|e| anyhow!("rank 0: cannot use the rendezvous listener: {e}"))?;
     let mut joined: Vec<Option<Joined>> = (0..world).map(|_| None).collect();
     let mut count = 1;
-    let result = loop {
-        if count == world {
-            break Ok(());
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Ok((mut stream, peer, hello)) = rx.recv_timeout(left) else {
+    while count < world {
+        let knock = door.next(deadline).map_err(|e| anyhow!("rank 0: the rendezvous listener failed: {e}"))?;
+        let Some(Knock { stream, peer, hello: h }) = knock else {
             let missing: Vec<String> = (1..world).filter(|r| joined[*r].is_none()).map(|r| r.to_string()).collect();
-            break Err(anyhow!(
+            bail!(
                 "rank 0: {count} of {world} ranks joined the rendezvous within {} s (distributed.timeout_s); missing ranks: {}",
                 timeout.as_secs(),
                 missing.join(", ")
-            ));
-        };
-        let h = match hello {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::warn!("rank 0: refused a rendezvous connection from {peer}: {e}");
-                continue;
-            }
-        };
-        let refuse = |stream: &mut TcpStream, why: &str| {
-            let mut msg = vec![1u8];
-            put_str(&mut msg, why);
-            let _ = stream.write_all(&msg);
-        };
-        if h.token != token {
-            tracing::warn!(
-                "rank 0: refused a rendezvous connection from {peer} (rank {}): another job's token",
-                h.rank
             );
+        };
+        let field = |i: usize| u32::from_le_bytes(h.fields[i..i + 4].try_into().expect("4 bytes"));
+        let (rank, their_world) = (field(0), field(4));
+        let port = u16::from_le_bytes(h.fields[8..10].try_into().expect("2 bytes"));
+        if h.token != token {
+            tracing::warn!("rank 0: refused a rendezvous connection from {peer} (rank {rank}): another job's token");
             // Tell the stranger at once rather than let it wait for its timeout.
             refuse(
-                &mut stream,
+                &stream,
+                deadline,
                 "this port belongs to another job (its job token differs: another MLM_JOB_TOKEN, or another config \
                  or output_dir than rank 0's); check MLM_MASTER_PORT and that every rank runs the same config",
             );
             continue;
         }
-        if h.world as usize != world {
-            let why = format!("rank {} says WORLD_SIZE={} but rank 0 has {world}", h.rank, h.world);
-            refuse(&mut stream, &why);
-            break Err(anyhow!("rank 0: {why}"));
+        if their_world as usize != world {
+            let why = format!("rank {rank} says WORLD_SIZE={their_world} but rank 0 has {world}");
+            refuse(&stream, deadline, &why);
+            bail!("rank 0: {why}");
         }
-        let r = h.rank as usize;
+        let r = rank as usize;
         if r == 0 || r >= world || joined[r].is_some() {
             let why = format!("rank {r} joined twice or is out of range (world size {world})");
-            refuse(&mut stream, &why);
-            break Err(anyhow!("rank 0: {why}"));
+            refuse(&stream, deadline, &why);
+            bail!("rank 0: {why}");
         }
-        stream.set_nonblocking(false)?;
-        joined[r] = Some(Joined { stream, peer, port: h.port });
+        joined[r] = Some(Joined { stream, peer, port });
         count += 1;
-    };
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = acceptor.join();
-    result.map(|_| joined)
+    }
+    Ok(joined)
 }
 
-pub(super) fn read_hello(s: &mut TcpStream) -> std::io::Result<Hello> {
-    s.set_nonblocking(false)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut magic = [0u8; 4];
-    s.read_exact(&mut magic)?;
-    if &magic != b"MLMR" {
-        return Err(std::io::Error::new(ErrorKind::InvalidData, "not an mlm worker"));
-    }
-    let token = get_str(s)?;
-    let mut b = [0u8; 10];
-    s.read_exact(&mut b)?;
-    Ok(Hello {
-        token,
-        rank: u32::from_le_bytes(b[0..4].try_into().expect("4")),
-        world: u32::from_le_bytes(b[4..8].try_into().expect("4")),
-        port: u16::from_le_bytes(b[8..10].try_into().expect("2")),
-    })
+/// Answers a refused worker (a short message: it never waits for the reader).
+fn refuse(stream: &TcpStream, deadline: Instant, why: &str) {
+    let mut msg = vec![1u8];
+    put_str(&mut msg, why);
+    let _ = ByDeadline::new(stream, deadline).write_all(&msg);
 }
 
 pub(super) fn connect_retry(addr: &str, deadline: Instant) -> std::io::Result<TcpStream> {

@@ -1,5 +1,7 @@
 //! The tcp ring with N ranks as threads of one process on loopback.
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tch::{Kind, Tensor};
@@ -117,16 +119,23 @@ fn broadcast_and_barrier_work_from_any_root() {
 
 #[test]
 fn barrier_waits_for_the_slowest_rank() {
-    let out = run_ring(3, Duration::from_secs(30), |mut c| {
-        let start = Instant::now();
-        if c.rank() == 2 {
-            std::thread::sleep(Duration::from_millis(300));
+    // When rank 2 entered, shared: each rank's own clock starts when its link
+    // is up, at a different moment.
+    let entered = Arc::new(std::sync::Mutex::new(None));
+    let out = run_ring(3, Duration::from_secs(30), {
+        let entered = entered.clone();
+        move |mut c| {
+            if c.rank() == 2 {
+                std::thread::sleep(Duration::from_millis(300));
+                *entered.lock().unwrap() = Some(Instant::now());
+            }
+            c.barrier().unwrap();
+            Instant::now()
         }
-        c.barrier().unwrap();
-        start.elapsed()
     });
-    for waited in out {
-        assert!(waited >= Duration::from_millis(290), "left the barrier after {waited:?}");
+    let entered = entered.lock().unwrap().unwrap();
+    for (r, left) in out.into_iter().enumerate() {
+        assert!(left >= entered, "rank {r} left the barrier before rank 2 entered it");
     }
 }
 
@@ -278,4 +287,341 @@ fn rejects_other_dtypes_and_noncontiguous_tensors() {
         assert!(e2.contains("contiguous"), "{e2}");
         assert_eq!(ok, vec![2.0]);
     }
+}
+
+// --- Peers and strays that try to hold a rank past its deadline ---
+
+/// Rank 1 of a 2-rank job played by the test: joins rank 0's rendezvous at
+/// `addr` and returns rank 0's ring address and rank 1's ring listener.
+fn join_as_rank_1(addr: &str, token: &str) -> (SocketAddr, TcpListener) {
+    let ring = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut hello = b"MLMR".to_vec();
+    put_str(&mut hello, token);
+    hello.extend_from_slice(&1u32.to_le_bytes());
+    hello.extend_from_slice(&2u32.to_le_bytes());
+    hello.extend_from_slice(&ring.local_addr().unwrap().port().to_le_bytes());
+    s.write_all(&hello).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut status = [0u8];
+    s.read_exact(&mut status).unwrap();
+    let right = get_str(&mut s).unwrap();
+    assert_eq!(status[0], 0, "{right}");
+    (right.parse().unwrap(), ring)
+}
+
+/// The scripted rank 1's ring links: it connects to rank 0's ring as rank 0's
+/// left neighbour (`to_0`) and accepts rank 0's connection (`from_0`).
+fn link_as_rank_1(rank0_ring: SocketAddr, ring: &TcpListener, token: &str) -> (TcpStream, TcpStream) {
+    let mut to_0 = TcpStream::connect(rank0_ring).unwrap();
+    let mut hello = b"MLMP".to_vec();
+    put_str(&mut hello, token);
+    hello.extend_from_slice(&1u32.to_le_bytes());
+    to_0.write_all(&hello).unwrap();
+    let (mut from_0, _) = ring.accept().unwrap();
+    from_0.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut magic = [0u8; 4];
+    from_0.read_exact(&mut magic).unwrap();
+    assert_eq!(&magic, b"MLMP");
+    assert_eq!(get_str(&mut from_0).unwrap(), token);
+    from_0.read_exact(&mut [0u8; 4]).unwrap();
+    (to_0, from_0)
+}
+
+/// The scripted rank 1 links to rank 0 and passes rank 0's barrier.
+fn barrier_as_rank_1(rank0_ring: SocketAddr, ring: &TcpListener) {
+    let (mut to_0, mut from_0) = link_as_rank_1(rank0_ring, ring, "tok");
+    // Rank 0's barrier sends two empty frames and receives two.
+    let two = [header(K_BARRIER, 0), header(K_BARRIER, 0)].concat();
+    to_0.write_all(&two).unwrap();
+    let mut frames = [0u8; 2 * HEADER];
+    from_0.read_exact(&mut frames).unwrap();
+    assert_eq!(frames[..], two[..]);
+}
+
+/// Rank 0 (on a thread) of a 2-rank job whose rank 1 the test plays: runs `f`
+/// on rank 0's communicator, returns its handle and rank 1's ring streams.
+fn ring_with_scripted_rank_1<T: Send + 'static>(
+    timeout: Duration,
+    f: impl FnOnce(TcpComm) -> T + Send + 'static,
+) -> (JoinHandle<T>, TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let host = std::thread::spawn(move || f(TcpComm::host(listener, 2, "tok", timeout).unwrap()));
+    let (rank0_ring, ring) = join_as_rank_1(&addr, "tok");
+    let (to_0, from_0) = link_as_rank_1(rank0_ring, &ring, "tok");
+    (host, to_0, from_0)
+}
+
+/// A frame header as the ring sends it.
+fn header(kind: u8, len: u64) -> Vec<u8> {
+    let mut h = vec![kind];
+    h.extend_from_slice(&len.to_le_bytes());
+    h
+}
+
+/// A stray that connects to `addr` (before this returns) and then sends
+/// `bytes` one at a time, one every half second, for at most `limit`.
+/// The thread returns how long it took the other side to close the
+/// connection, or `None` if it never did.
+fn trickle(addr: SocketAddr, bytes: Vec<u8>, limit: Duration) -> JoinHandle<Option<Duration>> {
+    let s = TcpStream::connect(addr).unwrap();
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        // Paces the trickle, and sees the other side close between bytes.
+        s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        for b in bytes {
+            if start.elapsed() > limit {
+                return None;
+            }
+            if (&s).write_all(&[b]).is_err() {
+                return Some(start.elapsed());
+            }
+            match (&s).read(&mut [0u8; 256]) {
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Ok(1..) => {}
+                // Closed (end of stream) or reset.
+                _ => return Some(start.elapsed()),
+            }
+        }
+        None
+    })
+}
+
+/// A valid-looking start of a hello with the longest token, that never ends.
+fn endless_hello(magic: &[u8; 4]) -> Vec<u8> {
+    let mut b = magic.to_vec();
+    b.extend_from_slice(&(MAX_STR as u32).to_le_bytes());
+    b.resize(b.len() + MAX_STR, b'x');
+    b
+}
+
+#[test]
+fn stray_trickling_to_a_ring_listener_is_dropped_and_the_real_neighbour_joins() {
+    // A generous timeout: the ring must form long before it, not at it.
+    let timeout = Duration::from_secs(10);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let host = std::thread::spawn(move || {
+        let start = Instant::now();
+        let mut c = TcpComm::host(listener, 2, "tok", timeout).map_err(|e| e.to_string())?;
+        let took = start.elapsed();
+        c.barrier().map_err(|e| e.to_string())?;
+        Ok::<_, String>(took)
+    });
+    let (rank0_ring, ring) = join_as_rank_1(&addr, "tok");
+    // The stray connects first, and a few silent ones after it.
+    let stray = trickle(rank0_ring, endless_hello(b"MLMP"), timeout + Duration::from_secs(8));
+    let silent: Vec<TcpStream> = (0..20).map(|_| TcpStream::connect(rank0_ring).unwrap()).collect();
+    barrier_as_rank_1(rank0_ring, &ring);
+    let took = host.join().unwrap().unwrap();
+    assert!(took < timeout, "the ring formed after {took:?}");
+    let cut = stray.join().unwrap();
+    assert!(cut.is_some(), "rank 0 kept the stray's connection open");
+    drop(silent);
+}
+
+#[test]
+fn flood_of_silent_connections_does_not_keep_the_real_neighbour_out() {
+    let timeout = Duration::from_secs(10);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let host = std::thread::spawn(move || {
+        let start = Instant::now();
+        let mut c = TcpComm::host(listener, 2, "tok", timeout).map_err(|e| e.to_string())?;
+        let took = start.elapsed();
+        c.barrier().map_err(|e| e.to_string())?;
+        Ok::<_, String>(took)
+    });
+    let (rank0_ring, ring) = join_as_rank_1(&addr, "tok");
+    // Far more than rank 0 reads at once.
+    let silent: Vec<TcpStream> = (0..300).map(|_| TcpStream::connect(rank0_ring).unwrap()).collect();
+    barrier_as_rank_1(rank0_ring, &ring);
+    let took = host.join().unwrap().unwrap();
+    assert!(took < timeout, "the ring formed after {took:?}");
+    drop(silent);
+}
+
+#[test]
+fn ring_listener_held_by_a_trickling_stray_still_fails_within_the_timeout() {
+    let timeout = Duration::from_secs(2);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let host = std::thread::spawn(move || {
+        let start = Instant::now();
+        let err = TcpComm::host(listener, 2, "tok", timeout).err().map(|e| e.to_string());
+        (err, start.elapsed())
+    });
+    // Rank 1 joins the rendezvous but never connects to rank 0's ring.
+    let (rank0_ring, _ring) = join_as_rank_1(&addr, "tok");
+    let stray = trickle(rank0_ring, endless_hello(b"MLMP"), timeout + Duration::from_secs(8));
+    let (err, took) = host.join().unwrap();
+    let err = err.expect("rank 0 cannot form a ring without rank 1");
+    assert!(took < timeout + Duration::from_secs(5), "rank 0 failed after {took:?}: {err}");
+    assert!(err.contains("rank 0: rank 1 did not connect within 2 s (distributed.timeout_s)"), "{err}");
+    assert!(stray.join().unwrap().is_some(), "rank 0 kept the stray's connection open");
+}
+
+#[test]
+fn stray_trickling_to_the_rendezvous_is_dropped_and_the_job_forms() {
+    let timeout = Duration::from_secs(10);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let host = std::thread::spawn(move || {
+        let start = Instant::now();
+        let mut c = TcpComm::host(listener, 2, "tok", timeout).unwrap();
+        let took = start.elapsed();
+        c.barrier().unwrap();
+        took
+    });
+    let stray = trickle(addr, endless_hello(b"MLMR"), timeout + Duration::from_secs(8));
+    let silent: Vec<TcpStream> = (0..20).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let rdv = Rendezvous { addr: addr.to_string(), token: "tok".into(), timeout, ranks_per_node: None };
+    TcpComm::connect(1, 2, &rdv).unwrap().barrier().unwrap();
+    let took = host.join().unwrap();
+    assert!(took < timeout, "the ring formed after {took:?}");
+    assert!(stray.join().unwrap().is_some(), "rank 0 kept the stray's connection open");
+    drop(silent);
+}
+
+#[test]
+fn rendezvous_held_by_a_trickling_stray_still_fails_within_the_timeout() {
+    let timeout = Duration::from_secs(2);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stray = trickle(addr, endless_hello(b"MLMR"), timeout + Duration::from_secs(8));
+    let start = Instant::now();
+    let err = TcpComm::host(listener, 2, "tok", timeout).err().unwrap().to_string();
+    let took = start.elapsed();
+    assert!(took < timeout + Duration::from_secs(5), "rank 0 failed after {took:?}: {err}");
+    assert!(
+        err.contains("rank 0: 1 of 2 ranks joined the rendezvous within 2 s") && err.contains("missing ranks: 1"),
+        "{err}"
+    );
+    assert!(stray.join().unwrap().is_some(), "rank 0 kept the stray's connection open");
+}
+
+#[test]
+fn rendezvous_answer_trickled_by_a_stray_fails_within_the_timeout() {
+    // Not rank 0 at the rendezvous address: it answers one byte every half second.
+    let timeout = Duration::from_secs(2);
+    let fake = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = fake.local_addr().unwrap();
+    let answer = {
+        let mut b = vec![0u8];
+        b.extend_from_slice(&(MAX_STR as u32).to_le_bytes());
+        b.resize(b.len() + MAX_STR, b'1');
+        b
+    };
+    let stray = std::thread::spawn(move || {
+        let (s, _) = fake.accept().unwrap();
+        let start = Instant::now();
+        s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        for b in answer {
+            if start.elapsed() > timeout + Duration::from_secs(8) || (&s).write_all(&[b]).is_err() {
+                return false;
+            }
+            // Drains the hello; the worker closing its end ends the stray.
+            if let Ok(0) = (&s).read(&mut [0u8; 4096]) {
+                return true;
+            }
+        }
+        false
+    });
+    let rdv = Rendezvous { addr: addr.to_string(), token: "tok".into(), timeout, ranks_per_node: None };
+    let start = Instant::now();
+    let err = TcpComm::connect(1, 2, &rdv).err().unwrap().to_string();
+    let took = start.elapsed();
+    assert!(took < timeout + Duration::from_secs(5), "rank 1 failed after {took:?}: {err}");
+    assert!(err.contains("rank 1: no answer from rank 0's rendezvous") && err.contains("within 2 s"), "{err}");
+    assert!(stray.join().unwrap(), "rank 1 kept the connection open");
+}
+
+#[test]
+fn huge_broadcast_length_is_refused_without_allocating_it() {
+    let timeout = Duration::from_secs(2);
+    // A header that lies within the limit, then silence: the buffer grows
+    // only with the bytes that came.
+    let (host, mut to_0, _from_0) = ring_with_scripted_rank_1(timeout, |mut c| {
+        let mut data = Vec::new();
+        let start = Instant::now();
+        let err = c.broadcast_bytes(1, &mut data).unwrap_err().to_string();
+        (err, start.elapsed(), data.capacity())
+    });
+    to_0.write_all(&[header(K_BCAST, 1 << 30), vec![7u8; 10]].concat()).unwrap();
+    let (err, took, capacity) = host.join().unwrap();
+    assert!(took < timeout + Duration::from_secs(5), "{took:?}: {err}");
+    assert!(capacity <= 4 * BCAST_STEP, "rank 0 allocated {capacity} bytes for 10");
+    assert!(err.contains("rank 0: rank 1 sent only 10 of") && err.contains("2 s (distributed.timeout_s)"), "{err}");
+    // Past the limit: refused at once.
+    for len in [u64::MAX, 1 << 40] {
+        let (host, mut to_0, _from_0) = ring_with_scripted_rank_1(timeout, |mut c| {
+            let mut data = Vec::new();
+            (c.broadcast_bytes(1, &mut data).unwrap_err().to_string(), data.capacity())
+        });
+        to_0.write_all(&header(K_BCAST, len)).unwrap();
+        let (err, capacity) = host.join().unwrap();
+        assert_eq!(capacity, 0);
+        assert!(err.contains(&format!("rank 0: rank 1 announced a broadcast of {len} bytes")), "{err}");
+        assert!(err.contains("during a broadcast from rank 1"), "{err}");
+    }
+}
+
+#[test]
+fn neighbour_that_stops_reading_fails_a_large_send_within_the_timeout() {
+    let timeout = Duration::from_secs(2);
+    let (host, _to_0, from_0) = ring_with_scripted_rank_1(timeout, |mut c| {
+        // More than the socket buffers hold.
+        let mut data = vec![1u8; 64 << 20];
+        let start = Instant::now();
+        let err = c.broadcast_bytes(0, &mut data).unwrap_err().to_string();
+        (err, start.elapsed())
+    });
+    // Rank 1 reads a trickle (1 KiB every 100 ms) until rank 0 is done.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            from_0.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+            let mut buf = [0u8; 1024];
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(0) = (&from_0).read(&mut buf) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let (err, took) = host.join().unwrap();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    reader.join().unwrap();
+    assert!(took < timeout + Duration::from_secs(5), "{took:?}: {err}");
+    assert!(
+        err.contains("rank 0: rank 1 did not take the data sent to it within 2 s (distributed.timeout_s)"),
+        "{err}"
+    );
+    assert!(err.contains("during a broadcast from rank 0"), "{err}");
+}
+
+#[test]
+fn collective_trickled_by_the_left_neighbour_fails_within_the_timeout() {
+    let timeout = Duration::from_secs(2);
+    let (host, to_0, _from_0) = ring_with_scripted_rank_1(timeout, |mut c| {
+        let mut data = Vec::new();
+        let start = Instant::now();
+        let err = c.broadcast_bytes(1, &mut data).unwrap_err().to_string();
+        (err, start.elapsed())
+    });
+    // 100 bytes announced, one sent every half second (for a bounded time).
+    let trickler = std::thread::spawn(move || {
+        let start = Instant::now();
+        (&to_0).write_all(&header(K_BCAST, 100)).unwrap();
+        while start.elapsed() < timeout + Duration::from_secs(8) && (&to_0).write_all(&[1]).is_ok() {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
+    let (err, took) = host.join().unwrap();
+    trickler.join().unwrap();
+    assert!(took < timeout + Duration::from_secs(5), "{took:?}: {err}");
+    assert!(err.contains("rank 0: rank 1 sent only") && err.contains("2 s (distributed.timeout_s)"), "{err}");
 }
