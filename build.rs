@@ -1,17 +1,16 @@
-//! Link-time settings for libtorch, and our C++ shim over it.
+//! Link-time settings for libtorch, and our C++ shims over it.
 //!
 //! * An rpath to libtorch's folder, so `mlm`, the tests and installed copies start
 //!   without `LD_LIBRARY_PATH`.
 //! * `libtorch_cuda.so` forced in when present: it is linked `--as-needed` and no
 //!   symbol of ours names it, so without this `tch::Cuda::is_available()` is false
 //!   even on a GPU machine.
-//! * `src/train/optimizer/fused_adamw.cpp` (libtorch's fused AdamW, which tch does
-//!   not bind) compiled against the headers beside that folder (`<lib>/../include`,
-//!   both in a pip torch and in a libtorch archive; `LIBTORCH_INCLUDE` as torch-sys
-//!   reads it otherwise) with torch-sys's C++ ABI setting; with it
-//!   `src/torch_extras.cpp` (the float32 matmul precision, `training.tf32`, and
-//!   pinned host memory for uploads) and `src/model/linear_f32.cpp` (a bf16
-//!   `nn.Linear` computed by fp32 GEMMs, an autograd function of its own).
+//! * Our C++ shims over libtorch (`src/shims/*.cpp`, one header `shims.h`; what
+//!   tch does not bind: libtorch's fused AdamW, a bf16 `nn.Linear` through fp32
+//!   GEMMs, the float32 matmul precision, pinned host memory), compiled into one
+//!   library against the headers beside that folder (`<lib>/../include`, both in
+//!   a pip torch and in a libtorch archive; `LIBTORCH_INCLUDE` as torch-sys reads
+//!   it otherwise) with torch-sys's C++ ABI setting. `src/shims/mod.rs` binds them.
 use std::path::{Path, PathBuf};
 
 #[allow(dead_code)]
@@ -19,20 +18,18 @@ mod nccl_abi {
     include!("src/distributed/nccl/abi.rs");
 }
 
-const SHIM: &str = "src/train/optimizer/fused_adamw.cpp";
-/// `torch.set_float32_matmul_precision` (`training.tf32`) and pinning (src/device.rs).
-const PRECISION: &str = "src/torch_extras.cpp";
-/// bf16 `nn.Linear` through fp32 GEMMs on CPUs without bf16 instructions (src/model/linear_f32.rs).
-const LINEAR_F32: &str = "src/model/linear_f32.cpp";
+/// The C++ shims (src/shims/mod.rs binds them), and their one header.
+const SHIMS: [&str; 4] =
+    ["src/shims/message.cpp", "src/shims/torch_extras.cpp", "src/shims/linear_f32.cpp", "src/shims/fused_adamw.cpp"];
+const SHIMS_HEADER: &str = "src/shims/shims.h";
 /// The NCCL bindings' values against the `nccl.h` beside libtorch (src/distributed/nccl/abi.rs).
 const NCCL_ABI: &str = "src/distributed/nccl/abi_check.cpp";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed={SHIM}");
-    println!("cargo:rerun-if-changed={PRECISION}");
-    println!("cargo:rerun-if-changed={LINEAR_F32}");
-    println!("cargo:rerun-if-changed=src/shim_message.h");
+    for file in SHIMS.into_iter().chain([SHIMS_HEADER]) {
+        println!("cargo:rerun-if-changed={file}");
+    }
     println!("cargo:rerun-if-changed={NCCL_ABI}");
     println!("cargo:rerun-if-changed=src/distributed/nccl/abi.rs");
     println!("cargo:rerun-if-env-changed=LIBTORCH_INCLUDE");
@@ -59,10 +56,8 @@ fn main() {
         .warnings(false)
         .include(&include)
         .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
-        .file(SHIM)
-        .file(PRECISION)
-        .file(LINEAR_F32)
-        .compile("mlm_fused_adamw");
+        .files(SHIMS)
+        .compile("mlm_shims");
     check_nccl_abi(&dir);
 }
 

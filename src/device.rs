@@ -27,39 +27,10 @@ pub fn select_device(choice: DeviceChoice, key: &str) -> Result<Device> {
     })
 }
 
-extern "C" {
-    fn mlm_free_message(message: *mut std::ffi::c_char);
-    fn mlm_set_float32_matmul_precision_high(high: i32) -> i32;
-    fn mlm_float32_matmul_precision_high() -> i32;
-    fn mlm_pinned_copy(t: *const torch_sys::C_tensor) -> *mut torch_sys::C_tensor;
-}
-
-/// The first line of the error message a C++ shim returned (src/shim_message.h),
-/// freed here; "no message" for null (the shim could not allocate it).
-///
-/// # Safety
-/// `message` is null or a message from `mlm_message` not yet freed; it is freed
-/// by this call.
-pub(crate) unsafe fn take_shim_message(message: *mut std::ffi::c_char) -> String {
-    if message.is_null() {
-        return "no message".into();
-    }
-    // SAFETY: a NUL-terminated malloc'd string (the caller's contract), freed once.
-    let text = unsafe {
-        let text = std::ffi::CStr::from_ptr(message).to_string_lossy().into_owned();
-        mlm_free_message(message);
-        text
-    };
-    crate::logging::first_line(&text)
-}
-
 /// A copy of the CPU tensor `host` in pinned host memory, for a non-blocking
 /// upload; `None` without CUDA or when pinning fails.
 pub fn pinned(host: &tch::Tensor) -> Option<tch::Tensor> {
-    // SAFETY: `host` is a live tch handle; the shim returns null or a new
-    // `at::Tensor` allocated as tch's own handles are, which `from_ptr` owns.
-    let ptr = unsafe { mlm_pinned_copy(host.as_ptr()) };
-    (!ptr.is_null()).then(|| unsafe { tch::Tensor::from_ptr(ptr) })
+    crate::shims::pinned_copy(host).ok().flatten()
 }
 
 /// Lets libtorch run fp32 matmuls as TF32 on CUDA tensor cores (`on`), or
@@ -67,17 +38,13 @@ pub fn pinned(host: &tch::Tensor) -> Option<tch::Tensor> {
 /// `("highest")`. A process-wide setting; the training job sets it on CUDA
 /// devices only (`training.tf32`).
 pub fn set_tf32(on: bool) -> Result<()> {
-    // SAFETY: a call into our shim with a plain integer; it catches C++ exceptions.
-    if unsafe { mlm_set_float32_matmul_precision_high(i32::from(on)) } != 0 {
-        bail!("libtorch refused to set the float32 matmul precision");
-    }
-    Ok(())
+    crate::shims::set_float32_matmul_precision_high(on)
+        .map_err(|e| anyhow::anyhow!("libtorch refused to set the float32 matmul precision: {e}"))
 }
 
 /// Whether fp32 matmuls may run as TF32 (libtorch's current setting).
 pub fn tf32() -> bool {
-    // SAFETY: reads a field of libtorch's global context.
-    unsafe { mlm_float32_matmul_precision_high() != 0 }
+    crate::shims::float32_matmul_precision_high()
 }
 
 /// glibc's `mallopt` values of [`keep_freed_host_memory`]: blocks up to 1 GiB come

@@ -17,4 +17,5 @@ pub mod infer;
 pub mod lock;
 pub mod logging;
 pub mod model;
+pub mod shims;
 pub mod train;

@@ -169,7 +169,7 @@ fn report(e: &Estimate, memory: u64, memory_source: String, model_config: PathBu
     let configured = e.fit(rows, ckpt, memory);
     Report {
         model_config,
-        arch: e.model.arch.model_type(),
+        arch: e.model.model_type,
         parameters: e.model.parameters,
         target: job.target,
         memory_source,

@@ -7,14 +7,16 @@
 //! `bert.encoder.layer.0.attention.self.query.weight`. The decoder of the head is
 //! tied to `bert.embeddings.word_embeddings.weight`; only its bias,
 //! `cls.predictions.bias`, is a parameter of its own.
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Tensor};
 
 use super::layers::{additive_mask, attention, dropout, Activation, Embedding, LayerNorm, Linear};
+use super::linear_f32;
+use super::policy::Attention;
 use super::qkv::QkvProjection;
-use super::weights::NameMap;
-use super::LayerInputs;
+use super::shape::{encoder_layer_parameters, ModelShape};
+use super::spec::{ArchSpec, Encoder, LayerInputs, NameMap};
 
 /// `BertConfig`: the keys of `config.json` this model reads, with HF's defaults.
 /// Other keys are kept by `MaskedLm::config_json` and written back untouched.
@@ -232,7 +234,7 @@ impl BertLmHead {
     /// `x` [..., h], `decoder` = word embeddings [vocab, h] -> [..., vocab]
     fn forward(&self, x: &Tensor, decoder: &Tensor) -> Tensor {
         let x = self.layer_norm.forward(&self.act.forward(&self.dense.forward(x)));
-        super::linear_f32::linear(&x, decoder, Some(&self.bias))
+        linear_f32::linear(&x, decoder, Some(&self.bias))
     }
 }
 
@@ -262,14 +264,7 @@ impl BertForMaskedLM {
     }
 }
 
-/// How Hugging Face names BERT's weights (see `weights::NameMap`).
-pub(super) const HF_NAMES: NameMap = NameMap {
-    prefix: "bert",
-    aliases: &[("cls.predictions.decoder.bias", "cls.predictions.bias")],
-    ignored: &["cls.predictions.decoder.weight", "bert.embeddings.position_ids", "bert.embeddings.token_type_ids"],
-};
-
-impl super::Encoder for BertForMaskedLM {
+impl Encoder for BertForMaskedLM {
     /// `input_ids`, `attention_mask` [b, s] -> the embeddings [b, s, h] and what each layer takes
     fn embed(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, train: bool) -> (Tensor, LayerInputs) {
         let x = self.embeddings.forward(input_ids, train);
@@ -304,5 +299,61 @@ impl super::Encoder for BertForMaskedLM {
 
     fn qkv_projections(&mut self) -> Vec<&mut QkvProjection> {
         self.layers.iter_mut().map(|l| &mut l.attention.qkv).collect()
+    }
+}
+
+/// BERT's entry in the registry (`ARCHITECTURES`, `mod.rs`).
+pub static SPEC: ArchSpec = ArchSpec {
+    model_type: "bert",
+    mlm_class: "BertForMaskedLM",
+    class_prefix: "Bert",
+    names: NameMap {
+        prefix: "bert",
+        aliases: &[("cls.predictions.decoder.bias", "cls.predictions.bias")],
+        ignored: &["cls.predictions.decoder.weight", "bert.embeddings.position_ids", "bert.embeddings.token_type_ids"],
+    },
+    build,
+    shape,
+    saved_flags: &[],
+};
+
+fn read(config: &serde_json::Value) -> Result<BertConfig> {
+    serde_json::from_value(config.clone()).context("reading BERT config.json")
+}
+
+fn build(root: &nn::Path, config: &serde_json::Value) -> Result<Box<dyn Encoder>> {
+    Ok(Box::new(BertForMaskedLM::new(root, read(config)?)?))
+}
+
+fn shape(config: &serde_json::Value) -> Result<ModelShape> {
+    let c = read(config)?;
+    c.validate()?;
+    Ok(c.shape(SPEC.model_type))
+}
+
+impl BertConfig {
+    /// The sizes of the MLM model of this (validated) config, RoBERTa's too.
+    pub(super) fn shape(&self, model_type: &'static str) -> ModelShape {
+        let u = |x: i64| x.max(0) as u64;
+        let (v, h, f) = (u(self.vocab_size), u(self.hidden_size), u(self.intermediate_size));
+        let embeddings = (v + u(self.max_position_embeddings) + u(self.type_vocab_size)) * h + 2 * h;
+        let head = h * h + h + 2 * h + v;
+        ModelShape {
+            model_type,
+            attention: Attention::Plain,
+            vocab: v,
+            hidden: h,
+            layers: u(self.num_hidden_layers),
+            heads: u(self.num_attention_heads),
+            intermediate: f,
+            embedding: h,
+            hidden_dropout: self.hidden_dropout_prob,
+            attention_dropout: self.attention_probs_dropout_prob,
+            attention_output_dropout: true,
+            relative: None,
+            conv: false,
+            parameters: embeddings + u(self.num_hidden_layers) * encoder_layer_parameters(h, f) + head,
+            word_embedding_parameters: v * h,
+        }
     }
 }

@@ -18,7 +18,7 @@
 //! `cls.predictions.{transform.dense, transform.LayerNorm, bias}`, with the decoder
 //! tied to the word embeddings; the `lm_predictions.lm_head.*` layout of DeBERTa-v3
 //! checkpoints (`legacy: false`) is the same computation and is mapped onto these
-//! names when loading (see `weights.rs`). With `conv_kernel_size > 0`
+//! names when loading (the aliases of [`SPEC`]'s name map). With `conv_kernel_size > 0`
 //! (deberta-v2-xlarge and -xxlarge) the first layer's output also goes through
 //! HF's `ConvLayer` (`deberta.encoder.conv`, [`ConvLayer`]). Keys HF reads that
 //! this implementation does not are refused by [`DebertaV2Config::validate`],
@@ -26,15 +26,17 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
 use super::deberta_attention::{distance_buckets, pair_mask, AttentionSpec, DisentangledSelfAttention, RelativeInputs};
 use super::layers::{self, dropout, Activation, Embedding, LayerNorm, Linear};
+use super::linear_f32;
+use super::policy::Attention;
 use super::qkv::QkvProjection;
-use super::weights::NameMap;
-use super::LayerInputs;
+use super::shape::{encoder_layer_parameters, ModelShape, RelativeAttention};
+use super::spec::{ArchSpec, Encoder, LayerInputs, NameMap};
 
 /// `pos_att_type`: a list (`["p2c", "c2p"]`) or the older `"p2c|c2p"` string.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -383,7 +385,7 @@ impl DebertaLmHead {
     /// `x` [..., h], `decoder` = word embeddings [vocab, e] -> [..., vocab]
     fn forward(&self, x: &Tensor, decoder: &Tensor) -> Tensor {
         let x = self.layer_norm.forward(&self.act.forward(&self.dense.forward(x)));
-        super::linear_f32::linear(&x, decoder, Some(&self.bias))
+        linear_f32::linear(&x, decoder, Some(&self.bias))
     }
 }
 
@@ -443,27 +445,7 @@ impl DebertaV2ForMaskedLM {
     }
 }
 
-/// How Hugging Face names DeBERTa-v2/v3's weights, in both MLM-head layouts
-/// (see `weights::NameMap`).
-pub(super) const HF_NAMES: NameMap = NameMap {
-    prefix: "deberta",
-    aliases: &[
-        ("cls.predictions.decoder.bias", "cls.predictions.bias"),
-        ("lm_predictions.lm_head.bias", "cls.predictions.bias"),
-        ("lm_predictions.lm_head.dense.weight", "cls.predictions.transform.dense.weight"),
-        ("lm_predictions.lm_head.dense.bias", "cls.predictions.transform.dense.bias"),
-        ("lm_predictions.lm_head.LayerNorm.weight", "cls.predictions.transform.LayerNorm.weight"),
-        ("lm_predictions.lm_head.LayerNorm.bias", "cls.predictions.transform.LayerNorm.bias"),
-    ],
-    ignored: &[
-        "cls.predictions.decoder.weight",
-        "deberta.embeddings.position_ids",
-        // HF drops absolute positions silently when position_biased_input = false.
-        "deberta.embeddings.position_embeddings.weight",
-    ],
-};
-
-impl super::Encoder for DebertaV2ForMaskedLM {
+impl Encoder for DebertaV2ForMaskedLM {
     /// `input_ids`, `attention_mask` [b, s] -> the embeddings [b, s, h] and what each layer takes
     fn embed(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, train: bool) -> (Tensor, LayerInputs) {
         // Training chunks have no padding and say so (`None`): no flag is read
@@ -527,27 +509,94 @@ impl super::Encoder for DebertaV2ForMaskedLM {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// DeBERTa-v2/v3's entry in the registry (`ARCHITECTURES`, `mod.rs`). Saved configs say
+/// `legacy: true`: our head names are those of the legacy layout
+/// (`cls.predictions.*`), whatever layout the loaded checkpoint had.
+pub static SPEC: ArchSpec = ArchSpec {
+    model_type: "deberta-v2",
+    mlm_class: "DebertaV2ForMaskedLM",
+    class_prefix: "DebertaV2",
+    // Both MLM-head layouts: `lm_predictions.lm_head.*` (`legacy: false`)
+    // loads onto the default layout's names.
+    names: NameMap {
+        prefix: "deberta",
+        aliases: &[
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+            ("lm_predictions.lm_head.bias", "cls.predictions.bias"),
+            ("lm_predictions.lm_head.dense.weight", "cls.predictions.transform.dense.weight"),
+            ("lm_predictions.lm_head.dense.bias", "cls.predictions.transform.dense.bias"),
+            ("lm_predictions.lm_head.LayerNorm.weight", "cls.predictions.transform.LayerNorm.weight"),
+            ("lm_predictions.lm_head.LayerNorm.bias", "cls.predictions.transform.LayerNorm.bias"),
+        ],
+        ignored: &[
+            "cls.predictions.decoder.weight",
+            "deberta.embeddings.position_ids",
+            // HF drops absolute positions silently when position_biased_input = false.
+            "deberta.embeddings.position_embeddings.weight",
+        ],
+    },
+    build,
+    shape,
+    saved_flags: &[("legacy", true)],
+};
 
-    #[test]
-    fn distance_buckets_are_built_once_per_block_length_and_device() {
-        let config: DebertaV2Config = serde_json::from_value(serde_json::json!({
-            "vocab_size": 16, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
-            "intermediate_size": 16, "relative_attention": true, "position_buckets": 8,
-            "max_relative_positions": 64, "pos_att_type": ["p2c", "c2p"]
-        }))
-        .unwrap();
-        let vs = nn::VarStore::new(Device::Cpu);
-        let model = DebertaV2ForMaskedLM::new(&vs.root(), config).unwrap();
-        // Shorter than the buckets, where bucketing starts (s > 4), longer than the span.
-        for s in [1, 3, 5, 13, 40] {
-            let first = model.distance_buckets(s, Device::Cpu);
-            assert_eq!(first, distance_buckets(s, &model.spec), "s {s}");
-            assert_eq!(first.size(), [2 * s - 1]);
-            assert_eq!(model.distance_buckets(s, Device::Cpu).data_ptr(), first.data_ptr(), "s {s}: rebuilt");
-        }
-        assert_eq!(model.buckets.lock().unwrap().len(), 5);
-    }
+fn read(config: &serde_json::Value) -> Result<DebertaV2Config> {
+    serde_json::from_value(config.clone()).context("reading DeBERTa-v2 config.json")
 }
+
+fn build(root: &nn::Path, config: &serde_json::Value) -> Result<Box<dyn Encoder>> {
+    Ok(Box::new(DebertaV2ForMaskedLM::new(root, read(config)?)?))
+}
+
+fn shape(config: &serde_json::Value) -> Result<ModelShape> {
+    let d = read(config)?;
+    let (_, spec) = d.validate()?;
+    let u = |x: i64| x.max(0) as u64;
+    let (v, h, f, e) = (u(d.vocab_size), u(d.hidden_size), u(d.intermediate_size), u(d.embedding_dim()));
+    let relative = spec.relative_attention.then_some(RelativeAttention {
+        c2p: spec.c2p,
+        p2c: spec.p2c,
+        span: u(spec.span),
+        share_att_key: spec.share_att_key,
+    });
+    let mut embeddings = v * e + 2 * h;
+    if d.position_biased_input {
+        embeddings += u(d.max_position_embeddings) * e;
+    }
+    embeddings += u(d.type_vocab_size) * e;
+    if e != h {
+        embeddings += h * e;
+    }
+    let own_projections = relative.map_or(0, |r| if r.share_att_key { 0 } else { r.c2p as u64 + r.p2c as u64 });
+    let layer = encoder_layer_parameters(h, f) + own_projections * (h * h + h);
+    let mut encoder = relative.map_or(0, |r| 2 * r.span * h);
+    if d.norm_rel_parts().iter().any(|p| p == "layer_norm") {
+        encoder += 2 * h;
+    }
+    let conv = d.conv_activation()?.is_some();
+    if conv {
+        // weight [h, h / groups, k], bias, LayerNorm
+        encoder += h * (h / u(d.conv_groups)) * u(d.conv_kernel_size) + h + 2 * h;
+    }
+    let head = h * e + e + 2 * e + v;
+    Ok(ModelShape {
+        model_type: SPEC.model_type,
+        attention: Attention::Disentangled,
+        vocab: v,
+        hidden: h,
+        layers: u(d.num_hidden_layers),
+        heads: u(d.num_attention_heads),
+        intermediate: f,
+        embedding: e,
+        hidden_dropout: d.hidden_dropout_prob,
+        attention_dropout: d.attention_probs_dropout_prob,
+        attention_output_dropout: true,
+        relative,
+        conv,
+        parameters: embeddings + u(d.num_hidden_layers) * layer + encoder + head,
+        word_embedding_parameters: v * e,
+    })
+}
+
+#[cfg(test)]
+mod tests;

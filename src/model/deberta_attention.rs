@@ -10,9 +10,9 @@
 //! ```
 //!
 //! where δ is the (log-bucketed) relative distance query - key and `rel` the
-//! relative-position embeddings. On the CPU in fp32 the scores are written out as HF
-//! does, with the scale folded into q and k ([`DisentangledSelfAttention::forward`]);
-//! elsewhere the c2p + p2c term, with the padding mask folded in when there is
+//! relative-position embeddings. Where `policy.rs` says so (the CPU in fp32 and
+//! bf16) the scores are written out as HF does, with the scale folded into q and
+//! k ([`DisentangledSelfAttention::forward`]); elsewhere the c2p + p2c term, with the padding mask folded in when there is
 //! padding, is the float `attn_mask` of libtorch's scaled_dot_product_attention,
 //! called with scale 1 / sqrt(d k).
 //!
@@ -28,6 +28,7 @@
 use tch::{nn, Kind, Tensor};
 
 use super::layers::{dropout, finfo_min, Linear};
+use super::policy::{self, Attention, AttentionPath};
 use super::qkv::{Qkv, QkvProjection};
 
 /// What the attention layers need of the config, checked once.
@@ -101,37 +102,6 @@ fn skew(scores: &Tensor, s: i64) -> Tensor {
         .narrow(-1, s - 1, s * (2 * s - 2))
         .view(shape(&[s, 2 * s - 2]).as_slice())
         .narrow(-1, 0, s)
-}
-
-/// Whether DeBERTa's attention on `device` in `kind` writes its scores out
-/// ([`DisentangledSelfAttention::forward`]) instead of calling libtorch's
-/// scaled_dot_product_attention: on the CPU in fp32 and bf16 (the matmuls in
-/// fp32 where the CPU has no bf16 instructions, [`matmul_kind`]: the
-/// 30,522-vocabulary DeBERTa-v3-small shape in bf16 on 2 threads of a Xeon
-/// without AVX512-BF16, three runs each taking turns, 542-555 tokens/s against
-/// 460-490 through the math kernel).
-///
-/// A whole training step of the DeBERTa-v3-small shape (30,522 vocabulary,
-/// batch 8 x 128, bf16, 2 threads of a Xeon with AMX), with the kernels taking
-/// turns step by step in one process (19 pairs of steps each way): the scores
-/// written out with bf16 matmuls took 0.86-0.95 s where libtorch's math kernel
-/// took 1.07-1.14 s (faster in 34 of 38 pairs) and the written-out fp32
-/// matmuls 0.94-1.06 s (33 of 38).
-pub(super) fn writes_scores_out(device: tch::Device, kind: Kind) -> bool {
-    device == tch::Device::Cpu && matches!(kind, Kind::Float | Kind::BFloat16)
-}
-
-/// The dtype of the written-out attention's batched matmuls for activations of
-/// `kind`: bf16 stays bf16 where the CPU multiplies it in hardware (libtorch's
-/// oneDNN kernels), else it and fp16 go to fp32 (libtorch's emulated bf16 `bmm`
-/// on the CPU is many times slower than its fp32 one); the softmax always runs
-/// in fp32.
-fn matmul_kind(kind: Kind) -> Kind {
-    match kind {
-        Kind::BFloat16 if !super::linear_f32::gemm_via_f32(tch::Device::Cpu, kind) => Kind::BFloat16,
-        Kind::BFloat16 | Kind::Half => Kind::Float,
-        kind => kind,
-    }
 }
 
 /// HF's `get_attention_mask`: query i may see key j when both are tokens.
@@ -260,11 +230,9 @@ impl DisentangledSelfAttention {
         rel: Option<&RelativeInputs>,
         train: bool,
     ) -> Tensor {
-        // One layer's attention, b 8 x s 128, forward + backward, on a loaded
-        // 2-core VM without AVX-512: fp32 1.95 s written out vs 4.16 s through
-        // the math kernel (bf16 then lost, 6.2 s vs 5.3 s, with bf16 matmuls;
-        // on such CPUs they now run in fp32, see `writes_scores_out`).
-        self.forward_with(x, pad, rel, train, writes_scores_out(x.device(), x.kind()))
+        let p = if train { self.spec.attention_dropout } else { 0.0 };
+        let path = policy::attention_path(Attention::Disentangled, x.device(), x.kind(), p);
+        self.forward_with(x, pad, rel, train, path == AttentionPath::WrittenOut)
     }
 
     /// [`Self::forward`] with the kernel chosen: `explicit`, the scores
@@ -314,8 +282,8 @@ impl DisentangledSelfAttention {
     /// fully masked rows in extra passes; here the scale is folded into q and k
     /// (`[b, s, h]`, not the scores), c2p seeds a `baddbmm` of q k^T and p2c is
     /// added in place: one `[heads b, s, s]` tensor until the softmax. The
-    /// batched matmuls run in [`matmul_kind`] (bf16 where the CPU has bf16
-    /// instructions, else fp32, as the math kernel's do), the softmax in fp32
+    /// batched matmuls run in [`policy::attention_matmul_kind`] (bf16 where the
+    /// CPU has bf16 instructions, else fp32, as the math kernel's do), the softmax in fp32
     /// (HF's `XSoftmax` under autocast too), its dropout on the fp32 probabilities.
     #[allow(clippy::too_many_arguments)]
     fn explicit_attention(
@@ -331,7 +299,7 @@ impl DisentangledSelfAttention {
     ) -> Tensor {
         let (b, s, h) = q.size3().expect("[batch, seq, hidden]");
         let (heads, d) = (self.spec.heads, h / self.spec.heads);
-        let acc = matmul_kind(q.kind());
+        let acc = policy::attention_matmul_kind(q.device(), q.kind());
         let (qs, ks, k) = (q.to_kind(acc) / scale, k.to_kind(acc) / scale, k.to_kind(acc));
         let [c2p, p2c] = match rel {
             Some(rel) => self.position_terms(&qs, &ks, rel, train),

@@ -7,14 +7,16 @@
 //! `vocab_projector` head whose projector weight is tied to
 //! `distilbert.embeddings.word_embeddings.weight` (its bias,
 //! `vocab_projector.bias`, is a parameter of its own).
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Tensor};
 
 use super::layers::{additive_mask, attention, dropout, Activation, Embedding, LayerNorm, Linear};
+use super::linear_f32;
+use super::policy::Attention;
 use super::qkv::QkvProjection;
-use super::weights::NameMap;
-use super::LayerInputs;
+use super::shape::{encoder_layer_parameters, ModelShape};
+use super::spec::{ArchSpec, Encoder, LayerInputs, NameMap};
 
 /// DistilBERT hard-codes this epsilon in every LayerNorm.
 const LAYER_NORM_EPS: f64 = 1e-12;
@@ -198,14 +200,7 @@ impl DistilBertForMaskedLM {
     }
 }
 
-/// How Hugging Face names DistilBERT's weights (see `weights::NameMap`).
-pub(super) const HF_NAMES: NameMap = NameMap {
-    prefix: "distilbert",
-    aliases: &[],
-    ignored: &["vocab_projector.weight", "distilbert.embeddings.position_ids"],
-};
-
-impl super::Encoder for DistilBertForMaskedLM {
+impl Encoder for DistilBertForMaskedLM {
     /// `input_ids`, `attention_mask` [b, s] -> last hidden state [b, s, dim]
     fn embed(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, train: bool) -> (Tensor, LayerInputs) {
         let x = self.embeddings.forward(input_ids, train);
@@ -225,7 +220,7 @@ impl super::Encoder for DistilBertForMaskedLM {
     fn mlm_head(&self, hidden: &Tensor) -> Tensor {
         let x = self.act.forward(&self.vocab_transform.forward(hidden));
         let x = self.vocab_layer_norm.forward(&x);
-        super::linear_f32::linear(&x, &self.embeddings.word_embeddings.weight, Some(&self.vocab_projector_bias))
+        linear_f32::linear(&x, &self.embeddings.word_embeddings.weight, Some(&self.vocab_projector_bias))
     }
 
     fn vocab_size(&self) -> i64 {
@@ -243,4 +238,53 @@ impl super::Encoder for DistilBertForMaskedLM {
     fn qkv_projections(&mut self) -> Vec<&mut QkvProjection> {
         self.layers.iter_mut().map(|l| &mut l.qkv).collect()
     }
+}
+
+/// DistilBERT's entry in the registry (`ARCHITECTURES`, `mod.rs`).
+pub static SPEC: ArchSpec = ArchSpec {
+    model_type: "distilbert",
+    mlm_class: "DistilBertForMaskedLM",
+    class_prefix: "DistilBert",
+    names: NameMap {
+        prefix: "distilbert",
+        aliases: &[],
+        ignored: &["vocab_projector.weight", "distilbert.embeddings.position_ids"],
+    },
+    build,
+    shape,
+    saved_flags: &[],
+};
+
+fn read(config: &serde_json::Value) -> Result<DistilBertConfig> {
+    serde_json::from_value(config.clone()).context("reading DistilBERT config.json")
+}
+
+fn build(root: &nn::Path, config: &serde_json::Value) -> Result<Box<dyn Encoder>> {
+    Ok(Box::new(DistilBertForMaskedLM::new(root, read(config)?)?))
+}
+
+fn shape(config: &serde_json::Value) -> Result<ModelShape> {
+    let d = read(config)?;
+    d.validate()?;
+    let u = |x: i64| x.max(0) as u64;
+    let (v, h, f) = (u(d.vocab_size), u(d.dim), u(d.hidden_dim));
+    let embeddings = (v + u(d.max_position_embeddings)) * h + 2 * h;
+    let head = h * h + h + 2 * h + v;
+    Ok(ModelShape {
+        model_type: SPEC.model_type,
+        attention: Attention::Plain,
+        vocab: v,
+        hidden: h,
+        layers: u(d.n_layers),
+        heads: u(d.n_heads),
+        intermediate: f,
+        embedding: h,
+        hidden_dropout: d.dropout,
+        attention_dropout: d.attention_dropout,
+        attention_output_dropout: false,
+        relative: None,
+        conv: false,
+        parameters: embeddings + u(d.n_layers) * encoder_layer_parameters(h, f) + head,
+        word_embedding_parameters: v * h,
+    })
 }

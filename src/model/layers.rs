@@ -1,6 +1,6 @@
 //! Building blocks shared by the encoders: `nn.Linear`, `nn.LayerNorm`,
-//! `nn.Embedding`, the activation table (HF's `ACT2FN`) and multi-head attention
-//! through libtorch's `scaled_dot_product_attention`.
+//! `nn.Embedding`, the activation table (HF's `ACT2FN`), dropout and multi-head
+//! attention, on the paths `policy.rs` picks.
 //!
 //! Each block creates its parameters under the `nn::Path` it is given, with the
 //! initialisation of `PreTrainedModel._init_weights`: normal(0, initializer_range)
@@ -9,6 +9,9 @@ use std::cell::Cell;
 
 use anyhow::{bail, Result};
 use tch::{nn, Kind, Tensor};
+
+use super::linear_f32;
+use super::policy::{self, AttentionPath, DropoutRoute};
 
 thread_local! {
     static RANDOM_INIT: Cell<bool> = const { Cell::new(true) };
@@ -39,21 +42,23 @@ pub fn normal(p: &nn::Path, name: &str, dims: &[i64], std: f64) -> Tensor {
 }
 
 /// `nn.Dropout(p)` in training (`train`), the identity otherwise: zeroes each
-/// element with probability `p` and scales the rest by `1 / (1 - p)`. On the
-/// CPU the mask comes from [`mlm_kernels::dropout`] (vectorised and split across
+/// element with probability `p` and scales the rest by `1 / (1 - p)`, through
+/// the route the policy picks ([`policy::dropout_route`]). Ours on the CPU: the
+/// mask comes from [`mlm_kernels::dropout`] (vectorised and split across
 /// threads, where libtorch's `bernoulli_` is one serial loop), keyed by one draw
 /// of libtorch's CPU generator, so `tch::manual_seed` decides the masks as it
 /// does libtorch's (a resumed job and a recomputed layer draw what they drew).
-/// Elsewhere, and for other dtypes, libtorch's dropout.
 pub fn dropout(x: &Tensor, p: f64, train: bool) -> Tensor {
     if !train || p <= 0.0 || x.numel() == 0 {
         return x.shallow_clone();
     }
-    if x.device() != tch::Device::Cpu || p >= 1.0 {
-        return x.dropout(p, train);
+    match policy::dropout_route(x.device(), x.kind(), p) {
+        DropoutRoute::Libtorch => x.dropout(p, train),
+        DropoutRoute::CpuMask => {
+            let seed = Tensor::randint(i64::MAX, [1], (Kind::Int64, tch::Device::Cpu)).int64_value(&[0]) as u64;
+            cpu_dropout(x, p, seed)
+        }
     }
-    let seed = Tensor::randint(i64::MAX, [1], (Kind::Int64, tch::Device::Cpu)).int64_value(&[0]) as u64;
-    cpu_dropout(x, p, seed)
 }
 
 /// [`dropout`] on the CPU with the mask of `seed`, `p` in (0, 1).
@@ -98,7 +103,7 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        super::linear_f32::linear(x, &self.weight, Some(&self.bias))
+        linear_f32::linear(x, &self.weight, Some(&self.bias))
     }
 
     /// The same tensors (not copies).
@@ -201,35 +206,9 @@ pub fn additive_mask(attention_mask: &Tensor, kind: Kind) -> Option<Tensor> {
     Some(Tensor::zeros([b, 1, 1, s], (kind, attention_mask.device())).masked_fill(&masked, finfo_min(kind)))
 }
 
-/// The kernel libtorch's `scaled_dot_product_attention` picks on `device` for
-/// `heads` heads of `head_dim` over `seq` tokens in `kind`, with dropout
-/// `dropout` and without a mask (`with_bias` false: a training block, no
-/// padding) or with an additive bias (DeBERTa's relative positions): what its
-/// dispatcher (`_fused_sdp_choice`) decides for these inputs.
-pub fn sdpa_kernel(
-    device: tch::Device,
-    kind: Kind,
-    heads: i64,
-    seq: i64,
-    head_dim: i64,
-    with_bias: bool,
-    dropout: f64,
-) -> &'static str {
-    let q = Tensor::zeros([1, heads, seq, head_dim], (kind, device));
-    let bias = with_bias.then(|| Tensor::zeros([1, 1, seq, seq], (kind, device)));
-    match Tensor::f_internal_fused_sdp_choice(&q, &q, &q, bias.as_ref(), dropout, false, None, false) {
-        Ok(0) => "math (unfused)",
-        Ok(1) => "flash attention",
-        Ok(2) => "memory-efficient attention",
-        Ok(3) => "cuDNN attention",
-        Ok(4) => "an overriding backend",
-        _ => "none (no kernel takes these inputs)",
-    }
-}
-
 /// [`attention`] with the scores written out: q (scaled) k^T, the bias, softmax
-/// in fp32, dropout on the fp32 probabilities, back to the matmuls' dtype (q's,
-/// or fp32 where [`super::linear_f32::gemm_via_f32`]) for the `bmm` with v.
+/// in fp32, dropout on the fp32 probabilities, back to the matmuls' dtype
+/// ([`policy::attention_matmul_kind`]) for the `bmm` with v.
 /// -> [batch, seq, hidden] in q's dtype.
 fn attention_written_out(
     q: &Tensor,
@@ -241,9 +220,7 @@ fn attention_written_out(
 ) -> Tensor {
     let (b, s, h) = q.size3().expect("attention input must be [batch, seq, hidden]");
     let d = h / heads;
-    // bf16 on a CPU without bf16 instructions multiplies in fp32 (its bf16
-    // `bmm` is an emulation), as the projections do.
-    let acc = if super::linear_f32::gemm_via_f32(q.device(), q.kind()) { Kind::Float } else { q.kind() };
+    let acc = policy::attention_matmul_kind(q.device(), q.kind());
     let by_head = |x: &Tensor| x.to_kind(acc).view([b, s, heads, d]).transpose(1, 2).reshape([b * heads, s, d]);
     let qh = by_head(q) * (1.0 / (d as f64).sqrt());
     let mut scores = qh.bmm(&by_head(k).transpose(1, 2)); // [b heads, s, s]
@@ -257,44 +234,6 @@ fn attention_written_out(
     let probs = self::dropout(&probs, dropout, dropout > 0.0).to_kind(acc);
     let ctx = probs.bmm(&by_head(v)); // [b heads, s, d]
     ctx.view([b, heads, s, d]).transpose(1, 2).to_kind(q.kind()).contiguous().view([b, s, h])
-}
-
-/// Whether [`attention`] writes its scores out (the softmax and its dropout in
-/// fp32) instead of calling libtorch's SDPA: training (dropout) on the CPU, in
-/// fp32 and bf16. There SDPA runs its math kernel (no fused CPU kernel takes
-/// dropout), which copies q, k, v and the scores to fp32 and adds
-/// `_safe_softmax`'s passes. Measured, whole steps of DistilBERT-base (batch
-/// 8 x 128, 2 threads):
-/// - bf16 on a Xeon with AMX (bf16 matmuls), the two taking turns step by step
-///   in one process: 0.64-0.67 s written out against 0.69-0.77 s (faster in 33
-///   of 38 pairs of steps);
-/// - fp32 on a Xeon without AVX512-BF16, with [`dropout`]'s masks: forward
-///   0.44-0.47 s against SDPA's 0.51-0.56 s, step 1.34-1.40 s against
-///   1.39-1.50 s (three runs each); with libtorch's serial `bernoulli_` masks
-///   they had tied;
-/// - bf16 on that Xeon, the matmuls in fp32 ([`super::linear_f32::gemm_via_f32`]):
-///   median 641 tokens/s against SDPA's 608 (five runs each, taking turns).
-pub fn writes_scores_out(device: tch::Device, kind: Kind, dropout: f64) -> bool {
-    device == tch::Device::Cpu && dropout > 0.0 && matches!(kind, Kind::Float | Kind::BFloat16)
-}
-
-/// Whether this CPU multiplies bf16 in hardware (AVX512-BF16, which every
-/// CPU with AMX also has), so that libtorch's bf16 matmuls on it (oneDNN) beat
-/// its fp32 ones instead of emulating bf16 (`mlm doctor` says which).
-#[cfg(target_arch = "x86_64")]
-pub fn cpu_has_bf16_dot() -> bool {
-    std::arch::is_x86_feature_detected!("avx512bf16")
-}
-
-/// Arm: the BF16 extension (BFDOT, BFMMLA; Graviton 3 and later, Neoverse V1/V2).
-#[cfg(target_arch = "aarch64")]
-pub fn cpu_has_bf16_dot() -> bool {
-    std::arch::is_aarch64_feature_detected!("bf16")
-}
-
-#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-pub fn cpu_has_bf16_dot() -> bool {
-    false
 }
 
 /// The most negative finite value of `kind` (HF's `torch.finfo(dtype).min`).
@@ -311,13 +250,12 @@ pub fn finfo_min(kind: Kind) -> f64 {
 /// `q`, `k`, `v` [batch, seq, hidden] (already projected), `bias` [batch, 1, 1, seq]
 /// or `None` -> [batch, seq, hidden].
 ///
-/// Training on the CPU (fp32 or bf16, with dropout) writes the scores out
-/// ([`writes_scores_out`]); elsewhere libtorch's `scaled_dot_product_attention`.
+/// The scores written out or libtorch's `scaled_dot_product_attention`, as
+/// [`policy::attention_path`] says for [`policy::Attention::Plain`].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, heads: i64, dropout: f64) -> Tensor {
-    if writes_scores_out(q.device(), q.kind(), dropout) {
-        attention_written_out(q, k, v, bias, heads, dropout)
-    } else {
-        attention_sdpa(q, k, v, bias, heads, dropout)
+    match policy::attention_path(policy::Attention::Plain, q.device(), q.kind(), dropout) {
+        AttentionPath::WrittenOut => attention_written_out(q, k, v, bias, heads, dropout),
+        AttentionPath::Sdpa => attention_sdpa(q, k, v, bias, heads, dropout),
     }
 }
 

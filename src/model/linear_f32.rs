@@ -1,37 +1,19 @@
 //! `x.linear(weight, bias)` for every projection of the models (layers, fused
-//! q/k/v, MLM heads), with bf16 on a CPU without bf16 instructions computed by
-//! fp32 GEMMs ([`gemm_via_f32`]).
+//! q/k/v, MLM heads), computed by fp32 GEMMs where the policy routes bf16 GEMMs
+//! so ([`policy::gemm_via_f32`]: a CPU without bf16 instructions).
 //!
-//! There libtorch's bf16 GEMM is an emulation: a `[1024, 768] x [768, 3072]`
-//! product took 86 ms against 19 ms for upcast + fp32 GEMM + round (2 threads
-//! of a Xeon with AVX-512 but without AVX512-BF16, torch 2.11). The arithmetic
-//! stays a bf16 GEMM's (exact upcast, fp32 sums, one rounding of the result;
-//! only the order of the sums differs), and the autograd function of
-//! `linear_f32.cpp` saves the bf16 input and weight as a bf16 `linear` does, so
-//! the activation memory is unchanged; the input and weight gradients are fp32
-//! GEMMs too.
-use std::ffi::c_char;
+//! The arithmetic stays a bf16 GEMM's (exact upcast, fp32 sums, one rounding
+//! of the result; only the order of the sums differs), and the autograd
+//! function of `src/shims/linear_f32.cpp` saves the bf16 input and weight as a
+//! bf16 `linear` does, so the activation memory is unchanged; the input and
+//! weight gradients are fp32 GEMMs too.
+use tch::Tensor;
 
-use tch::{Device, Kind, Tensor};
-
-extern "C" {
-    fn mlm_linear_via_f32(
-        x: *const torch_sys::C_tensor,
-        weight: *const torch_sys::C_tensor,
-        bias: *const torch_sys::C_tensor,
-        error: *mut *mut c_char,
-    ) -> *mut torch_sys::C_tensor;
-}
-
-/// Whether GEMMs of `kind` on `device` run as fp32 GEMMs: bf16 on a CPU that
-/// does not multiply bf16 in hardware ([`super::layers::cpu_has_bf16_dot`]).
-pub fn gemm_via_f32(device: Device, kind: Kind) -> bool {
-    device == Device::Cpu && kind == Kind::BFloat16 && !super::layers::cpu_has_bf16_dot()
-}
+use super::policy;
 
 /// `x.linear(weight, bias)`: x [..., in], weight [out, in], bias [out].
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
-    if gemm_via_f32(x.device(), x.kind()) {
+    if policy::gemm_via_f32(x.device(), x.kind()) {
         linear_via_f32(x, weight, bias)
     } else {
         x.linear(weight, bias)
@@ -42,24 +24,13 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
 /// inputs; the result in `x`'s dtype. Panics on a libtorch error (mismatched
 /// shapes), as tch's own ops do.
 pub fn linear_via_f32(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
-    let mut error: *mut c_char = std::ptr::null_mut();
-    // SAFETY: live tch handles (bias null when absent) and a valid out-pointer;
-    // the shim catches C++ exceptions and returns null with a message, or a new
-    // `at::Tensor` allocated as tch's own handles are, which `from_ptr` owns.
-    let out = unsafe {
-        mlm_linear_via_f32(x.as_ptr(), weight.as_ptr(), bias.map_or(std::ptr::null(), |b| b.as_ptr()), &mut error)
-    };
-    if out.is_null() {
-        // SAFETY: on failure the shim set `error` to its message (or null).
-        panic!("linear through fp32 GEMMs failed: {}", unsafe { crate::device::take_shim_message(error) });
-    }
-    // SAFETY: a new handle from the shim (see above).
-    unsafe { Tensor::from_ptr(out) }
+    crate::shims::linear_via_f32(x, weight, bias).unwrap_or_else(|e| panic!("linear through fp32 GEMMs failed: {e}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::{Device, Kind};
 
     fn wave(shape: &[i64], seed: f64) -> Tensor {
         (Tensor::arange(shape.iter().product::<i64>(), (Kind::Float, Device::Cpu)) * seed).sin().view(shape)
@@ -124,12 +95,5 @@ mod tests {
         let message = caught.expect_err("mismatched shapes fail");
         let text = message.downcast_ref::<String>().cloned().unwrap_or_default();
         assert!(text.starts_with("linear through fp32 GEMMs failed: "), "{text}");
-    }
-
-    #[test]
-    fn only_bf16_on_a_cpu_without_bf16_instructions_goes_through_fp32() {
-        assert!(!gemm_via_f32(Device::Cpu, Kind::Float));
-        assert!(!gemm_via_f32(Device::Cuda(0), Kind::BFloat16));
-        assert_eq!(gemm_via_f32(Device::Cpu, Kind::BFloat16), !crate::model::layers::cpu_has_bf16_dot());
     }
 }

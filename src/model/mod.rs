@@ -7,16 +7,25 @@
 //! holding the parameters in a `tch` VarStore whose names are Hugging Face's.
 //! The compute dtype is the VarStore's: [`MaskedLm::to_kind_copy`] makes the bf16
 //! compute copy of fp32 master weights.
+//!
+//! Each architecture is one file ending with its [`ArchSpec`] (model type, HF
+//! class, weight names, builder, sizes), listed once in
+//! [`ARCHITECTURES`]; every lookup goes through that list. Which
+//! kernels run on a device in a dtype (GEMM route, attention path, dropout) is
+//! decided by [`policy`] alone. The C++ the models call lives in `src/shims/`.
 pub mod bert;
+mod checks;
 pub mod deberta;
 mod deberta_attention;
 pub mod distilbert;
 mod layers;
 mod linear_f32;
 pub mod load;
+pub mod policy;
 mod qkv;
 pub mod roberta;
 pub mod shape;
+mod spec;
 mod torch_pickle;
 pub mod weights;
 
@@ -26,189 +35,69 @@ use anyhow::{bail, Context, Result};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
 pub use bert::{BertConfig, BertForMaskedLM};
+pub use checks::{available_memory, estimate_parameters};
 pub use deberta::{DebertaV2Config, DebertaV2ForMaskedLM};
 pub use distilbert::{DistilBertConfig, DistilBertForMaskedLM};
-pub use linear_f32::gemm_via_f32;
+use policy::AttentionPath;
 pub use qkv::FusedLeaves;
-use qkv::QkvProjection;
 pub use roberta::{RobertaConfig, RobertaForMaskedLM};
+use shape::ModelShape;
+use spec::Encoder;
+pub use spec::{Arch, ArchSpec, LayerInputs, NameMap};
+pub use weights::LoadReport;
 
-/// The supported architectures, by `model_type` in `config.json`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Arch {
-    Bert,
-    DistilBert,
-    Roberta,
-    /// XLM-RoBERTa: the same network and names as RoBERTa, another class name.
-    XlmRoberta,
-    DebertaV2,
-}
-
-const SUPPORTED: &str = "bert, distilbert, roberta, xlm-roberta, deberta-v2";
+/// The registry: one line per architecture (with its `mod` line above), whose
+/// spec ends its file. Every lookup goes through it: `config.json` -> [`Arch`]
+/// (by `model_type`, or by the class name when that is absent), and from it
+/// the network, the weight names, the sizes and the class a saved model names.
+pub static ARCHITECTURES: &[&ArchSpec] =
+    &[&bert::SPEC, &distilbert::SPEC, &roberta::SPEC, &roberta::XLM_ROBERTA_SPEC, &deberta::SPEC];
 
 impl Arch {
     /// From `model_type`, or when that is absent, the first `architectures` entry.
     pub fn from_config(config: &serde_json::Value) -> Result<Self> {
         if let Some(model_type) = config.get("model_type").and_then(|v| v.as_str()) {
-            return match model_type {
-                "bert" => Ok(Self::Bert),
-                "distilbert" => Ok(Self::DistilBert),
-                "roberta" => Ok(Self::Roberta),
-                "xlm-roberta" => Ok(Self::XlmRoberta),
-                "deberta-v2" => Ok(Self::DebertaV2),
-                other => bail!("model_type {other:?} in config.json is not supported (supported: {SUPPORTED})"),
+            return match Self::from_model_type(model_type) {
+                Some(arch) => Ok(arch),
+                None => bail!("model_type {model_type:?} in config.json is not supported (supported: {})", supported()),
             };
         }
         let class = config.pointer("/architectures/0").and_then(|v| v.as_str()).unwrap_or("");
-        if class.starts_with("DistilBert") {
-            Ok(Self::DistilBert)
-        } else if class.starts_with("Bert") {
-            Ok(Self::Bert)
-        } else if class.starts_with("Roberta") {
-            Ok(Self::Roberta)
-        } else if class.starts_with("XLMRoberta") {
-            Ok(Self::XlmRoberta)
-        } else if class.starts_with("DebertaV2") {
-            Ok(Self::DebertaV2)
-        } else {
-            bail!("config.json has no model_type and its architecture {class:?} is not supported (supported: {SUPPORTED})")
-        }
-    }
-
-    /// The `transformers` class whose weights and names we match.
-    pub fn mlm_class(self) -> &'static str {
-        match self {
-            Self::Bert => "BertForMaskedLM",
-            Self::DistilBert => "DistilBertForMaskedLM",
-            Self::Roberta => "RobertaForMaskedLM",
-            Self::XlmRoberta => "XLMRobertaForMaskedLM",
-            Self::DebertaV2 => "DebertaV2ForMaskedLM",
-        }
-    }
-
-    pub fn model_type(self) -> &'static str {
-        match self {
-            Self::Bert => "bert",
-            Self::DistilBert => "distilbert",
-            Self::Roberta => "roberta",
-            Self::XlmRoberta => "xlm-roberta",
-            Self::DebertaV2 => "deberta-v2",
-        }
-    }
-}
-
-/// Sizes every architecture's `config.json` may give, with their allowed range:
-/// a value outside would build a model that cannot exist (negative sizes) or
-/// cannot be allocated (a million-wide hidden size).
-const SIZES: [(&str, i64, i64); 16] = [
-    ("vocab_size", 1, 1 << 24),
-    ("hidden_size", 1, 1 << 16),
-    ("dim", 1, 1 << 16),
-    ("num_hidden_layers", 1, 1024),
-    ("n_layers", 1, 1024),
-    ("num_attention_heads", 1, 1024),
-    ("n_heads", 1, 1024),
-    ("intermediate_size", 1, 1 << 18),
-    ("hidden_dim", 1, 1 << 18),
-    ("max_position_embeddings", 1, 1 << 20),
-    ("type_vocab_size", 0, 1 << 16),
-    ("embedding_size", 1, 1 << 16),
-    ("position_buckets", -1, 1 << 16),
-    ("max_relative_positions", -1, 1 << 20),
-    ("conv_kernel_size", 0, 1025),
-    ("conv_groups", 1, 1 << 16),
-];
-
-/// Probabilities (dropouts), in [0, 1).
-const DROPOUTS: [&str; 6] = [
-    "hidden_dropout_prob",
-    "attention_probs_dropout_prob",
-    "dropout",
-    "attention_dropout",
-    "pooler_dropout",
-    "qa_dropout",
-];
-
-/// Refuses `config.json` values outside their meaning, naming the key.
-fn check_ranges(c: &serde_json::Value) -> Result<()> {
-    for (key, lo, hi) in SIZES {
-        let Some(v) = c.get(key).filter(|v| !v.is_null()) else { continue };
-        match v.as_i64() {
-            Some(n) if (lo..=hi).contains(&n) => {}
-            _ => bail!("{key} = {v} in config.json must be an integer from {lo} to {hi}"),
-        }
-    }
-    for key in DROPOUTS {
-        let Some(v) = c.get(key).filter(|v| !v.is_null()) else { continue };
-        match v.as_f64() {
-            Some(p) if (0.0..1.0).contains(&p) => {}
-            _ => bail!("{key} = {v} in config.json must be a probability in [0, 1)"),
-        }
-    }
-    for (key, zero_ok) in [("layer_norm_eps", false), ("initializer_range", true)] {
-        let Some(v) = c.get(key).filter(|v| !v.is_null()) else { continue };
-        match v.as_f64() {
-            Some(x) if x.is_finite() && (x > 0.0 || (zero_ok && x == 0.0)) => {}
-            _ => bail!(
-                "{key} = {v} in config.json must be a finite {} number",
-                if zero_ok { "non-negative" } else { "positive" }
+        match ARCHITECTURES.iter().find(|spec| class.starts_with(spec.class_prefix)) {
+            Some(spec) => Ok(Self(spec)),
+            None => bail!(
+                "config.json has no model_type and its architecture {class:?} is not supported (supported: {})",
+                supported()
             ),
         }
     }
-    Ok(())
+
+    /// The architecture whose `model_type` is `model_type`.
+    pub fn from_model_type(model_type: &str) -> Option<Self> {
+        ARCHITECTURES.iter().find(|spec| spec.model_type == model_type).map(|spec| Self(spec))
+    }
+}
+
+/// The supported `model_type`s, for messages.
+fn supported() -> String {
+    ARCHITECTURES.iter().map(|spec| spec.model_type).collect::<Vec<_>>().join(", ")
 }
 
 /// The architecture of a `config.json`, after the checks every architecture
 /// shares (sizes and probabilities in range, a tied decoder).
 fn check_config(c: &serde_json::Value) -> Result<Arch> {
     let arch = Arch::from_config(c)?;
-    check_ranges(c)?;
-    if c.get("tie_word_embeddings").and_then(|v| v.as_bool()) == Some(false) {
-        bail!("tie_word_embeddings = false in config.json is not supported: the MLM decoder is tied to the word embeddings");
-    }
+    checks::check_shared(c)?;
     Ok(arch)
 }
 
-/// Parameters of an encoder of `config.json`'s shape (embeddings, layers with
-/// attention and feed-forward, the MLM head's transform), for a memory check
-/// before anything is allocated.
-pub fn estimate_parameters(c: &serde_json::Value) -> u64 {
-    let get =
-        |keys: &[&str], default: u64| keys.iter().find_map(|k| c.get(*k).and_then(|v| v.as_u64())).unwrap_or(default);
-    let vocab = get(&["vocab_size"], 30522);
-    let h = get(&["hidden_size", "dim"], 768);
-    let layers = get(&["num_hidden_layers", "n_layers"], 12);
-    let ff = get(&["intermediate_size", "hidden_dim"], 4 * h);
-    let pos = get(&["max_position_embeddings"], 512);
-    let per_layer = (4 * h * h + 4 * h).saturating_add(2 * h * ff + ff + h).saturating_add(4 * h);
-    (vocab + pos + 2).saturating_mul(h).saturating_add(layers.saturating_mul(per_layer)).saturating_add(h * h + vocab)
-}
-
-/// Refuses, before allocating, a CPU model whose fp32 weights alone exceed the
-/// memory available (a GPU reports its own out-of-memory errors).
-/// Every model is built in host memory first ([`MaskedLm::from_config_json`]).
-fn check_fits_in_memory(c: &serde_json::Value) -> Result<()> {
-    let bytes = estimate_parameters(c).saturating_mul(4);
-    if let Some(avail) = available_memory() {
-        if bytes > avail {
-            bail!(
-                "the model of this config.json has about {:.1}B parameters ({:.1} GiB in fp32), more than the {:.1} GiB \
-                 of memory available: check its sizes (hidden_size, num_hidden_layers, vocab_size, intermediate_size)",
-                estimate_parameters(c) as f64 / 1e9,
-                bytes as f64 / (1u64 << 30) as f64,
-                avail as f64 / (1u64 << 30) as f64
-            );
-        }
+impl ModelShape {
+    /// Reads and checks `config.json`'s contents: its architecture's
+    /// [`ArchSpec::shape`].
+    pub fn from_config(c: &serde_json::Value) -> Result<Self> {
+        let arch = check_config(c)?;
+        (arch.spec().shape)(c)
     }
-    Ok(())
-}
-
-/// `MemAvailable` of /proc/meminfo, in bytes.
-pub fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 /// Dropout masks per stage: in training, the embeddings and each layer draw
@@ -230,54 +119,6 @@ impl DropoutSeeds {
             tch::manual_seed(base.wrapping_add(stage as i64));
         }
     }
-}
-
-/// What [`MaskedLm::load_dir`] did with the checkpoint's names.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LoadReport {
-    /// Our parameters the checkpoint lacks: they keep their fresh initialisation.
-    pub missing: Vec<String>,
-    /// Checkpoint names that are not part of the model (e.g. `pooler.dense.weight`).
-    pub unexpected: Vec<String>,
-}
-
-/// What every layer of an encoder takes besides the hidden states.
-#[derive(Debug, Default)]
-pub struct LayerInputs {
-    /// The attention mask in the form the layers use, `None` when nothing is
-    /// padded: an additive bias for BERT-likes, the [b, 1, s, s] "may not see"
-    /// mask for DeBERTa.
-    pub mask: Option<Tensor>,
-    /// DeBERTa: the normalised relative-position embeddings [2 span, h], which
-    /// every layer shares and whose gradient sums over the layers.
-    pub rel_embeddings: Option<Tensor>,
-    /// DeBERTa: the relative-position bucket of each distance a block of
-    /// length s can have, [2s - 1] i64 (`deberta_attention::distance_buckets`).
-    pub rel_pos: Option<Tensor>,
-}
-
-/// What every architecture gives [`MaskedLm`]: one file per model implements it
-/// (`impl Encoder for BertForMaskedLM` at the end of `bert.rs`, ...).
-///
-/// The encoder is given in stages, embeddings then one call per layer, so that
-/// activation checkpointing (`src/train/recompute.rs`) can keep only each
-/// layer's input and run a layer again during backward.
-pub(crate) trait Encoder: std::fmt::Debug + Send {
-    /// `input_ids` [b, s], `attention_mask` [b, s] (`None`: no padding, known
-    /// on the host, so attention runs without a mask) -> the embeddings
-    /// [b, s, h] and what every layer takes besides them.
-    fn embed(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, train: bool) -> (Tensor, LayerInputs);
-    fn num_layers(&self) -> usize;
-    /// Layer `i`: hidden states [b, s, h] -> [b, s, h].
-    fn layer(&self, i: usize, x: &Tensor, inputs: &LayerInputs, train: bool) -> Tensor;
-    /// `hidden` [..., h] -> logits [..., vocab].
-    fn mlm_head(&self, hidden: &Tensor) -> Tensor;
-    fn vocab_size(&self) -> i64;
-    /// The longest sequence the model takes.
-    fn max_positions(&self) -> i64;
-    fn hidden_size(&self) -> i64;
-    /// Each layer's query, key and value projections (for [`MaskedLm::fuse_qkv`]).
-    fn qkv_projections(&mut self) -> Vec<&mut QkvProjection>;
 }
 
 /// A masked language model: parameters (`vs`, HF names), architecture and config.
@@ -307,33 +148,13 @@ impl MaskedLm {
         Ok(model)
     }
 
-    /// [`Self::from_config_json`] on the CPU.
+    /// [`Self::from_config_json`] on the CPU: the network its architecture's
+    /// spec builds ([`ArchSpec`]).
     fn build_on_cpu(config_json: serde_json::Value) -> Result<Self> {
         let arch = check_config(&config_json)?;
-        check_fits_in_memory(&config_json)?;
+        checks::check_fits_in_memory(&config_json)?;
         let vs = VarStore::new(Device::Cpu);
-        let root = vs.root();
-        let net: Box<dyn Encoder> = match arch {
-            Arch::Bert => {
-                let c: BertConfig = serde_json::from_value(config_json.clone()).context("reading BERT config.json")?;
-                Box::new(BertForMaskedLM::new(&root, c)?)
-            }
-            Arch::DistilBert => {
-                let c: DistilBertConfig =
-                    serde_json::from_value(config_json.clone()).context("reading DistilBERT config.json")?;
-                Box::new(DistilBertForMaskedLM::new(&root, c)?)
-            }
-            Arch::Roberta | Arch::XlmRoberta => {
-                let c: RobertaConfig =
-                    serde_json::from_value(config_json.clone()).context("reading RoBERTa config.json")?;
-                Box::new(RobertaForMaskedLM::new(&root, c)?)
-            }
-            Arch::DebertaV2 => {
-                let c: DebertaV2Config =
-                    serde_json::from_value(config_json.clone()).context("reading DeBERTa-v2 config.json")?;
-                Box::new(DebertaV2ForMaskedLM::new(&root, c)?)
-            }
-        };
+        let net = (arch.spec().build)(&vs.root(), &config_json)?;
         Ok(Self { vs, arch, config_json, net })
     }
 
@@ -357,10 +178,8 @@ impl MaskedLm {
         if let Some(obj) = config.as_object_mut() {
             obj.insert("architectures".into(), serde_json::json!([self.arch.mlm_class()]));
             obj.insert("model_type".into(), self.arch.model_type().into());
-            if self.arch == Arch::DebertaV2 {
-                // Our head names are those of the legacy layout (`cls.predictions.*`),
-                // whatever layout the loaded checkpoint had.
-                obj.insert("legacy".into(), true.into());
+            for (key, value) in self.arch.spec().saved_flags {
+                obj.insert(key.to_string(), (*value).into());
             }
             for key in ["dtype", "torch_dtype"] {
                 if obj.contains_key(key) {
@@ -433,29 +252,25 @@ impl MaskedLm {
     }
 
     /// One line saying which attention kernel a training pass of `seq` tokens
-    /// in `kind` gets on `device` ([`layers::sdpa_kernel`]).
+    /// in `kind` gets on `device` ([`policy::attention_path`], [`policy::sdpa_kernel`]).
     pub fn attention_kernel_line(&self, device: Device, kind: Kind, seq: i64) -> String {
-        let Ok(shape) = shape::ModelShape::from_config(&self.config_json) else {
+        let Ok(shape) = ModelShape::from_config(&self.config_json) else {
             return "attention kernel: unknown (the config gives no shape)".into();
         };
         let (heads, head_dim) = (shape.heads as i64, (shape.hidden / shape.heads.max(1)) as i64);
         let bias = shape.relative.is_some();
-        let written_out = if shape.arch == Arch::DebertaV2 {
-            deberta_attention::writes_scores_out(device, kind)
-        } else {
-            layers::writes_scores_out(device, kind, shape.attention_dropout)
-        };
-        let kernel = if written_out {
-            match kind {
-                Kind::BFloat16 if gemm_via_f32(device, kind) => {
+        let kernel = match policy::attention_path(shape.attention, device, kind, shape.attention_dropout) {
+            AttentionPath::WrittenOut => match kind {
+                Kind::BFloat16 if policy::gemm_via_f32(device, kind) => {
                     "scores written out (fp32 matmuls and softmax; this CPU has no bf16 instructions, so every \
                      bf16 GEMM runs as an fp32 one)"
                 }
                 Kind::BFloat16 => "scores written out (bf16 matmuls, fp32 softmax)",
                 _ => "scores written out (matmuls, softmax)",
+            },
+            AttentionPath::Sdpa => {
+                policy::sdpa_kernel(device, kind, heads, seq, head_dim, bias, shape.attention_dropout)
             }
-        } else {
-            layers::sdpa_kernel(device, kind, heads, seq, head_dim, bias, shape.attention_dropout)
         };
         let mask = if bias { "the relative-position bias" } else { "no mask (blocks have no padding)" };
         format!("attention: {kernel} on {device:?} ({kind:?}, {heads} heads of {head_dim}, {seq} tokens, {mask})")
@@ -499,227 +314,4 @@ impl MaskedLm {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn tiny(model_type: &str) -> MaskedLm {
-        let config = serde_json::json!({
-            "model_type": model_type, "vocab_size": 50, "hidden_size": 16, "dim": 16,
-            "num_hidden_layers": 1, "n_layers": 1, "num_attention_heads": 2, "n_heads": 2,
-            "intermediate_size": 24, "hidden_dim": 24, "max_position_embeddings": 12,
-        });
-        MaskedLm::from_config_json(config, Device::Cpu).unwrap()
-    }
-
-    #[test]
-    fn no_mask_gives_what_an_all_ones_mask_gives_and_attention_says_its_kernel() {
-        let deberta = serde_json::json!({
-            "model_type": "deberta-v2", "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "intermediate_size": 24, "max_position_embeddings": 12,
-            "relative_attention": true, "position_buckets": 4, "pos_att_type": ["p2c", "c2p"],
-            "position_biased_input": false,
-        });
-        let models = [
-            tiny("bert"),
-            tiny("distilbert"),
-            tiny("roberta"),
-            MaskedLm::from_config_json(deberta, Device::Cpu).unwrap(),
-        ];
-        let ids = Tensor::from_slice(&[2i64, 7, 9, 3, 4, 5, 6, 8]).view([2, 4]);
-        let ones = Tensor::ones([2, 4], (Kind::Int64, Device::Cpu));
-        for model in &models {
-            let with = model.logits(&ids, Some(&ones), false);
-            let without = model.logits(&ids, None, false);
-            let diff = (with - without).abs().max().double_value(&[]);
-            assert!(diff < 1e-6, "{}: {diff}", model.config_json["model_type"]);
-            let line = model.attention_kernel_line(Device::Cpu, Kind::Float, 4);
-            assert!(line.starts_with("attention: ") && !line.contains("none (no kernel"), "{line}");
-        }
-        assert!(models[0].attention_kernel_line(Device::Cpu, Kind::Float, 4).contains("no mask"));
-        let deberta = models[3].attention_kernel_line(Device::Cpu, Kind::Float, 4);
-        assert!(deberta.contains("relative-position bias") && deberta.contains("scores written out"), "{deberta}");
-        // libtorch's CPU dispatcher takes its flash kernel for attention without a mask.
-        assert_eq!(layers::sdpa_kernel(Device::Cpu, Kind::Float, 2, 128, 64, false, 0.0), "flash attention");
-    }
-
-    #[test]
-    fn bf16_copies_run_forward_and_stay_close_to_fp32() {
-        for model_type in ["bert", "distilbert"] {
-            let model = tiny(model_type);
-            let bf16 = model.to_kind_copy(Kind::BFloat16).unwrap();
-            let ids = Tensor::from_slice(&[2i64, 7, 9, 3, 4, 0, 0, 0]).view([2, 4]);
-            let mask = ids.ne(0).to_kind(Kind::Int64);
-            let _ = mask.get(0).fill_(1);
-            let full = model.logits(&ids, Some(&mask), false);
-            let half = bf16.logits(&ids, Some(&mask), false);
-            assert_eq!(half.kind(), Kind::BFloat16);
-            assert_eq!(half.size(), [2, 4, 50]);
-            let diff = (half.to_kind(Kind::Float) - full).abs().max().double_value(&[]);
-            assert!(diff < 0.05, "{model_type}: bf16 vs fp32 max abs diff {diff}");
-            // Training mode (dropout) also runs in bf16.
-            let _ = bf16.logits(&ids, Some(&mask), true).sum(Kind::Float).double_value(&[]);
-        }
-    }
-
-    #[test]
-    fn random_init_follows_transformers() {
-        let model = tiny("bert");
-        let vars = model.vs.variables();
-        let word = &vars["bert.embeddings.word_embeddings.weight"];
-        assert_eq!(word.get(0).abs().sum(Kind::Float).double_value(&[]), 0.0, "padding row is zero");
-        let std = f64::try_from(word.narrow(0, 1, 49).std(true)).unwrap();
-        assert!((std - 0.02).abs() < 0.004, "word embedding std {std}");
-        assert_eq!(f64::try_from(vars["cls.predictions.bias"].abs().sum(Kind::Float)).unwrap(), 0.0);
-        assert_eq!(f64::try_from(vars["bert.embeddings.LayerNorm.weight"].mean(Kind::Float)).unwrap(), 1.0);
-    }
-
-    #[test]
-    fn unsupported_model_type_is_named() {
-        let err = MaskedLm::from_config_json(serde_json::json!({"model_type": "gpt2"}), Device::Cpu).err().unwrap();
-        assert!(err.to_string().contains("gpt2"), "{err}");
-    }
-
-    #[test]
-    fn no_decay_covers_biases_and_layer_norms() {
-        assert!(MaskedLm::no_decay("cls.predictions.bias"));
-        assert!(MaskedLm::no_decay("bert.encoder.layer.0.output.LayerNorm.weight"));
-        assert!(MaskedLm::no_decay("distilbert.transformer.layer.0.sa_layer_norm.weight"));
-        assert!(MaskedLm::no_decay("vocab_layer_norm.weight"));
-        assert!(!MaskedLm::no_decay("bert.encoder.layer.0.attention.self.query.weight"));
-        assert!(!MaskedLm::no_decay("bert.embeddings.word_embeddings.weight"));
-        assert!(MaskedLm::no_decay("lm_head.bias"));
-        assert!(MaskedLm::no_decay("lm_head.layer_norm.weight"));
-        assert!(MaskedLm::no_decay("roberta.embeddings.LayerNorm.weight"));
-        assert!(MaskedLm::no_decay("deberta.encoder.LayerNorm.weight"));
-        assert!(MaskedLm::no_decay("cls.predictions.transform.LayerNorm.bias"));
-        assert!(MaskedLm::no_decay("deberta.encoder.layer.0.attention.self.pos_key_proj.bias"));
-        assert!(!MaskedLm::no_decay("deberta.encoder.rel_embeddings.weight"));
-        assert!(!MaskedLm::no_decay("deberta.encoder.layer.0.attention.self.query_proj.weight"));
-    }
-
-    fn tiny_deberta(extra: serde_json::Value) -> Result<MaskedLm> {
-        let mut config = serde_json::json!({
-            "model_type": "deberta-v2", "vocab_size": 50, "hidden_size": 16,
-            "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 24,
-            "max_position_embeddings": 12, "relative_attention": true, "position_buckets": 4,
-            "share_att_key": true, "pos_att_type": "p2c|c2p", "norm_rel_ebd": "layer_norm",
-            "position_biased_input": false,
-        });
-        for (k, v) in extra.as_object().unwrap() {
-            config[k] = v.clone();
-        }
-        MaskedLm::from_config_json(config, Device::Cpu)
-    }
-
-    #[test]
-    fn new_architectures_run_in_bf16_too() {
-        for model in [tiny("roberta"), tiny_deberta(serde_json::json!({})).unwrap()] {
-            let bf16 = model.to_kind_copy(Kind::BFloat16).unwrap();
-            let ids = Tensor::from_slice(&[0i64, 7, 9, 2, 0, 5, 2, 1]).view([2, 4]);
-            let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 0]).view([2, 4]);
-            let full = model.logits(&ids, Some(&mask), false);
-            let half = bf16.logits(&ids, Some(&mask), true);
-            assert_eq!(half.kind(), Kind::BFloat16);
-            assert_eq!(full.size(), [2, 4, 50]);
-            let diff =
-                (bf16.logits(&ids, Some(&mask), false).to_kind(Kind::Float) - full).abs().max().double_value(&[]);
-            assert!(diff < 0.05, "{:?}: bf16 vs fp32 {diff}", model.arch);
-        }
-    }
-
-    #[test]
-    fn unsupported_deberta_options_are_refused_naming_the_key() {
-        for (extra, key) in [
-            (serde_json::json!({"conv_kernel_size": 4}), "conv_kernel_size"),
-            (serde_json::json!({"conv_kernel_size": 3, "conv_act": "swish"}), "conv_act"),
-            (serde_json::json!({"conv_kernel_size": 3, "conv_groups": 3}), "conv_groups"),
-            (serde_json::json!({"attention_head_size": 4}), "attention_head_size"),
-            (serde_json::json!({"pos_att_type": ["c2p", "p2p"]}), "pos_att_type"),
-            (serde_json::json!({"norm_rel_ebd": "layer_norm|scale"}), "norm_rel_ebd"),
-            (serde_json::json!({"hidden_act": "swish"}), "swish"),
-            (serde_json::json!({"legacy": false, "embedding_size": 8}), "embedding_size"),
-        ] {
-            let err = format!("{:#}", tiny_deberta(extra.clone()).err().expect("refused"));
-            assert!(err.contains(key) && err.contains("not supported"), "{extra}: {err}");
-        }
-        // attention_head_size equal to hidden_size / heads is what we compute.
-        tiny_deberta(serde_json::json!({"attention_head_size": 8})).unwrap();
-    }
-
-    #[test]
-    fn bert_and_roberta_as_decoders_are_refused() {
-        for (model_type, key) in [("roberta", "is_decoder"), ("bert", "is_decoder"), ("bert", "add_cross_attention")] {
-            let mut config = serde_json::json!({"model_type": model_type, "vocab_size": 50, "hidden_size": 16,
-                "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 24,
-                "max_position_embeddings": 12});
-            config[key] = true.into();
-            let err = format!("{:#}", MaskedLm::from_config_json(config, Device::Cpu).err().unwrap());
-            assert!(err.contains("is_decoder / add_cross_attention"), "{model_type}: {err}");
-        }
-    }
-
-    #[test]
-    fn xlm_roberta_is_roberta_saved_under_its_own_class() {
-        let model = tiny("xlm-roberta");
-        assert_eq!(model.arch, Arch::XlmRoberta);
-        assert!(model.vs.variables().contains_key("lm_head.layer_norm.weight"));
-        assert_eq!(model.max_positions(), 10, "12 positions less pad_token_id 1 + 1");
-        let dir = tempfile::tempdir().unwrap();
-        model.save_dir(dir.path()).unwrap();
-        let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
-        assert_eq!(config["model_type"], "xlm-roberta");
-        assert_eq!(config["architectures"][0], "XLMRobertaForMaskedLM");
-    }
-
-    /// Building draws from libtorch's global generator, which the other tests'
-    /// threads draw from too: the check runs alone, in a child process.
-    #[test]
-    fn one_seed_gives_the_same_weights_on_every_device_and_copies_draw_nothing() {
-        if std::env::var_os("MLM_SEEDED_BUILD_CHILD").is_none() {
-            let name = "model::tests::one_seed_gives_the_same_weights_on_every_device_and_copies_draw_nothing";
-            let out = std::process::Command::new(std::env::current_exe().unwrap())
-                .args(["--exact", name, "--test-threads", "1", "--nocapture"])
-                .env("MLM_SEEDED_BUILD_CHILD", "1")
-                .output()
-                .unwrap();
-            let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-            assert!(out.status.success() && text.contains("1 passed"), "{text}");
-            return;
-        }
-        let deberta = serde_json::json!({
-            "model_type": "deberta-v2", "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "intermediate_size": 24, "max_position_embeddings": 12,
-            "relative_attention": true, "position_buckets": 4, "pos_att_type": "p2c|c2p",
-            "position_biased_input": false,
-        });
-        let bert = tiny("bert").config_json;
-        // On a GPU machine the build moves to the GPU: CUDA's generator must draw nothing.
-        let device = Device::cuda_if_available();
-        for config in [bert, deberta] {
-            tch::manual_seed(7);
-            let direct = MaskedLm::build_on_cpu(config.clone()).unwrap();
-            tch::manual_seed(7);
-            let moved = MaskedLm::from_config_json(config.clone(), device).unwrap();
-            assert_eq!(moved.vs.device(), device);
-            let direct_vars = direct.vs.variables();
-            for (name, t) in moved.vs.variables() {
-                let d = &direct_vars[&name];
-                assert!(t.to_device(Device::Cpu).equal(d), "{}: {name} differs on {device:?}", config["model_type"]);
-            }
-            // A copy in another dtype is built without draws: the generator
-            // is where the master's build left it.
-            let after_build = Tensor::randn([8], (Kind::Float, Device::Cpu));
-            tch::manual_seed(7);
-            let master = MaskedLm::from_config_json(config.clone(), Device::Cpu).unwrap();
-            let copy = master.to_kind_copy(Kind::BFloat16).unwrap();
-            let after_copy = Tensor::randn([8], (Kind::Float, Device::Cpu));
-            assert!(after_build.equal(&after_copy), "to_kind_copy drew from the generator");
-            let master_vars = master.vs.variables();
-            for (name, t) in copy.vs.variables() {
-                assert_eq!(t.kind(), Kind::BFloat16);
-                assert!(t.equal(&master_vars[&name].to_kind(Kind::BFloat16)), "{name} is not the master's");
-            }
-        }
-    }
-}
+mod tests;

@@ -11,15 +11,16 @@
 //! The decoder `lm_head.decoder.weight` is tied to
 //! `roberta.embeddings.word_embeddings.weight` and `lm_head.decoder.bias` to
 //! `lm_head.bias`, so neither is a parameter of its own.
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};
 
 use super::bert::{BertConfig, BertLayer};
 use super::layers::{additive_mask, dropout, Activation, Embedding, LayerNorm, Linear};
+use super::linear_f32;
 use super::qkv::QkvProjection;
-use super::weights::NameMap;
-use super::LayerInputs;
+use super::shape::ModelShape;
+use super::spec::{ArchSpec, Encoder, LayerInputs, NameMap};
 
 /// `RobertaConfig`: BERT's keys with RoBERTa's defaults (`vocab_size = 50265`,
 /// `pad_token_id = 1`, which is also the `padding_idx` of the position
@@ -149,7 +150,7 @@ impl RobertaLmHead {
     /// `x` [..., h], `decoder` = word embeddings [vocab, h] -> [..., vocab]
     fn forward(&self, x: &Tensor, decoder: &Tensor) -> Tensor {
         let x = self.layer_norm.forward(&self.dense.forward(x).gelu("none"));
-        super::linear_f32::linear(&x, decoder, Some(&self.bias))
+        linear_f32::linear(&x, decoder, Some(&self.bias))
     }
 }
 
@@ -179,14 +180,7 @@ impl RobertaForMaskedLM {
     }
 }
 
-/// How Hugging Face names RoBERTa's (and XLM-RoBERTa's) weights (see `weights::NameMap`).
-pub(super) const HF_NAMES: NameMap = NameMap {
-    prefix: "roberta",
-    aliases: &[("lm_head.decoder.bias", "lm_head.bias")],
-    ignored: &["lm_head.decoder.weight", "roberta.embeddings.position_ids", "roberta.embeddings.token_type_ids"],
-};
-
-impl super::Encoder for RobertaForMaskedLM {
+impl Encoder for RobertaForMaskedLM {
     /// `input_ids`, `attention_mask` [b, s] -> the embeddings [b, s, h] and what each layer takes
     fn embed(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, train: bool) -> (Tensor, LayerInputs) {
         let x = self.embeddings.forward(input_ids, train);
@@ -222,6 +216,50 @@ impl super::Encoder for RobertaForMaskedLM {
     fn qkv_projections(&mut self) -> Vec<&mut QkvProjection> {
         self.layers.iter_mut().map(|l| l.qkv_mut()).collect()
     }
+}
+
+/// RoBERTa's entry in the registry (`ARCHITECTURES`, `mod.rs`).
+pub static SPEC: ArchSpec = ArchSpec {
+    model_type: "roberta",
+    mlm_class: "RobertaForMaskedLM",
+    class_prefix: "Roberta",
+    names: NAMES,
+    build,
+    shape: |c| shape(c, SPEC.model_type),
+    saved_flags: &[],
+};
+
+/// XLM-RoBERTa's: RoBERTa's network and weight names under its own class.
+pub static XLM_ROBERTA_SPEC: ArchSpec = ArchSpec {
+    model_type: "xlm-roberta",
+    mlm_class: "XLMRobertaForMaskedLM",
+    class_prefix: "XLMRoberta",
+    names: NAMES,
+    build,
+    shape: |c| shape(c, XLM_ROBERTA_SPEC.model_type),
+    saved_flags: &[],
+};
+
+/// How Hugging Face names RoBERTa's (and XLM-RoBERTa's) weights.
+const NAMES: NameMap = NameMap {
+    prefix: "roberta",
+    aliases: &[("lm_head.decoder.bias", "lm_head.bias")],
+    ignored: &["lm_head.decoder.weight", "roberta.embeddings.position_ids", "roberta.embeddings.token_type_ids"],
+};
+
+fn read(config: &serde_json::Value) -> Result<RobertaConfig> {
+    serde_json::from_value(config.clone()).context("reading RoBERTa config.json")
+}
+
+fn build(root: &nn::Path, config: &serde_json::Value) -> Result<Box<dyn Encoder>> {
+    Ok(Box::new(RobertaForMaskedLM::new(root, read(config)?)?))
+}
+
+/// BERT's sizes: the position table keeps its `max_position_embeddings` rows.
+fn shape(config: &serde_json::Value, model_type: &'static str) -> Result<ModelShape> {
+    let c = read(config)?;
+    c.validate()?;
+    Ok(c.bert.shape(model_type))
 }
 
 #[cfg(test)]

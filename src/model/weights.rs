@@ -1,5 +1,6 @@
 //! Weight files on disk and the mapping between Hugging Face checkpoint names and
-//! our parameter names.
+//! our parameter names, by the name map of the model's spec (`ArchSpec::names`,
+//! at the end of each model file).
 //!
 //! Our VarStore names are exactly the names `save_pretrained` writes for the MLM
 //! class (`bert.*` + `cls.predictions.*`, `distilbert.*` + `vocab_*`, `roberta.*` +
@@ -18,7 +19,17 @@ use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, View};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
-use super::{torch_pickle, Arch, LoadReport};
+use super::spec::{Arch, NameMap};
+use super::torch_pickle;
+
+/// What [`load_into`] did with the checkpoint's names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Our parameters the checkpoint lacks: they keep their fresh initialisation.
+    pub missing: Vec<String>,
+    /// Checkpoint names that are not part of the model (e.g. `pooler.dense.weight`).
+    pub unexpected: Vec<String>,
+}
 
 /// Where a checkpoint name goes in the model.
 #[derive(Debug, PartialEq, Eq)]
@@ -33,47 +44,23 @@ enum Target {
     Unexpected,
 }
 
-/// The name rules of one architecture: each model file keeps its own
-/// (`HF_NAMES`, beside the model), as torchtitan keeps a state-dict adapter
-/// beside each model.
-pub(super) struct NameMap {
-    /// The base model's prefix (`bert`, `roberta`, ...): base-model checkpoints
-    /// name their weights without it.
-    pub prefix: &'static str,
-    /// Checkpoint names that stand for one of our parameters when the file lacks it.
-    pub aliases: &'static [(&'static str, &'static str)],
-    /// Names with nothing to load (tied decoder weights, non-persistent buffers).
-    pub ignored: &'static [&'static str],
-}
-
-impl NameMap {
-    /// The registry: one line per architecture.
-    fn of(arch: Arch) -> &'static Self {
-        match arch {
-            Arch::Bert => &super::bert::HF_NAMES,
-            Arch::DistilBert => &super::distilbert::HF_NAMES,
-            Arch::Roberta | Arch::XlmRoberta => &super::roberta::HF_NAMES,
-            Arch::DebertaV2 => &super::deberta::HF_NAMES,
+/// Where checkpoint name `name` goes, by the name rules `names`, in the model
+/// whose parameter names are `ours`.
+fn target(names: &NameMap, name: &str, ours: &HashSet<String>) -> Target {
+    let name = legacy_layer_norm_name(name);
+    let prefixed = format!("{}.{}", names.prefix, name);
+    for candidate in [name.as_str(), prefixed.as_str()] {
+        if ours.contains(candidate) {
+            return Target::Param(candidate.to_string());
+        }
+        if let Some((_, to)) = names.aliases.iter().find(|(from, _)| *from == candidate) {
+            return Target::Alias(to.to_string());
+        }
+        if names.ignored.contains(&candidate) {
+            return Target::Ignore;
         }
     }
-
-    /// Maps a checkpoint name onto the model whose parameter names are `ours`.
-    fn target(&self, name: &str, ours: &HashSet<String>) -> Target {
-        let name = legacy_layer_norm_name(name);
-        let prefixed = format!("{}.{}", self.prefix, name);
-        for candidate in [name.as_str(), prefixed.as_str()] {
-            if ours.contains(candidate) {
-                return Target::Param(candidate.to_string());
-            }
-            if let Some((_, to)) = self.aliases.iter().find(|(from, _)| *from == candidate) {
-                return Target::Alias(to.to_string());
-            }
-            if self.ignored.contains(&candidate) {
-                return Target::Ignore;
-            }
-        }
-        Target::Unexpected
-    }
+    Target::Unexpected
 }
 
 /// TF-era checkpoints call LayerNorm parameters `gamma` and `beta`.
@@ -126,12 +113,12 @@ fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
 pub fn load_into(vs: &VarStore, arch: Arch, tensors: Vec<(String, Tensor)>, file: &Path) -> Result<LoadReport> {
     let vars = vs.variables();
     let ours: HashSet<String> = vars.keys().cloned().collect();
-    let names = NameMap::of(arch);
+    let names = &arch.spec().names;
     let mut params: HashMap<String, (String, Tensor)> = HashMap::new();
     let mut aliases: HashMap<String, (String, Tensor)> = HashMap::new();
     let mut unexpected = Vec::new();
     for (name, tensor) in tensors {
-        match names.target(&name, &ours) {
+        match target(names, &name, &ours) {
             Target::Param(to) => drop(params.insert(to, (name, tensor))),
             Target::Alias(to) => drop(aliases.insert(to, (name, tensor))),
             Target::Ignore => {}
@@ -218,30 +205,30 @@ mod tests {
     #[test]
     fn base_model_and_legacy_names_map_to_mlm_parameters() {
         let ours = ours(&["bert.embeddings.LayerNorm.weight", "cls.predictions.bias"]);
-        let map = NameMap::of(Arch::Bert);
+        let map = &crate::model::bert::SPEC.names;
         let p = |s: &str| Target::Param(s.to_string());
-        assert_eq!(map.target("embeddings.LayerNorm.gamma", &ours), p("bert.embeddings.LayerNorm.weight"));
-        assert_eq!(map.target("bert.embeddings.LayerNorm.weight", &ours), p("bert.embeddings.LayerNorm.weight"));
-        assert_eq!(map.target("cls.predictions.decoder.weight", &ours), Target::Ignore);
-        assert_eq!(map.target("embeddings.position_ids", &ours), Target::Ignore);
+        assert_eq!(target(map, "embeddings.LayerNorm.gamma", &ours), p("bert.embeddings.LayerNorm.weight"));
+        assert_eq!(target(map, "bert.embeddings.LayerNorm.weight", &ours), p("bert.embeddings.LayerNorm.weight"));
+        assert_eq!(target(map, "cls.predictions.decoder.weight", &ours), Target::Ignore);
+        assert_eq!(target(map, "embeddings.position_ids", &ours), Target::Ignore);
         assert_eq!(
-            map.target("cls.predictions.decoder.bias", &ours),
+            target(map, "cls.predictions.decoder.bias", &ours),
             Target::Alias("cls.predictions.bias".to_string())
         );
-        assert_eq!(map.target("pooler.dense.weight", &ours), Target::Unexpected);
+        assert_eq!(target(map, "pooler.dense.weight", &ours), Target::Unexpected);
     }
 
     #[test]
     fn deberta_v3_head_layout_maps_to_the_default_layout() {
         let ours = ours(&["cls.predictions.bias", "cls.predictions.transform.dense.weight"]);
-        let map = NameMap::of(Arch::DebertaV2);
+        let map = &crate::model::deberta::SPEC.names;
         let a = |s: &str| Target::Alias(s.to_string());
-        assert_eq!(map.target("lm_predictions.lm_head.bias", &ours), a("cls.predictions.bias"));
+        assert_eq!(target(map, "lm_predictions.lm_head.bias", &ours), a("cls.predictions.bias"));
         assert_eq!(
-            map.target("lm_predictions.lm_head.dense.weight", &ours),
+            target(map, "lm_predictions.lm_head.dense.weight", &ours),
             a("cls.predictions.transform.dense.weight")
         );
-        assert_eq!(map.target("mask_predictions.classifier.weight", &ours), Target::Unexpected);
-        assert_eq!(map.target("deberta.embeddings.position_embeddings.weight", &ours), Target::Ignore);
+        assert_eq!(target(map, "mask_predictions.classifier.weight", &ours), Target::Unexpected);
+        assert_eq!(target(map, "deberta.embeddings.position_embeddings.weight", &ours), Target::Ignore);
     }
 }

@@ -18,17 +18,17 @@
 //!   gradients a pass returns, the bf16 copy being built at start-up, an
 //!   evaluation pass (AdamW's fused step, on either device, adds nothing).
 //!
-//! Where the kernels differ by device the target decides: on the CPU dropout
-//! keeps its mask in the activations' dtype and attention with dropout keeps
-//! its probabilities (libtorch's math kernel, or the scores written out as
-//! `src/model/layers.rs` and `deberta_attention.rs` do, which keep the same
-//! tensors); on CUDA dropout keeps a bool
-//! mask and attention runs flash / memory-efficient kernels (output and
-//! log-sum-exp kept). Measured against peak RSS on the CPU by
-//! `tests/estimate_memory.rs`.
+//! Which kernels run on the target is asked of the models' policy
+//! (`src/model/policy.rs`), never decided here: the GEMM route, the attention
+//! path (the scores written out keep the probabilities, as libtorch's math
+//! kernel does; SDPA's flash / memory-efficient kernels on CUDA keep the output
+//! and log-sum-exp), whose dropout runs (ours on the CPU keeps its mask in the
+//! activations' dtype, CUDA's fused one a bool mask). Measured against peak RSS
+//! on the CPU by `tests/estimate_memory.rs`.
 use serde::Serialize;
 
 use crate::config::{Config, MicroBatchSize, Precision};
+use crate::model::policy::{self, AttentionPath, DropoutRoute};
 use crate::model::shape::ModelShape;
 
 pub const GIB: f64 = (1u64 << 30) as f64;
@@ -39,6 +39,24 @@ pub const GIB: f64 = (1u64 << 30) as f64;
 pub enum Target {
     Cpu,
     Cuda,
+}
+
+impl Target {
+    /// The device the policy is asked about.
+    fn device(self) -> tch::Device {
+        match self {
+            Target::Cpu => tch::Device::Cpu,
+            Target::Cuda => tch::Device::Cuda(0),
+        }
+    }
+}
+
+/// The activations' dtype of `precision`.
+fn compute_kind(precision: Precision) -> tch::Kind {
+    match precision {
+        Precision::Fp32 => tch::Kind::Float,
+        Precision::Bf16 => tch::Kind::BFloat16,
+    }
 }
 
 /// The parts of a job that decide its memory.
@@ -56,7 +74,7 @@ pub struct Job {
     /// Sequences per evaluation pass (`eval.batch_size`, never split).
     pub eval_batch: u64,
     /// bf16 on a CPU without bf16 instructions: every GEMM runs as an fp32 GEMM
-    /// ([`crate::model::gemm_via_f32`]). The written-out attention keeps fp32
+    /// ([`policy::gemm_via_f32`]). The written-out attention keeps fp32
     /// copies; a projection holds fp32 copies of its operands and result while
     /// it runs (saved: the bf16 ones).
     pub gemm_in_fp32: bool,
@@ -77,9 +95,7 @@ impl Job {
             sparse_head: t.sparse_head,
             mlm_probability: cfg.data.mlm_probability,
             eval_batch: cfg.eval.batch_size as u64,
-            gemm_in_fp32: target == Target::Cpu
-                && t.precision == Precision::Bf16
-                && crate::model::gemm_via_f32(tch::Device::Cpu, tch::Kind::BFloat16),
+            gemm_in_fp32: policy::gemm_via_f32(target.device(), compute_kind(t.precision)),
         }
     }
 }
@@ -133,8 +149,6 @@ pub struct Estimate<'a> {
     pub job: &'a Job,
     /// Bytes per activation element (the compute dtype).
     a: u64,
-    /// Bytes per element of a saved dropout mask.
-    mask: u64,
     /// Bytes per element of the written-out attention's matmul operands (q, k,
     /// v, the probabilities they multiply): the compute dtype, or fp32 where
     /// the CPU emulates bf16 ([`Job::gemm_in_fp32`]).
@@ -155,18 +169,9 @@ struct Extra {
 
 impl<'a> Estimate<'a> {
     pub fn new(model: &'a ModelShape, job: &'a Job) -> Self {
-        let a = match job.precision {
-            Precision::Fp32 => 4,
-            Precision::Bf16 => 2,
-        };
-        // CPU dropout multiplies by a noise tensor of the input's dtype and keeps
-        // it; CUDA's fused dropout keeps a bool mask.
-        let mask = match job.target {
-            Target::Cpu => a,
-            Target::Cuda => 1,
-        };
+        let a = compute_kind(job.precision).elt_size_in_bytes() as u64;
         let x = if job.gemm_in_fp32 { 4 } else { a };
-        Self { model, job, a, mask, x }
+        Self { model, job, a, x }
     }
 
     pub fn states(&self) -> States {
@@ -219,12 +224,16 @@ impl<'a> Estimate<'a> {
         }
     }
 
-    /// Bytes of a dropout mask over `elements` (none when `p` is 0).
+    /// Bytes of a dropout mask over `elements` of activations (none when `p`
+    /// is 0): ours multiplies by a mask tensor of the activations' dtype and
+    /// keeps it; libtorch's fused CUDA dropout keeps a bool mask.
     fn dropout(&self, p: f64, elements: u64) -> u64 {
-        if p > 0.0 {
-            elements * self.mask
-        } else {
-            0
+        if p <= 0.0 {
+            return 0;
+        }
+        match policy::dropout_route(self.job.target.device(), compute_kind(self.job.precision), p) {
+            DropoutRoute::CpuMask => elements * self.a,
+            DropoutRoute::Libtorch => elements,
         }
     }
 
@@ -311,16 +320,16 @@ impl<'a> Estimate<'a> {
         saved + self.attention_saved(rows) + self.deberta_attention(rows).saved
     }
 
-    /// Whether attention runs libtorch's math kernel (explicit probabilities)
-    /// rather than a fused one (flash or memory-efficient: output and
-    /// log-sum-exp only). CUDA always fuses; the CPU's flash kernel takes no
-    /// dropout and no bias that needs a gradient (DeBERTa's c2p and p2c).
-    /// CPU training that writes its scores out itself (`explicit_attention` in
-    /// `src/model/deberta_attention.rs`, `attention_written_out` in
-    /// `src/model/layers.rs`) keeps what the math kernel keeps.
+    /// Whether training's attention keeps explicit probabilities: the scores
+    /// written out (`policy::attention_path`), which keep what libtorch's math
+    /// kernel keeps, rather than SDPA's fused kernels (flash or
+    /// memory-efficient: output and log-sum-exp only). SDPA here runs fused:
+    /// on the CPU without dropout or bias (flash), on CUDA always.
     fn math_attention(&self) -> bool {
-        let bias = self.model.relative.is_some_and(|r| r.c2p || r.p2c);
-        self.job.target == Target::Cpu && (self.model.attention_dropout > 0.0 || bias)
+        let (m, j) = (self.model, self.job);
+        let path =
+            policy::attention_path(m.attention, j.target.device(), compute_kind(j.precision), m.attention_dropout);
+        path == AttentionPath::WrittenOut
     }
 
     /// `scaled_dot_product_attention`'s saved tensors, and the context the
@@ -396,7 +405,7 @@ impl<'a> Estimate<'a> {
 
     /// What a projection of `rows` rows from `input` to `output` features holds
     /// in fp32 during its backward when its GEMMs run in fp32
-    /// (`src/model/linear_f32.cpp`): the output's gradient, and either the
+    /// (`src/shims/linear_f32.cpp`): the output's gradient, and either the
     /// weight and the input's gradient or the input and the weight's gradient.
     fn gemm_copies(&self, rows: u64, input: u64, output: u64) -> u64 {
         if self.job.gemm_in_fp32 {

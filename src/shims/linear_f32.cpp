@@ -9,16 +9,11 @@
 // oneDNN's bf16 kernels do; only the order of the sums differs. The op saves the
 // bf16 input and weight (what a bf16 `linear` saves), not fp32 copies, so the
 // activation memory is a bf16 linear's; the fp32 copies live inside one call.
-//
-// Tensors come as tch's handles (`torch::Tensor*`); a C++ exception never
-// crosses into Rust: it comes back as a message (src/shim_message.h).
-#include "../shim_message.h"
+#include "shims.h"
 
 #include <ATen/ATen.h>
-#include <c10/util/Exception.h>
 #include <torch/csrc/autograd/custom_function.h>
 
-#include <exception>
 #include <optional>
 
 namespace {
@@ -66,20 +61,11 @@ struct LinearViaF32 : public torch::autograd::Function<LinearViaF32> {
 
 }  // namespace
 
-// `x.linear(weight, bias)` through fp32 GEMMs, differentiable; `bias` may be
-// null. Returns the output as a new tch handle and sets `*error` to null, or
-// returns null and sets `*error` to the message (free it with `mlm_free_message`).
-extern "C" at::Tensor* mlm_linear_via_f32(const at::Tensor* x, const at::Tensor* weight, const at::Tensor* bias,
-                                          char** error) {
-  try {
-    *error = nullptr;
-    return new at::Tensor(LinearViaF32::apply(*x, *weight, bias == nullptr ? std::nullopt : std::optional<at::Tensor>(*bias)));
-  } catch (const c10::Error& e) {
-    *error = mlm_message(e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    *error = mlm_message(e.what());
-  } catch (...) {
-    *error = mlm_message("an unknown C++ exception");
-  }
-  return nullptr;
+extern "C" char* mlm_linear_via_f32(const at::Tensor* x, const at::Tensor* weight, const at::Tensor* bias,
+                                   at::Tensor** out) {
+  *out = nullptr;
+  return mlm::guard("an unknown C++ exception", [&] {
+    auto b = bias == nullptr ? std::nullopt : std::optional<at::Tensor>(*bias);
+    *out = new at::Tensor(LinearViaF32::apply(*x, *weight, b));
+  });
 }

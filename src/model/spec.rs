@@ -1,0 +1,124 @@
+//! What an architecture gives the rest of `model/`: its [`ArchSpec`] (one per
+//! architecture, at the end of its model file, listed in the registry,
+//! `ARCHITECTURES` in `mod.rs`), the [`Encoder`] its network implements, and
+//! its [`NameMap`] (how Hugging Face names its weights, as torchtitan keeps a
+//! state-dict adapter beside each model). [`Arch`] is the handle the rest holds.
+use anyhow::Result;
+use tch::{nn, Tensor};
+
+use super::qkv::QkvProjection;
+use super::shape::ModelShape;
+
+/// One architecture, as every lookup sees it: `config.json` -> this spec
+/// (`Arch::from_config`) -> the network, its weight names and its sizes. A
+/// new architecture is one file ending with its spec, its lines in the
+/// registry (`ARCHITECTURES` in `mod.rs`) and a parity test.
+pub struct ArchSpec {
+    /// `model_type` in `config.json`.
+    pub model_type: &'static str,
+    /// The `transformers` class whose weights and names we match, written to
+    /// `architectures` when saving.
+    pub mlm_class: &'static str,
+    /// What the first `architectures` entry starts with, for a `config.json`
+    /// without `model_type` (`"Bert"` for `BertModel`, `BertForMaskedLM`, ...).
+    pub class_prefix: &'static str,
+    /// How Hugging Face names the weights.
+    pub names: NameMap,
+    /// The network of a `config.json` (after the checks every architecture
+    /// shares), its parameters created under the given path, HF-initialised.
+    pub(crate) build: fn(&nn::Path, &serde_json::Value) -> Result<Box<dyn Encoder>>,
+    /// The sizes of that network from the `config.json` alone, with the same
+    /// refusals as `build` (`mlm estimate-memory`).
+    pub shape: fn(&serde_json::Value) -> Result<ModelShape>,
+    /// Keys a saved `config.json` gets, with their values: what our weight
+    /// names imply (DeBERTa's `legacy: true`, its head layout).
+    pub saved_flags: &'static [(&'static str, bool)],
+}
+
+/// A supported architecture: a handle on its spec in the registry, found by
+/// `Arch::from_config` (in `mod.rs`, beside `ARCHITECTURES`).
+#[derive(Clone, Copy)]
+pub struct Arch(pub(super) &'static ArchSpec);
+
+impl Arch {
+    pub fn spec(self) -> &'static ArchSpec {
+        self.0
+    }
+
+    /// The `transformers` class whose weights and names we match.
+    pub fn mlm_class(self) -> &'static str {
+        self.0.mlm_class
+    }
+
+    pub fn model_type(self) -> &'static str {
+        self.0.model_type
+    }
+}
+
+impl PartialEq for Arch {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.model_type == other.0.model_type
+    }
+}
+
+impl Eq for Arch {}
+
+impl std::fmt::Debug for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Arch").field(&self.0.model_type).finish()
+    }
+}
+
+/// The name rules of one architecture.
+///
+/// Our parameter names are those `save_pretrained` writes for the MLM class,
+/// so saving is a plain dump; loading also takes base-model names without
+/// `prefix`, `aliases` for parameters the file lacks, and skips `ignored` ones.
+pub struct NameMap {
+    /// The base model's prefix (`bert`, `roberta`, ...): base-model checkpoints
+    /// name their weights without it.
+    pub prefix: &'static str,
+    /// Checkpoint names that stand for one of our parameters when the file lacks it.
+    pub aliases: &'static [(&'static str, &'static str)],
+    /// Names with nothing to load (tied decoder weights, non-persistent buffers).
+    pub ignored: &'static [&'static str],
+}
+
+/// What every layer of an encoder takes besides the hidden states.
+#[derive(Debug, Default)]
+pub struct LayerInputs {
+    /// The attention mask in the form the layers use, `None` when nothing is
+    /// padded: an additive bias for BERT-likes, the [b, 1, s, s] "may not see"
+    /// mask for DeBERTa.
+    pub mask: Option<Tensor>,
+    /// DeBERTa: the normalised relative-position embeddings [2 span, h], which
+    /// every layer shares and whose gradient sums over the layers.
+    pub rel_embeddings: Option<Tensor>,
+    /// DeBERTa: the relative-position bucket of each distance a block of
+    /// length s can have, [2s - 1] i64 (`deberta_attention::distance_buckets`).
+    pub rel_pos: Option<Tensor>,
+}
+
+/// What every architecture gives `MaskedLm`: one file per model implements it
+/// (`impl Encoder for BertForMaskedLM` in `bert.rs`, ...).
+///
+/// The encoder is given in stages, embeddings then one call per layer, so that
+/// activation checkpointing (`src/train/recompute.rs`) can keep only each
+/// layer's input and run a layer again during backward.
+pub(crate) trait Encoder: std::fmt::Debug + Send {
+    /// `input_ids` [b, s], `attention_mask` [b, s] (`None`: no padding, known
+    /// on the host, so attention runs without a mask) -> the embeddings
+    /// [b, s, h] and what every layer takes besides them.
+    fn embed(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, train: bool) -> (Tensor, LayerInputs);
+    fn num_layers(&self) -> usize;
+    /// Layer `i`: hidden states [b, s, h] -> [b, s, h].
+    fn layer(&self, i: usize, x: &Tensor, inputs: &LayerInputs, train: bool) -> Tensor;
+    /// `hidden` [..., h] -> logits [..., vocab].
+    fn mlm_head(&self, hidden: &Tensor) -> Tensor;
+    fn vocab_size(&self) -> i64;
+    /// The longest sequence the model takes.
+    fn max_positions(&self) -> i64;
+    fn hidden_size(&self) -> i64;
+    /// Each layer's query, key and value projections (for `MaskedLm::fuse_qkv`).
+    fn qkv_projections(&mut self) -> Vec<&mut QkvProjection>;
+}
