@@ -563,9 +563,10 @@ gib = lambda b: "n/a" if b is None else f"{b / 2**30:.1f} GiB"
 if os.path.exists(sys.argv[2]):
     mib = [int(l) for l in open(sys.argv[2]) if l.strip().isdigit()]
     used = [r["gpu_memory_used_bytes"] for r in recs if r.get("gpu_memory_used_bytes")]
+    peak = [r["gpu_max_allocated_bytes"] for r in recs if r.get("gpu_max_allocated_bytes")]
     print(f"nvidia-smi peak {gib(max(mib) * 2**20) if mib else 'n/a'} (idle {gib(int(sys.argv[3]) * 2**20)}), "
           f"in use at the logged steps {gib(max(used) if used else None)}, "
-          "libtorch max allocated n/a (mlm does not report it)")
+          f"libtorch max allocated {gib(max(peak) if peak else None)}")
 else:
     p = [r["peak_rss_bytes"] - (r.get("startup_rss_bytes") or 0) for r in recs if r.get("peak_rss_bytes")]
     print(f"peak RSS - start-up RSS {gib(max(p) if p else None)}")
@@ -702,7 +703,7 @@ s_speed() {
     local ones
     ones=$("$BIN" bench-peak --device "$DEVICE" --precision bf16 --size "$(dry && echo 512 || echo 8192)" 2> /dev/null |
       "$PY" -c 'import json, sys; print("%.3g" % json.load(sys.stdin)["peak_tflops"])' 2> /dev/null)
-    result "peak bf16: $PEAK TFLOP/s on random matrices (torch); mlm bench-peak (matrices of ones): ${ones:-n/a} TFLOP/s"
+    result "peak bf16: $PEAK TFLOP/s on random matrices (torch); mlm bench-peak (hashed random-looking matrices): ${ones:-n/a} TFLOP/s"
   else
     result "peak bf16: $PEAK TFLOP/s (MLM_GPU_PEAK_TFLOPS)"
   fi

@@ -5,8 +5,15 @@
 //! `tokenizer.json`, `optimizer.safetensors` (AdamW moments), `trainer_state.json`
 //! and `checksums.json`. Each is built in a hidden temporary folder, fsynced and
 //! renamed into place ([`crate::durable`]); `best/` is swapped the same way;
-//! pruning never deletes the newest checkpoint. Which checkpoint a job resumes
-//! from is policy, and lives in `train::resume`.
+//! pruning never deletes the newest checkpoint, and deletes each old one in
+//! one step (renamed aside first), so a crash never leaves a half-deleted one.
+//! Which checkpoint a job resumes from is policy, and lives in `train::resume`.
+//!
+//! Every run has an identity ([`RunIdentity`]): a random id made at its fresh
+//! start, written in `<output_dir>/run.json` and in each checkpoint's
+//! `trainer_state.json`, so that a start can tell its own run's checkpoints
+//! from another run's. Nothing here writes through a symbolic link
+//! ([`crate::durable::open_run_file`]).
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -29,6 +36,8 @@ pub const STATE_FORMAT: u32 = 2;
 const STATE_FILE: &str = "trainer_state.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const CHECKSUMS_FILE: &str = "checksums.json";
+/// The run identity of an output folder.
+pub const RUN_FILE: &str = "run.json";
 /// Names of the optimizer tensors in `optimizer.safetensors`.
 const EXP_AVG: &str = "exp_avg";
 const EXP_AVG_SQ: &str = "exp_avg_sq";
@@ -60,6 +69,76 @@ pub struct TrainerState {
     /// on other data is refused. Absent in states written before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_key: Option<String>,
+    /// The run that wrote this state ([`RunIdentity`]), and the run it was
+    /// forked from. Absent in states written before runs had ids: such a
+    /// checkpoint resumes into its own folder as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_run_id: Option<String>,
+}
+
+/// Who a run is: `<output_dir>/run.json`. A fresh start makes a new id; a
+/// resume of the folder's own checkpoint keeps it; a start from another run's
+/// checkpoint into an empty folder is a fork, a new run that records its parent.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RunIdentity {
+    pub run_id: String,
+    /// The run whose checkpoint this one started from (a fork), when it had an id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_run_id: Option<String>,
+    /// The checkpoint a fork started from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forked_from: Option<PathBuf>,
+}
+
+impl RunIdentity {
+    /// A new run with a random id.
+    pub fn new_run() -> Self {
+        Self { run_id: new_run_id(), parent_run_id: None, forked_from: None }
+    }
+
+    /// A new run started from `checkpoint` of the run `parent` (a fork).
+    pub fn fork(parent: Option<String>, checkpoint: &Path) -> Self {
+        Self { run_id: new_run_id(), parent_run_id: parent, forked_from: Some(checkpoint.to_path_buf()) }
+    }
+}
+
+/// 16 random hex digits (the kernel's random source; the clock and the PID
+/// where it fails).
+fn new_run_id() -> String {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        bytes = (t.as_nanos() as u64 ^ (u64::from(std::process::id()) << 40)).to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The identity recorded in `<out>/run.json`, `None` where there is none (a new
+/// folder, or one written before runs had ids). A link there is refused.
+pub fn read_run(out: &Path) -> Result<Option<RunIdentity>> {
+    let path = out.join(RUN_FILE);
+    durable::refuse_link(&path)?;
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let run: RunIdentity = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a run identity this mlm can read: restore it, or choose another training.output_dir",
+            path.display()
+        )
+    })?;
+    Ok(Some(run))
+}
+
+/// Writes `<out>/run.json` atomically (never through a link).
+pub fn write_run(out: &Path, run: &RunIdentity) -> Result<()> {
+    durable::write_file_atomically(&out.join(RUN_FILE), serde_json::to_string_pretty(run)?.as_bytes())
 }
 
 /// AdamW's state as saved: first and second moments over the flat parameter
@@ -82,8 +161,7 @@ pub fn save(
     let final_dir = out.join(format!("checkpoint-{}", state.step));
     durable::write_dir_atomically(&final_dir, |tmp| {
         model.save_dir(tmp)?;
-        let path = tmp.join("tokenizer.json");
-        fs::write(&path, tokenizer_json).with_context(|| format!("cannot write {}", path.display()))?;
+        durable::write_file(&tmp.join("tokenizer.json"), tokenizer_json)?;
         let step = Tensor::from(opt.step);
         Tensor::write_safetensors(
             &[(EXP_AVG, &opt.exp_avg), (EXP_AVG_SQ, &opt.exp_avg_sq), (STEP, &step)],
@@ -129,6 +207,19 @@ fn position_of_format_1(state: &mut serde_json::Value) -> Result<()> {
     Ok(())
 }
 
+/// What a checkpoint gives a resumed job besides its (already checked)
+/// trainer state, in one call: the weights, loaded into `master`, and the
+/// optimizer's moments and step count for its trainable parameters.
+pub fn load(dir: &Path, master: &MaskedLm) -> Result<OptimizerState> {
+    let (file, tensors) = crate::model::weights::read_dir(dir)?;
+    let report = crate::model::weights::load_into(&master.vs, master.arch, tensors, &file)?;
+    if !report.missing.is_empty() {
+        bail!("{}: checkpoint lacks {}", dir.display(), report.missing.join(", "));
+    }
+    let trainable: i64 = master.vs.variables().values().filter(|t| t.requires_grad()).map(|t| t.numel() as i64).sum();
+    load_optimizer(dir, trainable)
+}
+
 /// AdamW's moments and step count saved beside the model; `numel` is the size
 /// of the model's flat parameter buffer.
 pub fn load_optimizer(dir: &Path, numel: i64) -> Result<OptimizerState> {
@@ -165,8 +256,7 @@ pub fn is_checkpoint(dir: &Path) -> bool {
 pub fn update_best(out: &Path, checkpoint: &Path) -> Result<()> {
     durable::write_dir_atomically(&out.join("best"), |tmp| {
         for f in MODEL_FILES {
-            fs::copy(checkpoint.join(f), tmp.join(f))
-                .with_context(|| format!("cannot copy {}", checkpoint.join(f).display()))?;
+            durable::copy_file(&checkpoint.join(f), &tmp.join(f))?;
         }
         write_checksums(tmp)
     })
@@ -179,7 +269,8 @@ pub fn best_step(out: &Path) -> Option<usize> {
     load_state(&best).ok().map(|s| s.step)
 }
 
-/// Step checkpoints under `out`, oldest first.
+/// Step checkpoints under `out`, oldest first: real folders only (a link
+/// named like a checkpoint is no checkpoint of this run; a start refuses it).
 pub fn list(out: &Path) -> Vec<(usize, PathBuf)> {
     let mut v: Vec<(usize, PathBuf)> = fs::read_dir(out)
         .into_iter()
@@ -188,7 +279,7 @@ pub fn list(out: &Path) -> Vec<(usize, PathBuf)> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
-            e.path().is_dir().then_some(())?;
+            e.file_type().ok()?.is_dir().then_some(())?;
             Some((step, e.path()))
         })
         .collect();
@@ -209,7 +300,8 @@ pub fn prune(out: &Path, keep_last: usize, current: usize) -> Result<()> {
         if step > current {
             tracing::warn!("removing {}, a damaged checkpoint from before the resume", dir.display());
         }
-        fs::remove_dir_all(&dir).with_context(|| format!("cannot remove old checkpoint {}", dir.display()))?;
+        durable::remove_dir_atomically(&dir)
+            .with_context(|| format!("cannot remove old checkpoint {}", dir.display()))?;
     }
     Ok(())
 }
@@ -225,8 +317,9 @@ pub fn recover(out: &Path) -> Result<()> {
 fn write_checksums(dir: &Path) -> Result<()> {
     let mut sums = BTreeMap::new();
     for e in fs::read_dir(dir)? {
-        let p = e?.path();
-        if p.is_file() {
+        let e = e?;
+        let p = e.path();
+        if e.file_type()?.is_file() {
             sums.insert(p.file_name().unwrap_or_default().to_string_lossy().into_owned(), sha256_file(&p)?);
         }
     }
@@ -293,5 +386,46 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         fs::write(tmp.path().join("checkpoint-5"), "x").unwrap();
         assert!(list(tmp.path()).is_empty());
+    }
+
+    #[test]
+    fn a_link_named_like_a_checkpoint_is_not_listed_nor_pruned_through() {
+        let tmp = tempfile::tempdir().unwrap();
+        let elsewhere = tmp.path().join("elsewhere");
+        touch_checkpoints(&elsewhere, &[1]);
+        let out = tmp.path().join("out");
+        touch_checkpoints(&out, &[2, 3]);
+        std::os::unix::fs::symlink(elsewhere.join("checkpoint-1"), out.join("checkpoint-1")).unwrap();
+        assert_eq!(steps(&out), vec![2, 3]);
+        prune(&out, 1, 3).unwrap();
+        assert_eq!(steps(&out), vec![3]);
+        assert!(elsewhere.join("checkpoint-1").is_dir(), "the link's target is kept");
+    }
+
+    #[test]
+    fn the_run_identity_round_trips_and_old_states_have_none() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert_eq!(read_run(tmp.path()).unwrap(), None);
+        let a = RunIdentity::new_run();
+        let b = RunIdentity::fork(Some(a.run_id.clone()), Path::new("x/checkpoint-3"));
+        assert_eq!(a.run_id.len(), 16);
+        assert_ne!(a.run_id, b.run_id);
+        write_run(tmp.path(), &b).unwrap();
+        assert_eq!(read_run(tmp.path()).unwrap(), Some(b));
+        fs::write(
+            tmp.path().join(STATE_FILE),
+            r#"{"format_version": 2, "step": 1, "epoch": 0, "step_in_epoch": 1,
+            "best_perplexity": null, "best_step": null, "seed": 1, "tokens_seen": 0, "nonfinite_skipped": 0,
+            "config_hash": "h", "config": {}}"#,
+        )
+        .unwrap();
+        let s = load_state(tmp.path()).unwrap();
+        assert_eq!((s.run_id, s.parent_run_id), (None, None));
+        let other = tmp.path().join("other.json");
+        fs::write(&other, "{}").unwrap();
+        fs::remove_file(tmp.path().join(RUN_FILE)).unwrap();
+        std::os::unix::fs::symlink(&other, tmp.path().join(RUN_FILE)).unwrap();
+        let e = read_run(tmp.path()).unwrap_err().to_string();
+        assert!(e.contains("run.json is a symbolic link"), "{e}");
     }
 }

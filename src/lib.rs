@@ -17,5 +17,6 @@ pub mod infer;
 pub mod lock;
 pub mod logging;
 pub mod model;
+pub mod progress;
 pub mod shims;
 pub mod train;

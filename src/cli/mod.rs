@@ -16,8 +16,8 @@ use crate::data::tokenizer::TextTokenizer;
 use crate::device::select_device;
 use crate::infer::fill_mask;
 use crate::model::load::{check_vocab, load_for_inference};
+use crate::progress::show_progress;
 use crate::train::eval::evaluate;
-use crate::train::metrics::show_progress;
 use crate::train::resume::{self, Apply};
 
 mod doctor;
@@ -235,7 +235,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let store = TokenStore::from_tokens(tokens, block_size);
             let params = MaskingParams::new(&dc, &tok);
             let batches = eval_batches(&store, &params, batch_size, 0, seed);
-            let r = evaluate(&m, &batches, device, &crate::train::metrics::Progress::hidden());
+            let r = evaluate(&m, &batches, device, &crate::progress::Progress::hidden());
             emit(serde_json::json!({
                 "perplexity": r.perplexity, "loss": r.loss, "masked_tokens": r.tokens, "chunks": store.len(),
                 "definition": "exp(mean cross-entropy over masked tokens), masks fixed by seed",
@@ -248,7 +248,12 @@ pub fn run(cli: Cli) -> Result<()> {
                 PrecisionArg::Fp32 => (tch::Kind::Float, "fp32"),
                 PrecisionArg::Bf16 => (tch::Kind::BFloat16, "bf16"),
             };
-            let tflops = crate::train::timing::measure_peak_tflops(device, kind, size, crate::train::timing::PEAK_REPS);
+            let tflops = crate::train::observe::timing::measure_peak_tflops(
+                device,
+                kind,
+                size,
+                crate::train::observe::timing::PEAK_REPS,
+            );
             emit(serde_json::json!({ "device": format!("{device:?}"), "precision": name, "peak_tflops": tflops }))
         }
         Command::Doctor => {

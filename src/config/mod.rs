@@ -15,6 +15,10 @@ mod validate;
 pub use batch::{BatchShape, DEFAULT_BATCH_SIZE};
 pub use micro_batch::{nearest_divisors, MicroBatchSize};
 
+/// The most tokens `data.test_size` may hold (the test candidates stay in
+/// memory while the store is written: 4 bytes a token).
+pub const MAX_TEST_TOKENS: usize = 1 << 25;
+
 /// A whole job.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]

@@ -31,7 +31,7 @@ impl Config {
                 d.test_fraction
             );
         }
-        let max = crate::data::split::MAX_TEST_TOKENS;
+        let max = super::MAX_TEST_TOKENS;
         if d.test_size.saturating_mul(d.block_size) > max {
             bail!(
                 "data.test_size = {} blocks of data.block_size = {} tokens is more than {max} tokens, which prepare \

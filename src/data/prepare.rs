@@ -23,7 +23,7 @@ use super::split::SplitWriter;
 use super::store::{Manifest, Prepared, SourceInfo, FORMAT_VERSION, MANIFEST};
 use super::tokenizer::{hex, TextTokenizer};
 use crate::config::{Config, DataConfig};
-use crate::train::metrics::Progress;
+use crate::progress::Progress;
 
 /// Prepares the token store in `cfg.prepared_dir()`, or reuses the one there
 /// when it was made from the same inputs and settings (same `inputs_key`).
@@ -78,7 +78,7 @@ fn prepare_or_open(
     if let Some(want) = resumed_key.filter(|w| *w != key) {
         changed_data(want, &key, cfg, tok, &sources)?;
     }
-    let dir = cfg.prepared_dir();
+    let dir = store_dir(cfg)?;
     check_store_dir(&dir)?;
     let lock_path = crate::lock::store_lock_path(&dir);
     if mode == Mode::OpenOnly {
@@ -138,7 +138,7 @@ fn prepare_or_open(
             test_chunks: written.test_chunks,
         };
         let p = tmp.join(MANIFEST);
-        std::fs::write(&p, serde_json::to_vec_pretty(&m)?).with_context(|| format!("cannot write {}", p.display()))?;
+        crate::durable::write_file(&p, &serde_json::to_vec_pretty(&m)?)?;
         File::open(&p)?.sync_all().with_context(|| format!("cannot sync {}", p.display()))?;
         manifest = Some(m);
         Ok(())
@@ -477,6 +477,26 @@ fn reusable(dir: &Path, key: &str) -> Option<Prepared> {
             warn!("prepared data at {} is unusable ({e:#}): preparing again", dir.display());
             None
         }
+    }
+}
+
+/// Where the token store of `cfg` lives: `data.prepared_dir` (default
+/// `<output_dir>/data`), or, when that is a symbolic link to a folder (a
+/// cluster's scratch space), the folder it points to: the store is then locked,
+/// built and swapped there, beside its real place, and the link stays.
+pub fn store_dir(cfg: &Config) -> Result<PathBuf> {
+    let dir = cfg.prepared_dir();
+    if !crate::durable::is_link(&dir) {
+        return Ok(dir);
+    }
+    match std::fs::canonicalize(&dir) {
+        Ok(real) if real.is_dir() => Ok(real),
+        _ => bail!(
+            "data.prepared_dir {} is a symbolic link to {}, which is not a folder: create that folder, or set \
+             data.prepared_dir to a folder",
+            dir.display(),
+            std::fs::read_link(&dir).unwrap_or_default().display()
+        ),
     }
 }
 

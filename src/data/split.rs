@@ -32,9 +32,7 @@ fn chunk_hash(i: u64, seed: u64) -> u64 {
     hash_words(&[seed, SPLIT_STREAM, i])
 }
 
-/// The most tokens `data.test_size` may hold (the test candidates stay in
-/// memory while the store is written: 4 bytes a token).
-pub const MAX_TEST_TOKENS: usize = 1 << 25;
+pub use crate::config::MAX_TEST_TOKENS;
 
 /// The chunk ids `0..n` of (train, test) in the order [`SplitWriter`] writes
 /// them: chunk `i` is in test when [`is_test_chunk`], and of those only the
@@ -259,11 +257,9 @@ struct ChunkFile {
 impl ChunkFile {
     fn create(path: &Path) -> Result<Self> {
         let open = |p: &Path| {
-            let f = File::options().read(true).write(true).create(true).truncate(true).open(p);
-            Ok::<_, anyhow::Error>(BufWriter::with_capacity(
-                1 << 20,
-                f.with_context(|| format!("cannot create {}", p.display()))?,
-            ))
+            let f =
+                crate::durable::open_run_file(p, File::options().read(true).write(true).create(true).truncate(true));
+            Ok::<_, anyhow::Error>(BufWriter::with_capacity(1 << 20, f?))
         };
         let words = path.with_extension(WORDS_EXT);
         Ok(Self { path: path.to_path_buf(), tokens: open(path)?, words: open(&words)?, chunks: 0, buf: Vec::new() })

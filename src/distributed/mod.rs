@@ -107,13 +107,27 @@ pub trait Communicator: Send {
 }
 
 /// A point in the device work that one thread has queued, after which a
-/// collective on a stream of its own may start: a CUDA event recorded on the
-/// thread's stream (NCCL), or nothing to wait for.
+/// collective on a stream of its own may start, or nothing to wait for.
 pub enum Ready {
     /// The work is done, or the collective runs in order with it.
     Now,
-    /// Recorded on the caller's CUDA stream.
-    Event(nccl::Event),
+    /// After the work a backend's [`Communicator::marker`] marked.
+    After(Mark),
+}
+
+/// A backend's own mark of device work (NCCL: a CUDA event on the caller's
+/// stream), opaque to everything but that backend.
+pub struct Mark(Box<dyn std::any::Any + Send>);
+
+impl Mark {
+    pub fn new<T: std::any::Any + Send>(mark: T) -> Self {
+        Self(Box::new(mark))
+    }
+
+    /// The backend's mark, when it is a `T`.
+    pub fn downcast<T: std::any::Any>(self) -> Option<T> {
+        self.0.downcast::<T>().ok().map(|b| *b)
+    }
 }
 
 /// Marks the device work queued so far by the calling thread

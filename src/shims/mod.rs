@@ -23,6 +23,7 @@ extern "C" {
     fn mlm_set_float32_matmul_precision_high(high: i32) -> *mut c_char;
     fn mlm_float32_matmul_precision_high(high: *mut i32) -> *mut c_char;
     fn mlm_pinned_copy(t: *const C_tensor, out: *mut *mut C_tensor) -> *mut c_char;
+    fn mlm_peak_allocated_bytes(device: i32, out: *mut i64) -> *mut c_char;
     fn mlm_linear_via_f32(
         x: *const C_tensor,
         weight: *const C_tensor,
@@ -125,6 +126,16 @@ pub fn pinned_copy(t: &Tensor) -> Result<Option<Tensor>, ShimError> {
     }
 }
 
+/// The most bytes libtorch's caching allocator has had allocated on GPU
+/// `device` so far (`torch.cuda.max_memory_allocated`). Call it for a device
+/// libtorch has used: elsewhere libtorch throws, and this is that error.
+pub fn peak_allocated_bytes(device: usize) -> Result<u64, ShimError> {
+    let mut out = -1i64;
+    // SAFETY: a plain integer in, a valid out-pointer; a message or null out.
+    unsafe { check(mlm_peak_allocated_bytes(device as i32, &mut out))? };
+    Ok(out.max(0) as u64)
+}
+
 /// `x.linear(weight, bias)` through fp32 GEMMs, differentiable in all three
 /// inputs; the result in `x`'s dtype (`linear_f32.cpp`).
 pub fn linear_via_f32(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor, ShimError> {
@@ -191,6 +202,19 @@ pub fn fused_adamw(call: &FusedAdamw) -> Result<(), ShimError> {
 mod tests {
     use super::*;
     use tch::{Device, Kind};
+
+    /// On a GPU the peak covers a tensor just allocated; without one,
+    /// libtorch's refusal is an error, not a crash.
+    #[test]
+    fn the_allocator_peak_is_read_on_a_gpu_and_refused_without_one() {
+        if tch::Cuda::is_available() {
+            let t = Tensor::zeros([1 << 20], (Kind::Float, Device::Cuda(0)));
+            assert!(peak_allocated_bytes(0).unwrap() >= 4 << 20);
+            drop(t);
+        } else {
+            assert!(peak_allocated_bytes(0).is_err());
+        }
+    }
 
     #[test]
     fn a_cpp_exception_comes_back_as_its_first_line() {

@@ -33,6 +33,9 @@ char* mlm_float32_matmul_precision_high(int* high);
 // `*out` = a copy of the CPU tensor `t` in pinned (page-locked) host memory,
 // or null without CUDA.
 char* mlm_pinned_copy(const at::Tensor* t, at::Tensor** out);
+// `*out` = the most bytes libtorch's caching allocator has had allocated on
+// accelerator `device` (`torch.cuda.max_memory_allocated`).
+char* mlm_peak_allocated_bytes(int device, int64_t* out);
 
 // linear_f32.cpp: `*out` = `x.linear(weight, bias)` through fp32 GEMMs,
 // differentiable; `bias` may be null.

@@ -5,6 +5,7 @@
 #include "shims.h"
 
 #include <ATen/Context.h>
+#include <ATen/DeviceAccelerator.h>
 
 extern "C" char* mlm_set_float32_matmul_precision_high(int high) {
   return mlm::guard("unknown C++ exception setting the float32 matmul precision",
@@ -14,6 +15,14 @@ extern "C" char* mlm_set_float32_matmul_precision_high(int high) {
 extern "C" char* mlm_float32_matmul_precision_high(int* high) {
   return mlm::guard("unknown C++ exception reading the float32 matmul precision", [&] {
     *high = at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST ? 1 : 0;
+  });
+}
+
+extern "C" char* mlm_peak_allocated_bytes(int device, int64_t* out) {
+  *out = -1;
+  return mlm::guard("unknown C++ exception reading the device allocator's statistics", [&] {
+    const auto stats = at::accelerator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
+    *out = stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak;
   });
 }
 

@@ -7,9 +7,9 @@ use serde::Serialize;
 use tch::{Device, Kind};
 
 use super::loss::{masked_lm_loss_sum, DeviceBatch};
-use super::metrics::Progress;
 use crate::data::loader::Batch;
 use crate::model::MaskedLm;
+use crate::progress::Progress;
 
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct EvalResult {

@@ -103,7 +103,7 @@ pub fn rows_per_pass(
             Ok(batch)
         }
         MicroBatchSize::Auto => {
-            super::oom::finding_micro_batch(cfg, batch);
+            super::observe::oom::finding_micro_batch(cfg, batch);
             let ids: Vec<u32> = (0..batch.min(train.len()) as u32).collect();
             let sparse = cfg.training.sparse_head;
             let fits = |rows: usize| {

@@ -33,7 +33,7 @@ use crate::model::{DropoutSeeds, LayerInputs, MaskedLm};
 /// With `recompute` the layers run again during backward (activation
 /// checkpointing); without, each layer keeps its graph and only the backward
 /// is staged, so that the gradients of the upper layers are complete while the
-/// lower ones still run (what the overlapped all-reduce needs, [`super::overlap`]).
+/// lower ones still run (what the overlapped all-reduce needs, [`super::ddp::overlap`]).
 /// Returns the divided loss (0-d, detached).
 pub fn forward_backward(
     model: &MaskedLm,

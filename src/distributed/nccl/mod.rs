@@ -15,7 +15,7 @@
 //!   the sum and what it depends on only. Everything but the overlapped
 //!   gradient sum uses it (a handful of small sums per step at most: the
 //!   step's loss and masked-token count, gradients when overlap is off).
-//! - The overlapped gradient sum ([`crate::train::overlap`]) runs on a stream of
+//! - The overlapped gradient sum ([`crate::train::ddp::overlap`]) runs on a stream of
 //!   the communicator's own, created non-blocking so that it never waits for the
 //!   null stream implicitly. The training thread records a CUDA event on the
 //!   null stream once a backward stage's gradients are queued
@@ -51,7 +51,7 @@ use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{sys as cu, CudaContext};
 use tch::Kind;
 
-use super::{Communicator, Marker, Ready};
+use super::{Communicator, Mark, Marker, Ready};
 
 pub mod library;
 
@@ -283,7 +283,13 @@ impl NcclComm {
             let code = unsafe { cu::cuStreamCreate(&mut self.stream, flags) };
             cuda_check(code, "cuStreamCreate").map_err(|e| anyhow!("rank {rank}: {e}"))?;
         }
-        if let Ready::Event(event) = &after {
+        let after = match after {
+            Ready::Now => None,
+            Ready::After(mark) => Some(
+                mark.downcast::<Event>().ok_or_else(|| anyhow!("rank {rank}: {what}: a mark of another backend"))?,
+            ),
+        };
+        if let Some(event) = &after {
             // SAFETY: a live event and stream of the bound context.
             let code = unsafe { cu::cuStreamWaitEvent(self.stream, event.event, 0) };
             cuda_check(code, "cuStreamWaitEvent").map_err(|e| anyhow!("rank {rank}: {what}: {e}"))?;
@@ -445,7 +451,7 @@ impl Communicator for NcclComm {
         let rank = self.rank;
         let result = Event::record(&self.ctx, std::ptr::null_mut())
             .map_err(|e| anyhow!("rank {rank}: {what}: {e}"))
-            .and_then(|after| self.start(None, t, Ready::Event(after)))
+            .and_then(|after| self.start(None, t, Ready::After(Mark::new(after))))
             .and_then(|()| {
                 let done = self.in_flight.back().map(|f| f.0.event).expect("start queued the sum");
                 self.wait(&what, Until::Event(done))
@@ -460,7 +466,7 @@ impl Communicator for NcclComm {
         let (ctx, rank) = (self.ctx.clone(), self.rank);
         Some(Box::new(move || {
             let event = Event::record(&ctx, std::ptr::null_mut()).map_err(|e| anyhow!("rank {rank}: {e}"))?;
-            Ok(Ready::Event(event))
+            Ok(Ready::After(Mark::new(event)))
         }))
     }
 

@@ -3,11 +3,14 @@
 //! The loss of a step is normalised by the masked tokens of the whole step on
 //! all workers, so summing the workers' gradients gives exactly the gradient of
 //! one process with the summed batch (no division by the world size).
+pub mod overlap;
+
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{CommDtype, DistributedConfig};
 use crate::distributed::{self, Communicator, Marker, Ready, WorldInfo};
+use crate::train::flat::FlatParams;
 
 pub struct GradSync {
     pub comm: Box<dyn Communicator>,
@@ -91,12 +94,12 @@ impl GradSync {
 
     /// Sums the flat fp32 gradient over the workers, in place, in buckets and in
     /// the configured communication dtype.
-    pub fn sum_grads(&mut self, grad: &mut Tensor) -> Result<()> {
+    pub fn sum_grads(&mut self, params: &mut FlatParams) -> Result<()> {
         if self.world() == 1 {
             return Ok(());
         }
-        for (start, len) in bucket_ranges(0, grad.numel() as i64, self.bucket) {
-            self.reduce_part(&mut grad.narrow(0, start, len))?;
+        for (start, len) in bucket_ranges(0, params.numel(), self.bucket) {
+            self.reduce_part(&mut params.grad_range(start, len))?;
         }
         Ok(())
     }

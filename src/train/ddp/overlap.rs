@@ -23,9 +23,9 @@ use std::sync::mpsc;
 use anyhow::{anyhow, bail, Result};
 use tch::Tensor;
 
-use super::optimizer::FlatAdamW;
-use super::sync::{bucket_ranges, GradSync};
+use super::{bucket_ranges, GradSync};
 use crate::distributed::Ready;
+use crate::train::flat::FlatParams;
 
 /// How often the communication thread checks the sums in flight.
 const POLL: std::time::Duration = std::time::Duration::from_millis(100);
@@ -48,23 +48,23 @@ impl Overlap {
 
     /// Runs `backward`, which hands each stage's gradients (one per leaf,
     /// undefined where the stage does not reach a parameter) to the sink it is
-    /// given, sums them into `opt`'s flat gradient, and leaves that gradient
+    /// given, sums them into the flat gradient of `params`, and leaves that gradient
     /// summed over the workers of `sync`: range by range during backward once
     /// the schedule is known, else whole afterwards (learning the schedule).
     pub fn run<T>(
         &mut self,
         sync: &mut GradSync,
-        opt: &mut FlatAdamW,
+        params: &mut FlatParams,
         backward: impl FnOnce(&mut dyn FnMut(&[Tensor])) -> T,
     ) -> Result<T> {
         let Some(stage_ranges) = &self.stage_ranges else {
             let mut defined_in: Vec<Vec<usize>> = Vec::new();
             let out = backward(&mut |g: &[Tensor]| {
                 defined_in.push((0..g.len()).filter(|&i| g[i].defined()).collect());
-                opt.accumulate_grads(g);
+                params.accumulate(g);
             });
-            self.learn(opt, &defined_in);
-            sync.sum_grads(&mut opt.grad)?;
+            self.learn(params, &defined_in);
+            sync.sum_grads(params)?;
             return Ok(out);
         };
         // Where the backend sums on a stream of its own (NCCL), each part goes
@@ -108,11 +108,11 @@ impl Overlap {
             let mut late: Option<String> = None;
             let out = backward(&mut |g: &[Tensor]| {
                 if let Some(i) = (0..g.len()).find(|&i| g[i].defined() && last_stage[i] < stage) {
-                    late.get_or_insert_with(|| opt.leaves[i].name.clone());
+                    late.get_or_insert_with(|| params.leaves()[i].name.clone());
                 }
-                opt.accumulate_grads(g);
+                params.accumulate(g);
                 for &(start, len) in stage_ranges.get(stage).map_or(&[][..], Vec::as_slice) {
-                    let part = opt.grad.narrow(0, start, len);
+                    let part = params.grad_range(start, len);
                     let Some(mark) = &marker else {
                         // A closed channel means the thread stopped on an error, returned below.
                         let _ = tx.send((part, Ready::Now));
@@ -166,8 +166,8 @@ impl Overlap {
     /// Each leaf is final after the last stage that defines its gradient (the
     /// first stage if none does: the first stage zeroes it); the stages' final
     /// leaves become contiguous ranges of at most `bucket` elements.
-    fn learn(&mut self, opt: &FlatAdamW, defined_in: &[Vec<usize>]) {
-        let mut last_stage = vec![0usize; opt.leaves.len()];
+    fn learn(&mut self, params: &FlatParams, defined_in: &[Vec<usize>]) {
+        let mut last_stage = vec![0usize; params.leaves().len()];
         for (stage, defined) in defined_in.iter().enumerate() {
             for &i in defined {
                 last_stage[i] = stage;
@@ -175,9 +175,9 @@ impl Overlap {
         }
         let mut stage_ranges: Vec<Vec<(i64, i64)>> = vec![Vec::new(); defined_in.len()];
         for (stage, ranges) in stage_ranges.iter_mut().enumerate() {
-            let mut leaves: Vec<(i64, i64)> = (0..opt.leaves.len())
+            let mut leaves: Vec<(i64, i64)> = (0..params.leaves().len())
                 .filter(|&i| last_stage[i] == stage)
-                .map(|i| (opt.leaves[i].offset, opt.leaves[i].numel))
+                .map(|i| (params.leaves()[i].offset, params.leaves()[i].numel))
                 .collect();
             leaves.sort_unstable();
             let mut merged: Vec<(i64, i64)> = Vec::new();
@@ -213,11 +213,9 @@ mod tests {
 
     use crate::config::{Backend, CommDtype, DistributedConfig};
     use crate::distributed::{Communicator, Marker};
-    use crate::train::optimizer::AdamWParams;
     use tch::{Device, Kind};
 
-    fn opt() -> FlatAdamW {
-        let hp = AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
+    fn opt() -> FlatParams {
         // Sorted by (no decay, name): a.w [0,6), b.w [6,10), a.b [10,12), b.b [12,14).
         let params = vec![
             ("b.w".to_string(), Tensor::zeros([2, 2], (Kind::Float, Device::Cpu))),
@@ -225,7 +223,7 @@ mod tests {
             ("a.b".to_string(), Tensor::zeros([2], (Kind::Float, Device::Cpu))),
             ("b.b".to_string(), Tensor::zeros([2], (Kind::Float, Device::Cpu))),
         ];
-        FlatAdamW::new(params, |n| n.ends_with(".b"), hp).unwrap()
+        FlatParams::new(params, |n| n.ends_with(".b")).unwrap()
     }
 
     /// Stage 0 reaches b (weight and bias), stage 1 reaches a and b's weight
@@ -255,7 +253,7 @@ mod tests {
         o.discard_grads();
         overlap.run(&mut sync, &mut o, |sink| stages(2.0).iter().for_each(|g| sink(g))).unwrap();
         let expect: Vec<f32> = [vec![2.0; 6], vec![4.0; 4], vec![2.0; 2], vec![2.0; 2]].concat();
-        assert_eq!(Vec::<f32>::try_from(&o.grad).unwrap(), expect);
+        assert_eq!(Vec::<f32>::try_from(o.grad()).unwrap(), expect);
     }
 
     /// Rank 0 of two workers whose other one has the same gradient: a sum
@@ -327,11 +325,11 @@ mod tests {
             let want = |g: f32| -> Vec<f32> {
                 [vec![2.0 * g; 6], vec![4.0 * g; 4], vec![2.0 * g; 2], vec![2.0 * g; 2]].concat()
             };
-            assert_eq!(Vec::<f32>::try_from(&o.grad).unwrap(), want(1.0), "{streamed} {dtype:?}");
+            assert_eq!(Vec::<f32>::try_from(o.grad()).unwrap(), want(1.0), "{streamed} {dtype:?}");
             assert!(started.lock().unwrap().is_empty());
             o.discard_grads();
             overlap.run(&mut sync, &mut o, |sink| stages(2.0).iter().for_each(|g| sink(g))).unwrap();
-            assert_eq!(Vec::<f32>::try_from(&o.grad).unwrap(), want(2.0), "{streamed} {dtype:?}");
+            assert_eq!(Vec::<f32>::try_from(o.grad()).unwrap(), want(2.0), "{streamed} {dtype:?}");
             let wire = sync.wire_kind();
             let kinds = started.lock().unwrap().clone();
             // One sum per range (b.b after stage 0, a.w..a.b after stage 1), started in the wire dtype.

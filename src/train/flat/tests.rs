@@ -1,12 +1,12 @@
-//! The training step with fused query/key/value projections
-//! ([`super::compute_model`]) gives the flat gradient of the separate ones.
+//! The flat buffers: gradients land in their slots whatever their dtype, and
+//! the training step with fused query/key/value projections
+//! ([`FlatParams::compute_model`]) gives the flat gradient of the separate ones.
 use tch::{Device, Kind, Tensor};
 
-use super::{compute_model, Precision};
+use super::{ordered_params, FlatParams, Precision};
 use crate::data::Batch;
 use crate::model::MaskedLm;
 use crate::train::loss::{masked_lm_loss_sum, DeviceBatch};
-use crate::train::optimizer::{ordered_params, AdamWParams, FlatAdamW};
 
 fn config(model_type: &str, extra: serde_json::Value) -> serde_json::Value {
     let mut c = serde_json::json!({
@@ -36,21 +36,20 @@ fn flat_gradient(init: &MaskedLm, precision: Precision, fuse: bool) -> (Tensor, 
     let mut master = MaskedLm::from_config_json(init.config_json.clone(), Device::Cpu).unwrap();
     master.vs.copy(&init.vs).unwrap();
     let params = master.vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
-    let hp = AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
-    let mut opt = FlatAdamW::new(params, MaskedLm::no_decay, hp).unwrap();
+    let mut flat = FlatParams::new(params, MaskedLm::no_decay).unwrap();
     let (compute, tensors) = if fuse {
-        compute_model(&mut master, &mut opt, precision).unwrap()
+        flat.compute_model(&mut master, precision).unwrap()
     } else {
         assert_eq!(precision, Precision::Fp32);
-        (None, ordered_params(&master.vs, &opt.slots).unwrap().into_iter().map(|(_, t)| t).collect())
+        (None, ordered_params(&master.vs, flat.slots()).unwrap().into_iter().map(|(_, t)| t).collect())
     };
     let model = compute.as_ref().unwrap_or(&master);
     let db = DeviceBatch::new(&batch(), Device::Cpu);
     let loss = masked_lm_loss_sum(model, &db, false, true);
     let grads = Tensor::run_backward(&[&loss], &tensors, false, false);
-    opt.accumulate_grads(&grads);
+    flat.accumulate(&grads);
     let loss = loss.to_kind(Kind::Double).double_value(&[]);
-    (opt.grad.copy(), loss, opt.leaves.len(), opt.slots.len())
+    (flat.grad().copy(), loss, flat.leaves().len(), flat.slots().len())
 }
 
 fn relative_difference(a: &Tensor, b: &Tensor) -> f64 {
@@ -93,4 +92,74 @@ fn fused_projections_give_the_separate_ones_gradients() {
         let diff = relative_difference(&bf16, &separate);
         assert!(diff < 0.1, "{name} bf16: gradient differs by {diff}");
     }
+}
+
+/// Four parameters of the given shapes, all zero.
+fn zeros(shapes: &[&[i64]]) -> FlatParams {
+    let params = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (format!("p{i}"), Tensor::zeros(*s, (Kind::Float, Device::Cpu))))
+        .collect();
+    FlatParams::new(params, |_| false).unwrap()
+}
+
+/// Gradients land in their slots whatever their dtype, undefined ones are
+/// zero on the first micro-batch and left alone after, and later micro-batches add.
+#[test]
+fn accumulated_gradients_land_in_their_slots() {
+    let shapes: [&[i64]; 4] = [&[2, 2], &[3], &[1, 2], &[2]];
+    let mut flat = zeros(&shapes);
+    let _ = flat.grad_mut().fill_(7.0);
+    let g = |s: &[i64], v: f64, kind: Kind| Tensor::full(s, v, (kind, Device::Cpu));
+    // p0 bf16, p1 undefined, p2 and p3 fp32 (one run of two).
+    let first = [
+        g(shapes[0], 1.5, Kind::BFloat16),
+        Tensor::new(),
+        g(shapes[2], 2.0, Kind::Float),
+        g(shapes[3], 3.0, Kind::Float),
+    ];
+    flat.accumulate(&first);
+    assert_eq!(Vec::<f32>::try_from(flat.grad()).unwrap(), [1.5, 1.5, 1.5, 1.5, 0.0, 0.0, 0.0, 2.0, 2.0, 3.0, 3.0]);
+    let second = [Tensor::new(), g(shapes[1], 1.0, Kind::BFloat16), g(shapes[2], 1.0, Kind::BFloat16), Tensor::new()];
+    flat.accumulate(&second);
+    assert_eq!(Vec::<f32>::try_from(flat.grad()).unwrap(), [1.5, 1.5, 1.5, 1.5, 1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 3.0]);
+}
+
+/// A run of bf16 gradients (the bf16 compute copy's) lands exactly, mixed
+/// with fp32 ones in one run too.
+#[test]
+fn a_run_of_bf16_gradients_lands_exactly() {
+    let shapes: [&[i64]; 3] = [&[2, 2], &[3], &[2]];
+    let mut flat = zeros(&shapes);
+    let grads: Vec<Tensor> =
+        shapes.iter().map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16)).collect();
+    let want = Tensor::cat(&grads.iter().map(|g| g.reshape([-1]).to_kind(Kind::Float)).collect::<Vec<_>>(), 0);
+    flat.accumulate(&grads);
+    assert!(flat.grad().equal(&want));
+    let mut mixed = grads.iter().map(|g| g.shallow_clone()).collect::<Vec<_>>();
+    mixed[1] = mixed[1].to_kind(Kind::Float);
+    flat.discard_grads();
+    flat.accumulate(&mixed);
+    assert!(flat.grad().equal(&want));
+}
+
+/// The parameters are views of the master: the layout is decayed first, then
+/// by name, and the master by name gives each parameter back.
+#[test]
+fn parameters_are_views_of_the_master_in_the_saved_layout() {
+    let w = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).view([2, 2]);
+    let b = Tensor::from_slice(&[5.0f32, 6.0]);
+    let a = Tensor::from_slice(&[7.0f32]);
+    let params = vec![("w.bias".into(), b.shallow_clone()), ("w".into(), w.shallow_clone()), ("a".into(), a.copy())];
+    let flat = FlatParams::new(params, |n| n.ends_with("bias")).unwrap();
+    let names: Vec<&str> = flat.slots().iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["a", "w", "w.bias"]);
+    assert_eq!(flat.n_decay(), 5);
+    assert_eq!(Vec::<f32>::try_from(flat.master()).unwrap(), [7.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    let _ = flat.master().shallow_clone().g_mul_scalar_(2.0);
+    assert_eq!(Vec::<f32>::try_from(&w.reshape([-1])).unwrap(), [2.0, 4.0, 6.0, 8.0]);
+    let named = flat.named_master();
+    assert_eq!(named[2].0, "w.bias");
+    assert_eq!(Vec::<f32>::try_from(&named[2].1).unwrap(), [10.0, 12.0]);
 }

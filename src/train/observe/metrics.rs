@@ -1,15 +1,10 @@
-//! Metrics as JSON lines (and TensorBoard scalars when asked), and a progress
-//! bar when a person is watching.
-use crate::config::{LoggingConfig, ProgressMode};
+//! Metrics as JSON lines (and TensorBoard scalars when asked), and the
+//! process's memory for them. (Progress bars and lines: [`crate::progress`].)
 use std::fs::{File, OpenOptions};
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 
 use super::tensorboard::{self, EventWriter};
 
@@ -22,12 +17,10 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// `tensorboard`: the folder of the event files, or `None`.
+    /// `tensorboard`: the folder of the event files, or `None`. The metrics
+    /// file is appended to, never through a symbolic link (refused, naming it).
     pub fn open(path: &Path, tensorboard: Option<&Path>) -> Result<Self> {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
+        let file = crate::durable::open_run_file(path, OpenOptions::new().create(true).append(true))
             .with_context(|| format!("cannot open metrics file {}", path.display()))?;
         let tensorboard = tensorboard.map(EventWriter::create).transpose()?;
         Ok(Self { file: Some(file), tensorboard })
@@ -62,10 +55,12 @@ pub struct History {
 
 impl History {
     /// Rewrites `path` (atomically) without the records after step `step`.
+    /// A symbolic link there is refused: its target is another run's file.
     pub fn keep_until(path: &Path, step: u64) -> Result<Self> {
+        crate::durable::refuse_link(path)?;
         // Only a regular file is read: a device (say /dev/full) never ends, and
         // its write errors come when the run writes its first record.
-        if !std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+        if !std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file()) {
             return Ok(Self::default()); // no metrics yet
         }
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -92,9 +87,7 @@ impl History {
             kept.push('\n');
         }
         if dropped > 0 {
-            let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-            std::fs::write(&tmp, kept)
-                .and_then(|_| std::fs::rename(&tmp, path))
+            crate::durable::write_file_atomically(path, kept.as_bytes())
                 .with_context(|| format!("cannot rewrite {}", path.display()))?;
             tracing::info!(
                 "{}: dropped {dropped} record(s) after step {step} (redone from the checkpoint)",
@@ -127,143 +120,6 @@ pub fn gpu_memory_used() -> Option<u64> {
     Some(total.saturating_sub(free) as u64)
 }
 
-/// Progress of a long phase (preparing, training, evaluating): a bar on stderr
-/// when it is a terminal; in batch jobs (stderr a file: nohup, Slurm) one INFO
-/// line every `logging.progress_every_s` instead, which a bar never gives there.
-/// `logging.progress = "never"` shows neither.
-pub struct Progress {
-    shown: Shown,
-    label: String,
-    total: u64,
-    bytes: bool,
-    started: Instant,
-    every: Duration,
-    last_line: Mutex<Instant>,
-    pos: AtomicU64,
-}
-
-enum Shown {
-    Bar(ProgressBar),
-    Lines,
-    Off,
-}
-
-impl Progress {
-    /// Progress over `total` items (steps, batches).
-    pub fn new(total: u64, label: &str, logging: &LoggingConfig) -> Self {
-        Self::make(total, label, logging, false)
-    }
-
-    /// Progress over `total` bytes.
-    pub fn bytes(total: u64, label: &str, logging: &LoggingConfig) -> Self {
-        Self::make(total, label, logging, true)
-    }
-
-    /// Shows nothing (the workers other than rank 0).
-    pub fn hidden() -> Self {
-        Self::with(Shown::Off, 0, "", false, Duration::ZERO)
-    }
-
-    fn make(total: u64, label: &str, logging: &LoggingConfig, bytes: bool) -> Self {
-        let every = Duration::from_secs_f64(logging.progress_every_s.max(0.0));
-        let shown = match logging.progress {
-            ProgressMode::Never => Shown::Off,
-            _ if std::io::stderr().is_terminal() => {
-                let bar = ProgressBar::new(total);
-                let template = if bytes {
-                    "{prefix} {bar:40} {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, eta {eta})"
-                } else {
-                    "{prefix} {bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}]"
-                };
-                bar.set_style(ProgressStyle::with_template(template).expect("static template"));
-                bar.set_prefix(label.to_string());
-                Shown::Bar(bar)
-            }
-            _ if every.is_zero() => Shown::Off,
-            _ => Shown::Lines,
-        };
-        Self::with(shown, total, label, bytes, every)
-    }
-
-    fn with(shown: Shown, total: u64, label: &str, bytes: bool, every: Duration) -> Self {
-        let now = Instant::now();
-        Self {
-            shown,
-            label: label.to_string(),
-            total,
-            bytes,
-            started: now,
-            every,
-            last_line: Mutex::new(now),
-            pos: AtomicU64::new(0),
-        }
-    }
-
-    pub fn set(&self, pos: u64) {
-        self.pos.store(pos, Ordering::Relaxed);
-        self.show(pos);
-    }
-
-    /// Advances by `delta` (from any thread).
-    pub fn inc(&self, delta: u64) {
-        let pos = self.pos.fetch_add(delta, Ordering::Relaxed) + delta;
-        self.show(pos);
-    }
-
-    fn show(&self, pos: u64) {
-        match &self.shown {
-            Shown::Bar(b) => b.set_position(pos),
-            Shown::Lines => {
-                let mut last = self.last_line.lock().expect("progress lock");
-                if last.elapsed() >= self.every {
-                    *last = Instant::now();
-                    tracing::info!("{}", self.line(pos, self.started.elapsed()));
-                }
-            }
-            Shown::Off => {}
-        }
-    }
-
-    /// "train: 120/1000 steps (12%), 1m 30s elapsed, about 11m 0s left".
-    fn line(&self, pos: u64, elapsed: Duration) -> String {
-        let amount =
-            |n: u64| if self.bytes { format!("{:.1} MiB", n as f64 / (1 << 20) as f64) } else { n.to_string() };
-        let frac = if self.total > 0 { pos as f64 / self.total as f64 } else { 0.0 };
-        let left = if frac > 0.0 { Some(elapsed.as_secs_f64() * (1.0 - frac) / frac) } else { None };
-        format!(
-            "{}: {} of {} ({:.0}%), {} elapsed{}",
-            self.label,
-            amount(pos),
-            amount(self.total),
-            100.0 * frac,
-            hms(elapsed.as_secs_f64()),
-            left.map(|l| format!(", about {} left", hms(l))).unwrap_or_default()
-        )
-    }
-
-    pub fn finish(&self) {
-        if let Shown::Bar(b) = &self.shown {
-            b.finish_and_clear();
-        }
-    }
-}
-
-/// "1h 2m 3s", "2m 3s", "3s".
-fn hms(secs: f64) -> String {
-    let s = secs.round() as u64;
-    match (s / 3600, s / 60 % 60, s % 60) {
-        (0, 0, sec) => format!("{sec}s"),
-        (0, m, sec) => format!("{m}m {sec}s"),
-        (h, m, sec) => format!("{h}h {m}m {sec}s"),
-    }
-}
-
-/// Whether progress is shown at all under the `logging.progress` mode (a bar
-/// or lines: [`Progress`] decides which).
-pub fn show_progress(mode: ProgressMode) -> bool {
-    mode != ProgressMode::Never
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,21 +147,17 @@ mod tests {
     }
 
     #[test]
-    fn progress_lines_say_how_far_how_long_and_how_much_is_left() {
-        let p = Progress::with(Shown::Lines, 1000, "train", false, Duration::from_secs(60));
-        assert_eq!(p.line(250, Duration::from_secs(90)), "train: 250 of 1000 (25%), 1m 30s elapsed, about 4m 30s left");
-        assert_eq!(p.line(0, Duration::from_secs(3)), "train: 0 of 1000 (0%), 3s elapsed");
-        let b = Progress::with(Shown::Lines, 4 << 20, "tokenizing", true, Duration::from_secs(60));
-        assert_eq!(
-            b.line(1 << 20, Duration::from_secs(7200)),
-            "tokenizing: 1.0 MiB of 4.0 MiB (25%), 2h 0m 0s elapsed, about 6h 0m 0s left"
-        );
-        // From several threads, as the tokenizer advances it.
-        std::thread::scope(|s| {
-            for _ in 0..4 {
-                s.spawn(|| b.inc(1 << 20));
-            }
-        });
-        assert_eq!(b.pos.load(Ordering::Relaxed), 4 << 20);
+    fn a_metrics_file_that_is_a_link_is_neither_appended_to_nor_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("source.jsonl");
+        let lines = "{\"kind\":\"train\",\"step\":2}\n{\"kind\":\"train\",\"step\":4}\n";
+        std::fs::write(&source, lines).unwrap();
+        let p = dir.path().join("metrics.jsonl");
+        std::os::unix::fs::symlink(&source, &p).unwrap();
+        for e in [History::keep_until(&p, 2).unwrap_err(), Metrics::open(&p, None).err().unwrap()] {
+            let e = crate::logging::one_line(&e);
+            assert!(e.contains("metrics.jsonl is a symbolic link") && !e.contains('\n'), "{e}");
+        }
+        assert_eq!(std::fs::read_to_string(&source).unwrap(), lines);
     }
 }

@@ -1,11 +1,12 @@
 //! What a run tells its user: the step log line and metrics record, the
 //! evaluations with their records, the "before" and resumed-at lines, the
 //! closing comparison and the fill-mask probes.
-use super::*;
+use super::super::*;
+use super::{metrics, oom, plot};
 
 impl Trainer {
     /// Logs the loss, throughput and where the time went since the last log.
-    pub(super) fn log_step(&mut self, loss: Tensor, grad_norm: Tensor, lr: f64) -> Result<()> {
+    pub(in crate::train) fn log_step(&mut self, loss: Tensor, grad_norm: Tensor, lr: f64) -> Result<()> {
         let step = self.state.step;
         let loss = loss.double_value(&[]);
         let gn = grad_norm.double_value(&[]);
@@ -41,13 +42,19 @@ impl Trainer {
             // steps allocated; `mlm estimate-memory` predicts peak - startup).
             "peak_rss_bytes": metrics::resident_memory().map(|(_, peak)| peak), "startup_rss_bytes": self.startup_rss,
             "gpu_memory_used_bytes": if self.device.is_cuda() { metrics::gpu_memory_used() } else { None },
+            // libtorch's own peak (torch.cuda.max_memory_allocated): what the
+            // estimate's job peak predicts, without the cache and the context.
+            "gpu_max_allocated_bytes": match self.device {
+                tch::Device::Cuda(i) => crate::shims::peak_allocated_bytes(i).ok(),
+                _ => None,
+            },
         });
         record.as_object_mut().expect("object").extend(extra.as_object().expect("object").clone());
         self.metrics.write(&record)
     }
 
     /// Held-out perplexity; each worker scores its share of the test batches.
-    pub(super) fn evaluate(&mut self) -> Result<EvalResult> {
+    pub(in crate::train) fn evaluate(&mut self) -> Result<EvalResult> {
         let (rank, world) = (self.sync.rank(), self.sync.world());
         oom::in_evaluation(self.state.step, &self.cfg);
         let mine: Vec<Batch> = self.eval_set.iter().skip(rank).step_by(world).cloned().collect();
@@ -88,7 +95,7 @@ impl Trainer {
     }
 
     /// The "before" perplexity and fill-mask probes, when `eval.at_start`.
-    pub(super) fn evaluate_at_start(&mut self) -> Result<Option<EvalResult>> {
+    pub(in crate::train) fn evaluate_at_start(&mut self) -> Result<Option<EvalResult>> {
         if !self.cfg.eval.at_start {
             return Ok(None);
         }
@@ -113,7 +120,7 @@ impl Trainer {
     /// The closing comparison: against the run's first evaluation (a resumed
     /// run reads it from its metrics), saying when the first model had a fresh
     /// MLM head, whose perplexity is no measure of the pretrained encoder.
-    pub(super) fn log_improvement(&self, start: Option<&EvalResult>, after: &EvalResult) {
+    pub(in crate::train) fn log_improvement(&self, start: Option<&EvalResult>, after: &EvalResult) {
         let first = match (self.start_step, self.history.first_eval, start) {
             (0, _, Some(b)) => Some((0, b.perplexity)),
             (_, Some(first), _) => Some(first),
@@ -142,7 +149,7 @@ impl Trainer {
         }
     }
 
-    pub(super) fn probe_fill_mask(&self, when: &str) -> Result<()> {
+    pub(in crate::train) fn probe_fill_mask(&self, when: &str) -> Result<()> {
         if self.sync.rank() != 0 {
             return Ok(());
         }

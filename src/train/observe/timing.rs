@@ -98,11 +98,12 @@ pub fn train_flops(model: &MaskedLm, tokens: f64, projected_tokens: f64, seq: f6
 }
 
 /// Measured peak matmul throughput of `device` in TFLOP/s for `kind`
-/// (`mlm bench-peak`): the best of a few large square matmuls.
+/// (`mlm bench-peak`): the best of a few large square matmuls of
+/// random-looking matrices (GPUs multiply matrices of ones or zeros faster
+/// than real data: fewer bits toggle, less power, higher clocks).
 pub fn measure_peak_tflops(device: Device, kind: tch::Kind, n: i64, reps: usize) -> f64 {
-    // Not drawn from libtorch's generator: training's dropout draws from it.
-    let a = tch::Tensor::ones([n, n], (kind, device));
-    let b = tch::Tensor::ones([n, n], (kind, device));
+    let a = scrambled(n, 0.0, kind, device);
+    let b = scrambled(n, 1.0, kind, device);
     let sync = || {
         if let Device::Cuda(i) = device {
             tch::Cuda::synchronize(i as i64);
@@ -118,6 +119,19 @@ pub fn measure_peak_tflops(device: Device, kind: tch::Kind, n: i64, reps: usize)
         best = best.min(t.elapsed().as_secs_f64());
     }
     2.0 * (n as f64).powi(3) / best / 1e12
+}
+
+/// An `[n, n]` matrix of values spread over [-0.5, 0.5) by a hash of the
+/// index, `salt` picking another one. Not drawn from libtorch's generator:
+/// training's dropout draws from it.
+fn scrambled(n: i64, salt: f64, kind: tch::Kind, device: Device) -> tch::Tensor {
+    use tch::Kind::{Double, Int64};
+    // In double: fp32 keeps too few digits of the scaled sine for its fraction.
+    let i = tch::Tensor::arange(n * n, (Int64, device));
+    let (x, y) = (i.remainder(65521).to_kind(Double), i.floor_divide_scalar(65521).to_kind(Double));
+    let v = (x * 12.9898 + y * 78.233 + salt * 37.719).sin() * 43758.5453;
+    let h = &v - v.floor() - 0.5;
+    h.view([n, n]).to_kind(kind)
 }
 
 /// The peak the logged MFU is measured against: `training.peak_tflops` when
@@ -147,6 +161,19 @@ pub const PEAK_REPS: usize = 5;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_peak_matrices_look_random_and_draw_nothing() {
+        let a = scrambled(64, 0.0, tch::Kind::Float, Device::Cpu);
+        let b = scrambled(64, 1.0, tch::Kind::Float, Device::Cpu);
+        let (lo, hi) = (a.min().double_value(&[]), a.max().double_value(&[]));
+        assert!((-0.5..-0.45).contains(&lo) && (0.45..0.5).contains(&hi), "{lo} {hi}");
+        assert!(a.mean(None).double_value(&[]).abs() < 0.05);
+        assert!(!a.equal(&b));
+        // Distinct values almost everywhere: no pattern of ones.
+        let distinct = a.reshape([-1]).unique_dim(0, true, false, false).0.numel();
+        assert!(distinct > 4000, "{distinct} distinct of 4096");
+    }
 
     #[test]
     fn the_peak_is_configured_or_measured_on_gpus_only() {

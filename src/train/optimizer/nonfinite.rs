@@ -14,8 +14,8 @@
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
-use super::host;
-use super::optimizer::FlatAdamW;
+use super::{grad_scale, host, AdamW};
+use crate::train::flat::FlatParams;
 
 /// 1.0 when `loss + grad_norm` is NaN or infinite, else 0.0 (0-d fp32, on their device).
 pub fn skip_flag(loss: &Tensor, grad_norm: &Tensor) -> Tensor {
@@ -40,11 +40,21 @@ impl NonFiniteGuard {
     }
 
     /// Clipping, the skip decision and the AdamW update of one step, without a
-    /// host read; returns the gradient norm before clipping.
-    pub fn step(&mut self, opt: &mut FlatAdamW, loss: &Tensor, lr: f64, max_grad_norm: f64) -> Result<Tensor> {
-        let grad_norm = opt.clip_grad_norm(max_grad_norm);
+    /// host read; returns the gradient norm before clipping. The accumulated
+    /// gradient is a sum still to be divided by `divisor` when given
+    /// ([`grad_scale`]).
+    pub fn step(
+        &mut self,
+        params: &mut FlatParams,
+        adamw: &mut AdamW,
+        divisor: Option<&Tensor>,
+        loss: &Tensor,
+        lr: f64,
+        max_grad_norm: f64,
+    ) -> Result<Tensor> {
+        let (grad_norm, scale) = grad_scale(params.grad_norm(), divisor, max_grad_norm);
         let skip = skip_flag(loss, &grad_norm);
-        opt.step(lr, &skip)?;
+        adamw.step(params, lr, scale.as_ref(), &skip)?;
         self.observe(&skip);
         Ok(grad_norm)
     }
@@ -96,34 +106,39 @@ mod tests {
     use super::*;
     use crate::train::optimizer::{AdamWParams, Kernel};
 
-    fn opt(kernel: Kernel) -> FlatAdamW {
+    fn opt(kernel: Kernel) -> (FlatParams, AdamW) {
         tch::manual_seed(7);
         let hp = AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
         let w = Tensor::randn([100, 10], (Kind::Float, Device::Cpu));
         let b = Tensor::randn([10], (Kind::Float, Device::Cpu));
-        FlatAdamW::new(vec![("w".into(), w), ("b".into(), b)], |n| n == "b", hp).unwrap().with_kernel(kernel)
+        let params = FlatParams::new(vec![("w".into(), w), ("b".into(), b)], |n| n == "b").unwrap();
+        let adamw = AdamW::new(&params, hp).with_kernel(kernel);
+        (params, adamw)
     }
 
     /// The step path of the trainer reads nothing back between log steps: the
     /// counter sees every read of [`host`], so a read added to
-    /// `NonFiniteGuard::step` or `FlatAdamW::{clip_grad_norm, step}` fails
+    /// `NonFiniteGuard::step`, `grad_scale` or `AdamW::step` fails
     /// this test; a settle is one read.
     #[test]
     fn steps_between_log_steps_read_nothing_back() {
-        let mut opt = opt(Kernel::Torch);
+        let (mut params, mut adamw) = opt(Kernel::Torch);
         let mut guard = NonFiniteGuard::new(Device::Cpu, 0);
         let before = host::reads();
+        let divisor = Tensor::from(3.0f32);
         for i in 0..10 {
             let loss = Tensor::from(if i % 4 == 3 { f32::NAN } else { 2.5f32 });
-            opt.grad.copy_(&Tensor::randn([opt.numel()], (Kind::Float, Device::Cpu)));
-            let _ = guard.step(&mut opt, &loss, 1e-3, 1.0).unwrap();
+            let g = Tensor::randn([params.numel()], (Kind::Float, Device::Cpu));
+            params.grad_mut().copy_(&g);
+            let divisor = (i % 2 == 0).then_some(&divisor);
+            let _ = guard.step(&mut params, &mut adamw, divisor, &loss, 1e-3, 1.0).unwrap();
         }
         assert_eq!(host::reads() - before, 0, "the optimizer step read a device tensor on the host");
         let mut total = 0;
         guard.settle(10, &mut total, 5).unwrap();
         assert_eq!(host::reads() - before, 1);
         assert_eq!(total, 2);
-        assert_eq!(opt.steps(), 8);
+        assert_eq!(adamw.steps(), 8);
     }
 
     /// A NaN gradient or an infinite loss skips the update and is counted; the
@@ -135,18 +150,18 @@ mod tests {
             let mut opt = opt(kernel);
             let mut guard = NonFiniteGuard::new(Device::Cpu, 0);
             let mut total = 0;
-            let run = |opt: &mut FlatAdamW, guard: &mut NonFiniteGuard, loss: f32, grad_nan: bool| {
-                let g = Tensor::randn([opt.numel()], (Kind::Float, Device::Cpu));
-                let g = if grad_nan { g.index_fill(0, &Tensor::from_slice(&[3i64]), f64::NAN) } else { g };
-                opt.grad.copy_(&g);
-                let _ = guard.step(opt, &Tensor::from(loss), 1e-3, 1.0).unwrap();
+            let run = |(params, adamw): &mut (FlatParams, AdamW), guard: &mut NonFiniteGuard, loss: f32, nan: bool| {
+                let g = Tensor::randn([params.numel()], (Kind::Float, Device::Cpu));
+                let g = if nan { g.index_fill(0, &Tensor::from_slice(&[3i64]), f64::NAN) } else { g };
+                params.grad_mut().copy_(&g);
+                let _ = guard.step(params, adamw, None, &Tensor::from(loss), 1e-3, 1.0).unwrap();
             };
             run(&mut opt, &mut guard, 1.0, false);
-            let master = opt.master.copy();
+            let master = opt.0.master().copy();
             run(&mut opt, &mut guard, 1.0, true);
             run(&mut opt, &mut guard, f32::INFINITY, false);
-            assert!(opt.master.equal(&master), "{kernel:?}");
-            assert_eq!(opt.steps(), 1, "{kernel:?}");
+            assert!(opt.0.master().equal(&master), "{kernel:?}");
+            assert_eq!(opt.1.steps(), 1, "{kernel:?}");
             guard.settle(3, &mut total, 3).unwrap();
             assert_eq!(total, 2, "{kernel:?}");
             // Three in a row (the run crosses a settle), then a finite step before the next settle.
@@ -155,7 +170,7 @@ mod tests {
             let err = guard.settle(5, &mut total, 3).unwrap_err().to_string();
             assert!(err.contains("3 steps in a row") && err.contains("by step 5"), "{err}");
             assert_eq!(total, 3, "{kernel:?}");
-            assert_eq!(opt.steps(), 2, "{kernel:?}");
+            assert_eq!(opt.1.steps(), 2, "{kernel:?}");
         }
     }
 }
