@@ -3,8 +3,9 @@
 //! A lock is `flock(2)` on a small file: the kernel drops it when its holder
 //! exits, however it exits, so a killed job never leaves a stale lock behind
 //! and its resume starts at once. An exclusive holder writes its PID into the
-//! file so that the job it blocks can name it. `docs/checkpoints.md` lists the
-//! locks and who takes them.
+//! file so that the job it blocks can name it. A lock file that is a symbolic
+//! link is refused, never opened through (its target would be locked and
+//! truncated). `docs/checkpoints.md` lists the locks and who takes them.
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
@@ -75,6 +76,15 @@ impl Busy {
 /// The lock of a job's output directory, held by the job's writing process
 /// (rank 0) from its start to its end.
 pub fn lock_output_dir(out: &Path) -> Result<Lock> {
+    if crate::durable::is_link(out) && !out.is_dir() {
+        let target = std::fs::read_link(out).unwrap_or_default();
+        bail!(
+            "training.output_dir {} is a symbolic link to {}, which is not a folder: create that folder, or set \
+             training.output_dir to a folder",
+            out.display(),
+            target.display()
+        );
+    }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create output directory {}", out.display()))?;
     match Lock::exclusive(&out.join(".lock"))? {
         Ok(l) => Ok(l),
@@ -99,13 +109,7 @@ fn open(path: &Path) -> Result<File> {
             std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
         }
     }
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .with_context(|| format!("cannot open the lock file {}", path.display()))
+    crate::durable::open_run_file(path, OpenOptions::new().read(true).write(true).create(true).truncate(false))
 }
 
 /// `flock(op | LOCK_NB)`: true when taken, false when another holder blocks it.
@@ -166,5 +170,33 @@ mod tests {
         let _held = lock_output_dir(tmp.path()).unwrap();
         let e = lock_output_dir(tmp.path()).unwrap_err().to_string();
         assert!(e.contains(&tmp.path().display().to_string()) && e.contains("PID"), "{e}");
+    }
+
+    #[test]
+    fn a_lock_file_that_is_a_link_is_refused_and_its_target_untouched() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tmp.path().join("notes.txt");
+        std::fs::write(&outside, "mine").unwrap();
+        let out = tmp.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        std::os::unix::fs::symlink(&outside, out.join(".lock")).unwrap();
+        let e = format!("{:#}", lock_output_dir(&out).unwrap_err());
+        assert!(e.contains(".lock is a symbolic link") && !e.contains('\n'), "{e}");
+        assert!(Lock::shared(&out.join(".lock")).is_err());
+        assert_eq!(std::fs::read_to_string(&outside).unwrap(), "mine");
+    }
+
+    #[test]
+    fn an_output_dir_that_is_a_link_to_a_folder_is_locked_inside_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let scratch = tmp.path().join("scratch");
+        std::fs::create_dir(&scratch).unwrap();
+        let out = tmp.path().join("out");
+        std::os::unix::fs::symlink(&scratch, &out).unwrap();
+        drop(lock_output_dir(&out).unwrap());
+        assert!(scratch.join(".lock").is_file());
+        std::fs::remove_dir_all(&scratch).unwrap();
+        let e = lock_output_dir(&tmp.path().join("out")).unwrap_err().to_string();
+        assert!(e.contains("is a symbolic link to") && e.contains("not a folder"), "{e}");
     }
 }

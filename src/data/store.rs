@@ -272,7 +272,7 @@ impl TokenStore {
 /// Writes `chunks` (each `block_size` long) to `path` as little-endian `u32`
 /// and fsyncs the file.
 pub fn write_tokens<'a>(path: &Path, chunks: impl IntoIterator<Item = &'a [u32]>) -> Result<()> {
-    let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let file = crate::durable::create_run_file(path)?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
     let mut buf = Vec::new();
     for c in chunks {
@@ -288,7 +288,7 @@ pub fn write_tokens<'a>(path: &Path, chunks: impl IntoIterator<Item = &'a [u32]>
 /// Writes the word-start marks of `chunks` (each `block_size` long) to `path`
 /// (see [`WordStarts`]) and fsyncs the file.
 pub fn write_word_starts<'a>(path: &Path, chunks: impl IntoIterator<Item = &'a [bool]>) -> Result<()> {
-    let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let file = crate::durable::create_run_file(path)?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
     let mut buf = Vec::new();
     for c in chunks {

@@ -8,11 +8,19 @@
 //! - A fresh start (`resume = "none"`, or `"auto"` with nothing resumable) into a
 //!   directory holding checkpoints or `best/` is refused, unless
 //!   `checkpoint.overwrite_output_dir = true`, which deletes them first.
-//! - `resume = <path>` must name a step checkpoint; from another directory it
-//!   counts as a fresh start for this one; from this one, newer checkpoints than
-//!   it are refused unless `overwrite_output_dir` (which deletes them).
+//! - `resume = <path>` must name a step checkpoint. A checkpoint of the folder's
+//!   own run (same run id in `run.json` and its `trainer_state.json`, or one in
+//!   the folder that predates run ids) continues that run: newer checkpoints
+//!   than it are refused unless `overwrite_output_dir` (which deletes them).
+//!   A checkpoint of another run is a fork: into a folder without checkpoints
+//!   or `best/` it starts a new run that records its parent; into a folder
+//!   holding a run it is refused, unless `overwrite_output_dir` (which deletes
+//!   that run first).
 //! - A resume whose shaping settings or prepared data changed is refused unless
 //!   `checkpoint.allow_config_change = true`.
+//! - A symbolic link where the run writes a file or folder (`run.json`, the
+//!   metrics, `curves.png`, `tb/`, `best/`, a `checkpoint-N`, the store's lock)
+//!   is refused; the output folder itself may be a link.
 //!
 //! Every check runs before anything is written, so a refused start leaves the
 //! output directory and the prepared data exactly as they were.
@@ -21,8 +29,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use crate::checkpoint::{self, TrainerState};
+use crate::checkpoint::{self, RunIdentity, TrainerState};
 use crate::config::{Config, Resume};
+use crate::durable;
 
 /// The settings that shape the trained weights, as the job wrote them.
 /// Throughput and memory knobs (threads, prefetch, logging, device, the
@@ -86,6 +95,9 @@ pub fn job_hash(cfg: &Config) -> String {
 pub struct StartPoint {
     /// The checkpoint to continue from, with its (checked) trainer state.
     pub checkpoint: Option<(PathBuf, TrainerState)>,
+    /// The run this job continues or begins ([`plan`]'s; `None` on workers
+    /// other than rank 0, which write no run files).
+    pub run: Option<RunIdentity>,
 }
 
 impl StartPoint {
@@ -111,6 +123,8 @@ pub enum Apply {
 pub fn plan(cfg: &Config, world: Option<usize>, apply: Apply) -> Result<StartPoint> {
     let out = &cfg.training.output_dir;
     let overwrite = cfg.checkpoint.overwrite_output_dir;
+    refuse_links(cfg)?;
+    let folder = checkpoint::read_run(out)?;
     let existing = checkpoint::list(out);
     let chosen = match &cfg.checkpoint.resume {
         Resume::None => None,
@@ -136,32 +150,34 @@ pub fn plan(cfg: &Config, world: Option<usize>, apply: Apply) -> Result<StartPoi
                     list_names(&results)
                 );
             }
-            discard(out, &results, apply)?;
-            // The earlier run's curves too, so the new ones do not continue them.
-            for f in [out.join(&cfg.logging.metrics_file), out.join("curves.png")] {
-                if apply == Apply::Apply && f.is_file() {
-                    std::fs::remove_file(&f).with_context(|| format!("cannot delete {}", f.display()))?;
-                }
-            }
+            discard_run(cfg, &results, apply)?;
         }
-        return Ok(StartPoint::default());
+        return Ok(StartPoint { checkpoint: None, run: Some(RunIdentity::new_run()) });
     };
     let state = checked_state(&dir, cfg, world)?;
     let inside = same_dir(dir.parent().unwrap_or(Path::new("")), out);
-    let later = results_in(out, &existing, Some(state.step)).into_iter().filter(|p| *p != dir);
-    let in_the_way: Vec<PathBuf> = if inside {
-        // Only newer, valid checkpoints: damaged ones are replaced as the run passes them.
-        later.filter(|p| p.file_name().is_some_and(|n| n != "best") && checkpoint::verify(p).is_ok()).collect()
-    } else {
-        later.collect()
+    let folder_id = folder.as_ref().map(|r| r.run_id.clone()).or_else(|| recorded_run_id(out, &existing));
+    let same_run = match (&folder_id, &state.run_id) {
+        (Some(f), Some(c)) => f == c,
+        // A checkpoint from before run ids, or a folder without one: the
+        // folder's own checkpoints are its run's.
+        _ => inside,
     };
+    if !same_run {
+        return fork(cfg, dir, state, folder, folder_id, &existing, apply);
+    }
+    // Only newer, valid checkpoints are in the way: damaged ones are replaced
+    // as the run passes them, and best/ is this run's.
+    let in_the_way: Vec<PathBuf> = results_in(out, &existing, Some(state.step))
+        .into_iter()
+        .filter(|p| *p != dir && p.file_name().is_some_and(|n| n != "best") && checkpoint::verify(p).is_ok())
+        .collect();
     if !in_the_way.is_empty() {
         if !overwrite {
-            let whose = if inside { "newer checkpoints of this run" } else { "another run" };
             bail!(
-                "training.output_dir {} holds {whose} ({}) that resuming from {} would overwrite; resume the newest \
-                 (checkpoint.resume = \"auto\"), choose another training.output_dir, or set \
-                 checkpoint.overwrite_output_dir = true to delete them",
+                "training.output_dir {} holds newer checkpoints of this run ({}) that resuming from {} would \
+                 overwrite; resume the newest (checkpoint.resume = \"auto\"), choose another training.output_dir, or \
+                 set checkpoint.overwrite_output_dir = true to delete them",
                 out.display(),
                 list_names(&in_the_way),
                 dir.display()
@@ -169,7 +185,96 @@ pub fn plan(cfg: &Config, world: Option<usize>, apply: Apply) -> Result<StartPoi
         }
         discard(out, &in_the_way, apply)?;
     }
-    Ok(StartPoint { checkpoint: Some((dir, state)) })
+    let run = folder.unwrap_or_else(|| RunIdentity {
+        run_id: state.run_id.clone().or(folder_id).unwrap_or_else(|| RunIdentity::new_run().run_id),
+        parent_run_id: state.parent_run_id.clone(),
+        forked_from: None,
+    });
+    Ok(StartPoint { checkpoint: Some((dir, state)), run: Some(run) })
+}
+
+/// A start from `dir`, a checkpoint of another run than the folder's: a fork,
+/// refused where the folder holds a run (unless `overwrite_output_dir`, which
+/// deletes that run first).
+fn fork(
+    cfg: &Config,
+    dir: PathBuf,
+    state: TrainerState,
+    folder: Option<RunIdentity>,
+    folder_id: Option<String>,
+    existing: &[(usize, PathBuf)],
+    apply: Apply,
+) -> Result<StartPoint> {
+    let out = &cfg.training.output_dir;
+    let results: Vec<PathBuf> = results_in(out, existing, None).into_iter().filter(|p| *p != dir).collect();
+    let restarted = if results.is_empty() {
+        // The same fork started again after an attempt that saved nothing.
+        folder.filter(|r| r.forked_from.as_deref().is_some_and(|f| same_dir(f, &dir)))
+    } else if !cfg.checkpoint.overwrite_output_dir {
+        bail!(
+            "training.output_dir {} holds {} ({}) and {} is a checkpoint of {}: resuming it there would mix two \
+             runs' checkpoints, best/ and metrics; resume it into a new or empty training.output_dir (a fork that \
+             records its parent), or set checkpoint.overwrite_output_dir = true to delete the folder's run first",
+            out.display(),
+            run_name(folder_id.as_deref()),
+            list_names(&results),
+            dir.display(),
+            run_name(state.run_id.as_deref())
+        );
+    } else {
+        discard_run(cfg, &results, apply)?;
+        None
+    };
+    let from = std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone());
+    let run = restarted.unwrap_or_else(|| RunIdentity::fork(state.run_id.clone(), &from));
+    Ok(StartPoint { checkpoint: Some((dir, state)), run: Some(run) })
+}
+
+/// "run 3f2a..." or, for one from before run ids, "a run without an id".
+fn run_name(id: Option<&str>) -> String {
+    id.map_or("a run without an id (older mlm)".into(), |i| format!("run {i}"))
+}
+
+/// The run id that the folder's checkpoints (newest first) or `best/` record,
+/// for a folder without `run.json`.
+fn recorded_run_id(out: &Path, existing: &[(usize, PathBuf)]) -> Option<String> {
+    let dirs = existing.iter().rev().map(|(_, d)| d.clone()).chain([out.join("best")]);
+    dirs.filter_map(|d| checkpoint::load_state(&d).ok()?.run_id).next()
+}
+
+/// Writes `<output_dir>/run.json` for the start [`plan`] chose (rank 0, once
+/// every check has passed and the data is ready), with a line naming the run.
+pub fn record_run(out: &Path, start: &StartPoint) -> Result<()> {
+    let Some(run) = &start.run else { return Ok(()) };
+    checkpoint::write_run(out, run)?;
+    match &run.forked_from {
+        Some(from) => tracing::info!(
+            "run {}: a fork of {} from {}",
+            run.run_id,
+            run_name(run.parent_run_id.as_deref()),
+            from.display()
+        ),
+        None => tracing::info!("run {}", run.run_id),
+    }
+    Ok(())
+}
+
+/// Refuses a start where a file or folder the run writes, replaces or deletes
+/// is a symbolic link (it would write through it, out of the folder): checked
+/// before anything is written. The output and store folders may be links.
+fn refuse_links(cfg: &Config) -> Result<()> {
+    let out = &cfg.training.output_dir;
+    let mut paths: Vec<PathBuf> = [checkpoint::RUN_FILE, cfg.logging.metrics_file.as_str(), "curves.png", "best"]
+        .iter()
+        .map(|f| out.join(f))
+        .collect();
+    if cfg.logging.tensorboard {
+        paths.push(out.join("tb"));
+    }
+    let entries = std::fs::read_dir(out).into_iter().flatten().flatten();
+    paths.extend(entries.filter(|e| e.file_name().to_string_lossy().starts_with("checkpoint-")).map(|e| e.path()));
+    paths.push(crate::lock::store_lock_path(&crate::data::prepare::store_dir(cfg)?));
+    paths.iter().try_for_each(|p| durable::refuse_link(p))
 }
 
 /// The newest checkpoint whose checksums verify; broken ones are skipped with a warning.
@@ -355,7 +460,22 @@ fn discard(out: &Path, paths: &[PathBuf], apply: Apply) -> Result<()> {
     }
     tracing::warn!("checkpoint.overwrite_output_dir = true: deleting {} from {}", list_names(paths), out.display());
     for p in paths {
-        std::fs::remove_dir_all(p).with_context(|| format!("cannot delete {}", p.display()))?;
+        durable::remove_dir_atomically(p).with_context(|| format!("cannot delete {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// Deletes the folder's run for `overwrite_output_dir`: its `results`, and its
+/// metrics, curves, TensorBoard events and identity, so that the new run's do
+/// not continue them.
+fn discard_run(cfg: &Config, results: &[PathBuf], apply: Apply) -> Result<()> {
+    discard(&cfg.training.output_dir, results, apply)?;
+    if apply == Apply::Apply {
+        let out = &cfg.training.output_dir;
+        for f in [cfg.logging.metrics_file.as_str(), "curves.png", "tb", checkpoint::RUN_FILE] {
+            let f = out.join(f);
+            durable::remove_tree(&f).with_context(|| format!("cannot delete {}", f.display()))?;
+        }
     }
     Ok(())
 }
@@ -399,137 +519,4 @@ fn walk(prefix: &str, old: &Value, new: &Value, out: &mut Vec<String>) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn changed_keys_are_named_with_both_values() {
-        let a = serde_json::json!({"training": {"lr": 1e-4, "seed": 1}, "data": {"block_size": 128}});
-        let b = serde_json::json!({"training": {"lr": 3e-5, "seed": 1}, "data": {"block_size": 128}});
-        assert_eq!(differing_keys(&a, &b), vec!["training.lr (0.0001 -> 0.00003)".to_string()]);
-    }
-
-    /// The hash a checkpoint records for `c` on `world` workers.
-    fn hash(c: &Config, world: usize) -> String {
-        config_hash(&shaping_config(c, Some(c.training.batch_shape(world).unwrap().global())))
-    }
-
-    #[test]
-    fn throughput_knobs_do_not_shape_the_job() {
-        let mut c = Config::from_toml("[model]\npath = \"m\"\n").unwrap();
-        let (h, job) = (hash(&c, 1), job_hash(&c));
-        c.training.threads = 7;
-        c.data.masker_threads = 5;
-        c.training.micro_batch_size = crate::config::MicroBatchSize::Auto;
-        assert_eq!((hash(&c, 1), job_hash(&c)), (h.clone(), job.clone()));
-        c.training.micro_batch_size = crate::config::MicroBatchSize::Rows(2);
-        assert_eq!((hash(&c, 1), job_hash(&c)), (h.clone(), job.clone()));
-        c.training.lr = 1.0;
-        assert_ne!(hash(&c, 1), h);
-        assert_ne!(job_hash(&c), job);
-    }
-
-    #[test]
-    fn the_global_batch_shapes_the_job_and_its_split_does_not() {
-        let c = Config::from_toml("[model]\npath = \"m\"\n[training]\nglobal_batch_size = 16\n").unwrap();
-        let h = hash(&c, 1);
-        assert_eq!(hash(&c, 2), h);
-        assert_eq!(hash(&c, 16), h);
-        let mut split = c.clone();
-        split.training.batch_size = Some(2);
-        assert_eq!(hash(&split, 4), h, "4 workers x 2 x accumulation 2");
-        split.training.global_batch_size = None;
-        split.training.grad_accum_steps = Some(4);
-        assert_eq!(hash(&split, 2), h, "2 workers x 2 x 4, without global_batch_size");
-        assert_ne!(hash(&split, 1), h, "1 worker x 2 x 4 is another global batch");
-        // What the workers agree on before they meet is the config as written.
-        assert_ne!(job_hash(&split), job_hash(&c));
-    }
-
-    /// A checkpoint of `cfg` on `world` workers in `dir` (its trainer state only).
-    fn checkpoint_of(dir: &Path, cfg: &Config, world: usize) -> PathBuf {
-        let ckpt = dir.join("checkpoint-3");
-        std::fs::create_dir_all(&ckpt).unwrap();
-        let shaping = shaping_config(cfg, Some(cfg.training.batch_shape(world).unwrap().global()));
-        let state = TrainerState {
-            format_version: checkpoint::STATE_FORMAT,
-            step: 3,
-            config_hash: config_hash(&shaping),
-            config: shaping,
-            ..Default::default()
-        };
-        std::fs::write(ckpt.join("trainer_state.json"), serde_json::to_string(&state).unwrap()).unwrap();
-        ckpt
-    }
-
-    #[test]
-    fn a_changed_global_batch_is_refused_naming_it_and_a_changed_world_size_is_not() {
-        let tmp = tempfile::tempdir().unwrap();
-        let c = Config::from_toml("[model]\npath = \"m\"\n[training]\nglobal_batch_size = 8\n").unwrap();
-        let ckpt = checkpoint_of(tmp.path(), &c, 2);
-        for world in [1, 2, 4, 8] {
-            checked_state(&ckpt, &c, Some(world)).unwrap_or_else(|e| panic!("{world} workers: {e}"));
-        }
-        let mut other = c.clone();
-        other.training.global_batch_size = Some(16);
-        let e = checked_state(&ckpt, &other, Some(2)).unwrap_err().to_string();
-        assert!(e.contains("training.global_batch_size (8 -> 16)") && e.contains("allow_config_change"), "{e}");
-        // `mlm prepare` does not know the world size: it leaves the batch to `mlm train`.
-        checked_state(&ckpt, &other, None).unwrap();
-        // Per-worker keys: another world size is another global batch, and the
-        // error says how to keep it.
-        let mut per_worker = c.clone();
-        (per_worker.training.global_batch_size, per_worker.training.batch_size) = (None, Some(4));
-        checked_state(&ckpt, &per_worker, Some(2)).unwrap();
-        let e = checked_state(&ckpt, &per_worker, Some(4)).unwrap_err().to_string();
-        assert!(
-            e.contains("training.global_batch_size (8 -> 16)") && e.contains("set training.global_batch_size"),
-            "{e}"
-        );
-        other.checkpoint.allow_config_change = true;
-        checked_state(&ckpt, &other, Some(2)).unwrap();
-    }
-
-    #[test]
-    fn a_format_1_checkpoint_resumes_on_its_world_size_with_its_global_batch() {
-        let tmp = tempfile::tempdir().unwrap();
-        let c = Config::from_toml("[model]\npath = \"m\"\n[training]\nbatch_size = 4\ngrad_accum_steps = 2\n").unwrap();
-        let ckpt = tmp.path().join("checkpoint-3");
-        std::fs::create_dir_all(&ckpt).unwrap();
-        // As format 1 wrote it: the per-worker keys in the config, the position in batches.
-        let mut config = written_shaping(&c);
-        config["training"]["batch_size"] = 4.into();
-        config["training"]["grad_accum_steps"] = 2.into();
-        let old = serde_json::json!({
-            "format_version": 1, "step": 3, "epoch": 0, "batch_in_epoch": 6, "best_perplexity": null,
-            "best_step": null, "seed": 42, "tokens_seen": 0, "nonfinite_skipped": 0, "config_hash": "x",
-            "config": config,
-        });
-        std::fs::write(ckpt.join("trainer_state.json"), old.to_string()).unwrap();
-        let s = checked_state(&ckpt, &c, Some(2)).unwrap();
-        assert_eq!(s.position.step_in_epoch, 3);
-        let mut g = c.clone();
-        (g.training.global_batch_size, g.training.batch_size, g.training.grad_accum_steps) = (Some(16), None, None);
-        checked_state(&ckpt, &g, Some(2)).unwrap();
-        let e = checked_state(&ckpt, &g, Some(1)).unwrap_err().to_string();
-        assert!(e.contains("training.global_batch_size (8 -> 16)"), "{e}");
-    }
-
-    #[test]
-    fn a_fresh_start_into_a_used_directory_is_refused_and_overwrite_deletes_it() {
-        let tmp = tempfile::tempdir().unwrap();
-        let out = tmp.path().join("out");
-        std::fs::create_dir_all(out.join("checkpoint-200")).unwrap();
-        std::fs::create_dir_all(out.join("best")).unwrap();
-        let mut c = Config::from_toml("[model]\npath = \"m\"\n[checkpoint]\nresume = \"none\"\n").unwrap();
-        c.training.output_dir = out.clone();
-        let e = plan(&c, Some(1), Apply::Apply).unwrap_err().to_string();
-        assert!(e.contains("checkpoint-200/") && e.contains("overwrite_output_dir"), "{e}");
-        assert!(out.join("checkpoint-200").exists() && out.join("best").exists());
-        c.checkpoint.overwrite_output_dir = true;
-        plan(&c, Some(1), Apply::Check).unwrap();
-        assert!(out.join("checkpoint-200").exists(), "a check deletes nothing");
-        assert!(plan(&c, Some(1), Apply::Apply).unwrap().checkpoint.is_none());
-        assert!(!out.join("checkpoint-200").exists() && !out.join("best").exists());
-    }
-}
+mod tests;

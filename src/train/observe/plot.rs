@@ -27,7 +27,10 @@ pub fn write(metrics: &Path, png: &Path) -> Result<()> {
         };
     }
     // The image encoder picks the format from the extension: keep ".png".
+    // It opens the file itself (following links): a stale one goes first.
     let tmp = png.with_extension("tmp.png");
+    crate::durable::refuse_link(png)?;
+    crate::durable::remove_tree(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
     draw(&tmp, &train, &eval)?;
     std::fs::rename(&tmp, png).with_context(|| format!("cannot write {}", png.display()))
 }

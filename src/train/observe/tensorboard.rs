@@ -20,15 +20,17 @@ pub struct EventWriter {
 
 impl EventWriter {
     /// Creates `dir` and a new event file in it, named as TensorFlow names them
-    /// (`events.out.tfevents.<seconds>.<host>.<pid>`).
+    /// (`events.out.tfevents.<seconds>.<host>.<pid>`). Neither may be a
+    /// symbolic link (refused, naming it).
     pub fn create(dir: &Path) -> Result<Self> {
+        crate::durable::refuse_link(dir)?;
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the TensorBoard folder {}", dir.display()))?;
         let secs = now().floor() as u64;
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         let host: String = host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
         let path = dir.join(format!("events.out.tfevents.{secs}.{host}.{}.mlm", std::process::id()));
-        let file = File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+        let file = crate::durable::create_run_file(&path)?;
         let mut w = Self { file: BufWriter::new(file), path };
         let mut event = Vec::new();
         put_f64(&mut event, 1, now());
