@@ -1,6 +1,6 @@
 //! The `mlm` command line: `prepare`, `train`, `eval`, `fill-mask`, `doctor`,
 //! `estimate-memory`.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use std::io::Write;
 
@@ -210,6 +210,7 @@ pub fn run(cli: Cli) -> Result<()> {
             if text_field.is_empty() {
                 bail!("--text-field is empty: name the JSON field or Parquet column holding the text");
             }
+            let model = crate::config::hub::resolve_model(&model, Path::new("."), None)?;
             let device = select_device(device.into(), "--device")?;
             let m = load_for_inference(&model, device, seed)?;
             let tok = TextTokenizer::load(&model.join("tokenizer.json"))?;
@@ -265,6 +266,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::EstimateMemory(args) => estimate_memory::run(args),
         Command::FillMask { model, top_k, text, device, seed } => {
             in_range("--top-k", top_k, 1, 1 << 20)?;
+            let model = crate::config::hub::resolve_model(&model, Path::new("."), None)?;
             let device = select_device(device.into(), "--device")?;
             let m = load_for_inference(&model, device, seed)?;
             let tok = TextTokenizer::load(&model.join("tokenizer.json"))

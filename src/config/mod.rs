@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 mod batch;
+pub mod hub;
 mod micro_batch;
 mod validate;
 
@@ -37,8 +38,14 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
     /// A Hugging Face model directory (`config.json` + `model.safetensors` or
-    /// `pytorch_model.bin`). Mutually exclusive with `config`.
+    /// `pytorch_model.bin`), or a Hub name (`org/name`) found in the local
+    /// hub cache ([`hub`]). Mutually exclusive with `config`.
     pub path: Option<PathBuf>,
+    /// The Hub revision of a `path` given by name (a branch, tag or commit);
+    /// `main` when unset. (Not written when unset: the hash of a job's
+    /// settings stays what it was before the key existed.)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
     /// A `config.json` alone: the model starts from random weights.
     pub config: Option<PathBuf>,
     /// `tokenizer.json`; defaults to `<path>/tokenizer.json`.
@@ -484,7 +491,7 @@ impl Config {
         };
         let mut cfg = parsed.map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-        cfg.resolve_paths(&base);
+        cfg.resolve_paths(&base).with_context(|| format!("{}: [model] path", path.display()))?;
         cfg.validate().with_context(|| format!("invalid config {}", path.display()))?;
         Ok(cfg)
     }
@@ -496,14 +503,14 @@ impl Config {
         Ok(cfg)
     }
 
-    fn resolve_paths(&mut self, base: &Path) {
+    fn resolve_paths(&mut self, base: &Path) -> Result<()> {
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = normalize(&base.join(&*p));
             }
         };
         if let Some(p) = self.model.path.as_mut() {
-            fix(p)
+            *p = normalize(&hub::resolve_model(p, base, self.model.revision.as_deref())?);
         }
         if let Some(p) = self.model.config.as_mut() {
             fix(p)
@@ -525,6 +532,7 @@ impl Config {
                 *f = normalize(&base.join(&*f)).to_string_lossy().into_owned();
             }
         }
+        Ok(())
     }
 
     /// Where the prepared token store lives.
