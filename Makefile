@@ -3,6 +3,9 @@
 #   make test   set-up, build, and the whole test suite
 SHELL := /bin/bash
 ENV := source scripts/env.sh &&
+# Where cargo builds: $CARGO_TARGET_DIR when set (.ci/run keeps one outside the
+# clone), else target/.
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 
 .PHONY: setup build demo test bench fmt lint clean-runs
 
@@ -15,7 +18,7 @@ build: setup
 	@$(ENV) cargo build --workspace --bins
 
 demo: build
-	@$(ENV) ./target/debug/mlm-launch configs/demo.toml
+	@$(ENV) $(TARGET_DIR)/debug/mlm-launch configs/demo.toml
 
 test: build
 	@$(ENV) cargo test --workspace --no-fail-fast 2>&1

@@ -2,10 +2,9 @@
 //! run again in backward draws the dropout masks it drew in forward, so a job
 //! with it gives the losses and weights of the same job without it, dropout on,
 //! for BERT and for DeBERTa (whose relative embeddings every layer shares).
-mod common;
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 const TINY_DEBERTA: &str = r#"{"model_type": "deberta-v2", "vocab_size": 30522, "hidden_size": 64,
     "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,

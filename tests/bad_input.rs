@@ -2,20 +2,17 @@
 //! panic, and never touches what a job already wrote: every case runs against an
 //! output directory holding a finished checkpoint, `best/` and prepared data, and
 //! checks afterwards that all of it is byte for byte as before.
-mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use common::*;
+use crate::common::*;
 
 /// An output directory of a finished 4-step job (made once per test run).
 fn trained_output() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bad-input-fixture");
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = process_dir("bad-input-fixture");
         let cfg = write_job(&dir, "");
         let ok = run(mlm().arg("train").arg(&cfg).args(["--set", "training.max_steps=4"])).status.success();
         assert!(ok, "fixture job failed");
@@ -255,17 +252,22 @@ fn output_directory_that_cannot_be_created_is_named() {
 
 #[test]
 fn full_disk_while_writing_metrics_is_reported() {
-    // metrics.jsonl pointing at /dev/full: every write fails with ENOSPC.
+    // The metrics file is /dev/full: every write fails with ENOSPC. (Not a
+    // link to it: a link where a run file should be is refused as a link.)
     let (dir, cfg) = setup();
-    let out = dir.path().join("out");
-    std::fs::remove_file(out.join("metrics.jsonl")).ok();
-    std::os::unix::fs::symlink("/dev/full", out.join("metrics.jsonl")).unwrap();
     fails(
         dir.path(),
         &["train"],
         &cfg,
-        &["--set", "training.max_steps=8", "--set", "checkpoint.allow_config_change=true"],
-        &["metrics"],
+        &[
+            "--set",
+            "training.max_steps=8",
+            "--set",
+            "checkpoint.allow_config_change=true",
+            "--set",
+            "logging.metrics_file=\"/dev/full\"",
+        ],
+        &["metrics", "No space left on device"],
     );
 }
 

@@ -2,11 +2,10 @@
 //! into the same token store as the plain files, and a Latin-1 file either
 //! stops the preparation naming it or, when asked, is read with its invalid
 //! bytes replaced or its invalid lines left out, saying how many.
-mod common;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 
 fn prepare(cfg: &Path, extra: &[&str]) -> std::process::Output {
     let mut sets = Vec::new();

@@ -1,12 +1,12 @@
 //! End-to-end: the real `mlm` binary prepares and trains on Parquet files in the
 //! schema of Hugging Face's Wikipedia dump (`id, url, title, text`, all strings),
 //! with token and whole-word masking.
-mod common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow_array::{ArrayRef, RecordBatch, StringArray};
-use common::*;
+
+use crate::common::*;
 
 /// Paragraphs of the Python tutorial, one document each (blank-line separated,
 /// at least 40 characters), in file order.

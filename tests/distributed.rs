@@ -2,18 +2,11 @@
 //! `mlm-launch` (tcp ring) and through `mpirun` (MPI) give the parameters of one
 //! process with twice the batch; a killed worker stops the group, and a restarted
 //! group resumes to the uninterrupted job's result.
-mod common;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
-
-fn launcher() -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_mlm")).with_file_name("mlm-launch");
-    assert!(p.is_file(), "{} not built: run `cargo build --workspace --bins`", p.display());
-    p
-}
+use crate::common::*;
 
 /// `mlm-launch --nproc 2 --device cpu --mlm <mlm>`: the job's file and flags follow.
 fn two_cpu_workers() -> Command {
@@ -111,14 +104,14 @@ fn workers(launcher_pid: u32) -> Vec<u32> {
 /// Runs a 2-worker job, SIGKILLs one worker once step `at` is logged, and
 /// returns (exit success, seconds from the kill to the launcher's exit, stderr).
 fn launch_and_kill(dir: &Path, cfg: &Path, extra: &[&str], at: u64) -> (bool, f64, String) {
-    let child = two_cpu_workers()
-        .args(extra)
-        .arg(cfg)
-        .args(["--set", "training.batch_size=8", "--set", "training.log_every=1", "--set", "checkpoint.every_steps=4"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn(two_cpu_workers().args(extra).arg(cfg).args([
+        "--set",
+        "training.batch_size=8",
+        "--set",
+        "training.log_every=1",
+        "--set",
+        "checkpoint.every_steps=4",
+    ]));
     wait_for_step(&dir.join("out"), at, Duration::from_secs(180));
     let victims = workers(child.id());
     assert_eq!(victims.len(), 2, "two workers expected, found {victims:?}");
@@ -130,7 +123,7 @@ fn launch_and_kill(dir: &Path, cfg: &Path, extra: &[&str], at: u64) -> (bool, f6
     let victim = *victims.iter().find(|&&p| rank_of(p).as_deref() == Some("1")).expect("rank 1 worker");
     let killed = Instant::now();
     Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap();
-    let output = child.wait_with_output().unwrap();
+    let output = child.wait(Duration::from_secs(300), "mlm-launch");
     let secs = killed.elapsed().as_secs_f64();
     (output.status.success(), secs, String::from_utf8_lossy(&output.stderr).into_owned())
 }
@@ -158,9 +151,12 @@ fn killed_worker_stops_the_group_and_a_restart_resumes_exactly() {
     assert!(!ok, "the launcher must fail");
     assert!(secs < 10.0, "the group took {secs:.1}s to stop");
     assert!(stderr.contains("rank 1"), "{stderr}");
-    std::thread::sleep(Duration::from_millis(200));
-    let left = Command::new("pgrep").args(["-f", &cfg.display().to_string()]).output().unwrap();
-    assert!(String::from_utf8_lossy(&left.stdout).trim().is_empty(), "orphan workers left");
+    // The launcher stops and reaps its workers before it exits: none may be
+    // left now (a worker that outlived it would end on its own soon after, so
+    // waiting here would hide the orphan).
+    let left = Command::new("pgrep").args(["-af", &cfg.display().to_string()]).output().unwrap().stdout;
+    let left = String::from_utf8_lossy(&left);
+    assert!(left.trim().is_empty(), "orphan workers left:\n{left}");
 
     // With one restart the job resumes from its checkpoint and finishes with the
     // uninterrupted job's losses.

@@ -2,20 +2,13 @@
 //! global batch of 8 continues on 1 and on 4 workers (same global batch) with
 //! the uninterrupted 2-worker job's per-step losses, while a changed global
 //! batch is refused naming `training.global_batch_size`.
-mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 
 const STEPS: u64 = 6;
 const CHECKPOINT: u64 = 3;
-
-fn launcher() -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_mlm")).with_file_name("mlm-launch");
-    assert!(p.is_file(), "{} not built: run `cargo build --workspace --bins`", p.display());
-    p
-}
 
 /// The tiny job at `training.global_batch_size = 8` (no per-worker batch
 /// size), fp32, a checkpoint every 3 steps; without dropout unless `dropout`
@@ -30,7 +23,6 @@ fn job(dir: &Path, dropout: bool) -> PathBuf {
         .replace("max_steps = 30", &format!("max_steps = {STEPS}\nglobal_batch_size = 8"))
         .replacen("batch_size = 16\n", "", 1)
         .replace("log_every = 5", "log_every = 1")
-        .replace("threads = 2", "threads = 1")
         .replace("[eval]\n", "[eval]\nat_start = false\n");
     assert!(!text.contains("batch_size = 16"), "the per-worker batch size is left to the global batch");
     std::fs::write(&cfg, text + &format!("[checkpoint]\nevery_steps = {CHECKPOINT}\nkeep_last = 2\n")).unwrap();

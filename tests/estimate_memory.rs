@@ -14,10 +14,9 @@
 //! `MALLOC_MMAP_THRESHOLD_=131072` (glibc's default threshold, held fixed):
 //! blocks from 128 KiB up are mapped and unmapped as libtorch allocates and
 //! frees them, and the resident peak is the peak of live tensors.
-mod common;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 
 fn bert_config() -> serde_json::Value {
     serde_json::json!({"model_type": "bert", "vocab_size": 30522, "hidden_size": 256, "num_hidden_layers": 4,

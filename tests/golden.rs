@@ -14,14 +14,13 @@
 //! of the run's checkpoints. The script also replays a few deliberate mistakes,
 //! and each must miss the reference by far more than the tolerance, so the
 //! comparison is known to catch them.
-mod common;
 use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 
-use common::*;
+use crate::common::*;
 use mlm::config::Config;
 use mlm::data::{epoch_order, worker_chunks, Batch, BatchStream, MaskingParams, Prepared, TextTokenizer};
 use mlm::model::MaskedLm;
@@ -198,6 +197,7 @@ fn write_model(dir: &Path) {
         "type_vocab_size": 2, "hidden_act": "gelu", "layer_norm_eps": 1e-12, "pad_token_id": 0,
         "initializer_range": 0.02, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
     });
+    let _rng = torch_rng();
     tch::manual_seed(0);
     MaskedLm::from_config_json(config, Device::Cpu).unwrap().save_dir(dir).unwrap();
     std::fs::copy(tokenizer_json(), dir.join("tokenizer.json")).unwrap();
@@ -229,8 +229,7 @@ struct Golden {
 fn golden() -> &'static Golden {
     static G: OnceLock<Golden> = OnceLock::new();
     G.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("golden");
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = process_dir("golden");
         let model = dir.join("model");
         write_model(&model);
         let fp32_job = write_job(&dir.join("fp32"), &model, "fp32", STEPS);

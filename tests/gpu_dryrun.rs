@@ -5,13 +5,12 @@
 //! deadline is skipped, and `$OUT` holds at most 8 files of at most 16 MiB, named in
 //! letters, digits, '.', '_' and '-', refreshed after every stage: the summary and
 //! one archive of the logs, never a checkpoint.
-mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::python;
+use crate::common::{process_dir, python};
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/gpu.sh")
@@ -28,7 +27,7 @@ fn bundle() -> &'static Path {
             "no mlm-launch in {}: `cargo build --workspace --bins`",
             bins.display()
         );
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("gpu-dryrun-bundle");
+        let dir = process_dir("gpu-dryrun-bundle");
         let out = Command::new("bash")
             .arg(script())
             .arg("bundle")

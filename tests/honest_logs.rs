@@ -2,11 +2,10 @@
 //! against the run's first evaluation, its metrics keep each step once (a
 //! crashed attempt's redone steps are dropped), and a fresh MLM head's
 //! "before" perplexity is labelled as such.
-mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 fn records(out: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(out.join("metrics.jsonl"))

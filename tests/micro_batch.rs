@@ -2,12 +2,11 @@
 //! a batch split into micro-batches gives the losses and weights of the whole
 //! batch, and a checkpoint resumes under another micro-batch size (as `"auto"`
 //! may choose on another GPU) with the uninterrupted run's losses.
-mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::*;
+use crate::common::*;
 
 /// The tiny job without dropout, a checkpoint every 4 steps.
 fn job(dir: &Path) -> PathBuf {

@@ -2,21 +2,15 @@
 //! processes, one CPU worker each, train the run of one process with twice the
 //! batch; a worker killed on node 1 stops node 0 naming node and rank, and with
 //! `--max-restarts 1` both nodes restart and finish the uninterrupted run.
-mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const STEPS: usize = 20;
-
-fn launcher() -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_mlm")).with_file_name("mlm-launch");
-    assert!(p.is_file(), "{} not built: run `cargo build --workspace --bins`", p.display());
-    p
-}
 
 /// A tiny fp32 job without dropout and without a first evaluation.
 fn job(dir: &Path) -> PathBuf {
@@ -31,29 +25,31 @@ fn free_port() -> u16 {
 }
 
 /// One node's launcher, 1 CPU worker, rendezvous on `port`.
-fn node(cfg: &Path, node_rank: usize, port: u16, extra: &[&str]) -> Child {
-    Command::new(launcher())
-        .args(["--nnodes", "2", "--node-rank", &node_rank.to_string(), "--nproc", "1", "--device", "cpu"])
-        .args(["--master-addr", "127.0.0.1", "--master-port", &port.to_string(), "--mlm"])
-        .arg(env!("CARGO_BIN_EXE_mlm"))
-        .args(extra)
-        .arg(cfg)
-        .args(SETS)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+fn node(cfg: &Path, node_rank: usize, port: u16, extra: &[&str]) -> Running {
+    spawn(
+        Command::new(launcher())
+            .args(["--nnodes", "2", "--node-rank", &node_rank.to_string(), "--nproc", "1", "--device", "cpu"])
+            .args(["--master-addr", "127.0.0.1", "--master-port", &port.to_string(), "--mlm"])
+            .arg(env!("CARGO_BIN_EXE_mlm"))
+            .args(extra)
+            .arg(cfg)
+            .args(SETS),
+    )
 }
 
-/// The per-step losses of one process with the summed batch (16).
-fn single_process_losses() -> BTreeMap<u64, f64> {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = job(dir.path());
-    let out = run(mlm().arg("train").arg(&cfg).args(SETS).args(["--set", "training.batch_size=16"]));
-    assert!(out.status.success());
-    let l = losses(&dir.path().join("out"));
-    assert_eq!(l.len(), STEPS, "one loss per step expected: {l:?}");
-    l
+/// The per-step losses of one process with the summed batch (16), run once
+/// for the tests of this file.
+fn single_process_losses() -> &'static BTreeMap<u64, f64> {
+    static LOSSES: OnceLock<BTreeMap<u64, f64>> = OnceLock::new();
+    LOSSES.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = job(dir.path());
+        let out = run(mlm().arg("train").arg(&cfg).args(SETS).args(["--set", "training.batch_size=16"]));
+        assert!(out.status.success());
+        let l = losses(&dir.path().join("out"));
+        assert_eq!(l.len(), STEPS, "one loss per step expected: {l:?}");
+        l
+    })
 }
 
 fn assert_close(want: &BTreeMap<u64, f64>, got: &BTreeMap<u64, f64>, what: &str) {
@@ -61,20 +57,6 @@ fn assert_close(want: &BTreeMap<u64, f64>, got: &BTreeMap<u64, f64>, what: &str)
     let worst = want.iter().map(|(s, w)| ((got[s] - w) / w).abs()).fold(0.0, f64::max);
     eprintln!("{what}: largest relative loss difference over {} steps {worst:.2e}", want.len());
     assert!(worst < 1e-5, "{what}: {worst:.2e}\nwant {want:?}\ngot {got:?}");
-}
-
-fn wait(child: Child, limit: Duration, what: &str) -> Output {
-    let t0 = Instant::now();
-    let mut child = child;
-    while child.try_wait().unwrap().is_none() {
-        if t0.elapsed() > limit {
-            child.kill().unwrap();
-            let out = child.wait_with_output().unwrap();
-            panic!("{what} still running after {limit:?}:\n{}", String::from_utf8_lossy(&out.stderr));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
 }
 
 /// The pid of the `mlm train` worker of a launcher.
@@ -90,16 +72,16 @@ fn two_nodes_on_loopback_equal_one_process_with_twice_the_batch() {
     let cfg = job(dir.path());
     let port = free_port();
     // Node 1 may start first: its worker waits at the rendezvous for node 0.
-    let n1 = node(&cfg, 1, port, &[]);
-    std::thread::sleep(Duration::from_millis(300));
+    let mut n1 = node(&cfg, 1, port, &[]);
+    n1.wait_for_stderr("node 1: starting 1 CPU worker(s)", Duration::from_secs(120));
     let n0 = node(&cfg, 0, port, &[]);
-    let (o0, o1) = (wait(n0, Duration::from_secs(300), "node 0"), wait(n1, Duration::from_secs(300), "node 1"));
+    let (o0, o1) = (n0.wait(Duration::from_secs(300), "node 0"), n1.wait(Duration::from_secs(300), "node 1"));
     let (e0, e1) = (String::from_utf8_lossy(&o0.stderr), String::from_utf8_lossy(&o1.stderr));
     assert!(o0.status.success() && o1.status.success(), "node 0:\n{e0}\nnode 1:\n{e1}");
     assert!(e0.contains("node 0: starting 1 CPU worker(s), rank 0 of 2"), "{e0}");
     assert!(e1.contains("node 1: starting 1 CPU worker(s), rank 1 of 2"), "{e1}");
     assert!(e1.contains("node 0 prepares the data"), "{e1}");
-    assert_close(&want, &losses(&dir.path().join("out")), "mlm-launch --nnodes 2");
+    assert_close(want, &losses(&dir.path().join("out")), "mlm-launch --nnodes 2");
 }
 
 #[test]
@@ -114,9 +96,9 @@ fn a_worker_killed_on_node_1_stops_node_0_and_restarts_resume_on_both() {
     let victim = worker_of(n1.id()).expect("node 1's worker");
     let killed = Instant::now();
     Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap();
-    let o0 = wait(n0, Duration::from_secs(60), "node 0");
+    let o0 = n0.wait(Duration::from_secs(60), "node 0");
     let secs = killed.elapsed().as_secs_f64();
-    let o1 = wait(n1, Duration::from_secs(60), "node 1");
+    let o1 = n1.wait(Duration::from_secs(60), "node 1");
     let (e0, e1) = (String::from_utf8_lossy(&o0.stderr), String::from_utf8_lossy(&o1.stderr));
     assert!(!o0.status.success() && !o1.status.success(), "both nodes must fail:\n{e0}\n{e1}");
     eprintln!("node 0 stopped {secs:.2} s after the kill");
@@ -138,9 +120,9 @@ fn a_worker_killed_on_node_1_stops_node_0_and_restarts_resume_on_both() {
     wait_for_step(&out, 10, Duration::from_secs(180));
     let victim = worker_of(n1.id()).expect("node 1's worker");
     Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap();
-    let (o0, o1) = (wait(n0, Duration::from_secs(300), "node 0"), wait(n1, Duration::from_secs(300), "node 1"));
+    let (o0, o1) = (n0.wait(Duration::from_secs(300), "node 0"), n1.wait(Duration::from_secs(300), "node 1"));
     let (e0, e1) = (String::from_utf8_lossy(&o0.stderr), String::from_utf8_lossy(&o1.stderr));
     assert!(o0.status.success() && o1.status.success(), "node 0:\n{e0}\nnode 1:\n{e1}");
     assert!(e0.contains("restarting (attempt 1/1)") && e1.contains("restarting (attempt 1/1)"), "{e0}\n{e1}");
-    assert_close(&want, &losses(&out), "restarted on both nodes");
+    assert_close(want, &losses(&out), "restarted on both nodes");
 }

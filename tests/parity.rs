@@ -14,6 +14,8 @@ use std::sync::OnceLock;
 use mlm::model::MaskedLm;
 use tch::{Device, Kind, Reduction, Tensor};
 
+use crate::common::{process_dir, torch_rng};
+
 /// fp32 logits must agree with transformers to this max absolute difference.
 const TOL: f64 = 1e-4;
 /// fp32 gradients: ||ours - HF|| / ||HF|| per parameter, and max |ours - HF|.
@@ -46,8 +48,7 @@ fn run_python(args: &[&Path]) {
 fn fixture() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("parity-fixture");
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = process_dir("parity-fixture");
         run_python(&[&script("make_models.py"), &dir]);
         dir
     })
@@ -110,8 +111,16 @@ fn our_logits_on(arch: &str, model: &MaskedLm) -> Tensor {
     tch::no_grad(|| model.logits(&batch(arch, "input_ids"), Some(&batch(arch, "attention_mask")), false))
 }
 
+/// `MaskedLm::load_dir` on the CPU, holding [`torch_rng`].
+fn load_dir(dir: &Path) -> anyhow::Result<(MaskedLm, mlm::model::LoadReport)> {
+    let _rng = torch_rng();
+    MaskedLm::load_dir(dir, Device::Cpu)
+}
+
+/// Loads `dir` (a model is built, drawing from libtorch's generator, before
+/// its weights are read), expecting every weight and no other.
 fn load_clean(dir: &Path) -> MaskedLm {
-    let (model, report) = MaskedLm::load_dir(dir, Device::Cpu).unwrap();
+    let (model, report) = load_dir(dir).unwrap();
     assert!(report.missing.is_empty() && report.unexpected.is_empty(), "{}: {report:?}", dir.display());
     model
 }
@@ -135,6 +144,7 @@ fn saved_dirs() -> &'static Path {
         let mut jobs = Vec::new();
         for name in ["bert", "distilbert", "roberta", "deberta", "deberta_lm", "deberta_conv", "random_init"] {
             let model = if name == "random_init" {
+                let _rng = torch_rng();
                 MaskedLm::from_config_file(&fixture().join("distilbert/config.json"), Device::Cpu).unwrap()
             } else {
                 load_clean(&fixture().join(name))
@@ -361,7 +371,7 @@ fn pytorch_model_bin_loads_like_safetensors() {
 #[test]
 fn minilm_base_model_loads_with_head_missing_and_pooler_unexpected() {
     let dir = PathBuf::from(std::fs::read_to_string(fixture().join("minilm_dir.txt")).unwrap().trim());
-    let (model, report) = MaskedLm::load_dir(&dir, Device::Cpu).unwrap();
+    let (model, report) = load_dir(&dir).unwrap();
     assert_eq!(
         report.missing,
         [
@@ -407,7 +417,7 @@ fn bf16_copies_run_forward_close_to_fp32() {
 fn missing_weights_file_error_names_the_directory() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(fixture().join("bert/config.json"), dir.path().join("config.json")).unwrap();
-    let err = MaskedLm::load_dir(dir.path(), Device::Cpu).err().expect("no weights must fail");
+    let err = load_dir(dir.path()).err().expect("no weights must fail");
     assert!(format!("{err:#}").contains(&dir.path().display().to_string()), "{err:#}");
 }
 

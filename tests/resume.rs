@@ -1,12 +1,11 @@
 //! Exact resume and crash safety: a job killed with SIGKILL and resumed gives the
 //! uninterrupted job's per-step losses and final weights bit for bit, and kills
 //! during checkpoint writes never leave the job without a valid checkpoint.
-mod common;
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 fn last_step(out: &Path) -> u64 {
     losses(out).keys().max().copied().unwrap_or(0)
@@ -16,14 +15,15 @@ fn start(cfg: &Path, extra: &[&str]) -> Child {
     mlm().arg("train").arg(cfg).args(extra).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
 }
 
-/// Kills `child` with SIGKILL once the job has logged step `step`.
-fn kill_at(mut child: Child, out: &Path, step: u64) {
+/// Kills `child` with SIGKILL `after` the job has logged step `step`.
+fn kill_at(mut child: Child, out: &Path, step: u64, after: Duration) {
     let t0 = Instant::now();
     while last_step(out) < step {
         assert!(child.try_wait().unwrap().is_none(), "job ended before step {step}");
         assert!(t0.elapsed() < Duration::from_secs(120), "job too slow to reach step {step}");
         std::thread::sleep(Duration::from_millis(5));
     }
+    std::thread::sleep(after);
     child.kill().unwrap();
     child.wait().unwrap();
 }
@@ -71,7 +71,7 @@ fn resume_reproduces_uninterrupted_losses() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = job(dir.path());
         let out = dir.path().join("out");
-        kill_at(start(&cfg, &args), &out, kill as u64);
+        kill_at(start(&cfg, &args), &out, kill as u64, Duration::ZERO);
         let resumed = run(mlm().arg("train").arg(&cfg).args(&args));
         assert!(resumed.status.success());
         assert!(String::from_utf8_lossy(&resumed.stderr).contains("resuming from"), "kill at {kill}");
@@ -96,11 +96,10 @@ fn kills_during_checkpoint_writes_leave_a_valid_checkpoint() {
         let child = start(&cfg, &args);
         // wait for progress beyond what is on disk, then kill at a random moment
         let before = last_step(&out);
-        kill_at(child, &out, before + 1);
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        std::thread::sleep(Duration::from_millis(rng % 120));
+        kill_at(child, &out, before + 1, Duration::from_millis(rng % 120));
         let leftovers = std::fs::read_dir(&out)
             .unwrap()
             .flatten()

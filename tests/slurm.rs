@@ -3,13 +3,12 @@
 //! each CPU script submitted with `sbatch --wait` for 2 tasks that train to the
 //! end and write the best checkpoint: plain `srun` joins them over tcp from the
 //! `SLURM_*` variables, `srun --mpi=pmix` into one MPI job.
-mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use common::*;
+use crate::common::*;
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))

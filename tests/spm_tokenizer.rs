@@ -2,12 +2,12 @@
 //! on the Hub) tokenizes as SentencePiece itself does: the conversion of
 //! `src/data/spm.rs`, against the `sentencepiece` library and `transformers`,
 //! on every line of three FAQ pages and on Unicode that normalisation changes.
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
 use mlm::data::TextTokenizer;
+
+use crate::common;
 
 /// Lines whose tokens depend on normalisation (full-width forms, ligatures,
 /// zero-width and other spaces, accents, scripts without spaces), and the mask.
@@ -42,9 +42,7 @@ fn texts() -> Vec<String> {
 
 #[test]
 fn a_folder_with_only_spm_model_tokenizes_as_sentencepiece() {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("spm-folder");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::process_dir("spm-folder");
     let texts = texts();
     assert!(texts.len() > 500, "the FAQ pages: {} lines", texts.len());
     let texts_file = dir.join("texts.json");

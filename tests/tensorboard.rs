@@ -2,10 +2,9 @@
 //! `<output_dir>/tb/` as TensorBoard event files, read back here by the
 //! `tensorboard` package's own `EventAccumulator`, with the values of
 //! `metrics.jsonl`.
-mod common;
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 
 #[test]
 fn tensorboard_reads_the_scalars_of_metrics_jsonl() {

@@ -4,8 +4,6 @@
 //! every line of the demo corpus, of the licences in /usr/share/common-licenses,
 //! of a few man pages and of a messy corpus written here; the tokenizer files
 //! are trained by `benches/train_tokenizers.py`.
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
@@ -13,17 +11,30 @@ use std::sync::Mutex;
 use mlm::data::tokenizer::FastPath;
 use mlm::data::TextTokenizer;
 
-/// The trained files (trained once, into the test target's temp dir).
+use crate::common;
+
+/// The trained files: trained once per version of the script into the test
+/// target's temp dir and kept there for later runs. A lock file keeps test
+/// processes that share the target folder apart, and a marker written last
+/// tells a finished training from an interrupted one.
 fn trained(name: &str) -> PathBuf {
     static TRAINING: Mutex<()> = Mutex::new(());
     let _one_at_a_time = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("trained-tokenizers");
-    let path = dir.join(name).join("tokenizer.json");
-    if !path.exists() {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/train_tokenizers.py");
-        common::run(Command::new(common::python()).arg(script).arg(&dir));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/train_tokenizers.py");
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(std::fs::read(&script).unwrap());
+    let key: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("trained-tokenizers-{key}"));
+    let lock = std::fs::File::create(dir.with_extension("lock")).unwrap();
+    // SAFETY: flock on a descriptor this function owns; released when it closes.
+    assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) }, 0);
+    let done = dir.join("trained");
+    if !done.exists() {
+        let _ = std::fs::remove_dir_all(&dir);
+        let out = common::run(Command::new(common::python()).arg(script).arg(&dir));
+        assert!(out.status.success(), "benches/train_tokenizers.py failed");
+        std::fs::write(&done, "").unwrap();
     }
-    path
+    dir.join(name).join("tokenizer.json")
 }
 
 /// Lines of every `*.rst.txt` of the demo corpus (the tutorial and FAQ), the

@@ -1,7 +1,6 @@
 //! End-to-end: the real `mlm` and `mlm-launch` binaries train a small model on real
 //! text, and what they write is a Hugging Face model.
-mod common;
-use common::*;
+use crate::common::*;
 
 #[test]
 fn training_lowers_held_out_perplexity_and_writes_hf_checkpoints() {
@@ -74,9 +73,7 @@ fn launcher_prepares_then_trains_one_worker() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_job(dir.path(), "");
     // `make test` builds the workspace's binaries first: the launcher sits beside `mlm`.
-    let launcher = std::path::Path::new(env!("CARGO_BIN_EXE_mlm")).with_file_name("mlm-launch");
-    assert!(launcher.is_file(), "{} not built: run `cargo build --workspace --bins`", launcher.display());
-    let out = run(std::process::Command::new(launcher)
+    let out = run(std::process::Command::new(launcher())
         .arg(&cfg)
         .args(["--set", "training.max_steps=4", "--set", "eval.at_start=false", "--device", "cpu"])
         .arg("--mlm")
@@ -167,6 +164,8 @@ fn fresh_head_of_a_base_checkpoint_is_drawn_from_the_job_seed() {
     // Every worker of a data-parallel job loads the model itself: the MLM head a
     // BertModel checkpoint lacks must come out the same on each.
     let cfg = mlm::config::Config::from_toml(&format!("[model]\npath = {:?}\n", minilm_dir())).unwrap();
+    // Seeds and draws from libtorch's generator: no other test of this process may draw meanwhile.
+    let _rng = torch_rng();
     let head = |cfg: &mlm::config::Config| {
         let loaded = mlm::model::load::load_model(cfg, tch::Device::Cpu).unwrap();
         assert!(loaded.fresh_head, "a BertModel checkpoint has no MLM head");

