@@ -121,13 +121,9 @@ fn run(args: Args) -> Result<()> {
     // would add zeros.
     // (The upload first: a blocking upload would wait for the matmuls itself.)
     let src = (&pattern * (rank as f64 + 1.0)).to_kind(kind).to_device(device);
-    let mut s = Tensor::zeros([n as i64], (kind, device));
-    slow_producer(device);
-    tch::no_grad(|| s.copy_(&src)); // queued behind the matmuls
-    let after = match comm.marker() {
-        Some(mark) => mark()?,
-        None => mlm::distributed::Ready::Now,
-    };
+    let s = Tensor::zeros([n as i64], (kind, device));
+    let mut s = written_late(&src, s, device);
+    let after = mark(comm.as_ref())?;
     comm.start_all_reduce_sum(&mut s, after)?;
     comm.finish_started()?;
     let overlapped_exact = n == 0 || s.to_device(Device::Cpu).to_kind(Kind::Float).equal(&want);
@@ -136,14 +132,9 @@ fn run(args: Args) -> Result<()> {
     // in-place NCCL sum launches nothing, while this one copies on NCCL's
     // stream, so on one GPU too it adds what the slow producer wrote only if
     // that stream waited for the mark.
-    let mut send = Tensor::zeros([n as i64], (kind, device));
+    let send = written_late(&src, Tensor::zeros([n as i64], (kind, device)), device);
     let mut recv = Tensor::zeros([n as i64], (kind, device));
-    slow_producer(device);
-    tch::no_grad(|| send.copy_(&src)); // queued behind the matmuls
-    let after = match comm.marker() {
-        Some(mark) => mark()?,
-        None => mlm::distributed::Ready::Now,
-    };
+    let after = mark(comm.as_ref())?;
     comm.start_all_reduce_sum_into(&send, &mut recv, after)?;
     comm.finish_started()?;
     let out_of_place_exact = n == 0
@@ -205,6 +196,21 @@ fn run(args: Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `dst` given the values of `src` by a copy queued behind a slow producer.
+fn written_late(src: &Tensor, mut dst: Tensor, device: Device) -> Tensor {
+    slow_producer(device);
+    tch::no_grad(|| dst.copy_(src));
+    dst
+}
+
+/// Marks the device work queued so far, for a collective on its own stream.
+fn mark(comm: &dyn mlm::distributed::Communicator) -> Result<mlm::distributed::Ready> {
+    match comm.marker() {
+        Some(mark) => mark(),
+        None => Ok(mlm::distributed::Ready::Now),
+    }
 }
 
 /// Queues a long run of matmuls on a GPU (about a few ms), so that work
