@@ -188,3 +188,45 @@ fn a_checkpoint_from_before_the_flat_params_type_resumes_to_its_losses() {
         assert!((loss - old).abs() <= 1e-5 * old.abs(), "step {step}: {loss} here, {old} before");
     }
 }
+
+/// DistilBERT's query, key and value weights are not adjacent by name
+/// (`k_lin`, `out_lin`, `q_lin`, `v_lin`); the flat buffer groups them, and its
+/// moments are saved in the by-name layout and converted back: a run continued
+/// from a checkpoint gives the uninterrupted run's losses bit for bit.
+#[test]
+fn a_regrouped_flat_layout_resumes_to_the_same_losses() {
+    let distilbert = |dir: &Path| {
+        let p = dir.join("tiny-distilbert.json");
+        std::fs::write(
+            &p,
+            r#"{"model_type": "distilbert", "architectures": ["DistilBertForMaskedLM"], "vocab_size": 30522,
+                "dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64, "max_position_embeddings": 128,
+                "dropout": 0.1, "attention_dropout": 0.1, "activation": "gelu", "pad_token_id": 0}"#,
+        )
+        .unwrap();
+        let cfg = write_job(dir, "[checkpoint]\nevery_steps = 4\nkeep_last = 3\n");
+        (cfg, format!("model.config={:?}", p.display().to_string()))
+    };
+    let common = ["training.max_steps=8", "training.log_every=1", "eval.at_start=false"];
+    let sets = |model: &str| -> Vec<String> {
+        [model].iter().copied().chain(common).flat_map(|s| ["--set".to_string(), s.to_string()]).collect()
+    };
+    let reference = tempfile::tempdir().unwrap();
+    let (cfg, model) = distilbert(reference.path());
+    let out = run(mlm().arg("train").arg(&cfg).args(sets(&model)));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("6 of 6 query/key/value projections fused"));
+    let want = losses(&reference.path().join("out"));
+    assert_eq!(want.len(), 8);
+
+    let fork = tempfile::tempdir().unwrap();
+    // The same model config: the fork's own copy would count as a config change.
+    let (cfg, _) = distilbert(fork.path());
+    let from = reference.path().join("out/checkpoint-4");
+    let resumed = run(mlm().arg("train").arg(&cfg).args(sets(&model)).arg("--resume").arg(&from));
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    let got = losses(&fork.path().join("out"));
+    for step in 5..=8u64 {
+        assert_eq!(got.get(&step).map(|l| l.to_bits()), want.get(&step).map(|l| l.to_bits()), "step {step}");
+    }
+}

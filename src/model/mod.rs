@@ -235,6 +235,29 @@ impl MaskedLm {
         self.net.qkv_projections().into_iter().flat_map(|p| p.fuse(buffer)).collect()
     }
 
+    /// The parameters that must lie back to back in the flat buffer for
+    /// [`Self::fuse_qkv`] to fuse them, by name: for every layer, its query,
+    /// key and value weights, and their biases (two groups). Read from the
+    /// layers themselves (each projection's tensors are found among the var
+    /// store's by storage), so no architecture names them twice.
+    pub fn qkv_groups(&mut self) -> Vec<Vec<String>> {
+        let names: std::collections::HashMap<usize, String> = self
+            .vs
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.numel() > 0)
+            .map(|(name, t)| (t.data_ptr() as usize, name))
+            .collect();
+        let name_of = |t: &Tensor| names.get(&(t.data_ptr() as usize)).cloned();
+        let mut groups = Vec::new();
+        for p in self.net.qkv_projections() {
+            let linears = [&p.query, &p.key, &p.value];
+            groups.extend(linears.iter().map(|l| name_of(&l.weight)).collect::<Option<Vec<_>>>());
+            groups.extend(linears.iter().map(|l| name_of(&l.bias)).collect::<Option<Vec<_>>>());
+        }
+        groups
+    }
+
     /// The MLM head: `hidden` [..., h] -> logits [..., vocab]. Apply it to the masked
     /// positions only to skip most of the vocabulary projection.
     pub fn mlm_head(&self, hidden: &Tensor) -> Tensor {

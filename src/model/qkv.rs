@@ -10,10 +10,12 @@
 //! input's gradient. The fused tensors are the autograd leaves the training
 //! step differentiates; the separate ones stay for everything else.
 //!
-//! The flat buffer is sorted by name, so `key`, `query`, `value` (BERT,
-//! RoBERTa) and `key_proj`, `query_proj`, `value_proj` (DeBERTa with shared
-//! attention keys) are adjacent in that order; DistilBERT's `k_lin`, `out_lin`,
-//! `q_lin`, `v_lin` give one fused pair, `q_lin` + `v_lin`.
+//! The flat buffer puts each layer's three weights, and its three biases,
+//! back to back because the model declares them as groups
+//! ([`super::MaskedLm::qkv_groups`], read from these projections), not because
+//! their names happen to sort together: DistilBERT's `k_lin`, `q_lin`, `v_lin`
+//! (with `out_lin` between them by name) and DeBERTa's projections with their
+//! own position keys fuse whole too.
 use tch::Tensor;
 
 use super::layers::Linear;

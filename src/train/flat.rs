@@ -2,7 +2,13 @@
 //!
 //! Every trainable parameter of the fp32 master model is re-pointed
 //! (`set_data`) at a slice of one contiguous fp32 buffer, decayed parameters
-//! first, then by name (the layout checkpoints' moments are saved in). Beside
+//! first, then by name (the *saved layout*: checkpoints' moments are saved in
+//! it), except that the groups the model declares (each layer's query, key and
+//! value weights, and their biases: [`crate::model::MaskedLm::qkv_groups`])
+//! lie back to back at their first member's place, so that they can run as one
+//! GEMM. Moments are converted to the saved layout when saved and back when
+//! loaded ([`FlatParams::to_saved_layout`]), so checkpoints do not depend on
+//! which groups a model declares. Beside
 //! it lie the flat fp32 gradient and, for bf16 training, a flat bf16 copy
 //! (the shadow) whose slices are the compute model's parameters. So the
 //! gradient sum over workers, the norm, clipping and the AdamW update are a
@@ -29,6 +35,8 @@ pub struct Slot {
     pub offset: i64,
     pub numel: i64,
     pub shape: Vec<i64>,
+    /// Where the parameter starts in the saved layout (by decay, then name).
+    pub saved_offset: i64,
 }
 
 /// A tensor the training step differentiates: one slot, or adjacent slots
@@ -57,6 +65,8 @@ pub struct FlatParams {
     /// The gradient buffer holds nothing yet for the coming step: the first
     /// micro-batch overwrites it instead of adding.
     grad_fresh: bool,
+    /// The buffers' layout is the saved layout (no group moved a parameter).
+    layout_is_saved: bool,
 }
 
 /// What an optimizer update reads and writes ([`FlatParams::update_buffers`]).
@@ -71,11 +81,44 @@ pub struct UpdateBuffers<'a> {
 impl FlatParams {
     /// Builds the flat buffers from `(name, parameter)` pairs and re-points each
     /// parameter at its slice of the master buffer. `no_decay(name)` selects the
-    /// parameters without weight decay.
+    /// parameters without weight decay. The layout is the saved layout.
     pub fn new(params: Vec<(String, Tensor)>, no_decay: impl Fn(&str) -> bool) -> Result<Self> {
+        Self::with_groups(params, no_decay, &[])
+    }
+
+    /// [`Self::new`], with each of `groups` (parameter names) placed back to
+    /// back, in name order, where its first member falls in the saved layout.
+    /// A group with a member that is not among `params` (frozen), or whose
+    /// members differ in weight decay, is left where names put it.
+    pub fn with_groups(
+        params: Vec<(String, Tensor)>,
+        no_decay: impl Fn(&str) -> bool,
+        groups: &[Vec<String>],
+    ) -> Result<Self> {
         let mut params = params;
         params.sort_by(|a, b| (no_decay(&a.0), &a.0).cmp(&(no_decay(&b.0), &b.0)));
-        let total: i64 = params.iter().map(|(_, t)| t.numel() as i64).sum();
+        let mut saved_offsets = std::collections::HashMap::new();
+        let mut offset = 0i64;
+        for (name, p) in &params {
+            saved_offsets.insert(name.clone(), offset);
+            offset += p.numel() as i64;
+        }
+        let total = offset;
+        // Each grouped parameter sorts as its group's first member (by name).
+        let mut anchor: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+        for g in groups {
+            let present = g.iter().all(|n| saved_offsets.contains_key(n));
+            let Some(first) = g.iter().min() else { continue };
+            if present && g.iter().all(|n| no_decay(n) == no_decay(first)) {
+                for n in g {
+                    anchor.insert(n, first);
+                }
+            }
+        }
+        params.sort_by(|a, b| {
+            let key = |n: &str| (no_decay(n), anchor.get(n).copied().unwrap_or(n).to_string());
+            (key(&a.0), &a.0).cmp(&(key(&b.0), &b.0))
+        });
         let Some((_, first)) = params.first() else { bail!("the model has no trainable parameters") };
         let device = first.device();
         let master = Tensor::zeros([total], (Kind::Float, device));
@@ -91,11 +134,41 @@ impl FlatParams {
             if !no_decay(&name) {
                 n_decay = offset + numel;
             }
-            slots.push(Slot { name, offset, numel, shape });
+            let saved_offset = saved_offsets[&name];
+            slots.push(Slot { name, offset, numel, shape, saved_offset });
             offset += numel;
         }
+        let layout_is_saved = slots.iter().all(|s| s.offset == s.saved_offset);
         let leaves = slots.iter().map(|s| Leaf { name: s.name.clone(), offset: s.offset, numel: s.numel }).collect();
-        Ok(Self { slots, leaves, n_decay, grad: master.zeros_like(), master, shadow: None, grad_fresh: true })
+        Ok(Self {
+            slots,
+            leaves,
+            n_decay,
+            grad: master.zeros_like(),
+            master,
+            shadow: None,
+            grad_fresh: true,
+            layout_is_saved,
+        })
+    }
+
+    /// `flat` (a tensor in the buffers' layout, e.g. a moment) in the saved
+    /// layout: itself where the two agree, else a reordered copy.
+    pub fn to_saved_layout(&self, flat: &Tensor) -> Tensor {
+        if self.layout_is_saved {
+            return flat.shallow_clone();
+        }
+        let mut order: Vec<&Slot> = self.slots.iter().collect();
+        order.sort_by_key(|s| s.saved_offset);
+        Tensor::cat(&order.iter().map(|s| flat.narrow(0, s.offset, s.numel)).collect::<Vec<_>>(), 0)
+    }
+
+    /// The inverse of [`Self::to_saved_layout`]: `saved` in the buffers' layout.
+    pub fn from_saved_layout(&self, saved: &Tensor) -> Tensor {
+        if self.layout_is_saved {
+            return saved.shallow_clone();
+        }
+        Tensor::cat(&self.slots.iter().map(|s| saved.narrow(0, s.saved_offset, s.numel)).collect::<Vec<_>>(), 0)
     }
 
     pub fn numel(&self) -> i64 {
@@ -224,7 +297,8 @@ impl FlatParams {
     /// Sets up the model that runs forward and backward over these buffers:
     /// `master` itself in fp32, or a bf16 copy whose parameters are views of
     /// the shadow; its query, key and value projections fused where the flat
-    /// buffer holds them back to back (leaves fused to match). Returns that
+    /// buffer holds them back to back ([`Self::with_groups`] puts them so;
+    /// leaves fused to match). Returns that
     /// copy (none in fp32) and the tensors the step differentiates, one per leaf.
     pub fn compute_model(
         &mut self,

@@ -435,8 +435,8 @@ impl Trainer {
         oom::saving(self.state.step);
         let (exp_avg, exp_avg_sq) = self.adamw.moments();
         let moments = checkpoint::OptimizerState {
-            exp_avg: exp_avg.shallow_clone(),
-            exp_avg_sq: exp_avg_sq.shallow_clone(),
+            exp_avg: self.params.to_saved_layout(exp_avg),
+            exp_avg_sq: self.params.to_saved_layout(exp_avg_sq),
             step: self.adamw.steps(),
         };
         let dir = checkpoint::save(&self.out, &self.master, &self.tok.json, &moments, &self.state)?;

@@ -59,11 +59,13 @@ impl Trainer {
         };
         let trainable: Vec<(String, Tensor)> =
             master.vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
-        let mut params = FlatParams::new(trainable, MaskedLm::no_decay)?;
+        let qkv = master.qkv_groups();
+        let mut params = FlatParams::with_groups(trainable, MaskedLm::no_decay, &qkv)?;
         let mut adamw = AdamW::new(&params, AdamWParams::from(t));
         if let (Some((dir, saved_state)), Some(moments)) = (start.checkpoint, saved) {
             state = resumed_state(&dir, saved_state, state, moments.step, steps_per_epoch)?;
-            adamw.restore(&moments.exp_avg, &moments.exp_avg_sq, moments.step);
+            let (m, v) = (params.from_saved_layout(&moments.exp_avg), params.from_saved_layout(&moments.exp_avg_sq));
+            adamw.restore(&m, &v, moments.step);
             if sync.rank() == 0 && cfg.checkpoint.save_best {
                 resume::complete_best(&t.output_dir, &state)?;
             }

@@ -36,7 +36,8 @@ fn flat_gradient(init: &MaskedLm, precision: Precision, fuse: bool) -> (Tensor, 
     let mut master = MaskedLm::from_config_json(init.config_json.clone(), Device::Cpu).unwrap();
     master.vs.copy(&init.vs).unwrap();
     let params = master.vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
-    let mut flat = FlatParams::new(params, MaskedLm::no_decay).unwrap();
+    let groups = master.qkv_groups();
+    let mut flat = FlatParams::with_groups(params, MaskedLm::no_decay, &groups).unwrap();
     let (compute, tensors) = if fuse {
         flat.compute_model(&mut master, precision).unwrap()
     } else {
@@ -65,17 +66,18 @@ fn fused_projections_give_the_separate_ones_gradients() {
     });
     let mut own_keys = deberta.clone();
     own_keys["share_att_key"] = false.into();
-    // (model, leaves fewer per layer: a fused pair of projections 2 (weights, biases), a triple 4)
+    // (model, leaves fewer per layer: a fused triple of projections 4 (weights, biases))
     for (name, config, fused_per_layer) in [
         ("bert", config("bert", serde_json::json!({})), 4),
         ("roberta", config("roberta", serde_json::json!({"pad_token_id": 1})), 4),
-        // k_lin, out_lin, q_lin, v_lin: q_lin + v_lin fused.
-        ("distilbert", config("distilbert", serde_json::json!({})), 2),
+        // k_lin, out_lin, q_lin, v_lin by name: the declared group puts
+        // k_lin, q_lin, v_lin together.
+        ("distilbert", config("distilbert", serde_json::json!({})), 4),
         // DeBERTa-v3: key_proj, query_proj, value_proj; its relative positions
         // go through the fused key and query rows.
         ("deberta-v3", config("deberta-v2", deberta.clone()), 4),
-        // key_proj, pos_key_proj, pos_query_proj, query_proj, value_proj.
-        ("deberta-v2 own position keys", config("deberta-v2", own_keys.clone()), 2),
+        // key_proj, pos_key_proj, pos_query_proj, query_proj, value_proj by name.
+        ("deberta-v2 own position keys", config("deberta-v2", own_keys.clone()), 4),
     ] {
         let init = MaskedLm::from_config_json(config, Device::Cpu).unwrap();
         let (separate, loss_sep, leaves_sep, slots) = flat_gradient(&init, Precision::Fp32, false);
@@ -162,4 +164,34 @@ fn parameters_are_views_of_the_master_in_the_saved_layout() {
     let named = flat.named_master();
     assert_eq!(named[2].0, "w.bias");
     assert_eq!(Vec::<f32>::try_from(&named[2].1).unwrap(), [10.0, 12.0]);
+}
+
+/// Declared groups lie back to back in the buffers, at their first member's
+/// place, and tensors in the buffers' layout convert to the saved layout
+/// (decayed first, then by name) and back.
+#[test]
+fn groups_lie_together_and_moments_keep_the_saved_layout() {
+    let t = |v: &[f32]| Tensor::from_slice(v);
+    let names = ["k", "out", "q", "v", "k.bias", "q.bias", "v.bias", "out.bias"];
+    let params = || -> Vec<(String, Tensor)> {
+        names.iter().enumerate().map(|(i, n)| (n.to_string(), t(&[i as f32; 2]))).collect()
+    };
+    let groups = vec![
+        vec!["q".to_string(), "k".into(), "v".into()],
+        vec!["q.bias".to_string(), "k.bias".into(), "v.bias".into()],
+        // A group with a frozen member is left where names put it.
+        vec!["out".to_string(), "frozen".into()],
+    ];
+    let flat = FlatParams::with_groups(params(), |n| n.ends_with("bias"), &groups).unwrap();
+    let order: Vec<&str> = flat.slots().iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(order, ["k", "q", "v", "out", "k.bias", "q.bias", "v.bias", "out.bias"]);
+    assert_eq!(flat.n_decay(), 8);
+    // The saved layout is the ungrouped one, whatever the groups.
+    let plain = FlatParams::new(params(), |n| n.ends_with("bias")).unwrap();
+    let saved = flat.to_saved_layout(flat.master());
+    assert!(saved.equal(plain.master()), "{saved:?} vs {:?}", plain.master());
+    assert!(flat.from_saved_layout(&saved).equal(flat.master()));
+    assert!(!saved.equal(flat.master()), "the grouped layout differs, or this test proves nothing");
+    // Without a move, the conversion is the tensor itself.
+    assert_eq!(plain.to_saved_layout(plain.master()).data_ptr(), plain.master().data_ptr());
 }
