@@ -126,3 +126,79 @@ fn a_worker_killed_on_node_1_stops_node_0_and_restarts_resume_on_both() {
     assert!(e0.contains("restarting (attempt 1/1)") && e1.contains("restarting (attempt 1/1)"), "{e0}\n{e1}");
     assert_close(want, &losses(&out), "restarted on both nodes");
 }
+
+/// torch's variables of a process, without any of mlm's (as a Kubernetes
+/// operator starts a container).
+fn torch_env(cmd: &mut Command, vars: &[(&str, String)]) {
+    for k in ["MLM_MASTER_ADDR", "MLM_MASTER_PORT", "MLM_JOB_TOKEN", "RANK", "WORLD_SIZE", "LOCAL_RANK"] {
+        cmd.env_remove(k);
+    }
+    cmd.envs(vars.iter().map(|(k, v)| (*k, v.as_str())));
+}
+
+/// One process per GPU (here per CPU worker), started by the environment
+/// alone as a PyTorchJob with one process per pod starts it: `MASTER_ADDR`,
+/// `MASTER_PORT`, `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`.
+#[test]
+fn a_process_per_worker_started_by_torch_variables_equals_one_process() {
+    let want = single_process_losses();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job(dir.path());
+    let port = free_port().to_string();
+    let workers: Vec<Running> = (0..2)
+        .map(|rank| {
+            let mut cmd = mlm();
+            cmd.arg("train").arg(&cfg).args(SETS).args(["--set", "training.device=cpu"]);
+            let vars = [
+                ("MASTER_ADDR", "127.0.0.1".to_string()),
+                ("MASTER_PORT", port.clone()),
+                ("RANK", rank.to_string()),
+                ("WORLD_SIZE", "2".to_string()),
+                ("LOCAL_RANK", rank.to_string()),
+                ("LOCAL_WORLD_SIZE", "2".to_string()),
+            ];
+            torch_env(&mut cmd, &vars);
+            spawn(&mut cmd)
+        })
+        .collect();
+    for (rank, w) in workers.into_iter().enumerate() {
+        let o = w.wait(Duration::from_secs(300), &format!("rank {rank}"));
+        assert!(o.status.success(), "rank {rank}:\n{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_close(want, &losses(&dir.path().join("out")), "2 processes from torch's variables");
+}
+
+/// One pod per node with a launcher inside, as Kubeflow starts it: node 0's
+/// pod is described by `PET_NNODES`/`PET_NODE_RANK`/`PET_NPROC_PER_NODE`
+/// (TrainJob), node 1's by `RANK`/`WORLD_SIZE` counting pods (PyTorchJob);
+/// `mlm-launch` reads them as its flags, with no flag given.
+#[test]
+fn pods_started_by_torch_variables_run_mlm_launch_as_nodes() {
+    let want = single_process_losses();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job(dir.path());
+    let port = free_port().to_string();
+    let pod = |vars: &[(&str, String)]| {
+        let mut cmd = Command::new(launcher());
+        cmd.arg(&cfg).args(SETS);
+        let rdv = [("MASTER_ADDR", "127.0.0.1".to_string()), ("MASTER_PORT", port.clone())];
+        torch_env(&mut cmd, &[rdv.as_slice(), vars].concat());
+        spawn(&mut cmd)
+    };
+    let n0 = pod(&[
+        ("PET_NNODES", "2".into()),
+        ("PET_NODE_RANK", "0".into()),
+        ("PET_NPROC_PER_NODE", "1".into()),
+        // A process count in WORLD_SIZE must not count as nodes beside PET_*.
+        ("WORLD_SIZE", "2".into()),
+        ("RANK", "0".into()),
+    ]);
+    let n1 = pod(&[("WORLD_SIZE", "2".into()), ("RANK", "1".into())]);
+    let (o0, o1) = (n0.wait(Duration::from_secs(300), "pod 0"), n1.wait(Duration::from_secs(300), "pod 1"));
+    let (e0, e1) = (String::from_utf8_lossy(&o0.stderr), String::from_utf8_lossy(&o1.stderr));
+    assert!(o0.status.success() && o1.status.success(), "pod 0:\n{e0}\npod 1:\n{e1}");
+    assert!(e0.contains("--nnodes 2 (PET_NNODES)") && e0.contains("--nproc 1 (PET_NPROC_PER_NODE)"), "{e0}");
+    assert!(e1.contains("--nnodes 2 (WORLD_SIZE)") && e1.contains("--node-rank 1 (RANK)"), "{e1}");
+    assert!(e1.contains("node 1: starting 1 CPU worker(s), rank 1 of 2"), "{e1}");
+    assert_close(want, &losses(&dir.path().join("out")), "2 pods from torch's variables");
+}

@@ -24,6 +24,7 @@ mod args;
 mod selfcheck;
 mod supervise;
 mod tiny_job;
+mod torch_env;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -31,19 +32,31 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 use args::{Args, Nodes, Slot};
 use supervise::{describe, Outcome, Signals, Spec};
 
 fn main() {
-    match run(Args::parse()) {
+    let matches = Args::command().get_matches();
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    match with_torch_env(args, &matches).and_then(run) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("mlm-launch: error: {e:#}");
             std::process::exit(1);
         }
     }
+}
+
+/// The flags torch's launcher variables give where the command line did not
+/// ([`torch_env`]: Kubernetes operators start one pod per node this way).
+fn with_torch_env(mut args: Args, matches: &clap::ArgMatches) -> Result<Args> {
+    let given = torch_env::Given::from_matches(matches);
+    for line in torch_env::apply(&mut args, given, &|k| std::env::var(k).ok())? {
+        eprintln!("mlm-launch: {line}");
+    }
+    Ok(args)
 }
 
 fn run(args: Args) -> Result<i32> {
@@ -171,6 +184,11 @@ fn worker_command(
         .env("GROUP_RANK", nodes.node_rank.to_string())
         .env("MLM_MASTER_ADDR", &rendezvous.addr)
         .env("MLM_MASTER_PORT", rendezvous.port.to_string());
+    // torch's variables described the pod to this launcher (`torch_env`), not
+    // the worker: the worker's rendezvous is the MLM_MASTER_* above.
+    for k in torch_env::POD_VARIABLES {
+        cmd.env_remove(k);
+    }
     if let Some(token) = &rendezvous.token {
         cmd.env("MLM_JOB_TOKEN", token);
     }

@@ -193,7 +193,9 @@ impl WorldInfo {
         };
         // mlm-launch's variables win: a launcher started inside a batch job
         // inherits the job's SLURM_* variables, which describe the launcher.
-        if get("MLM_MASTER_PORT").is_some() {
+        // So do torch's (`MASTER_PORT` beside `RANK`/`WORLD_SIZE`: a process
+        // per GPU started by a Kubernetes operator or torchrun).
+        if get("MLM_MASTER_PORT").is_some() || get("MASTER_PORT").is_some() {
             if let Some(w) = triple("RANK", "WORLD_SIZE", "LOCAL_RANK")? {
                 return Ok(if w.world_size > 1 { (w, Launcher::Env) } else { (WorldInfo::single(), Launcher::Single) });
             }
@@ -312,22 +314,49 @@ fn tcp_bootstrap(launcher: Launcher, world: WorldInfo, timeout: Duration, job: &
     }
 }
 
-/// The tcp ring from `mlm-launch`'s variables.
+/// The tcp ring from `mlm-launch`'s variables, or torch's.
 fn tcp_from_env(world: WorldInfo, timeout: Duration, job: &str) -> Result<TcpComm> {
     let rank = world.rank;
-    let addr = std::env::var("MLM_MASTER_ADDR").unwrap_or_else(|_| "127.0.0.1".into());
-    let port = std::env::var("MLM_MASTER_PORT").map_err(|_| {
-        anyhow::anyhow!("rank {rank}: MLM_MASTER_PORT is not set (the tcp rendezvous port; mlm-launch sets it)")
-    })?;
-    let port: u16 = port
-        .trim()
-        .parse()
-        .map_err(|_| anyhow::anyhow!("rank {rank}: MLM_MASTER_PORT={port:?} is not a port number"))?;
+    let get = |k: &str| std::env::var(k).ok();
+    let (addr, port) = rendezvous_from(&get, rank)?;
     let addr = format!("{addr}:{port}");
     let token = job_token(std::env::var("MLM_JOB_TOKEN").ok().as_deref(), job, &addr, world.world_size);
-    let ranks_per_node = ranks_per_node(&|k| std::env::var(k).ok(), world.world_size);
+    let ranks_per_node = ranks_per_node(&get, world.world_size);
     let rdv = tcp::Rendezvous { addr, token, timeout, ranks_per_node };
     TcpComm::connect(rank, world.world_size, &rdv)
+}
+
+/// Rank 0's rendezvous host and port: `MLM_MASTER_ADDR`/`MLM_MASTER_PORT`
+/// (mlm-launch's), else torch's `MASTER_ADDR`/`MASTER_PORT` (a Kubernetes
+/// operator's or torchrun's); the host defaults to 127.0.0.1. Ours win where
+/// both are set; a different value of torch's is one warning line.
+fn rendezvous_from(get: &dyn Fn(&str) -> Option<String>, rank: usize) -> Result<(String, u16)> {
+    let pick = |ours: &str, torch: &str| -> Option<(String, String)> {
+        let val = |k: &str| get(k).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        match (val(ours), val(torch)) {
+            (Some(o), Some(t)) => {
+                if o != t {
+                    tracing::warn!("rank {rank}: {ours}={o} wins over {torch}={t}");
+                }
+                Some((ours.to_string(), o))
+            }
+            (Some(o), None) => Some((ours.to_string(), o)),
+            (None, Some(t)) => Some((torch.to_string(), t)),
+            (None, None) => None,
+        }
+    };
+    let addr = pick("MLM_MASTER_ADDR", "MASTER_ADDR").map_or_else(|| "127.0.0.1".to_string(), |(_, v)| v);
+    let Some((key, port)) = pick("MLM_MASTER_PORT", "MASTER_PORT") else {
+        bail!(
+            "rank {rank}: neither MLM_MASTER_PORT nor MASTER_PORT is set (the tcp rendezvous port; mlm-launch sets it)"
+        );
+    };
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|&p| p > 0)
+        .ok_or_else(|| anyhow::anyhow!("rank {rank}: {key}={port:?} is not a port number (1-65535)"))?;
+    Ok((addr, port))
 }
 
 /// Workers per node of a job that spans several nodes of equal size
@@ -446,6 +475,32 @@ mod tests {
         assert_eq!(WorldInfo::from_vars(&vars(&port)).unwrap().1, Launcher::Slurm);
         let e = WorldInfo::from_vars(&vars(&[srun.as_slice(), &[("SLURM_PROCID", "12")]].concat())).unwrap_err();
         assert!(e.to_string().contains("SLURM_PROCID=12 is not below SLURM_STEP_NUM_TASKS=12"), "{e}");
+    }
+
+    #[test]
+    fn torch_variables_start_a_worker_per_gpu() {
+        // A process per GPU, as a Kubernetes operator (or torchrun) starts it,
+        // inside an allocation whose SLURM_* describe something else.
+        let torch = [
+            ("MASTER_ADDR", "job-master-0"),
+            ("MASTER_PORT", "23456"),
+            ("RANK", "5"),
+            ("WORLD_SIZE", "8"),
+            ("LOCAL_RANK", "1"),
+            ("LOCAL_WORLD_SIZE", "4"),
+            ("SLURM_NTASKS", "2"),
+            ("SLURM_PROCID", "0"),
+        ];
+        let (w, l) = WorldInfo::from_vars(&vars(&torch)).unwrap();
+        assert_eq!((w, l), (WorldInfo { rank: 5, world_size: 8, local_rank: 1 }, Launcher::Env));
+        assert_eq!(rendezvous_from(&vars(&torch), 5).unwrap(), ("job-master-0".to_string(), 23456));
+        // Ours win where both are set.
+        let both = [torch.as_slice(), &[("MLM_MASTER_ADDR", "10.0.0.1"), ("MLM_MASTER_PORT", "29500")]].concat();
+        assert_eq!(rendezvous_from(&vars(&both), 5).unwrap(), ("10.0.0.1".to_string(), 29500));
+        let e = rendezvous_from(&vars(&[("MASTER_PORT", "http")]), 2).unwrap_err().to_string();
+        assert!(e.contains("rank 2: MASTER_PORT=\"http\" is not a port number"), "{e}");
+        let e = rendezvous_from(&vars(&[]), 2).unwrap_err().to_string();
+        assert!(e.contains("neither MLM_MASTER_PORT nor MASTER_PORT"), "{e}");
     }
 
     #[test]
