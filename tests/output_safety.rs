@@ -33,16 +33,6 @@ fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// The one `error:` line of a failed command, checked to be no panic.
-fn error_line(o: &std::process::Output) -> String {
-    assert!(!o.status.success(), "expected a failure");
-    let e = stderr(o);
-    assert!(!e.contains("panicked") && !e.contains("internal error"), "{e}");
-    let lines: Vec<&str> = e.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(lines.len(), 1, "one error line expected: {e}");
-    lines[0].to_string()
-}
-
 /// The step of the model in `<out>/best`.
 fn best_step(out: &Path) -> u64 {
     let s: serde_json::Value =

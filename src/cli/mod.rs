@@ -137,6 +137,7 @@ pub enum FormatArg {
     Text,
     Jsonl,
     Parquet,
+    Arrow,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -225,6 +226,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     FormatArg::Text => InputFormat::Text,
                     FormatArg::Jsonl => InputFormat::Jsonl,
                     FormatArg::Parquet => InputFormat::Parquet,
+                    FormatArg::Arrow => InputFormat::Arrow,
                 },
                 text_field,
                 document_boundary: DocumentBoundary::BlankLine,

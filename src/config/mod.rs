@@ -70,13 +70,17 @@ pub enum DocumentBoundary {
 #[serde(rename_all = "snake_case")]
 pub enum InputFormat {
     /// From the extension: `.jsonl`/`.json` -> jsonl, `.parquet` -> parquet,
-    /// anything else -> text.
+    /// `.arrow` -> arrow, anything else -> text.
     #[default]
     Auto,
     Text,
     Jsonl,
     /// Apache Parquet; the text is in the string column `text_field`.
     Parquet,
+    /// Arrow IPC, as Hugging Face `datasets` writes it (`save_to_disk`
+    /// folders, its cache): the stream format, or the file format; the text
+    /// is in the string column `text_field`.
+    Arrow,
 }
 
 /// What to do with bytes that are not UTF-8 in text and JSON-lines inputs.

@@ -1,5 +1,7 @@
-//! Reading input files into documents (plain text, JSON lines or Parquet),
-//! text and JSON lines optionally compressed (`.gz`, `.zst`, `.bz2`).
+//! Reading input files into documents (plain text, JSON lines, Parquet or
+//! Arrow IPC), text and JSON lines optionally compressed (`.gz`, `.zst`,
+//! `.bz2`); Hugging Face `datasets` folders (`save_to_disk`) read as their
+//! Arrow files.
 use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -31,6 +33,10 @@ pub fn expand_files(patterns: &[String]) -> Result<Vec<PathBuf>> {
             }
         } else {
             let p = PathBuf::from(pat);
+            if p.is_dir() {
+                out.extend(dataset_folder_files(&p)?);
+                continue;
+            }
             if !p.is_file() {
                 bail!("data.files: input file {} does not exist (or is not a file)", p.display());
             }
@@ -40,6 +46,74 @@ pub fn expand_files(patterns: &[String]) -> Result<Vec<PathBuf>> {
     out.sort();
     out.dedup();
     Ok(out)
+}
+
+/// The Arrow files of a Hugging Face `datasets` folder, in the dataset's
+/// order: a `save_to_disk` folder of one split (`state.json` lists its
+/// `data-0000i-of-0000n.arrow` shards), or a `DatasetDict` folder
+/// (`dataset_dict.json`), whose `train` split is read (name another split's
+/// folder, e.g. `wiki/validation`, to read that one). Any other folder is an
+/// error naming it.
+pub fn dataset_folder_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let read_json = |name: &str| -> Result<Option<serde_json::Value>> {
+        let path = dir.join(name);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| anyhow::anyhow!("{}: not a datasets {name} ({e})", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(anyhow::Error::new(e).context(format!("cannot read {}", path.display()))),
+        }
+    };
+    if let Some(state) = read_json("state.json")? {
+        let files = state.get("_data_files").and_then(|f| f.as_array()).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: no \"_data_files\" list (not a datasets save_to_disk folder?)",
+                dir.join("state.json").display()
+            )
+        })?;
+        let mut out = Vec::with_capacity(files.len());
+        for f in files {
+            let Some(name) = f.get("filename").and_then(|n| n.as_str()) else {
+                bail!("{}: a \"_data_files\" entry without a \"filename\"", dir.join("state.json").display());
+            };
+            // A shard name is a file of this folder, never a path out of it.
+            if name.is_empty() || Path::new(name).components().count() != 1 || name == ".." {
+                bail!("{}: shard name {name:?} is not a file name", dir.join("state.json").display());
+            }
+            let shard = dir.join(name);
+            if !shard.is_file() {
+                bail!("data.files: {} lists shard {name}, which is missing", dir.join("state.json").display());
+            }
+            out.push(shard);
+        }
+        if out.is_empty() {
+            bail!("data.files: the datasets folder {} holds no data files", dir.display());
+        }
+        return Ok(out);
+    }
+    if let Some(dict) = read_json("dataset_dict.json")? {
+        let splits: Vec<&str> = dict
+            .get("splits")
+            .and_then(|s| s.as_array())
+            .map_or(Vec::new(), |s| s.iter().filter_map(|v| v.as_str()).collect());
+        if !splits.contains(&"train") {
+            bail!(
+                "data.files: {} is a datasets DatasetDict without a \"train\" split (splits: {}); name a split's folder, \
+                 e.g. {}",
+                dir.display(),
+                splits.join(", "),
+                dir.join(splits.first().copied().unwrap_or("<split>")).display()
+            );
+        }
+        return dataset_folder_files(&dir.join("train"));
+    }
+    bail!(
+        "data.files: {} is a folder, not an input file nor a datasets save_to_disk folder (no state.json or \
+         dataset_dict.json); name its files or a glob pattern such as {}/*.txt",
+        dir.display(),
+        dir.display()
+    )
 }
 
 /// How an input file is compressed, from its last extension.
@@ -85,6 +159,7 @@ pub fn resolve_format(path: &Path, format: InputFormat) -> InputFormat {
         InputFormat::Auto => match inner.extension().and_then(|e| e.to_str()) {
             Some("jsonl" | "json") => InputFormat::Jsonl,
             Some("parquet") => InputFormat::Parquet,
+            Some("arrow") => InputFormat::Arrow,
             _ => InputFormat::Text,
         },
         f => f,
@@ -202,6 +277,12 @@ pub fn for_each_window(
             );
         }
         return parquet_documents(path, &cfg.text_field, window, f);
+    }
+    if format == InputFormat::Arrow {
+        if compression != Compression::None {
+            bail!("{}: a {}-compressed Arrow file: decompress the file", path.display(), compression.name());
+        }
+        return arrow_documents(path, &cfg.text_field, window, f);
     }
     let file = std::fs::File::open(path).with_context(|| format!("cannot read input file {}", path.display()))?;
     let mut reader: Box<dyn Read> = match compression {
@@ -501,6 +582,59 @@ fn parquet_documents(
         .map_err(|e| anyhow::anyhow!("{}: cannot read column {column:?}: {e}", path.display()))?;
     let mut docs = Documents::default();
     for batch in reader {
+        let batch = batch.map_err(|e| anyhow::anyhow!("{}: cannot read column {column:?}: {e}", path.display()))?;
+        for_each_str(batch.column(0).as_ref(), |s| {
+            if !s.trim().is_empty() {
+                docs.push(s);
+            }
+        });
+        if docs.text.len() >= window {
+            f(std::mem::take(&mut docs))?;
+        }
+    }
+    if !docs.is_empty() {
+        f(docs)?;
+    }
+    Ok(())
+}
+
+/// The string column `column` of an Arrow IPC file, one document per row, in
+/// file order; null and whitespace-only rows are skipped. `datasets` writes
+/// the IPC *stream* format (`data-00000-of-00001.arrow`); the IPC *file*
+/// format (`ARROW1` magic) is read too. Only that column is decoded, a record
+/// batch at a time, and `f` gets about `window` bytes of documents at a time.
+fn arrow_documents(path: &Path, column: &str, window: usize, mut f: impl FnMut(Documents) -> Result<()>) -> Result<()> {
+    use arrow_ipc::reader::{FileReader, StreamReader};
+    let open = || std::fs::File::open(path).with_context(|| format!("cannot read input file {}", path.display()));
+    let mut magic = [0u8; 6];
+    let is_file_format = {
+        let mut file = open()?;
+        let n = file.read(&mut magic).with_context(|| format!("cannot read input file {}", path.display()))?;
+        n == 6 && &magic == b"ARROW1"
+    };
+    let bad = |e: arrow_schema::ArrowError| anyhow::anyhow!("{}: not a readable Arrow IPC file ({e})", path.display());
+    let schema = if is_file_format {
+        FileReader::try_new_buffered(open()?, None).map_err(bad)?.schema()
+    } else {
+        StreamReader::try_new_buffered(open()?, None).map_err(bad)?.schema()
+    };
+    let fields = schema.fields();
+    let Some(idx) = fields.iter().position(|f| f.name() == column) else {
+        let names: Vec<&str> = fields.iter().map(|f| f.name().as_str()).collect();
+        bail!("{}: no column {column:?} (columns: {}); set data.text_field", path.display(), names.join(", "));
+    };
+    let dtype = fields[idx].data_type();
+    if !for_each_str(arrow_array::new_empty_array(dtype).as_ref(), |_| ()) {
+        bail!("{}: column {column:?} is {dtype}, expected a string column; set data.text_field", path.display());
+    }
+    let batches: Box<dyn Iterator<Item = Result<arrow_array::RecordBatch, arrow_schema::ArrowError>>> =
+        if is_file_format {
+            Box::new(FileReader::try_new_buffered(open()?, Some(vec![idx])).map_err(bad)?)
+        } else {
+            Box::new(StreamReader::try_new_buffered(open()?, Some(vec![idx])).map_err(bad)?)
+        };
+    let mut docs = Documents::default();
+    for batch in batches {
         let batch = batch.map_err(|e| anyhow::anyhow!("{}: cannot read column {column:?}: {e}", path.display()))?;
         for_each_str(batch.column(0).as_ref(), |s| {
             if !s.trim().is_empty() {

@@ -365,3 +365,13 @@ pub fn losses(out: &Path) -> std::collections::BTreeMap<u64, f64> {
         .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
         .collect()
 }
+
+/// The one `error:` line of a failed command, checked to be no panic.
+pub fn error_line(o: &std::process::Output) -> String {
+    assert!(!o.status.success(), "expected a failure");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!e.contains("panicked") && !e.contains("internal error"), "{e}");
+    let lines: Vec<&str> = e.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "one error line expected: {e}");
+    lines[0].to_string()
+}

@@ -249,3 +249,61 @@ fn expand_files_sorts_dedups_and_names_missing_inputs() {
     let e = expand_files(&[d.path().join("gone.txt").to_string_lossy().into_owned()]).unwrap_err().to_string();
     assert!(e.contains("gone.txt") && e.contains("does not exist"), "{e}");
 }
+
+/// Arrow IPC in both formats (the stream `datasets` writes, and the file with
+/// its `ARROW1` magic), several record batches, nulls and blank rows skipped,
+/// windows of about the asked size; a `save_to_disk` folder lists its shards
+/// in `state.json` order and never a path out of the folder.
+#[test]
+fn arrow_streams_files_and_datasets_folders() {
+    use std::sync::Arc;
+
+    use arrow_array::{ArrayRef, Int64Array, RecordBatch};
+    let d = tempfile::tempdir().unwrap();
+    let batch = |docs: &[Option<&str>]| {
+        let ids: ArrayRef = Arc::new(Int64Array::from((0..docs.len() as i64).collect::<Vec<_>>()));
+        let text: ArrayRef = Arc::new(StringArray::from(docs.to_vec()));
+        RecordBatch::try_from_iter([("id", ids), ("text", text)]).unwrap()
+    };
+    let batches = [batch(&[Some("first doc"), None, Some("  ")]), batch(&[Some("second doc"), Some("third doc")])];
+    let schema = batches[0].schema();
+    let stream = d.path().join("data-00001-of-00002.arrow");
+    let mut w = arrow_ipc::writer::StreamWriter::try_new(std::fs::File::create(&stream).unwrap(), &schema).unwrap();
+    batches.iter().for_each(|b| w.write(b).unwrap());
+    w.finish().unwrap();
+    let file = d.path().join("data-00000-of-00002.arrow");
+    let mut w = arrow_ipc::writer::FileWriter::try_new(std::fs::File::create(&file).unwrap(), &schema).unwrap();
+    batches.iter().for_each(|b| w.write(b).unwrap());
+    w.finish().unwrap();
+    let c = DataConfig::default();
+    for p in [&stream, &file] {
+        assert_eq!(resolve_format(p, c.format), InputFormat::Arrow);
+        assert_eq!(read_documents(p, &c).unwrap(), vec!["first doc", "second doc", "third doc"], "{}", p.display());
+        let mut windows = Vec::new();
+        for_each_window(p, &c, 1, |w| {
+            windows.push(w.len());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(windows, [1, 2], "one window per record batch at a 1-byte window");
+        let e = read_documents(p, &DataConfig { text_field: "id".into(), ..c.clone() }).unwrap_err().to_string();
+        assert!(e.contains("column \"id\" is Int64, expected a string column"), "{e}");
+    }
+    // The folder: shards in state.json's order (not by name).
+    let state =
+        r#"{"_data_files": [{"filename": "data-00001-of-00002.arrow"}, {"filename": "data-00000-of-00002.arrow"}]}"#;
+    std::fs::write(d.path().join("state.json"), state).unwrap();
+    assert_eq!(dataset_folder_files(d.path()).unwrap(), [stream.clone(), file.clone()]);
+    std::fs::write(d.path().join("state.json"), r#"{"_data_files": [{"filename": "../x.arrow"}]}"#).unwrap();
+    let e = dataset_folder_files(d.path()).unwrap_err().to_string();
+    assert!(e.contains("shard name \"../x.arrow\" is not a file name"), "{e}");
+    std::fs::write(d.path().join("state.json"), r#"{"_data_files": [{"filename": "gone.arrow"}]}"#).unwrap();
+    assert!(dataset_folder_files(d.path())
+        .unwrap_err()
+        .to_string()
+        .contains("lists shard gone.arrow, which is missing"));
+    let dict = tempfile::tempdir().unwrap();
+    std::fs::write(dict.path().join("dataset_dict.json"), r#"{"splits": ["test"]}"#).unwrap();
+    let e = dataset_folder_files(dict.path()).unwrap_err().to_string();
+    assert!(e.contains("without a \"train\" split (splits: test)"), "{e}");
+}
