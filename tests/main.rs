@@ -14,6 +14,7 @@ mod dist_tcp;
 mod distributed;
 mod elastic;
 mod estimate_memory;
+mod eval_files;
 mod golden;
 mod gpu_dryrun;
 mod honest_logs;

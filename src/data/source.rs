@@ -11,28 +11,28 @@ use parquet::arrow::ProjectionMask;
 
 use crate::config::{DataConfig, DocumentBoundary, InputFormat, InvalidUtf8};
 
-/// Expands `data.files` (paths or glob patterns) into a sorted, deduplicated
-/// list of files. A pattern that matches no file, or a missing file, is an error
-/// naming it.
-pub fn expand_files(patterns: &[String]) -> Result<Vec<PathBuf>> {
+/// Expands the paths or glob patterns of the config key `key` (`data.files`,
+/// `data.eval_files`) into a sorted, deduplicated list of files. A pattern that
+/// matches no file, or a missing file, is an error naming the key and it.
+pub fn expand_files(key: &str, patterns: &[String]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for pat in patterns {
         if pat.contains(['*', '?', '[']) {
-            let paths = glob::glob(pat).with_context(|| format!("data.files: bad glob pattern {pat:?}"))?;
+            let paths = glob::glob(pat).with_context(|| format!("{key}: bad glob pattern {pat:?}"))?;
             let before = out.len();
             for p in paths {
-                let p = p.with_context(|| format!("data.files: cannot read a match of {pat:?}"))?;
+                let p = p.with_context(|| format!("{key}: cannot read a match of {pat:?}"))?;
                 if p.is_file() {
                     out.push(p);
                 }
             }
             if out.len() == before {
-                bail!("data.files: pattern {pat:?} matches no file");
+                bail!("{key}: pattern {pat:?} matches no file");
             }
         } else {
             let p = PathBuf::from(pat);
             if !p.is_file() {
-                bail!("data.files: input file {} does not exist (or is not a file)", p.display());
+                bail!("{key}: input file {} does not exist (or is not a file)", p.display());
             }
             out.push(p);
         }

@@ -241,11 +241,13 @@ fn expand_files_sorts_dedups_and_names_missing_inputs() {
     let b = write(d.path(), "b.txt", b"x");
     let a = write(d.path(), "a.txt", b"x");
     let pat = d.path().join("*.txt").to_string_lossy().into_owned();
-    let files = expand_files(&[pat.clone(), b.to_string_lossy().into_owned()]).unwrap();
+    let files = expand_files("data.files", &[pat.clone(), b.to_string_lossy().into_owned()]).unwrap();
     assert_eq!(files, vec![a, b]);
     let none = d.path().join("*.md").to_string_lossy().into_owned();
-    let e = expand_files(&[none]).unwrap_err().to_string();
+    let e = expand_files("data.files", &[none]).unwrap_err().to_string();
     assert!(e.contains("*.md") && e.contains("matches no file"), "{e}");
-    let e = expand_files(&[d.path().join("gone.txt").to_string_lossy().into_owned()]).unwrap_err().to_string();
+    let e = expand_files("data.files", &[d.path().join("gone.txt").to_string_lossy().into_owned()])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("gone.txt") && e.contains("does not exist"), "{e}");
 }
