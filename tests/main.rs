@@ -15,6 +15,7 @@ mod dist_tcp;
 mod distributed;
 mod elastic;
 mod estimate_memory;
+mod eval_files;
 mod golden;
 mod gpu_dryrun;
 mod honest_logs;

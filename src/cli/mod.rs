@@ -171,10 +171,11 @@ pub fn run(cli: Cli) -> Result<()> {
             let start = resume::plan(&cfg, None, Apply::Check)?;
             let p = prepare(&cfg, &tok, show_progress(cfg.logging.progress), start.data_key())?;
             emit(format_args!(
-                "{}: {} train and {} test chunks of {} tokens",
+                "{}: {} train and {} test chunks{} of {} tokens",
                 p.dir.display(),
                 p.manifest.train_chunks,
                 p.manifest.test_chunks,
+                if p.manifest.eval.is_some() { " (data.eval_files)" } else { "" },
                 p.manifest.block_size
             ))
         }

@@ -102,12 +102,21 @@ pub enum InvalidUtf8 {
 /// whatever the corpus size.
 pub const DEFAULT_TEST_SIZE: usize = 10_000;
 
+/// `data.test_fraction` unless set (and `data.eval_files` is not).
+pub const DEFAULT_TEST_FRACTION: f64 = 0.05;
+
 /// `[data]`: inputs, preparation and masking.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
     /// Input files or glob patterns, relative to the config file's folder.
     pub files: Vec<String>,
+    /// Files (or glob patterns) to evaluate on: when set, the held-out blocks
+    /// are these files' (read and cut like `files`) and `test_fraction` holds
+    /// nothing out of `files`. (Not written when empty: the hash of a job's
+    /// settings stays what it was before the key existed.)
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub eval_files: Vec<String>,
     pub format: InputFormat,
     /// Field (JSON lines) or column (Parquet) holding the text.
     pub text_field: String,
@@ -116,8 +125,12 @@ pub struct DataConfig {
     pub invalid_utf8: InvalidUtf8,
     /// Tokens per training example (chunk).
     pub block_size: usize,
-    /// Fraction of chunks held out for evaluation.
-    pub test_fraction: f64,
+    /// Fraction of chunks held out for evaluation; unset: 0.05, or none with
+    /// `eval_files` ([`DataConfig::held_out_fraction`]). (Written as 0.05 when
+    /// unset, so the hash of a job's settings is what it was when the key was
+    /// a plain number.)
+    #[serde(serialize_with = "fraction_or_default")]
+    pub test_fraction: Option<f64>,
     /// At most this many chunks held out (0: `test_fraction` alone): a sample
     /// of the `test_fraction` ones, the others train.
     pub test_size: usize,
@@ -143,12 +156,13 @@ impl Default for DataConfig {
     fn default() -> Self {
         Self {
             files: Vec::new(),
+            eval_files: Vec::new(),
             format: InputFormat::Auto,
             text_field: "text".into(),
             document_boundary: DocumentBoundary::BlankLine,
             invalid_utf8: InvalidUtf8::Error,
             block_size: 128,
-            test_fraction: 0.05,
+            test_fraction: None,
             test_size: DEFAULT_TEST_SIZE,
             split_seed: 42,
             prepared_dir: None,
@@ -160,6 +174,22 @@ impl Default for DataConfig {
             prefetch_batches: 4,
         }
     }
+}
+
+impl DataConfig {
+    /// The fraction of `files`' blocks held out: none when `eval_files` are
+    /// the held-out set, else `test_fraction` (0.05 unless set).
+    pub fn held_out_fraction(&self) -> f64 {
+        if self.eval_files.is_empty() {
+            self.test_fraction.unwrap_or(DEFAULT_TEST_FRACTION)
+        } else {
+            0.0
+        }
+    }
+}
+
+fn fraction_or_default<S: serde::Serializer>(f: &Option<f64>, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_f64(f.unwrap_or(DEFAULT_TEST_FRACTION))
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -531,7 +561,7 @@ impl Config {
         if !self.training.output_dir.as_os_str().is_empty() {
             fix(&mut self.training.output_dir);
         }
-        for f in self.data.files.iter_mut() {
+        for f in self.data.files.iter_mut().chain(self.data.eval_files.iter_mut()) {
             if Path::new(f).is_relative() {
                 *f = normalize(&base.join(&*f)).to_string_lossy().into_owned();
             }
@@ -661,6 +691,38 @@ mod tests {
     }
 
     #[test]
+    fn eval_files_replace_the_test_fraction_and_a_contradiction_is_refused() {
+        let with = |data: &str| Config::from_toml(&format!("{MIN}[data]\n{data}\n"));
+        let c = with("eval_files = [\"valid.jsonl\"]").unwrap();
+        assert_eq!((c.data.held_out_fraction(), c.data.eval_files.len()), (0.0, 1));
+        assert_eq!(with("eval_files = [\"v.txt\"]\ntest_fraction = 0").unwrap().data.held_out_fraction(), 0.0);
+        assert_eq!(with("").unwrap().data.held_out_fraction(), DEFAULT_TEST_FRACTION);
+        assert_eq!(with("test_fraction = 0.2").unwrap().data.held_out_fraction(), 0.2);
+        let e = with("eval_files = [\"v.txt\"]\ntest_fraction = 0.1").unwrap_err().to_string();
+        assert!(e.contains("data.test_fraction = 0.1 and data.eval_files are both set"), "{e}");
+        let e = with("test_fraction = 0").unwrap_err().to_string();
+        assert!(e.contains("data.test_fraction = 0 must be in (0, 1)") && e.contains("data.eval_files"), "{e}");
+        let e = with("eval_files = [\" \"]").unwrap_err().to_string();
+        assert!(e.contains("data.eval_files has an empty entry"), "{e}");
+        // Relative to the config file's folder, as data.files.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, format!("{MIN}[data]\neval_files = [\"valid/*.txt\"]\n")).unwrap();
+        assert_eq!(Config::load(&p, &[]).unwrap().data.eval_files, [format!("{}/valid/*.txt", dir.path().display())]);
+    }
+
+    #[test]
+    fn data_settings_without_eval_files_serialize_as_before_the_key() {
+        // What the checkpoints' config hash is taken over: unchanged for jobs
+        // that do not use eval_files, so their checkpoints still resume.
+        let v = serde_json::to_value(DataConfig::default()).unwrap();
+        assert_eq!(v["test_fraction"], 0.05);
+        assert!(v.get("eval_files").is_none(), "{v}");
+        let set = DataConfig { test_fraction: Some(0.2), ..DataConfig::default() };
+        assert_eq!(serde_json::to_value(set).unwrap()["test_fraction"], 0.2);
+    }
+
+    #[test]
     fn shipped_configs_parse() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
         let mut n = 0;
@@ -670,6 +732,6 @@ mod tests {
                 n += 1;
             }
         }
-        assert!(n >= 4, "demo, wiki, imdb, eli5");
+        assert!(n >= 5, "demo, wiki, imdb, eli5, wikitext");
     }
 }

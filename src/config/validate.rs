@@ -25,11 +25,19 @@ impl Config {
         if d.block_size < 8 || d.block_size > 1 << 20 {
             bail!("data.block_size = {} must be between 8 and 1048576", d.block_size);
         }
-        if !(d.test_fraction > 0.0 && d.test_fraction < 1.0) {
-            bail!(
-                "data.test_fraction = {} must be in (0, 1): the held-out perplexity needs a test split",
-                d.test_fraction
-            );
+        if d.eval_files.iter().any(|f| f.trim().is_empty()) {
+            bail!("data.eval_files has an empty entry: list the text, JSON-lines or Parquet files to evaluate on");
+        }
+        match (d.test_fraction, d.eval_files.is_empty()) {
+            (Some(f), false) if f != 0.0 => bail!(
+                "data.test_fraction = {f} and data.eval_files are both set: with data.eval_files the held-out set is \
+                 those files and nothing of data.files is held out; remove data.test_fraction (or data.eval_files)"
+            ),
+            (Some(f), true) if !(f > 0.0 && f < 1.0) => bail!(
+                "data.test_fraction = {f} must be in (0, 1): the held-out perplexity needs a test split (or set \
+                 data.eval_files to evaluate on files of your own)"
+            ),
+            _ => {}
         }
         let max = super::MAX_TEST_TOKENS;
         if d.test_size.saturating_mul(d.block_size) > max {

@@ -4,7 +4,9 @@
 //! its special tokens (`[CLS] ... [SEP]`), all documents are concatenated in file
 //! order, cut into `block_size` chunks and the remainder dropped (`group_texts`).
 //! Files are read a window at a time and each chunk is written to train or test
-//! as it is cut ([`super::split`]), so memory does not grow with the corpus. Each token's
+//! as it is cut ([`super::split`]), so memory does not grow with the corpus.
+//! With `data.eval_files`, those files follow the training files through the
+//! same reading and cutting, and their blocks are the test chunks. Each token's
 //! word-start mark (for whole-word masking) is stored beside the tokens, so the
 //! same store serves token and whole-word masking.
 use std::fs::File;
@@ -20,7 +22,7 @@ use tracing::{info, warn};
 
 use super::source::{expand_files, for_each_window, Documents};
 use super::split::SplitWriter;
-use super::store::{Manifest, Prepared, SourceInfo, FORMAT_VERSION, MANIFEST};
+use super::store::{EvalFiles, Manifest, Prepared, SourceInfo, FORMAT_VERSION, MANIFEST};
 use super::tokenizer::{hex, TextTokenizer};
 use crate::config::{Config, DataConfig};
 use crate::progress::Progress;
@@ -67,16 +69,19 @@ fn prepare_or_open(
     mode: Mode,
 ) -> Result<Prepared> {
     let d = &cfg.data;
-    let files = expand_files(&d.files)?;
+    let files = expand_files("data.files", &d.files)?;
     if files.is_empty() {
         bail!("data.files is empty: list the text, JSON-lines or Parquet files to train on");
     }
+    let eval_files = expand_files("data.eval_files", &d.eval_files)?;
     let hashing = Instant::now();
     let mut sources = hash_sources(&files)?;
+    let mut eval_sources = hash_sources(&eval_files)?;
     let mut times = PrepareTimes { hashing_s: hashing.elapsed().as_secs_f64(), ..Default::default() };
-    let key = inputs_key(d, tok, &sources);
+    check_disjoint(&sources, &eval_sources)?;
+    let key = inputs_key(d, tok, &sources, &eval_sources);
     if let Some(want) = resumed_key.filter(|w| *w != key) {
-        changed_data(want, &key, cfg, tok, &sources)?;
+        changed_data(want, &key, cfg, tok, &sources, &eval_sources)?;
     }
     let dir = store_dir(cfg)?;
     check_store_dir(&dir)?;
@@ -109,20 +114,35 @@ fn prepare_or_open(
     crate::durable::recover(&crate::durable::parent_of(&dir), |n| n == name)?;
 
     let t0 = Instant::now();
-    let total: u64 = sources.iter().map(|s| s.bytes).sum();
+    let total: u64 = sources.iter().chain(&eval_sources).map(|s| s.bytes).sum();
     let pb = if show_progress { Progress::bytes(total, "tokenizing", &cfg.logging) } else { Progress::hidden() };
     let mut manifest = None;
     crate::durable::write_dir_atomically(&dir, |tmp| {
-        let mut split = SplitWriter::create(tmp, d.block_size, d.test_fraction, d.test_size, d.split_seed)?;
-        let counts =
-            tokenize_files(&files, d, tok, &pb, READ_WINDOW, &mut times, |ids, starts| split.push(ids, starts))?;
+        let mut split = SplitWriter::create(tmp, d.block_size, d.held_out_fraction(), d.test_size, d.split_seed)?;
+        // The eval files follow the training files through one pipeline: the
+        // first of their tokens ends the training part.
+        let all: Vec<PathBuf> = files.iter().chain(&eval_files).cloned().collect();
+        let counts = tokenize_files(&all, d, tok, &pb, READ_WINDOW, &mut times, |file, ids, starts| {
+            if file >= files.len() {
+                split.hold_out_rest();
+            }
+            split.push(ids, starts)
+        })?;
         pb.finish();
-        for (s, (docs, toks)) in sources.iter_mut().zip(counts) {
+        for (s, (docs, toks)) in sources.iter_mut().chain(eval_sources.iter_mut()).zip(counts) {
             (s.documents, s.tokens) = (docs, toks);
         }
         let documents: usize = sources.iter().map(|s| s.documents).sum();
-        check_corpus(&files, documents, split.tokens, d.block_size)?;
+        check_corpus(&files, documents, sources.iter().map(|s| s.tokens).sum(), d.block_size)?;
+        check_eval_files(&eval_sources, d.block_size)?;
         let written = split.finish()?;
+        let eval = written.held_out.map(|part| EvalFiles {
+            documents: eval_sources.iter().map(|s| s.documents).sum(),
+            sources: std::mem::take(&mut eval_sources),
+            tokens: part.tokens,
+            words: part.words,
+            dropped_tokens: part.dropped_tokens,
+        });
         let m = Manifest {
             format_version: FORMAT_VERSION,
             block_size: d.block_size,
@@ -131,11 +151,12 @@ fn prepare_or_open(
             inputs_key: key,
             sources: std::mem::take(&mut sources),
             documents,
-            tokens: written.tokens,
-            words: written.words,
-            dropped_tokens: written.dropped_tokens,
+            tokens: written.corpus.tokens,
+            words: written.corpus.words,
+            dropped_tokens: written.corpus.dropped_tokens,
             train_chunks: written.train_chunks,
             test_chunks: written.test_chunks,
+            eval,
         };
         let p = tmp.join(MANIFEST);
         crate::durable::write_file(&p, &serde_json::to_vec_pretty(&m)?)?;
@@ -152,6 +173,7 @@ fn prepare_or_open(
         train_chunks = manifest.train_chunks,
         test_chunks = manifest.test_chunks,
         dropped_tokens = manifest.dropped_tokens,
+        eval_files = manifest.eval.as_ref().map_or(0, |e| e.sources.len()),
         tokens_per_s = (manifest.tokens as f64 / secs.max(1e-9)).round(),
         "prepared data at {}",
         dir.display()
@@ -174,13 +196,13 @@ fn prepare_or_open(
 /// of `d.block_size` chunks (no store on disk: for one-off evaluation). Fails
 /// like [`prepare`] on an empty or too small corpus.
 pub fn tokenize_to_chunks(d: &DataConfig, tok: &TextTokenizer) -> Result<Vec<u32>> {
-    let files = expand_files(&d.files)?;
+    let files = expand_files("data.files", &d.files)?;
     if files.is_empty() {
         bail!("no input files given");
     }
     let mut tokens = Vec::new();
     let mut times = PrepareTimes::default();
-    let counts = tokenize_files(&files, d, tok, &Progress::hidden(), READ_WINDOW, &mut times, |ids, _| {
+    let counts = tokenize_files(&files, d, tok, &Progress::hidden(), READ_WINDOW, &mut times, |_, ids, _| {
         tokens.extend_from_slice(ids);
         Ok(())
     })?;
@@ -238,9 +260,10 @@ enum Piece {
 }
 
 /// Tokenizes the documents of `files` in order and hands the tokens and their
-/// word-start marks to `sink`, a window at a time: a reader thread reads (and
-/// decompresses, and cuts) the next window while the cores tokenize this one,
-/// and a writer thread hands the previous one to `sink`.
+/// word-start marks to `sink`, with the index of their file, a window at a
+/// time: a reader thread reads (and decompresses, and cuts) the next window
+/// while the cores tokenize this one, and a writer thread hands the previous
+/// one to `sink`.
 /// Returns each file's (documents, tokens).
 fn tokenize_files(
     files: &[PathBuf],
@@ -249,7 +272,7 @@ fn tokenize_files(
     pb: &Progress,
     window: usize,
     times: &mut PrepareTimes,
-    mut sink: impl FnMut(&[u32], &[bool]) -> Result<()> + Send,
+    mut sink: impl FnMut(usize, &[u32], &[bool]) -> Result<()> + Send,
 ) -> Result<Vec<FileCounts>> {
     let mut counts = vec![(0, 0); files.len()];
     let mut done = 0;
@@ -257,11 +280,11 @@ fn tokenize_files(
         let (tx, rx) = crossbeam_channel::bounded::<Result<Piece>>(1);
         // The writer: cuts and writes one window's tokens while the cores
         // tokenize the next.
-        let (wtx, wrx) = crossbeam_channel::bounded::<Vec<(Vec<u32>, Vec<bool>)>>(1);
+        let (wtx, wrx) = crossbeam_channel::bounded::<(usize, Vec<(Vec<u32>, Vec<bool>)>)>(1);
         let writer = scope.spawn(move || {
-            for encoded in wrx {
+            for (file, encoded) in wrx {
                 for (ids, s) in &encoded {
-                    sink(ids, s)?;
+                    sink(file, ids, s)?;
                 }
             }
             Ok::<_, anyhow::Error>(())
@@ -308,7 +331,7 @@ fn tokenize_files(
                     drop(docs);
                     counts[i].1 += encoded.iter().map(|(ids, _)| ids.len()).sum::<usize>();
                     // Waiting here is the part of writing that tokenizing did not hide.
-                    let sent = wtx.send(encoded);
+                    let sent = wtx.send((i, encoded));
                     times.writing_s += t.elapsed().as_secs_f64();
                     if sent.is_err() {
                         break;
@@ -355,6 +378,46 @@ fn check_corpus(files: &[PathBuf], documents: usize, tokens: usize, block_size: 
     Ok(())
 }
 
+/// Refuses an eval file that is also a training file, by path or by contents:
+/// its perplexity would measure text the model was trained on.
+fn check_disjoint(sources: &[SourceInfo], eval_sources: &[SourceInfo]) -> Result<()> {
+    for e in eval_sources {
+        if let Some(s) = sources.iter().find(|s| s.path == e.path) {
+            bail!(
+                "data.eval_files: {} is also in data.files: a file evaluated on must not be trained on; remove it from \
+                 data.files (or from data.eval_files)",
+                s.path.display()
+            );
+        }
+        if let Some(s) = sources.iter().find(|s| s.sha256 == e.sha256 && e.bytes > 0) {
+            bail!(
+                "data.eval_files: {} has the same contents as {} of data.files: a text evaluated on must not be \
+                 trained on; remove one of them",
+                e.path.display(),
+                s.path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The errors of eval files that hold no text, or too little for one block.
+fn check_eval_files(eval_sources: &[SourceInfo], block_size: usize) -> Result<()> {
+    if let Some(s) = eval_sources.iter().find(|s| s.documents == 0 || s.tokens == 0) {
+        bail!("data.eval_files: no text found in {}", s.path.display());
+    }
+    let tokens: usize = eval_sources.iter().map(|s| s.tokens).sum();
+    if !eval_sources.is_empty() && tokens < block_size {
+        let paths: Vec<PathBuf> = eval_sources.iter().map(|s| s.path.clone()).collect();
+        bail!(
+            "data.eval_files ({}) hold {tokens} tokens, fewer than one block of data.block_size = {block_size}: add \
+             text to them or lower data.block_size",
+            list_files(&paths)
+        );
+    }
+    Ok(())
+}
+
 /// Hashes every input file (in parallel); counts are filled in later.
 fn hash_sources(files: &[PathBuf]) -> Result<Vec<SourceInfo>> {
     files
@@ -378,8 +441,15 @@ fn hash_sources(files: &[PathBuf]) -> Result<Vec<SourceInfo>> {
 }
 
 /// SHA-256 over everything that shapes the store.
-fn inputs_key(d: &DataConfig, tok: &TextTokenizer, sources: &[SourceInfo]) -> String {
-    inputs_key_of_format(d, tok, sources, FORMAT_VERSION)
+fn inputs_key(d: &DataConfig, tok: &TextTokenizer, sources: &[SourceInfo], eval_sources: &[SourceInfo]) -> String {
+    let key = inputs_key_of_format(d, tok, sources, FORMAT_VERSION);
+    if eval_sources.is_empty() {
+        return key;
+    }
+    // The eval files in place of the split settings, which then shape nothing.
+    let eval: Vec<_> = eval_sources.iter().map(|s| (&s.path, s.bytes, &s.sha256)).collect();
+    let v = serde_json::json!({ "inputs_key": key, "eval_files": eval });
+    hex(&Sha256::digest(v.to_string().as_bytes()))
 }
 
 /// The store key that `mlm` of store format `version` gave these inputs: a
@@ -394,7 +464,7 @@ fn inputs_key_of_format(d: &DataConfig, tok: &TextTokenizer, sources: &[SourceIn
         "text_field": d.text_field,
         "document_boundary": d.document_boundary,
         "block_size": d.block_size,
-        "test_fraction": d.test_fraction,
+        "test_fraction": d.held_out_fraction(),
         "split_seed": d.split_seed,
         "tokenizer_sha256": tok.hash,
     });
@@ -420,14 +490,31 @@ const FORMAT_CHANGES: [(u32, &str); 3] = [
 
 /// The store format whose key for these inputs is `key`, when it is an older
 /// one than this `mlm` writes.
-fn older_format_of(key: &str, d: &DataConfig, tok: &TextTokenizer, sources: &[SourceInfo]) -> Option<u32> {
+fn older_format_of(
+    key: &str,
+    d: &DataConfig,
+    tok: &TextTokenizer,
+    sources: &[SourceInfo],
+    eval_sources: &[SourceInfo],
+) -> Option<u32> {
+    // Stores of older formats never held eval files.
+    if !eval_sources.is_empty() {
+        return None;
+    }
     (1..FORMAT_VERSION).rev().find(|&v| inputs_key_of_format(d, tok, sources, v) == key)
 }
 
 /// The refusal (or, with `checkpoint.allow_config_change`, the warning) for a
 /// checkpoint whose data key `want` is not the inputs' key `key`.
-fn changed_data(want: &str, key: &str, cfg: &Config, tok: &TextTokenizer, sources: &[SourceInfo]) -> Result<()> {
-    let what = match older_format_of(want, &cfg.data, tok, sources) {
+fn changed_data(
+    want: &str,
+    key: &str,
+    cfg: &Config,
+    tok: &TextTokenizer,
+    sources: &[SourceInfo],
+    eval_sources: &[SourceInfo],
+) -> Result<()> {
+    let what = match older_format_of(want, &cfg.data, tok, sources, eval_sources) {
         Some(v) => {
             let changes: Vec<&str> = FORMAT_CHANGES.iter().filter(|(f, _)| *f > v).map(|(_, c)| *c).collect();
             format!(
@@ -436,8 +523,8 @@ fn changed_data(want: &str, key: &str, cfg: &Config, tok: &TextTokenizer, source
                 changes.join("; ")
             )
         }
-        None => "the checkpoint to resume was trained on other data (data.files, their contents, the tokenizer or \
-                 the data settings changed since)"
+        None => "the checkpoint to resume was trained on other data (data.files or data.eval_files, their \
+                 contents, the tokenizer or the data settings changed since)"
             .to_string(),
     };
     if !cfg.checkpoint.allow_config_change {

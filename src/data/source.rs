@@ -13,32 +13,32 @@ use parquet::arrow::ProjectionMask;
 
 use crate::config::{DataConfig, DocumentBoundary, InputFormat, InvalidUtf8};
 
-/// Expands `data.files` (paths or glob patterns) into a sorted, deduplicated
-/// list of files. A pattern that matches no file, or a missing file, is an error
-/// naming it.
-pub fn expand_files(patterns: &[String]) -> Result<Vec<PathBuf>> {
+/// Expands the paths or glob patterns of the config key `key` (`data.files`,
+/// `data.eval_files`) into a sorted, deduplicated list of files. A pattern that
+/// matches no file, or a missing file, is an error naming the key and it.
+pub fn expand_files(key: &str, patterns: &[String]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for pat in patterns {
         if pat.contains(['*', '?', '[']) {
-            let paths = glob::glob(pat).with_context(|| format!("data.files: bad glob pattern {pat:?}"))?;
+            let paths = glob::glob(pat).with_context(|| format!("{key}: bad glob pattern {pat:?}"))?;
             let before = out.len();
             for p in paths {
-                let p = p.with_context(|| format!("data.files: cannot read a match of {pat:?}"))?;
+                let p = p.with_context(|| format!("{key}: cannot read a match of {pat:?}"))?;
                 if p.is_file() {
                     out.push(p);
                 }
             }
             if out.len() == before {
-                bail!("data.files: pattern {pat:?} matches no file");
+                bail!("{key}: pattern {pat:?} matches no file");
             }
         } else {
             let p = PathBuf::from(pat);
             if p.is_dir() {
-                out.extend(dataset_folder_files(&p)?);
+                out.extend(dataset_folder_files(key, &p)?);
                 continue;
             }
             if !p.is_file() {
-                bail!("data.files: input file {} does not exist (or is not a file)", p.display());
+                bail!("{key}: input file {} does not exist (or is not a file)", p.display());
             }
             out.push(p);
         }
@@ -48,13 +48,14 @@ pub fn expand_files(patterns: &[String]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// The Arrow files of a Hugging Face `datasets` folder, in the dataset's
-/// order: a `save_to_disk` folder of one split (`state.json` lists its
-/// `data-0000i-of-0000n.arrow` shards), or a `DatasetDict` folder
-/// (`dataset_dict.json`), whose `train` split is read (name another split's
-/// folder, e.g. `wiki/validation`, to read that one). Any other folder is an
-/// error naming it.
-pub fn dataset_folder_files(dir: &Path) -> Result<Vec<PathBuf>> {
+/// The Arrow files of a Hugging Face `datasets` folder (for the config key
+/// `key`), as its `state.json` lists them: a `save_to_disk` folder of one
+/// split (`data-0000i-of-0000n.arrow` shards, whose names sort in the
+/// dataset's order, the order [`expand_files`] reads them in), or a
+/// `DatasetDict` folder (`dataset_dict.json`), whose `train` split is read
+/// (name another split's folder, e.g. `wiki/validation`, to read that one).
+/// Any other folder is an error naming it.
+pub fn dataset_folder_files(key: &str, dir: &Path) -> Result<Vec<PathBuf>> {
     let read_json = |name: &str| -> Result<Option<serde_json::Value>> {
         let path = dir.join(name);
         match std::fs::read_to_string(&path) {
@@ -83,12 +84,12 @@ pub fn dataset_folder_files(dir: &Path) -> Result<Vec<PathBuf>> {
             }
             let shard = dir.join(name);
             if !shard.is_file() {
-                bail!("data.files: {} lists shard {name}, which is missing", dir.join("state.json").display());
+                bail!("{key}: {} lists shard {name}, which is missing", dir.join("state.json").display());
             }
             out.push(shard);
         }
         if out.is_empty() {
-            bail!("data.files: the datasets folder {} holds no data files", dir.display());
+            bail!("{key}: the datasets folder {} holds no data files", dir.display());
         }
         return Ok(out);
     }
@@ -99,17 +100,17 @@ pub fn dataset_folder_files(dir: &Path) -> Result<Vec<PathBuf>> {
             .map_or(Vec::new(), |s| s.iter().filter_map(|v| v.as_str()).collect());
         if !splits.contains(&"train") {
             bail!(
-                "data.files: {} is a datasets DatasetDict without a \"train\" split (splits: {}); name a split's folder, \
+                "{key}: {} is a datasets DatasetDict without a \"train\" split (splits: {}); name a split's folder, \
                  e.g. {}",
                 dir.display(),
                 splits.join(", "),
                 dir.join(splits.first().copied().unwrap_or("<split>")).display()
             );
         }
-        return dataset_folder_files(&dir.join("train"));
+        return dataset_folder_files(key, &dir.join("train"));
     }
     bail!(
-        "data.files: {} is a folder, not an input file nor a datasets save_to_disk folder (no state.json or \
+        "{key}: {} is a folder, not an input file nor a datasets save_to_disk folder (no state.json or \
          dataset_dict.json); name its files or a glob pattern such as {}/*.txt",
         dir.display(),
         dir.display()

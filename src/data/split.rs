@@ -6,6 +6,11 @@
 //! the `test_size` with the smallest hashes stay there (a uniform sample of
 //! them, whatever the corpus order) and the others go to train. The candidates
 //! are held in memory until the end (at most `test_size` chunks).
+//!
+//! With `data.eval_files` the test side is those files instead: after the
+//! training files' tokens, [`SplitWriter::hold_out_rest`] ends their last
+//! (incomplete) chunk, and every chunk cut from the tokens that follow is a
+//! test chunk, cut the same way.
 use std::collections::BinaryHeap;
 use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
@@ -79,7 +84,7 @@ fn check_split(n: usize, test_fraction: f64) -> Result<()> {
     }
     if test_fraction > 0.0 && n < 2 {
         bail!(
-            "corpus makes {n} chunk of data.block_size tokens, but a train/test split (data.test_fraction = {test_fraction}) needs at least 2: add text, lower data.block_size, or set data.test_fraction = 0"
+            "corpus makes {n} chunk of data.block_size tokens, but a train/test split (data.test_fraction = {test_fraction}) needs at least 2: add text, lower data.block_size, or evaluate on files of your own (data.eval_files)"
         );
     }
     Ok(())
@@ -87,7 +92,8 @@ fn check_split(n: usize, test_fraction: f64) -> Result<()> {
 
 /// Writes the store's chunk files as the tokens come: each `block_size` chunk
 /// goes to `train.tokens` or `test.tokens` (its word marks beside it) as
-/// [`split_chunks`] says. Holds one incomplete chunk at most.
+/// [`split_chunks`] says, or, after [`Self::hold_out_rest`], to `test.tokens`.
+/// Holds one incomplete chunk at most.
 pub struct SplitWriter {
     block_size: usize,
     test_fraction: f64,
@@ -102,16 +108,32 @@ pub struct SplitWriter {
     ids: Vec<u32>,
     starts: Vec<bool>,
     chunks: u64,
-    /// Tokens and word starts seen, the incomplete chunk included.
-    pub tokens: usize,
+    /// Tokens and word starts seen (since [`Self::hold_out_rest`] when it was
+    /// called), the incomplete chunk included.
+    tokens: usize,
     words: usize,
+    /// The training files' part, once [`Self::hold_out_rest`] ended it: every
+    /// chunk since is a test chunk.
+    corpus: Option<Part>,
+}
+
+/// The tokens of one part of the store: the training files, or the files held
+/// out whole (`data.eval_files`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Part {
+    pub tokens: usize,
+    pub words: usize,
+    /// Tokens of the part's incomplete last chunk, dropped (as HF `group_texts`).
+    pub dropped_tokens: usize,
 }
 
 /// What [`SplitWriter::finish`] wrote.
 pub struct Written {
-    pub tokens: usize,
-    pub words: usize,
-    pub dropped_tokens: usize,
+    /// The tokens pushed before [`SplitWriter::hold_out_rest`] (all of them
+    /// when it was not called).
+    pub corpus: Part,
+    /// The tokens pushed after it.
+    pub held_out: Option<Part>,
     pub train_chunks: usize,
     pub test_chunks: usize,
 }
@@ -131,7 +153,26 @@ impl SplitWriter {
             chunks: 0,
             tokens: 0,
             words: 0,
+            corpus: None,
         })
+    }
+
+    /// Ends the training files' part (its incomplete chunk is dropped): the
+    /// tokens pushed from now on are cut into test chunks, all of them. Once
+    /// only; later calls do nothing. Only with a zero `test_fraction`.
+    pub fn hold_out_rest(&mut self) {
+        assert_eq!(self.test_fraction, 0.0, "held-out files and a test fraction");
+        if self.corpus.is_some() {
+            return;
+        }
+        self.corpus = Some(self.part());
+        (self.tokens, self.words) = (0, 0);
+        self.ids.clear();
+        self.starts.clear();
+    }
+
+    fn part(&self) -> Part {
+        Part { tokens: self.tokens, words: self.words, dropped_tokens: self.ids.len() }
     }
 
     /// Appends the next tokens of the corpus and their word-start marks.
@@ -165,6 +206,9 @@ impl SplitWriter {
     fn write_chunk(&mut self, ids: &[u32], starts: &[bool]) -> Result<()> {
         let i = self.chunks;
         self.chunks += 1;
+        if self.corpus.is_some() {
+            return self.test.write(ids.iter().flat_map(|t| t.to_le_bytes()), starts);
+        }
         if !is_test_chunk(i, self.test_fraction, self.seed) {
             return self.train.write(ids.iter().flat_map(|t| t.to_le_bytes()), starts);
         }
@@ -204,13 +248,11 @@ impl SplitWriter {
                 self.test.move_last_to(&mut self.train, self.block_size)?;
             }
         }
-        let written = Written {
-            tokens: self.tokens,
-            words: self.words,
-            dropped_tokens: self.ids.len(),
-            train_chunks: self.train.chunks,
-            test_chunks: self.test.chunks,
+        let (corpus, held_out) = match self.corpus {
+            Some(corpus) => (corpus, Some(self.part())),
+            None => (self.part(), None),
         };
+        let written = Written { corpus, held_out, train_chunks: self.train.chunks, test_chunks: self.test.chunks };
         self.train.close()?;
         self.test.close()?;
         Ok(written)

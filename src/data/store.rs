@@ -43,6 +43,7 @@ pub struct Manifest {
     /// SHA-256 over every setting and input that shapes the store: the prepared
     /// data is reused only when this matches.
     pub inputs_key: String,
+    /// The training files (`data.files`); the counts below are theirs.
     pub sources: Vec<SourceInfo>,
     pub documents: usize,
     /// Tokens before chunking.
@@ -54,6 +55,20 @@ pub struct Manifest {
     pub dropped_tokens: usize,
     pub train_chunks: usize,
     pub test_chunks: usize,
+    /// With `data.eval_files`: those files, whose blocks are the test chunks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<EvalFiles>,
+}
+
+/// `data.eval_files` as prepared: read, tokenized, concatenated and cut like
+/// the training files, every block a test chunk.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EvalFiles {
+    pub sources: Vec<SourceInfo>,
+    pub documents: usize,
+    pub tokens: usize,
+    pub words: usize,
+    pub dropped_tokens: usize,
 }
 
 impl Manifest {

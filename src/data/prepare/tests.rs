@@ -8,7 +8,7 @@ fn config(dir: &Path, files: Vec<String>, block_size: usize) -> Config {
     let mut c = Config::default();
     c.data.files = files;
     c.data.block_size = block_size;
-    c.data.test_fraction = 0.1;
+    c.data.test_fraction = Some(0.1);
     c.data.prepared_dir = Some(dir.join("data"));
     c
 }
@@ -39,7 +39,7 @@ fn prepared_store_holds_concatenated_chunks_split_by_seed() {
     let cfg = config(tmp.path(), corpus(12), 64);
     let p = prepare(&cfg, tok, false, None).unwrap();
     let mut all = Vec::new();
-    for f in source::expand_files(&cfg.data.files).unwrap() {
+    for f in source::expand_files("data.files", &cfg.data.files).unwrap() {
         for doc in source::read_documents(&f, &cfg.data).unwrap().iter() {
             all.extend(tok.encode_document(doc).unwrap());
         }
@@ -63,10 +63,10 @@ fn test_size_keeps_a_sample_of_the_test_fraction_and_trains_on_the_rest() {
     let tmp = tempfile::tempdir().unwrap();
     let tok = testutil::tokenizer();
     let mut cfg = config(tmp.path(), corpus(12), 32);
-    (cfg.data.test_fraction, cfg.data.test_size) = (0.5, 3);
+    (cfg.data.test_fraction, cfg.data.test_size) = (Some(0.5), 3);
     let p = prepare(&cfg, tok, false, None).unwrap();
     let mut all = Vec::new();
-    for f in source::expand_files(&cfg.data.files).unwrap() {
+    for f in source::expand_files("data.files", &cfg.data.files).unwrap() {
         for doc in source::read_documents(&f, &cfg.data).unwrap().iter() {
             all.extend(tok.encode_document(doc).unwrap());
         }
@@ -90,7 +90,7 @@ fn a_checkpoint_of_the_same_inputs_in_an_older_store_format_is_named_so() {
     let tmp = tempfile::tempdir().unwrap();
     let tok = testutil::tokenizer();
     let cfg = config(tmp.path(), corpus(2), 32);
-    let sources = hash_sources(&expand_files(&cfg.data.files).unwrap()).unwrap();
+    let sources = hash_sources(&expand_files("data.files", &cfg.data.files).unwrap()).unwrap();
     let old = inputs_key_of_format(&cfg.data, tok, &sources, 3);
     let e = format!("{:#}", prepare(&cfg, tok, false, Some(&old)).unwrap_err());
     assert!(e.contains("these same inputs, prepared by an older mlm (store format 3"), "{e}");
@@ -120,7 +120,7 @@ fn word_starts_are_stored_beside_each_chunk() {
     let cfg = config(tmp.path(), corpus(4), 50);
     let p = prepare(&cfg, tok, false, None).unwrap();
     let (mut all, mut starts) = (Vec::new(), Vec::new());
-    for f in source::expand_files(&cfg.data.files).unwrap() {
+    for f in source::expand_files("data.files", &cfg.data.files).unwrap() {
         for doc in source::read_documents(&f, &cfg.data).unwrap().iter() {
             let (i, s) = tok.encode_document_words(doc).unwrap();
             all.extend(i);
@@ -273,7 +273,7 @@ fn prepared_store_moves_the_last_chunk_when_no_chunk_drew_test() {
     let tmp = tempfile::tempdir().unwrap();
     let tok = testutil::tokenizer();
     let mut cfg = config(tmp.path(), corpus(2), 64);
-    cfg.data.test_fraction = 1e-9;
+    cfg.data.test_fraction = Some(1e-9);
     let p = prepare(&cfg, tok, false, None).unwrap();
     let all = tokenize_to_chunks(&cfg.data, tok).unwrap();
     let n = all.len() / 64;
@@ -290,4 +290,149 @@ fn serial_fraction_is_amdahls() {
     assert!((t.serial_fraction(2) - 0.2).abs() < 1e-12);
     assert!((t.speedup(2, 16) - 4.0).abs() < 1e-9, "{}", t.speedup(2, 16));
     assert!((t.speedup(2, 1) - 1.0).abs() < 1e-12);
+}
+
+/// The tokens of `files`' documents, in order, as prepare concatenates them.
+fn tokens_of(files: &[PathBuf], d: &DataConfig) -> Vec<u32> {
+    let tok = testutil::tokenizer();
+    let mut all = Vec::new();
+    for f in files {
+        for doc in source::read_documents(f, d).unwrap().iter() {
+            all.extend(tok.encode_document(doc).unwrap());
+        }
+    }
+    all
+}
+
+fn paragraphs(file: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(file).unwrap();
+    text.split("\n\n").filter(|p| !p.trim().is_empty()).map(str::to_string).collect()
+}
+
+fn chunks(s: &TokenStore) -> Vec<Vec<u32>> {
+    (0..s.len()).map(|i| s.chunk(i).to_vec()).collect()
+}
+
+fn path_string(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+#[test]
+fn eval_files_are_the_test_chunks_and_every_training_block_trains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = testutil::tokenizer();
+    let all = corpus(7);
+    let mut cfg = config(tmp.path(), all[..4].to_vec(), 32);
+    cfg.data.test_fraction = None;
+    // Two eval files in two formats: a text file, and JSON lines of another
+    // file's paragraphs (in sorted order, as data.eval_files are read).
+    let jl = tmp.path().join("b-valid.jsonl");
+    let lines: Vec<String> =
+        paragraphs(Path::new(&all[5])).iter().map(|p| serde_json::json!({ "text": p }).to_string()).collect();
+    std::fs::write(&jl, lines.join("\n")).unwrap();
+    let text = tmp.path().join("a-valid.txt");
+    std::fs::copy(&all[6], &text).unwrap();
+    cfg.data.eval_files = vec![path_string(&jl), path_string(&text)];
+    let p = prepare(&cfg, tok, false, None).unwrap();
+
+    let train = tokens_of(&all[..4].iter().map(PathBuf::from).collect::<Vec<_>>(), &cfg.data);
+    let eval = tokens_of(&[text.clone(), jl.clone()], &cfg.data);
+    let m = &p.manifest;
+    // Every block of data.files trains: nothing of them is held out.
+    assert_eq!((m.train_chunks, m.tokens, m.dropped_tokens), (train.len() / 32, train.len(), train.len() % 32));
+    assert_eq!(chunks(&p.train), train.chunks_exact(32).map(<[u32]>::to_vec).collect::<Vec<_>>());
+    // The test chunks are exactly the eval files' tokens, cut the same way.
+    let e = m.eval.as_ref().expect("eval files in the manifest");
+    assert_eq!((m.test_chunks, e.tokens, e.dropped_tokens), (eval.len() / 32, eval.len(), eval.len() % 32));
+    assert_eq!(chunks(&p.test), eval.chunks_exact(32).map(<[u32]>::to_vec).collect::<Vec<_>>());
+    assert_eq!(
+        e.sources.iter().map(|s| s.path.file_name().unwrap()).collect::<Vec<_>>(),
+        ["a-valid.txt", "b-valid.jsonl"]
+    );
+    assert_eq!(e.documents, paragraphs(&text).len() + lines.len());
+    assert!(p.test.word_starts(0).unwrap().get(0));
+    assert!(m.sources.len() == 4 && !m.sources.iter().any(|s| s.path.ends_with("a-valid.txt")));
+}
+
+#[test]
+fn a_parquet_eval_file_holds_out_its_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = testutil::tokenizer();
+    let all = corpus(3);
+    let mut cfg = config(tmp.path(), all[..2].to_vec(), 32);
+    cfg.data.test_fraction = None;
+    let docs = paragraphs(Path::new(&all[2]));
+    let pq = tmp.path().join("valid.parquet");
+    let rows: Vec<Option<&str>> = docs.iter().map(|d| Some(d.as_str())).collect();
+    testutil::write_parquet(&pq, vec![("text", testutil::strings(&rows))], 5);
+    cfg.data.eval_files = vec![path_string(&pq)];
+    let p = prepare(&cfg, tok, false, None).unwrap();
+    let eval: Vec<u32> = docs.iter().flat_map(|d| tok.encode_document(d).unwrap()).collect();
+    assert_eq!(chunks(&p.test), eval.chunks_exact(32).map(<[u32]>::to_vec).collect::<Vec<_>>());
+    assert_eq!(p.manifest.eval.as_ref().unwrap().documents, docs.len());
+}
+
+#[test]
+fn changing_an_eval_file_prepares_the_store_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = testutil::tokenizer();
+    let all = corpus(3);
+    let mut cfg = config(tmp.path(), all[..2].to_vec(), 32);
+    let without = prepare(&cfg, tok, false, None).unwrap().manifest;
+    assert!(without.eval.is_none());
+    let eval = tmp.path().join("valid.txt");
+    std::fs::copy(&all[2], &eval).unwrap();
+    (cfg.data.test_fraction, cfg.data.eval_files) = (None, vec![path_string(&eval)]);
+    let first = prepare(&cfg, tok, false, None).unwrap();
+    assert_ne!(first.manifest.inputs_key, without.inputs_key);
+    let ino = inode(&first.dir.join(TRAIN_FILE));
+    assert_eq!(prepare(&cfg, tok, false, None).unwrap().manifest, first.manifest, "unchanged inputs: reused");
+    assert_eq!(inode(&first.dir.join(TRAIN_FILE)), ino);
+    // The same name, other contents: a new store, and a checkpoint trained
+    // with the old one is told its data changed.
+    let mut text = std::fs::read_to_string(&eval).unwrap();
+    text.push_str("\n\nOne more paragraph to evaluate on, long enough to change the blocks.\n");
+    std::fs::write(&eval, text).unwrap();
+    let e = format!("{:#}", prepare(&cfg, tok, false, Some(&first.manifest.inputs_key)).unwrap_err());
+    assert!(e.contains("trained on other data") && e.contains("data.eval_files"), "{e}");
+    let again = prepare(&cfg, tok, false, None).unwrap();
+    assert_ne!(again.manifest.inputs_key, first.manifest.inputs_key);
+    assert!(again.manifest.eval.as_ref().unwrap().tokens > first.manifest.eval.as_ref().unwrap().tokens);
+    assert_eq!(chunks(&again.train), chunks(&first.train));
+}
+
+#[test]
+fn eval_files_that_overlap_training_or_hold_too_little_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = testutil::tokenizer();
+    let all = corpus(2);
+    let mut cfg = config(tmp.path(), all.clone(), 32);
+    cfg.data.test_fraction = None;
+    let refused = |eval: Vec<String>| {
+        let mut c = cfg.clone();
+        c.data.eval_files = eval;
+        let e = format!("{:#}", prepare(&c, tok, false, None).unwrap_err());
+        assert!(!c.prepared_dir().exists(), "a refused preparation wrote a store: {e}");
+        e
+    };
+    let e = refused(vec![path_string(&tmp.path().join("gone.txt"))]);
+    assert!(e.contains("data.eval_files: input file") && e.contains("gone.txt"), "{e}");
+    let e = refused(vec![path_string(&tmp.path().join("*.jsonl"))]);
+    assert!(e.contains("data.eval_files: pattern") && e.contains("matches no file"), "{e}");
+    // A training file, by its name or as a copy: evaluation would leak training text.
+    let name = Path::new(&all[1]).file_name().unwrap().to_string_lossy().into_owned();
+    let e = refused(vec![all[1].clone()]);
+    assert!(e.contains("is also in data.files") && e.contains(&name), "{e}");
+    let copy = tmp.path().join("copy.txt");
+    std::fs::copy(&all[1], &copy).unwrap();
+    let e = refused(vec![path_string(&copy)]);
+    assert!(e.contains("copy.txt has the same contents as") && e.contains(&name), "{e}");
+    let empty = tmp.path().join("empty.txt");
+    std::fs::write(&empty, "\n \n").unwrap();
+    let e = refused(vec![path_string(&empty)]);
+    assert!(e.contains("data.eval_files: no text found in") && e.contains("empty.txt"), "{e}");
+    let short = tmp.path().join("short.txt");
+    std::fs::write(&short, "just a few words").unwrap();
+    let e = refused(vec![path_string(&short)]);
+    assert!(e.contains("short.txt") && e.contains("6 tokens, fewer than one block of data.block_size = 32"), "{e}");
 }

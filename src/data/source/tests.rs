@@ -241,12 +241,14 @@ fn expand_files_sorts_dedups_and_names_missing_inputs() {
     let b = write(d.path(), "b.txt", b"x");
     let a = write(d.path(), "a.txt", b"x");
     let pat = d.path().join("*.txt").to_string_lossy().into_owned();
-    let files = expand_files(&[pat.clone(), b.to_string_lossy().into_owned()]).unwrap();
+    let files = expand_files("data.files", &[pat.clone(), b.to_string_lossy().into_owned()]).unwrap();
     assert_eq!(files, vec![a, b]);
     let none = d.path().join("*.md").to_string_lossy().into_owned();
-    let e = expand_files(&[none]).unwrap_err().to_string();
+    let e = expand_files("data.files", &[none]).unwrap_err().to_string();
     assert!(e.contains("*.md") && e.contains("matches no file"), "{e}");
-    let e = expand_files(&[d.path().join("gone.txt").to_string_lossy().into_owned()]).unwrap_err().to_string();
+    let e = expand_files("data.files", &[d.path().join("gone.txt").to_string_lossy().into_owned()])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("gone.txt") && e.contains("does not exist"), "{e}");
 }
 
@@ -289,21 +291,21 @@ fn arrow_streams_files_and_datasets_folders() {
         let e = read_documents(p, &DataConfig { text_field: "id".into(), ..c.clone() }).unwrap_err().to_string();
         assert!(e.contains("column \"id\" is Int64, expected a string column"), "{e}");
     }
-    // The folder: shards in state.json's order (not by name).
+    // The folder: the shards state.json lists.
     let state =
         r#"{"_data_files": [{"filename": "data-00001-of-00002.arrow"}, {"filename": "data-00000-of-00002.arrow"}]}"#;
     std::fs::write(d.path().join("state.json"), state).unwrap();
-    assert_eq!(dataset_folder_files(d.path()).unwrap(), [stream.clone(), file.clone()]);
+    assert_eq!(dataset_folder_files("data.files", d.path()).unwrap(), [stream.clone(), file.clone()]);
     std::fs::write(d.path().join("state.json"), r#"{"_data_files": [{"filename": "../x.arrow"}]}"#).unwrap();
-    let e = dataset_folder_files(d.path()).unwrap_err().to_string();
+    let e = dataset_folder_files("data.files", d.path()).unwrap_err().to_string();
     assert!(e.contains("shard name \"../x.arrow\" is not a file name"), "{e}");
     std::fs::write(d.path().join("state.json"), r#"{"_data_files": [{"filename": "gone.arrow"}]}"#).unwrap();
-    assert!(dataset_folder_files(d.path())
+    assert!(dataset_folder_files("data.files", d.path())
         .unwrap_err()
         .to_string()
         .contains("lists shard gone.arrow, which is missing"));
     let dict = tempfile::tempdir().unwrap();
     std::fs::write(dict.path().join("dataset_dict.json"), r#"{"splits": ["test"]}"#).unwrap();
-    let e = dataset_folder_files(dict.path()).unwrap_err().to_string();
+    let e = dataset_folder_files("data.files", dict.path()).unwrap_err().to_string();
     assert!(e.contains("without a \"train\" split (splits: test)"), "{e}");
 }

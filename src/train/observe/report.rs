@@ -72,8 +72,9 @@ impl Trainer {
             return Ok(r);
         }
         tracing::info!(
-            "evaluated {} held-out blocks ({} masked tokens) in {:.1} s",
+            "evaluated {} held-out blocks{} ({} masked tokens) in {:.1} s",
             self.eval_set.iter().map(|b| b.rows).sum::<usize>(),
+            if self.cfg.data.eval_files.is_empty() { "" } else { " of data.eval_files" },
             r.tokens,
             t0.elapsed().as_secs_f64()
         );
