@@ -2,7 +2,8 @@
 //! step it is at and exits with the requeue status, and `resume = "auto"` then
 //! gives the uninterrupted job's losses bit for bit; signals during that save
 //! break nothing; the workers of a job save and stop at the same step, whichever
-//! of them got the signal or ran out of `every_minutes`.
+//! of them got the signal or ran out of `every_minutes`; `mlm-launch` passes the
+//! signal on and exits 75 itself.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -150,4 +151,44 @@ fn two_workers_save_at_rank_0s_minutes_and_stop_together_on_one_workers_signal()
     // Rank 0's clock alone: a checkpoint at every step up to the stop.
     let steps: Vec<usize> = mlm::checkpoint::list(&out).into_iter().map(|(s, _)| s).collect();
     assert_eq!(steps, (1..=step).collect::<Vec<_>>());
+}
+
+/// `mlm-launch` with 2 CPU workers on the job `cfg`.
+fn launch(cfg: &Path) -> std::process::Command {
+    let mut c = std::process::Command::new(launcher());
+    c.args(["--nproc", "2", "--device", "cpu", "--mlm"]).arg(env!("CARGO_BIN_EXE_mlm")).arg(cfg).args(args());
+    c.env_remove("MLM_JOB_TOKEN").env_remove("SLURM_NTASKS").env_remove("OMPI_COMM_WORLD_SIZE");
+    c
+}
+
+#[test]
+fn a_launched_job_signalled_mid_epoch_exits_75_and_resumes_to_the_uninterrupted_losses() {
+    // SIGUSR1 to mlm-launch (as `--signal=USR1@300` or the batch script's trap
+    // sends it): the launcher passes it on, the workers save one step, every
+    // exit status is 75, and a restarted group continues bit for bit.
+    let reference = tempfile::tempdir().unwrap();
+    let cfg = write_job(reference.path(), "");
+    assert!(run(&mut launch(&cfg)).status.success());
+    let want = losses(&reference.path().join("out"));
+    assert_eq!(want.len(), STEPS);
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_job(dir.path(), "");
+    let out = dir.path().join("out");
+    let job = spawn(&mut launch(&cfg));
+    wait_for_step(&out, SIGNAL_AFTER, Duration::from_secs(120));
+    signal(job.id(), libc::SIGUSR1);
+    let o = job.wait(Duration::from_secs(120), "the signalled launcher");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(REQUEUE), "{stderr}");
+    assert!(stderr.contains("exiting with 75 so that the job is requeued"), "{stderr}");
+    let (step, _) = saved_checkpoint(&out);
+    let resumed = run(&mut launch(&cfg));
+    assert!(resumed.status.success());
+    let resumed_from = format!("resuming from {}", out.join(format!("checkpoint-{step}")).display());
+    assert!(String::from_utf8_lossy(&resumed.stderr).contains(&resumed_from));
+    let got = losses(&out);
+    for (s, loss) in &want {
+        assert_eq!(got.get(s).map(|l| l.to_bits()), Some(loss.to_bits()), "step {s}");
+    }
 }
