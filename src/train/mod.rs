@@ -126,11 +126,9 @@ enum Due {
     EvaluateAndSave,
     /// Save a checkpoint without evaluating.
     Save,
-    /// Save a checkpoint (unless this step was just saved) and stop: the
-    /// workers agreed on it after a signal ([`preempt`]).
-    SaveAndStop {
-        saved: bool,
-    },
+    /// Save a checkpoint and stop: the workers agreed on it after a signal
+    /// ([`preempt`]).
+    SaveAndStop,
 }
 
 /// What forward and backward of one step leave for the gradient sum.
@@ -393,16 +391,13 @@ impl Trainer {
         let every = |n: usize| n > 0 && step.is_multiple_of(n);
         let evaluated_here = self.last_eval.is_some_and(|e| e.step == step);
         // The last step is evaluated and saved by `final_evaluation`.
-        if step >= total {
+        if step >= total || evaluated_here {
             return Due::Nothing;
         }
         // A stop evaluates nothing: the time left is the save's (a resumed
         // run evaluates this step with `eval.at_start`).
         if asks.stop {
-            return Due::SaveAndStop { saved: evaluated_here };
-        }
-        if evaluated_here {
-            return Due::Nothing;
+            return Due::SaveAndStop;
         }
         match moment {
             Moment::AfterStep if every(self.cfg.eval.every_steps) => Due::EvaluateAndSave,
@@ -418,22 +413,21 @@ impl Trainer {
             Due::Nothing => Ok(()),
             Due::Save => self.save(None),
             Due::EvaluateAndSave => self.evaluate_and_save().map(|_| ()),
-            Due::SaveAndStop { saved } => {
+            Due::SaveAndStop => {
                 let signal = self.watch.signal();
                 if self.sync.rank() == 0 {
                     let why = signal.unwrap_or("another worker's signal");
                     tracing::warn!("{why}: saving step {} and stopping", self.state.step);
                 }
-                if !saved {
-                    self.save(None)?;
-                }
+                self.save(None)?;
                 Err(Preempted { step: self.state.step, signal }.into())
             }
         }
     }
 
     /// What the workers agree on at this step boundary: this worker's own
-    /// asks when it is alone, else the sums of this step's ([`preempt`]),
+    /// asks when it is alone, else the sums of all workers' asks at this step
+    /// ([`preempt`]),
     /// read every step on the CPU and at log steps on a GPU (the same steps on
     /// every worker).
     fn agreed(&mut self) -> Result<Asks> {
