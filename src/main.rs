@@ -15,6 +15,10 @@ fn main() {
     match result {
         Ok(Ok(())) => {}
         Ok(Err(e)) if e.downcast_ref::<mlm::cli::StdoutClosed>().is_some() => std::process::exit(141),
+        Ok(Err(e)) if e.downcast_ref::<mlm::train::preempt::Preempted>().is_some() => {
+            eprintln!("mlm: {e}");
+            std::process::exit(mlm::train::preempt::REQUEUE_EXIT_CODE);
+        }
         Ok(Err(e)) => {
             eprintln!("error: {}", mlm::logging::one_line(&e));
             std::process::exit(1);

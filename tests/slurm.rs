@@ -84,7 +84,7 @@ fn job(dir: &Path, steps: usize) -> PathBuf {
 }
 
 /// Every batch script of the docs.
-const SCRIPTS: [&str; 5] = ["gpu", "gpu-launch", "gpu-mpi", "cpu", "cpu-mpi"];
+const SCRIPTS: [&str; 6] = ["gpu", "gpu-launch", "gpu-mpi", "gpu-requeue", "cpu", "cpu-mpi"];
 
 /// One local Slurm at a time: each node claims every core of this machine.
 static SLURM: Mutex<()> = Mutex::new(());

@@ -30,9 +30,16 @@ pub struct Args {
     /// Restart the whole group up to K times after a worker fails.
     #[arg(long, value_name = "K", default_value_t = 0)]
     pub max_restarts: usize,
-    /// Seconds between SIGTERM and SIGKILL when stopping workers.
+    /// Seconds between SIGTERM and SIGKILL when stopping workers after a failure.
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
     pub grace_period: f64,
+    /// Seconds the workers have, after a signal the launcher passes on
+    /// (SIGTERM, SIGINT, SIGUSR1, SIGUSR2), to finish their step, save a
+    /// checkpoint (`checkpoint.save_signals`) and exit; those still running
+    /// then are killed (SIGKILL). Keep it below the warning time of Slurm's
+    /// `--signal=B:USR1@SECS`.
+    #[arg(long, value_name = "SECS", default_value_t = 240.0)]
+    pub save_timeout: f64,
     /// Address of the tcp rendezvous: rank 0 (on node 0) listens there, every
     /// other worker connects to it. With several nodes, node 0's address as the
     /// other nodes reach it.

@@ -1,8 +1,11 @@
 //! `mlm-launch`: prepares the data once, then runs one `mlm train` worker per
 //! GPU (or N CPU workers) and manages the group: prefixes and forwards each
-//! worker's output, forwards Ctrl-C/SIGTERM, stops every worker when one fails
-//! (exiting non-zero with the failing rank and its last lines), and restarts the
-//! group up to `--max-restarts` times. Processes only: no tensors, no model code.
+//! worker's output, forwards Ctrl-C/SIGTERM/SIGUSR1/SIGUSR2 (killing workers
+//! that have not exited `--save-timeout` seconds later), stops every worker
+//! when one fails (exiting non-zero with the failing rank and its last lines),
+//! and restarts the group up to `--max-restarts` times. Workers that saved a
+//! checkpoint on a signal and exited with [`supervise::REQUEUE_EXIT_CODE`]
+//! make the launcher exit with it too. Processes only: no tensors, no model code.
 //!
 //! Several nodes: one launcher per node with torchrun's `--nnodes`,
 //! `--node-rank`, `--master-addr` and `--master-port`. Node 0 prepares the data
@@ -69,6 +72,7 @@ fn run(args: Args) -> Result<i32> {
     let nodes = Nodes::new(&args, slots.len())?;
     let mlm = args.mlm.clone().unwrap_or_else(find_mlm);
     let grace = Duration::from_secs_f64(args.grace_period.max(0.0));
+    let save = Duration::from_secs_f64(args.save_timeout.max(0.0));
     let mut overrides: Vec<String> = args.set.iter().flat_map(|s| ["--set".to_string(), s.clone()]).collect();
     // Each worker gets the device its slot was planned for: a GPU worker that
     // finds no usable GPU fails naming the cause instead of training on the CPU.
@@ -126,8 +130,17 @@ fn run(args: Args) -> Result<i32> {
             })
             .collect();
         let oom = supervise::OomKills::now();
-        match supervise::run_group(specs, &signals, grace)? {
+        match supervise::run_group(specs, &signals, grace, save)? {
             Outcome::Success => return Ok(0),
+            Outcome::Requeue { signal } => {
+                let by = signal.map_or("on a signal".to_string(), |s| format!("on signal {s}"));
+                eprintln!(
+                    "mlm-launch: {node}the workers saved a checkpoint {by} and stopped; exiting with {} so that the \
+                     job is requeued (it resumes from that checkpoint)",
+                    supervise::REQUEUE_EXIT_CODE
+                );
+                return Ok(supervise::REQUEUE_EXIT_CODE);
+            }
             Outcome::Interrupted { signal } => {
                 eprintln!("mlm-launch: {node}stopped by signal {signal}; the workers were told and have exited");
                 return Ok(128 + signal);

@@ -257,7 +257,7 @@ impl Selfcheck<'_> {
             .collect();
         let start = Instant::now();
         let mut timed_out = false;
-        let policy = Policy { grace: self.grace, hold };
+        let policy = Policy { grace: self.grace, save: self.grace, hold };
         let (outcome, exits) = supervise::watch_group(specs, self.signals, policy, |pids| {
             watch(pids);
             if !timed_out && start.elapsed() > JOB_DEADLINE {

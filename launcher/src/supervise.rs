@@ -1,5 +1,7 @@
 //! Runs a group of worker processes: prefixes and forwards their output,
-//! forwards SIGINT/SIGTERM, and stops the whole group when one worker fails.
+//! forwards SIGINT/SIGTERM/SIGUSR1/SIGUSR2, and stops the whole group when one
+//! worker fails. Workers that exit with [`REQUEUE_EXIT_CODE`] saved a
+//! checkpoint on a signal and stopped: no failure, the group ends as requeued.
 //!
 //! Every worker is the leader of its own process group (signals reach its
 //! children too, and a Ctrl-C on the terminal reaches only the launcher, which
@@ -20,14 +22,23 @@ use anyhow::{Context, Result};
 /// Lines of a failed worker shown in the launcher's error.
 pub const TAIL_LINES: usize = 20;
 
-/// SIGINT/SIGTERM received by the launcher (0: none yet).
+/// The status of a worker that saved a checkpoint on a signal and stopped,
+/// asking for the job to be requeued: `mlm`'s `train::preempt::REQUEUE_EXIT_CODE`
+/// (sysexits.h's `EX_TEMPFAIL`), passed on as the launcher's own.
+pub const REQUEUE_EXIT_CODE: i32 = 75;
+
+/// The signals the launcher passes on to its workers: every one that
+/// `checkpoint.save_signals` may name, so that none of them ends the launcher.
+pub const FORWARDED: [i32; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1, libc::SIGUSR2];
+
+/// A signal of [`FORWARDED`] received by the launcher (0: none yet).
 #[derive(Clone)]
 pub struct Signals(Arc<AtomicUsize>);
 
 impl Signals {
     pub fn install() -> Result<Self> {
         let flag = Arc::new(AtomicUsize::new(0));
-        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        for sig in FORWARDED {
             signal_hook::flag::register_usize(sig, flag.clone(), sig as usize)?;
         }
         Ok(Self(flag))
@@ -52,6 +63,9 @@ pub enum Outcome {
     Failed { local: usize, status: ExitStatus, tail: Vec<String> },
     /// The launcher got a signal and passed it on; the workers are gone.
     Interrupted { signal: i32 },
+    /// Every worker exited with [`REQUEUE_EXIT_CODE`]: rank 0 saved a
+    /// checkpoint on a signal (`signal`: the launcher's, if it got one).
+    Requeue { signal: Option<i32> },
 }
 
 /// One process to run.
@@ -68,6 +82,10 @@ pub struct Spec {
 pub struct Policy {
     /// Between SIGTERM and SIGKILL when stopping workers.
     pub grace: Duration,
+    /// Between a passed-on signal (or a first worker leaving with
+    /// [`REQUEUE_EXIT_CODE`]) and SIGKILL: the time the workers have to
+    /// finish their step and save.
+    pub save: Duration,
     /// After the first failure, how long the other workers may take to exit
     /// by themselves before they are stopped. Zero for jobs; the selfcheck
     /// waits, to see that workers notice a dead peer on their own.
@@ -95,9 +113,10 @@ struct Running {
 }
 
 /// Runs the processes of `specs` until all exit, stopping all on the first
-/// failure or on a signal. `grace` separates SIGTERM from SIGKILL.
-pub fn run_group(specs: Vec<Spec>, signals: &Signals, grace: Duration) -> Result<Outcome> {
-    Ok(watch_group(specs, signals, Policy { grace, hold: Duration::ZERO }, |_| {})?.0)
+/// failure or on a signal. `grace` separates SIGTERM from SIGKILL, `save` a
+/// passed-on signal from SIGKILL.
+pub fn run_group(specs: Vec<Spec>, signals: &Signals, grace: Duration, save: Duration) -> Result<Outcome> {
+    Ok(watch_group(specs, signals, Policy { grace, save, hold: Duration::ZERO }, |_| {})?.0)
 }
 
 /// [`run_group`] under `policy`, calling `tick` at every poll (every 20 ms)
@@ -122,7 +141,7 @@ pub fn watch_group(
     }
     let mut failed: Option<(usize, Instant)> = None;
     let mut interrupted: Option<i32> = None;
-    let mut kill_at: Option<Instant> = None;
+    let mut kill_at: Option<(Instant, Duration)> = None;
     loop {
         if let Some(sig) = signals.take() {
             interrupted.get_or_insert(sig);
@@ -130,7 +149,7 @@ pub fn watch_group(
                 signal_group(&p.child, sig);
                 p.signalled = true;
             }
-            kill_at.get_or_insert(Instant::now() + grace);
+            kill_at.get_or_insert((Instant::now() + policy.save, policy.save));
         }
         // Of the workers found dead in one poll, name one a signal killed: the
         // others' errors usually follow from its death (a closed connection).
@@ -139,6 +158,11 @@ pub fn watch_group(
             if p.status.is_none() {
                 if let Some(st) = p.child.try_wait()? {
                     p.status = Some((st, Instant::now()));
+                    if st.code() == Some(REQUEUE_EXIT_CODE) {
+                        // The others agreed to stop at the same step: they follow.
+                        kill_at.get_or_insert((Instant::now() + policy.save, policy.save));
+                        continue;
+                    }
                     let by_signal = st.signal().is_some();
                     if !st.success() && first.is_none_or(|(_, s)| by_signal && !s) {
                         first = Some((local, by_signal));
@@ -155,18 +179,19 @@ pub fn watch_group(
                     signal_group(&p.child, libc::SIGTERM);
                     p.signalled = true;
                 }
-                kill_at = Some(Instant::now() + grace);
+                kill_at = Some((Instant::now() + grace, grace));
             }
         }
         if procs.iter().all(|p| p.status.is_some()) {
             break;
         }
-        if kill_at.is_some_and(|t| Instant::now() >= t) {
-            for p in procs.iter().filter(|p| p.status.is_none()) {
-                eprintln!("mlm-launch: {} did not stop within {:.0?}; killing it", p.label, grace);
+        if let Some((at, bound)) = kill_at.filter(|(t, _)| Instant::now() >= *t) {
+            for p in procs.iter_mut().filter(|p| p.status.is_none()) {
+                eprintln!("mlm-launch: {} did not stop within {bound:.0?}; killing it", p.label);
                 signal_group(&p.child, libc::SIGKILL);
+                p.signalled = true;
             }
-            kill_at = Some(Instant::now() + Duration::from_secs(3600));
+            kill_at = Some((at + Duration::from_secs(3600), bound));
         }
         let pids: Vec<Option<u32>> = procs.iter().map(|p| p.status.is_none().then(|| p.child.id())).collect();
         tick(&pids);
@@ -184,7 +209,9 @@ pub fn watch_group(
             Exit { status, at, signalled: p.signalled, tail }
         })
         .collect();
+    let requeue = exits.iter().all(|e| e.status.code() == Some(REQUEUE_EXIT_CODE));
     let outcome = match (interrupted, failed) {
+        _ if requeue => Outcome::Requeue { signal: interrupted },
         (Some(signal), _) => Outcome::Interrupted { signal },
         (None, Some((local, _))) => {
             Outcome::Failed { local, status: exits[local].status, tail: exits[local].tail.clone() }
@@ -333,6 +360,8 @@ fn signal_name(s: i32) -> &'static str {
         libc::SIGKILL => "SIGKILL",
         libc::SIGTERM => "SIGTERM",
         libc::SIGINT => "SIGINT",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGUSR2 => "SIGUSR2",
         libc::SIGSEGV => "SIGSEGV",
         libc::SIGABRT => "SIGABRT",
         libc::SIGBUS => "SIGBUS",
@@ -460,7 +489,8 @@ mod tests {
             sh("rank 1", &format!("exec 3> '{f}'; sleep 0.2; kill -9 $$"), &log),
         ];
         let signals = Signals(Arc::new(AtomicUsize::new(0)));
-        let policy = Policy { grace: Duration::from_secs(5), hold: Duration::from_secs(10) };
+        let policy =
+            Policy { grace: Duration::from_secs(5), save: Duration::from_secs(5), hold: Duration::from_secs(10) };
         let (outcome, exits) = watch_group(specs, &signals, policy, |_| {}).unwrap();
         match outcome {
             Outcome::Failed { local, status, .. } => {

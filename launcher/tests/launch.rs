@@ -349,3 +349,45 @@ fn a_signal_during_the_prepare_step_exits_with_its_number() {
     assert_eq!(out.status.code(), Some(128 + 15), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("while preparing the data"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn workers_that_save_on_sigusr1_make_the_launcher_exit_with_the_requeue_status() {
+    // Each worker saves on SIGUSR1 (here: writes a file) and exits 75, as
+    // `mlm train` does with checkpoint.save_signals.
+    let dir = tempfile::tempdir().unwrap();
+    let mlm = fake_mlm(
+        dir.path(),
+        r#"trap 'echo saved > "$dir/saved.$RANK"; exit 75' USR1; touch "$dir/ready.$RANK"; while true; do sleep 0.05; done"#,
+    );
+    let child = launch(dir.path(), &mlm, &["--nproc", "2", "--device", "cpu"]).spawn().unwrap();
+    assert!(wait_for(|| (0..2).all(|r| dir.path().join(format!("ready.{r}")).exists()), Duration::from_secs(10)));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
+    let out = wait_limit(child, Duration::from_secs(30));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{stderr}");
+    assert!(stderr.contains("saved a checkpoint on signal 10"), "{stderr}");
+    for r in 0..2 {
+        assert_eq!(read(dir.path(), &format!("saved.{r}")), "saved\n");
+    }
+}
+
+#[test]
+fn a_worker_that_does_not_answer_a_save_signal_is_killed_after_the_save_timeout() {
+    // Rank 0 saves and exits 75; rank 1 ignores SIGUSR1 and would run forever.
+    let dir = tempfile::tempdir().unwrap();
+    let mlm = fake_mlm(
+        dir.path(),
+        r#"if [ "$RANK" = 0 ]; then trap 'exit 75' USR1; else trap '' USR1; fi; touch "$dir/ready.$RANK"; while true; do sleep 0.05; done"#,
+    );
+    let child = launch(dir.path(), &mlm, &["--nproc", "2", "--device", "cpu", "--save-timeout", "1"]).spawn().unwrap();
+    assert!(wait_for(|| (0..2).all(|r| dir.path().join(format!("ready.{r}")).exists()), Duration::from_secs(10)));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
+    let out = wait_limit(child, Duration::from_secs(30));
+    let stderr = text(&out.stderr);
+    // Not every worker saved and stopped: no requeue status, the signal's.
+    assert_eq!(out.status.code(), Some(128 + libc::SIGUSR1), "{stderr}");
+    assert!(stderr.contains("rank 1 did not stop within 1s; killing it"), "{stderr}");
+    assert!(is_dead(&read(dir.path(), "pid.1.0")));
+}

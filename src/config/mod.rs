@@ -400,6 +400,12 @@ impl<'de> Deserialize<'de> for Resume {
 pub struct CheckpointConfig {
     /// Save every this many optimizer steps (0: only at epoch ends and the end).
     pub every_steps: usize,
+    /// Also save when this many minutes have passed since the last save, by
+    /// rank 0's clock, at a step every worker agrees on (0: off).
+    pub every_minutes: f64,
+    /// Signals on which every worker finishes its step, rank 0 saves, and the
+    /// job exits with the requeue status (`train::preempt`); empty: none.
+    pub save_signals: Vec<SaveSignal>,
     /// Step checkpoints kept (`best/` is kept apart from these).
     pub keep_last: usize,
     /// Keep the lowest-perplexity model in `best/`.
@@ -419,11 +425,48 @@ impl Default for CheckpointConfig {
     fn default() -> Self {
         Self {
             every_steps: 0,
+            every_minutes: 0.0,
+            save_signals: vec![SaveSignal::Term, SaveSignal::Usr1],
             keep_last: 1,
             save_best: true,
             resume: Resume::Auto,
             allow_config_change: false,
             overwrite_output_dir: false,
+        }
+    }
+}
+
+/// A signal in `checkpoint.save_signals`, by its name (`"SIGUSR1"`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum SaveSignal {
+    #[serde(rename = "SIGTERM")]
+    Term,
+    #[serde(rename = "SIGUSR1")]
+    Usr1,
+    #[serde(rename = "SIGUSR2")]
+    Usr2,
+    #[serde(rename = "SIGINT")]
+    Int,
+}
+
+impl SaveSignal {
+    pub const ALL: [SaveSignal; 4] = [SaveSignal::Term, SaveSignal::Usr1, SaveSignal::Usr2, SaveSignal::Int];
+
+    pub fn number(self) -> i32 {
+        match self {
+            SaveSignal::Term => libc::SIGTERM,
+            SaveSignal::Usr1 => libc::SIGUSR1,
+            SaveSignal::Usr2 => libc::SIGUSR2,
+            SaveSignal::Int => libc::SIGINT,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SaveSignal::Term => "SIGTERM",
+            SaveSignal::Usr1 => "SIGUSR1",
+            SaveSignal::Usr2 => "SIGUSR2",
+            SaveSignal::Int => "SIGINT",
         }
     }
 }

@@ -113,6 +113,7 @@ impl Config {
         if self.logging.metrics_file.is_empty() {
             bail!("logging.metrics_file is empty: name the JSON-lines file (default metrics.jsonl)");
         }
+        non_negative("checkpoint.every_minutes", self.checkpoint.every_minutes)?;
         if self.distributed.timeout_s == 0 {
             bail!("distributed.timeout_s must be at least 1 second");
         }

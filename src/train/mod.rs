@@ -11,6 +11,7 @@ pub mod memory;
 mod micro;
 pub mod observe;
 pub mod optimizer;
+pub mod preempt;
 pub mod recompute;
 pub mod resume;
 mod trainer;
@@ -46,6 +47,7 @@ use optimizer::host;
 use optimizer::nonfinite::NonFiniteGuard;
 use optimizer::schedule::LrSchedule;
 use optimizer::{AdamW, AdamWParams};
+use preempt::{Asks, Preempted, Watch};
 use resume::{Apply, StartPoint};
 use timing::{Phase, StepTimer};
 
@@ -77,6 +79,7 @@ pub fn run(cfg: Config) -> Result<Summary> {
         Progress::hidden()
     };
     progress.set(t.state.step as u64);
+    t.watch.arm()?;
     while t.state.step < t.total_steps {
         let mut epoch = t.epoch_stream()?;
         while let Some(micro) = t.next_step(&mut epoch) {
@@ -123,6 +126,9 @@ enum Due {
     EvaluateAndSave,
     /// Save a checkpoint without evaluating.
     Save,
+    /// Save a checkpoint and stop: the workers agreed on it after a signal
+    /// ([`preempt`]).
+    SaveAndStop,
 }
 
 /// What forward and backward of one step leave for the gradient sum.
@@ -139,6 +145,8 @@ struct Backward {
 struct Synced {
     /// The step's mean loss over every worker's masked tokens (0-d).
     loss: Tensor,
+    /// Several workers: what they asked for at this step, summed ([`preempt`]).
+    asks: Option<Tensor>,
     /// What the summed gradient is still to be divided by (several workers:
     /// the masked tokens of all of them), applied by the update.
     divisor: Option<Tensor>,
@@ -227,6 +235,10 @@ struct Trainer {
     history: metrics::History,
     /// The run started from a fresh (random) MLM head.
     fresh_head: bool,
+    /// The save signals and rank 0's save clock ([`preempt`]).
+    watch: Watch,
+    /// What the workers asked for at the last step, summed (several workers).
+    asks: Option<Tensor>,
 }
 
 impl Trainer {
@@ -329,13 +341,17 @@ impl Trainer {
         }
         if self.sync.world() == 1 {
             self.timer.end(Phase::Sync);
-            return Ok(Synced { loss: step.loss, divisor: None });
+            return Ok(Synced { loss: step.loss, divisor: None, asks: None });
         }
-        let mut sums = Tensor::stack(&[&step.loss, &step.loss.full_like(step.masked as f64)], 0);
+        // What the workers ask for travels with the loss: no collective of its own.
+        let [stop, save] = self.watch.asks(Instant::now()).values();
+        let (masked, stop, save) =
+            (step.loss.full_like(step.masked as f64), step.loss.full_like(stop), step.loss.full_like(save));
+        let mut sums = Tensor::stack(&[&step.loss, &masked, &stop, &save], 0);
         self.sync.comm.all_reduce_sum(&mut sums).context("summing the step's loss over the workers")?;
         let tokens = sums.get(1).clamp_min(1.0);
         self.timer.end(Phase::Sync);
-        Ok(Synced { loss: sums.get(0) / &tokens, divisor: Some(tokens) })
+        Ok(Synced { loss: sums.get(0) / &tokens, divisor: Some(tokens), asks: Some(sums.narrow(0, 2, 2)) })
     }
 
     /// Clipping, the non-finite policy, the AdamW update, the position, and
@@ -344,7 +360,8 @@ impl Trainer {
     /// and the skips are counted and acted on at log steps ([`nonfinite`]).
     fn optimizer_step(&mut self, micro: &[Batch], step: Synced) -> Result<()> {
         let lr = self.schedule.lr(self.state.step);
-        let Synced { loss, divisor } = step;
+        let Synced { loss, divisor, asks } = step;
+        self.asks = asks;
         let max_norm = self.cfg.training.max_grad_norm;
         let grad_norm =
             self.nonfinite.step(&mut self.params, &mut self.adamw, divisor.as_ref(), &loss, lr, max_norm)?;
@@ -367,8 +384,9 @@ impl Trainer {
         Ok(())
     }
 
-    /// What the eval and checkpoint cadence asks for at `moment`.
-    fn due(&self, moment: Moment) -> Due {
+    /// What the eval and checkpoint cadence asks for at `moment`, given what
+    /// the workers agreed on at this step ([`Self::agreed`]).
+    fn due(&self, moment: Moment, asks: Asks) -> Due {
         let (step, total) = (self.state.step, self.total_steps);
         let every = |n: usize| n > 0 && step.is_multiple_of(n);
         let evaluated_here = self.last_eval.is_some_and(|e| e.step == step);
@@ -376,20 +394,56 @@ impl Trainer {
         if step >= total || evaluated_here {
             return Due::Nothing;
         }
+        // A stop evaluates nothing: the time left is the save's (a resumed
+        // run evaluates this step with `eval.at_start`).
+        if asks.stop {
+            return Due::SaveAndStop;
+        }
         match moment {
             Moment::AfterStep if every(self.cfg.eval.every_steps) => Due::EvaluateAndSave,
-            Moment::AfterStep if every(self.cfg.checkpoint.every_steps) => Due::Save,
+            Moment::AfterStep if every(self.cfg.checkpoint.every_steps) || asks.save => Due::Save,
             Moment::EpochEnd if self.cfg.eval.at_epoch_end => Due::EvaluateAndSave,
             _ => Due::Nothing,
         }
     }
 
     fn maybe_evaluate_and_save(&mut self, moment: Moment) -> Result<()> {
-        match self.due(moment) {
+        let asks = if moment == Moment::AfterStep { self.agreed()? } else { Asks::default() };
+        match self.due(moment, asks) {
             Due::Nothing => Ok(()),
             Due::Save => self.save(None),
             Due::EvaluateAndSave => self.evaluate_and_save().map(|_| ()),
+            Due::SaveAndStop => {
+                let signal = self.watch.signal();
+                if self.sync.rank() == 0 {
+                    let why = signal.unwrap_or("another worker's signal");
+                    tracing::warn!("{why}: saving step {} and stopping", self.state.step);
+                }
+                self.save(None)?;
+                Err(Preempted { step: self.state.step, signal }.into())
+            }
         }
+    }
+
+    /// What the workers agree on at this step boundary: this worker's own
+    /// asks when it is alone, else the sums of all workers' asks at this step
+    /// ([`preempt`]),
+    /// read every step on the CPU and at log steps on a GPU (the same steps on
+    /// every worker).
+    fn agreed(&mut self) -> Result<Asks> {
+        if self.sync.world() == 1 {
+            return Ok(self.watch.asks(Instant::now()));
+        }
+        let Some(sums) = self.asks.take() else { return Ok(Asks::default()) };
+        let step = self.state.step;
+        let values = if self.device == Device::Cpu {
+            vec![host::cpu_value(&sums.get(0)), host::cpu_value(&sums.get(1))]
+        } else if step.is_multiple_of(self.cfg.training.log_every) || step == self.total_steps {
+            host::read_vec(&sums)
+        } else {
+            return Ok(Asks::default());
+        };
+        Ok(Asks::from_sums(values[0], values[1]))
     }
 
     /// Moves the position to the next epoch (when the run goes on, or when this
@@ -450,6 +504,7 @@ impl Trainer {
         }
         checkpoint::prune(&self.out, self.cfg.checkpoint.keep_last, self.state.step)?;
         tracing::info!("saved {}", dir.display());
+        self.watch.saved(Instant::now());
         self.sync.barrier()
     }
 

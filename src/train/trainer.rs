@@ -115,6 +115,7 @@ impl Trainer {
             // memory would stay in their own arenas, is behind us.
             tracing::info!("{}", crate::device::keep_freed_host_memory());
         }
+        let watch = Watch::new(&cfg.checkpoint, sync.rank(), Instant::now());
         Ok(Self {
             _lock,
             sync,
@@ -147,6 +148,8 @@ impl Trainer {
             peak_tflops,
             started: Instant::now(),
             timer: StepTimer::new(device),
+            watch,
+            asks: None,
             cfg,
         })
     }
