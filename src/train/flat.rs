@@ -3,8 +3,8 @@
 //! Every trainable parameter of the fp32 master model is re-pointed
 //! (`set_data`) at a slice of one contiguous fp32 buffer, decayed parameters
 //! first, then by name (the layout checkpoints' moments are saved in). Beside
-//! it lie the flat fp32 gradient and, for bf16 training, a flat bf16 copy
-//! (the shadow) whose slices are the compute model's parameters. So the
+//! it lie the flat fp32 gradient and, for bf16 or fp16 training, a flat copy
+//! in that dtype (the shadow) whose slices are the compute model's parameters. So the
 //! gradient sum over workers, the norm, clipping and the AdamW update are a
 //! handful of whole-buffer kernels, and the optimizer's moments are plain
 //! tensors of the same layout.
@@ -42,7 +42,7 @@ pub struct Leaf {
     pub numel: i64,
 }
 
-/// The fp32 master weights, their gradient and the bf16 compute copy, flat.
+/// The fp32 master weights, their gradient and the bf16/fp16 compute copy, flat.
 pub struct FlatParams {
     slots: Vec<Slot>,
     /// The gradients' units, in offset order: the slots, some fused.
@@ -51,7 +51,7 @@ pub struct FlatParams {
     n_decay: i64,
     master: Tensor,
     grad: Tensor,
-    /// Flat bf16 compute copy of `master` (bf16 training): the compute model's
+    /// Flat bf16/fp16 compute copy of `master` (bf16/fp16 training): the compute model's
     /// parameters are views of it, and each update rewrites it from the master.
     shadow: Option<Tensor>,
     /// The gradient buffer holds nothing yet for the coming step: the first
@@ -146,7 +146,7 @@ impl FlatParams {
         self.grad.norm()
     }
 
-    /// The flat buffer the running model's parameters are views of: the bf16
+    /// The flat buffer the running model's parameters are views of: the bf16/fp16
     /// shadow if any, else the master.
     pub fn compute_buffer(&self) -> &Tensor {
         self.shadow.as_ref().unwrap_or(&self.master)
@@ -222,7 +222,7 @@ impl FlatParams {
     }
 
     /// Sets up the model that runs forward and backward over these buffers:
-    /// `master` itself in fp32, or a bf16 copy whose parameters are views of
+    /// `master` itself in fp32, or a bf16/fp16 copy whose parameters are views of
     /// the shadow; its query, key and value projections fused where the flat
     /// buffer holds them back to back (leaves fused to match). Returns that
     /// copy (none in fp32) and the tensors the step differentiates, one per leaf.
@@ -231,13 +231,14 @@ impl FlatParams {
         master: &mut MaskedLm,
         precision: Precision,
     ) -> Result<(Option<MaskedLm>, Vec<Tensor>)> {
+        let kind = precision.compute_kind();
         let mut compute = match precision {
             Precision::Fp32 => None,
-            Precision::Bf16 => Some(master.to_kind_copy(Kind::BFloat16)?),
+            Precision::Bf16 | Precision::Fp16 => Some(master.to_kind_copy(kind)?),
         };
         let params = ordered_params(&compute.as_ref().unwrap_or(master).vs, &self.slots)?;
         if compute.is_some() {
-            self.attach_shadow(&params, Kind::BFloat16);
+            self.attach_shadow(&params, kind);
         }
         let model = compute.as_mut().unwrap_or(master);
         let fused = model.fuse_qkv(self.compute_buffer());
