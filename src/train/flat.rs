@@ -57,6 +57,9 @@ pub struct FlatParams {
     /// The gradient buffer holds nothing yet for the coming step: the first
     /// micro-batch overwrites it instead of adding.
     grad_fresh: bool,
+    /// What gradients of another dtype are multiplied by as they land in the
+    /// fp32 buffer ([`Self::set_grad_factor`]).
+    grad_factor: f64,
 }
 
 /// What an optimizer update reads and writes ([`FlatParams::update_buffers`]).
@@ -95,7 +98,16 @@ impl FlatParams {
             offset += numel;
         }
         let leaves = slots.iter().map(|s| Leaf { name: s.name.clone(), offset: s.offset, numel: s.numel }).collect();
-        Ok(Self { slots, leaves, n_decay, grad: master.zeros_like(), master, shadow: None, grad_fresh: true })
+        Ok(Self {
+            slots,
+            leaves,
+            n_decay,
+            grad: master.zeros_like(),
+            master,
+            shadow: None,
+            grad_fresh: true,
+            grad_factor: 1.0,
+        })
     }
 
     pub fn numel(&self) -> i64 {
@@ -152,6 +164,15 @@ impl FlatParams {
         self.shadow.as_ref().unwrap_or(&self.master)
     }
 
+    /// Gradients of another dtype than fp32 (the compute copy's) are multiplied
+    /// by `factor` as they land in the fp32 buffer: fp16 on several workers
+    /// runs backward on the loss over this worker's masked tokens, which keeps
+    /// the fp16 gradients in range, and the factor (those tokens) makes the
+    /// buffer hold the gradient of the sum again, as the update expects.
+    pub fn set_grad_factor(&mut self, factor: f64) {
+        self.grad_factor = factor;
+    }
+
     /// Adds one micro-batch's gradients (one per leaf, in leaf order; any
     /// dtype; undefined for a parameter the loss did not reach) into the flat
     /// fp32 gradient. The first micro-batch of a step overwrites it.
@@ -163,6 +184,7 @@ impl FlatParams {
     pub fn accumulate(&mut self, grads: &[Tensor]) {
         assert_eq!(grads.len(), self.leaves.len(), "one gradient per leaf");
         let fresh = self.grad_fresh;
+        let factor = self.grad_factor;
         tch::no_grad(|| {
             let mut i = 0;
             while i < grads.len() {
@@ -186,6 +208,11 @@ impl FlatParams {
                         // converting copy (`cat_out` across dtypes falls back
                         // to a copy kernel per gradient on CUDA).
                         dst.copy_(&Tensor::cat(&flat, 0));
+                        if factor != 1.0 {
+                            let _ = dst.g_mul_scalar_(factor);
+                        }
+                    } else if factor != 1.0 {
+                        let _ = dst.g_add_(&(Tensor::cat(&flat, 0).to_kind(Kind::Float) * factor));
                     } else {
                         let _ = dst.g_add_(&Tensor::cat(&flat, 0).to_kind(Kind::Float));
                     }

@@ -291,6 +291,17 @@ impl Trainer {
             b.check_ids(self.master.vocab_size(), &self.data.dir)?;
         }
         let (rows, rank, world) = (self.micro_rows, self.sync.rank(), self.sync.world());
+        // fp16: the gradients are the scaled loss's (unscaled in the update).
+        // Several workers back-propagate their loss sum over their own masked
+        // tokens, so that its fp16 gradients are those of a mean (a sum's would
+        // overflow at a scale that many times smaller); the flat buffer
+        // multiplies them back ([`FlatParams::set_grad_factor`]).
+        let (scale, factor) = match &self.scaler {
+            Some(s) if world > 1 => (Some(s.scale() / masked.max(1) as f64), masked.max(1) as f64),
+            Some(s) => (Some(s.scale().shallow_clone()), 1.0),
+            None => (None, 1.0),
+        };
+        self.params.set_grad_factor(factor);
         let passes: Vec<_> = micro::step_passes(batches, rows, rank, world).collect();
         let last = passes.len().saturating_sub(1);
         for (pass, (first_row, b)) in passes.into_iter().enumerate() {
@@ -302,8 +313,7 @@ impl Trainer {
             let recompute = self.cfg.training.activation_checkpointing;
             let model = self.compute.as_ref().unwrap_or(&self.master);
             let params = &self.compute_tensors;
-            // fp16: the gradients are the scaled loss's (unscaled in the update).
-            let scale = self.scaler.as_ref().map(LossScaler::scale);
+            let scale = scale.as_ref();
             if let (Some(overlap), true) = (self.overlap.as_mut(), pass == last) {
                 // The step's last pass: staged backward, each stage's final
                 // gradients summed over the workers while the stages below run.
