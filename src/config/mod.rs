@@ -706,6 +706,10 @@ mod tests {
             .unwrap();
         assert_eq!((c.training.precision, c.training.loss_scale.growth_interval), (Precision::Fp16, 3));
         assert_eq!(c.training.loss_scale.init_scale, 65536.0);
+        let e = format!("{:#}", Config::load(&p, &["training.loss_scale.backoff_factor=1.0".into()]).unwrap_err());
+        assert!(e.contains("training.loss_scale.backoff_factor = 1 must be in (0, 1)"), "{e}");
+        let e = format!("{:#}", Config::load(&p, &["training.loss_scale.init=2".into()]).unwrap_err());
+        assert!(e.contains("init"), "{e}");
         assert!(c.model.path.unwrap().starts_with(dir.path()));
         let e = format!("{:#}", Config::load(&p, &["training.batch_size=lots".into()]).unwrap_err());
         assert!(e.contains("batch_size") || e.contains("invalid type"), "{e}");
