@@ -16,7 +16,9 @@
 #                    CPU losses of 8 steps within 1e-4
 #   5 resume     45  bf16 with dropout: `mlm-launch` SIGKILLed after checkpoint-10 and
 #                    run again gives the uninterrupted run's losses bit for bit;
-#                    activation checkpointing gives the plain path's losses
+#                    activation checkpointing gives the plain path's losses; fp16
+#                    from an overflowing loss scale resumed from checkpoint-6: the
+#                    losses and the scale sequence bit for bit (when time is left)
 #   6 overlap    30  2 workers on the one GPU (tcp, all-reduce overlapped with backward)
 #                    equal 1 worker with the summed batch (1e-5)
 #   7 memory     60  configs/wiki.toml's job (DeBERTa-v3-large shape, bf16): measured
@@ -199,13 +201,13 @@ job() {
   done > "$dir/job.toml"
 }
 
-# losses METRICS: "step loss" of every train record (Python's repr: equal strings
-# are equal bits).
+# losses METRICS [FIELD]: "step loss" (or another FIELD) of every train record
+# (Python's repr: equal strings are equal bits).
 losses() {
   "$PY" -c 'import json, sys
 for l in open(sys.argv[1]):
     r = json.loads(l)
-    if r.get("kind") == "train": print(r["step"], repr(float(r["loss"])))' "$1"
+    if r.get("kind") == "train": print(r["step"], repr(float(r[sys.argv[2]])))' "$1" "${2:-loss}"
 }
 
 # compare_losses A B FIRST LAST TOLERANCE: steps FIRST..LAST of two "step loss"
@@ -443,6 +445,42 @@ s_resume() {
     compare_losses "$d/ckpt-false/losses" "$d/ckpt-true/losses" 1 3 1e-6 || bad=1
   check "activation checkpointing vs plain, bf16 + dropout, for information" \
     compare_losses "$d/ckpt-false/losses" "$d/ckpt-true/losses" 1 8 inf
+  fp16_resume "$d" || bad=1
+  return $bad
+}
+
+# fp16 (GPUs without bf16) with dropout, from a loss scale of 2^24 that the
+# first steps' gradients overflow: steps are skipped, the scale backs off and
+# grows (every 2 clean steps). A job resumed from checkpoint-6 (started anew,
+# not killed: the kill is checked above) continues the losses and the scale
+# sequence bit for bit. Skipped when the stage has no time left for it.
+fp16_resume() {
+  local d=$1/fp16 bad=0
+  fits 20 "fp16 loss scale, resumed vs uninterrupted" || return 0
+  local sets=(training.max_steps=12 training.batch_size=16 training.precision='"fp16"'
+    training.loss_scale.init_scale=16777216.0 training.loss_scale.growth_interval=2
+    checkpoint.every_steps=6 checkpoint.keep_last=5)
+  job "$d/whole" tiny-bert-dropout.json small "${sets[@]}"
+  job "$d/resumed" tiny-bert-dropout.json small "${sets[@]}" checkpoint.resume="\"$d/whole/out/checkpoint-6\""
+  "$BIN" train "$d/whole/job.toml" --resume none > "$d/whole/train.log" 2>&1 || { tail "$d/whole/train.log"; return 1; }
+  "$BIN" train "$d/resumed/job.toml" > "$d/resumed/train.log" 2>&1 || { tail "$d/resumed/train.log"; return 1; }
+  local r
+  for r in whole resumed; do
+    losses "$d/$r/out/metrics.jsonl" > "$d/$r/losses"
+    losses "$d/$r/out/metrics.jsonl" loss_scale > "$d/$r/scales"
+  done
+  result "fp16 loss scale by step: $(cut -d' ' -f2 "$d/whole/scales" | tr '\n' ' ')"
+  if ! "$PY" -c 'import sys
+s = [float(l.split()[1]) for l in open(sys.argv[1])]
+sys.exit(0 if any(b < a for a, b in zip([2.0**24] + s, s)) and any(b > a for a, b in zip(s, s[1:])) else 1)' \
+    "$d/whole/scales"; then
+    result "fp16: the scale did not both back off and grow: the check saw no skipped step"
+    bad=1
+  fi
+  check "fp16 resumed vs uninterrupted, losses" compare_losses "$d/whole/losses" "$d/resumed/losses" 7 12 exact ||
+    bad=1
+  check "fp16 resumed vs uninterrupted, loss scale" compare_losses "$d/whole/scales" "$d/resumed/scales" 7 12 exact ||
+    bad=1
   return $bad
 }
 

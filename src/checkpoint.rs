@@ -59,8 +59,13 @@ pub struct TrainerState {
     pub seed: u64,
     /// Training tokens consumed so far.
     pub tokens_seen: u64,
-    /// Optimizer steps skipped for a non-finite loss or gradient.
+    /// Optimizer steps skipped for a non-finite loss or gradient (in fp16,
+    /// overflows of the loss scale included).
     pub nonfinite_skipped: usize,
+    /// fp16's dynamic loss scale after the last step (`GradScaler`'s state).
+    /// Absent in fp32 and bf16, and in states written before fp16 existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<LossScaleState>,
     /// Hash of the settings that shape the run, and the settings themselves (to
     /// name what changed when a resume is refused).
     pub config_hash: String,
@@ -76,6 +81,14 @@ pub struct TrainerState {
     pub run_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_run_id: Option<String>,
+}
+
+/// The dynamic loss scale of fp16 training, as `GradScaler.state_dict()`
+/// keeps it: the scale and the clean steps in a row since it last changed.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LossScaleState {
+    pub scale: f64,
+    pub growth_tracker: i64,
 }
 
 /// Who a run is: `<output_dir>/run.json`. A fresh start makes a new id; a

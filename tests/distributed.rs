@@ -95,6 +95,50 @@ fn overlapped_all_reduce_equals_the_plain_one() {
     }
 }
 
+/// The `loss_scale` of each logged step of the run writing `out`.
+fn loss_scales(out: &Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "train")
+        .map(|v| v["loss_scale"].as_f64().unwrap_or_else(|| panic!("no loss_scale in {v}")))
+        .collect()
+}
+
+/// fp16 on 2 tcp workers: the overflow check is made on the gradient summed
+/// over the workers, so both skip the same steps, and the loss scale moves
+/// as that of one process with twice the batch (an initial scale that
+/// overflows, so that it backs off, and grows again after 2 clean steps).
+/// Each worker's fp16 gradients are those of its half of the batch, whose
+/// largest element may pass 65504 at a scale where the whole batch's does not
+/// (as under DDP): the 7 steps are ones where both overflow or neither does
+/// (at step 8 the two workers overflow at 2^18 and one process does not).
+#[test]
+fn two_fp16_workers_skip_the_steps_one_worker_skips() {
+    const STEPS: usize = 7;
+    let fp16 = [
+        "training.precision=fp16",
+        "training.loss_scale.init_scale=4194304.0",
+        "training.loss_scale.growth_interval=2",
+        "training.log_every=1",
+    ];
+    let sets = |batch: &'static str| std::iter::once(batch).chain(fp16).flat_map(|s| ["--set", s]).collect::<Vec<_>>();
+    let single = tempfile::tempdir().unwrap();
+    let cfg = job(single.path(), STEPS);
+    assert!(run(mlm().arg("train").arg(&cfg).args(sets("training.batch_size=16"))).status.success());
+    let launched = tempfile::tempdir().unwrap();
+    let cfg = job(launched.path(), STEPS);
+    assert!(run(two_cpu_workers().arg(&cfg).args(sets("training.batch_size=8"))).status.success());
+    let (one, two) = (loss_scales(&single.path().join("out")), loss_scales(&launched.path().join("out")));
+    eprintln!("loss scale, 1 worker: {one:?}\n2 workers: {two:?}");
+    assert!(one.windows(2).any(|w| w[1] < w[0]) && one.windows(2).any(|w| w[1] > w[0]), "{one:?}");
+    assert_eq!(one, two, "the loss scale of 2 workers");
+    let at = |d: &tempfile::TempDir| weights(&d.path().join(format!("out/checkpoint-{STEPS}")));
+    let (worst, name) = worst_relative_difference(&at(&single), &at(&launched));
+    eprintln!("fp16, 2 workers: largest relative difference {worst:.2e} ({name})");
+}
+
 /// The pids of the `mlm train` workers of a launcher.
 fn workers(launcher_pid: u32) -> Vec<u32> {
     let out = Command::new("pgrep").args(["-P", &launcher_pid.to_string(), "-f", "mlm train"]).output().unwrap();

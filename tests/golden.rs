@@ -2,10 +2,12 @@
 //! torchtitan's loss-curve checks: the pieces of a training step are
 //! parity-tested alone elsewhere; here their composition is (weight-decay
 //! groups, gradient accumulation, clip-then-step, the lr of step k, AdamW's bias
-//! correction across a resume, epoch reshuffles, the bf16 compute copy's refresh).
+//! correction across a resume, epoch reshuffles, the bf16 compute copy's refresh,
+//! fp16's dynamic loss scale).
 //!
 //! The real `mlm train` binary trains a small random-init BERT without dropout,
-//! in fp32 and in bf16. This test rebuilds, with the library's data functions,
+//! in fp32, in bf16 and in fp16 (against `torch.amp.GradScaler`, with an initial
+//! scale large enough that the first steps overflow and are skipped). This test rebuilds, with the library's data functions,
 //! the micro-batches the trainer masked for each step, and
 //! `tests/golden_reference.py` trains the same model on them with transformers'
 //! `BertForMaskedLM`, `torch.optim.AdamW`, `clip_grad_norm_` and
@@ -30,6 +32,13 @@ use tch::{Device, Tensor};
 const STEPS: usize = 16;
 /// Optimizer steps of the bf16 job.
 const BF16_STEPS: usize = 8;
+/// Optimizer steps of the fp16 job.
+const FP16_STEPS: usize = 8;
+/// The fp16 job's `[training.loss_scale]`: 2^21, twice what overflows the
+/// first steps' fp16 gradients (their largest is ~0.08), and growth after 3
+/// clean steps, so that the scale backs off, grows and (at the checkpoint the
+/// resume starts from) holds a growth count under way.
+const FP16_LOSS_SCALE: &str = "init_scale = 2097152.0\ngrowth_interval = 3\n";
 /// The resumed job continues from this step's checkpoint (mid-epoch).
 const RESUME_AT: usize = 4;
 /// The deliberate mistakes are replayed over this many steps.
@@ -51,6 +60,10 @@ const FP32: Tolerance = Tolerance { loss: 1e-5, grad_norm: 1e-4 };
 /// token-type embedding's is not (transformers sums its 512 rows in bf16 one by
 /// one, `mlm` in one reduction), which moves later losses by up to ~4e-5.
 const BF16: Tolerance = Tolerance { loss: 2e-4, grad_norm: 1e-2 };
+/// fp16 compute: mlm's CPU GEMMs are fp32 ones on the fp16 operands
+/// (`policy::gemm_via_f32`), torch's its own fp16 kernels: the same sums in
+/// another order, each rounded to fp16.
+const FP16: Tolerance = Tolerance { loss: 2e-4, grad_norm: 1e-2 };
 /// The learning rate: the same f64 formula on both sides (up to its rounding).
 const LR_TOL: f64 = 1e-12;
 /// Each deliberate mistake must move some step's loss by at least this many
@@ -108,6 +121,14 @@ progress = "never"
     job
 }
 
+/// The fp16 job: [`write_job`]'s with [`FP16_LOSS_SCALE`].
+fn write_fp16_job(dir: &Path, model: &Path) -> PathBuf {
+    let job = write_job(dir, model, "fp16", FP16_STEPS);
+    let text = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(&job, format!("{text}\n[training.loss_scale]\n{FP16_LOSS_SCALE}")).unwrap();
+    job
+}
+
 fn train(job: &Path, extra: &[String]) -> String {
     let out = run(mlm().arg("train").arg(job).args(extra));
     assert!(out.status.success(), "mlm train {} failed", job.display());
@@ -135,15 +156,45 @@ fn curve<'a>(records: impl Iterator<Item = &'a serde_json::Value>) -> Curve {
     records.map(|v| (v["step"].as_u64().unwrap() as usize, Step::of(v))).collect()
 }
 
+/// One logged fp16 step: a skipped step's gradient norm is infinite (null).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ScaledStep {
+    loss: f64,
+    lr: f64,
+    grad_norm: Option<f64>,
+    /// The scale after the step's update.
+    loss_scale: f64,
+}
+
+type ScaledCurve = BTreeMap<usize, ScaledStep>;
+
+fn scaled_curve<'a>(records: impl Iterator<Item = &'a serde_json::Value>) -> ScaledCurve {
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or_else(|| panic!("no {k} in {v}"));
+    records
+        .map(|v| {
+            let step = ScaledStep {
+                loss: f(v, "loss"),
+                lr: f(v, "lr"),
+                grad_norm: v["grad_norm"].as_f64(),
+                loss_scale: f(v, "loss_scale"),
+            };
+            (v["step"].as_u64().unwrap() as usize, step)
+        })
+        .collect()
+}
+
 /// The `kind: "train"` records of the job whose output directory is `out`.
-fn train_steps(out: &Path) -> Curve {
-    let records: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+fn train_records(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .filter(|v: &serde_json::Value| v["kind"] == "train")
-        .collect();
-    curve(records.iter())
+        .collect()
+}
+
+fn train_steps(out: &Path) -> Curve {
+    curve(train_records(out).iter())
 }
 
 /// The micro-batches of each of the first `steps` optimizer steps of a
@@ -216,13 +267,14 @@ impl Drop for Replay {
     }
 }
 
-/// What the whole file shares: the model, the uninterrupted fp32 and bf16 `mlm`
-/// runs, and the torch replay.
+/// What the whole file shares: the model, the uninterrupted fp32, bf16 and
+/// fp16 `mlm` runs, and the torch replay.
 struct Golden {
     dir: PathBuf,
     model: PathBuf,
     fp32: Curve,
     bf16: Curve,
+    fp16: ScaledCurve,
     replay: Mutex<Replay>,
 }
 
@@ -234,6 +286,7 @@ fn golden() -> &'static Golden {
         write_model(&model);
         let fp32_job = write_job(&dir.join("fp32"), &model, "fp32", STEPS);
         let bf16_job = write_job(&dir.join("bf16"), &model, "bf16", BF16_STEPS);
+        let fp16_job = write_fp16_job(&dir.join("fp16"), &model);
 
         // The batches of every step, from the data `mlm train` goes on to use;
         // both jobs draw the same ones (masks depend on the seed, not the precision).
@@ -243,7 +296,7 @@ fn golden() -> &'static Golden {
         let replay = Replay(Some(
             Command::new(python())
                 .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden_reference.py"))
-                .args([&batches, &dir.join("torch.json"), &fp32_job, &bf16_job])
+                .args([&batches, &dir.join("torch.json"), &fp32_job, &bf16_job, &fp16_job])
                 .args([RESUME_AT, MISTAKE_STEPS].map(|n| n.to_string()))
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(dir.join("torch.log")).unwrap())
@@ -253,9 +306,11 @@ fn golden() -> &'static Golden {
 
         train(&fp32_job, &[]);
         train(&bf16_job, &[]);
+        train(&fp16_job, &[]);
         Golden {
             fp32: train_steps(&dir.join("fp32/out")),
             bf16: train_steps(&dir.join("bf16/out")),
+            fp16: scaled_curve(train_records(&dir.join("fp16/out")).iter()),
             replay: Mutex::new(replay),
             dir,
             model,
@@ -267,6 +322,7 @@ fn golden() -> &'static Golden {
 struct Torch {
     fp32: Curve,
     bf16: Curve,
+    fp16: ScaledCurve,
     /// Per-step losses of the replays with one deliberate mistake each.
     mistakes: BTreeMap<String, Vec<f64>>,
 }
@@ -290,6 +346,7 @@ fn torch() -> &'static Torch {
         Torch {
             fp32: curve(r["fp32"].as_array().unwrap().iter()),
             bf16: curve(r["bf16"].as_array().unwrap().iter()),
+            fp16: scaled_curve(r["fp16"].as_array().unwrap().iter()),
             mistakes,
         }
     })
@@ -364,4 +421,66 @@ fn bf16_losses_equal_pytorch_on_a_bf16_copy_of_fp32_master_weights() {
     let worst = compare(&g.bf16, &t.bf16, 1..=BF16_STEPS, &BF16);
     eprintln!("largest relative bf16 loss difference over {BF16_STEPS} steps: {worst:.2e}");
     assert_caught("bf16_copy_refreshed_before_the_update", &t.bf16, 1..=BF16_STEPS.min(MISTAKE_STEPS), &BF16);
+}
+
+/// fp16 against `torch.amp.GradScaler` as the Hugging Face Trainer runs it:
+/// the same steps overflow (inf gradient norm) and are skipped, the scale
+/// sequence is equal, the losses agree to [`FP16`], and the learning rate
+/// follows the applied steps (the Trainer's scheduler does not step when the
+/// optimizer step was skipped).
+#[test]
+fn fp16_losses_and_loss_scale_equal_pytorch_grad_scaler() {
+    let (g, t) = (golden(), torch());
+    assert_eq!(g.fp16.len(), FP16_STEPS, "one train record per step");
+    let mut worst = 0f64;
+    for k in 1..=FP16_STEPS {
+        let (m, r) = (g.fp16[&k], t.fp16[&k]);
+        let d = rel(m.loss, r.loss);
+        eprintln!(
+            "step {k}: loss {:.7} vs torch {:.7} (rel {d:.1e})  lr {:.4e}  grad_norm {:?} vs {:?}  scale {} vs {}",
+            m.loss, r.loss, m.lr, m.grad_norm, r.grad_norm, m.loss_scale, r.loss_scale
+        );
+        assert_eq!(m.loss_scale, r.loss_scale, "step {k}: the loss scale after the step");
+        assert!(d < FP16.loss, "step {k}: loss {} but torch {} (relative difference {d:.2e})", m.loss, r.loss);
+        assert!(m.lr == r.lr || rel(m.lr, r.lr) < LR_TOL, "step {k}: lr {} but torch {}", m.lr, r.lr);
+        match (m.grad_norm, r.grad_norm) {
+            (Some(a), Some(b)) => assert!(rel(a, b) < FP16.grad_norm, "step {k}: grad_norm {a} but torch {b}"),
+            (None, None) => {}
+            (a, b) => panic!("step {k}: grad_norm {a:?} but torch {b:?}: one side overflowed alone"),
+        }
+        worst = worst.max(d);
+    }
+    eprintln!("largest relative fp16 loss difference over {FP16_STEPS} steps: {worst:.2e}");
+    let scales: Vec<f64> = t.fp16.values().map(|s| s.loss_scale).collect();
+    let skipped = t.fp16.values().filter(|s| s.grad_norm.is_none()).count();
+    assert!(skipped > 0 && scales.windows(2).any(|w| w[1] > w[0]), "the scale must back off and grow: {scales:?}");
+    assert_caught_scaled("schedule_steps_on_skipped_steps", &t.fp16);
+}
+
+/// A job resumed from a checkpoint of the fp16 run continues its loss scale,
+/// growth count and schedule: every later step is bit-identical to the
+/// uninterrupted run's.
+#[test]
+fn fp16_resume_continues_the_loss_scale_bit_for_bit() {
+    let g = golden();
+    let job = write_fp16_job(&g.dir.join("fp16-resumed"), &g.model);
+    let checkpoint = g.dir.join(format!("fp16/out/checkpoint-{RESUME_AT}"));
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(checkpoint.join("trainer_state.json")).unwrap()).unwrap();
+    assert!(state["loss_scale"]["scale"].as_f64().is_some(), "no loss scale in {state}");
+    let log = train(&job, &["--set".into(), format!("checkpoint.resume={}", checkpoint.display())]);
+    assert!(log.contains("resuming from") && log.contains("from the checkpoint"), "the job did not resume");
+    let resumed = scaled_curve(train_records(&g.dir.join("fp16-resumed/out")).iter());
+    assert_eq!(resumed.keys().copied().collect::<Vec<_>>(), (RESUME_AT + 1..=FP16_STEPS).collect::<Vec<_>>());
+    for (k, step) in &resumed {
+        assert_eq!(step, &g.fp16[k], "step {k} after the resume at step {RESUME_AT}");
+    }
+}
+
+/// [`assert_caught`] for the fp16 replay.
+fn assert_caught_scaled(name: &str, reference: &ScaledCurve) {
+    let losses = &torch().mistakes[name];
+    let gap = reference.iter().map(|(k, s)| rel(losses[k - 1], s.loss)).fold(0.0, f64::max);
+    eprintln!("mistake {name}: moves the losses by up to {gap:.1e}");
+    assert!(gap > MISTAKE_FACTOR * FP16.loss, "{name} moves the losses by only {gap:.1e}: the test cannot see it");
 }

@@ -1,12 +1,12 @@
 """PyTorch reference for tests/golden.rs: the training steps of `mlm train`, in torch.
 
-Usage: golden_reference.py BATCHES OUT_JSON FP32_JOB BF16_JOB RESUME_STEP MISTAKE_STEPS
+Usage: golden_reference.py BATCHES OUT_JSON FP32_JOB BF16_JOB FP16_JOB RESUME_STEP MISTAKE_STEPS
 
 Trains each job's `model.path` (a BertForMaskedLM without dropout, loaded with
 from_pretrained) with the job's [training] settings on the pre-masked micro-batches
 in BATCHES (safetensors: input_ids, labels [steps, accum, rows, block] i64, -100
 where nothing is predicted), and writes the per-step loss, lr and gradient norm of
-each job as JSON: {"fp32": [...], "bf16": [...], "mistakes": {...}}.
+each job as JSON: {"fp32": [...], "bf16": [...], "fp16": [...], "mistakes": {...}}.
 
 One optimizer step, as the Hugging Face Trainer takes it and as src/train/ claims to:
   - loss: the cross-entropy summed over the masked positions of all the step's
@@ -20,7 +20,12 @@ One optimizer step, as the Hugging Face Trainer takes it and as src/train/ claim
     as transformers ties them;
   - precision = "bf16": forward and backward run on a bf16 copy of the fp32 master
     model, its gradients accumulate in fp32 on the master, and after each update the
-    copy is refreshed from the master (round to nearest even).
+    copy is refreshed from the master (round to nearest even);
+  - precision = "fp16": the same on an fp16 copy, with torch.amp.GradScaler (the job's
+    [training.loss_scale]) as the Trainer runs it: each micro-batch's loss scaled before
+    backward, unscale_ before clipping, scaler.step and update; the scheduler steps only
+    when the optimizer did (the Trainer's `optimizer_step_was_skipped`: the scale fell).
+    Each step also logs the scale after the update.
 The MLM head (`model.cls`) runs only at the masked positions: it is position-wise, so
 the loss and gradients are those of the full forward, at a seventh of the cost.
 
@@ -28,7 +33,8 @@ the loss and gradients are those of the full forward, at a seventh of the cost.
 deliberate mistake each: weight decay on every parameter, no clipping, the schedule
 one step ahead, the loss averaged per micro-batch, AdamW's step count restarted
 after RESUME_STEP steps (as a resume that lost it would), and (bf16) the compute
-copy refreshed before the update instead of after it. The test asserts that each
+copy refreshed before the update instead of after it, and (fp16) the scheduler
+stepped on skipped steps too. The test asserts that each
 misses the reference by far more than its tolerance, so the comparison could catch it.
 """
 import copy
@@ -50,6 +56,7 @@ FP32_MISTAKES = [
     "adam_step_restarts",
 ]
 BF16_MISTAKES = ["bf16_copy_refreshed_before_the_update"]
+FP16_MISTAKES = ["schedule_steps_on_skipped_steps"]
 
 
 def no_decay(name):
@@ -62,8 +69,20 @@ def replay(job, batches, mistake=None, resume_step=None, steps=None):
     master, info = BertForMaskedLM.from_pretrained(job["model"]["path"], output_loading_info=True)
     assert not any(info.values()), f"the model loads with {info}"
     master = master.float().train()
-    bf16 = t.get("precision", "fp32") == "bf16"
-    compute = copy.deepcopy(master).to(torch.bfloat16) if bf16 else master
+    precision = t.get("precision", "fp32")
+    shadow = precision in ("bf16", "fp16")  # a compute copy, refreshed after each update
+    kind = torch.float16 if precision == "fp16" else torch.bfloat16
+    compute = copy.deepcopy(master).to(kind) if shadow else master
+    scaler = None
+    if precision == "fp16":
+        ls = t.get("loss_scale", {})
+        scaler = torch.amp.GradScaler(
+            "cpu",
+            init_scale=ls.get("init_scale", 2.0**16),
+            growth_factor=ls.get("growth_factor", 2.0),
+            backoff_factor=ls.get("backoff_factor", 0.5),
+            growth_interval=ls.get("growth_interval", 2000),
+        )
     named = list(master.named_parameters())  # tied parameters appear once
     params = [p for _, p in named]
     compute_params = [p for _, p in compute.named_parameters()]
@@ -101,36 +120,52 @@ def replay(job, batches, mistake=None, resume_step=None, steps=None):
                 loss = loss / picked.sum() / ids.shape[1]
             else:
                 loss = loss / n_masked
-            grads = torch.autograd.grad(loss, compute_params)
+            grads = torch.autograd.grad(scaler.scale(loss) if scaler else loss, compute_params)
             for p, g in zip(params, grads):
                 p.grad = g.float() if p.grad is None else p.grad + g.float()
             total += loss.detach()
+        if scaler:
+            scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         lr = opt.param_groups[0]["lr"]
         if mistake == "adam_step_restarts" and k == resume_step:
             for state in opt.state.values():
                 state["step"].zero_()
-        if bf16 and mistake == "bf16_copy_refreshed_before_the_update":
+        if shadow and mistake == "bf16_copy_refreshed_before_the_update":
             refresh_compute_copy()
-        opt.step()
-        if bf16 and mistake != "bf16_copy_refreshed_before_the_update":
+        skipped = False
+        if scaler:
+            before = scaler.get_scale()
+            scaler.step(opt)
+            scaler.update()
+            skipped = scaler.get_scale() < before
+        else:
+            opt.step()
+        if shadow and mistake != "bf16_copy_refreshed_before_the_update":
             refresh_compute_copy()
-        sched.step()
+        if not skipped or mistake == "schedule_steps_on_skipped_steps":
+            sched.step()
         opt.zero_grad(set_to_none=True)
-        out.append({"step": k + 1, "loss": total.item(), "lr": lr, "grad_norm": grad_norm.item()})
+        gn = grad_norm.item()  # inf on an overflowed fp16 step: null, as mlm's metrics write it
+        record = {"step": k + 1, "loss": total.item(), "lr": lr, "grad_norm": gn if math.isfinite(gn) else None}
+        if scaler:
+            record["loss_scale"] = scaler.get_scale()
+            record["skipped"] = skipped
+        out.append(record)
     return out
 
 
 def main():
     torch.set_num_threads(1)  # beside the `mlm` jobs, on two cores
-    batches_file, out_json, fp32_toml, bf16_toml, resume_step, mistake_steps = sys.argv[1:]
+    batches_file, out_json, fp32_toml, bf16_toml, fp16_toml, resume_step, mistake_steps = sys.argv[1:]
     jobs = {}
-    for name, path in [("fp32", fp32_toml), ("bf16", bf16_toml)]:
+    for name, path in [("fp32", fp32_toml), ("bf16", bf16_toml), ("fp16", fp16_toml)]:
         with open(path, "rb") as f:
             jobs[name] = tomllib.load(f)
     batches = load_file(batches_file)
     result = {name: replay(job, batches) for name, job in jobs.items()}
     mistakes = [(m, jobs["fp32"]) for m in FP32_MISTAKES] + [(m, jobs["bf16"]) for m in BF16_MISTAKES]
+    mistakes += [(m, jobs["fp16"]) for m in FP16_MISTAKES]
     result["mistakes"] = {
         m: [s["loss"] for s in replay(job, batches, m, int(resume_step), int(mistake_steps))] for m, job in mistakes
     }

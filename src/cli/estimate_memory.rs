@@ -277,7 +277,8 @@ fn text_lines(r: &Report, m: &ModelShape, job: &Job) -> Vec<String> {
             job.mlm_probability
         )
         .replace("Fp32", "fp32")
-        .replace("Bf16", "bf16"),
+        .replace("Bf16", "bf16")
+        .replace("Fp16", "fp16"),
         format!(
             "memory   {} ({}); margins: {} reserved ({reserved}) and {:.0}% of the peak for fragmentation",
             gib(r.memory_bytes),
@@ -291,7 +292,7 @@ fn text_lines(r: &Report, m: &ModelShape, job: &Job) -> Vec<String> {
     let s = &r.states;
     for (name, b) in [
         ("fp32 master weights", s.weights_bytes),
-        ("bf16 compute copy", s.compute_weights_bytes),
+        ("bf16/fp16 compute copy", s.compute_weights_bytes),
         ("fp32 gradients", s.gradients_bytes),
         ("AdamW moments (2 x fp32)", s.optimizer_bytes),
         ("total", s.total()),
@@ -332,7 +333,7 @@ fn text_lines(r: &Report, m: &ModelShape, job: &Job) -> Vec<String> {
         job.eval_batch,
         gib(o.evaluation_bytes),
         if o.startup_bytes > s.total() {
-            format!(", building the bf16 copy at start {}", gib(o.startup_bytes))
+            format!(", building the bf16/fp16 copy at start {}", gib(o.startup_bytes))
         } else {
             String::new()
         }

@@ -105,6 +105,7 @@ pub enum Command {
 pub enum PrecisionArg {
     Fp32,
     Bf16,
+    Fp16,
 }
 
 /// Standard output was closed by its reader (`mlm fill-mask ... | head -1`):
@@ -251,6 +252,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let (kind, name) = match precision {
                 PrecisionArg::Fp32 => (tch::Kind::Float, "fp32"),
                 PrecisionArg::Bf16 => (tch::Kind::BFloat16, "bf16"),
+                PrecisionArg::Fp16 => (tch::Kind::Half, "fp16"),
             };
             let tflops = crate::train::observe::timing::measure_peak_tflops(
                 device,

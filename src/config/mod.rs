@@ -199,6 +199,48 @@ pub enum Precision {
     Fp32,
     /// bf16 compute copies of the weights, fp32 master weights and optimizer.
     Bf16,
+    /// fp16 compute copies of the weights, fp32 master weights and optimizer,
+    /// and a dynamic loss scale ([`LossScaleConfig`]).
+    Fp16,
+}
+
+impl Precision {
+    /// The dtype the forward and backward compute in.
+    pub fn compute_kind(self) -> tch::Kind {
+        match self {
+            Precision::Fp32 => tch::Kind::Float,
+            Precision::Bf16 => tch::Kind::BFloat16,
+            Precision::Fp16 => tch::Kind::Half,
+        }
+    }
+}
+
+/// `[training.loss_scale]`: the dynamic loss scale of `precision = "fp16"`,
+/// with `torch.amp.GradScaler`'s defaults and rules: the loss is multiplied by
+/// the scale before backward; a step whose gradient holds an inf/NaN is
+/// skipped and the scale multiplied by `backoff_factor`; after
+/// `growth_interval` clean steps in a row it is multiplied by `growth_factor`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LossScaleConfig {
+    pub init_scale: f64,
+    pub growth_factor: f64,
+    pub backoff_factor: f64,
+    pub growth_interval: u32,
+}
+
+impl Default for LossScaleConfig {
+    fn default() -> Self {
+        Self { init_scale: 65536.0, growth_factor: 2.0, backoff_factor: 0.5, growth_interval: 2000 }
+    }
+}
+
+impl LossScaleConfig {
+    /// Left out of the written config (and so of its hash) at the defaults:
+    /// checkpoints written before the key existed resume unchanged.
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -257,6 +299,9 @@ pub struct TrainingConfig {
     /// Global gradient-norm clipping (0: off).
     pub max_grad_norm: f64,
     pub precision: Precision,
+    /// The dynamic loss scale of `precision = "fp16"`.
+    #[serde(skip_serializing_if = "LossScaleConfig::is_default")]
+    pub loss_scale: LossScaleConfig,
     pub device: DeviceChoice,
     /// Intra-op CPU threads for libtorch (0: libtorch's default).
     pub threads: usize,
@@ -299,6 +344,7 @@ impl Default for TrainingConfig {
             schedule: Schedule::Linear,
             max_grad_norm: 1.0,
             precision: Precision::Fp32,
+            loss_scale: LossScaleConfig::default(),
             device: DeviceChoice::Auto,
             threads: 0,
             log_every: 10,
@@ -627,25 +673,31 @@ impl Config {
     }
 }
 
-/// Applies one `section.key=value` override. The value is parsed as TOML
-/// (numbers, booleans, arrays) and taken as a string when it is not valid TOML.
+/// Applies one `section.key=value` (or `section.table.key=value`) override.
+/// The value is parsed as TOML (numbers, booleans, arrays) and taken as a
+/// string when it is not valid TOML.
 pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
     let (key, raw) =
         assignment.split_once('=').with_context(|| format!("--set {assignment:?}: expected section.key=value"))?;
     let parts: Vec<&str> = key.trim().split('.').collect();
-    if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
-        bail!("--set {assignment:?}: the key must be section.key (e.g. training.lr)");
+    if !(2..=3).contains(&parts.len()) || parts.iter().any(|p| p.is_empty()) {
+        bail!("--set {assignment:?}: the key must be section.key (e.g. training.lr) or section.table.key");
     }
     let raw = raw.trim();
     let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
         Ok(mut t) => t.remove("v").expect("parsed key"),
         Err(_) => toml::Value::String(raw.to_string()),
     };
-    let section = table.entry(parts[0].to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-    let toml::Value::Table(section) = section else {
-        bail!("--set {assignment:?}: `{}` is not a section", parts[0]);
-    };
-    section.insert(parts[1].to_string(), value);
+    let (last, tables) = parts.split_last().expect("two or three parts");
+    let mut at = table;
+    for name in tables {
+        let entry = at.entry(name.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let toml::Value::Table(inner) = entry else {
+            bail!("--set {assignment:?}: `{name}` is not a section");
+        };
+        at = inner;
+    }
+    at.insert(last.to_string(), value);
     Ok(())
 }
 
@@ -727,6 +779,14 @@ mod tests {
         let c = Config::load(&p, &["training.lr=3e-5".into(), "training.precision=bf16".into()]).unwrap();
         assert_eq!(c.training.lr, 3e-5);
         assert_eq!(c.training.precision, Precision::Bf16);
+        let c = Config::load(&p, &["training.precision=fp16".into(), "training.loss_scale.growth_interval=3".into()])
+            .unwrap();
+        assert_eq!((c.training.precision, c.training.loss_scale.growth_interval), (Precision::Fp16, 3));
+        assert_eq!(c.training.loss_scale.init_scale, 65536.0);
+        let e = format!("{:#}", Config::load(&p, &["training.loss_scale.backoff_factor=1.0".into()]).unwrap_err());
+        assert!(e.contains("training.loss_scale.backoff_factor = 1 must be in (0, 1)"), "{e}");
+        let e = format!("{:#}", Config::load(&p, &["training.loss_scale.init=2".into()]).unwrap_err());
+        assert!(e.contains("init"), "{e}");
         assert!(c.model.path.unwrap().starts_with(dir.path()));
         let e = format!("{:#}", Config::load(&p, &["training.batch_size=lots".into()]).unwrap_err());
         assert!(e.contains("batch_size") || e.contains("invalid type"), "{e}");

@@ -97,6 +97,19 @@ impl Config {
         if t.log_every == 0 {
             bail!("training.log_every must be at least 1");
         }
+        let ls = &t.loss_scale;
+        if !(ls.init_scale > 0.0 && ls.init_scale.is_finite()) {
+            bail!("training.loss_scale.init_scale = {} must be a finite positive number", ls.init_scale);
+        }
+        if !(ls.growth_factor >= 1.0 && ls.growth_factor.is_finite()) {
+            bail!("training.loss_scale.growth_factor = {} must be a finite number >= 1", ls.growth_factor);
+        }
+        if !(ls.backoff_factor > 0.0 && ls.backoff_factor < 1.0) {
+            bail!("training.loss_scale.backoff_factor = {} must be in (0, 1)", ls.backoff_factor);
+        }
+        if ls.growth_interval == 0 {
+            bail!("training.loss_scale.growth_interval must be at least 1");
+        }
         if t.max_nonfinite_steps == 0 {
             bail!("training.max_nonfinite_steps must be at least 1");
         }

@@ -32,8 +32,13 @@ pub fn cpu_has_bf16_dot() -> bool {
 /// `[1024, 768] x [768, 3072]` product took 86 ms against 19 ms for upcast +
 /// fp32 GEMM + round (2 threads of a Xeon with AVX-512 but without
 /// AVX512-BF16, torch 2.11).
+///
+/// And fp16 on any CPU: training in fp16 on a CPU is for checking the fp16
+/// path (loss scaling) against a reference, not for speed; the GPU is its
+/// target. Through fp32 GEMMs its arithmetic is an fp16 GEMM's with fp32 sums,
+/// whatever libtorch's CPU fp16 kernels would do on this CPU.
 pub fn gemm_via_f32(device: Device, kind: Kind) -> bool {
-    device == Device::Cpu && kind == Kind::BFloat16 && !cpu_has_bf16_dot()
+    device == Device::Cpu && (kind == Kind::Half || (kind == Kind::BFloat16 && !cpu_has_bf16_dot()))
 }
 
 /// The dtype of the batched matmuls of attention written out
@@ -173,10 +178,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_bf16_on_a_cpu_without_bf16_instructions_goes_through_fp32() {
+    fn fp16_and_bf16_on_a_cpu_without_bf16_instructions_go_through_fp32() {
         assert!(!gemm_via_f32(Device::Cpu, Kind::Float));
         assert!(!gemm_via_f32(Device::Cuda(0), Kind::BFloat16));
         assert_eq!(gemm_via_f32(Device::Cpu, Kind::BFloat16), !cpu_has_bf16_dot());
+        assert!(gemm_via_f32(Device::Cpu, Kind::Half) && !gemm_via_f32(Device::Cuda(0), Kind::Half));
         let bf16 = if cpu_has_bf16_dot() { Kind::BFloat16 } else { Kind::Float };
         assert_eq!(attention_matmul_kind(Device::Cpu, Kind::BFloat16), bf16);
         assert_eq!(attention_matmul_kind(Device::Cpu, Kind::Half), Kind::Float);

@@ -9,8 +9,8 @@
 //! GEMM. Moments are converted to the saved layout when saved and back when
 //! loaded ([`FlatParams::to_saved_layout`]), so checkpoints do not depend on
 //! which groups a model declares. Beside
-//! it lie the flat fp32 gradient and, for bf16 training, a flat bf16 copy
-//! (the shadow) whose slices are the compute model's parameters. So the
+//! it lie the flat fp32 gradient and, for bf16 or fp16 training, a flat copy
+//! in that dtype (the shadow) whose slices are the compute model's parameters. So the
 //! gradient sum over workers, the norm, clipping and the AdamW update are a
 //! handful of whole-buffer kernels, and the optimizer's moments are plain
 //! tensors of the same layout.
@@ -50,7 +50,7 @@ pub struct Leaf {
     pub numel: i64,
 }
 
-/// The fp32 master weights, their gradient and the bf16 compute copy, flat.
+/// The fp32 master weights, their gradient and the bf16/fp16 compute copy, flat.
 pub struct FlatParams {
     slots: Vec<Slot>,
     /// The gradients' units, in offset order: the slots, some fused.
@@ -59,7 +59,7 @@ pub struct FlatParams {
     n_decay: i64,
     master: Tensor,
     grad: Tensor,
-    /// Flat bf16 compute copy of `master` (bf16 training): the compute model's
+    /// Flat bf16/fp16 compute copy of `master` (bf16/fp16 training): the compute model's
     /// parameters are views of it, and each update rewrites it from the master.
     shadow: Option<Tensor>,
     /// The gradient buffer holds nothing yet for the coming step: the first
@@ -67,6 +67,9 @@ pub struct FlatParams {
     grad_fresh: bool,
     /// The buffers' layout is the saved layout (no group moved a parameter).
     layout_is_saved: bool,
+    /// What gradients of another dtype are multiplied by as they land in the
+    /// fp32 buffer ([`Self::set_grad_factor`]).
+    grad_factor: f64,
 }
 
 /// What an optimizer update reads and writes ([`FlatParams::update_buffers`]).
@@ -149,6 +152,7 @@ impl FlatParams {
             shadow: None,
             grad_fresh: true,
             layout_is_saved,
+            grad_factor: 1.0,
         })
     }
 
@@ -219,10 +223,19 @@ impl FlatParams {
         self.grad.norm()
     }
 
-    /// The flat buffer the running model's parameters are views of: the bf16
+    /// The flat buffer the running model's parameters are views of: the bf16/fp16
     /// shadow if any, else the master.
     pub fn compute_buffer(&self) -> &Tensor {
         self.shadow.as_ref().unwrap_or(&self.master)
+    }
+
+    /// Gradients of another dtype than fp32 (the compute copy's) are multiplied
+    /// by `factor` as they land in the fp32 buffer: fp16 on several workers
+    /// runs backward on the loss over this worker's masked tokens, which keeps
+    /// the fp16 gradients in range, and the factor (those tokens) makes the
+    /// buffer hold the gradient of the sum again, as the update expects.
+    pub fn set_grad_factor(&mut self, factor: f64) {
+        self.grad_factor = factor;
     }
 
     /// Adds one micro-batch's gradients (one per leaf, in leaf order; any
@@ -236,6 +249,7 @@ impl FlatParams {
     pub fn accumulate(&mut self, grads: &[Tensor]) {
         assert_eq!(grads.len(), self.leaves.len(), "one gradient per leaf");
         let fresh = self.grad_fresh;
+        let factor = self.grad_factor;
         tch::no_grad(|| {
             let mut i = 0;
             while i < grads.len() {
@@ -259,6 +273,11 @@ impl FlatParams {
                         // converting copy (`cat_out` across dtypes falls back
                         // to a copy kernel per gradient on CUDA).
                         dst.copy_(&Tensor::cat(&flat, 0));
+                        if factor != 1.0 {
+                            let _ = dst.g_mul_scalar_(factor);
+                        }
+                    } else if factor != 1.0 {
+                        let _ = dst.g_add_(&(Tensor::cat(&flat, 0).to_kind(Kind::Float) * factor));
                     } else {
                         let _ = dst.g_add_(&Tensor::cat(&flat, 0).to_kind(Kind::Float));
                     }
@@ -295,7 +314,7 @@ impl FlatParams {
     }
 
     /// Sets up the model that runs forward and backward over these buffers:
-    /// `master` itself in fp32, or a bf16 copy whose parameters are views of
+    /// `master` itself in fp32, or a bf16/fp16 copy whose parameters are views of
     /// the shadow; its query, key and value projections fused where the flat
     /// buffer holds them back to back ([`Self::with_groups`] puts them so;
     /// leaves fused to match). Returns that
@@ -305,13 +324,14 @@ impl FlatParams {
         master: &mut MaskedLm,
         precision: Precision,
     ) -> Result<(Option<MaskedLm>, Vec<Tensor>)> {
+        let kind = precision.compute_kind();
         let mut compute = match precision {
             Precision::Fp32 => None,
-            Precision::Bf16 => Some(master.to_kind_copy(Kind::BFloat16)?),
+            Precision::Bf16 | Precision::Fp16 => Some(master.to_kind_copy(kind)?),
         };
         let params = ordered_params(&compute.as_ref().unwrap_or(master).vs, &self.slots)?;
         if compute.is_some() {
-            self.attach_shadow(&params, Kind::BFloat16);
+            self.attach_shadow(&params, kind);
         }
         let model = compute.as_mut().unwrap_or(master);
         let fused = model.fuse_qkv(self.compute_buffer());

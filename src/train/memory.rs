@@ -4,8 +4,8 @@
 //!
 //! The prediction counts, tensor by tensor, what this implementation allocates:
 //!
-//! - the training state (`optimizer.rs`): fp32 master weights, the bf16 compute
-//!   copy when `precision = "bf16"`, the flat fp32 gradient, AdamW's two fp32
+//! - the training state (`optimizer.rs`): fp32 master weights, the bf16/fp16 compute
+//!   copy when `precision = "bf16"` or `"fp16"`, the flat fp32 gradient, AdamW's two fp32
 //!   moments;
 //! - per forward and backward pass of `rows` sequences, what autograd saves for
 //!   backward in our model files (linear inputs, GELU inputs, LayerNorm inputs
@@ -51,14 +51,6 @@ impl Target {
     }
 }
 
-/// The activations' dtype of `precision`.
-fn compute_kind(precision: Precision) -> tch::Kind {
-    match precision {
-        Precision::Fp32 => tch::Kind::Float,
-        Precision::Bf16 => tch::Kind::BFloat16,
-    }
-}
-
 /// The parts of a job that decide its memory.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Job {
@@ -95,7 +87,7 @@ impl Job {
             sparse_head: t.sparse_head,
             mlm_probability: cfg.data.mlm_probability,
             eval_batch: cfg.eval.batch_size as u64,
-            gemm_in_fp32: policy::gemm_via_f32(target.device(), compute_kind(t.precision)),
+            gemm_in_fp32: policy::gemm_via_f32(target.device(), t.precision.compute_kind()),
         }
     }
 }
@@ -105,7 +97,7 @@ impl Job {
 pub struct States {
     /// fp32 master weights (`FlatAdamW::master`).
     pub weights_bytes: u64,
-    /// The bf16 compute copy (`precision = "bf16"`), else 0.
+    /// The bf16/fp16 compute copy (`precision = "bf16"`/`"fp16"`), else 0.
     pub compute_weights_bytes: u64,
     /// The flat fp32 gradient.
     pub gradients_bytes: u64,
@@ -139,7 +131,7 @@ pub struct OtherPeaks {
     pub optimizer_step_bytes: u64,
     /// An evaluation pass of `eval.batch_size` sequences without gradients.
     pub evaluation_bytes: u64,
-    /// Start-up: the bf16 compute copy is built from an fp32 model.
+    /// Start-up: the bf16/fp16 compute copy is built from an fp32 model.
     pub startup_bytes: u64,
 }
 
@@ -169,7 +161,7 @@ struct Extra {
 
 impl<'a> Estimate<'a> {
     pub fn new(model: &'a ModelShape, job: &'a Job) -> Self {
-        let a = compute_kind(job.precision).elt_size_in_bytes() as u64;
+        let a = job.precision.compute_kind().elt_size_in_bytes() as u64;
         let x = if job.gemm_in_fp32 { 4 } else { a };
         Self { model, job, a, x }
     }
@@ -178,7 +170,7 @@ impl<'a> Estimate<'a> {
         let p = self.model.parameters;
         States {
             weights_bytes: 4 * p,
-            compute_weights_bytes: if self.job.precision == Precision::Bf16 { 2 * p } else { 0 },
+            compute_weights_bytes: if self.job.precision == Precision::Fp32 { 0 } else { 2 * p },
             gradients_bytes: 4 * p,
             optimizer_bytes: 8 * p,
         }
@@ -201,7 +193,7 @@ impl<'a> Estimate<'a> {
     pub fn other_peaks(&self) -> OtherPeaks {
         let (p, states) = (self.model.parameters, self.states().total());
         // `to_kind_copy` builds the copy as an fp32 model, then converts it.
-        let startup = if self.job.precision == Precision::Bf16 { 4 * p } else { 0 };
+        let startup = if self.job.precision == Precision::Fp32 { 0 } else { 4 * p };
         OtherPeaks {
             optimizer_step_bytes: states,
             evaluation_bytes: states + self.evaluation(self.job.eval_batch),
@@ -231,7 +223,7 @@ impl<'a> Estimate<'a> {
         if p <= 0.0 {
             return 0;
         }
-        match policy::dropout_route(self.job.target.device(), compute_kind(self.job.precision), p) {
+        match policy::dropout_route(self.job.target.device(), self.job.precision.compute_kind(), p) {
             DropoutRoute::CpuMask => elements * self.a,
             DropoutRoute::Libtorch => elements,
         }
@@ -328,7 +320,7 @@ impl<'a> Estimate<'a> {
     fn math_attention(&self) -> bool {
         let (m, j) = (self.model, self.job);
         let path =
-            policy::attention_path(m.attention, j.target.device(), compute_kind(j.precision), m.attention_dropout);
+            policy::attention_path(m.attention, j.target.device(), j.precision.compute_kind(), m.attention_dropout);
         path == AttentionPath::WrittenOut
     }
 
@@ -591,6 +583,8 @@ mod tests {
         let bf16 = job(Target::Cuda, Precision::Bf16);
         assert_eq!(Estimate::new(&m, &fp32).states().total(), 16 * m.parameters);
         assert_eq!(Estimate::new(&m, &bf16).states().total(), 18 * m.parameters);
+        let fp16 = job(Target::Cuda, Precision::Fp16);
+        assert_eq!(Estimate::new(&m, &fp16).states().total(), 18 * m.parameters);
     }
 
     #[test]

@@ -112,7 +112,7 @@ pub fn rows_per_pass(
                     let db = DeviceBatch::new(&b, device);
                     // The gradients are dropped: the optimizer never sees this pass.
                     if cfg.training.activation_checkpointing {
-                        let _ = super::recompute::forward_backward(model, &db, 1.0, sparse, params, true, |_| {});
+                        let _ = super::recompute::forward_backward(model, &db, 1.0, None, sparse, params, true, |_| {});
                     } else {
                         let loss = masked_lm_loss_sum(model, &db, true, sparse);
                         drop(Tensor::run_backward(&[&loss], params, false, false));

@@ -44,7 +44,8 @@ use loss::{masked_lm_loss_sum, DeviceBatch};
 use observe::metrics::{self, Metrics};
 use observe::{oom, timing};
 use optimizer::host;
-use optimizer::nonfinite::NonFiniteGuard;
+use optimizer::loss_scale::LossScaler;
+use optimizer::nonfinite::{NonFiniteGuard, Stepped};
 use optimizer::schedule::LrSchedule;
 use optimizer::{AdamW, AdamWParams};
 use preempt::{Asks, Preempted, Watch};
@@ -201,7 +202,7 @@ struct Trainer {
     eval_set: Vec<Batch>,
     /// fp32 weights: its parameters are views of `params`' master buffer.
     master: MaskedLm,
-    /// bf16 compute copy when `precision = "bf16"`.
+    /// bf16/fp16 compute copy when `precision = "bf16"` or `"fp16"`.
     compute: Option<MaskedLm>,
     /// The trainable parameters of the model that runs, in the flat buffers' order.
     compute_tensors: Vec<Tensor>,
@@ -218,6 +219,13 @@ struct Trainer {
     total_steps: usize,
     /// Skipped steps, counted on the device.
     nonfinite: NonFiniteGuard,
+    /// The dynamic loss scale (`precision = "fp16"`).
+    scaler: Option<LossScaler>,
+    /// fp16: the skipped steps so far, by which the schedule lags the step (the
+    /// Hugging Face Trainer steps its scheduler only when the optimizer ran),
+    /// and the latest step's skip flag, not yet added (read at the next step).
+    schedule_lag: usize,
+    pending_skip: Option<Tensor>,
     /// The all-reduce overlapped with backward (several workers, `distributed.overlap`).
     overlap: Option<Overlap>,
     /// What the logged MFU is measured against, TFLOP/s (0: not logged).
@@ -295,6 +303,17 @@ impl Trainer {
             b.check_ids(self.master.vocab_size(), &self.data.dir)?;
         }
         let (rows, rank, world) = (self.micro_rows, self.sync.rank(), self.sync.world());
+        // fp16: the gradients are the scaled loss's (unscaled in the update).
+        // Several workers back-propagate their loss sum over their own masked
+        // tokens, so that its fp16 gradients are those of a mean (a sum's would
+        // overflow at a scale that many times smaller); the flat buffer
+        // multiplies them back ([`FlatParams::set_grad_factor`]).
+        let (scale, factor) = match &self.scaler {
+            Some(s) if world > 1 => (Some(s.scale() / masked.max(1) as f64), masked.max(1) as f64),
+            Some(s) => (Some(s.scale().shallow_clone()), 1.0),
+            None => (None, 1.0),
+        };
+        self.params.set_grad_factor(factor);
         let passes: Vec<_> = micro::step_passes(batches, rows, rank, world).collect();
         let last = passes.len().saturating_sub(1);
         for (pass, (first_row, b)) in passes.into_iter().enumerate() {
@@ -306,23 +325,27 @@ impl Trainer {
             let recompute = self.cfg.training.activation_checkpointing;
             let model = self.compute.as_ref().unwrap_or(&self.master);
             let params = &self.compute_tensors;
+            let scale = scale.as_ref();
             if let (Some(overlap), true) = (self.overlap.as_mut(), pass == last) {
                 // The step's last pass: staged backward, each stage's final
                 // gradients summed over the workers while the stages below run.
                 let loss = overlap.run(&mut self.sync, &mut self.params, |sink| {
-                    recompute::forward_backward(model, &db, divisor, sparse, params, recompute, |g| sink(g))
+                    recompute::forward_backward(model, &db, divisor, scale, sparse, params, recompute, |g| sink(g))
                 })?;
                 summed = true;
                 total += loss;
             } else if recompute {
                 let flat = &mut self.params;
-                total += recompute::forward_backward(model, &db, divisor, sparse, params, true, |g| flat.accumulate(g));
+                total += recompute::forward_backward(model, &db, divisor, scale, sparse, params, true, |g| {
+                    flat.accumulate(g)
+                });
             } else {
                 let loss = masked_lm_loss_sum(model, &db, true, sparse) / divisor;
                 self.timer.end(Phase::Forward);
+                let scaled = scale.map(|s| &loss * s);
                 // Gradients as outputs of the backward pass, not accumulated into
                 // `.grad`: no per-parameter add or zeroing, straight into the flat buffer.
-                let grads = Tensor::run_backward(&[&loss], params, false, false);
+                let grads = Tensor::run_backward(&[scaled.as_ref().unwrap_or(&loss)], params, false, false);
                 self.params.accumulate(&grads);
                 total += loss.detach();
             }
@@ -359,12 +382,21 @@ impl Trainer {
     /// the device: a non-finite loss or gradient skips the update on the device,
     /// and the skips are counted and acted on at log steps ([`nonfinite`]).
     fn optimizer_step(&mut self, micro: &[Batch], step: Synced) -> Result<()> {
-        let lr = self.schedule.lr(self.state.step);
+        if let Some(skip) = self.pending_skip.take() {
+            // The previous step's flag: its kernels ran while this step's
+            // forward and backward were queued, so the device is not drained.
+            self.schedule_lag += host::read_f64(&skip) as usize;
+        }
+        let lr = self.schedule.lr(self.state.step - self.schedule_lag);
         let Synced { loss, divisor, asks } = step;
         self.asks = asks;
         let max_norm = self.cfg.training.max_grad_norm;
-        let grad_norm =
-            self.nonfinite.step(&mut self.params, &mut self.adamw, divisor.as_ref(), &loss, lr, max_norm)?;
+        let (params, adamw, scaler) = (&mut self.params, &mut self.adamw, self.scaler.as_mut());
+        let Stepped { grad_norm, skip } =
+            self.nonfinite.step(params, adamw, divisor.as_ref(), &loss, lr, max_norm, scaler)?;
+        if self.scaler.is_some() {
+            self.pending_skip = Some(skip);
+        }
         self.state.step += 1;
         self.state.position.advance();
         self.timer.end(Phase::Optimizer);
@@ -487,6 +519,7 @@ impl Trainer {
             return self.sync.barrier();
         }
         oom::saving(self.state.step);
+        self.state.loss_scale = self.scaler.as_ref().map(LossScaler::state);
         let (exp_avg, exp_avg_sq) = self.adamw.moments();
         let moments = checkpoint::OptimizerState {
             exp_avg: self.params.to_saved_layout(exp_avg),

@@ -34,11 +34,14 @@ use crate::model::{DropoutSeeds, LayerInputs, MaskedLm};
 /// checkpointing); without, each layer keeps its graph and only the backward
 /// is staged, so that the gradients of the upper layers are complete while the
 /// lower ones still run (what the overlapped all-reduce needs, [`super::ddp::overlap`]).
-/// Returns the divided loss (0-d, detached).
+/// With `loss_scale` (fp16) the gradients are those of the loss times it.
+/// Returns the divided loss (0-d, detached, not scaled).
+#[allow(clippy::too_many_arguments)]
 pub fn forward_backward(
     model: &MaskedLm,
     batch: &DeviceBatch,
     divisor: f64,
+    loss_scale: Option<&Tensor>,
     sparse: bool,
     params: &[Tensor],
     recompute: bool,
@@ -81,7 +84,8 @@ pub fn forward_backward(
     // 2. Head and loss.
     let top = xs.pop().expect("at least the embeddings").set_requires_grad(true);
     let loss = head_loss_sum(model, &top, batch, sparse) / divisor;
-    let mut g_x = backward_into(&loss, params, &[&top], &mut sink).remove(0);
+    let scaled = loss_scale.map(|s| &loss * s);
+    let mut g_x = backward_into(scaled.as_ref().unwrap_or(&loss), params, &[&top], &mut sink).remove(0);
     drop(top);
 
     // 3. The layers, last to first (run again with recompute).
@@ -178,7 +182,7 @@ mod tests {
             return (loss.double_value(&[]), grads);
         };
         let mut sum: Vec<Option<Tensor>> = params.iter().map(|_| None).collect();
-        let loss = forward_backward(model, db, divisor, true, &params, recompute, |g| {
+        let loss = forward_backward(model, db, divisor, None, true, &params, recompute, |g| {
             for (acc, g) in sum.iter_mut().zip(g) {
                 if g.defined() {
                     *acc = Some(match acc.take() {

@@ -101,7 +101,7 @@ impl Trainer {
         if sync.rank() == 0 {
             tracing::info!("{}", model.attention_kernel_line(device, model.kind(), cfg.data.block_size as i64));
         }
-        let kind = if cfg.training.precision == Precision::Bf16 { Kind::BFloat16 } else { Kind::Float };
+        let kind = t.precision.compute_kind();
         let (peak_tflops, peak_line) = timing::resolve_peak_tflops(cfg.training.peak_tflops, device, || {
             timing::measure_peak_tflops(device, kind, timing::PEAK_SIZE, timing::PEAK_REPS)
         });
@@ -116,6 +116,14 @@ impl Trainer {
             tracing::info!("{}", crate::device::keep_freed_host_memory());
         }
         let watch = Watch::new(&cfg.checkpoint, sync.rank(), Instant::now());
+        let fp16 = t.precision == Precision::Fp16;
+        let scaler = fp16.then(|| LossScaler::new(t.loss_scale, device, state.loss_scale));
+        if let (Some(s), 0) = (&scaler, sync.rank()) {
+            let at = state.loss_scale.map_or("training.loss_scale.init_scale", |_| "the checkpoint");
+            tracing::info!("fp16 loss scale {} (from {at})", s.state().scale);
+        }
+        // Every skipped step so far (settled at the save this run resumes from).
+        let schedule_lag = if fp16 { state.nonfinite_skipped } else { 0 };
         Ok(Self {
             _lock,
             sync,
@@ -143,7 +151,10 @@ impl Trainer {
             state,
             steps_per_epoch,
             total_steps,
-            nonfinite: NonFiniteGuard::new(device, start_step),
+            nonfinite: NonFiniteGuard::new(device, start_step, fp16),
+            scaler,
+            schedule_lag,
+            pending_skip: None,
             overlap,
             peak_tflops,
             started: Instant::now(),

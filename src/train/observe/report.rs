@@ -50,6 +50,10 @@ impl Trainer {
             },
         });
         record.as_object_mut().expect("object").extend(extra.as_object().expect("object").clone());
+        if let Some(scaler) = &self.scaler {
+            // The scale after this step's update, as `GradScaler.get_scale()`.
+            record["loss_scale"] = scaler.state().scale.into();
+        }
         self.metrics.write(&record)
     }
 

@@ -17,6 +17,7 @@
 //! (docs/benchmarks.md).
 mod fused;
 pub mod host;
+pub mod loss_scale;
 pub mod nonfinite;
 pub mod schedule;
 #[cfg(test)]
@@ -174,7 +175,7 @@ impl AdamW {
 
     /// AdamW in one pass over the four flat buffers, split across threads (what
     /// torch's fused CPU AdamW does): gradient scale, decoupled decay, moments,
-    /// update and the bf16 shadow, read and written once per element. Its
+    /// update and the bf16 shadow (an fp16 one by a copy after), read and written once per element. Its
     /// scalars are read from CPU memory (no device to wait for).
     fn step_rust(&mut self, params: &mut FlatParams, lr: f64, grad_scale: Option<&Tensor>, skip: &Tensor) {
         if host::cpu_value(skip) != 0.0 {
@@ -199,8 +200,13 @@ impl AdamW {
         for t in [&*b.master, b.grad, &self.exp_avg, &self.exp_avg_sq] {
             assert!(t.kind() == Kind::Float && t.is_contiguous() && t.numel() == n, "flat fp32 buffers");
         }
-        if let Some(sh) = &b.shadow {
-            assert!(sh.kind() == Kind::BFloat16 && sh.is_contiguous() && sh.numel() == n, "flat bf16 shadow");
+        // The kernel writes a bf16 shadow in its pass; an fp16 one is copied after.
+        let (bf16, other) = match b.shadow {
+            Some(sh) if sh.kind() == Kind::BFloat16 => (Some(sh), None),
+            sh => (None, sh),
+        };
+        if let Some(sh) = &bf16 {
+            assert!(sh.is_contiguous() && sh.numel() == n, "flat bf16 shadow");
         }
         // SAFETY: four (five with the shadow) distinct, contiguous CPU buffers of
         // n elements, owned by `params` and self; nothing else reads or writes
@@ -211,10 +217,13 @@ impl AdamW {
                 grad: std::slice::from_raw_parts(b.grad.data_ptr() as *const f32, n),
                 exp_avg: std::slice::from_raw_parts_mut(self.exp_avg.data_ptr() as *mut f32, n),
                 exp_avg_sq: std::slice::from_raw_parts_mut(self.exp_avg_sq.data_ptr() as *mut f32, n),
-                shadow: b.shadow.map(|sh| std::slice::from_raw_parts_mut(sh.data_ptr() as *mut u16, n)),
+                shadow: bf16.map(|sh| std::slice::from_raw_parts_mut(sh.data_ptr() as *mut u16, n)),
             }
         };
         mlm_kernels::adamw::step(&step, b.n_decay as usize, buffers);
+        if let Some(sh) = other {
+            tch::no_grad(|| sh.copy_(b.master));
+        }
     }
 }
 
