@@ -202,3 +202,97 @@ fn pods_started_by_torch_variables_run_mlm_launch_as_nodes() {
     assert!(e1.contains("node 1: starting 1 CPU worker(s), rank 1 of 2"), "{e1}");
     assert_close(want, &losses(&dir.path().join("out")), "2 pods from torch's variables");
 }
+
+/// Two network namespaces joined by a veth pair, each a "host" with its own
+/// address (192.0.2.1 and 192.0.2.2, TEST-NET-1: nothing outside them sees
+/// them), and a host name for node 0 in each one's `/etc/hosts`
+/// (`ip netns exec` mounts `/etc/netns/<name>/hosts` over it). Removed on drop.
+struct TwoHosts {
+    ns: [String; 2],
+}
+
+impl TwoHosts {
+    const NODE0: &'static str = "192.0.2.1";
+    const NODE0_NAME: &'static str = "mlm-node0.test";
+
+    /// `None` (with the reason) where namespaces cannot be made: not root, no `ip`.
+    fn new() -> Result<Self, String> {
+        static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("{}{n}", std::process::id() % 100_000);
+        let hosts = TwoHosts { ns: [format!("mlm-{id}-a"), format!("mlm-{id}-b")] };
+        let ip = |args: &[&str]| -> Result<(), String> {
+            let out = Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+            }
+        };
+        let (a, b) = (&hosts.ns[0], &hosts.ns[1]);
+        let (va, vb) = (format!("mv{id}a"), format!("mv{id}b"));
+        ip(&["netns", "add", a])?;
+        ip(&["netns", "add", b])?;
+        ip(&["link", "add", &va, "netns", a, "type", "veth", "peer", "name", &vb, "netns", b])?;
+        for (ns, dev, addr) in [(a, &va, Self::NODE0), (b, &vb, "192.0.2.2")] {
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/30"), "dev", dev])?;
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            let etc = Path::new("/etc/netns").join(ns);
+            std::fs::create_dir_all(&etc).map_err(|e| format!("{}: {e}", etc.display()))?;
+            let line = format!("127.0.0.1 localhost\n{} {}\n", Self::NODE0, Self::NODE0_NAME);
+            std::fs::write(etc.join("hosts"), line).map_err(|e| format!("{}: {e}", etc.display()))?;
+        }
+        Ok(hosts)
+    }
+
+    /// `mlm-launch` as node `rank` (1 CPU worker) inside its namespace.
+    fn node(&self, rank: usize, cfg: &Path, master: &str, port: u16) -> Running {
+        spawn(
+            Command::new("ip")
+                .args(["netns", "exec", &self.ns[rank]])
+                .arg(launcher())
+                .args(["--nnodes", "2", "--node-rank", &rank.to_string(), "--nproc", "1", "--device", "cpu"])
+                .args(["--master-addr", master, "--master-port", &port.to_string()])
+                .arg(cfg)
+                .args(SETS),
+        )
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        for ns in &self.ns {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+            let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(ns));
+        }
+    }
+}
+
+/// Two nodes on two hosts, not one loopback: each node in its own network
+/// namespace with its own address, `--master-addr` node 0's address as node 1
+/// reaches it, then node 0's host name; both equal one process with the
+/// summed batch. Skipped, saying why, where namespaces cannot be made.
+#[test]
+fn two_nodes_in_two_network_namespaces_equal_one_process() {
+    let hosts = match TwoHosts::new() {
+        Ok(h) => h,
+        Err(why) => {
+            eprintln!("SKIPPED two_nodes_in_two_network_namespaces: cannot make network namespaces here ({why})");
+            return;
+        }
+    };
+    let want = single_process_losses();
+    for master in [TwoHosts::NODE0, TwoHosts::NODE0_NAME] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = job(dir.path());
+        // Any port: nothing else lives in these namespaces.
+        let n1 = hosts.node(1, &cfg, master, 29500);
+        let n0 = hosts.node(0, &cfg, master, 29500);
+        let (o0, o1) = (n0.wait(Duration::from_secs(300), "node 0"), n1.wait(Duration::from_secs(300), "node 1"));
+        let (e0, e1) = (String::from_utf8_lossy(&o0.stderr), String::from_utf8_lossy(&o1.stderr));
+        assert!(o0.status.success() && o1.status.success(), "--master-addr {master}\nnode 0:\n{e0}\nnode 1:\n{e1}");
+        assert!(e1.contains(&format!("rendezvous {master}:29500")), "{e1}");
+        assert_close(want, &losses(&dir.path().join("out")), &format!("two hosts, --master-addr {master}"));
+    }
+}
