@@ -193,7 +193,9 @@ fn killed_worker_stops_the_group_and_a_restart_resumes_exactly() {
     let cfg = job(dir.path(), STEPS);
     let (ok, secs, stderr) = launch_and_kill(dir.path(), &cfg, &[], 6);
     assert!(!ok, "the launcher must fail");
-    assert!(secs < 10.0, "the group took {secs:.1}s to stop");
+    // Far below distributed.timeout_s (300 s): the failure stopped the group,
+    // not a timeout; the margin is for a loaded machine.
+    assert!(secs < 60.0, "the group took {secs:.1}s to stop");
     assert!(stderr.contains("rank 1"), "{stderr}");
     // The launcher stops and reaps its workers before it exits: none may be
     // left now (a worker that outlived it would end on its own soon after, so

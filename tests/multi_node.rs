@@ -86,7 +86,7 @@ fn two_nodes_on_loopback_equal_one_process_with_twice_the_batch() {
 
 #[test]
 fn a_worker_killed_on_node_1_stops_node_0_and_restarts_resume_on_both() {
-    // Without restarts: node 0 stops within 10 s, naming node 1 and rank 1.
+    // Without restarts: node 0 stops long before the timeout, naming node 1 and rank 1.
     let dir = tempfile::tempdir().unwrap();
     let cfg = job(dir.path());
     let port = free_port();
@@ -102,7 +102,9 @@ fn a_worker_killed_on_node_1_stops_node_0_and_restarts_resume_on_both() {
     let (e0, e1) = (String::from_utf8_lossy(&o0.stderr), String::from_utf8_lossy(&o1.stderr));
     assert!(!o0.status.success() && !o1.status.success(), "both nodes must fail:\n{e0}\n{e1}");
     eprintln!("node 0 stopped {secs:.2} s after the kill");
-    assert!(secs < 10.0, "node 0 took {secs:.1} s to stop");
+    // Far below distributed.timeout_s (300 s): node 1's failure reached node 0,
+    // not a timeout; the margin is for a loaded machine.
+    assert!(secs < 60.0, "node 0 took {secs:.1} s to stop");
     let headline = e0.lines().find(|l| l.starts_with("mlm-launch: error:")).unwrap_or_else(|| panic!("{e0}"));
     assert!(headline.contains("rank 1 (node 1)"), "node 0 must name node 1 and rank 1: {headline}");
     let headline = e1.lines().find(|l| l.starts_with("mlm-launch: error:")).unwrap_or_else(|| panic!("{e1}"));
