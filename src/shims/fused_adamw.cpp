@@ -1,5 +1,5 @@
 // libtorch's fused AdamW (`at::_fused_adamw_`, what `torch.optim.AdamW(fused=True)`
-// runs) for src/train/optimizer/fused.rs: tch binds no op that returns nothing.
+// runs) for src/train/optim/fused.rs: tch binds no op that returns nothing.
 #include "shims.h"
 
 #include <ATen/ops/_fused_adamw.h>

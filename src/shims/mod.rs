@@ -11,7 +11,7 @@
 //!   pinned host memory, for `src/device.rs`;
 //! - `linear_f32.cpp`: a bf16 `nn.Linear` computed by fp32 GEMMs, an autograd
 //!   function of its own, for `src/model/linear_f32.rs`;
-//! - `fused_adamw.cpp`: libtorch's fused AdamW, for `src/train/optimizer/fused.rs`;
+//! - `fused_adamw.cpp`: libtorch's fused AdamW, for `src/train/optim/fused.rs`;
 //! - `message.cpp`: the messages' allocation and release.
 use std::ffi::c_char;
 

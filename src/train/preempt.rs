@@ -12,7 +12,7 @@
 //! and every worker acts on the sum at the same step boundary: one asking is
 //! enough. The sums are read where reading costs nothing: every step on the
 //! CPU and for a single process, at log steps on a GPU (where a read waits for
-//! the device, `optimizer::host`); a signal or a due save is then acted on at
+//! the device, `optim::host`); a signal or a due save is then acted on at
 //! most `training.log_every` steps late.
 //!
 //! A signal handler only sets a flag: the step under way finishes, rank 0

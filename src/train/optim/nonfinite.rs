@@ -153,7 +153,7 @@ impl NonFiniteGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::optimizer::{AdamWParams, Kernel};
+    use crate::train::optim::{AdamWParams, Kernel};
 
     fn opt(kernel: Kernel) -> (FlatParams, AdamW) {
         tch::manual_seed(7);
@@ -229,7 +229,7 @@ mod tests {
     #[test]
     fn fp16_overflows_count_towards_the_stop_only_at_a_scale_of_one_or_less() {
         use crate::config::LossScaleConfig;
-        use crate::train::optimizer::loss_scale::LossScaler;
+        use crate::train::optim::loss_scale::LossScaler;
         let (mut params, mut adamw) = opt(Kernel::Rust);
         let cfg = LossScaleConfig { init_scale: 4.0, ..LossScaleConfig::default() };
         let mut scaler = LossScaler::new(cfg, Device::Cpu, None);
