@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installing as on a cluster (docs/cluster.md, "Installing on a cluster"), run
-# by .ci/run as root: an unprivileged user, with no apt-get, dpkg, sudo, mpirun
-# or Slurm on its PATH and no write access outside its home,
+# by .ci/run as root. First, set-up given an environment of one's own with torch
+# 2.10 refuses it in one line and installs nothing into it. Then an
+# unprivileged user, with no apt-get, dpkg, sudo, mpirun or Slurm on its PATH
+# and no write access outside its home,
 #   1. runs the set-up of the build: it must pass and install nothing;
 #   2. runs the set-up of the tests: it must name mpirun and Slurm as missing,
 #      one line each, and still pass (their tests skip);
@@ -40,6 +42,23 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 143' TERM INT
+
+# An environment of one's own with another torch: refused in one line, and
+# nothing installed into it.
+other="$work/other"
+python3 -m venv --without-pip "$other/env"
+site="$("$other/env/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+mkdir "$site/torch-2.10.0+cu126.dist-info"
+printf 'Metadata-Version: 2.1\nName: torch\nVersion: 2.10.0+cu126\n' > "$site/torch-2.10.0+cu126.dist-info/METADATA"
+before="$(ls "$site")"
+if MLM_VENV="$other/env" MLM_PYTHON= bash scripts/setup.sh build > "$other/log" 2>&1; then
+  cat "$other/log"; fail "set-up accepted an environment with torch 2.10"
+fi
+[ "$(grep -c "^setup: missing: torch 2.11 .*has torch 2.10.0+cu126" "$other/log")" -eq 1 ] \
+  && [ "$(grep -c "^setup: missing:" "$other/log")" -eq 1 ] || { cat "$other/log"; fail "not one line for torch 2.10"; }
+[ "$(ls "$site")" = "$before" ] || fail "set-up installed into an environment it did not make"
+say "set-up refuses an environment with torch 2.10 in one line and installs nothing into it"
+
 home="$work/home"
 mkdir -p "$home/mlm" "$home/.cargo" "$home/target/debug" "$work/bin"
 
