@@ -16,7 +16,7 @@
 # toolchain (as `module load rust` would put it on PATH). /root is mode 700, so
 # the user runs in a private mount namespace where a tmpfs covers /root and
 # read-only binds put back just those three folders; nothing changes outside it.
-# Cost: its cargo target is seeded with a copy of the CI's compiled dependencies
+# Cost: its cargo target is seeded with hard links to the CI's compiled dependencies
 # ($CARGO_TARGET_DIR/debug), so only the workspace's crates build (a debug
 # build, not a release one). Cargo's fingerprints hold the absolute paths of the
 # registry's sources and torch-sys's libtorch, so its own cargo home is mounted
