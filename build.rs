@@ -1,7 +1,9 @@
 //! Link-time settings for libtorch, and our C++ shims over it.
 //!
 //! * An rpath to libtorch's folder, so `mlm`, the tests and installed copies start
-//!   without `LD_LIBRARY_PATH`.
+//!   without `LD_LIBRARY_PATH`; and a stop when that folder is not the torch of
+//!   `$MLM_PYTHON` (scripts/env.sh): torch-sys asks Python once and keeps its
+//!   answer after `MLM_VENV` names another environment.
 //! * `libtorch_cuda.so` forced in when present: it is linked `--as-needed` and no
 //!   symbol of ours names it, so without this `tch::Cuda::is_available()` is false
 //!   even on a GPU machine.
@@ -34,10 +36,12 @@ fn main() {
     println!("cargo:rerun-if-changed=src/distributed/nccl/abi.rs");
     println!("cargo:rerun-if-env-changed=LIBTORCH_INCLUDE");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    println!("cargo:rerun-if-env-changed=MLM_PYTHON");
     let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         return;
     };
     let dir = PathBuf::from(dir);
+    check_same_torch(&dir);
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", dir.display());
     if dir.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
@@ -59,6 +63,38 @@ fn main() {
         .files(SHIMS)
         .compile("mlm_shims");
     check_nccl_abi(&dir);
+}
+
+/// Stops the build when `torch_lib` (torch-sys's libtorch) is not the torch of
+/// `$MLM_PYTHON`: torch-sys runs again only when one of its own variables
+/// changes, so after `MLM_VENV`/`MLM_PYTHON` name another environment it would
+/// link (and set the rpath to) the torch of the old one, or one since deleted.
+fn check_same_torch(torch_lib: &Path) {
+    let Ok(python) = std::env::var("MLM_PYTHON") else {
+        return;
+    };
+    // Found, not imported: a CUDA torch takes seconds to import.
+    let find = "import importlib.util as u, os; print(os.path.join(u.find_spec('torch').submodule_search_locations[0], 'lib'))";
+    let Ok(out) = std::process::Command::new(&python).args(["-c", find]).output() else {
+        return;
+    };
+    if !out.status.success() {
+        return;
+    }
+    let wanted = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    };
+    if !same(&wanted, torch_lib) {
+        eprintln!(
+            "error: tch was built against the libtorch in {} but MLM_PYTHON ({python}) has torch in {}: \
+             run `cargo clean -p torch-sys` (with this CARGO_TARGET_DIR) and build again",
+            torch_lib.display(),
+            wanted.display()
+        );
+        std::process::exit(1);
+    }
 }
 
 /// Compiles `NCCL_ABI` (static_asserts only, nothing linked) against pip's

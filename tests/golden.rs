@@ -301,7 +301,7 @@ fn golden() -> &'static Golden {
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(dir.join("torch.log")).unwrap())
                 .spawn()
-                .expect("run the venv's python (make setup)"),
+                .expect("run the venv's python (make setup-test)"),
         ));
 
         train(&fp32_job, &[]);

