@@ -7,7 +7,8 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use arrow_array::{Array, LargeStringArray, StringArray, StringViewArray};
+use arrow_array::{Array, LargeStringArray, RecordBatch, StringArray, StringViewArray};
+use arrow_schema::ArrowError;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 
@@ -558,45 +559,17 @@ fn jsonl_documents(path: &Path, text: &str, field: &str, first_line: usize) -> R
 /// Hugging Face `datasets` reads it), in file order; null and whitespace-only
 /// rows are skipped. Only that column is read, batch by batch, and `f` gets the
 /// documents of about `window` bytes at a time.
-fn parquet_documents(
-    path: &Path,
-    column: &str,
-    window: usize,
-    mut f: impl FnMut(Documents) -> Result<()>,
-) -> Result<()> {
+fn parquet_documents(path: &Path, column: &str, window: usize, f: impl FnMut(Documents) -> Result<()>) -> Result<()> {
     let file = std::fs::File::open(path).with_context(|| format!("cannot read input file {}", path.display()))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(|e| anyhow::anyhow!("{}: not a readable Parquet file ({e})", path.display()))?;
-    let fields = builder.schema().fields();
-    let Some(idx) = fields.iter().position(|f| f.name() == column) else {
-        let names: Vec<&str> = fields.iter().map(|f| f.name().as_str()).collect();
-        bail!("{}: no column {column:?} (columns: {}); set data.text_field", path.display(), names.join(", "));
-    };
-    let dtype = fields[idx].data_type();
-    if !for_each_str(arrow_array::new_empty_array(dtype).as_ref(), |_| ()) {
-        bail!("{}: column {column:?} is {dtype}, expected a string column; set data.text_field", path.display());
-    }
+    let idx = text_column(path, builder.schema().fields(), column)?;
     let mask = ProjectionMask::roots(builder.parquet_schema(), [idx]);
     let reader = builder
         .with_projection(mask)
         .build()
         .map_err(|e| anyhow::anyhow!("{}: cannot read column {column:?}: {e}", path.display()))?;
-    let mut docs = Documents::default();
-    for batch in reader {
-        let batch = batch.map_err(|e| anyhow::anyhow!("{}: cannot read column {column:?}: {e}", path.display()))?;
-        for_each_str(batch.column(0).as_ref(), |s| {
-            if !s.trim().is_empty() {
-                docs.push(s);
-            }
-        });
-        if docs.text.len() >= window {
-            f(std::mem::take(&mut docs))?;
-        }
-    }
-    if !docs.is_empty() {
-        f(docs)?;
-    }
-    Ok(())
+    column_windows(path, column, reader, window, f)
 }
 
 /// The string column `column` of an Arrow IPC file, one document per row, in
@@ -604,7 +577,7 @@ fn parquet_documents(
 /// the IPC *stream* format (`data-00000-of-00001.arrow`); the IPC *file*
 /// format (`ARROW1` magic) is read too. Only that column is decoded, a record
 /// batch at a time, and `f` gets about `window` bytes of documents at a time.
-fn arrow_documents(path: &Path, column: &str, window: usize, mut f: impl FnMut(Documents) -> Result<()>) -> Result<()> {
+fn arrow_documents(path: &Path, column: &str, window: usize, f: impl FnMut(Documents) -> Result<()>) -> Result<()> {
     use arrow_ipc::reader::{FileReader, StreamReader};
     let open = || std::fs::File::open(path).with_context(|| format!("cannot read input file {}", path.display()));
     let mut magic = [0u8; 6];
@@ -613,13 +586,24 @@ fn arrow_documents(path: &Path, column: &str, window: usize, mut f: impl FnMut(D
         let n = file.read(&mut magic).with_context(|| format!("cannot read input file {}", path.display()))?;
         n == 6 && &magic == b"ARROW1"
     };
-    let bad = |e: arrow_schema::ArrowError| anyhow::anyhow!("{}: not a readable Arrow IPC file ({e})", path.display());
+    let bad = |e: ArrowError| anyhow::anyhow!("{}: not a readable Arrow IPC file ({e})", path.display());
     let schema = if is_file_format {
         FileReader::try_new_buffered(open()?, None).map_err(bad)?.schema()
     } else {
         StreamReader::try_new_buffered(open()?, None).map_err(bad)?.schema()
     };
-    let fields = schema.fields();
+    let idx = text_column(path, schema.fields(), column)?;
+    let projection = Some(vec![idx]);
+    if is_file_format {
+        column_windows(path, column, FileReader::try_new_buffered(open()?, projection).map_err(bad)?, window, f)
+    } else {
+        column_windows(path, column, StreamReader::try_new_buffered(open()?, projection).map_err(bad)?, window, f)
+    }
+}
+
+/// The index of the string column `column` among a table's `fields`; an
+/// error naming the file otherwise (with the columns there are).
+fn text_column(path: &Path, fields: &arrow_schema::Fields, column: &str) -> Result<usize> {
     let Some(idx) = fields.iter().position(|f| f.name() == column) else {
         let names: Vec<&str> = fields.iter().map(|f| f.name().as_str()).collect();
         bail!("{}: no column {column:?} (columns: {}); set data.text_field", path.display(), names.join(", "));
@@ -628,12 +612,18 @@ fn arrow_documents(path: &Path, column: &str, window: usize, mut f: impl FnMut(D
     if !for_each_str(arrow_array::new_empty_array(dtype).as_ref(), |_| ()) {
         bail!("{}: column {column:?} is {dtype}, expected a string column; set data.text_field", path.display());
     }
-    let batches: Box<dyn Iterator<Item = Result<arrow_array::RecordBatch, arrow_schema::ArrowError>>> =
-        if is_file_format {
-            Box::new(FileReader::try_new_buffered(open()?, Some(vec![idx])).map_err(bad)?)
-        } else {
-            Box::new(StreamReader::try_new_buffered(open()?, Some(vec![idx])).map_err(bad)?)
-        };
+    Ok(idx)
+}
+
+/// The documents of record `batches` holding only the text column (null and
+/// whitespace-only rows skipped), given to `f` about `window` bytes at a time.
+fn column_windows(
+    path: &Path,
+    column: &str,
+    batches: impl Iterator<Item = Result<RecordBatch, ArrowError>>,
+    window: usize,
+    mut f: impl FnMut(Documents) -> Result<()>,
+) -> Result<()> {
     let mut docs = Documents::default();
     for batch in batches {
         let batch = batch.map_err(|e| anyhow::anyhow!("{}: cannot read column {column:?}: {e}", path.display()))?;
