@@ -301,13 +301,17 @@ pub fn list(out: &Path) -> Vec<(usize, PathBuf)> {
 }
 
 /// After saving the checkpoint of step `current`: deletes all but the newest
-/// `keep_last` checkpoints up to `current` (at least `current` itself is kept).
-/// Checkpoints of later steps can only be damaged ones that the resume skipped
-/// (a lock keeps other jobs out, and a fresh start refuses a used directory):
-/// they are removed too, as the run has now passed them.
-pub fn prune(out: &Path, keep_last: usize, current: usize) -> Result<()> {
-    let all = list(out);
-    let (past, future): (Vec<_>, Vec<_>) = all.into_iter().partition(|(s, _)| *s <= current);
+/// `keep_last` of this run's checkpoints up to `current` (at least `current`
+/// itself is kept). Checkpoints of later steps can only be damaged ones that
+/// the resume skipped (a lock keeps other jobs out, and a fresh start refuses a
+/// used directory): they are removed too, as the run has now passed them.
+/// Only checkpoints this run wrote are deleted ([`written_by`]): any other
+/// folder named like one (a user's, another run's, an incomplete one) is left
+/// as it is and named once in a warning.
+pub fn prune(out: &Path, keep_last: usize, current: usize, run_id: Option<&str>) -> Result<()> {
+    let (ours, others): (Vec<_>, Vec<_>) = list(out).into_iter().partition(|(s, d)| written_by(d, *s, run_id));
+    warn_left(&others);
+    let (past, future): (Vec<_>, Vec<_>) = ours.into_iter().partition(|(s, _)| *s <= current);
     let n_drop = past.len().saturating_sub(keep_last.max(1));
     for (step, dir) in past.into_iter().take(n_drop).chain(future) {
         if step > current {
@@ -317,6 +321,38 @@ pub fn prune(out: &Path, keep_last: usize, current: usize) -> Result<()> {
             .with_context(|| format!("cannot remove old checkpoint {}", dir.display()))?;
     }
     Ok(())
+}
+
+/// Whether `dir`, named `checkpoint-<step>`, is a checkpoint that the run
+/// `run_id` wrote: complete (optimizer state, trainer state and checksums),
+/// its trainer state of that step and of that run (or, written before runs
+/// had ids, of none: the folder's own run resumed from it).
+fn written_by(dir: &Path, step: usize, run_id: Option<&str>) -> bool {
+    if !is_checkpoint(dir) || !dir.join(CHECKSUMS_FILE).is_file() {
+        return false;
+    }
+    match load_state(dir) {
+        Ok(s) => s.step == step && (s.run_id.is_none() || s.run_id.as_deref() == run_id),
+        Err(_) => false,
+    }
+}
+
+/// Warns, once per folder and process, of folders named like checkpoints
+/// that pruning leaves because this run did not write them.
+fn warn_left(others: &[(usize, PathBuf)]) {
+    static WARNED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    let new: Vec<&PathBuf> = others.iter().map(|(_, d)| d).filter(|d| !warned.contains(d)).collect();
+    if new.is_empty() {
+        return;
+    }
+    let names: Vec<String> = new.iter().map(|d| d.display().to_string()).collect();
+    tracing::warn!(
+        "not pruning {}: named like checkpoints, but not complete checkpoints of this run (another run's, or \
+         someone's files); move them out of the output folder if they are not needed",
+        names.join(", ")
+    );
+    warned.extend(new.into_iter().cloned());
 }
 
 /// Cleans up after a crash in the middle of a write in `out`: a checkpoint or
@@ -356,9 +392,26 @@ pub fn verify(dir: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
+    const RUN: &str = "0123456789abcdef";
+
+    /// Checkpoints of the run `RUN` (their files as far as pruning reads them).
     fn touch_checkpoints(out: &Path, steps: &[usize]) {
+        touch_run_checkpoints(out, steps, Some(RUN));
+    }
+
+    fn touch_run_checkpoints(out: &Path, steps: &[usize], run: Option<&str>) {
         for s in steps {
-            fs::create_dir_all(out.join(format!("checkpoint-{s}"))).unwrap();
+            let dir = out.join(format!("checkpoint-{s}"));
+            fs::create_dir_all(&dir).unwrap();
+            let state = TrainerState {
+                format_version: STATE_FORMAT,
+                step: *s,
+                run_id: run.map(String::from),
+                ..Default::default()
+            };
+            write_json(&dir.join(STATE_FILE), &state).unwrap();
+            fs::write(dir.join(OPTIMIZER_FILE), "").unwrap();
+            write_checksums(&dir).unwrap();
         }
     }
 
@@ -370,10 +423,30 @@ mod tests {
     fn prune_keeps_the_newest_up_to_the_current_step_and_drops_later_leftovers() {
         let tmp = tempfile::tempdir().unwrap();
         touch_checkpoints(tmp.path(), &[10, 20, 30, 200]);
-        prune(tmp.path(), 2, 30).unwrap();
+        prune(tmp.path(), 2, 30, Some(RUN)).unwrap();
         assert_eq!(steps(tmp.path()), vec![20, 30]);
-        prune(tmp.path(), 0, 30).unwrap();
+        prune(tmp.path(), 0, 30, Some(RUN)).unwrap();
         assert_eq!(steps(tmp.path()), vec![30]);
+    }
+
+    #[test]
+    fn prune_deletes_only_checkpoints_this_run_wrote() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path();
+        touch_checkpoints(out, &[20, 30, 40]);
+        // A user's folder, another run's checkpoint, a half-made one, one whose
+        // state names another step, and one from before run ids (this folder's).
+        fs::create_dir_all(out.join("checkpoint-1")).unwrap();
+        fs::write(out.join("checkpoint-1/notes.txt"), "mine").unwrap();
+        touch_run_checkpoints(out, &[2], Some("fedcba9876543210"));
+        touch_checkpoints(out, &[3]);
+        fs::remove_file(out.join(format!("checkpoint-3/{CHECKSUMS_FILE}"))).unwrap();
+        touch_checkpoints(out, &[4]);
+        fs::rename(out.join("checkpoint-4"), out.join("checkpoint-5")).unwrap();
+        touch_run_checkpoints(out, &[10], None);
+        prune(out, 1, 40, Some(RUN)).unwrap();
+        assert_eq!(steps(out), vec![1, 2, 3, 5, 40]);
+        assert_eq!(fs::read_to_string(out.join("checkpoint-1/notes.txt")).unwrap(), "mine");
     }
 
     #[test]
@@ -410,7 +483,7 @@ mod tests {
         touch_checkpoints(&out, &[2, 3]);
         std::os::unix::fs::symlink(elsewhere.join("checkpoint-1"), out.join("checkpoint-1")).unwrap();
         assert_eq!(steps(&out), vec![2, 3]);
-        prune(&out, 1, 3).unwrap();
+        prune(&out, 1, 3, Some(RUN)).unwrap();
         assert_eq!(steps(&out), vec![3]);
         assert!(elsewhere.join("checkpoint-1").is_dir(), "the link's target is kept");
     }

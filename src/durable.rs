@@ -90,6 +90,12 @@ pub fn recover(parent: &Path, owns: impl Fn(&str) -> bool) -> Result<()> {
         if !owns(target) || !is_pid(pid) {
             continue;
         }
+        if writer_alive(pid) {
+            // Another live process of ours made it (a job let in beside this
+            // one): its write in progress is not a leftover.
+            tracing::warn!("leaving {}: PID {pid}, which is writing it, is still running", p.display());
+            continue;
+        }
         let Ok(meta) = fs::symlink_metadata(&p) else { continue };
         if meta.file_type().is_symlink() {
             // Never a folder of ours: the link goes, its target stays.
@@ -115,6 +121,26 @@ pub fn recover(parent: &Path, owns: impl Fn(&str) -> bool) -> Result<()> {
 
 fn is_pid(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Whether `pid` is another live process running the same program as this
+/// one (`/proc/<pid>/exe`: the same file, or the same path where the program
+/// was replaced since): a temporary folder named after it may be a write in
+/// progress. A PID reused by an unrelated program is not.
+fn writer_alive(pid: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if pid == std::process::id().to_string() {
+        return false;
+    }
+    let exe = |p: &str| format!("/proc/{p}/exe");
+    let path = |p: &str| {
+        let link = fs::read_link(exe(p)).ok()?.to_string_lossy().into_owned();
+        Some(link.trim_end_matches(" (deleted)").to_string())
+    };
+    let file = |p: &str| fs::metadata(exe(p)).ok().map(|m| (m.dev(), m.ino()));
+    let same_path = matches!((path(pid), path("self")), (Some(a), Some(b)) if a == b);
+    let same_file = matches!((file(pid), file("self")), (Some(a), Some(b)) if a == b);
+    same_path || same_file
 }
 
 /// Deletes the folder `dir` in one step as others see it: renamed to the
@@ -324,6 +350,39 @@ mod tests {
         }
         recover(p, |name| name == "best" || name.starts_with("checkpoint-") || name == "data").unwrap();
         assert_eq!(names(p), vec!["best", "data", "keep.tmp-x"]);
+    }
+
+    /// Not a test: the live process of this program that the next one needs.
+    #[test]
+    #[ignore]
+    fn helper_lives_until_its_stdin_closes() {
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+    }
+
+    #[test]
+    fn recover_leaves_the_folders_of_another_live_writer() {
+        use std::process::{Command, Stdio};
+        let mut other = Command::new(std::env::current_exe().unwrap())
+            .args(["--ignored", "--exact", "durable::tests::helper_lives_until_its_stdin_closes"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path();
+        let live = format!(".checkpoint-4.tmp-{}", other.id());
+        let own = format!(".checkpoint-6.tmp-{}", std::process::id());
+        for d in [live.as_str(), own.as_str(), "checkpoint-2"] {
+            fs::create_dir(p.join(d)).unwrap();
+        }
+        recover(p, |name| name.starts_with("checkpoint-")).unwrap();
+        drop(other.stdin.take());
+        other.wait().unwrap();
+        assert_eq!(names(p), vec![live.clone(), "checkpoint-2".to_string()]);
+        // Once that writer is gone, its folder is a leftover.
+        recover(p, |name| name.starts_with("checkpoint-")).unwrap();
+        assert_eq!(names(p), vec!["checkpoint-2"]);
     }
 
     #[test]

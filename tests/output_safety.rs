@@ -496,3 +496,87 @@ fn another_runs_checkpoint_is_refused_beside_a_run_and_forks_into_an_empty_folde
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(run_ids(&c.join("checkpoint-8/trainer_state.json")).0, id_c);
 }
+
+#[test]
+fn a_running_job_keeps_its_folder_and_its_store_when_its_lock_file_is_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_job(dir.path(), "");
+    let out = dir.path().join("out");
+    let store = dir.path().join("tokens");
+    let at_store = arg("data.prepared_dir", &store);
+    let mut first =
+        spawn(mlm().arg("train").arg(&cfg).args(["--set", &at_store, "--set", "training.max_steps=100000"]));
+    wait_until("the first job training", Duration::from_secs(120), || {
+        assert!(!first.exited(), "first job ended early:\n{}", first.stderr_so_far());
+        !losses(&out).is_empty()
+    });
+    let manifest = std::fs::read(store.join("manifest.json")).unwrap();
+    std::fs::remove_file(out.join(".lock")).unwrap();
+    let e = error_line(&train(&cfg, &["--set", &at_store]));
+    assert!(e.contains("in use by another mlm job"), "{e}");
+    // A job in another folder whose settings would rebuild the shared store.
+    let elsewhere = arg("training.output_dir", &dir.path().join("other"));
+    for cmd in ["train", "prepare"] {
+        let o = run(mlm().arg(cmd).arg(&cfg).args([
+            "--set",
+            &at_store,
+            "--set",
+            &elsewhere,
+            "--set",
+            "data.block_size=32",
+        ]));
+        let e = error_line(&o);
+        assert!(e.contains("prepared data") && e.contains("in use by another mlm job"), "{cmd}: {e}");
+    }
+    assert_eq!(std::fs::read(store.join("manifest.json")).unwrap(), manifest, "the store was rebuilt");
+    assert!(!first.exited(), "the first job was stopped:\n{}", first.stderr_so_far());
+    assert_eq!(leftovers(&out), Vec::<String>::new());
+}
+
+#[test]
+fn a_complete_store_on_a_read_only_filesystem_is_used() {
+    // A read-only bind mount in a mount namespace of the command's own.
+    if !Command::new("unshare").args(["-m", "true"]).status().is_ok_and(|s| s.success()) {
+        eprintln!("skipped: `unshare -m` is not allowed here (needs root), so no read-only mount can be made");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_job(dir.path(), "");
+    let shelf = dir.path().join("shelf");
+    let at_store = arg("data.prepared_dir", &shelf.join("tokens"));
+    assert!(run(mlm().arg("prepare").arg(&cfg).args(["--set", &at_store])).status.success());
+    let read_only = |args: &[&str]| {
+        let script =
+            format!("mount --bind {0} {0} && mount -o remount,ro,bind {0} && exec \"$0\" \"$@\"", shelf.display());
+        let mut cmd = Command::new("unshare");
+        cmd.args(["-m", "sh", "-c", &script]).arg(mlm().get_program()).args(args).arg(&cfg).args(["--set", &at_store]);
+        run(&mut cmd)
+    };
+    // With its lock file (locked read-only), and without one (no lock at all).
+    let o = read_only(&["prepare"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::remove_file(shelf.join(".tokens.lock")).unwrap();
+    let o = read_only(&["train", "--set", "training.max_steps=1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("is read-only: reading the prepared data"), "{}", stderr(&o));
+    assert!(!shelf.join(".tokens.lock").exists());
+}
+
+#[test]
+fn a_start_that_fails_at_its_tensorboard_folder_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_job(dir.path(), "");
+    let out = dir.path().join("out");
+    assert!(train(&cfg, &["--set", "training.max_steps=2"]).status.success());
+    // A record of a later step, as a killed attempt leaves: a resume drops it.
+    let mut metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    metrics.push_str("{\"kind\":\"train\",\"step\":9,\"loss\":1.0}\n");
+    std::fs::write(out.join("metrics.jsonl"), &metrics).unwrap();
+    std::fs::write(out.join("tb"), "a file where TensorBoard's folder goes").unwrap();
+    let before = snapshot(&out);
+    let o = train(&cfg, &["--set", "training.max_steps=4", "--set", ALLOW, "--set", "logging.tensorboard=true"]);
+    let e = error_line(&o);
+    assert!(!o.status.success() && e.contains("TensorBoard"), "{e}");
+    assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap(), metrics);
+    assert!(snapshot(&out) == before, "the output folder changed");
+}

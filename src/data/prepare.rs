@@ -22,7 +22,7 @@ use tracing::{info, warn};
 
 use super::source::{expand_files, for_each_window, Documents};
 use super::split::SplitWriter;
-use super::store::{EvalFiles, Manifest, Prepared, SourceInfo, FORMAT_VERSION, MANIFEST};
+use super::store::{EvalFiles, Manifest, Prepared, SourceInfo, FORMAT_VERSION, MANIFEST, STORE_FILES};
 use super::tokenizer::{hex, TextTokenizer};
 use crate::config::{Config, DataConfig};
 use crate::progress::Progress;
@@ -75,9 +75,9 @@ fn prepare_or_open(
     }
     let eval_files = expand_files("data.eval_files", &d.eval_files)?;
     let hashing = Instant::now();
-    let mut sources = hash_sources(&files)?;
-    let mut eval_sources = hash_sources(&eval_files)?;
-    let mut times = PrepareTimes { hashing_s: hashing.elapsed().as_secs_f64(), ..Default::default() };
+    let sources = hash_sources(&files)?;
+    let eval_sources = hash_sources(&eval_files)?;
+    let times = PrepareTimes { hashing_s: hashing.elapsed().as_secs_f64(), ..Default::default() };
     check_disjoint(&sources, &eval_sources)?;
     let key = inputs_key(d, tok, &sources, &eval_sources);
     if let Some(want) = resumed_key.filter(|w| *w != key) {
@@ -86,9 +86,24 @@ fn prepare_or_open(
     let dir = store_dir(cfg)?;
     check_store_dir(&dir)?;
     let lock_path = crate::lock::store_lock_path(&dir);
+    let busy = |b: crate::lock::Busy| busy(&dir, b);
+    // Readers hold the shared lock for as long as they use the store (it
+    // lives in the returned `Prepared`); a rebuild takes it exclusively.
+    let shared = || -> Result<crate::lock::Lock> {
+        let lock = crate::lock::Lock::shared(&lock_path)?.map_err(busy)?;
+        if !lock.is_held() {
+            info!(
+                "{} is read-only: reading the prepared data {} without its lock {} (nothing can rebuild it there)",
+                crate::durable::parent_of(&lock_path).display(),
+                dir.display(),
+                lock_path.display()
+            );
+        }
+        Ok(lock)
+    };
     if mode == Mode::OpenOnly {
-        let _shared = crate::lock::Lock::shared(&lock_path)?.map_err(|b| busy(&dir, b))?;
-        return reusable(&dir, &key).with_context(|| {
+        let lock = shared()?;
+        return reusable(&dir, &key).map(|p| Prepared { lock: Some(lock), ..p }).with_context(|| {
             format!(
                 "prepared data {} is missing here or was made from other inputs, though rank 0 has prepared it: every \
                  worker must see the same data.files and data.prepared_dir (with several nodes, on a filesystem \
@@ -97,27 +112,57 @@ fn prepare_or_open(
             )
         });
     }
-    let busy = |b: crate::lock::Busy| busy(&dir, b);
     {
-        let _shared = crate::lock::Lock::shared(&lock_path)?.map_err(busy)?;
+        let lock = shared()?;
         if let Some(p) = reusable(&dir, &key) {
-            return Ok(p);
+            return Ok(Prepared { lock: Some(lock), ..p });
         }
     }
-    let _exclusive = crate::lock::Lock::exclusive(&lock_path)?.map_err(busy)?;
-    if let Some(p) = reusable(&dir, &key) {
-        return Ok(p);
+    let exclusive = crate::lock::Lock::exclusive(&lock_path)?.map_err(busy)?;
+    if reusable(&dir, &key).is_none() {
+        build(cfg, tok, show_progress, &dir, key.clone(), files, eval_files, sources, eval_sources, times)?;
     }
+    // From writing to reading: another job may rebuild the store in between
+    // (for other inputs), which the key then tells.
+    drop(exclusive);
+    let lock = shared()?;
+    let p = Prepared::open(&dir)?;
+    if p.manifest.inputs_key != key {
+        bail!(
+            "prepared data {} was prepared again by another mlm job for other inputs while this one finished \
+             preparing it: let one job prepare it at a time, or set data.prepared_dir to another folder",
+            dir.display()
+        );
+    }
+    Ok(Prepared { lock: Some(lock), ..p })
+}
+
+/// Builds the store `dir` from the inputs (under its exclusive lock).
+#[allow(clippy::too_many_arguments)]
+fn build(
+    cfg: &Config,
+    tok: &TextTokenizer,
+    show_progress: bool,
+    dir: &Path,
+    key: String,
+    files: Vec<PathBuf>,
+    eval_files: Vec<PathBuf>,
+    mut sources: Vec<SourceInfo>,
+    mut eval_sources: Vec<SourceInfo>,
+    mut times: PrepareTimes,
+) -> Result<()> {
+    let d = &cfg.data;
+    check_foreign_files(dir)?;
     // Under the exclusive lock nobody else writes here: leftovers of an
     // interrupted preparation are ours to remove.
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    crate::durable::recover(&crate::durable::parent_of(&dir), |n| n == name)?;
+    crate::durable::recover(&crate::durable::parent_of(dir), |n| n == name)?;
 
     let t0 = Instant::now();
     let total: u64 = sources.iter().chain(&eval_sources).map(|s| s.bytes).sum();
     let pb = if show_progress { Progress::bytes(total, "tokenizing", &cfg.logging) } else { Progress::hidden() };
     let mut manifest = None;
-    crate::durable::write_dir_atomically(&dir, |tmp| {
+    crate::durable::write_dir_atomically(dir, |tmp| {
         let mut split = SplitWriter::create(tmp, d.block_size, d.held_out_fraction(), d.test_size, d.split_seed)?;
         // The eval files follow the training files through one pipeline: the
         // first of their tokens ends the training part.
@@ -189,7 +234,7 @@ fn prepare_or_open(
         times.serial_fraction(threads),
         times.speedup(threads, 16)
     );
-    Prepared::open(&dir)
+    Ok(())
 }
 
 /// The documents of `d.files` tokenized and concatenated, cut to a whole number
@@ -585,6 +630,28 @@ pub fn store_dir(cfg: &Config) -> Result<PathBuf> {
             std::fs::read_link(&dir).unwrap_or_default().display()
         ),
     }
+}
+
+/// Refuses to rebuild a store whose folder holds files the store does not
+/// write: the rebuild replaces the folder, which would delete them.
+fn check_foreign_files(dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+    let mut foreign: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !STORE_FILES.contains(&n.as_str()))
+        .collect();
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    foreign.sort();
+    bail!(
+        "prepared data {} must be prepared again (other inputs or settings, or damaged), but the folder also holds \
+         files that are not the store's ({}): preparing replaces the whole folder and would delete them; move them \
+         out, or set data.prepared_dir to another folder",
+        dir.display(),
+        foreign.join(", ")
+    )
 }
 
 /// Refuses a `data.prepared_dir` that holds something other than a token store:

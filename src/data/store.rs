@@ -21,6 +21,8 @@ pub const TRAIN_FILE: &str = "train.tokens";
 pub const TEST_FILE: &str = "test.tokens";
 /// Extension of the word-start file beside a `.tokens` file.
 pub const WORDS_EXT: &str = "words";
+/// Every file a store holds: a rebuild replaces these and nothing else.
+pub const STORE_FILES: [&str; 5] = [MANIFEST, TRAIN_FILE, TEST_FILE, "train.words", "test.words"];
 
 /// One input file as it was prepared.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -324,6 +326,9 @@ pub struct Prepared {
     pub manifest: Manifest,
     pub train: Arc<TokenStore>,
     pub test: Arc<TokenStore>,
+    /// The store's shared lock, held while this job reads it (from
+    /// [`crate::data::prepare`]): no other job rebuilds the store meanwhile.
+    pub lock: Option<crate::lock::Lock>,
 }
 
 impl Prepared {
@@ -349,7 +354,7 @@ impl Prepared {
                 manifest.test_chunks
             );
         }
-        Ok(Prepared { dir: dir.to_path_buf(), manifest, train: Arc::new(train), test: Arc::new(test) })
+        Ok(Prepared { dir: dir.to_path_buf(), manifest, train: Arc::new(train), test: Arc::new(test), lock: None })
     }
 
     /// A shared handle on the training split.

@@ -42,6 +42,7 @@ use eval::{evaluate, EvalResult};
 use flat::FlatParams;
 use loss::{masked_lm_loss_sum, DeviceBatch};
 use observe::metrics::{self, Metrics};
+use observe::tensorboard::EventWriter;
 use observe::{oom, timing};
 use optim::host;
 use optim::loss_scale::LossScaler;
@@ -191,7 +192,7 @@ pub fn job_fingerprint(cfg: &Config) -> String {
 struct Trainer {
     cfg: Config,
     /// The output directory's lock (rank 0), released when the job ends.
-    _lock: Option<Lock>,
+    lock: Option<Lock>,
     /// The other workers (a single process talks to nobody).
     sync: GradSync,
     out: PathBuf,
@@ -518,6 +519,9 @@ impl Trainer {
         if self.sync.rank() != 0 {
             return self.sync.barrier();
         }
+        if let Some(lock) = &mut self.lock {
+            lock.check()?;
+        }
         oom::saving(self.state.step);
         self.state.loss_scale = self.scaler.as_ref().map(LossScaler::state);
         let (exp_avg, exp_avg_sq) = self.adamw.moments();
@@ -535,7 +539,7 @@ impl Trainer {
                 self.out.join("best").display()
             );
         }
-        checkpoint::prune(&self.out, self.cfg.checkpoint.keep_last, self.state.step)?;
+        checkpoint::prune(&self.out, self.cfg.checkpoint.keep_last, self.state.step, self.state.run_id.as_deref())?;
         tracing::info!("saved {}", dir.display());
         self.watch.saved(Instant::now());
         self.sync.barrier()

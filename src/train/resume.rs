@@ -23,7 +23,9 @@
 //!   is refused; the output folder itself may be a link.
 //!
 //! Every check runs before anything is written, so a refused start leaves the
-//! output directory and the prepared data exactly as they were.
+//! output directory and the prepared data exactly as they were: [`plan`] only
+//! lists what `overwrite_output_dir` deletes ([`StartPoint::discard`]), and the
+//! trainer deletes it once its whole setup has succeeded.
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -98,6 +100,10 @@ pub struct StartPoint {
     /// The run this job continues or begins ([`plan`]'s; `None` on workers
     /// other than rank 0, which write no run files).
     pub run: Option<RunIdentity>,
+    /// What `overwrite_output_dir` deletes before this start writes anything
+    /// (with [`Apply::Apply`]): the earlier run's or newer checkpoints, and
+    /// with a discarded run its metrics, curves, `tb/` and `run.json`.
+    pub discard: Vec<PathBuf>,
 }
 
 impl StartPoint {
@@ -105,15 +111,33 @@ impl StartPoint {
     pub fn data_key(&self) -> Option<&str> {
         self.checkpoint.as_ref().and_then(|(_, s)| s.data_key.as_deref())
     }
+
+    /// Deletes what `overwrite_output_dir` discards ([`StartPoint::discard`]),
+    /// with a line saying so.
+    pub fn discard_earlier(&self, out: &Path) -> Result<()> {
+        if self.discard.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(
+            "checkpoint.overwrite_output_dir = true: deleting {} from {}",
+            list_names(&self.discard),
+            out.display()
+        );
+        for p in &self.discard {
+            durable::remove_dir_atomically(p).with_context(|| format!("cannot delete {}", p.display()))?;
+        }
+        Ok(())
+    }
 }
 
-/// Whether [`plan`] may delete what `overwrite_output_dir` allows, or only checks.
+/// Whether [`plan`] lists what `overwrite_output_dir` deletes, or only checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Apply {
     /// Check only (`mlm prepare`, workers other than rank 0).
     Check,
-    /// Check, then delete what `overwrite_output_dir` discards (rank 0 of
-    /// `mlm train`, holding the output directory's lock).
+    /// Check, and list in [`StartPoint::discard`] what `overwrite_output_dir`
+    /// discards, for rank 0 of `mlm train` (holding the output directory's
+    /// lock) to delete.
     Apply,
 }
 
@@ -134,7 +158,8 @@ pub fn plan(cfg: &Config, world: Option<usize>, apply: Apply) -> Result<StartPoi
     let Some(dir) = chosen else {
         // A fresh start: only into a directory without another run's results.
         let results = results_in(out, &existing, None);
-        if !results.is_empty() {
+        let mut discard = Vec::new();
+        if !results.is_empty() || overwrite {
             if !overwrite {
                 let why = match (&cfg.checkpoint.resume, existing.is_empty()) {
                     (Resume::Auto, false) => "none of its checkpoints can be resumed (see the warnings above), and a \
@@ -150,9 +175,9 @@ pub fn plan(cfg: &Config, world: Option<usize>, apply: Apply) -> Result<StartPoi
                     list_names(&results)
                 );
             }
-            discard_run(cfg, &results, apply)?;
+            discard = discard_run(cfg, &results, apply);
         }
-        return Ok(StartPoint { checkpoint: None, run: Some(RunIdentity::new_run()) });
+        return Ok(StartPoint { checkpoint: None, run: Some(RunIdentity::new_run()), discard });
     };
     let state = checked_state(&dir, cfg, world)?;
     let inside = same_dir(dir.parent().unwrap_or(Path::new("")), out);
@@ -172,6 +197,7 @@ pub fn plan(cfg: &Config, world: Option<usize>, apply: Apply) -> Result<StartPoi
         .into_iter()
         .filter(|p| *p != dir && p.file_name().is_some_and(|n| n != "best") && checkpoint::verify(p).is_ok())
         .collect();
+    let mut discard = Vec::new();
     if !in_the_way.is_empty() {
         if !overwrite {
             bail!(
@@ -183,14 +209,16 @@ pub fn plan(cfg: &Config, world: Option<usize>, apply: Apply) -> Result<StartPoi
                 dir.display()
             );
         }
-        discard(out, &in_the_way, apply)?;
+        if apply == Apply::Apply {
+            discard = in_the_way;
+        }
     }
     let run = folder.unwrap_or_else(|| RunIdentity {
         run_id: state.run_id.clone().or(folder_id).unwrap_or_else(|| RunIdentity::new_run().run_id),
         parent_run_id: state.parent_run_id.clone(),
         forked_from: None,
     });
-    Ok(StartPoint { checkpoint: Some((dir, state)), run: Some(run) })
+    Ok(StartPoint { checkpoint: Some((dir, state)), run: Some(run), discard })
 }
 
 /// A start from `dir`, a checkpoint of another run than the folder's: a fork,
@@ -207,6 +235,7 @@ fn fork(
 ) -> Result<StartPoint> {
     let out = &cfg.training.output_dir;
     let results: Vec<PathBuf> = results_in(out, existing, None).into_iter().filter(|p| *p != dir).collect();
+    let mut discard = Vec::new();
     let restarted = if results.is_empty() {
         // The same fork started again after an attempt that saved nothing.
         folder.filter(|r| r.forked_from.as_deref().is_some_and(|f| same_dir(f, &dir)))
@@ -222,12 +251,12 @@ fn fork(
             run_name(state.run_id.as_deref())
         );
     } else {
-        discard_run(cfg, &results, apply)?;
+        discard = discard_run(cfg, &results, apply);
         None
     };
     let from = std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone());
     let run = restarted.unwrap_or_else(|| RunIdentity::fork(state.run_id.clone(), &from));
-    Ok(StartPoint { checkpoint: Some((dir, state)), run: Some(run) })
+    Ok(StartPoint { checkpoint: Some((dir, state)), run: Some(run), discard })
 }
 
 /// "run 3f2a..." or, for one from before run ids, "a run without an id".
@@ -453,36 +482,30 @@ fn results_in(out: &Path, existing: &[(usize, PathBuf)], after: Option<usize>) -
     v
 }
 
-/// Deletes what `overwrite_output_dir` discards, with a line saying so.
-fn discard(out: &Path, paths: &[PathBuf], apply: Apply) -> Result<()> {
+/// What discarding the folder's run for `overwrite_output_dir` deletes (with
+/// [`Apply::Apply`]): its `results`, and those of its metrics, curves,
+/// TensorBoard events and identity that exist, so that the new run's do not
+/// continue them.
+fn discard_run(cfg: &Config, results: &[PathBuf], apply: Apply) -> Vec<PathBuf> {
     if apply == Apply::Check {
-        return Ok(());
+        return Vec::new();
     }
-    tracing::warn!("checkpoint.overwrite_output_dir = true: deleting {} from {}", list_names(paths), out.display());
-    for p in paths {
-        durable::remove_dir_atomically(p).with_context(|| format!("cannot delete {}", p.display()))?;
-    }
-    Ok(())
-}
-
-/// Deletes the folder's run for `overwrite_output_dir`: its `results`, and its
-/// metrics, curves, TensorBoard events and identity, so that the new run's do
-/// not continue them.
-fn discard_run(cfg: &Config, results: &[PathBuf], apply: Apply) -> Result<()> {
-    discard(&cfg.training.output_dir, results, apply)?;
-    if apply == Apply::Apply {
-        let out = &cfg.training.output_dir;
-        for f in [cfg.logging.metrics_file.as_str(), "curves.png", "tb", checkpoint::RUN_FILE] {
-            let f = out.join(f);
-            durable::remove_tree(&f).with_context(|| format!("cannot delete {}", f.display()))?;
-        }
-    }
-    Ok(())
+    let out = &cfg.training.output_dir;
+    let logs = [cfg.logging.metrics_file.as_str(), "curves.png", "tb", checkpoint::RUN_FILE].map(|f| out.join(f));
+    let logs = logs.into_iter().filter(|p| std::fs::symlink_metadata(p).is_ok());
+    results.iter().cloned().chain(logs).collect()
 }
 
 fn list_names(paths: &[PathBuf]) -> String {
-    let names: Vec<String> =
-        paths.iter().map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned() + "/").collect();
+    let name = |p: &PathBuf| {
+        let n = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        if p.is_dir() {
+            n + "/"
+        } else {
+            n
+        }
+    };
+    let names: Vec<String> = paths.iter().map(name).collect();
     if names.len() > 4 {
         format!("{}, ... ({} in all)", names[..3].join(", "), names.len())
     } else {

@@ -34,7 +34,8 @@ impl Trainer {
         if sync.rank() == 0 {
             tracing::info!("{shape}");
         }
-        let Claimed { _lock, start, data } = claim_output_and_data(&cfg, &tok, &mut sync)?;
+        let Claimed { lock, start: StartPoint { checkpoint: resumed, run, discard }, data } =
+            claim_output_and_data(&cfg, &tok, &mut sync)?;
         let masking = Arc::new(MaskingParams::new(&cfg.data, &tok));
         let eval_set = eval_batches(&data.test, &masking, cfg.eval.batch_size, cfg.eval.max_chunks, cfg.eval.mask_seed);
         for b in &eval_set {
@@ -49,11 +50,11 @@ impl Trainer {
             config_hash: resume::config_hash(&shaping),
             config: shaping,
             data_key: Some(data.manifest.inputs_key.clone()),
-            run_id: start.run.as_ref().map(|r| r.run_id.clone()),
-            parent_run_id: start.run.as_ref().and_then(|r| r.parent_run_id.clone()),
+            run_id: run.as_ref().map(|r| r.run_id.clone()),
+            parent_run_id: run.as_ref().and_then(|r| r.parent_run_id.clone()),
             ..Default::default()
         };
-        let saved = match &start.checkpoint {
+        let saved = match &resumed {
             Some((dir, _)) => Some(checkpoint::load(dir, &master)?),
             None => None,
         };
@@ -62,13 +63,11 @@ impl Trainer {
         let qkv = master.qkv_groups();
         let mut params = FlatParams::with_groups(trainable, MaskedLm::no_decay, &qkv)?;
         let mut adamw = AdamW::new(&params, AdamWParams::from(t));
-        if let (Some((dir, saved_state)), Some(moments)) = (start.checkpoint, saved) {
+        let is_resume = resumed.is_some();
+        if let (Some((dir, saved_state)), Some(moments)) = (resumed, saved) {
             state = resumed_state(&dir, saved_state, state, moments.step, steps_per_epoch)?;
             let (m, v) = (params.from_saved_layout(&moments.exp_avg), params.from_saved_layout(&moments.exp_avg_sq));
             adamw.restore(&m, &v, moments.step);
-            if sync.rank() == 0 && cfg.checkpoint.save_best {
-                resume::complete_best(&t.output_dir, &state)?;
-            }
         }
         let (compute, compute_tensors) = params.compute_model(&mut master, t.precision)?;
         let model = compute.as_ref().unwrap_or(&master);
@@ -76,17 +75,6 @@ impl Trainer {
             micro::rows_per_pass(&cfg, shape.batch_size, model, &compute_tensors, &data.train, &masking, device)?;
         let out = t.output_dir.clone();
         let start_step = state.step;
-        let history = if sync.rank() == 0 && start_step > 0 {
-            metrics::History::keep_until(&out.join(&cfg.logging.metrics_file), start_step as u64)?
-        } else {
-            metrics::History::default()
-        };
-        let metrics = if sync.rank() == 0 {
-            let tb = cfg.logging.tensorboard.then(|| out.join("tb"));
-            Metrics::open(&out.join(&cfg.logging.metrics_file), tb.as_deref())?
-        } else {
-            Metrics::disabled()
-        };
         tracing::info!(
             "model: {} parameters on {:?} ({:?}); {} train / {} test chunks of {} tokens; {} steps of {} sequences",
             master.num_parameters(),
@@ -124,8 +112,14 @@ impl Trainer {
         }
         // Every skipped step so far (settled at the save this run resumes from).
         let schedule_lag = if fp16 { state.nonfinite_skipped } else { 0 };
+        let (metrics, history) = if sync.rank() == 0 {
+            let start = StartPoint { checkpoint: None, run, discard };
+            open_output(&cfg, &start, &state, is_resume)?
+        } else {
+            (Metrics::disabled(), metrics::History::default())
+        };
         Ok(Self {
-            _lock,
+            lock,
             sync,
             schedule: LrSchedule::new(t, total_steps),
             out,
@@ -195,11 +189,62 @@ fn resumed_state(
     })
 }
 
+/// Rank 0's first writes to the output folder, once every check and every
+/// part of the setup that can fail have passed, so that a start that fails
+/// leaves the folder as it was: TensorBoard's new event file first (the
+/// likeliest to fail: a file where its folder should be, no room), unless
+/// `tb/` is the earlier run's to delete; then what `overwrite_output_dir`
+/// discards, the metrics file (cut back to the resumed step), `run.json`, and
+/// `best/` brought up to date. A failure after the event file removes it.
+fn open_output(
+    cfg: &Config,
+    start: &StartPoint,
+    state: &TrainerState,
+    is_resume: bool,
+) -> Result<(Metrics, metrics::History)> {
+    let out = &cfg.training.output_dir;
+    let tb_dir = cfg.logging.tensorboard.then(|| out.join("tb"));
+    let mut tb = match &tb_dir {
+        Some(dir) if !start.discard.contains(dir) => Some(EventWriter::create(dir)?),
+        _ => None,
+    };
+    let rest = (|| {
+        start.discard_earlier(out)?;
+        if let (Some(dir), None) = (&tb_dir, &tb) {
+            tb = Some(EventWriter::create(dir)?);
+        }
+        let path = out.join(&cfg.logging.metrics_file);
+        let history = if state.step > 0 {
+            metrics::History::keep_until(&path, state.step as u64)?
+        } else {
+            metrics::History::default()
+        };
+        let metrics = Metrics::open(&path, None)?;
+        resume::record_run(out, start)?;
+        if is_resume && cfg.checkpoint.save_best {
+            resume::complete_best(out, state)?;
+        }
+        Ok((metrics, history))
+    })();
+    match rest {
+        Ok((mut metrics, history)) => {
+            metrics.set_tensorboard(tb);
+            Ok((metrics, history))
+        }
+        Err(e) => {
+            if let Some(tb) = tb {
+                tb.remove();
+            }
+            Err(e)
+        }
+    }
+}
+
 /// What rank 0 settles before training, for every worker: the start point and
 /// the prepared data.
 struct Claimed {
     /// The output directory's lock (rank 0 only), held for the whole job.
-    _lock: Option<Lock>,
+    lock: Option<Lock>,
     start: StartPoint,
     data: Prepared,
 }
@@ -218,10 +263,9 @@ fn claim_output_and_data(cfg: &Config, tok: &TextTokenizer, sync: &mut GradSync)
         checkpoint::recover(out)?;
         let start = resume::plan(cfg, Some(sync.world()), Apply::Apply)?;
         let data = prepare(cfg, tok, show, start.data_key())?;
-        resume::record_run(out, &start)?;
         let chosen = start.checkpoint.as_ref().map(|(d, _)| d.to_string_lossy().into_owned()).unwrap_or_default();
         sync.broadcast_string(&chosen)?;
-        return Ok(Claimed { _lock: Some(lock), start, data });
+        return Ok(Claimed { lock: Some(lock), start, data });
     }
     // Preparing a large corpus takes longer than distributed.timeout_s: wait
     // for it (a rank 0 that dies closes its connections or is reaped by the
@@ -235,8 +279,8 @@ fn claim_output_and_data(cfg: &Config, tok: &TextTokenizer, sync: &mut GradSync)
     } else {
         let dir = PathBuf::from(chosen);
         let state = resume::checked_state(&dir, cfg, Some(sync.world()))?;
-        StartPoint { checkpoint: Some((dir, state)), run: None }
+        StartPoint { checkpoint: Some((dir, state)), ..Default::default() }
     };
     let data = open_prepared(cfg, tok, start.data_key()).with_context(|| format!("rank {}", sync.rank()))?;
-    Ok(Claimed { _lock: None, start, data })
+    Ok(Claimed { lock: None, start, data })
 }

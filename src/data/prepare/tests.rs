@@ -206,8 +206,14 @@ fn unchanged_inputs_reuse_the_store_and_changed_settings_rebuild_it() {
     assert_eq!(inode(&train), ino);
     assert_eq!(again.manifest, first.manifest);
     cfg.data.block_size = 48;
+    // Not while a job reads it (each holds the store's shared lock).
+    let e = prepare(&cfg, tok, false, None).unwrap_err().to_string();
+    assert!(e.contains("is in use by another mlm job"), "{e}");
+    assert_eq!(inode(&train), ino);
+    let first_key = first.manifest.inputs_key.clone();
+    drop((first, again));
     let rebuilt = prepare(&cfg, tok, false, None).unwrap();
-    assert_ne!(rebuilt.manifest.inputs_key, first.manifest.inputs_key);
+    assert_ne!(rebuilt.manifest.inputs_key, first_key);
     assert_eq!(rebuilt.manifest.block_size, 48);
     assert_eq!(siblings(tmp.path()), vec!["data"]);
 }
@@ -395,6 +401,8 @@ fn changing_an_eval_file_prepares_the_store_again() {
     std::fs::write(&eval, text).unwrap();
     let e = format!("{:#}", prepare(&cfg, tok, false, Some(&first.manifest.inputs_key)).unwrap_err());
     assert!(e.contains("trained on other data") && e.contains("data.eval_files"), "{e}");
+    let mut first = first;
+    first.lock = None; // no job reads it now
     let again = prepare(&cfg, tok, false, None).unwrap();
     assert_ne!(again.manifest.inputs_key, first.manifest.inputs_key);
     assert!(again.manifest.eval.as_ref().unwrap().tokens > first.manifest.eval.as_ref().unwrap().tokens);
@@ -435,4 +443,23 @@ fn eval_files_that_overlap_training_or_hold_too_little_are_refused_by_name() {
     std::fs::write(&short, "just a few words").unwrap();
     let e = refused(vec![path_string(&short)]);
     assert!(e.contains("short.txt") && e.contains("6 tokens, fewer than one block of data.block_size = 32"), "{e}");
+}
+
+#[test]
+fn a_rebuild_never_deletes_files_the_store_did_not_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = testutil::tokenizer();
+    let mut cfg = config(tmp.path(), corpus(2), 32);
+    drop(prepare(&cfg, tok, false, None).unwrap());
+    let dir = tmp.path().join("data");
+    std::fs::write(dir.join("notes.txt"), "mine").unwrap();
+    // Kept beside a store that is reused.
+    drop(prepare(&cfg, tok, false, None).unwrap());
+    cfg.data.block_size = 48;
+    let e = prepare(&cfg, tok, false, None).unwrap_err().to_string();
+    assert!(e.contains("(notes.txt)") && e.contains("would delete them") && !e.contains('\n'), "{e}");
+    assert_eq!(std::fs::read_to_string(dir.join("notes.txt")).unwrap(), "mine");
+    assert_eq!(Prepared::open(&dir).unwrap().manifest.block_size, 32);
+    std::fs::remove_file(dir.join("notes.txt")).unwrap();
+    assert_eq!(prepare(&cfg, tok, false, None).unwrap().manifest.block_size, 48);
 }

@@ -17,13 +17,18 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// `tensorboard`: the folder of the event files, or `None`. The metrics
-    /// file is appended to, never through a symbolic link (refused, naming it).
-    pub fn open(path: &Path, tensorboard: Option<&Path>) -> Result<Self> {
+    /// `tensorboard`: the writer of this run's event file, or `None`. The
+    /// metrics file is appended to, never through a symbolic link (refused,
+    /// naming it).
+    pub fn open(path: &Path, tensorboard: Option<EventWriter>) -> Result<Self> {
         let file = crate::durable::open_run_file(path, OpenOptions::new().create(true).append(true))
             .with_context(|| format!("cannot open metrics file {}", path.display()))?;
-        let tensorboard = tensorboard.map(EventWriter::create).transpose()?;
         Ok(Self { file: Some(file), tensorboard })
+    }
+
+    /// Writes each record's numbers to `tensorboard` too, from now on.
+    pub fn set_tensorboard(&mut self, tensorboard: Option<EventWriter>) {
+        self.tensorboard = tensorboard;
     }
 
     pub fn disabled() -> Self {

@@ -22,21 +22,38 @@ impl EventWriter {
     /// Creates `dir` and a new event file in it, named as TensorFlow names them
     /// (`events.out.tfevents.<seconds>.<host>.<pid>`). Neither may be a
     /// symbolic link (refused, naming it).
+    /// A failure leaves nothing behind: no file, and no folder it made.
     pub fn create(dir: &Path) -> Result<Self> {
         crate::durable::refuse_link(dir)?;
+        let made = std::fs::symlink_metadata(dir).is_err();
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the TensorBoard folder {}", dir.display()))?;
         let secs = now().floor() as u64;
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         let host: String = host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
         let path = dir.join(format!("events.out.tfevents.{secs}.{host}.{}.mlm", std::process::id()));
-        let file = crate::durable::create_run_file(&path)?;
-        let mut w = Self { file: BufWriter::new(file), path };
-        let mut event = Vec::new();
-        put_f64(&mut event, 1, now());
-        put_bytes(&mut event, 3, b"brain.Event:2");
-        w.record(&event)?;
-        Ok(w)
+        let written = crate::durable::create_run_file(&path).and_then(|file| {
+            let mut w = Self { file: BufWriter::new(file), path: path.clone() };
+            let mut event = Vec::new();
+            put_f64(&mut event, 1, now());
+            put_bytes(&mut event, 3, b"brain.Event:2");
+            w.record(&event)?;
+            Ok(w)
+        });
+        if written.is_err() {
+            let _ = std::fs::remove_file(&path);
+            if made {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+        written
+    }
+
+    /// Deletes this writer's event file (a start that failed after making it).
+    pub fn remove(self) {
+        let Self { file, path } = self;
+        drop(file.into_parts());
+        let _ = std::fs::remove_file(&path);
     }
 
     /// One event at `step` holding `values` as scalars (tag, value), flushed so

@@ -110,6 +110,35 @@ fn a_format_1_checkpoint_resumes_on_its_world_size_with_its_global_batch() {
     assert!(e.contains("training.global_batch_size (8 -> 16)"), "{e}");
 }
 
+/// [`plan`] for rank 0 of `mlm train`, which then deletes what it discards.
+fn planned(c: &Config) -> Result<StartPoint> {
+    let start = plan(c, Some(1), Apply::Apply)?;
+    start.discard_earlier(&c.training.output_dir)?;
+    Ok(start)
+}
+
+#[test]
+fn overwrite_deletes_an_earlier_runs_logs_and_events_even_without_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(out.join("tb")).unwrap();
+    std::fs::write(out.join("tb/events.out.tfevents.1.host.2.mlm"), "old").unwrap();
+    std::fs::write(out.join("metrics.jsonl"), "{\"kind\":\"train\",\"step\":2}\n").unwrap();
+    checkpoint::write_run(&out, &run_of("aaaa")).unwrap();
+    let mut c = Config::from_toml("[model]\npath = \"m\"\n[checkpoint]\nresume = \"none\"\n").unwrap();
+    c.training.output_dir = out.clone();
+    c.checkpoint.overwrite_output_dir = true;
+    let start = plan(&c, Some(1), Apply::Check).unwrap();
+    assert!(start.discard.is_empty() && out.join("tb").is_dir(), "a check deletes nothing");
+    let start = plan(&c, Some(1), Apply::Apply).unwrap();
+    assert_eq!(start.discard.len(), 3, "{:?}", start.discard);
+    assert!(out.join("tb").is_dir() && out.join("metrics.jsonl").is_file(), "plan only lists");
+    start.discard_earlier(&out).unwrap();
+    for f in ["tb", "metrics.jsonl", "run.json"] {
+        assert!(!out.join(f).exists(), "{f} kept");
+    }
+}
+
 #[test]
 fn a_fresh_start_into_a_used_directory_is_refused_and_overwrite_deletes_it() {
     let tmp = tempfile::tempdir().unwrap();
@@ -118,13 +147,13 @@ fn a_fresh_start_into_a_used_directory_is_refused_and_overwrite_deletes_it() {
     std::fs::create_dir_all(out.join("best")).unwrap();
     let mut c = Config::from_toml("[model]\npath = \"m\"\n[checkpoint]\nresume = \"none\"\n").unwrap();
     c.training.output_dir = out.clone();
-    let e = plan(&c, Some(1), Apply::Apply).unwrap_err().to_string();
+    let e = planned(&c).unwrap_err().to_string();
     assert!(e.contains("checkpoint-200/") && e.contains("overwrite_output_dir"), "{e}");
     assert!(out.join("checkpoint-200").exists() && out.join("best").exists());
     c.checkpoint.overwrite_output_dir = true;
     plan(&c, Some(1), Apply::Check).unwrap();
     assert!(out.join("checkpoint-200").exists(), "a check deletes nothing");
-    assert!(plan(&c, Some(1), Apply::Apply).unwrap().checkpoint.is_none());
+    assert!(planned(&c).unwrap().checkpoint.is_none());
     assert!(!out.join("checkpoint-200").exists() && !out.join("best").exists());
 }
 
@@ -172,7 +201,7 @@ fn another_runs_checkpoint_is_refused_beside_a_run_and_forks_into_an_empty_folde
     let theirs = checkpoint_of_run(&b, &c, 6, Some("bbbb"));
     checkpoint::write_run(&b, &run_of("bbbb")).unwrap();
     c.checkpoint.resume = Resume::Path(theirs.clone());
-    let e = plan(&c, Some(1), Apply::Apply).unwrap_err().to_string();
+    let e = planned(&c).unwrap_err().to_string();
     assert!(
         e.contains("holds run aaaa (checkpoint-4/, best/)")
             && e.contains("checkpoint of run bbbb")
@@ -184,13 +213,13 @@ fn another_runs_checkpoint_is_refused_beside_a_run_and_forks_into_an_empty_folde
     // Into an empty folder: a new run that records its parent.
     let mut fork = c.clone();
     fork.training.output_dir = tmp.path().join("c");
-    let run = plan(&fork, Some(1), Apply::Apply).unwrap().run.unwrap();
+    let run = planned(&fork).unwrap().run.unwrap();
     assert_eq!(run.parent_run_id.as_deref(), Some("bbbb"));
     assert_ne!(run.run_id, "bbbb");
     assert_eq!(run.forked_from, Some(std::fs::canonicalize(&theirs).unwrap()));
     // Overwriting deletes the folder's run first, then forks.
     c.checkpoint.overwrite_output_dir = true;
-    let run = plan(&c, Some(1), Apply::Apply).unwrap().run.unwrap();
+    let run = planned(&c).unwrap().run.unwrap();
     assert_eq!(run.parent_run_id.as_deref(), Some("bbbb"));
     assert!(!a.join("checkpoint-4").exists() && !a.join("best").exists() && !a.join("run.json").exists());
     assert!(theirs.is_dir(), "the parent's checkpoint is kept");
@@ -203,16 +232,16 @@ fn the_folders_own_checkpoints_continue_its_run_with_or_without_ids() {
     let c = job_in(&out);
     // A folder and checkpoint from before run ids: the same run, given an id.
     checkpoint_of_run(&out, &c, 3, None);
-    let run = plan(&c, Some(1), Apply::Apply).unwrap().run.unwrap();
+    let run = planned(&c).unwrap().run.unwrap();
     assert_eq!((run.run_id.len(), run.parent_run_id, run.forked_from), (16, None, None));
     // A folder that has an id and an old checkpoint of its own keeps the id.
     checkpoint::write_run(&out, &run_of("f0f0")).unwrap();
-    assert_eq!(plan(&c, Some(1), Apply::Apply).unwrap().run, Some(run_of("f0f0")));
+    assert_eq!(planned(&c).unwrap().run, Some(run_of("f0f0")));
     // A checkpoint of the folder's run from another folder continues it.
     let copy = checkpoint_of_run(&tmp.path().join("moved"), &c, 3, Some("f0f0"));
     let mut from_copy = c.clone();
     from_copy.checkpoint.resume = Resume::Path(copy);
-    assert_eq!(plan(&from_copy, Some(1), Apply::Apply).unwrap().run, Some(run_of("f0f0")));
+    assert_eq!(planned(&from_copy).unwrap().run, Some(run_of("f0f0")));
     // A fresh start is a new run.
     let mut fresh = job_in(&tmp.path().join("fresh"));
     fresh.checkpoint.resume = Resume::None;
@@ -230,7 +259,7 @@ fn a_link_where_the_run_writes_is_refused_before_anything_is_deleted() {
     std::fs::write(&outside, "theirs").unwrap();
     std::os::unix::fs::symlink(&outside, out.join("metrics.jsonl")).unwrap();
     (c.checkpoint.resume, c.checkpoint.overwrite_output_dir) = (Resume::None, true);
-    let e = plan(&c, Some(1), Apply::Apply).unwrap_err().to_string();
+    let e = planned(&c).unwrap_err().to_string();
     assert!(e.contains("metrics.jsonl is a symbolic link"), "{e}");
     assert!(out.join("checkpoint-3").is_dir());
     assert_eq!(std::fs::read_to_string(&outside).unwrap(), "theirs");
@@ -240,5 +269,5 @@ fn a_link_where_the_run_writes_is_refused_before_anything_is_deleted() {
     std::os::unix::fs::symlink(&out, &linked).unwrap();
     let mut via_link = job_in(&linked);
     via_link.checkpoint.resume = Resume::Auto;
-    assert_eq!(plan(&via_link, Some(1), Apply::Apply).unwrap().run.unwrap().run_id, "aaaa");
+    assert_eq!(planned(&via_link).unwrap().run.unwrap().run_id, "aaaa");
 }
