@@ -192,7 +192,10 @@ pub fn save(
 pub fn load_state(dir: &Path) -> Result<TrainerState> {
     let path = dir.join(STATE_FILE);
     let text = fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let fresh = "start a new training.output_dir or set checkpoint.resume = \"none\"";
+    // A fresh start in the same folder needs both keys: resume = "none" alone
+    // is refused there (the folder holds a run).
+    let fresh = "start a new training.output_dir, or start over in this one with checkpoint.resume = \"none\" and \
+                 checkpoint.overwrite_output_dir = true (which deletes its run)";
     let not_ours =
         || format!("{}: not a trainer state this mlm can resume (another version wrote it?); {fresh}", path.display());
     let mut json: serde_json::Value = serde_json::from_str(&text).with_context(not_ours)?;
@@ -465,6 +468,8 @@ mod tests {
         fs::write(tmp.path().join(STATE_FILE), r#"{"format_version": 7}"#).unwrap();
         let e = load_state(tmp.path()).unwrap_err().to_string();
         assert!(e.contains("format version 7 (this mlm reads 2 and 1)"), "{e}");
+        // A fresh start in the run's folder is refused without overwrite_output_dir.
+        assert!(e.contains("checkpoint.resume = \"none\" and checkpoint.overwrite_output_dir = true"), "{e}");
     }
 
     #[test]

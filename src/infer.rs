@@ -24,10 +24,15 @@ pub fn fill_mask(model: &MaskedLm, tok: &TextTokenizer, text: &str, top_k: usize
     let mask_positions: Vec<usize> =
         ids.iter().enumerate().filter(|(_, &t)| t == tok.mask_id).map(|(i, _)| i).collect();
     if mask_positions.is_empty() {
-        bail!("no mask token {} in {text:?}", tok.token_str(tok.mask_id));
+        bail!("no mask token {} in {}", tok.token_str(tok.mask_id), crate::logging::excerpt(text));
     }
     if ids.len() as i64 > model.max_positions() {
-        bail!("{text:?} is {} tokens long, more than the model's {} positions", ids.len(), model.max_positions());
+        bail!(
+            "{} is {} tokens long, more than the model's {} positions",
+            crate::logging::excerpt(text),
+            ids.len(),
+            model.max_positions()
+        );
     }
     let device = model.vs.device();
     let input: Vec<i64> = ids.iter().map(|&t| t as i64).collect();

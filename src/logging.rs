@@ -46,6 +46,19 @@ pub fn first_line(msg: &str) -> String {
     msg.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("").to_string()
 }
 
+/// A user's input as an error line quotes it: as it is (Rust's quoting) when
+/// short, else its first 60 characters, an ellipsis and its length, so that a
+/// long input never floods the one line.
+pub fn excerpt(text: &str) -> String {
+    const SHORT: usize = 80;
+    let n = text.chars().count();
+    if n <= SHORT {
+        return format!("{text:?}");
+    }
+    let head: String = text.chars().take(60).collect();
+    format!("{:?} ({n} characters)", format!("{head}…"))
+}
+
 /// Whether a panic message is libtorch (or CUDA) failing to allocate memory:
 /// tch's infallible wrappers panic where libtorch throws.
 pub fn is_out_of_memory(msg: &str) -> bool {
@@ -132,12 +145,13 @@ fn allocation_failure(msg: &str) -> String {
     sentences.join(". ").trim_end_matches('.').to_string()
 }
 
-/// Panics get one line, and a backtrace only when RUST_BACKTRACE asks for one:
-/// an allocation failure (a user's too-large batch or model) as an out-of-memory
-/// error naming what ran and what to change, anything else as an internal error
-/// to report.
+/// Panics get one line: an allocation failure (a user's too-large batch or
+/// model) as an out-of-memory error naming what ran and what to change, and
+/// nothing else, whatever RUST_BACKTRACE says (it is no bug, and libtorch's
+/// message carries a C++ frame dump); anything else as an internal error to
+/// report, after the panic and its backtrace when RUST_BACKTRACE asks for one.
 pub fn quiet_panics() {
-    let verbose = std::env::var_os("RUST_BACKTRACE").is_some();
+    let verbose = std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0");
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         let msg = panic_message(info.payload());
@@ -145,7 +159,7 @@ pub fn quiet_panics() {
         if oom && CATCHING_OOM.with(Cell::get) {
             return;
         }
-        if verbose {
+        if verbose && !oom {
             default_hook(info);
         }
         if oom {
@@ -249,6 +263,17 @@ fn host_allocation_failed(size: usize) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_inputs_are_quoted_as_an_excerpt_with_their_length() {
+        assert_eq!(excerpt("a [MASK] b"), "\"a [MASK] b\"");
+        let long = "word ".repeat(2000);
+        let e = excerpt(&long);
+        assert!(e.starts_with("\"word word") && e.ends_with("…\" (10000 characters)"), "{e}");
+        assert!(e.len() < 100, "{e}");
+        // Characters, not bytes: never a cut inside one.
+        assert!(excerpt(&"é".repeat(100)).ends_with("…\" (100 characters)"));
+    }
 
     #[test]
     fn allocation_failures_are_recognised() {

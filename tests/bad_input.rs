@@ -283,6 +283,77 @@ fn fill_mask_without_mask_token_is_refused() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("[MASK]") && !stderr.contains("panicked"), "{stderr}");
+    // A 10 KB input is quoted as an excerpt with its length, not repeated whole.
+    let long = "No mask here. ".repeat(750);
+    let e = error_line(&run(mlm().args(["fill-mask", "--model"]).arg(minilm_dir()).arg(&long)));
+    assert!(e.contains("no mask token [MASK] in \"No mask here.") && e.contains("…\" (10500 characters)"), "{e}");
+    assert!(e.len() < 200, "{e}");
+}
+
+#[test]
+fn bench_peak_out_of_memory_is_one_line_with_bench_advice() {
+    // Two 32768^2 fp32 matrices (4 GiB each) under a 3 GB address-space
+    // limit, with RUST_BACKTRACE set: one line, advising bench-peak's own flag.
+    let o = run(std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -v 3000000; exec {:?} bench-peak --device cpu --precision fp32 --size 32768",
+            env!("CARGO_BIN_EXE_mlm")
+        ))
+        .env("RUST_BACKTRACE", "1"));
+    assert_eq!(o.status.code(), Some(1));
+    let e = error_line(&o);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!stderr.contains("frame #") && !stderr.contains("stack backtrace"), "{stderr}");
+    assert!(e.starts_with("error: out of memory measuring the peak") && e.contains("--size 32768"), "{e}");
+    assert!(e.contains("a smaller --size (e.g. 16384)") && !e.contains("training."), "{e}");
+}
+
+#[test]
+fn gpu_workers_without_a_gpu_are_refused_before_any_work() {
+    if ["/dev/nvidiactl", "/proc/driver/nvidia"].iter().any(|p| Path::new(p).exists()) {
+        eprintln!("SKIPPED: an NVIDIA driver is loaded here");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_job(dir.path(), "");
+    let o = run(std::process::Command::new(launcher())
+        .args(["--gpus", "2", "--mlm"])
+        .arg(env!("CARGO_BIN_EXE_mlm"))
+        .arg(&cfg)
+        .env_remove("CUDA_VISIBLE_DEVICES"));
+    assert_eq!(o.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line, nothing prepared or started first: {stderr}");
+    assert!(lines[0].contains("no GPU is visible") && lines[0].contains("--nproc N --device cpu"), "{stderr}");
+    assert!(!dir.path().join("out").exists(), "nothing may be prepared");
+}
+
+#[test]
+fn train_in_a_slurm_batch_script_of_two_tasks_runs_as_one_process_and_says_so() {
+    // The batch script's own variables (no step id): not an MPI rank.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_job(dir.path(), "");
+    let mut c = mlm();
+    c.arg("train").arg(&cfg).args(["--set", "training.max_steps=2", "--set", "eval.at_start=false"]);
+    c.args(["--set", "training.log_every=1"]);
+    for k in ["SLURM_STEP_ID", "SLURM_STEPID", "SLURM_STEP_NUM_TASKS", "PMIX_RANK", "PMI_RANK", "PMI_SIZE"] {
+        c.env_remove(k);
+    }
+    for k in ["OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "RANK", "WORLD_SIZE", "MLM_MASTER_PORT", "MASTER_PORT"] {
+        c.env_remove(k);
+    }
+    c.envs([("SLURM_JOB_ID", "4242"), ("SLURM_NTASKS", "2"), ("SLURM_PROCID", "0"), ("SLURM_LOCALID", "0")]);
+    c.env("SLURM_JOB_NODELIST", "localhost");
+    let o = run(&mut c);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(!stderr.contains("MPI"), "{stderr}");
+    let notes: Vec<&str> = stderr.lines().filter(|l| l.contains("Slurm batch script")).collect();
+    assert_eq!(notes.len(), 1, "{stderr}");
+    assert!(notes[0].contains("SLURM_NTASKS=2") && notes[0].contains("srun mlm train"), "{stderr}");
+    assert_eq!(losses(&dir.path().join("out")).len(), 2, "{stderr}");
 }
 
 #[test]
@@ -551,11 +622,13 @@ fn out_of_memory_is_one_clear_error() {
             cfg,
             out
         ))
-        .env_remove("RUST_BACKTRACE"));
+        // As a developer's shell often has it: still no panic or C++ frames.
+        .env("RUST_BACKTRACE", "1"));
     assert!(!o.status.success());
     assert_eq!(o.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!stderr.contains("panicked") && !stderr.contains("internal error"), "{stderr}");
+    assert!(!stderr.contains("frame #") && !stderr.contains("stack backtrace"), "{stderr}");
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(errors.len(), 1, "{stderr}");
     let e = errors[0];

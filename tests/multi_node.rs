@@ -85,6 +85,39 @@ fn two_nodes_on_loopback_equal_one_process_with_twice_the_batch() {
 }
 
 #[test]
+fn a_node_with_another_nproc_is_refused_by_name_and_every_node_stops() {
+    // Node 1 starts 2 workers where node 0 counts 1 per node (world 4 against
+    // 2), with the default job token. Rank 0 refuses it naming the mismatch,
+    // and both nodes stop at once rather than after distributed.timeout_s.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job(dir.path());
+    let port = free_port().to_string();
+    let start = |node_rank: &str, nproc: &str| {
+        spawn(
+            Command::new(launcher())
+                .args(["--nnodes", "2", "--node-rank", node_rank, "--nproc", nproc, "--device", "cpu"])
+                .args(["--master-addr", "127.0.0.1", "--master-port", &port, "--mlm"])
+                .arg(env!("CARGO_BIN_EXE_mlm"))
+                .arg(&cfg)
+                .args(SETS)
+                .args(["--set", "distributed.timeout_s=600"])
+                .env_remove("MLM_JOB_TOKEN"),
+        )
+    };
+    let n1 = start("1", "2");
+    let n0 = start("0", "1");
+    let o0 = n0.wait(Duration::from_secs(300), "node 0 (it must not wait for the rendezvous timeout)");
+    let o1 = n1.wait(Duration::from_secs(300), "node 1 (it must not wait for the rendezvous timeout)");
+    let (e0, e1) = (String::from_utf8_lossy(&o0.stderr), String::from_utf8_lossy(&o1.stderr));
+    assert!(!o0.status.success() && !o1.status.success(), "both nodes must fail:\n{e0}\n{e1}");
+    let headline = e0.lines().find(|l| l.starts_with("mlm-launch: error:")).unwrap_or_else(|| panic!("{e0}"));
+    assert!(headline.contains("says WORLD_SIZE=4 but rank 0 has 2") && headline.contains("--nproc"), "{headline}");
+    // Node 1's refused worker says why (its sibling may stop first, seeing rank 0 gone).
+    assert!(e1.contains("rank 0 refused to join: rank") && e1.contains("says WORLD_SIZE=4 but rank 0 has 2"), "{e1}");
+    assert!(!e0.contains("another job") && !e1.contains("another job"), "{e0}\n{e1}");
+}
+
+#[test]
 fn a_worker_killed_on_node_1_stops_node_0_and_restarts_resume_on_both() {
     // Without restarts: node 0 stops long before the timeout, naming node 1 and rank 1.
     let dir = tempfile::tempdir().unwrap();

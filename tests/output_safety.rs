@@ -130,6 +130,7 @@ fn a_fresh_start_into_a_finished_run_is_refused_and_touches_nothing() {
         e.contains("holds an earlier run") && e.contains("checkpoint-6/") && e.contains("overwrite_output_dir"),
         "{e}"
     );
+    assert!(e.contains("resume it (checkpoint.resume = \"auto\")"), "an intact checkpoint can be resumed: {e}");
     assert!(snapshot(&out) == before, "the finished run was modified");
     // A fresh start elsewhere is fine; an explicit overwrite starts over.
     let o = train(
@@ -153,6 +154,9 @@ fn unresumable_checkpoints_are_not_overwritten_by_a_fresh_start() {
     let before = snapshot(&out);
     let e = error_line(&train(&cfg, &["--set", "training.max_steps=8"]));
     assert!(e.contains("none of its checkpoints can be resumed") && e.contains("checkpoint-4/"), "{e}");
+    // Its advice is only what this job can do: resuming is what it already asked for.
+    assert!(!e.contains("resume it") && !e.contains("resume = \"auto\""), "{e}");
+    assert!(e.contains("another training.output_dir") && e.contains("overwrite_output_dir = true"), "{e}");
     assert!(snapshot(&out) == before);
 }
 

@@ -199,15 +199,21 @@ fn pick(spec: &GpuSpec, visible: Option<&[String]>) -> Result<Vec<Slot>> {
         .into_iter()
         .map(|i| match visible {
             Some(v) if i < v.len() => Ok(Slot::Gpu(v[i].clone())),
+            Some([]) => bail!(
+                "GPU workers asked for, but no GPU is visible here (no NVIDIA driver, or CUDA_VISIBLE_DEVICES hides \
+                 them all): for CPU workers use --nproc N --device cpu"
+            ),
             Some(v) => bail!("GPU {i} requested but only {} visible ({})", v.len(), v.join(",")),
-            // Nothing to check against (no nvidia-smi): trust the user.
+            // Nothing to check against (a driver but no nvidia-smi): trust the user.
             None => Ok(Slot::Gpu(i.to_string())),
         })
         .collect()
 }
 
 /// The GPUs this launcher may use: `CUDA_VISIBLE_DEVICES` when set, else one per
-/// line of `nvidia-smi -L`; `None` when neither says.
+/// line of `nvidia-smi -L`; none where no NVIDIA driver is loaded (no
+/// `/dev/nvidiactl`, no `/proc/driver/nvidia`), so that a GPU job is refused
+/// before any data is prepared; `None` when nothing says.
 pub fn visible_gpus() -> Option<Vec<String>> {
     if let Ok(v) = std::env::var("CUDA_VISIBLE_DEVICES") {
         let v = v.trim();
@@ -216,9 +222,14 @@ pub fn visible_gpus() -> Option<Vec<String>> {
         }
         return Some(v.split(',').map(|s| s.trim().to_string()).collect());
     }
-    let out = std::process::Command::new("nvidia-smi").arg("-L").output().ok()?;
+    let driver = ["/dev/nvidiactl", "/proc/driver/nvidia"].iter().any(|p| std::path::Path::new(p).exists());
+    let out = match std::process::Command::new("nvidia-smi").arg("-L").output() {
+        Ok(out) => out,
+        Err(_) if !driver => return Some(Vec::new()),
+        Err(_) => return None,
+    };
     if !out.status.success() {
-        return None;
+        return if driver { None } else { Some(Vec::new()) };
     }
     let n = String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("GPU ")).count();
     Some((0..n).map(|i| i.to_string()).collect())

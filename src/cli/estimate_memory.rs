@@ -93,13 +93,22 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// `--gpu-memory`: a positive number of GiB.
+/// `--gpu-memory`: a positive number of GiB, below a million. Each refusal
+/// says which of the two the value (as written) breaks.
 fn parse_gib(s: &str) -> Result<u64> {
     match s.trim().parse::<f64>() {
-        Ok(g) if g.is_finite() && g > 0.0 && g < 1e6 => Ok((g * GIB) as u64),
+        Ok(g) if g.is_finite() && g > 0.0 && g < MAX_GPU_GIB => Ok((g * GIB) as u64),
+        Ok(g) if g >= MAX_GPU_GIB => {
+            bail!(
+                "--gpu-memory {s} GiB is more than any GPU has: give one GPU's memory in GiB, below 1000000 (e.g. 80)"
+            )
+        }
         _ => bail!("--gpu-memory {s:?} must be a positive number of GiB (e.g. 80)"),
     }
 }
+
+/// More GiB than `--gpu-memory` accepts (no GPU comes near it).
+const MAX_GPU_GIB: f64 = 1e6;
 
 /// `--model-config`, else `[model] config`, else `<[model] path>/config.json`.
 fn model_config_path(cfg: &Config, given: Option<&Path>) -> Result<PathBuf> {
@@ -347,4 +356,19 @@ fn text_lines(r: &Report, m: &ModelShape, job: &Job) -> Vec<String> {
     ));
     out.push(format!("verdict: {}", r.verdict));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpu_memory_refusals_name_the_rule_the_value_breaks() {
+        assert_eq!(parse_gib("80").unwrap(), 80 * 1024 * 1024 * 1024);
+        // A huge value is positive: refused for its size, written as given.
+        let e = parse_gib("1e6").unwrap_err().to_string();
+        assert!(e.contains("--gpu-memory 1e6 GiB is more than any GPU has") && !e.contains("positive"), "{e}");
+        let e = parse_gib("-3").unwrap_err().to_string();
+        assert!(e.contains("must be a positive number of GiB"), "{e}");
+    }
 }

@@ -254,6 +254,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 PrecisionArg::Bf16 => (tch::Kind::BFloat16, "bf16"),
                 PrecisionArg::Fp16 => (tch::Kind::Half, "fp16"),
             };
+            crate::logging::set_activity(
+                format!(" measuring the peak with two {size} x {size} {name} matrices (--size {size})"),
+                format!("give bench-peak a smaller --size (e.g. {}), or free memory", (size / 2).max(64)),
+            );
             let tflops = crate::train::observe::timing::measure_peak_tflops(
                 device,
                 kind,

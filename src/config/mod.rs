@@ -677,11 +677,12 @@ impl Config {
 /// The value is parsed as TOML (numbers, booleans, arrays) and taken as a
 /// string when it is not valid TOML.
 pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
+    let quoted = || crate::logging::excerpt(assignment);
     let (key, raw) =
-        assignment.split_once('=').with_context(|| format!("--set {assignment:?}: expected section.key=value"))?;
+        assignment.split_once('=').with_context(|| format!("--set {}: expected section.key=value", quoted()))?;
     let parts: Vec<&str> = key.trim().split('.').collect();
     if !(2..=3).contains(&parts.len()) || parts.iter().any(|p| p.is_empty()) {
-        bail!("--set {assignment:?}: the key must be section.key (e.g. training.lr) or section.table.key");
+        bail!("--set {}: the key must be section.key (e.g. training.lr) or section.table.key", quoted());
     }
     let raw = raw.trim();
     let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
@@ -693,7 +694,7 @@ pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
     for name in tables {
         let entry = at.entry(name.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
         let toml::Value::Table(inner) = entry else {
-            bail!("--set {assignment:?}: `{name}` is not a section");
+            bail!("--set {}: `{name}` is not a section", quoted());
         };
         at = inner;
     }

@@ -206,16 +206,16 @@ impl WorldInfo {
         if let Some(w) = triple("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID")? {
             return Ok((w, Launcher::Mpi));
         }
-        if get("SLURM_PROCID").is_some() {
-            // A task of an srun step knows its step's size; the batch script
-            // itself (no step id) only the job's.
-            let in_step = slurm::step_id(get).is_some();
-            let tasks =
-                if in_step && get("SLURM_STEP_NUM_TASKS").is_some() { "SLURM_STEP_NUM_TASKS" } else { "SLURM_NTASKS" };
+        // A task of an srun step knows its step's size. The batch script itself
+        // (no step id) is one process whatever the job's SLURM_NTASKS: it is
+        // no MPI task (mpirun's own variables are read above), see
+        // [`batch_script_note`].
+        if get("SLURM_PROCID").is_some() && slurm::step_id(get).is_some() {
+            let tasks = if get("SLURM_STEP_NUM_TASKS").is_some() { "SLURM_STEP_NUM_TASKS" } else { "SLURM_NTASKS" };
             if num(tasks)?.unwrap_or(0) > 1 {
                 if let Some(w) = triple("SLURM_PROCID", tasks, "SLURM_LOCALID")? {
                     let pmi = get("PMIX_RANK").is_some() || get("PMI_RANK").is_some();
-                    return Ok((w, if in_step && !pmi { Launcher::Slurm } else { Launcher::Mpi }));
+                    return Ok((w, if pmi { Launcher::Mpi } else { Launcher::Slurm }));
                 }
             }
         }
@@ -226,6 +226,20 @@ impl WorldInfo {
         }
         Ok((WorldInfo::single(), Launcher::Single))
     }
+}
+
+/// One line for a process that is a Slurm batch script of a job of several
+/// tasks (`SLURM_NTASKS` > 1, no step id, no launcher's variables): it trains
+/// alone, and says how the job's tasks would join.
+pub fn batch_script_note(get: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+    let tasks: usize = get("SLURM_NTASKS")?.trim().parse().ok()?;
+    let alone = matches!(WorldInfo::from_vars(get), Ok((_, Launcher::Single)));
+    (alone && tasks > 1 && get("SLURM_PROCID").is_some() && slurm::step_id(get).is_none()).then(|| {
+        format!(
+            "this is the Slurm batch script, one process, not the job's {tasks} tasks (SLURM_NTASKS={tasks}): it \
+             trains alone; to train on every task start it with `srun mlm train ...` (or mlm-launch)"
+        )
+    })
 }
 
 /// The backend `auto` resolves to for this launcher and device.
@@ -248,6 +262,9 @@ pub fn resolve_backend(requested: Backend, launcher: Launcher, device: tch::Devi
 /// derived from it, so workers of another job on the same port are refused.
 pub fn init(cfg: &DistributedConfig, device: tch::Device, job: &str) -> Result<Box<dyn Communicator>> {
     let (world, launcher) = WorldInfo::from_env()?;
+    if let Some(note) = batch_script_note(&|k| std::env::var(k).ok()) {
+        tracing::warn!("{note}");
+    }
     let backend = resolve_backend(cfg.backend, launcher, device);
     let timeout = Duration::from_secs(cfg.timeout_s.max(1));
     let rank = world.rank;
@@ -320,7 +337,7 @@ fn tcp_from_env(world: WorldInfo, timeout: Duration, job: &str) -> Result<TcpCom
     let get = |k: &str| std::env::var(k).ok();
     let (addr, port) = rendezvous_from(&get, rank)?;
     let addr = format!("{addr}:{port}");
-    let token = job_token(std::env::var("MLM_JOB_TOKEN").ok().as_deref(), job, &addr, world.world_size);
+    let token = job_token(std::env::var("MLM_JOB_TOKEN").ok().as_deref(), job, &addr);
     let ranks_per_node = ranks_per_node(&get, world.world_size);
     let rdv = tcp::Rendezvous { addr, token, timeout, ranks_per_node };
     TcpComm::connect(rank, world.world_size, &rdv)
@@ -369,13 +386,15 @@ fn ranks_per_node(get: &dyn Fn(&str) -> Option<String>, world: usize) -> Option<
 
 /// The token every rank of a tcp job presents: `MLM_JOB_TOKEN` when set
 /// (mlm-launch sets a random one per job); otherwise derived from the job
-/// itself, its rendezvous address and its size, so that hand-started workers
-/// of two jobs never join each other's. Never empty.
-pub fn job_token(given: Option<&str>, job: &str, addr: &str, world: usize) -> String {
+/// itself and its rendezvous address, so that hand-started workers of two jobs
+/// never join each other's. Not its size: a node started with another
+/// `--nproc` or `--nnodes` is this job, misconfigured, and rank 0 refuses it
+/// by that name at once (see `tcp::rendezvous`). Never empty.
+pub fn job_token(given: Option<&str>, job: &str, addr: &str) -> String {
     use sha2::{Digest, Sha256};
     match given.map(str::trim).filter(|t| !t.is_empty()) {
         Some(t) => t.to_string(),
-        None => format!("{:x}", Sha256::digest(format!("mlm-job\0{job}\0{addr}\0{world}").as_bytes())),
+        None => format!("{:x}", Sha256::digest(format!("mlm-job\0{job}\0{addr}").as_bytes())),
     }
 }
 
@@ -385,12 +404,12 @@ mod tests {
 
     #[test]
     fn job_token_is_never_empty_and_differs_per_job() {
-        let a = job_token(None, "config-a", "127.0.0.1:29500", 2);
+        let a = job_token(None, "config-a", "127.0.0.1:29500");
         assert_eq!(a.len(), 64);
-        assert_eq!(a, job_token(Some(""), "config-a", "127.0.0.1:29500", 2));
-        assert_ne!(a, job_token(None, "config-b", "127.0.0.1:29500", 2));
-        assert_ne!(a, job_token(None, "config-a", "127.0.0.1:29501", 2));
-        assert_eq!(job_token(Some("abc"), "config-a", "x", 2), "abc");
+        assert_eq!(a, job_token(Some(""), "config-a", "127.0.0.1:29500"));
+        assert_ne!(a, job_token(None, "config-b", "127.0.0.1:29500"));
+        assert_ne!(a, job_token(None, "config-a", "127.0.0.1:29501"));
+        assert_eq!(job_token(Some("abc"), "config-a", "x"), "abc");
     }
 
     fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
@@ -410,9 +429,14 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!((w, l), (WorldInfo { rank: 1, world_size: 2, local_rank: 1 }, Launcher::Mpi));
-        let (w, l) =
-            WorldInfo::from_vars(&vars(&[("SLURM_NTASKS", "8"), ("SLURM_PROCID", "5"), ("SLURM_LOCALID", "1")]))
-                .unwrap();
+        let (w, l) = WorldInfo::from_vars(&vars(&[
+            ("SLURM_NTASKS", "8"),
+            ("SLURM_STEP_ID", "0"),
+            ("SLURM_PROCID", "5"),
+            ("SLURM_LOCALID", "1"),
+            ("PMIX_RANK", "5"),
+        ]))
+        .unwrap();
         assert_eq!((w, l), (WorldInfo { rank: 5, world_size: 8, local_rank: 1 }, Launcher::Mpi));
         // A one-task allocation is not a distributed job.
         let (_, l) = WorldInfo::from_vars(&vars(&[("SLURM_NTASKS", "1"), ("SLURM_PROCID", "0")])).unwrap();
@@ -461,6 +485,14 @@ mod tests {
             assert_eq!((w.rank, w.world_size, l), (9, 12, Launcher::Mpi), "{pmi}");
             assert_eq!(resolve_backend(Backend::Auto, l, tch::Device::Cpu), Backend::Mpi);
         }
+        // The batch script of a job of several tasks (no step id): one
+        // process, never an MPI rank, and it says so.
+        let script = [("SLURM_JOB_ID", "77"), ("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2"), ("SLURM_LOCALID", "0")];
+        let (w, l) = WorldInfo::from_vars(&vars(&script)).unwrap();
+        assert_eq!((w, l), (WorldInfo::single(), Launcher::Single));
+        let note = batch_script_note(&vars(&script)).expect("a note");
+        assert!(note.contains("batch script") && note.contains("SLURM_NTASKS=2") && note.contains("srun"), "{note}");
+        assert_eq!(batch_script_note(&vars(&srun)), None);
         // A one-task step is one process.
         let one = [("SLURM_STEP_ID", "0"), ("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2"), ("SLURM_STEP_NUM_TASKS", "1")];
         assert_eq!(WorldInfo::from_vars(&vars(&one)).unwrap().1, Launcher::Single);

@@ -165,12 +165,19 @@ pub fn plan(cfg: &Config, world: Option<usize>, apply: Apply) -> Result<StartPoi
                     (Resume::Auto, false) => "none of its checkpoints can be resumed (see the warnings above), and a \
                                               fresh start would overwrite them"
                         .to_string(),
-                    (Resume::Auto, true) => "a fresh start would overwrite it".to_string(),
+                    (Resume::Auto, true) => {
+                        "it has no checkpoint to resume, and a fresh start would overwrite it".into()
+                    }
                     (r, _) => format!("checkpoint.resume = {} would start fresh and overwrite it", r.as_toml()),
                 };
+                // Resuming is advice only where a checkpoint can be resumed
+                // (resume = "none" beside an intact one), never to a job that
+                // already asked for it and found none.
+                let resumable = !matches!(cfg.checkpoint.resume, Resume::Auto) && newest_valid(&existing).is_some();
+                let resume = if resumable { "resume it (checkpoint.resume = \"auto\"), " } else { "" };
                 bail!(
-                    "training.output_dir {} holds an earlier run ({}): {why}; resume it (checkpoint.resume = \"auto\"), \
-                     choose another training.output_dir, or set checkpoint.overwrite_output_dir = true to delete it",
+                    "training.output_dir {} holds an earlier run ({}): {why}; {resume}choose another \
+                     training.output_dir, or set checkpoint.overwrite_output_dir = true to delete it",
                     out.display(),
                     list_names(&results)
                 );

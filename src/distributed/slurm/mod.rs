@@ -6,7 +6,7 @@
 //! | rank, world size, local rank | `SLURM_PROCID`, `SLURM_STEP_NUM_TASKS` (else `SLURM_NTASKS`), `SLURM_LOCALID` | |
 //! | rank 0's host | the first host of `SLURM_STEP_NODELIST` (else `SLURM_JOB_NODELIST`, `SLURM_NODELIST`): `scontrol show hostnames`, else [`HostList`] | `MLM_MASTER_ADDR` |
 //! | port | [`derived_port`]: 10000 + 10 × (`SLURM_JOB_ID` mod 2000) + `SLURM_STEP_ID` mod 10 | `MLM_MASTER_PORT` |
-//! | job token | [`super::job_token`] of the job, `SLURM_JOB_ID`, `SLURM_STEP_ID`, host, port and world size | `MLM_JOB_TOKEN` |
+//! | job token | [`super::job_token`] of the job, `SLURM_JOB_ID`, `SLURM_STEP_ID`, host and port | `MLM_JOB_TOKEN` |
 //!
 //! Rank 0 runs on the first host of the step (Slurm places task 0 there unless
 //! `--distribution=arbitrary`; rank 0 checks `SLURMD_NODENAME`). With the host
@@ -143,8 +143,7 @@ pub fn meeting(
         step.map(|(v, _)| v).unwrap_or_default()
     );
     let mut meeting = Meeting { host, port, token: String::new(), listen_everywhere, origin };
-    meeting.token =
-        job_token(get("MLM_JOB_TOKEN").as_deref(), &format!("{job}\0{ids}"), &meeting.addr(), world.world_size);
+    meeting.token = job_token(get("MLM_JOB_TOKEN").as_deref(), &format!("{job}\0{ids}"), &meeting.addr());
     Ok(meeting)
 }
 

@@ -55,21 +55,38 @@ pub(super) fn gather_hellos(
             );
             continue;
         }
+        // The job's own workers from here on (the token matched): a mismatch
+        // stops the job, and everyone who joined hears why at once.
         if their_world as usize != world {
-            let why = format!("rank {rank} says WORLD_SIZE={their_world} but rank 0 has {world}");
-            refuse(&stream, deadline, &why);
+            let why = format!(
+                "rank {rank} says WORLD_SIZE={their_world} but rank 0 has {world}: every node must start the same \
+                 number of workers (mlm-launch --nproc) and count the same nodes (--nnodes)"
+            );
+            refuse_all(&stream, &joined, deadline, &why);
             bail!("rank 0: {why}");
         }
         let r = rank as usize;
         if r == 0 || r >= world || joined[r].is_some() {
-            let why = format!("rank {r} joined twice or is out of range (world size {world})");
-            refuse(&stream, deadline, &why);
+            let why = format!(
+                "rank {r} joined twice or is out of range (world size {world}): check each node's \
+                 --node-rank, --nproc and --nnodes (RANK and WORLD_SIZE)"
+            );
+            refuse_all(&stream, &joined, deadline, &why);
             bail!("rank 0: {why}");
         }
         joined[r] = Some(Joined { stream, peer, port });
         count += 1;
     }
     Ok(joined)
+}
+
+/// Refuses `stream` and every rank that has joined so far with `why`: the
+/// job cannot start, and none of them waits for its timeout to learn it.
+fn refuse_all(stream: &TcpStream, joined: &[Option<Joined>], deadline: Instant, why: &str) {
+    refuse(stream, deadline, why);
+    for j in joined.iter().flatten() {
+        refuse(&j.stream, deadline, why);
+    }
 }
 
 /// Answers a refused worker (a short message: it never waits for the reader).
