@@ -495,3 +495,22 @@ fn another_runs_checkpoint_is_refused_beside_a_run_and_forks_into_an_empty_folde
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(run_ids(&c.join("checkpoint-8/trainer_state.json")).0, id_c);
 }
+
+#[test]
+fn starting_a_finished_run_again_records_each_evaluation_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_job(dir.path(), "");
+    let metrics = dir.path().join("out/metrics.jsonl");
+    let steps = |m: &Path| eval_records(m).iter().map(|r| r["step"].as_u64().unwrap()).collect::<Vec<_>>();
+    assert!(train(&cfg, &["--set", "training.max_steps=2"]).status.success());
+    let first = std::fs::read_to_string(&metrics).unwrap();
+    assert_eq!(steps(&metrics), vec![0, 2]);
+    for _ in 0..2 {
+        let o = train(&cfg, &["--set", "training.max_steps=2"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(steps(&metrics), vec![0, 2], "{}", std::fs::read_to_string(&metrics).unwrap());
+    }
+    // The run's records stay those of the run that trained.
+    let train_lines = |t: &str| t.lines().filter(|l| l.contains("\"train\"")).map(String::from).collect::<Vec<_>>();
+    assert_eq!(train_lines(&std::fs::read_to_string(&metrics).unwrap()), train_lines(&first));
+}
