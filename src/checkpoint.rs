@@ -33,7 +33,7 @@ pub use crate::durable::sha256_file;
 /// each worker's loader batches (`batch_in_epoch`), still read.
 pub const STATE_FORMAT: u32 = 2;
 
-const STATE_FILE: &str = "trainer_state.json";
+pub const STATE_FILE: &str = "trainer_state.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const CHECKSUMS_FILE: &str = "checksums.json";
 /// The run identity of an output folder.
@@ -81,6 +81,33 @@ pub struct TrainerState {
     pub run_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_run_id: Option<String>,
+    /// Where the position's epochs are counted from: the epoch and step
+    /// [`EpochOrigin`] names, in epochs of its `steps_per_epoch` steps. Ties
+    /// `epoch` and `step_in_epoch` to `step`, so that a state whose fields
+    /// contradict each other is refused. Absent in states written before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch_origin: Option<EpochOrigin>,
+}
+
+/// Since optimizer step `step`, which began epoch `epoch`, every epoch has
+/// `steps_per_epoch` steps (0 and 0 for a run whose data and global batch never
+/// changed; a resume with `checkpoint.allow_config_change` onto another epoch
+/// length moves it to the start of the epoch it resumes in).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EpochOrigin {
+    pub step: usize,
+    pub epoch: usize,
+    pub steps_per_epoch: usize,
+}
+
+impl EpochOrigin {
+    /// The step that `position` is reached at, when it lies at or after this
+    /// origin (the end of an epoch may be recorded as its last step count or as
+    /// the next epoch's step 0: both give the same step).
+    pub fn step_of(&self, position: Position) -> Option<usize> {
+        let epochs = position.epoch.checked_sub(self.epoch)?;
+        epochs.checked_mul(self.steps_per_epoch)?.checked_add(self.step)?.checked_add(position.step_in_epoch)
+    }
 }
 
 /// The dynamic loss scale of fp16 training, as `GradScaler.state_dict()`

@@ -577,15 +577,104 @@ fn a_trainer_state_with_an_impossible_step_is_refused() {
     );
 }
 
+/// Rewrites `<dir>/out/data/train.tokens` with `f`.
+fn tamper_store(dir: &Path, f: impl Fn(&mut [u8])) {
+    let train_bin = dir.join("out/data/train.tokens");
+    let mut bytes = std::fs::read(&train_bin).unwrap();
+    f(&mut bytes);
+    std::fs::write(&train_bin, &bytes).unwrap();
+}
+
+#[test]
+fn a_token_store_changed_after_preparation_is_refused_naming_the_file() {
+    let (dir, cfg) = setup();
+    // One token swapped for another of the vocabulary: nothing but the
+    // checksum can tell, and an evaluation would silently change.
+    tamper_store(dir.path(), |b| {
+        let t = u32::from_le_bytes(b[4..8].try_into().unwrap());
+        b[4..8].copy_from_slice(&(if t == 2000 { 2001u32 } else { 2000 }).to_le_bytes());
+    });
+    let expect = ["train.tokens", "does not match its checksum", "prepare the data again"];
+    fails(dir.path(), &["train"], &cfg, &["--set", "training.max_steps=8"], &expect);
+    fails(dir.path(), &["prepare"], &cfg, &[], &expect);
+}
+
+/// Rewrites `trainer_state.json` of `ck` with `edit` and its checksum to match:
+/// only the content is wrong.
+fn edit_state(ck: &Path, edit: impl Fn(&mut serde_json::Value)) {
+    let path = ck.join("trainer_state.json");
+    let mut state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut state);
+    std::fs::write(&path, serde_json::to_string_pretty(&state).unwrap()).unwrap();
+    let sums = ck.join("checksums.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&sums).unwrap()).unwrap();
+    v["trainer_state.json"] = mlm::checkpoint::sha256_file(&path).unwrap().into();
+    std::fs::write(&sums, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+#[test]
+fn a_trainer_state_whose_epoch_contradicts_its_step_is_refused() {
+    let (dir, cfg) = setup();
+    let ck = dir.path().join("out/checkpoint-4");
+    edit_state(&ck, |s| s["epoch"] = (s["epoch"].as_u64().unwrap() + 1).into());
+    fails(
+        dir.path(),
+        &["train"],
+        &cfg,
+        &["--set", "training.max_steps=8"],
+        &["checkpoint-4/trainer_state.json", "epoch", "step_in_epoch", "step 4"],
+    );
+}
+
+/// Writes NaN into the first value of parameter `name` of `<dir>/model.safetensors`.
+fn poison(dir: &Path, name: &str, value: f32) {
+    let path = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let at = 8 + n + header[name]["data_offsets"][0].as_u64().unwrap() as usize;
+    bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+}
+
+#[test]
+fn a_model_with_nan_weights_is_refused_at_load_naming_the_file_and_parameter() {
+    let (dir, cfg) = setup();
+    let model = dir.path().join("nan-model");
+    copy_tree(&dir.path().join("out/best"), &model);
+    let param = "bert.encoder.layer.1.output.dense.weight";
+    poison(&model, param, f32::NAN);
+    let expect = ["nan-model/model.safetensors", param, "NaN or infinite"];
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, "the cat sat on the mat and looked at the dog. ".repeat(40)).unwrap();
+    let model_arg = model.to_string_lossy().into_owned();
+    let text_arg = text.to_string_lossy().into_owned();
+    let eval = ["--model", &model_arg, "--data", &text_arg, "--block-size", "32"];
+    fails_cmd(mlm().arg("eval").args(eval), &expect);
+    fails_cmd(mlm().args(["fill-mask", "--model", &model_arg, "the [MASK] sat."]), &expect);
+    // A checkpoint to resume is checked as well.
+    poison(&dir.path().join("out/checkpoint-4"), param, f32::INFINITY);
+    let sums = dir.path().join("out/checkpoint-4/checksums.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&sums).unwrap()).unwrap();
+    v["model.safetensors"] =
+        mlm::checkpoint::sha256_file(&dir.path().join("out/checkpoint-4/model.safetensors")).unwrap().into();
+    std::fs::write(&sums, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+    fails(dir.path(), &["train"], &cfg, &["--set", "training.max_steps=8"], &["checkpoint-4/model.safetensors", param]);
+}
+
 #[test]
 fn token_ids_outside_the_vocabulary_in_a_tampered_store_are_named() {
     let (dir, cfg) = setup();
-    let train_bin = dir.path().join("out/data/train.tokens");
-    let mut bytes = std::fs::read(&train_bin).unwrap();
-    for w in bytes.chunks_exact_mut(4).step_by(3) {
-        w.copy_from_slice(&4_000_000u32.to_le_bytes());
-    }
-    std::fs::write(&train_bin, &bytes).unwrap();
+    // A store without checksums (prepared by an older mlm) is still checked.
+    let manifest = dir.path().join("out/data/manifest.json");
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    assert!(m.as_object_mut().unwrap().remove("checksums").is_some());
+    std::fs::write(&manifest, serde_json::to_string_pretty(&m).unwrap()).unwrap();
+    tamper_store(dir.path(), |b| {
+        for w in b.chunks_exact_mut(4).step_by(3) {
+            w.copy_from_slice(&4_000_000u32.to_le_bytes());
+        }
+    });
     fails(
         dir.path(),
         &["train"],

@@ -584,3 +584,22 @@ fn a_start_that_fails_at_its_tensorboard_folder_changes_nothing() {
     assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap(), metrics);
     assert!(snapshot(&out) == before, "the output folder changed");
 }
+
+#[test]
+fn starting_a_finished_run_again_records_each_evaluation_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_job(dir.path(), "");
+    let metrics = dir.path().join("out/metrics.jsonl");
+    let steps = |m: &Path| eval_records(m).iter().map(|r| r["step"].as_u64().unwrap()).collect::<Vec<_>>();
+    assert!(train(&cfg, &["--set", "training.max_steps=2"]).status.success());
+    let first = std::fs::read_to_string(&metrics).unwrap();
+    assert_eq!(steps(&metrics), vec![0, 2]);
+    for _ in 0..2 {
+        let o = train(&cfg, &["--set", "training.max_steps=2"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(steps(&metrics), vec![0, 2], "{}", std::fs::read_to_string(&metrics).unwrap());
+    }
+    // The run's records stay those of the run that trained.
+    let train_lines = |t: &str| t.lines().filter(|l| l.contains("\"train\"")).map(String::from).collect::<Vec<_>>();
+    assert_eq!(train_lines(&std::fs::read_to_string(&metrics).unwrap()), train_lines(&first));
+}

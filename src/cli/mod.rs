@@ -241,6 +241,16 @@ pub fn run(cli: Cli) -> Result<()> {
             let params = MaskingParams::new(&dc, &tok);
             let batches = eval_batches(&store, &params, batch_size, 0, seed);
             let r = evaluate(&m, &batches, device, &crate::progress::Progress::hidden());
+            if !r.perplexity.is_finite() {
+                // JSON has no NaN or infinity: never a `null` with success.
+                bail!(
+                    "{}: the held-out perplexity is not finite (mean loss {} over {} masked tokens): the model's \
+                     outputs overflow on this data; use another checkpoint or model",
+                    model.display(),
+                    r.loss,
+                    r.tokens
+                );
+            }
             emit(serde_json::json!({
                 "perplexity": r.perplexity, "loss": r.loss, "masked_tokens": r.tokens, "chunks": store.len(),
                 "definition": "exp(mean cross-entropy over masked tokens), masks fixed by seed",

@@ -103,7 +103,7 @@ fn prepare_or_open(
     };
     if mode == Mode::OpenOnly {
         let lock = shared()?;
-        return reusable(&dir, &key).map(|p| Prepared { lock: Some(lock), ..p }).with_context(|| {
+        return reusable(&dir, &key)?.map(|p| Prepared { lock: Some(lock), ..p }).with_context(|| {
             format!(
                 "prepared data {} is missing here or was made from other inputs, though rank 0 has prepared it: every \
                  worker must see the same data.files and data.prepared_dir (with several nodes, on a filesystem \
@@ -114,12 +114,12 @@ fn prepare_or_open(
     }
     {
         let lock = shared()?;
-        if let Some(p) = reusable(&dir, &key) {
+        if let Some(p) = reusable(&dir, &key)? {
             return Ok(Prepared { lock: Some(lock), ..p });
         }
     }
     let exclusive = crate::lock::Lock::exclusive(&lock_path)?.map_err(busy)?;
-    if reusable(&dir, &key).is_none() {
+    if reusable(&dir, &key)?.is_none() {
         build(cfg, tok, show_progress, &dir, key.clone(), files, eval_files, sources, eval_sources, times)?;
     }
     // From writing to reading: another job may rebuild the store in between
@@ -181,6 +181,9 @@ fn build(
         check_corpus(&files, documents, sources.iter().map(|s| s.tokens).sum(), d.block_size)?;
         check_eval_files(&eval_sources, d.block_size)?;
         let written = split.finish()?;
+        let hashing = Instant::now();
+        let checksums = Some(crate::data::store::checksum_files(tmp)?);
+        times.hashing_s += hashing.elapsed().as_secs_f64();
         let eval = written.held_out.map(|part| EvalFiles {
             documents: eval_sources.iter().map(|s| s.documents).sum(),
             sources: std::mem::take(&mut eval_sources),
@@ -202,6 +205,7 @@ fn build(
             train_chunks: written.train_chunks,
             test_chunks: written.test_chunks,
             eval,
+            checksums,
         };
         let p = tmp.join(MANIFEST);
         crate::durable::write_file(&p, &serde_json::to_vec_pretty(&m)?)?;
@@ -591,23 +595,26 @@ fn list_files(files: &[PathBuf]) -> String {
 }
 
 /// The store at `dir` when it was made from `key`, else `None` (with a line
-/// saying why it is prepared again).
-fn reusable(dir: &Path, key: &str) -> Option<Prepared> {
+/// saying why it is prepared again). A store made from `key` whose files no
+/// longer match their checksums is an error: it was changed after it was
+/// prepared, and the user decides what happens to it.
+fn reusable(dir: &Path, key: &str) -> Result<Option<Prepared>> {
     if !dir.join(MANIFEST).exists() {
-        return None;
+        return Ok(None);
     }
     match Prepared::open(dir) {
         Ok(p) if p.manifest.inputs_key == key => {
+            p.verify()?;
             info!("reusing prepared data at {}", dir.display());
-            Some(p)
+            Ok(Some(p))
         }
         Ok(_) => {
             info!("inputs or data settings changed: preparing {} again", dir.display());
-            None
+            Ok(None)
         }
         Err(e) => {
             warn!("prepared data at {} is unusable ({e:#}): preparing again", dir.display());
-            None
+            Ok(None)
         }
     }
 }

@@ -321,7 +321,8 @@ pub fn for_each_window(
         let here = at;
         at.offset += piece.len();
         at.line += piece.iter().filter(|&&b| b == b'\n').count();
-        let text = decode(path, piece, cfg.invalid_utf8, compression, here, &mut bad)?;
+        let keep_breaks = format == InputFormat::Jsonl;
+        let text = decode(path, piece, cfg.invalid_utf8, compression, here, keep_breaks, &mut bad)?;
         // A byte-order mark counts only at the start of the file.
         let first = here.offset == 0;
         let docs = match format {
@@ -415,13 +416,18 @@ fn after_last_blank_line(buf: &[u8]) -> Option<usize> {
 /// The text of `bytes` (a window starting at `at` of the file), with `policy`
 /// for invalid UTF-8: an error naming the file and offset, or the text with each
 /// invalid sequence replaced (U+FFFD) or each line holding one left out; the
-/// number replaced or left out is added to `bad`, logged after the file.
+/// number replaced or left out is added to `bad`, logged after the file. A
+/// line left out goes with its line break, so that its paragraph goes on
+/// without it (a blank line in its place would split the document); with
+/// `keep_breaks` (JSON lines, whose error messages count lines) the break stays.
+#[allow(clippy::too_many_arguments)]
 fn decode(
     path: &Path,
     bytes: Vec<u8>,
     policy: InvalidUtf8,
     compression: Compression,
     at: Place,
+    keep_breaks: bool,
     bad: &mut Option<BadUtf8>,
 ) -> Result<String> {
     let e = match String::from_utf8(bytes) {
@@ -454,8 +460,7 @@ fn decode(
                     Ok(l) => text.push_str(l),
                     Err(_) => {
                         skipped += 1;
-                        // Keep the line break, so blank-line boundaries stay.
-                        if l.ends_with(b"\n") {
+                        if keep_breaks && l.ends_with(b"\n") {
                             text.push('\n');
                         }
                     }

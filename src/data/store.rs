@@ -2,6 +2,7 @@
 //! `u32`, one fixed-size chunk after another), beside each its word-start marks
 //! `train.words` / `test.words` (one bit per token, see [`WordStarts`]), and
 //! `manifest.json`.
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -23,6 +24,14 @@ pub const TEST_FILE: &str = "test.tokens";
 pub const WORDS_EXT: &str = "words";
 /// Every file a store holds: a rebuild replaces these and nothing else.
 pub const STORE_FILES: [&str; 5] = [MANIFEST, TRAIN_FILE, TEST_FILE, "train.words", "test.words"];
+
+/// The files of a store that `manifest.json` holds checksums of.
+pub const CHECKSUMMED_FILES: [&str; 4] = [TRAIN_FILE, "train.words", TEST_FILE, "test.words"];
+
+/// SHA-256 of each of [`CHECKSUMMED_FILES`] in `dir`.
+pub fn checksum_files(dir: &Path) -> Result<BTreeMap<String, String>> {
+    CHECKSUMMED_FILES.iter().map(|f| Ok((f.to_string(), crate::durable::sha256_file(&dir.join(f))?))).collect()
+}
 
 /// One input file as it was prepared.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -60,6 +69,11 @@ pub struct Manifest {
     /// With `data.eval_files`: those files, whose blocks are the test chunks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval: Option<EvalFiles>,
+    /// SHA-256 of each file of the store ([`CHECKSUMMED_FILES`]: all but the manifest), taken when it was
+    /// prepared and checked whenever it is reused. Absent in stores prepared
+    /// before it existed (accepted with a warning).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksums: Option<BTreeMap<String, String>>,
 }
 
 /// `data.eval_files` as prepared: read, tokenized, concatenated and cut like
@@ -355,6 +369,52 @@ impl Prepared {
             );
         }
         Ok(Prepared { dir: dir.to_path_buf(), manifest, train: Arc::new(train), test: Arc::new(test), lock: None })
+    }
+
+    /// Checks the token and word-start files against the checksums the
+    /// manifest took at preparation: a file changed since (a flipped token
+    /// would give another loss and perplexity, silently) is refused, naming it.
+    /// A store prepared before checksums is accepted with a warning. Reads the
+    /// whole store once (SHA-256 runs at about 1-2 GB/s with SHA extensions).
+    pub fn verify(&self) -> Result<()> {
+        let Some(sums) = &self.manifest.checksums else {
+            tracing::warn!(
+                "prepared data at {} has no checksums (prepared by an older mlm): its token files cannot be \
+                 verified; delete it to prepare it again with them",
+                self.dir.display()
+            );
+            return Ok(());
+        };
+        let t0 = std::time::Instant::now();
+        let mut bytes = 0u64;
+        for f in CHECKSUMMED_FILES {
+            let p = self.dir.join(f);
+            let Some(want) = sums.get(f) else {
+                bail!(
+                    "{}: no checksum of {f}; delete {} and prepare the data again",
+                    self.dir.join(MANIFEST).display(),
+                    self.dir.display()
+                );
+            };
+            if crate::durable::sha256_file(&p)? != *want {
+                bail!(
+                    "{}: does not match its checksum in {} (changed after it was prepared): delete {} and prepare the \
+                     data again (mlm prepare, or start the job)",
+                    p.display(),
+                    MANIFEST,
+                    self.dir.display()
+                );
+            }
+            bytes += std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        tracing::info!(
+            "verified the checksums of {} ({:.1} MB in {secs:.2} s, {:.0} MB/s)",
+            self.dir.display(),
+            bytes as f64 / 1e6,
+            bytes as f64 / 1e6 / secs.max(1e-9)
+        );
+        Ok(())
     }
 
     /// A shared handle on the training split.

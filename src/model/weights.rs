@@ -108,6 +108,23 @@ fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     Tensor::read_safetensors(path).with_context(|| format!("reading {}", path.display()))
 }
 
+/// Refuses a parameter holding NaN or infinity: such a model cannot be
+/// trained or evaluated, and the damage is the file's, not a later step's.
+fn check_finite(tensor: &Tensor, name: &str, file: &Path) -> Result<()> {
+    if !tensor.is_floating_point() {
+        return Ok(());
+    }
+    let bad = tch::no_grad(|| tensor.isfinite().logical_not().sum(tch::Kind::Int64).int64_value(&[]));
+    if bad > 0 {
+        bail!(
+            "{}: parameter {name} holds {bad} NaN or infinite value(s): the model is damaged; use another checkpoint \
+             or model",
+            file.display()
+        );
+    }
+    Ok(())
+}
+
 /// Copies the checkpoint `tensors` (read from `file`) into `vs`. Parameters the
 /// checkpoint lacks keep their values and are listed as missing.
 pub fn load_into(vs: &VarStore, arch: Arch, tensors: Vec<(String, Tensor)>, file: &Path) -> Result<LoadReport> {
@@ -118,7 +135,11 @@ pub fn load_into(vs: &VarStore, arch: Arch, tensors: Vec<(String, Tensor)>, file
     let mut aliases: HashMap<String, (String, Tensor)> = HashMap::new();
     let mut unexpected = Vec::new();
     for (name, tensor) in tensors {
-        match target(names, &name, &ours) {
+        let to = target(names, &name, &ours);
+        if matches!(to, Target::Param(_) | Target::Alias(_)) {
+            check_finite(&tensor, &name, file)?;
+        }
+        match to {
             Target::Param(to) => drop(params.insert(to, (name, tensor))),
             Target::Alias(to) => drop(aliases.insert(to, (name, tensor))),
             Target::Ignore => {}

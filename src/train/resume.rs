@@ -33,6 +33,7 @@ use serde_json::Value;
 
 use crate::checkpoint::{self, RunIdentity, TrainerState};
 use crate::config::{Config, Resume};
+use crate::data::loader::Position;
 use crate::durable;
 
 /// The settings that shape the trained weights, as the job wrote them.
@@ -444,6 +445,44 @@ pub fn check_position(dir: &Path, state: &TrainerState, steps_per_epoch: usize, 
         );
     }
     Ok(())
+}
+
+/// Refuses a state whose epoch, step of the epoch and step contradict each
+/// other (an edited `epoch` would train on another epoch's order), and gives
+/// the origin this job counts its epochs from: the saved one, or, when the
+/// epoch length is now `steps_per_epoch` (another global batch or data, allowed
+/// by `checkpoint.allow_config_change`) or the state predates origins, the
+/// start of the epoch it resumes in. The position counts optimizer steps, so
+/// the rule is the same on any number of workers and micro-batches.
+pub fn check_epoch(dir: &Path, state: &TrainerState, steps_per_epoch: usize) -> Result<checkpoint::EpochOrigin> {
+    let file = dir.join(checkpoint::STATE_FILE);
+    let (step, Position { epoch, step_in_epoch }) = (state.step, state.position);
+    let Some(before) = step.checked_sub(step_in_epoch).filter(|b| *b >= epoch) else {
+        bail!(
+            "{}: epoch {epoch} and step_in_epoch {step_in_epoch} contradict step {step} (every epoch takes at \
+             least one step): the state was edited or is damaged; resume another checkpoint or delete this one",
+            file.display()
+        );
+    };
+    if let Some(o) = state.epoch_origin {
+        let consistent =
+            o.steps_per_epoch > 0 && step_in_epoch <= o.steps_per_epoch && o.step_of(state.position) == Some(step);
+        if !consistent {
+            bail!(
+                "{}: epoch {epoch} and step_in_epoch {step_in_epoch} contradict step {step} (epochs of {} steps \
+                 from step {}, epoch {}: epoch_origin): the state was edited or is damaged; resume another \
+                 checkpoint or delete this one",
+                file.display(),
+                o.steps_per_epoch,
+                o.step,
+                o.epoch
+            );
+        }
+        if o.steps_per_epoch == steps_per_epoch {
+            return Ok(o);
+        }
+    }
+    Ok(checkpoint::EpochOrigin { step: before, epoch, steps_per_epoch })
 }
 
 /// Makes `best/` hold the best evaluated model that a checkpoint exists for:

@@ -52,6 +52,7 @@ impl Trainer {
             data_key: Some(data.manifest.inputs_key.clone()),
             run_id: run.as_ref().map(|r| r.run_id.clone()),
             parent_run_id: run.as_ref().and_then(|r| r.parent_run_id.clone()),
+            epoch_origin: Some(checkpoint::EpochOrigin { step: 0, epoch: 0, steps_per_epoch }),
             ..Default::default()
         };
         let saved = match &resumed {
@@ -171,6 +172,7 @@ fn resumed_state(
     steps_per_epoch: usize,
 ) -> Result<TrainerState> {
     resume::check_position(dir, &saved, steps_per_epoch, optimizer_steps)?;
+    let epoch_origin = Some(resume::check_epoch(dir, &saved, steps_per_epoch)?);
     tracing::info!(
         "resuming from {} (step {}, epoch {}, step {} of the epoch)",
         dir.display(),
@@ -185,6 +187,7 @@ fn resumed_state(
         data_key: fresh.data_key,
         run_id: fresh.run_id,
         parent_run_id: fresh.parent_run_id,
+        epoch_origin,
         ..saved
     })
 }

@@ -463,3 +463,30 @@ fn a_rebuild_never_deletes_files_the_store_did_not_write() {
     std::fs::remove_file(dir.join("notes.txt")).unwrap();
     assert_eq!(prepare(&cfg, tok, false, None).unwrap().manifest.block_size, 48);
 }
+
+#[test]
+fn a_store_changed_after_preparation_is_refused_naming_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = testutil::tokenizer();
+    let cfg = config(tmp.path(), corpus(2), 32);
+    let first = prepare(&cfg, tok, false, None).unwrap();
+    let sums = first.manifest.checksums.clone().expect("checksums in the manifest");
+    assert_eq!(sums.keys().count(), 4);
+    // One token swapped for another id of the vocabulary: the chunk counts and
+    // ids stay plausible, only the checksum tells.
+    let train = first.dir.join(TRAIN_FILE);
+    let mut bytes = std::fs::read(&train).unwrap();
+    let t = u32::from_le_bytes(bytes[40..44].try_into().unwrap());
+    bytes[40..44].copy_from_slice(&(if t == 1000 { 1001u32 } else { 1000 }).to_le_bytes());
+    std::fs::write(&train, &bytes).unwrap();
+    for e in [prepare(&cfg, tok, false, None).unwrap_err(), open_prepared(&cfg, tok, None).unwrap_err()] {
+        let e = format!("{e:#}");
+        assert!(e.contains("train.tokens") && e.contains("checksum") && e.contains("prepare the data again"), "{e}");
+    }
+    assert_eq!(std::fs::read(&train).unwrap(), bytes, "the store was rebuilt behind the user's back");
+    // A store prepared before checksums is accepted as it is (with a warning).
+    let mut m = first.manifest.clone();
+    m.checksums = None;
+    std::fs::write(first.dir.join(MANIFEST), serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    assert_eq!(prepare(&cfg, tok, false, None).unwrap().manifest, m);
+}

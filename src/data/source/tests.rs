@@ -120,10 +120,17 @@ fn invalid_utf8_is_replaced_or_its_lines_skipped_when_asked() {
     assert_eq!(replaced, vec!["one", "caf\u{fffd} au lait", "three", "x\u{fffd}y", "four"]);
     let skipped = read_documents(&p, &with(InvalidUtf8::Skip)).unwrap();
     assert_eq!(skipped, vec!["one", "three", "four"]);
-    // Skipping a line keeps its line break: blank-line documents stay apart.
-    let p = write(d.path(), "paras.txt", b"a\n\xff\n\nb\n");
+    // A skipped line leaves its paragraph whole (no blank line in its place),
+    // and blank-line documents stay apart.
+    let p = write(d.path(), "paras.txt", b"a\n\xff\n\nb1\nb\xe92\r\nb3\n\n\xff\nc\n");
     let skip = DataConfig { invalid_utf8: InvalidUtf8::Skip, ..cfg(DocumentBoundary::BlankLine) };
-    assert_eq!(read_documents(&p, &skip).unwrap(), vec!["a", "b"]);
+    assert_eq!(read_documents(&p, &skip).unwrap(), vec!["a", "b1\nb3", "c"]);
+    // JSON lines keep the count of lines (for error messages) when one is skipped.
+    let p = write(d.path(), "bad.jsonl", b"{\"text\": \"x\"}\n\xff\n{\"text\": 3}\n");
+    let jsonl =
+        DataConfig { invalid_utf8: InvalidUtf8::Skip, format: InputFormat::Jsonl, ..cfg(DocumentBoundary::Line) };
+    let e = format!("{:#}", read_documents(&p, &jsonl).unwrap_err());
+    assert!(e.contains("bad.jsonl:3:"), "{e}");
 }
 
 #[test]

@@ -54,8 +54,10 @@ impl Metrics {
 pub struct History {
     /// The run's first evaluation (step, perplexity), usually at step 0.
     pub first_eval: Option<(u64, f64)>,
-    /// An evaluation of the resumed step is already recorded.
-    pub eval_at_resume: bool,
+    /// The step whose evaluation the file already records (the resumed step's,
+    /// then each one written): a step's evaluation is recorded once, also when a
+    /// finished run is started again and evaluates its last step again.
+    pub recorded_eval: Option<u64>,
 }
 
 impl History {
@@ -86,7 +88,9 @@ impl History {
                 if history.first_eval.is_none() {
                     history.first_eval = v["perplexity"].as_f64().map(|p| (at, p));
                 }
-                history.eval_at_resume |= at == step;
+                if at == step {
+                    history.recorded_eval = Some(step);
+                }
             }
             kept.push_str(line);
             kept.push('\n');
@@ -143,9 +147,9 @@ mod tests {
         ];
         std::fs::write(&p, lines.join("\n")).unwrap();
         let h = History::keep_until(&p, 4).unwrap();
-        assert_eq!(h, History { first_eval: Some((0, 900.0)), eval_at_resume: true });
+        assert_eq!(h, History { first_eval: Some((0, 900.0)), recorded_eval: Some(4) });
         assert_eq!(std::fs::read_to_string(&p).unwrap(), lines[..4].join("\n") + "\n");
-        assert!(!History::keep_until(&p, 2).unwrap().eval_at_resume);
+        assert_eq!(History::keep_until(&p, 2).unwrap().recorded_eval, None);
         assert_eq!(History::keep_until(&dir.path().join("none"), 3).unwrap(), History::default());
         // A device is left alone (reading /dev/full or /dev/zero would never end).
         assert_eq!(History::keep_until(Path::new("/dev/zero"), 3).unwrap(), History::default());

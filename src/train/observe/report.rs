@@ -82,11 +82,13 @@ impl Trainer {
             r.tokens,
             t0.elapsed().as_secs_f64()
         );
-        if self.history.eval_at_resume && self.state.step == self.start_step {
-            // The killed attempt recorded this step's evaluation: one record per step.
-            self.history.eval_at_resume = false;
+        if self.history.recorded_eval == Some(self.state.step as u64) {
+            // This step's evaluation is recorded (by a killed attempt, by the
+            // finished run started again, or at the start of this one): one
+            // record per step.
             return Ok(r);
         }
+        self.history.recorded_eval = Some(self.state.step as u64);
         self.metrics.write(&serde_json::json!({
             "kind": "eval", "step": self.state.step, "epoch": self.state.position.epoch, "eval_loss": r.loss,
             "perplexity": r.perplexity, "eval_tokens": r.tokens,

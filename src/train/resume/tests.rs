@@ -271,3 +271,46 @@ fn a_link_where_the_run_writes_is_refused_before_anything_is_deleted() {
     via_link.checkpoint.resume = Resume::Auto;
     assert_eq!(planned(&via_link).unwrap().run.unwrap().run_id, "aaaa");
 }
+
+#[test]
+fn a_state_whose_epoch_contradicts_its_step_is_refused() {
+    use crate::checkpoint::EpochOrigin;
+    use crate::data::loader::Position;
+    let dir = Path::new("/runs/out/checkpoint-13");
+    let origin = EpochOrigin { step: 0, epoch: 0, steps_per_epoch: 5 };
+    let state = |step, epoch, step_in_epoch, epoch_origin| TrainerState {
+        step,
+        position: Position { epoch, step_in_epoch },
+        epoch_origin,
+        ..Default::default()
+    };
+    // Step 13 of epochs of 5 steps: epoch 2, step 3 of it; the end of an epoch
+    // may be recorded either way.
+    assert_eq!(check_epoch(dir, &state(13, 2, 3, Some(origin)), 5).unwrap(), origin);
+    assert_eq!(check_epoch(dir, &state(10, 1, 5, Some(origin)), 5).unwrap(), origin);
+    assert_eq!(check_epoch(dir, &state(10, 2, 0, Some(origin)), 5).unwrap(), origin);
+    for (epoch, in_epoch) in [(1, 3), (3, 3), (2, 4), (0, 13)] {
+        let e = check_epoch(dir, &state(13, epoch, in_epoch, Some(origin)), 5).unwrap_err().to_string();
+        assert!(
+            e.contains("checkpoint-13/trainer_state.json")
+                && e.contains(&format!("epoch {epoch} and step_in_epoch {in_epoch}"))
+                && e.contains("step 13"),
+            "{e}"
+        );
+    }
+    // A hostile epoch does not overflow.
+    assert!(check_epoch(dir, &state(13, usize::MAX, 3, Some(origin)), 5).is_err());
+    // Another epoch length (allowed config change): counted from the start of
+    // the epoch it resumes in; the same rule on the next resume.
+    let moved = check_epoch(dir, &state(13, 2, 3, Some(origin)), 4).unwrap();
+    assert_eq!(moved, EpochOrigin { step: 10, epoch: 2, steps_per_epoch: 4 });
+    assert!(check_epoch(dir, &state(17, 3, 3, Some(moved)), 4).is_ok());
+    assert!(check_epoch(dir, &state(17, 4, 3, Some(moved)), 4).is_err());
+    // A state from before origins: only what any history allows.
+    assert_eq!(
+        check_epoch(dir, &state(13, 2, 3, None), 5).unwrap(),
+        EpochOrigin { step: 10, epoch: 2, steps_per_epoch: 5 }
+    );
+    assert!(check_epoch(dir, &state(13, 11, 3, None), 5).is_err());
+    assert!(check_epoch(dir, &state(3, 0, 4, None), 5).is_err());
+}
