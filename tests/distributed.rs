@@ -148,17 +148,14 @@ fn workers(launcher_pid: u32) -> Vec<u32> {
     String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect()
 }
 
+/// The settings of the killed-worker runs and of their uninterrupted reference.
+const KILL_JOB_SETS: [&str; 6] =
+    ["--set", "training.batch_size=8", "--set", "training.log_every=1", "--set", "checkpoint.every_steps=4"];
+
 /// Runs a 2-worker job, SIGKILLs one worker once step `at` is logged, and
 /// returns (exit success, seconds from the kill to the launcher's exit, stderr).
 fn launch_and_kill(dir: &Path, cfg: &Path, extra: &[&str], at: u64) -> (bool, f64, String) {
-    let child = spawn(two_cpu_workers().args(extra).arg(cfg).args([
-        "--set",
-        "training.batch_size=8",
-        "--set",
-        "training.log_every=1",
-        "--set",
-        "checkpoint.every_steps=4",
-    ]));
+    let child = spawn(two_cpu_workers().args(extra).arg(cfg).args(KILL_JOB_SETS));
     wait_for_step(&dir.join("out"), at, Duration::from_secs(180));
     let victims = workers(child.id());
     assert_eq!(victims.len(), 2, "two workers expected, found {victims:?}");
@@ -180,14 +177,7 @@ fn killed_worker_stops_the_group_and_a_restart_resumes_exactly() {
     const STEPS: usize = 24;
     let whole = tempfile::tempdir().unwrap();
     let cfg = job(whole.path(), STEPS);
-    let out = run(two_cpu_workers().arg(&cfg).args([
-        "--set",
-        "training.batch_size=8",
-        "--set",
-        "training.log_every=1",
-        "--set",
-        "checkpoint.every_steps=4",
-    ]));
+    let out = run(two_cpu_workers().arg(&cfg).args(KILL_JOB_SETS));
     assert!(out.status.success());
     let want = losses(&whole.path().join("out"));
 
