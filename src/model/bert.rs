@@ -16,7 +16,7 @@ use super::linear_f32;
 use super::policy::Attention;
 use super::qkv::QkvProjection;
 use super::shape::{encoder_layer_parameters, ModelShape};
-use super::spec::{ArchSpec, Encoder, LayerInputs, NameMap};
+use super::spec::{ArchSpec, Encoder, LayerInputs, NameMap, Objective};
 
 /// `BertConfig`: the keys of `config.json` this model reads, with HF's defaults.
 /// Other keys are kept by `MaskedLm::config_json` and written back untouched.
@@ -315,6 +315,7 @@ pub static SPEC: ArchSpec = ArchSpec {
     build,
     shape,
     saved_flags: &[],
+    objective: Objective::Mlm,
 };
 
 fn read(config: &serde_json::Value) -> Result<BertConfig> {

@@ -36,7 +36,7 @@ use super::linear_f32;
 use super::policy::Attention;
 use super::qkv::QkvProjection;
 use super::shape::{encoder_layer_parameters, ModelShape, RelativeAttention};
-use super::spec::{ArchSpec, Encoder, LayerInputs, NameMap};
+use super::spec::{ArchSpec, Encoder, LayerInputs, NameMap, Objective};
 
 /// `pos_att_type`: a list (`["p2c", "c2p"]`) or the older `"p2c|c2p"` string.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -538,6 +538,7 @@ pub static SPEC: ArchSpec = ArchSpec {
     build,
     shape,
     saved_flags: &[("legacy", true)],
+    objective: Objective::Mlm,
 };
 
 fn read(config: &serde_json::Value) -> Result<DebertaV2Config> {

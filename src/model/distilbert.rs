@@ -16,7 +16,7 @@ use super::linear_f32;
 use super::policy::Attention;
 use super::qkv::QkvProjection;
 use super::shape::{encoder_layer_parameters, ModelShape};
-use super::spec::{ArchSpec, Encoder, LayerInputs, NameMap};
+use super::spec::{ArchSpec, Encoder, LayerInputs, NameMap, Objective};
 
 /// DistilBERT hard-codes this epsilon in every LayerNorm.
 const LAYER_NORM_EPS: f64 = 1e-12;
@@ -253,6 +253,7 @@ pub static SPEC: ArchSpec = ArchSpec {
     build,
     shape,
     saved_flags: &[],
+    objective: Objective::Mlm,
 };
 
 fn read(config: &serde_json::Value) -> Result<DistilBertConfig> {

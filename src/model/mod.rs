@@ -43,7 +43,7 @@ pub use qkv::FusedLeaves;
 pub use roberta::{RobertaConfig, RobertaForMaskedLM};
 use shape::ModelShape;
 use spec::Encoder;
-pub use spec::{Arch, ArchSpec, LayerInputs, NameMap};
+pub use spec::{Arch, ArchSpec, KvCache, LayerInputs, NameMap, Objective};
 pub use weights::LoadReport;
 
 /// The registry: one line per architecture (with its `mod` line above), whose
@@ -262,6 +262,25 @@ impl MaskedLm {
     /// positions only to skip most of the vocabulary projection.
     pub fn mlm_head(&self, hidden: &Tensor) -> Tensor {
         self.net.mlm_head(hidden)
+    }
+
+    /// A decoder's next-token logits [b, n, vocab] (fp32) for `input_ids`
+    /// [b, n] following the positions in `cache`, appending theirs to it
+    /// (generation: each new token costs one position). An encoder is refused.
+    pub fn decode_logits(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let n = input_ids.size().get(1).copied().unwrap_or(0);
+        if cache.len + n > self.max_positions() {
+            bail!(
+                "generating past the model's {} positions ({} in the cache, {n} more)",
+                self.max_positions(),
+                cache.len
+            );
+        }
+        let hidden = tch::no_grad(|| self.net.decode(input_ids, cache));
+        match hidden {
+            Some(h) => Ok(tch::no_grad(|| self.mlm_head(&h).to_kind(Kind::Float))),
+            None => bail!("{} is an encoder (a masked LM): it cannot generate text", self.arch.model_type()),
+        }
     }
 
     /// `forward_hidden` then `mlm_head`: [b, s, vocab].

@@ -20,7 +20,7 @@ use super::layers::{additive_mask, dropout, Activation, Embedding, LayerNorm, Li
 use super::linear_f32;
 use super::qkv::QkvProjection;
 use super::shape::ModelShape;
-use super::spec::{ArchSpec, Encoder, LayerInputs, NameMap};
+use super::spec::{ArchSpec, Encoder, LayerInputs, NameMap, Objective};
 
 /// `RobertaConfig`: BERT's keys with RoBERTa's defaults (`vocab_size = 50265`,
 /// `pad_token_id = 1`, which is also the `padding_idx` of the position
@@ -227,6 +227,7 @@ pub static SPEC: ArchSpec = ArchSpec {
     build,
     shape: |c| shape(c, SPEC.model_type),
     saved_flags: &[],
+    objective: Objective::Mlm,
 };
 
 /// XLM-RoBERTa's: RoBERTa's network and weight names under its own class.
@@ -238,6 +239,7 @@ pub static XLM_ROBERTA_SPEC: ArchSpec = ArchSpec {
     build,
     shape: |c| shape(c, XLM_ROBERTA_SPEC.model_type),
     saved_flags: &[],
+    objective: Objective::Mlm,
 };
 
 /// How Hugging Face names RoBERTa's (and XLM-RoBERTa's) weights.

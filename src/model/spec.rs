@@ -33,6 +33,40 @@ pub struct ArchSpec {
     /// Keys a saved `config.json` gets, with their values: what our weight
     /// names imply (DeBERTa's `legacy: true`, its head layout).
     pub saved_flags: &'static [(&'static str, bool)],
+    /// What the network is trained for: an encoder with a masked-LM head
+    /// (`Mlm`) or a decoder predicting the next token (`Clm`); the default of
+    /// `training.objective`.
+    pub objective: Objective,
+}
+
+/// A training objective: masked language modelling (predict chosen tokens
+/// from both sides) or causal language modelling (predict every next token
+/// from the tokens before it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    Mlm,
+    Clm,
+}
+
+impl Objective {
+    pub fn name(self) -> &'static str {
+        match self {
+            Objective::Mlm => "mlm",
+            Objective::Clm => "clm",
+        }
+    }
+}
+
+/// A decoder's key/value cache for generation: each layer's keys and values
+/// of the positions seen so far ([b, heads, len, head_dim] each), so that a
+/// new token costs one position.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    /// One entry per layer, `None` until the first call.
+    pub layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Positions already in the cache: the next token's position.
+    pub len: i64,
 }
 
 /// A supported architecture: a handle on its spec in the registry, found by
@@ -52,6 +86,11 @@ impl Arch {
 
     pub fn model_type(self) -> &'static str {
         self.0.model_type
+    }
+
+    /// What the architecture is trained for (the default of `training.objective`).
+    pub fn objective(self) -> Objective {
+        self.0.objective
     }
 }
 
@@ -121,4 +160,11 @@ pub(crate) trait Encoder: std::fmt::Debug + Send {
     fn hidden_size(&self) -> i64;
     /// Each layer's query, key and value projections (for `MaskedLm::fuse_qkv`).
     fn qkv_projections(&mut self) -> Vec<&mut QkvProjection>;
+    /// Decoders: `input_ids` [b, n], the tokens after the `cache.len`
+    /// positions in `cache` -> the final hidden states [b, n, h] (what
+    /// `mlm_head` takes), their keys and values appended to `cache` (no
+    /// dropout, no autograd needed). `None` for encoders, which see both sides.
+    fn decode(&self, _input_ids: &Tensor, _cache: &mut KvCache) -> Option<Tensor> {
+        None
+    }
 }
