@@ -204,7 +204,7 @@ fn train_steps(out: &Path) -> Curve {
 fn step_batches(cfg: &Config, steps: usize) -> Vec<Vec<Batch>> {
     let data = Prepared::open(&cfg.prepared_dir()).unwrap();
     let tok = TextTokenizer::load(&cfg.tokenizer_path()).unwrap();
-    let masking = std::sync::Arc::new(MaskingParams::new(&cfg.data, &tok));
+    let masking = std::sync::Arc::new(MaskingParams::new(&cfg.data, &tok).unwrap());
     let (t, shape) = (&cfg.training, cfg.training.batch_shape(1).unwrap());
     let mut out = Vec::new();
     for epoch in 0..100 {

@@ -99,6 +99,32 @@ pub enum Command {
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
+    /// Continue prompts with a causal LM (GPT-2); prints one JSON line per
+    /// prompt. Greedy unless --sample (or a --temperature, --top-k or --top-p).
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(required = true)]
+        prompt: Vec<String>,
+        #[arg(long, default_value_t = 30)]
+        max_new_tokens: usize,
+        /// Draw each token instead of taking the most likely one.
+        #[arg(long)]
+        sample: bool,
+        #[arg(long)]
+        temperature: Option<f64>,
+        /// Draw among the k most likely tokens (0: all).
+        #[arg(long)]
+        top_k: Option<usize>,
+        /// Draw among the most likely tokens whose probability reaches p.
+        #[arg(long)]
+        top_p: Option<f64>,
+        /// Seed of the draws (and of any weights the model lacks).
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceArg,
+    },
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -162,7 +188,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Prepare { config, set } => {
             let cfg = Config::load(&config, &set)?;
-            let tok = TextTokenizer::load(&cfg.tokenizer_path())?;
+            let tok = TextTokenizer::for_job(&cfg)?;
             // The store lives in the output directory by default: never write it
             // under a running job, nor for a start that `mlm train` would refuse.
             let out = &cfg.training.output_dir;
@@ -238,18 +264,25 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             let tokens = tokenize_to_chunks(&dc, &tok)?;
             let store = TokenStore::from_tokens(tokens, block_size);
-            let params = MaskingParams::new(&dc, &tok);
+            let causal = m.arch.objective() == crate::model::Objective::Clm;
+            let params = if causal { MaskingParams::causal(&dc, &tok) } else { MaskingParams::new(&dc, &tok)? };
             let batches = eval_batches(&store, &params, batch_size, 0, seed);
             let r = evaluate(&m, &batches, device, &crate::progress::Progress::hidden());
             if !r.perplexity.is_finite() {
                 // JSON has no NaN or infinity: never a `null` with success.
                 bail!(
-                    "{}: the held-out perplexity is not finite (mean loss {} over {} masked tokens): the model's \
+                    "{}: the held-out perplexity is not finite (mean loss {} over {} predicted tokens): the model's \
                      outputs overflow on this data; use another checkpoint or model",
                     model.display(),
                     r.loss,
                     r.tokens
                 );
+            }
+            if causal {
+                return emit(serde_json::json!({
+                    "perplexity": r.perplexity, "loss": r.loss, "predicted_tokens": r.tokens, "chunks": store.len(),
+                    "definition": "exp(mean next-token cross-entropy over every position but each block's last)",
+                }));
             }
             emit(serde_json::json!({
                 "perplexity": r.perplexity, "loss": r.loss, "masked_tokens": r.tokens, "chunks": store.len(),
@@ -294,6 +327,31 @@ pub fn run(cli: Cli) -> Result<()> {
                 for p in fill_mask(&m, &tok, t, top_k)? {
                     emit(serde_json::to_string(&p)?)?;
                 }
+            }
+            Ok(())
+        }
+        Command::Generate { model, prompt, max_new_tokens, sample, temperature, top_k, top_p, seed, device } => {
+            in_range("--max-new-tokens", max_new_tokens, 1, 1 << 20)?;
+            let sampling = (sample || temperature.is_some() || top_k.is_some() || top_p.is_some()).then(|| {
+                // `generate(do_sample=True)`'s defaults: temperature 1, top-k 50, top-p 1.
+                crate::infer::Sampling {
+                    temperature: temperature.unwrap_or(1.0),
+                    top_k: top_k.unwrap_or(50),
+                    top_p: top_p.unwrap_or(1.0),
+                    seed,
+                }
+            });
+            if let Some(s) = &sampling {
+                crate::infer::check_sampling(s)?;
+            }
+            let model = crate::config::hub::resolve_model(&model, Path::new("."), None)?;
+            let device = select_device(device.into(), "--device")?;
+            let m = load_for_inference(&model, device, seed)?;
+            let tok = TextTokenizer::load(&model.join("tokenizer.json"))
+                .with_context(|| format!("{} has no usable tokenizer.json", model.display()))?;
+            check_vocab(&tok, &m)?;
+            for p in &prompt {
+                emit(serde_json::to_string(&crate::infer::generate(&m, &tok, p, max_new_tokens, sampling)?)?)?;
             }
             Ok(())
         }

@@ -146,6 +146,12 @@ pub struct DataConfig {
     pub random_replace_prob: f64,
     /// Choose whole words (all tokens of a word together) instead of tokens.
     pub whole_word_mask: bool,
+    /// A token appended to every document before the documents are joined
+    /// and cut into blocks (e.g. `"<|endoftext|>"` for a causal LM); none by
+    /// default, as `run_clm` joins GPT-2's tokens with nothing between them.
+    /// (Not written when unset: the hash of a job's settings stays what it was.)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub separator: Option<String>,
     /// Threads that mask batches ahead of the model.
     pub masker_threads: usize,
     /// Batches kept ready ahead of the model.
@@ -170,6 +176,7 @@ impl Default for DataConfig {
             mask_replace_prob: 0.8,
             random_replace_prob: 0.1,
             whole_word_mask: false,
+            separator: None,
             masker_threads: 2,
             prefetch_batches: 4,
         }
@@ -316,6 +323,11 @@ pub struct TrainingConfig {
     /// Compute the vocabulary projection only at masked positions (same loss
     /// and gradients as the dense head, less work).
     pub sparse_head: bool,
+    /// `"mlm"` (masked) or `"clm"` (causal: predict every next token); unset:
+    /// what the model is (a decoder-only model is `clm`), and a value the
+    /// model cannot train is refused naming both. (Not written when unset.)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub objective: Option<crate::model::Objective>,
     /// Keep only each encoder layer's input during forward and run the layer
     /// again in backward: far less activation memory for ~1/3 more compute.
     pub activation_checkpointing: bool,
@@ -351,6 +363,7 @@ impl Default for TrainingConfig {
             peak_tflops: 0.0,
             max_nonfinite_steps: 5,
             sparse_head: true,
+            objective: None,
             activation_checkpointing: false,
             tf32: true,
         }
@@ -374,6 +387,10 @@ pub struct EvalConfig {
     /// Sentences with the mask token, predicted before and after training.
     pub fill_mask: Vec<String>,
     pub top_k: usize,
+    /// Causal LM: prompts continued (greedily) before and after training.
+    pub prompts: Vec<String>,
+    /// Tokens each of `prompts` is continued by.
+    pub max_new_tokens: usize,
 }
 
 impl Default for EvalConfig {
@@ -387,6 +404,8 @@ impl Default for EvalConfig {
             mask_seed: 1234,
             fill_mask: Vec::new(),
             top_k: 5,
+            prompts: Vec::new(),
+            max_new_tokens: 30,
         }
     }
 }

@@ -5,7 +5,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, Receiver};
 
-use super::masking::{mask_chunk_words, MaskingParams};
+use super::masking::{label_next_tokens, mask_chunk_words, MaskingParams};
 use super::rng::{hash_words, SplitMix64};
 use super::store::TokenStore;
 
@@ -48,7 +48,8 @@ impl Batch {
 }
 
 /// Masks the chunks `ids` of `store` into one batch (by whole words when
-/// `p.whole_word_mask` and the store has word-start marks).
+/// `p.whole_word_mask` and the store has word-start marks), or labels each
+/// with its next tokens when `p.causal`.
 pub fn make_batch(store: &TokenStore, p: &MaskingParams, ids: &[u32], seed: u64, epoch: u64) -> Batch {
     let bs = store.block_size();
     let (mut input_ids, mut labels) = (vec![0i64; ids.len() * bs], vec![0i64; ids.len() * bs]);
@@ -58,7 +59,11 @@ pub fn make_batch(store: &TokenStore, p: &MaskingParams, ids: &[u32], seed: u64,
         let (chunk, words) = (store.chunk(id as usize), store.word_starts(id as usize));
         max_token = chunk.iter().copied().fold(max_token, u32::max);
         let (ids_out, labels_out) = (&mut input_ids[span.clone()], &mut labels[span]);
-        n_masked += mask_chunk_words(chunk, words, p, seed, epoch, id as u64, ids_out, labels_out);
+        n_masked += if p.causal {
+            label_next_tokens(chunk, ids_out, labels_out)
+        } else {
+            mask_chunk_words(chunk, words, p, seed, epoch, id as u64, ids_out, labels_out)
+        };
     }
     Batch {
         input_ids,
@@ -276,7 +281,7 @@ mod tests {
         let p = d.path().join("train.tokens");
         write_tokens(&p, testutil::corpus_tokens(chunks * BLOCK).chunks(BLOCK)).unwrap();
         let store = Arc::new(TokenStore::open(&p, BLOCK).unwrap());
-        let params = Arc::new(MaskingParams::new(&DataConfig::default(), testutil::tokenizer()));
+        let params = Arc::new(MaskingParams::new(&DataConfig::default(), testutil::tokenizer()).unwrap());
         (d, store, params)
     }
 
@@ -308,6 +313,23 @@ mod tests {
             BatchStream::new(with_words.clone(), Arc::new(wwm.clone()), ids, 4, 0, 9, 1, 2, 2).unwrap().collect();
         assert_eq!(streamed[0].labels, b.labels[..4 * BLOCK]);
         assert_eq!(eval_batches(&with_words, &wwm, 20, 0, 9)[0].labels.len(), 20 * BLOCK);
+    }
+
+    #[test]
+    fn causal_batches_label_each_position_with_the_next_token() {
+        let (_d, store, params) = fixture(4);
+        let causal = MaskingParams { causal: true, ..(*params).clone() };
+        let b = make_batch(&store, &causal, &[2, 0], 7, 3);
+        assert_eq!(b.n_masked, 2 * (BLOCK - 1));
+        for (r, &id) in [2usize, 0].iter().enumerate() {
+            let chunk = store.chunk(id);
+            let (ids, labels) = (&b.input_ids[r * BLOCK..(r + 1) * BLOCK], &b.labels[r * BLOCK..(r + 1) * BLOCK]);
+            assert!(ids.iter().zip(chunk).all(|(&a, &c)| a == c as i64), "inputs are the block itself");
+            assert!(labels[..BLOCK - 1].iter().zip(&chunk[1..]).all(|(&l, &c)| l == c as i64));
+            assert_eq!(labels[BLOCK - 1], crate::data::masking::IGNORE_INDEX);
+        }
+        // Nothing depends on the seed or the epoch.
+        assert_eq!(make_batch(&store, &causal, &[2, 0], 8, 9).labels, b.labels);
     }
 
     #[test]

@@ -40,11 +40,25 @@ pub struct MaskingParams {
     pub is_special: Vec<bool>,
     /// Choose whole words (given word-start marks) instead of single tokens.
     pub whole_word_mask: bool,
+    /// Causal language modelling: nothing is masked and every position but a
+    /// block's last is labelled with the next token ([`label_next_tokens`]).
+    pub causal: bool,
 }
 
 impl MaskingParams {
-    /// Masking settings from `[data]` and the tokenizer's special tokens.
-    pub fn new(cfg: &DataConfig, tok: &TextTokenizer) -> Self {
+    /// Masking settings from `[data]` and the tokenizer's special tokens; a
+    /// tokenizer without a mask token is refused naming its file.
+    pub fn new(cfg: &DataConfig, tok: &TextTokenizer) -> anyhow::Result<Self> {
+        let mask_id = tok.mask_id()?;
+        Ok(Self { mask_id, ..Self::settings(cfg, tok) })
+    }
+
+    /// The labels of a causal language model: each block's next tokens.
+    pub fn causal(cfg: &DataConfig, tok: &TextTokenizer) -> Self {
+        Self { causal: true, ..Self::settings(cfg, tok) }
+    }
+
+    fn settings(cfg: &DataConfig, tok: &TextTokenizer) -> Self {
         let max_special = tok.special_ids.iter().map(|&i| i as usize + 1).max().unwrap_or(0);
         let mut is_special = vec![false; tok.vocab_size.max(max_special)];
         for &id in &tok.special_ids {
@@ -54,10 +68,11 @@ impl MaskingParams {
             mlm_probability: cfg.mlm_probability,
             mask_replace_prob: cfg.mask_replace_prob,
             random_replace_prob: cfg.random_replace_prob,
-            mask_id: tok.mask_id,
+            mask_id: tok.mask_id.unwrap_or(0),
             vocab_size: tok.vocab_size as u32,
             is_special,
             whole_word_mask: cfg.whole_word_mask,
+            causal: false,
         }
     }
 
@@ -116,6 +131,18 @@ fn replacement(p: &MaskingParams, r: &mut SplitMix64) -> MaskAction {
     } else {
         MaskAction::Keep
     }
+}
+
+/// A causal LM's labels for one chunk: `input_ids` is the chunk, and
+/// `labels[i]` is the token at `i + 1` (-100 at the last position), as
+/// `GPT2LMHeadModel(labels=input_ids)` shifts them inside its loss. Returns
+/// the positions predicted (`chunk.len() - 1`).
+pub fn label_next_tokens(chunk: &[u32], input_ids: &mut [i64], labels: &mut [i64]) -> usize {
+    for (i, &t) in chunk.iter().enumerate() {
+        input_ids[i] = t as i64;
+        labels[i] = chunk.get(i + 1).map_or(IGNORE_INDEX, |&next| next as i64);
+    }
+    chunk.len().saturating_sub(1)
 }
 
 /// Masks one chunk into `input_ids` and `labels` (both `chunk.len()` long),
@@ -197,7 +224,7 @@ mod tests {
     const BLOCK: usize = 128;
 
     fn params() -> MaskingParams {
-        MaskingParams::new(&DataConfig::default(), testutil::tokenizer())
+        MaskingParams::new(&DataConfig::default(), testutil::tokenizer()).unwrap()
     }
 
     /// Masks 128k real tokens (> 100k of them not special) in 128-token chunks; returns (chunks, inputs, labels).

@@ -521,6 +521,10 @@ fn inputs_key_of_format(d: &DataConfig, tok: &TextTokenizer, sources: &[SourceIn
     if version >= 4 {
         v["test_size"] = serde_json::json!(d.test_size);
     }
+    // Only when set, so stores made before the key existed keep their identity.
+    if let Some(sep) = &d.separator {
+        v["separator"] = serde_json::json!(sep);
+    }
     // Only when it can change the text, so stores made before the key existed
     // keep their identity.
     if d.invalid_utf8 != crate::config::InvalidUtf8::Error {

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use sha2::{Digest, Sha256};
 use tracing::debug;
 
@@ -29,10 +29,11 @@ pub struct TextTokenizer {
     /// The same encoding, faster, when the file is BERT-style WordPiece, or
     /// Unigram or BPE (`None`: documents go through `inner`).
     fast: Option<FastPath>,
-    /// Id of the mask token (`[MASK]` or `<mask>`).
-    pub mask_id: u32,
-    /// Id of the padding token (`[PAD]` or `<pad>`).
-    pub pad_id: u32,
+    /// Id of the mask token (`[MASK]` or `<mask>`): every masked-LM job needs
+    /// one ([`Self::mask_id`]); a causal LM's tokenizer (GPT-2's) has none.
+    pub mask_id: Option<u32>,
+    /// Id of the padding token (`[PAD]` or `<pad>`), when there is one.
+    pub pad_id: Option<u32>,
     /// Vocabulary size including added tokens.
     pub vocab_size: usize,
     /// Ids of the added tokens marked special, sorted.
@@ -43,6 +44,9 @@ pub struct TextTokenizer {
     pub path: PathBuf,
     /// The `tokenizer.json` it was built from, which checkpoints hold.
     pub json: Arc<[u8]>,
+    /// A token appended to every document the data pipeline encodes
+    /// (`data.separator`, [`Self::with_separator`]).
+    separator: Option<u32>,
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -94,15 +98,8 @@ impl TextTokenizer {
             added.iter().filter(|(_, t)| t.special).map(|(&id, t)| (id, t.content.clone())).collect();
         special.sort();
         let find = |names: &[&str]| special.iter().find(|(_, c)| names.contains(&c.as_str())).map(|(id, _)| *id);
-        let Some(mask_id) = find(&["[MASK]", "<mask>"]) else {
-            bail!(
-                "{}: no mask token (a special token \"[MASK]\" or \"<mask>\"); an MLM tokenizer needs one",
-                path.display()
-            );
-        };
-        let Some(pad_id) = find(&["[PAD]", "<pad>"]) else {
-            bail!("{}: no padding token (a special token \"[PAD]\" or \"<pad>\")", path.display());
-        };
+        let mask_id = find(&["[MASK]", "<mask>"]);
+        let pad_id = find(&["[PAD]", "<pad>"]);
         let vocab_size = inner.get_vocab_size(true);
         let fast = match WordPieceFast::from_json(&bytes) {
             Ok(f) => Some(FastPath::WordPiece(Arc::new(f))),
@@ -124,7 +121,27 @@ impl TextTokenizer {
             hash,
             path: path.to_path_buf(),
             json: bytes.into(),
+            separator: None,
         })
+    }
+
+    /// The mask token's id; a tokenizer without one is refused naming its file
+    /// (a masked LM needs it).
+    pub fn mask_id(&self) -> Result<u32> {
+        self.mask_id.ok_or_else(|| {
+            anyhow!(
+                "{}: no mask token (a special token \"[MASK]\" or \"<mask>\"); a masked-LM tokenizer needs one",
+                self.path.display()
+            )
+        })
+    }
+
+    /// The id of `token` (e.g. `data.separator = "<|endoftext|>"`), refused
+    /// naming the key when the vocabulary lacks it.
+    pub fn token_id(&self, token: &str, key: &str) -> Result<u32> {
+        self.inner
+            .token_to_id(token)
+            .ok_or_else(|| anyhow!("{key} = {token:?}: no such token in the tokenizer {}", self.path.display()))
     }
 
     /// Token ids of one document with the special tokens the tokenizer adds
@@ -145,7 +162,7 @@ impl TextTokenizer {
     /// their own.
     pub fn encode_document_words(&self, text: &str) -> Result<(Vec<u32>, Vec<bool>)> {
         let (mut ids, mut starts) = (Vec::new(), Vec::new());
-        self.encode_documents_into([text], &mut ids, &mut starts)?;
+        self.encode_joined_into([text], &mut ids, &mut starts)?;
         Ok((ids, starts))
     }
 
@@ -153,6 +170,37 @@ impl TextTokenizer {
     /// `docs` in order, appended to `ids` and `starts`: one pair of buffers
     /// for a whole batch of documents.
     pub fn encode_documents_into<'a>(
+        &self,
+        docs: impl IntoIterator<Item = &'a str>,
+        ids: &mut Vec<u32>,
+        starts: &mut Vec<bool>,
+    ) -> Result<()> {
+        if let Some(sep) = self.separator {
+            for doc in docs {
+                self.encode_joined_into([doc], ids, starts)?;
+                ids.push(sep);
+                starts.push(true);
+            }
+            return Ok(());
+        }
+        self.encode_joined_into(docs, ids, starts)
+    }
+
+    /// The tokenizer of a job: `[model]`'s, with `data.separator`.
+    pub fn for_job(cfg: &crate::config::Config) -> Result<Self> {
+        Self::load(&cfg.tokenizer_path())?.with_separator(cfg.data.separator.as_deref())
+    }
+
+    /// `data.separator`: `token` appended to every document the pipeline
+    /// encodes (`None`: nothing between documents but what the tokenizer
+    /// adds). A token the vocabulary lacks is refused naming the key.
+    pub fn with_separator(mut self, token: Option<&str>) -> Result<Self> {
+        self.separator = token.map(|t| self.token_id(t, "data.separator")).transpose()?;
+        Ok(self)
+    }
+
+    /// [`Self::encode_documents_into`] without the separator.
+    fn encode_joined_into<'a>(
         &self,
         docs: impl IntoIterator<Item = &'a str>,
         ids: &mut Vec<u32>,
@@ -242,7 +290,7 @@ mod tests {
     #[test]
     fn bert_tokenizer_ids_and_document_wrapping() {
         let t = testutil::tokenizer();
-        assert_eq!((t.mask_id, t.pad_id, t.vocab_size), (103, 0, 30522));
+        assert_eq!((t.mask_id, t.pad_id, t.vocab_size), (Some(103), Some(0), 30522));
         assert_eq!(t.special_ids, vec![0, 100, 101, 102, 103]);
         assert_eq!(t.hash.len(), 64);
         let ids = t.encode_document("Hello world").unwrap();
@@ -337,7 +385,7 @@ mod tests {
     }
 
     #[test]
-    fn tokenizer_without_mask_token_is_refused() {
+    fn tokenizer_without_mask_token_loads_but_has_no_mask_for_mlm() {
         let src = std::fs::read_to_string(testutil::tokenizer_path()).unwrap();
         let mut v: serde_json::Value = serde_json::from_str(&src).unwrap();
         for t in v["added_tokens"].as_array_mut().unwrap() {
@@ -348,7 +396,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("nomask.json");
         std::fs::write(&p, v.to_string()).unwrap();
-        let e = format!("{:#}", TextTokenizer::load(&p).unwrap_err());
+        let t = TextTokenizer::load(&p).unwrap();
+        let e = format!("{:#}", t.mask_id().unwrap_err());
         assert!(e.contains("nomask.json") && e.contains("no mask token"), "{e}");
     }
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{bail, Result};
 use tch::Device;
 
-use super::MaskedLm;
+use super::{MaskedLm, Objective};
 use crate::config::Config;
 use crate::data::tokenizer::TextTokenizer;
 
@@ -72,4 +72,42 @@ pub fn check_vocab(tok: &TextTokenizer, model: &MaskedLm) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The job's objective: `training.objective`, or the model's own when unset;
+/// an objective the model cannot train is refused naming both, and so are the
+/// `[data]`/`[eval]` keys of the other objective.
+pub fn objective(cfg: &Config, model: &MaskedLm) -> Result<Objective> {
+    let own = model.arch.objective();
+    let objective = cfg.training.objective.unwrap_or(own);
+    if objective != own {
+        bail!(
+            "training.objective = {:?}, but model_type {:?} is trained with {:?} ({}): set training.objective = {:?} \
+             or choose another model",
+            objective.name(),
+            model.arch.model_type(),
+            own.name(),
+            match own {
+                Objective::Mlm => "an encoder with a masked-LM head",
+                Objective::Clm => "a decoder predicting the next token",
+            },
+            own.name()
+        );
+    }
+    match objective {
+        Objective::Clm => {
+            if !cfg.eval.fill_mask.is_empty() {
+                bail!("eval.fill_mask needs a masked LM; this job is causal (clm): use eval.prompts");
+            }
+            if cfg.data.whole_word_mask {
+                bail!("data.whole_word_mask = true needs a masked LM; this job is causal (clm), nothing is masked");
+            }
+        }
+        Objective::Mlm => {
+            if !cfg.eval.prompts.is_empty() {
+                bail!("eval.prompts needs a causal LM (clm); this job is masked (mlm): use eval.fill_mask");
+            }
+        }
+    }
+    Ok(objective)
 }

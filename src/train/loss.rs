@@ -67,14 +67,99 @@ pub fn masked_lm_loss_sum(model: &MaskedLm, batch: &DeviceBatch, train: bool, sp
     head_loss_sum(model, &hidden, batch, sparse)
 }
 
+/// Logits the sparse head computes at once, at most: 2^26 fp32 values
+/// (256 MiB). A causal LM predicts every position (65k tokens x 50,257 words
+/// would be 13 GB of logits), so the head runs over the predicted positions in
+/// chunks of `HEAD_CHUNK_LOGITS / vocab` rows, each chunk's logits freed before
+/// the next ([`head_backward`] in training, [`head_loss_sum`] in evaluation).
+pub const HEAD_CHUNK_LOGITS: i64 = 1 << 26;
+
+/// Whether the sparse head of `batch` computes its logits in one chunk (the
+/// plain backward may then run it whole); the dense head always does.
+pub fn head_fits_at_once(model: &MaskedLm, batch: &DeviceBatch, sparse: bool) -> bool {
+    !sparse || batch.n_masked as i64 * model.vocab_size() <= HEAD_CHUNK_LOGITS
+}
+
+/// The predicted positions of `batch` as (start, length) chunks of at most
+/// `limit / vocab` rows (at least one row each).
+pub fn head_chunks(n_positions: i64, vocab: i64, limit: i64) -> Vec<(i64, i64)> {
+    let rows = (limit / vocab.max(1)).max(1);
+    (0..n_positions).step_by(rows as usize).map(|start| (start, rows.min(n_positions - start))).collect()
+}
+
+/// The loss sum of one chunk of the sparse head: positions `start..start+len`.
+fn chunk_loss_sum(model: &MaskedLm, flat_hidden: &Tensor, batch: &DeviceBatch, (start, len): (i64, i64)) -> Tensor {
+    let picked = flat_hidden.index_select(0, &batch.positions.narrow(0, start, len)); // [len, h]
+    let logits = model.mlm_head(&picked).to_kind(Kind::Float); // [len, vocab]
+    logits.cross_entropy_loss::<Tensor>(&batch.targets.narrow(0, start, len), None, Reduction::Sum, -100, 0.0)
+}
+
+/// The head's loss (divided by `divisor`, then multiplied by `loss_scale`
+/// for backward) and its backward, a chunk of positions at a time
+/// ([`HEAD_CHUNK_LOGITS`]): returns the unscaled loss (detached), the
+/// gradient with respect to `top` (the encoder's output, a leaf), and hands
+/// the parameters' gradients (`params` order, undefined where the head does
+/// not reach) to `sink` once, summed over the chunks.
+#[allow(clippy::too_many_arguments)]
+pub fn head_backward(
+    model: &MaskedLm,
+    top: &Tensor,
+    batch: &DeviceBatch,
+    divisor: f64,
+    loss_scale: Option<&Tensor>,
+    params: &[Tensor],
+    limit: i64,
+    sink: &mut impl FnMut(&[Tensor]),
+) -> (Tensor, Tensor) {
+    let h = top.size()[2];
+    let flat = top.view([-1, h]);
+    let mut loss = Tensor::zeros([], (Kind::Float, top.device()));
+    let mut g_top: Option<Tensor> = None;
+    let mut g_params: Option<Vec<Tensor>> = None;
+    for chunk in head_chunks(batch.n_masked as i64, model.vocab_size(), limit) {
+        let l = chunk_loss_sum(model, &flat, batch, chunk) / divisor;
+        let scaled = loss_scale.map(|s| &l * s);
+        let mut wrt: Vec<&Tensor> = params.iter().collect();
+        wrt.push(top);
+        let mut grads = Tensor::run_backward(&[scaled.as_ref().unwrap_or(&l)], &wrt, false, false);
+        let g = grads.pop().expect("the gradient of top");
+        g_top = Some(match g_top {
+            Some(acc) => acc + g,
+            None => g,
+        });
+        g_params = Some(match g_params {
+            None => grads,
+            Some(acc) => acc.into_iter().zip(grads).map(|(a, b)| sum_defined(a, b)).collect(),
+        });
+        loss += l.detach();
+    }
+    if let Some(g) = &g_params {
+        sink(g);
+    }
+    (loss, g_top.unwrap_or_else(|| top.zeros_like()))
+}
+
+/// `a + b`, either of which may be undefined (not reached by backward).
+fn sum_defined(a: Tensor, b: Tensor) -> Tensor {
+    match (a.defined(), b.defined()) {
+        (true, true) => a + b,
+        (true, false) => a,
+        _ => b,
+    }
+}
+
 /// The MLM head and the loss sum of [`masked_lm_loss_sum`] on the encoder's
-/// output `hidden` [rows, block, h].
+/// output `hidden` [rows, block, h]. The sparse head runs a chunk of
+/// positions at a time ([`HEAD_CHUNK_LOGITS`]): without autograd (evaluation)
+/// each chunk's logits are freed before the next.
 pub fn head_loss_sum(model: &MaskedLm, hidden: &Tensor, batch: &DeviceBatch, sparse: bool) -> Tensor {
     let h = hidden.size()[2];
     if sparse {
-        let picked = hidden.view([-1, h]).index_select(0, &batch.positions); // [n_masked, h]
-        let logits = model.mlm_head(&picked).to_kind(Kind::Float); // [n_masked, vocab]
-        logits.cross_entropy_loss::<Tensor>(&batch.targets, None, Reduction::Sum, -100, 0.0)
+        let flat = hidden.view([-1, h]);
+        let chunks = head_chunks(batch.n_masked as i64, model.vocab_size(), HEAD_CHUNK_LOGITS);
+        let mut sums = chunks.into_iter().map(|c| chunk_loss_sum(model, &flat, batch, c));
+        let first = sums.next().unwrap_or_else(|| Tensor::zeros([], (Kind::Float, hidden.device())));
+        sums.fold(first, |acc, l| acc + l)
     } else {
         // Every position projected, as Hugging Face's models do; the loss at the
         // masked ones (what cross-entropy with labels of -100 elsewhere sums).
@@ -136,6 +221,48 @@ mod tests {
             let scale = b.abs().max().double_value(&[]).max(1e-4);
             assert!(diff / scale < 1e-5, "{n}: {diff} vs scale {scale}");
         }
+    }
+
+    /// `head_backward` with chunks of `limit / vocab` rows: loss, gradient of
+    /// the encoder output, and the parameters' gradients (summed once).
+    fn chunked(model: &MaskedLm, limit: i64) -> (f64, Tensor, Vec<Tensor>, usize) {
+        let db = DeviceBatch::new(&batch(), Device::Cpu);
+        let params: Vec<Tensor> = model.vs.trainable_variables();
+        let top = tch::no_grad(|| model.forward_hidden(&db.input_ids, None, false)).set_requires_grad(true);
+        let (mut sunk, mut calls) = (Vec::new(), 0);
+        let (loss, g_top) = head_backward(model, &top, &db, 4.0, None, &params, limit, &mut |g: &[Tensor]| {
+            calls += 1;
+            sunk = g.iter().map(|t| if t.defined() { t.copy() } else { Tensor::new() }).collect();
+        });
+        (loss.double_value(&[]), g_top, sunk, calls)
+    }
+
+    #[test]
+    fn the_head_in_chunks_gives_the_whole_head_loss_and_gradients() {
+        let model = tiny_model();
+        let n = batch().n_masked as i64;
+        // 300 words: one row per chunk, then 4 rows, then the whole head.
+        let (l1, g1, p1, c1) = chunked(&model, 300);
+        let (l4, g4, p4, _) = chunked(&model, 1200);
+        let (lw, gw, pw, _) = chunked(&model, n * 300);
+        assert_eq!(head_chunks(n, 300, 300).len(), n as usize);
+        assert_eq!(head_chunks(n, 300, n * 300).len(), 1);
+        assert_eq!(c1, 1, "the head's gradients go to the sink once, whatever the chunks");
+        for (l, g, p) in [(l1, &g1, &p1), (l4, &g4, &p4)] {
+            assert!((l - lw).abs() / lw.abs() < 1e-6, "loss {l} vs {lw}");
+            let d = (g - &gw).abs().max().double_value(&[]);
+            assert!(d <= 1e-6 * gw.abs().max().double_value(&[]).max(1e-6), "top gradient off by {d}");
+            for (a, b) in p.iter().zip(&pw) {
+                assert_eq!(a.defined(), b.defined());
+                if a.defined() {
+                    let d = (a - b).abs().max().double_value(&[]);
+                    assert!(d <= 1e-5 * b.abs().max().double_value(&[]).max(1e-6), "parameter gradient off by {d}");
+                }
+            }
+        }
+        assert!(pw.iter().any(|t| t.defined()), "the head reaches some parameters");
+        let whole = tch::no_grad(|| masked_lm_loss_sum(&model, &DeviceBatch::new(&batch(), Device::Cpu), false, true));
+        assert!((lw - whole.double_value(&[]) / 4.0).abs() < 1e-4, "{lw} vs {whole:?}");
     }
 
     #[test]

@@ -111,8 +111,19 @@ pub fn rows_per_pass(
                     let b = make_batch(train, masking, &ids[..rows.min(ids.len())], cfg.training.seed, 0);
                     let db = DeviceBatch::new(&b, device);
                     // The gradients are dropped: the optimizer never sees this pass.
-                    if cfg.training.activation_checkpointing {
-                        let _ = super::recompute::forward_backward(model, &db, 1.0, None, sparse, params, true, |_| {});
+                    // The path the steps take (`Trainer::forward_backward`).
+                    let recompute = cfg.training.activation_checkpointing;
+                    if recompute || !super::loss::head_fits_at_once(model, &db, sparse) {
+                        let _ = super::recompute::forward_backward(
+                            model,
+                            &db,
+                            1.0,
+                            None,
+                            sparse,
+                            params,
+                            recompute,
+                            |_| {},
+                        );
                     } else {
                         let loss = masked_lm_loss_sum(model, &db, true, sparse);
                         drop(Tensor::run_backward(&[&loss], params, false, false));

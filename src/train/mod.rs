@@ -31,10 +31,10 @@ use crate::data::prepare::{open_prepared, prepare};
 use crate::data::store::Prepared;
 use crate::data::tokenizer::TextTokenizer;
 use crate::device::select_device;
-use crate::infer::fill_mask;
+use crate::infer::{fill_mask, generate};
 use crate::lock::{lock_output_dir, Lock};
 use crate::model::load::{check_vocab, load_model, Loaded};
-use crate::model::MaskedLm;
+use crate::model::{MaskedLm, Objective};
 use crate::progress::{show_progress, Progress};
 use ddp::overlap::Overlap;
 use ddp::GradSync;
@@ -95,7 +95,7 @@ pub fn run(cfg: Config) -> Result<Summary> {
     }
     progress.finish();
     let after = t.final_evaluation()?;
-    t.probe_fill_mask("after training")?;
+    t.probe("after training")?;
     t.log_improvement(before.as_ref(), &after);
     let last = checkpoint::list(&t.out).pop().map(|(_, p)| p).context("no checkpoint was written")?;
     let best = t.cfg.checkpoint.save_best.then(|| t.out.join("best"));
@@ -267,7 +267,8 @@ impl Trainer {
             at.start_batch(self.shape.grad_accum_steps),
             self.cfg.training.seed,
             at.epoch as u64,
-            self.cfg.data.masker_threads,
+            // A causal LM's labels are a copy of its blocks: one thread reads ahead.
+            if self.masking.causal { 1 } else { self.cfg.data.masker_threads },
             self.cfg.data.prefetch_batches,
         )
     }
@@ -335,9 +336,11 @@ impl Trainer {
                 })?;
                 summed = true;
                 total += loss;
-            } else if recompute {
+            } else if recompute || !loss::head_fits_at_once(model, &db, sparse) {
+                // Activation checkpointing, or a head too large to run whole
+                // (a causal LM): the staged backward, its head in chunks.
                 let flat = &mut self.params;
-                total += recompute::forward_backward(model, &db, divisor, scale, sparse, params, true, |g| {
+                total += recompute::forward_backward(model, &db, divisor, scale, sparse, params, recompute, |g| {
                     flat.accumulate(g)
                 });
             } else {

@@ -23,7 +23,7 @@
 //! taken in another order).
 use tch::{Kind, Tensor};
 
-use super::loss::{head_loss_sum, DeviceBatch};
+use super::loss::{head_backward, head_loss_sum, DeviceBatch, HEAD_CHUNK_LOGITS};
 use crate::model::{DropoutSeeds, LayerInputs, MaskedLm};
 
 /// Forward and backward of `batch` with the loss divided by `divisor`; the
@@ -83,9 +83,15 @@ pub fn forward_backward(
 
     // 2. Head and loss.
     let top = xs.pop().expect("at least the embeddings").set_requires_grad(true);
-    let loss = head_loss_sum(model, &top, batch, sparse) / divisor;
-    let scaled = loss_scale.map(|s| &loss * s);
-    let mut g_x = backward_into(scaled.as_ref().unwrap_or(&loss), params, &[&top], &mut sink).remove(0);
+    let (loss, mut g_x) = if sparse {
+        // A chunk of predicted positions at a time: a causal LM's logits never whole.
+        head_backward(model, &top, batch, divisor, loss_scale, params, HEAD_CHUNK_LOGITS, &mut sink)
+    } else {
+        let loss = head_loss_sum(model, &top, batch, false) / divisor;
+        let scaled = loss_scale.map(|s| &loss * s);
+        let g = backward_into(scaled.as_ref().unwrap_or(&loss), params, &[&top], &mut sink).remove(0);
+        (loss.detach(), g)
+    };
     drop(top);
 
     // 3. The layers, last to first (run again with recompute).
@@ -122,7 +128,7 @@ pub fn forward_backward(
         root = root + (s * g).sum(Kind::Float);
     }
     backward_into(&root, params, &[], &mut sink);
-    loss.detach()
+    loss
 }
 
 /// Backward of `root` with respect to `params` (handed to `sink`) and `extra`

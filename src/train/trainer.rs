@@ -18,10 +18,11 @@ impl Trainer {
             let how = if t.tf32 { "TF32 (training.tf32 = true)" } else { "full fp32 (training.tf32 = false)" };
             tracing::info!("fp32 matmuls on {device:?}: {how}");
         }
-        let tok = TextTokenizer::load(&cfg.tokenizer_path())?;
+        let tok = TextTokenizer::for_job(&cfg)?;
         let startup_rss = metrics::resident_memory().map(|(now, _)| now);
         let Loaded { model: mut master, fresh_head } = load_model(&cfg, device)?;
         check_vocab(&tok, &master)?;
+        let objective = crate::model::load::objective(&cfg, &master)?;
         if cfg.data.block_size as i64 > master.max_positions() {
             bail!(
                 "data.block_size = {} exceeds the model's max_position_embeddings ({})",
@@ -36,7 +37,10 @@ impl Trainer {
         }
         let Claimed { lock, start: StartPoint { checkpoint: resumed, run, discard }, data } =
             claim_output_and_data(&cfg, &tok, &mut sync)?;
-        let masking = Arc::new(MaskingParams::new(&cfg.data, &tok));
+        let masking = Arc::new(match objective {
+            Objective::Mlm => MaskingParams::new(&cfg.data, &tok)?,
+            Objective::Clm => MaskingParams::causal(&cfg.data, &tok),
+        });
         let eval_set = eval_batches(&data.test, &masking, cfg.eval.batch_size, cfg.eval.max_chunks, cfg.eval.mask_seed);
         for b in &eval_set {
             b.check_ids(master.vocab_size(), &data.dir)?;

@@ -1,6 +1,6 @@
 //! What a run tells its user: the step log line and metrics record, the
 //! evaluations with their records, the "before" and resumed-at lines, the
-//! closing comparison and the fill-mask probes.
+//! closing comparison and the fill-mask and generation probes.
 use super::super::*;
 use super::{metrics, oom, plot};
 
@@ -76,10 +76,11 @@ impl Trainer {
             return Ok(r);
         }
         tracing::info!(
-            "evaluated {} held-out blocks{} ({} masked tokens) in {:.1} s",
+            "evaluated {} held-out blocks{} ({} {} tokens) in {:.1} s",
             self.eval_set.iter().map(|b| b.rows).sum::<usize>(),
             if self.cfg.data.eval_files.is_empty() { "" } else { " of data.eval_files" },
             r.tokens,
+            if self.masking.causal { "predicted" } else { "masked" },
             t0.elapsed().as_secs_f64()
         );
         if self.history.recorded_eval == Some(self.state.step as u64) {
@@ -120,7 +121,7 @@ impl Trainer {
             );
             "before training".to_string()
         };
-        self.probe_fill_mask(&when)?;
+        self.probe(&when)?;
         Ok(Some(r))
     }
 
@@ -156,11 +157,19 @@ impl Trainer {
         }
     }
 
-    pub(in crate::train) fn probe_fill_mask(&self, when: &str) -> Result<()> {
+    /// The probes of `[eval]`, on rank 0: each `fill_mask` sentence's top
+    /// predictions (masked LM), each `prompts` entry's greedy continuation
+    /// (causal LM).
+    pub(in crate::train) fn probe(&self, when: &str) -> Result<()> {
         if self.sync.rank() != 0 {
             return Ok(());
         }
         oom::elsewhere();
+        for text in &self.cfg.eval.prompts {
+            let out = generate(self.model(), &self.tok, text, self.cfg.eval.max_new_tokens, None)
+                .with_context(|| format!("eval.prompts entry {text:?}"))?;
+            tracing::info!("generate {when}: {text}  ->  {}", out.continuation);
+        }
         for text in &self.cfg.eval.fill_mask {
             let preds = fill_mask(self.model(), &self.tok, text, self.cfg.eval.top_k)
                 .with_context(|| format!("eval.fill_mask entry {text:?}"))?;
