@@ -7,6 +7,7 @@ mod common;
 
 mod activation_checkpointing;
 mod bad_input;
+mod clm;
 mod data_arrow;
 mod data_inputs;
 mod data_parquet;
