@@ -82,7 +82,8 @@ pub fn run(args: Args) -> Result<()> {
         bail!("--workers 0: a job has at least one worker");
     }
     let batch = cfg.training.batch_shape(args.workers)?.batch_size;
-    let job = Job::from_config(&cfg, batch, target);
+    let objective = cfg.training.objective.unwrap_or(crate::model::Arch::from_config(&json)?.objective());
+    let job = Job::from_config(&cfg, batch, target, objective);
     let r = report(&Estimate::new(&shape, &job), memory, source, path);
     if args.json {
         return emit(serde_json::to_string(&r)?);
@@ -277,13 +278,17 @@ fn text_lines(r: &Report, m: &ModelShape, job: &Job) -> Vec<String> {
         ),
         format!(
             "job      {:?} on {device}: batch {} x {} tokens, micro_batch_size {micro}, activation checkpointing {}, \
-             {} head, mlm_probability {}",
+             {} head, {}",
             job.precision,
             job.batch,
             job.block,
             if job.activation_checkpointing { "on" } else { "off" },
             if job.sparse_head { "sparse" } else { "dense" },
-            job.mlm_probability
+            if job.causal {
+                "causal (every next token predicted)".to_string()
+            } else {
+                format!("mlm_probability {}", job.mlm_probability)
+            }
         )
         .replace("Fp32", "fp32")
         .replace("Bf16", "bf16")

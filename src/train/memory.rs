@@ -30,6 +30,8 @@ use serde::Serialize;
 use crate::config::{Config, MicroBatchSize, Precision};
 use crate::model::policy::{self, AttentionPath, DropoutRoute};
 use crate::model::shape::ModelShape;
+use crate::model::Objective;
+use crate::train::loss::HEAD_CHUNK_LOGITS;
 
 pub const GIB: f64 = (1u64 << 30) as f64;
 
@@ -63,6 +65,8 @@ pub struct Job {
     pub activation_checkpointing: bool,
     pub sparse_head: bool,
     pub mlm_probability: f64,
+    /// A causal LM: every position but each block's last is predicted.
+    pub causal: bool,
     /// Sequences per evaluation pass (`eval.batch_size`, never split).
     pub eval_batch: u64,
     /// bf16 on a CPU without bf16 instructions: every GEMM runs as an fp32 GEMM
@@ -75,7 +79,7 @@ pub struct Job {
 impl Job {
     /// The job of `cfg` with `batch` sequences per loader batch on each worker
     /// (`training.batch_size`, or what `global_batch_size` gives it).
-    pub fn from_config(cfg: &Config, batch: usize, target: Target) -> Self {
+    pub fn from_config(cfg: &Config, batch: usize, target: Target, objective: Objective) -> Self {
         let t = &cfg.training;
         Self {
             target,
@@ -86,6 +90,7 @@ impl Job {
             activation_checkpointing: t.activation_checkpointing,
             sparse_head: t.sparse_head,
             mlm_probability: cfg.data.mlm_probability,
+            causal: objective == Objective::Clm,
             eval_batch: cfg.eval.batch_size as u64,
             gemm_in_fp32: policy::gemm_via_f32(target.device(), t.precision.compute_kind()),
         }
@@ -206,11 +211,23 @@ impl<'a> Estimate<'a> {
         rows * self.job.block
     }
 
-    /// Positions projected to the vocabulary: the expected masked tokens with
-    /// the sparse head, every position without.
+    /// Positions predicted: the expected masked tokens, or a causal LM's
+    /// every position but each block's last.
+    fn predicted(&self, rows: u64) -> u64 {
+        if self.job.causal {
+            self.tokens(rows) - rows
+        } else {
+            (self.job.mlm_probability * self.tokens(rows) as f64).ceil() as u64
+        }
+    }
+
+    /// Positions projected to the vocabulary at once: the predicted ones with
+    /// the sparse head, at most a chunk of them ([`HEAD_CHUNK_LOGITS`], each
+    /// chunk's forward and backward done before the next); every position
+    /// with the dense head.
     fn projected(&self, rows: u64) -> u64 {
         if self.job.sparse_head {
-            (self.job.mlm_probability * self.tokens(rows) as f64).ceil() as u64
+            self.predicted(rows).min(((HEAD_CHUNK_LOGITS as u64) / self.model.vocab.max(1)).max(1))
         } else {
             self.tokens(rows)
         }
@@ -276,7 +293,7 @@ impl<'a> Estimate<'a> {
     /// targets (no attention mask: blocks have no padding; no labels: the loss
     /// takes the targets at the positions).
     fn batch(&self, rows: u64) -> u64 {
-        self.tokens(rows) * 8 + 2 * self.projected(rows) * 8
+        self.tokens(rows) * 8 + 2 * self.predicted(rows) * 8
     }
 
     /// The embeddings' saved tensors and the batch. The embeddings' output is
@@ -453,7 +470,7 @@ impl<'a> Estimate<'a> {
     fn evaluation(&self, rows: u64) -> u64 {
         let m = self.model;
         let hidden = self.tokens(rows) * m.hidden * self.a;
-        let p = (self.job.mlm_probability * self.tokens(rows) as f64).ceil() as u64;
+        let p = if self.job.sparse_head { self.projected(rows) } else { self.predicted(rows) };
         let to_fp32 = if self.a == 4 { 0 } else { 4 };
         let mut head = p * m.vocab * (self.a + to_fp32 + 4) + p * (m.hidden + m.embedding) * self.a;
         if self.job.gemm_in_fp32 {
@@ -552,6 +569,7 @@ mod tests {
             activation_checkpointing: false,
             sparse_head: true,
             mlm_probability: 0.15,
+            causal: false,
             eval_batch: 16,
             gemm_in_fp32: false,
         }
@@ -574,6 +592,22 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(Estimate::new(&deberta, &j).layer_saved(4), 15_212_528);
+    }
+
+    #[test]
+    fn a_causal_head_predicts_every_next_token_a_chunk_at_a_time() {
+        let m = bert();
+        let causal = Job { causal: true, ..job(Target::Cuda, Precision::Bf16) };
+        let e = Estimate::new(&m, &causal);
+        assert_eq!(e.predicted(4), 4 * 127);
+        assert_eq!(e.projected(4), 4 * 127);
+        // 2^26 logits over 30522 words: 2198 positions at once, however many rows.
+        assert_eq!(e.projected(32), 2198);
+        assert_eq!(e.head_saved(32), e.head_saved(64));
+        let masked_job = job(Target::Cuda, Precision::Bf16);
+        let masked = Estimate::new(&m, &masked_job);
+        assert_eq!(masked.predicted(32), (0.15f64 * 32.0 * 128.0).ceil() as u64);
+        assert!(e.pass(32, false).peak_bytes > masked.pass(32, false).peak_bytes);
     }
 
     #[test]
