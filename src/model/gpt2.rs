@@ -355,8 +355,32 @@ pub static SPEC: ArchSpec = ArchSpec {
 const NAMES: NameMap =
     NameMap { prefix: "transformer", aliases: &[], ignored: &["lm_head.weight", "*.attn.bias", "*.attn.masked_bias"] };
 
+/// HF's `GPT2Config.attribute_map`: the BERT names a `config.json` may give
+/// GPT-2's sizes under.
+const ALIASES: [(&str, &str); 4] = [
+    ("hidden_size", "n_embd"),
+    ("num_hidden_layers", "n_layer"),
+    ("num_attention_heads", "n_head"),
+    ("max_position_embeddings", "n_positions"),
+];
+
+/// The config, a size given under its BERT name ([`ALIASES`]) read as
+/// GPT-2's; both names with different values are refused.
 fn read(config: &serde_json::Value) -> Result<Gpt2Config> {
-    serde_json::from_value(config.clone()).context("reading GPT-2 config.json")
+    let mut config = config.clone();
+    if let Some(keys) = config.as_object_mut() {
+        for (alias, key) in ALIASES {
+            let Some(value) = keys.get(alias).filter(|v| !v.is_null()).cloned() else { continue };
+            match keys.get(key).filter(|v| !v.is_null()) {
+                None => drop(keys.insert(key.into(), value)),
+                Some(own) if *own == value => {}
+                Some(own) => {
+                    bail!("{alias} = {value} and {key} = {own} in config.json disagree (both set GPT-2's {key})")
+                }
+            }
+        }
+    }
+    serde_json::from_value(config).context("reading GPT-2 config.json")
 }
 
 fn build(root: &nn::Path, config: &serde_json::Value) -> Result<Box<dyn Encoder>> {

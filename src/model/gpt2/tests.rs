@@ -97,6 +97,20 @@ fn unsupported_keys_are_refused_by_name() {
 }
 
 #[test]
+fn bert_names_of_the_sizes_are_read_as_gpt2s() {
+    let c = serde_json::json!({"model_type": "gpt2", "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 3,
+        "num_attention_heads": 2, "max_position_embeddings": 12});
+    let model = MaskedLm::from_config_json(c.clone(), Device::Cpu).unwrap();
+    assert_eq!((model.hidden_size(), model.num_layers(), model.max_positions()), (16, 3, 12));
+    assert_eq!(ModelShape::from_config(&c).unwrap().heads, 2);
+    let err = format!(
+        "{:#}",
+        MaskedLm::from_config_json(config(serde_json::json!({"hidden_size": 24})), Device::Cpu).err().unwrap()
+    );
+    assert!(err.contains("hidden_size = 24 and n_embd = 16"), "{err}");
+}
+
+#[test]
 fn initialisation_follows_transformers_with_the_scaled_residual_projections() {
     let model = tiny(serde_json::json!({"n_layer": 8, "n_embd": 64, "n_head": 4}));
     let vars = model.vs.variables();
