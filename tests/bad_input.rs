@@ -206,9 +206,9 @@ fn block_size_above_model_positions_is_refused() {
 #[test]
 fn unsupported_model_type_is_named() {
     let (dir, cfg) = setup();
-    edit(&dir.path().join("tiny-bert.json"), "\"model_type\": \"bert\"", "\"model_type\": \"gpt2\"");
-    edit(&dir.path().join("tiny-bert.json"), "BertForMaskedLM", "GPT2LMHeadModel");
-    fails(dir.path(), &["train"], &cfg, &[], &["gpt2"]);
+    edit(&dir.path().join("tiny-bert.json"), "\"model_type\": \"bert\"", "\"model_type\": \"t5\"");
+    edit(&dir.path().join("tiny-bert.json"), "BertForMaskedLM", "T5ForConditionalGeneration");
+    fails(dir.path(), &["train"], &cfg, &[], &["t5"]);
 }
 
 #[test]

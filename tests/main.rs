@@ -26,6 +26,7 @@ mod mpi_runtime;
 mod multi_node;
 mod output_safety;
 mod parity;
+mod parity_gpt2;
 mod preempt;
 mod progress;
 mod resume;

@@ -17,7 +17,7 @@ pub(super) fn check_shared(c: &serde_json::Value) -> Result<()> {
 /// Sizes every architecture's `config.json` may give, with their allowed range:
 /// a value outside would build a model that cannot exist (negative sizes) or
 /// cannot be allocated (a million-wide hidden size).
-const SIZES: [(&str, i64, i64); 16] = [
+const SIZES: [(&str, i64, i64); 21] = [
     ("vocab_size", 1, 1 << 24),
     ("hidden_size", 1, 1 << 16),
     ("dim", 1, 1 << 16),
@@ -34,16 +34,25 @@ const SIZES: [(&str, i64, i64); 16] = [
     ("max_relative_positions", -1, 1 << 20),
     ("conv_kernel_size", 0, 1025),
     ("conv_groups", 1, 1 << 16),
+    // GPT-2's names
+    ("n_embd", 1, 1 << 16),
+    ("n_layer", 1, 1024),
+    ("n_head", 1, 1024),
+    ("n_inner", 1, 1 << 18),
+    ("n_positions", 1, 1 << 20),
 ];
 
 /// Probabilities (dropouts), in [0, 1).
-const DROPOUTS: [&str; 6] = [
+const DROPOUTS: [&str; 9] = [
     "hidden_dropout_prob",
     "attention_probs_dropout_prob",
     "dropout",
     "attention_dropout",
     "pooler_dropout",
     "qa_dropout",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
 ];
 
 /// Refuses `config.json` values outside their meaning, naming the key.
@@ -62,7 +71,7 @@ fn check_ranges(c: &serde_json::Value) -> Result<()> {
             _ => bail!("{key} = {v} in config.json must be a probability in [0, 1)"),
         }
     }
-    for (key, zero_ok) in [("layer_norm_eps", false), ("initializer_range", true)] {
+    for (key, zero_ok) in [("layer_norm_eps", false), ("layer_norm_epsilon", false), ("initializer_range", true)] {
         let Some(v) = c.get(key).filter(|v| !v.is_null()) else { continue };
         match v.as_f64() {
             Some(x) if x.is_finite() && (x > 0.0 || (zero_ok && x == 0.0)) => {}
@@ -82,10 +91,10 @@ pub fn estimate_parameters(c: &serde_json::Value) -> u64 {
     let get =
         |keys: &[&str], default: u64| keys.iter().find_map(|k| c.get(*k).and_then(|v| v.as_u64())).unwrap_or(default);
     let vocab = get(&["vocab_size"], 30522);
-    let h = get(&["hidden_size", "dim"], 768);
-    let layers = get(&["num_hidden_layers", "n_layers"], 12);
-    let ff = get(&["intermediate_size", "hidden_dim"], 4 * h);
-    let pos = get(&["max_position_embeddings"], 512);
+    let h = get(&["hidden_size", "dim", "n_embd"], 768);
+    let layers = get(&["num_hidden_layers", "n_layers", "n_layer"], 12);
+    let ff = get(&["intermediate_size", "hidden_dim", "n_inner"], 4 * h);
+    let pos = get(&["max_position_embeddings", "n_positions"], 512);
     let per_layer = (4 * h * h + 4 * h).saturating_add(2 * h * ff + ff + h).saturating_add(4 * h);
     (vocab + pos + 2).saturating_mul(h).saturating_add(layers.saturating_mul(per_layer)).saturating_add(h * h + vocab)
 }

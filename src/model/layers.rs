@@ -267,6 +267,66 @@ fn attention_sdpa(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, hea
     out.transpose(1, 2).contiguous().view([b, s, h])
 }
 
+/// The additive causal mask of `n` queries that are the last `n` of `t`
+/// positions: query i may see keys `0..=t - n + i`; the others get the most
+/// negative finite value of `kind`. -> [n, t]
+pub fn causal_bias(n: i64, t: i64, kind: Kind, device: tch::Device) -> Tensor {
+    let future = Tensor::ones([n, t], (Kind::Bool, device)).triu(t - n + 1);
+    Tensor::zeros([n, t], (kind, device)).masked_fill(&future, finfo_min(kind))
+}
+
+/// [`causal_bias`] with padding: `attention_mask` [b, s] (1 = token, 0 = pad)
+/// -> [b, 1, s, s] in `kind`, a key masked when it lies ahead of the query or is
+/// a pad (HF's causal mask). `None` when a CPU mask has no padding, as
+/// [`additive_mask`].
+pub fn causal_padding_bias(attention_mask: &Tensor, kind: Kind) -> Option<Tensor> {
+    let (b, s) = attention_mask.size2().expect("attention_mask must be [batch, seq]");
+    let device = attention_mask.device();
+    if device == tch::Device::Cpu && attention_mask.ne(0).all().int64_value(&[]) != 0 {
+        return None;
+    }
+    let future = Tensor::ones([s, s], (Kind::Bool, device)).triu(1).view([1, 1, s, s]);
+    let hidden = future.logical_or(&attention_mask.eq(0).view([b, 1, 1, s]));
+    Some(Tensor::zeros([b, 1, s, s], (kind, device)).masked_fill(&hidden, finfo_min(kind)))
+}
+
+/// Causal multi-head attention (GPT-2): `q` [b, heads, n, d], `k`, `v`
+/// [b, heads, t, d] with t >= n, the queries being the last n of the t
+/// positions (t > n: decoding after a key/value cache); `bias` [b, 1, n, t] an
+/// additive mask that already holds causality ([`causal_padding_bias`]), or
+/// `None` for causality alone; q k^T is multiplied by `scale`.
+/// -> [b, heads, n, d] in q's dtype.
+///
+/// The scores written out or libtorch's SDPA (with `is_causal` when the
+/// queries are all the positions), as [`policy::attention_path`] says for
+/// [`policy::Attention::Plain`]: the same rule as bidirectional attention.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, scale: f64, dropout: f64) -> Tensor {
+    let (n, t) = (q.size()[2], k.size()[2]);
+    let causal = || causal_bias(n, t, q.kind(), q.device());
+    match policy::attention_path(policy::Attention::Plain, q.device(), q.kind(), dropout) {
+        AttentionPath::Sdpa => match bias {
+            Some(bias) => Tensor::scaled_dot_product_attention(q, k, v, Some(bias), dropout, false, Some(scale), false),
+            None if n == t => {
+                Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, dropout, true, Some(scale), false)
+            }
+            None => Tensor::scaled_dot_product_attention(q, k, v, Some(causal()), dropout, false, Some(scale), false),
+        },
+        AttentionPath::WrittenOut => causal_attention_written_out(q, k, v, bias.unwrap_or(&causal()), scale, dropout),
+    }
+}
+
+/// [`causal_attention`] with the scores written out: q k^T scaled, plus the
+/// bias, softmax and its dropout in fp32, the matmuls in
+/// [`policy::attention_matmul_kind`].
+fn causal_attention_written_out(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64, dropout: f64) -> Tensor {
+    let acc = policy::attention_matmul_kind(q.device(), q.kind());
+    let scores = q.to_kind(acc).matmul(&k.to_kind(acc).transpose(-1, -2)) * scale + bias.to_kind(acc); // [b, heads, n, t]
+    let probs = scores.softmax(-1, Kind::Float);
+    drop(scores);
+    let probs = self::dropout(&probs, dropout, dropout > 0.0).to_kind(acc);
+    probs.matmul(&v.to_kind(acc)).to_kind(q.kind())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,6 +365,35 @@ mod tests {
                     assert!(diff <= tol, "{kind:?} bias {} tensor {i}: max |diff| {diff:.3e}", bias.is_some());
                 }
             }
+        }
+    }
+
+    #[test]
+    fn causal_attention_written_out_equals_sdpa_with_and_without_a_cache_or_padding() {
+        let g = |shape: [i64; 4], seed: f64| {
+            (Tensor::arange(shape.iter().product::<i64>(), (Kind::Float, Device::Cpu)) * seed).sin().view(shape)
+        };
+        let (b, heads, t, d) = (2, 2, 6, 4);
+        let pad = Tensor::ones([b, t], (Kind::Int64, Device::Cpu));
+        let _ = pad.get(1).narrow(0, 4, 2).fill_(0);
+        let (q, k, v) = (g([b, heads, t, d], 0.37), g([b, heads, t, d], 0.91), g([b, heads, t, d], 1.53));
+        for (n, bias) in [(t, None), (t, causal_padding_bias(&pad, Kind::Float)), (2, None), (1, None)] {
+            let q = q.narrow(2, t - n, n);
+            let plain = bias.is_none() && n > 1;
+            let sdpa = causal_attention(&q, &k, &v, bias.as_ref(), 0.3, 0.0);
+            let full = bias.unwrap_or_else(|| causal_bias(n, t, Kind::Float, Device::Cpu));
+            let ours = causal_attention_written_out(&q, &k, &v, &full, 0.3, 0.0);
+            let diff = (&sdpa - ours).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "{n} queries: {diff:.3e}");
+            if !plain {
+                continue;
+            }
+            // Query i sees keys up to t - n + i: changing the last key changes no earlier query.
+            let k2 = k.copy();
+            let _ = k2.narrow(2, t - 1, 1).fill_(5.0);
+            let moved = causal_attention(&q, &k2, &v, None, 0.3, 0.0);
+            let early = (sdpa.narrow(2, 0, n - 1) - moved.narrow(2, 0, n - 1)).abs().max();
+            assert_eq!(early.double_value(&[]), 0.0, "{n} queries");
         }
     }
 

@@ -1,7 +1,10 @@
 //! Models: BERT-family encoders (BERT, DistilBERT, RoBERTa, DeBERTa-v2/v3) with
-//! their masked-language-model heads, read from and written to Hugging Face's
+//! their masked-language-model heads, and the GPT-2 family, a decoder with its
+//! language-model head (`Objective::Clm`: the next token; `Encoder::decode`
+//! runs it over a key/value cache), read from and written to Hugging Face's
 //! layout (`config.json` + `model.safetensors`). `docs/models.md` lists the
-//! config keys each honours and refuses.
+//! config keys each honours and refuses. The "MLM head" of a decoder is its LM
+//! head (GPT-2's `ln_f` + the tied `lm_head`).
 //!
 //! [`MaskedLm`] is what the rest of mlm sees: one type over the architectures,
 //! holding the parameters in a `tch` VarStore whose names are Hugging Face's.
@@ -18,6 +21,7 @@ mod checks;
 pub mod deberta;
 mod deberta_attention;
 pub mod distilbert;
+pub mod gpt2;
 mod layers;
 mod linear_f32;
 pub mod load;
@@ -38,6 +42,7 @@ pub use bert::{BertConfig, BertForMaskedLM};
 pub use checks::{available_memory, estimate_parameters};
 pub use deberta::{DebertaV2Config, DebertaV2ForMaskedLM};
 pub use distilbert::{DistilBertConfig, DistilBertForMaskedLM};
+pub use gpt2::{Gpt2Config, Gpt2LmHeadModel};
 use policy::AttentionPath;
 pub use qkv::FusedLeaves;
 pub use roberta::{RobertaConfig, RobertaForMaskedLM};
@@ -51,7 +56,7 @@ pub use weights::LoadReport;
 /// (by `model_type`, or by the class name when that is absent), and from it
 /// the network, the weight names, the sizes and the class a saved model names.
 pub static ARCHITECTURES: &[&ArchSpec] =
-    &[&bert::SPEC, &distilbert::SPEC, &roberta::SPEC, &roberta::XLM_ROBERTA_SPEC, &deberta::SPEC];
+    &[&bert::SPEC, &distilbert::SPEC, &roberta::SPEC, &roberta::XLM_ROBERTA_SPEC, &deberta::SPEC, &gpt2::SPEC];
 
 impl Arch {
     /// From `model_type`, or when that is absent, the first `architectures` entry.
@@ -314,7 +319,11 @@ impl MaskedLm {
                 policy::sdpa_kernel(device, kind, heads, seq, head_dim, bias, shape.attention_dropout)
             }
         };
-        let mask = if bias { "the relative-position bias" } else { "no mask (blocks have no padding)" };
+        let mask = match (bias, self.arch.objective()) {
+            (true, _) => "the relative-position bias",
+            (false, Objective::Clm) => "causal, no padding mask (blocks have no padding)",
+            (false, Objective::Mlm) => "no mask (blocks have no padding)",
+        };
         format!("attention: {kernel} on {device:?} ({kind:?}, {heads} heads of {head_dim}, {seq} tokens, {mask})")
     }
 
@@ -349,9 +358,11 @@ impl MaskedLm {
         Ok(copy)
     }
 
-    /// Whether AdamW skips weight decay for this parameter: biases and LayerNorm weights.
+    /// Whether AdamW skips weight decay for this parameter: biases and
+    /// LayerNorm weights (HF's Trainer: every `nn.LayerNorm`), GPT-2's `ln_1`,
+    /// `ln_2` and `ln_f` among them.
     pub fn no_decay(name: &str) -> bool {
-        name.ends_with("bias") || name.contains("LayerNorm.") || name.contains("layer_norm.")
+        name.ends_with("bias") || name.contains("LayerNorm.") || name.contains("layer_norm.") || name.contains(".ln_")
     }
 }
 

@@ -58,7 +58,9 @@ pub fn attention_matmul_kind(device: Device, kind: Kind) -> Kind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Attention {
     /// softmax(q k^T / sqrt(d) + padding bias) v: BERT, DistilBERT, RoBERTa
-    /// (`layers::attention`).
+    /// (`layers::attention`), and GPT-2's causal attention
+    /// (`layers::causal_attention`: the causal mask in the bias, or SDPA's
+    /// `is_causal` without padding), whose path follows the same rule.
     Plain,
     /// DeBERTa's disentangled attention, whose c2p and p2c terms are a score
     /// bias that needs a gradient (`deberta_attention.rs`).

@@ -119,7 +119,9 @@ pub struct NameMap {
     pub prefix: &'static str,
     /// Checkpoint names that stand for one of our parameters when the file lacks it.
     pub aliases: &'static [(&'static str, &'static str)],
-    /// Names with nothing to load (tied decoder weights, non-persistent buffers).
+    /// Names with nothing to load (tied decoder weights, non-persistent buffers);
+    /// an entry `*suffix` covers every name ending with `suffix` (a buffer of
+    /// each layer, GPT-2's `*.attn.bias`).
     pub ignored: &'static [&'static str],
 }
 

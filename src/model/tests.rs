@@ -68,8 +68,8 @@ fn random_init_follows_transformers() {
 
 #[test]
 fn unsupported_model_type_is_named() {
-    let err = MaskedLm::from_config_json(serde_json::json!({"model_type": "gpt2"}), Device::Cpu).err().unwrap();
-    assert!(err.to_string().contains("gpt2"), "{err}");
+    let err = MaskedLm::from_config_json(serde_json::json!({"model_type": "t5"}), Device::Cpu).err().unwrap();
+    assert!(err.to_string().contains("t5"), "{err}");
 }
 
 #[test]
@@ -88,6 +88,13 @@ fn no_decay_covers_biases_and_layer_norms() {
     assert!(MaskedLm::no_decay("deberta.encoder.layer.0.attention.self.pos_key_proj.bias"));
     assert!(!MaskedLm::no_decay("deberta.encoder.rel_embeddings.weight"));
     assert!(!MaskedLm::no_decay("deberta.encoder.layer.0.attention.self.query_proj.weight"));
+    for ln in ["transformer.h.0.ln_1.weight", "transformer.h.11.ln_2.weight", "transformer.ln_f.weight"] {
+        assert!(MaskedLm::no_decay(ln), "{ln}");
+    }
+    assert!(MaskedLm::no_decay("transformer.h.0.attn.c_attn.bias"));
+    assert!(!MaskedLm::no_decay("transformer.h.0.attn.c_attn.weight"));
+    assert!(!MaskedLm::no_decay("transformer.h.0.mlp.c_fc.weight"));
+    assert!(!MaskedLm::no_decay("transformer.wpe.weight"));
 }
 
 fn tiny_deberta(extra: serde_json::Value) -> Result<MaskedLm> {
@@ -171,7 +178,7 @@ fn parameters_match_the_built_model() {
     let base = serde_json::json!({
         "vocab_size": 97, "hidden_size": 24, "dim": 24, "num_hidden_layers": 2, "n_layers": 2,
         "num_attention_heads": 4, "n_heads": 4, "intermediate_size": 40, "hidden_dim": 40,
-        "max_position_embeddings": 30,
+        "max_position_embeddings": 30, "n_embd": 24, "n_layer": 2, "n_head": 4, "n_positions": 30,
     });
     let deberta = |extra: serde_json::Value| {
         let mut c = serde_json::json!({"model_type": "deberta-v2", "relative_attention": true,
@@ -187,6 +194,7 @@ fn parameters_match_the_built_model() {
         ARCHITECTURES.iter().map(|spec| serde_json::json!({"model_type": spec.model_type})).collect();
     cases.extend([
         serde_json::json!({"model_type": "roberta", "type_vocab_size": 1}),
+        serde_json::json!({"model_type": "gpt2", "n_inner": 40}),
         deberta(serde_json::json!({})),
         deberta(serde_json::json!({"share_att_key": false})),
         deberta(serde_json::json!({"share_att_key": false, "pos_att_type": ["c2p"], "norm_rel_ebd": "none"})),
@@ -204,7 +212,9 @@ fn parameters_match_the_built_model() {
         assert_eq!(shape.model_type, c["model_type"], "{c}");
         let model = MaskedLm::from_config_json(c.clone(), Device::Cpu).unwrap();
         assert_eq!(shape.parameters, model.num_parameters() as u64, "{c}");
-        let word = model.vs.variables().iter().find(|(n, _)| n.ends_with("word_embeddings.weight")).unwrap().1.numel();
+        let vars = model.vs.variables();
+        let word = vars.iter().find(|(n, _)| n.ends_with("word_embeddings.weight") || n.ends_with(".wte.weight"));
+        let word = word.unwrap().1.numel();
         assert_eq!(shape.word_embedding_parameters, word as u64, "{c}");
     }
 }
@@ -268,8 +278,8 @@ fn every_architecture_is_found_by_model_type_and_by_class() {
         let by_class = Arch::from_config(&serde_json::json!({"architectures": [spec.mlm_class]})).unwrap();
         assert_eq!(by_class, by_type, "{}", spec.mlm_class);
     }
-    let err = Arch::from_config(&serde_json::json!({"architectures": ["GPT2LMHeadModel"]})).unwrap_err();
-    assert!(err.to_string().contains("bert, distilbert, roberta, xlm-roberta, deberta-v2"), "{err}");
+    let err = Arch::from_config(&serde_json::json!({"architectures": ["T5ForConditionalGeneration"]})).unwrap_err();
+    assert!(err.to_string().contains("bert, distilbert, roberta, xlm-roberta, deberta-v2, gpt2"), "{err}");
 }
 
 #[test]

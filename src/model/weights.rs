@@ -5,6 +5,7 @@
 //! Our VarStore names are exactly the names `save_pretrained` writes for the MLM
 //! class (`bert.*` + `cls.predictions.*`, `distilbert.*` + `vocab_*`, `roberta.*` +
 //! `lm_head.*`, `deberta.*` + `cls.predictions.*`), so saving is a plain dump.
+//! GPT-2's are `transformer.*`, its head tied to `transformer.wte.weight`.
 //! DeBERTa-v3 checkpoints keep their head as `lm_predictions.lm_head.*` (HF's
 //! `legacy: false` layout): the same parameters, mapped onto `cls.predictions.*`. Loading accepts what real checkpoints contain besides those:
 //! base-model names without the prefix (`embeddings.*` from a `BertModel`), the
@@ -56,11 +57,20 @@ fn target(names: &NameMap, name: &str, ours: &HashSet<String>) -> Target {
         if let Some((_, to)) = names.aliases.iter().find(|(from, _)| *from == candidate) {
             return Target::Alias(to.to_string());
         }
-        if names.ignored.contains(&candidate) {
+        if names.ignored.iter().any(|rule| ignores(rule, candidate)) {
             return Target::Ignore;
         }
     }
     Target::Unexpected
+}
+
+/// Whether the `ignored` entry `rule` covers `name`: equal, or for a rule
+/// `*suffix`, ending with `suffix` (a buffer every layer has).
+fn ignores(rule: &str, name: &str) -> bool {
+    match rule.strip_prefix('*') {
+        Some(suffix) => name.ends_with(suffix),
+        None => rule == name,
+    }
 }
 
 /// TF-era checkpoints call LayerNorm parameters `gamma` and `beta`.
@@ -251,5 +261,21 @@ mod tests {
         );
         assert_eq!(target(map, "mask_predictions.classifier.weight", &ours), Target::Unexpected);
         assert_eq!(target(map, "deberta.embeddings.position_embeddings.weight", &ours), Target::Ignore);
+    }
+
+    /// The Hub's `gpt2` file: a `GPT2Model` state dict, without the
+    /// `transformer.` prefix, with each layer's old mask buffers.
+    #[test]
+    fn gpt2_hub_names_map_and_per_layer_buffers_are_ignored() {
+        let ours = ours(&["transformer.h.0.attn.c_attn.bias", "transformer.wte.weight"]);
+        let map = &crate::model::gpt2::SPEC.names;
+        let p = |s: &str| Target::Param(s.to_string());
+        assert_eq!(target(map, "h.0.attn.c_attn.bias", &ours), p("transformer.h.0.attn.c_attn.bias"));
+        assert_eq!(target(map, "wte.weight", &ours), p("transformer.wte.weight"));
+        for ignored in ["h.11.attn.bias", "h.3.attn.masked_bias", "transformer.h.0.attn.bias", "lm_head.weight"] {
+            assert_eq!(target(map, ignored, &ours), Target::Ignore, "{ignored}");
+        }
+        assert_eq!(target(map, "h.0.attn.c_attn.weight", &ours), Target::Unexpected);
+        assert_eq!(target(map, "h.0.crossattention.bias", &ours), Target::Unexpected);
     }
 }

@@ -221,6 +221,12 @@ mod tests {
                 conv["conv_act"] = "gelu".into();
                 conv
             }),
+            // A decoder: causal attention, the padding on top of causality.
+            (
+                "gpt2",
+                serde_json::json!({"n_embd": 32, "n_layer": 3, "n_head": 4, "n_inner": 40, "n_positions": 40,
+                    "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}),
+            ),
         ];
         for (model_type, extra) in cases {
             let m = model(model_type, extra);
