@@ -296,6 +296,10 @@ fn causal_settings_a_model_cannot_train_are_refused_by_name() {
     assert!(e.contains("eval.fill_mask") && e.contains("eval.prompts"), "{e}");
     let e = fails(&["data.separator=\"<|nope|>\""]);
     assert!(e.contains("data.separator") && e.contains("<|nope|>"), "{e}");
+    let e = fails(&["eval.prompts=[\"A prompt\"]", "eval.max_new_tokens=126"]);
+    assert!(e.contains("eval.prompts") && e.contains("eval.max_new_tokens = 126") && e.contains("128"), "{e}");
+    let e = fails(&["eval.prompts=[\"\"]"]);
+    assert!(e.contains("eval.prompts") && e.contains("0 tokens"), "{e}");
     let e = fails(&["training.objective=\"causal\""]);
     assert!(e.contains("objective") && e.contains("causal"), "{e}");
     // A masked LM cannot be trained causally.
