@@ -50,8 +50,14 @@ pub use weights::LoadReport;
 /// spec ends its file. Every lookup goes through it: `config.json` -> [`Arch`]
 /// (by `model_type`, or by the class name when that is absent), and from it
 /// the network, the weight names, the sizes and the class a saved model names.
-pub static ARCHITECTURES: &[&ArchSpec] =
-    &[&bert::SPEC, &distilbert::SPEC, &roberta::SPEC, &roberta::XLM_ROBERTA_SPEC, &deberta::SPEC];
+pub static ARCHITECTURES: &[&ArchSpec] = &[
+    &bert::SPEC,
+    &distilbert::SPEC,
+    &roberta::SPEC,
+    &roberta::XLM_ROBERTA_SPEC,
+    &roberta::CAMEMBERT_SPEC,
+    &deberta::SPEC,
+];
 
 impl Arch {
     /// From `model_type`, or when that is absent, the first `architectures` entry.

@@ -151,17 +151,20 @@ fn bert_and_roberta_as_decoders_are_refused() {
 }
 
 #[test]
-fn xlm_roberta_is_roberta_saved_under_its_own_class() {
-    let model = tiny("xlm-roberta");
-    assert_eq!(model.arch.model_type(), "xlm-roberta");
-    assert!(model.vs.variables().contains_key("lm_head.layer_norm.weight"));
-    assert_eq!(model.max_positions(), 10, "12 positions less pad_token_id 1 + 1");
-    let dir = tempfile::tempdir().unwrap();
-    model.save_dir(dir.path()).unwrap();
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
-    assert_eq!(config["model_type"], "xlm-roberta");
-    assert_eq!(config["architectures"][0], "XLMRobertaForMaskedLM");
+fn xlm_roberta_and_camembert_are_roberta_saved_under_their_own_class() {
+    for (model_type, class) in [("xlm-roberta", "XLMRobertaForMaskedLM"), ("camembert", "CamembertForMaskedLM")] {
+        let model = tiny(model_type);
+        assert_eq!(model.arch.model_type(), model_type);
+        assert!(model.vs.variables().contains_key("lm_head.layer_norm.weight"));
+        assert!(model.vs.variables().contains_key("roberta.embeddings.word_embeddings.weight"));
+        assert_eq!(model.max_positions(), 10, "12 positions less pad_token_id 1 + 1");
+        let dir = tempfile::tempdir().unwrap();
+        model.save_dir(dir.path()).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["model_type"], model_type);
+        assert_eq!(config["architectures"][0], class);
+    }
 }
 
 /// The count from `config.json` alone equals the built model's, for every
@@ -269,7 +272,7 @@ fn every_architecture_is_found_by_model_type_and_by_class() {
         assert_eq!(by_class, by_type, "{}", spec.mlm_class);
     }
     let err = Arch::from_config(&serde_json::json!({"architectures": ["GPT2LMHeadModel"]})).unwrap_err();
-    assert!(err.to_string().contains("bert, distilbert, roberta, xlm-roberta, deberta-v2"), "{err}");
+    assert!(err.to_string().contains("bert, distilbert, roberta, xlm-roberta, camembert, deberta-v2"), "{err}");
 }
 
 #[test]
