@@ -25,6 +25,7 @@ mod mpi_runtime;
 mod multi_node;
 mod output_safety;
 mod parity;
+mod parity_modernbert;
 mod preempt;
 mod progress;
 mod resume;

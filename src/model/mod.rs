@@ -1,4 +1,5 @@
-//! Models: BERT-family encoders (BERT, DistilBERT, RoBERTa, DeBERTa-v2/v3) with
+//! Models: BERT-family encoders (BERT, DistilBERT, RoBERTa, XLM-R, CamemBERT,
+//! DeBERTa-v2/v3, ModernBERT) with
 //! their masked-language-model heads, read from and written to Hugging Face's
 //! layout (`config.json` + `model.safetensors`). `docs/models.md` lists the
 //! config keys each honours and refuses.
@@ -21,6 +22,7 @@ pub mod distilbert;
 mod layers;
 mod linear_f32;
 pub mod load;
+pub mod modernbert;
 pub mod policy;
 mod qkv;
 pub mod roberta;
@@ -57,6 +59,7 @@ pub static ARCHITECTURES: &[&ArchSpec] = &[
     &roberta::XLM_ROBERTA_SPEC,
     &roberta::CAMEMBERT_SPEC,
     &deberta::SPEC,
+    &modernbert::SPEC,
 ];
 
 impl Arch {
@@ -355,9 +358,17 @@ impl MaskedLm {
         Ok(copy)
     }
 
-    /// Whether AdamW skips weight decay for this parameter: biases and LayerNorm weights.
+    /// Whether AdamW skips weight decay for this parameter: biases and
+    /// LayerNorm weights, as HF's Trainer decides (`LayerNorm.`, `layer_norm.`,
+    /// and a module named `norm` or `*_norm`: ModernBERT's `norm`, `attn_norm`,
+    /// `mlp_norm`, `final_norm`).
     pub fn no_decay(name: &str) -> bool {
-        name.ends_with("bias") || name.contains("LayerNorm.") || name.contains("layer_norm.")
+        let module = name.rsplit('.').nth(1).unwrap_or("");
+        name.ends_with("bias")
+            || name.contains("LayerNorm.")
+            || name.contains("layer_norm.")
+            || module == "norm"
+            || module.ends_with("_norm")
     }
 }
 

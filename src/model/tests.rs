@@ -83,6 +83,20 @@ fn no_decay_covers_biases_and_layer_norms() {
     assert!(MaskedLm::no_decay("lm_head.bias"));
     assert!(MaskedLm::no_decay("lm_head.layer_norm.weight"));
     assert!(MaskedLm::no_decay("roberta.embeddings.LayerNorm.weight"));
+    // ModernBERT's norms, as HF's Trainer (`norm`, `*_norm` modules).
+    for name in [
+        "model.embeddings.norm.weight",
+        "model.layers.1.attn_norm.weight",
+        "model.layers.0.mlp_norm.weight",
+        "model.final_norm.weight",
+        "head.norm.weight",
+        "decoder.bias",
+    ] {
+        assert!(MaskedLm::no_decay(name), "{name}");
+    }
+    for name in ["model.layers.0.attn.Wqkv.weight", "model.layers.0.mlp.Wi.weight", "head.dense.weight"] {
+        assert!(!MaskedLm::no_decay(name), "{name}");
+    }
     assert!(MaskedLm::no_decay("deberta.encoder.LayerNorm.weight"));
     assert!(MaskedLm::no_decay("cls.predictions.transform.LayerNorm.bias"));
     assert!(MaskedLm::no_decay("deberta.encoder.layer.0.attention.self.pos_key_proj.bias"));
@@ -186,9 +200,14 @@ fn parameters_match_the_built_model() {
         c
     };
     // Every architecture with its defaults, then the options that add or drop parameters.
-    let mut cases: Vec<_> =
-        ARCHITECTURES.iter().map(|spec| serde_json::json!({"model_type": spec.model_type})).collect();
+    // (ModernBERT's default pad_token_id, 50283, lies outside the small vocabulary.)
+    let mut cases: Vec<_> = ARCHITECTURES
+        .iter()
+        .map(|spec| serde_json::json!({"model_type": spec.model_type, "pad_token_id": 0}))
+        .collect();
     cases.extend([
+        serde_json::json!({"model_type": "modernbert", "pad_token_id": 0, "norm_bias": true, "attention_bias": true,
+            "mlp_bias": true, "classifier_bias": true, "decoder_bias": false}),
         serde_json::json!({"model_type": "roberta", "type_vocab_size": 1}),
         deberta(serde_json::json!({})),
         deberta(serde_json::json!({"share_att_key": false})),
@@ -207,7 +226,10 @@ fn parameters_match_the_built_model() {
         assert_eq!(shape.model_type, c["model_type"], "{c}");
         let model = MaskedLm::from_config_json(c.clone(), Device::Cpu).unwrap();
         assert_eq!(shape.parameters, model.num_parameters() as u64, "{c}");
-        let word = model.vs.variables().iter().find(|(n, _)| n.ends_with("word_embeddings.weight")).unwrap().1.numel();
+        let vars = model.vs.variables();
+        let word =
+            vars.iter().find(|(n, _)| n.ends_with("word_embeddings.weight") || n.ends_with("tok_embeddings.weight"));
+        let word = word.unwrap().1.numel();
         assert_eq!(shape.word_embedding_parameters, word as u64, "{c}");
     }
 }
