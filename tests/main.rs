@@ -34,3 +34,4 @@ mod spm_tokenizer;
 mod tensorboard;
 mod tokenizer_fast;
 mod train_cli;
+mod train_modernbert;
