@@ -596,6 +596,7 @@ fn shape(config: &serde_json::Value) -> Result<ModelShape> {
         conv,
         parameters: embeddings + u(d.num_hidden_layers) * layer + encoder + head,
         word_embedding_parameters: v * e,
+        modern: None,
     })
 }
 

@@ -30,7 +30,7 @@ use super::layers::{additive_mask, attention, dropout, finfo_min, trunc_normal, 
 use super::linear_f32;
 use super::policy::Attention;
 use super::qkv::QkvProjection;
-use super::shape::ModelShape;
+use super::shape::{ModelShape, ModernLayers};
 use super::spec::{ArchSpec, Encoder, LayerInputs, NameMap, Objective};
 
 /// `ModernBertConfig`: the keys of `config.json` this model reads, with HF's
@@ -573,13 +573,18 @@ fn shape(config: &serde_json::Value) -> Result<ModelShape> {
         heads: u(c.num_attention_heads),
         intermediate: f,
         embedding: h,
-        hidden_dropout: c.mlp_dropout.max(c.embedding_dropout),
+        hidden_dropout: c.embedding_dropout,
         attention_dropout: c.attention_dropout,
         attention_output_dropout: c.attention_dropout > 0.0,
         relative: None,
         conv: false,
         parameters,
         word_embedding_parameters: v * h,
+        modern: Some(ModernLayers {
+            layer_parameters: layer,
+            mlp_dropout: c.mlp_dropout,
+            windowed: c.layer_kinds()?.iter().any(|&local| local),
+        }),
     })
 }
 
