@@ -635,6 +635,38 @@ mod tests {
         }
     }
 
+    /// HF's `_init_weights`: normal truncated at 2 stds, std 0.02 in, 0.02 /
+    /// sqrt(2 layers) out (a truncated normal's std is 0.88 of its parameter).
+    #[test]
+    fn random_init_follows_transformers_std_rules() {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let c = config(serde_json::json!({"vocab_size": 4000, "hidden_size": 64, "num_attention_heads": 4,
+            "intermediate_size": 96, "num_hidden_layers": 8, "pad_token_id": 0}));
+        ModernBertForMaskedLM::new(&vs.root(), c).unwrap();
+        let vars = vs.variables();
+        let truncated = 0.8796; // std of normal(0, 1) truncated to [-2, 2]
+        for (name, std) in [
+            ("model.embeddings.tok_embeddings.weight", 0.02),
+            ("model.layers.3.attn.Wqkv.weight", 0.02),
+            ("model.layers.3.mlp.Wi.weight", 0.02),
+            ("model.layers.3.attn.Wo.weight", 0.005),
+            ("model.layers.3.mlp.Wo.weight", 0.005),
+            ("head.dense.weight", 0.005),
+        ] {
+            let t = &vars[name];
+            let (got, max) = (t.std(true).double_value(&[]), t.abs().max().double_value(&[]));
+            assert!((got / (std * truncated) - 1.0).abs() < 0.05, "{name}: std {got}");
+            assert!(max <= 2.0 * std + 1e-7 && max > 1.9 * std, "{name}: max {max}");
+        }
+        assert_eq!(vars["model.final_norm.weight"].sum(Kind::Float).double_value(&[]), 64.0);
+        assert_eq!(vars["decoder.bias"].abs().sum(Kind::Float).double_value(&[]), 0.0);
+        assert!(
+            !vars.contains_key("model.layers.0.attn_norm.weight")
+                && vars.contains_key("model.layers.1.attn_norm.weight")
+        );
+        assert!(!vars.contains_key("model.final_norm.bias") && !vars.contains_key("model.layers.0.attn.Wqkv.bias"));
+    }
+
     #[test]
     fn the_window_is_a_band_of_half_the_local_attention_on_each_side() {
         let vs = nn::VarStore::new(tch::Device::Cpu);
