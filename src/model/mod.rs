@@ -323,7 +323,13 @@ impl MaskedLm {
                 policy::sdpa_kernel(device, kind, heads, seq, head_dim, bias, shape.attention_dropout)
             }
         };
-        let mask = if bias { "the relative-position bias" } else { "no mask (blocks have no padding)" };
+        let mask = if bias {
+            "the relative-position bias"
+        } else if shape.modern.is_some_and(|m| m.windowed) {
+            "no mask in the global layers (blocks have no padding), a band bias in the sliding-window layers"
+        } else {
+            "no mask (blocks have no padding)"
+        };
         format!("attention: {kernel} on {device:?} ({kind:?}, {heads} heads of {head_dim}, {seq} tokens, {mask})")
     }
 

@@ -31,6 +31,13 @@ fn no_mask_gives_what_an_all_ones_mask_gives_and_attention_says_its_kernel() {
         assert!(line.starts_with("attention: ") && !line.contains("none (no kernel"), "{line}");
     }
     assert!(models[0].attention_kernel_line(Device::Cpu, Kind::Float, 4).contains("no mask"));
+    let modernbert = serde_json::json!({"model_type": "modernbert", "vocab_size": 50, "hidden_size": 16,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 24, "pad_token_id": 0,
+        "local_attention": 2});
+    let modernbert = MaskedLm::from_config_json(modernbert, Device::Cpu).unwrap();
+    let with = modernbert.logits(&ids, Some(&ones), false);
+    assert!((with - modernbert.logits(&ids, None, false)).abs().max().double_value(&[]) < 1e-6);
+    assert!(modernbert.attention_kernel_line(Device::Cpu, Kind::Float, 4).contains("band bias"));
     let deberta = models[3].attention_kernel_line(Device::Cpu, Kind::Float, 4);
     assert!(deberta.contains("relative-position bias") && deberta.contains("scores written out"), "{deberta}");
 }
