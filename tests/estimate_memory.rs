@@ -1,7 +1,9 @@
 //! `mlm estimate-memory` against what `mlm train` really holds on the CPU.
 //!
-//! Each case trains one step of a BERT, DeBERTa or ModernBERT shape large enough for
-//! hundreds of MiB of activations, with and without activation checkpointing,
+//! Each case trains one step of a BERT, DeBERTa, ModernBERT or GPT-2 (a causal
+//! LM, its next-token head over every position; the byte-level BPE tokenizer of
+//! `tests/fixtures/gpt2-tiny`) shape large enough for hundreds of MiB of
+//! activations, with and without activation checkpointing,
 //! and compares the estimated peak of the pass (training state + activations +
 //! the transient peak, no margins) with the step's `peak_rss_bytes -
 //! startup_rss_bytes` from `metrics.jsonl`: the resident memory the model, the
@@ -39,13 +41,26 @@ fn modernbert_config() -> serde_json::Value {
         "local_attention": 64, "pad_token_id": 0})
 }
 
+/// A GPT-2 (dropout 0.1) whose activations dominate its memory: the
+/// fixture's vocabulary of 512, 4 blocks of width 256.
+fn gpt2_config() -> serde_json::Value {
+    serde_json::json!({"model_type": "gpt2", "vocab_size": 512, "n_embd": 256, "n_layer": 4, "n_head": 4,
+        "n_positions": 128, "bos_token_id": 0, "eos_token_id": 0})
+}
+
 /// The job's overrides: the model, one logged step of `batch` sequences of 128
-/// tokens, no evaluation before or during training, prepared data shared.
+/// tokens, no evaluation before or during training, prepared data shared by
+/// the models of one tokenizer (GPT-2 has its own).
 fn sets(dir: &Path, name: &str, precision: &str, batch: usize, checkpointing: bool) -> Vec<String> {
+    let gpt2 = name == "gpt2";
+    let prepared = if gpt2 { "prepared-gpt2" } else { "prepared" };
+    let tokenizer = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt2-tiny/tokenizer.json");
+    let tokenizer = if gpt2 { tokenizer } else { tokenizer_json() };
     [
         format!("model.config={:?}", dir.join(format!("{name}.json")).display().to_string()),
+        format!("model.tokenizer={:?}", tokenizer.display().to_string()),
         "data.block_size=128".into(),
-        format!("data.prepared_dir={:?}", dir.join("prepared").display().to_string()),
+        format!("data.prepared_dir={:?}", dir.join(prepared).display().to_string()),
         format!(
             "training.output_dir={:?}",
             dir.join(format!("out-{name}-{precision}-{checkpointing}")).display().to_string()
@@ -85,21 +100,25 @@ fn measured(cfg: &Path, sets: &[String], out: PathBuf) -> u64 {
 fn estimated_peaks_are_within_20_percent_of_measured_cpu_peaks() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_job(dir.path(), "");
-    for (name, config) in [("bert", bert_config()), ("deberta", deberta_config()), ("modernbert", modernbert_config())]
-    {
+    let models = [("bert", bert_config()), ("deberta", deberta_config()), ("modernbert", modernbert_config())];
+    for (name, config) in models.into_iter().chain([("gpt2", gpt2_config())]) {
         std::fs::write(dir.path().join(format!("{name}.json")), config.to_string()).unwrap();
     }
-    let prepared = run(mlm().arg("prepare").arg(&cfg).args(sets(dir.path(), "bert", "fp32", 16, false)));
-    assert!(prepared.status.success());
+    for name in ["bert", "gpt2"] {
+        let prepared = run(mlm().arg("prepare").arg(&cfg).args(sets(dir.path(), name, "fp32", 16, false)));
+        assert!(prepared.status.success());
+    }
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     let mut failures = Vec::new();
     let cases = [
         ("bert", "fp32", 16),
         ("deberta", "fp32", 16),
         ("modernbert", "fp32", 16),
+        ("gpt2", "fp32", 64),
         ("bert", "bf16", 16),
         ("deberta", "bf16", 16),
         ("modernbert", "bf16", 16),
+        ("gpt2", "bf16", 96),
     ];
     for (name, precision, batch) in cases {
         for checkpointing in [false, true] {

@@ -1,6 +1,7 @@
 """PyTorch reference for tests/golden.rs: the training steps of `mlm train`, in torch.
 
 Usage: golden_reference.py BATCHES OUT_JSON FP32_JOB BF16_JOB FP16_JOB RESUME_STEP MISTAKE_STEPS
+       golden_reference.py clm BATCHES OUT_JSON FP32_JOB BF16_JOB MISTAKE_STEPS
 
 Trains each job's `model.path` (a BertForMaskedLM without dropout, loaded with
 from_pretrained) with the job's [training] settings on the pre-masked micro-batches
@@ -29,12 +30,20 @@ One optimizer step, as the Hugging Face Trainer takes it and as src/train/ claim
 The MLM head (`model.cls`) runs only at the masked positions: it is position-wise, so
 the loss and gradients are those of the full forward, at a seventh of the cost.
 
+With `clm` first, the jobs train a GPT2LMHeadModel (a causal LM: BATCHES' labels are
+each block's next tokens, -100 at its last position; the head `lm_head`, tied to
+`transformer.wte`, runs at the predicted positions), in fp32 and bf16 only; the loss is
+the next-token cross-entropy summed over the step's predicted tokens and divided by
+their count, and the weight-decay groups are the Trainer's (no decay for biases and
+the LayerNorms `ln_1`, `ln_2`, `ln_f`).
+
 `mistakes` holds the losses of the first MISTAKE_STEPS steps replayed with one
 deliberate mistake each: weight decay on every parameter, no clipping, the schedule
 one step ahead, the loss averaged per micro-batch, AdamW's step count restarted
 after RESUME_STEP steps (as a resume that lost it would), and (bf16) the compute
 copy refreshed before the update instead of after it, and (fp16) the scheduler
-stepped on skipped steps too. The test asserts that each
+stepped on skipped steps too; for GPT-2: labels that are the inputs themselves (no
+shift), weight decay on the LayerNorm weights. The test asserts that each
 misses the reference by far more than its tolerance, so the comparison could catch it.
 """
 import copy
@@ -46,7 +55,7 @@ import tomllib
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import BertForMaskedLM, get_linear_schedule_with_warmup
+from transformers import BertForMaskedLM, GPT2LMHeadModel, get_linear_schedule_with_warmup
 
 FP32_MISTAKES = [
     "decay_everything",
@@ -57,18 +66,37 @@ FP32_MISTAKES = [
 ]
 BF16_MISTAKES = ["bf16_copy_refreshed_before_the_update"]
 FP16_MISTAKES = ["schedule_steps_on_skipped_steps"]
+CLM_MISTAKES = ["no_shift", "decay_layer_norms"]
 
 
 def no_decay(name):
-    return name.endswith("bias") or "LayerNorm." in name
+    return name.endswith("bias") or "LayerNorm." in name or ".ln_" in name
+
+
+def load(job):
+    """The job's model, its body and its head (run at the predicted positions)."""
+    path = job["model"]["path"]
+    with open(path + "/config.json") as f:
+        causal = json.load(f)["model_type"] == "gpt2"
+    if causal:  # the attention written out, as `mlm` computes it on the CPU
+        model, info = GPT2LMHeadModel.from_pretrained(path, output_loading_info=True, attn_implementation="eager")
+    else:
+        model, info = BertForMaskedLM.from_pretrained(path, output_loading_info=True)
+    assert not any(info.values()), f"the model loads with {info}"
+    return model.float().train()
+
+
+def parts(model):
+    """(body(ids) -> hidden states, head(hidden) -> logits) of a BERT or GPT-2."""
+    if isinstance(model, GPT2LMHeadModel):
+        return (lambda x: model.transformer(input_ids=x).last_hidden_state), model.lm_head
+    return (lambda x: model.bert(input_ids=x, attention_mask=torch.ones_like(x)).last_hidden_state), model.cls
 
 
 def replay(job, batches, mistake=None, resume_step=None, steps=None):
     t = job["training"]
     assert t.get("schedule", "linear") == "linear" and t["warmup_steps"] > 0, "the job this script mirrors"
-    master, info = BertForMaskedLM.from_pretrained(job["model"]["path"], output_loading_info=True)
-    assert not any(info.values()), f"the model loads with {info}"
-    master = master.float().train()
+    master = load(job)
     precision = t.get("precision", "fp32")
     shadow = precision in ("bf16", "fp16")  # a compute copy, refreshed after each update
     kind = torch.float16 if precision == "fp16" else torch.bfloat16
@@ -88,6 +116,8 @@ def replay(job, batches, mistake=None, resume_step=None, steps=None):
     compute_params = [p for _, p in compute.named_parameters()]
 
     def decays(name):
+        if mistake == "decay_layer_norms":
+            return not name.endswith("bias")
         return mistake == "decay_everything" or not no_decay(name)
 
     groups = [
@@ -107,14 +137,17 @@ def replay(job, batches, mistake=None, resume_step=None, steps=None):
                 c.copy_(p)
 
     ids, labels = batches["input_ids"], batches["labels"]
+    if mistake == "no_shift":
+        labels = torch.where(labels == -100, labels, ids)
+    body, head = parts(compute)
     out = []
     for k in range(steps or t["max_steps"]):
         n_masked = (labels[k] != -100).sum()
         total = torch.zeros(())
         for x, y in zip(ids[k], labels[k]):
-            hidden = compute.bert(input_ids=x, attention_mask=torch.ones_like(x)).last_hidden_state
+            hidden = body(x)
             picked = y != -100
-            logits = compute.cls(hidden[picked]).float()
+            logits = head(hidden[picked]).float()
             loss = F.cross_entropy(logits, y[picked], reduction="sum")
             if mistake == "mean_per_micro_batch":
                 loss = loss / picked.sum() / ids.shape[1]
@@ -157,6 +190,8 @@ def replay(job, batches, mistake=None, resume_step=None, steps=None):
 
 def main():
     torch.set_num_threads(1)  # beside the `mlm` jobs, on two cores
+    if sys.argv[1] == "clm":
+        return main_clm(*sys.argv[2:])
     batches_file, out_json, fp32_toml, bf16_toml, fp16_toml, resume_step, mistake_steps = sys.argv[1:]
     jobs = {}
     for name, path in [("fp32", fp32_toml), ("bf16", bf16_toml), ("fp16", fp16_toml)]:
@@ -169,6 +204,18 @@ def main():
     result["mistakes"] = {
         m: [s["loss"] for s in replay(job, batches, m, int(resume_step), int(mistake_steps))] for m, job in mistakes
     }
+    with open(out_json, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+def main_clm(batches_file, out_json, fp32_toml, bf16_toml, mistake_steps):
+    jobs = {}
+    for name, path in [("fp32", fp32_toml), ("bf16", bf16_toml)]:
+        with open(path, "rb") as f:
+            jobs[name] = tomllib.load(f)
+    batches = load_file(batches_file)
+    result = {name: replay(job, batches) for name, job in jobs.items()}
+    result["mistakes"] = {m: [s["loss"] for s in replay(jobs["fp32"], batches, m, None, int(mistake_steps))] for m in CLM_MISTAKES}
     with open(out_json, "w") as f:
         json.dump(result, f, indent=1)
 

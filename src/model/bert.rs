@@ -15,7 +15,7 @@ use super::layers::{additive_mask, attention, dropout, Activation, Embedding, La
 use super::linear_f32;
 use super::policy::Attention;
 use super::qkv::QkvProjection;
-use super::shape::{encoder_layer_parameters, ModelShape};
+use super::shape::{encoder_layer_parameters, Layout, ModelShape};
 use super::spec::{ArchSpec, Encoder, LayerInputs, NameMap, Objective};
 
 /// `BertConfig`: the keys of `config.json` this model reads, with HF's defaults.
@@ -341,6 +341,7 @@ impl BertConfig {
         let head = h * h + h + 2 * h + v;
         ModelShape {
             model_type,
+            layout: Layout::Encoder,
             attention: Attention::Plain,
             vocab: v,
             hidden: h,

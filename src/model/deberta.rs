@@ -35,7 +35,7 @@ use super::layers::{self, dropout, Activation, Embedding, LayerNorm, Linear};
 use super::linear_f32;
 use super::policy::Attention;
 use super::qkv::QkvProjection;
-use super::shape::{encoder_layer_parameters, ModelShape, RelativeAttention};
+use super::shape::{encoder_layer_parameters, Layout, ModelShape, RelativeAttention};
 use super::spec::{ArchSpec, Encoder, LayerInputs, NameMap, Objective};
 
 /// `pos_att_type`: a list (`["p2c", "c2p"]`) or the older `"p2c|c2p"` string.
@@ -582,6 +582,7 @@ fn shape(config: &serde_json::Value) -> Result<ModelShape> {
     let head = h * e + e + 2 * e + v;
     Ok(ModelShape {
         model_type: SPEC.model_type,
+        layout: Layout::Encoder,
         attention: Attention::Disentangled,
         vocab: v,
         hidden: h,

@@ -15,7 +15,7 @@ use super::layers::{additive_mask, attention, dropout, Activation, Embedding, La
 use super::linear_f32;
 use super::policy::Attention;
 use super::qkv::QkvProjection;
-use super::shape::{encoder_layer_parameters, ModelShape};
+use super::shape::{encoder_layer_parameters, Layout, ModelShape};
 use super::spec::{ArchSpec, Encoder, LayerInputs, NameMap, Objective};
 
 /// DistilBERT hard-codes this epsilon in every LayerNorm.
@@ -273,6 +273,7 @@ fn shape(config: &serde_json::Value) -> Result<ModelShape> {
     let head = h * h + h + 2 * h + v;
     Ok(ModelShape {
         model_type: SPEC.model_type,
+        layout: Layout::Encoder,
         attention: Attention::Plain,
         vocab: v,
         hidden: h,

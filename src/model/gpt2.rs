@@ -21,7 +21,7 @@ use super::layers::{causal_attention, causal_padding_bias, dropout, normal, Acti
 use super::linear_f32;
 use super::policy::Attention;
 use super::qkv::QkvProjection;
-use super::shape::{encoder_layer_parameters, ModelShape};
+use super::shape::{encoder_layer_parameters, Layout, ModelShape};
 use super::spec::{ArchSpec, Encoder, KvCache, LayerInputs, NameMap, Objective};
 
 /// `GPT2Config`: the keys of `config.json` this model reads, with HF's defaults.
@@ -396,6 +396,7 @@ fn shape(config: &serde_json::Value) -> Result<ModelShape> {
     // two LayerNorms, the MLP pair. The head's own: `ln_f`.
     Ok(ModelShape {
         model_type: SPEC.model_type,
+        layout: Layout::Decoder,
         attention: Attention::Plain,
         vocab: v,
         hidden: h,

@@ -30,7 +30,7 @@ use super::layers::{additive_mask, attention, dropout, finfo_min, trunc_normal, 
 use super::linear_f32;
 use super::policy::Attention;
 use super::qkv::QkvProjection;
-use super::shape::{ModelShape, ModernLayers};
+use super::shape::{Layout, ModelShape, ModernLayers};
 use super::spec::{ArchSpec, Encoder, LayerInputs, NameMap, Objective};
 
 /// `ModernBertConfig`: the keys of `config.json` this model reads, with HF's
@@ -566,6 +566,7 @@ fn shape(config: &serde_json::Value) -> Result<ModelShape> {
     let parameters = v * h + l * layer + norm + head;
     Ok(ModelShape {
         model_type: SPEC.model_type,
+        layout: Layout::Encoder,
         attention: Attention::Plain,
         vocab: v,
         hidden: h,

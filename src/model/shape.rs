@@ -21,11 +21,25 @@ pub struct RelativeAttention {
     pub share_att_key: bool,
 }
 
+/// How a model's layers normalise and what its head is: what autograd saves
+/// around the layers differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// BERT-like encoders: a LayerNorm over the embeddings, post-LN layers, and
+    /// the MLM head's transform (dense, activation, LayerNorm) before the tied
+    /// decoder with its bias.
+    Encoder,
+    /// GPT-2: no LayerNorm over the embeddings, pre-LN blocks, and a head that
+    /// is the final LayerNorm `ln_f` and the tied projection without a bias.
+    Decoder,
+}
+
 /// The sizes that decide a model's memory.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelShape {
     /// The architecture's `model_type`.
     pub model_type: &'static str,
+    pub layout: Layout,
     /// The attention the layers compute (the policy picks its path from it).
     pub attention: Attention,
     pub vocab: u64,
@@ -71,7 +85,7 @@ pub struct ModernLayers {
 }
 
 impl ModelShape {
-    /// Parameters of one encoder layer (all layers are alike).
+    /// Parameters of one layer (all layers are alike).
     pub fn layer_parameters(&self) -> u64 {
         if let Some(modern) = self.modern {
             return modern.layer_parameters;
@@ -80,8 +94,8 @@ impl ModelShape {
         encoder_layer_parameters(self.hidden, self.intermediate) + own * (self.hidden * self.hidden + self.hidden)
     }
 
-    /// Parameters of the MLM head besides the tied decoder weight: the
-    /// transform and the decoder bias.
+    /// Parameters of the head besides the tied decoder weight: the transform
+    /// and the decoder bias, or GPT-2's `ln_f`.
     pub fn head_parameters(&self) -> u64 {
         let (h, e) = (self.hidden, self.embedding);
         if self.modern.is_some() {
@@ -90,12 +104,16 @@ impl ModelShape {
             // those have biases.
             return h * e + 2 * e + self.vocab + h;
         }
-        h * e + e + 2 * e + self.vocab
+        match self.layout {
+            Layout::Encoder => h * e + e + 2 * e + self.vocab,
+            Layout::Decoder => 2 * h,
+        }
     }
 }
 
-/// One post-LayerNorm encoder layer: q, k, v and output projections, two
-/// LayerNorms, the feed-forward pair.
+/// One post-LayerNorm encoder layer (or a pre-LN GPT-2 block: the same
+/// parameters): q, k, v and output projections, two LayerNorms, the
+/// feed-forward pair.
 pub(super) fn encoder_layer_parameters(h: u64, f: u64) -> u64 {
     4 * (h * h + h) + 2 * h + (h * f + f) + (f * h + h) + 2 * h
 }

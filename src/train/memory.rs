@@ -11,7 +11,8 @@
 //!   backward in our model files (linear inputs, GELU inputs, LayerNorm inputs
 //!   and statistics, dropout masks, attention as the chosen kernel keeps it,
 //!   DeBERTa's relative-position terms, the head's fp32 log-probabilities at the
-//!   projected positions), or with activation checkpointing (`recompute.rs`)
+//!   projected positions; GPT-2's pre-LN blocks and `ln_f` head as
+//!   [`Layout::Decoder`] says), or with activation checkpointing (`recompute.rs`)
 //!   each layer's input and one layer's saved tensors at a time;
 //! - the transient peak on top: the two fp32 `[positions, vocab]` gradients at
 //!   the start of backward, a layer's backward temporaries, the parameter
@@ -29,7 +30,7 @@ use serde::Serialize;
 
 use crate::config::{Config, MicroBatchSize, Precision};
 use crate::model::policy::{self, AttentionPath, DropoutRoute};
-use crate::model::shape::ModelShape;
+use crate::model::shape::{Layout, ModelShape};
 use crate::model::Objective;
 use crate::train::loss::HEAD_CHUNK_LOGITS;
 
@@ -254,7 +255,7 @@ impl<'a> Estimate<'a> {
         let saved = self.embeddings_saved(rows) + m.layers * self.layer_saved(rows) + self.head_saved(rows);
         let head_grads = (m.word_embedding_parameters + m.head_parameters()) * self.a;
         let moments = vec![
-            ("start of backward (vocabulary gradients)", saved + self.head_backward(rows)),
+            ("start of backward (vocabulary gradients)", saved + self.head_backward(rows) + self.head_sums(rows)),
             ("backward of the top layer", saved - self.head_saved(rows) + head_grads + self.layer_backward(rows)),
             // The word embeddings' own gradient and its sum with the tied
             // decoder's, beside every other parameter's gradient.
@@ -279,7 +280,7 @@ impl<'a> Estimate<'a> {
         let head_grads = (m.word_embedding_parameters + m.head_parameters()) * self.a;
         let moments = vec![
             ("forward (a layer without autograd)", embeddings + inputs + self.layer_workspace(rows, true)),
-            ("start of backward (vocabulary gradients)", at_head + self.head_backward(rows)),
+            ("start of backward (vocabulary gradients)", at_head + self.head_backward(rows) + self.head_sums(rows)),
             ("end of the head's backward", embeddings + inputs + x + head_grads),
             (
                 "backward of the recomputed top layer",
@@ -300,8 +301,13 @@ impl<'a> Estimate<'a> {
     /// counted as the first layer's input.
     fn embeddings_saved(&self, rows: u64) -> u64 {
         let (m, n) = (self.model, self.tokens(rows));
-        // embedding lookups keep their indices; LayerNorm its input and statistics
-        let mut saved = self.batch(rows) + 2 * n * 8 + n * m.hidden * self.a + 2 * n * 4;
+        let mut saved = match m.layout {
+            // The embedding lookups keep their indices; LayerNorm its input and statistics.
+            Layout::Encoder => self.batch(rows) + 2 * n * 8 + n * m.hidden * self.a + 2 * n * 4,
+            // GPT-2's token lookup keeps its indices (the positions' are one
+            // block's); the sum goes to the first block unnormalised.
+            Layout::Decoder => self.batch(rows) + n * 8 + self.job.block * 8,
+        };
         saved += self.dropout(m.hidden_dropout, n * m.hidden);
         if m.modern.is_some_and(|md| md.windowed) {
             // ModernBERT's band bias of the sliding-window layers, [1, 1, s, s], which every such layer reads.
@@ -319,7 +325,13 @@ impl<'a> Estimate<'a> {
         saved
     }
 
-    /// One encoder layer's saved tensors.
+    /// One layer's saved tensors. A post-LN encoder layer and a pre-LN GPT-2
+    /// block keep as much: four `[tokens, hidden]` tensors (post-LN: the
+    /// input, kept by the q/k/v projections, both LayerNorms' inputs, the
+    /// feed-forward's input; pre-LN: `ln_1`'s input and output, kept by the
+    /// fused `c_attn`, `ln_2`'s input and output, kept by `c_fc`), two
+    /// LayerNorms' statistics, the GELU's input and output, the dropouts'
+    /// masks and the attention's tensors.
     fn layer_saved(&self, rows: u64) -> u64 {
         let (m, n) = (self.model, self.tokens(rows));
         let (h, f, a) = (m.hidden, m.intermediate, self.a);
@@ -408,10 +420,15 @@ impl<'a> Estimate<'a> {
     }
 
     /// The head's saved tensors: the rows it projects, the transform's
-    /// intermediate values, the fp32 log-probabilities over the vocabulary.
+    /// intermediate values (GPT-2: `ln_f`'s output), a LayerNorm's
+    /// statistics, the fp32 log-probabilities over the vocabulary.
     fn head_saved(&self, rows: u64) -> u64 {
         let (m, p) = (self.model, self.projected(rows));
-        p * m.hidden * self.a + 3 * p * m.embedding * self.a + 2 * p * 4 + p * m.vocab * 4
+        let transform = match m.layout {
+            Layout::Encoder => 3 * p * m.embedding * self.a,
+            Layout::Decoder => p * m.hidden * self.a,
+        };
+        p * m.hidden * self.a + transform + 2 * p * 4 + p * m.vocab * 4
     }
 
     /// At the start of backward: the fp32 gradients of the log-probabilities and
@@ -426,6 +443,19 @@ impl<'a> Estimate<'a> {
         } else {
             log_probs
         }
+    }
+
+    /// A head in several chunks (`loss::head_backward`): the gradients of the
+    /// head's parameters and of the top layer's output summed over the chunks,
+    /// the sum so far, a chunk's own and their new sum at once; none when the
+    /// predicted positions fit one chunk (the head runs whole).
+    fn head_sums(&self, rows: u64) -> u64 {
+        let m = self.model;
+        if !self.job.sparse_head || self.projected(rows) >= self.predicted(rows) {
+            return 0;
+        }
+        let head_grads = (m.word_embedding_parameters + m.head_parameters()) * self.a;
+        3 * (head_grads + self.tokens(rows) * m.hidden * self.a)
     }
 
     /// What a projection of `rows` rows from `input` to `output` features holds
@@ -612,6 +642,46 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(Estimate::new(&deberta, &j).layer_saved(4), 15_212_528);
+    }
+
+    fn gpt2(vocab: u64) -> ModelShape {
+        ModelShape::from_config(&serde_json::json!({
+            "model_type": "gpt2", "vocab_size": vocab, "n_embd": 256, "n_layer": 4, "n_head": 4,
+            "n_positions": 128,
+        }))
+        .unwrap()
+    }
+
+    /// GPT-2's pre-LN block saves what BERT's post-LN layer saves; its head is
+    /// `ln_f` and the tied projection. `tests/python/saved_tensors.py` (vocab
+    /// 512): 12,591,104 bytes a block, 2,092,964 for the head, of which the
+    /// 508 positions and targets (i64, counted with the batch) and a 4-byte
+    /// scalar are not the head's own.
+    #[test]
+    fn a_cpu_gpt2_block_and_head_save_what_autograd_saves() {
+        let causal = Job { causal: true, ..job(Target::Cpu, Precision::Fp32) };
+        let (m, b) = (gpt2(512), bert());
+        let e = Estimate::new(&m, &causal);
+        assert_eq!(e.layer_saved(4), 12_591_104);
+        assert_eq!(e.head_saved(4), 2_092_964 - 2 * 508 * 8 - 4);
+        assert_eq!(m.head_parameters(), 2 * 256);
+        assert_eq!(m.parameters, (512 + 128) * 256 + 4 * m.layer_parameters() + 2 * 256);
+        // No LayerNorm over the embeddings, none of the transform in the head.
+        let bert_causal = Estimate::new(&b, &causal);
+        assert_eq!(bert_causal.embeddings_saved(4) - e.embeddings_saved(4), 4 * 128 * (8 + 256 * 4 + 2 * 4) - 128 * 8);
+    }
+
+    /// More predicted positions than a chunk holds: the head's gradients are
+    /// summed over the chunks.
+    #[test]
+    fn a_head_in_chunks_holds_its_running_sums() {
+        let m = gpt2(50257);
+        let causal = Job { causal: true, block: 128, ..job(Target::Cuda, Precision::Bf16) };
+        let e = Estimate::new(&m, &causal);
+        assert_eq!(e.head_sums(4), 0, "508 positions fit one chunk of 1335");
+        let sums = e.head_sums(32);
+        assert_eq!(sums, 3 * ((50257 * 256 + 2 * 256) * 2 + 32 * 128 * 256 * 2));
+        assert_eq!(Estimate::new(&m, &Job { sparse_head: false, ..causal.clone() }).head_sums(32), 0);
     }
 
     #[test]

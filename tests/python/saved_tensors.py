@@ -1,6 +1,6 @@
 """What torch's autograd saves for backward in one encoder layer, op for op as
 mlm's model files compute it (src/model/bert.rs, deberta.rs, deberta_attention.rs,
-layers.rs), on the CPU, without padding (training chunks have none): the
+gpt2.rs, layers.rs), on the CPU, without padding (training chunks have none): the
 reference of `a_cpu_layer_saves_what_autograd_saves`
 in src/train/memory.rs.
 
@@ -8,7 +8,9 @@ Usage: saved_tensors.py [ROWS]   (default 4; prints bytes per layer)
 
 Counts the distinct storages `torch.autograd.graph.saved_tensors_hooks` sees,
 parameters left out. fp32, dropout 0.1, block 128, hidden 256, 4 heads,
-intermediate 1024; DeBERTa with c2p and p2c over a span of 256.
+intermediate 1024; DeBERTa with c2p and p2c over a span of 256; GPT-2's pre-LN
+block (causal attention written out, as on the CPU with dropout) and its head
+(ln_f and the tied projection) over every position but each block's last, vocab 512.
 """
 import math
 import sys
@@ -102,5 +104,34 @@ def deberta_layer():
     return feed_forward(out.transpose(1, 2).contiguous().view(ROWS, S, H), x)
 
 
+c_attn, c_proj = linear(3 * H, H), linear(H, H)
+causal = torch.full((S, S), float("-inf")).triu(1)
+
+
+def gpt2_layer():
+    """gpt2.rs Gpt2Block::forward with layers.rs causal_attention_written_out."""
+    q, k, v = (heads(t) for t in F.linear(F.layer_norm(x, (H,), *ln1, 1e-5), *c_attn).split(H, -1))
+    scores = q.matmul(k.transpose(-1, -2)) * (1 / math.sqrt(H // HEADS)) + causal
+    probs = F.dropout(scores.softmax(-1, dtype=torch.float32), P, True)
+    ctx = probs.matmul(v).transpose(1, 2).contiguous().view(ROWS, S, H)
+    y = F.dropout(F.linear(ctx, *c_proj), P, True) + x
+    a = F.linear(F.gelu(F.linear(F.layer_norm(y, (H,), *ln2, 1e-5), *ff1), approximate="tanh"), *ff2)
+    return F.dropout(a, P, True) + y
+
+
+wte, ln_f = param(512, H), (param(H), param(H))
+targets = torch.randint(0, 512, (ROWS * (S - 1),))
+
+
+def gpt2_head():
+    """loss.rs chunk_loss_sum over gpt2.rs mlm_head, at every position but each block's last."""
+    positions = (torch.arange(ROWS)[:, None] * S + torch.arange(S - 1)).flatten()
+    picked = x.view(-1, H).index_select(0, positions)
+    logits = F.linear(F.layer_norm(picked, (H,), *ln_f, 1e-5), wte).float()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+print(f"gpt2 layer, {ROWS} rows: {saved_bytes(gpt2_layer)} bytes")
+print(f"gpt2 head, {ROWS} rows: {saved_bytes(gpt2_head)} bytes")
 print(f"bert layer, {ROWS} rows: {saved_bytes(bert_layer)} bytes")
 print(f"deberta layer, {ROWS} rows: {saved_bytes(deberta_layer)} bytes")
