@@ -103,7 +103,8 @@ impl SubwordFast {
     /// The fast path for the `tokenizer.json` bytes `json`, or why there is
     /// none: a `Unigram` model, or `BPE` without dropout; a post-processor
     /// that puts special tokens around one sequence (`TemplateProcessing`,
-    /// `RobertaProcessing`, `BertProcessing`). Any normalizer and
+    /// `RobertaProcessing`, `BertProcessing`) or adds none (GPT-2's
+    /// `ByteLevel`, or none at all). Any normalizer and
     /// pre-tokenizer; ASCII text skips `tokenizers` for those of
     /// [`AsciiWords`].
     pub fn from_json(json: &[u8]) -> Result<Self, String> {
@@ -115,7 +116,13 @@ impl SubwordFast {
             Some("BPE") => return Err("BPE with dropout is not deterministic".into()),
             _ => return Err(format!("model {} is not Unigram or BPE", m["type"])),
         }
-        let (prefix, suffix) = special_tokens(&v["post_processor"])?;
+        let post = &v["post_processor"];
+        let (prefix, suffix) = match post["type"].as_str() {
+            // GPT-2's: byte-level offsets only, no token added; or no post-processor.
+            Some("ByteLevel") => (Vec::new(), Vec::new()),
+            None if post.is_null() => (Vec::new(), Vec::new()),
+            _ => special_tokens(post)?,
+        };
         let (mut contents, mut normalized) = (Vec::new(), false);
         for t in v["added_tokens"].as_array().map(Vec::as_slice).unwrap_or_default() {
             contents.push(t["content"].as_str().ok_or("an added token has no content")?);
