@@ -215,16 +215,32 @@ fn lean_attention_matches_the_gather_formulation_on_edge_shapes() {
     }
 }
 
+/// Values that do not come from libtorch's global generator, which the tests
+/// running beside this one draw from too: `scale * sin(i * freq + phase)`.
+fn fixed_values(shape: &[i64], scale: f64, freq: f64, phase: f64) -> Tensor {
+    let n: i64 = shape.iter().product();
+    ((Tensor::arange(n, (Kind::Double, Device::Cpu)) * freq + phase).sin() * scale).to_kind(Kind::Float).view(shape)
+}
+
 /// In bf16 both kernels stay within bf16's rounding of the fp32 oracle (the
 /// written-out one multiplies in bf16 where the CPU has bf16 instructions).
+/// Weights and inputs are fixed values, not draws: with draws shared with
+/// the tests running beside it, an unlucky draw once went past the bound.
 #[test]
 fn lean_attention_in_bf16_stays_near_the_fp32_gather_formulation() {
     let spec = spec_for(16, 2, true, true, true, 8, 64);
     let s = 13;
     let mut vs = nn::VarStore::new(Device::Cpu);
     let layer = DisentangledSelfAttention::new(&vs.root(), spec);
-    let x = Tensor::randn([3, s, spec.hidden], (Kind::Float, Device::Cpu));
-    let rel = Tensor::randn([2 * spec.span, spec.hidden], (Kind::Float, Device::Cpu));
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    tch::no_grad(|| {
+        for (i, (_, v)) in vars.iter_mut().enumerate() {
+            v.copy_(&fixed_values(&v.size(), 0.2, 0.37 + 0.01 * i as f64, i as f64));
+        }
+    });
+    let x = fixed_values(&[3, s, spec.hidden], 1.0, 0.731, 0.2);
+    let rel = fixed_values(&[2 * spec.span, spec.hidden], 1.0, 0.519, 1.1);
     let mask = Tensor::ones([3, s], (Kind::Int64, Device::Cpu));
     let oracle = run(&layer, &vs, &x, &rel, &mask, Kernel::Oracle);
     vs.bfloat16();
