@@ -1,6 +1,6 @@
 //! `mlm estimate-memory` against what `mlm train` really holds on the CPU.
 //!
-//! Each case trains one step of a BERT or DeBERTa shape large enough for
+//! Each case trains one step of a BERT, DeBERTa or ModernBERT shape large enough for
 //! hundreds of MiB of activations, with and without activation checkpointing,
 //! and compares the estimated peak of the pass (training state + activations +
 //! the transient peak, no margins) with the step's `peak_rss_bytes -
@@ -29,6 +29,14 @@ fn deberta_config() -> serde_json::Value {
         "max_position_embeddings": 512, "relative_attention": true, "position_buckets": 256,
         "norm_rel_ebd": "layer_norm", "share_att_key": true, "pos_att_type": "p2c|c2p",
         "position_biased_input": false, "type_vocab_size": 0, "layer_norm_eps": 1e-7})
+}
+
+/// ModernBERT-base's layer shape at 4 layers: a window of 64 (32 tokens each
+/// side) in the 128-token blocks, global every 3rd layer.
+fn modernbert_config() -> serde_json::Value {
+    serde_json::json!({"model_type": "modernbert", "vocab_size": 30522, "hidden_size": 256, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "intermediate_size": 384, "max_position_embeddings": 8192,
+        "local_attention": 64, "pad_token_id": 0})
 }
 
 /// The job's overrides: the model, one logged step of `batch` sequences of 128
@@ -77,14 +85,22 @@ fn measured(cfg: &Path, sets: &[String], out: PathBuf) -> u64 {
 fn estimated_peaks_are_within_20_percent_of_measured_cpu_peaks() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_job(dir.path(), "");
-    for (name, config) in [("bert", bert_config()), ("deberta", deberta_config())] {
+    for (name, config) in [("bert", bert_config()), ("deberta", deberta_config()), ("modernbert", modernbert_config())]
+    {
         std::fs::write(dir.path().join(format!("{name}.json")), config.to_string()).unwrap();
     }
     let prepared = run(mlm().arg("prepare").arg(&cfg).args(sets(dir.path(), "bert", "fp32", 16, false)));
     assert!(prepared.status.success());
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     let mut failures = Vec::new();
-    let cases = [("bert", "fp32", 16), ("deberta", "fp32", 16), ("bert", "bf16", 16), ("deberta", "bf16", 16)];
+    let cases = [
+        ("bert", "fp32", 16),
+        ("deberta", "fp32", 16),
+        ("modernbert", "fp32", 16),
+        ("bert", "bf16", 16),
+        ("deberta", "bf16", 16),
+        ("modernbert", "bf16", 16),
+    ];
     for (name, precision, batch) in cases {
         for checkpointing in [false, true] {
             let sets = sets(dir.path(), name, precision, batch, checkpointing);

@@ -1,5 +1,5 @@
 //! Parity with Hugging Face `transformers`: logits and gradients of small
-//! random-init BERT, DistilBERT, RoBERTa and DeBERTa-v2/v3 models, the directories
+//! random-init BERT, DistilBERT, RoBERTa, CamemBERT and DeBERTa-v2/v3 models, the directories
 //! we write loading cleanly in `AutoModelForMaskedLM`, `mlm fill-mask` against the
 //! fill-mask pipeline, and a real pretrained `BertModel` checkpoint loading with
 //! the MLM head reported missing.
@@ -43,7 +43,7 @@ fn run_python(args: &[&Path]) {
 }
 
 /// The folder made by `make_models.py`: `bert/`, `distilbert/`, `bert_bin/`,
-/// `roberta/`, `deberta/`, `deberta_lm/`, `deberta_abs/`, `deberta_conv/`, `grads/`,
+/// `roberta/`, `camembert/`, `deberta/`, `deberta_lm/`, `deberta_abs/`, `deberta_conv/`, `grads/`,
 /// `reference.safetensors`, `minilm_dir.txt`.
 fn fixture() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -70,7 +70,7 @@ fn reference(name: &str) -> Tensor {
 /// `reference.safetensors` (`{prefix}input_ids`, `attention_mask`, `labels`).
 fn batch_prefix(arch: &str) -> &'static str {
     match arch {
-        "roberta" => "roberta_",
+        "roberta" | "camembert" => "roberta_",
         a if a.starts_with("deberta") => "deberta_",
         _ => "",
     }
@@ -142,7 +142,9 @@ fn saved_dirs() -> &'static Path {
     DIR.get_or_init(|| {
         let dir = fixture().join("saved");
         let mut jobs = Vec::new();
-        for name in ["bert", "distilbert", "roberta", "deberta", "deberta_lm", "deberta_conv", "random_init"] {
+        for name in
+            ["bert", "distilbert", "roberta", "camembert", "deberta", "deberta_lm", "deberta_conv", "random_init"]
+        {
             let model = if name == "random_init" {
                 let _rng = torch_rng();
                 MaskedLm::from_config_file(&fixture().join("distilbert/config.json"), Device::Cpu).unwrap()
@@ -213,6 +215,27 @@ fn distilbert_logits_match_transformers() {
 #[test]
 fn roberta_logits_match_transformers() {
     logits_match_transformers("roberta");
+}
+
+#[test]
+fn camembert_logits_match_transformers() {
+    logits_match_transformers("camembert");
+}
+
+#[test]
+fn camembert_gradients_match_transformers() {
+    grads_match_transformers("camembert");
+}
+
+#[test]
+fn camembert_saved_dir_loads_in_transformers_without_missing_keys() {
+    saved_dir_loads_cleanly_in_transformers("camembert");
+    let config = saved_dirs().join("camembert/config.json");
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(config).unwrap()).unwrap();
+    assert_eq!(
+        (config["model_type"].as_str(), config["architectures"][0].as_str()),
+        (Some("camembert"), Some("CamembertForMaskedLM"))
+    );
 }
 
 #[test]

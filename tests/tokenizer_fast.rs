@@ -129,7 +129,11 @@ fn load(path: &Path) -> (TextTokenizer, TextTokenizer) {
 }
 
 fn assert_exact_on_every_line(name: &str) {
-    let (fast, slow) = load(&trained(name));
+    assert_exact_on_every_line_of(name, &trained(name));
+}
+
+fn assert_exact_on_every_line_of(name: &str, path: &Path) {
+    let (fast, slow) = load(path);
     assert!(matches!(fast.fast_path(), Some(FastPath::Subword(f)) if f.has_ascii_path()), "{:?}", fast);
     for (corpus, lines) in corpora() {
         let (mut tokens, mut differ) = (0, Vec::new());
@@ -166,6 +170,18 @@ fn byte_level_bpe_fast_path_matches_tokenizers_on_every_line() {
     assert_exact_on_every_line("roberta-like");
 }
 
+/// GPT-2's shape: byte-level BPE with nothing added around a document (the
+/// causal LM's blocks are the documents' tokens back to back).
+#[test]
+fn gpt2_byte_level_bpe_fast_path_matches_tokenizers_on_every_line() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt2-tiny/tokenizer.json");
+    assert_exact_on_every_line_of("gpt2-tiny", &path);
+    let tok = TextTokenizer::load(&path).unwrap();
+    let ids = tok.encode_document("Hello world").unwrap();
+    assert!(ids.iter().all(|&i| !tok.is_special(i)), "no special token is added: {ids:?}");
+    assert_eq!(tok.mask_id, None);
+}
+
 #[test]
 fn an_unsupported_shape_falls_back_to_tokenizers() {
     let src: serde_json::Value =
@@ -178,10 +194,10 @@ fn an_unsupported_shape_falls_back_to_tokenizers() {
         std::fs::write(&p, v.to_string()).unwrap();
         TextTokenizer::load(&p).unwrap()
     };
-    // A post-processor without special tokens around the text.
+    // A post-processor the fast path does not read (a sequence of them).
     let t = edited(&|v| {
-        v["post_processor"] = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false,
-        "trim_offsets": true, "use_regex": true})
+        v["post_processor"] = serde_json::json!({"type": "Sequence", "processors": [{"type": "ByteLevel",
+        "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]})
     });
     assert!(t.fast_path().is_none());
     for line in messy() {

@@ -827,6 +827,12 @@ mod tests {
         assert!(e.contains("data.test_fraction = 0 must be in (0, 1)") && e.contains("data.eval_files"), "{e}");
         let e = with("eval_files = [\" \"]").unwrap_err().to_string();
         assert!(e.contains("data.eval_files has an empty entry"), "{e}");
+        // ModernBERT's 8,192-token blocks: the default test_size (10,000 blocks)
+        // would hold too many tokens to sample, but eval_files sample none.
+        let e = with("block_size = 8192").unwrap_err().to_string();
+        assert!(e.contains("data.test_size = 10000 blocks of data.block_size = 8192"), "{e}");
+        assert_eq!(with("block_size = 8192\neval_files = [\"v.txt\"]").unwrap().data.block_size, 8192);
+        assert_eq!(with("block_size = 8192\ntest_size = 4096").unwrap().data.block_size, 8192);
         // Relative to the config file's folder, as data.files.
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");

@@ -40,7 +40,8 @@ impl Config {
             _ => {}
         }
         let max = super::MAX_TEST_TOKENS;
-        if d.test_size.saturating_mul(d.block_size) > max {
+        // With eval_files nothing of data.files is sampled for test: test_size does nothing.
+        if d.eval_files.is_empty() && d.test_size.saturating_mul(d.block_size) > max {
             bail!(
                 "data.test_size = {} blocks of data.block_size = {} tokens is more than {max} tokens, which prepare \
                  holds in memory to sample them: lower data.test_size, or set it to 0 to hold out data.test_fraction \

@@ -157,9 +157,18 @@ fn both_shapes_get_a_fast_path_with_an_ascii_path() {
     }
 }
 
+/// GPT-2's shape: the byte-level BPE with a `ByteLevel` post-processor (or
+/// none), which adds no token around a document.
+fn gpt2_bpe(post_processor: Value) -> Value {
+    let mut v = byte_bpe();
+    v["post_processor"] = post_processor;
+    v
+}
+
 #[test]
 fn matches_tokenizers_on_tricky_text() {
-    for v in [unigram(), byte_bpe()] {
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true});
+    for v in [unigram(), byte_bpe(), gpt2_bpe(byte_level), gpt2_bpe(Value::Null)] {
         let (tok, f) = load(&v);
         let f = f.unwrap();
         for text in tricky() {
@@ -225,12 +234,12 @@ fn many_documents_append_like_one_at_a_time_and_the_cache_stays_bounded() {
 fn other_configurations_get_no_fast_path() {
     let cases: Vec<(Value, Edit, &str)> = vec![
         (byte_bpe(), Box::new(|v| v["model"]["dropout"] = json!(0.1)), "dropout"),
-        (unigram(), Box::new(|v| v["post_processor"] = Value::Null), "post_processor"),
+        (unigram(), Box::new(|v| v["post_processor"] = json!({"type": "Sequence"})), "post_processor"),
         (
             byte_bpe(),
             Box::new(|v| {
-                v["post_processor"] = json!({"type": "ByteLevel", "add_prefix_space": false,
-                "trim_offsets": true, "use_regex": true})
+                v["post_processor"] = json!({"type": "Sequence", "processors": [{"type": "ByteLevel",
+                "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]})
             }),
             "is not TemplateProcessing",
         ),

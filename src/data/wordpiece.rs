@@ -387,9 +387,13 @@ pub(super) fn special_tokens(p: &Value) -> Result<(Vec<u32>, Vec<u32>), String> 
             }
             Ok((before, after))
         }
-        _ => {
-            Err(format!("post_processor {} is not TemplateProcessing, BertProcessing or RobertaProcessing", p["type"]))
-        }
+        // GPT-2's: byte-level offsets only, no token added; or no post-processor.
+        Some("ByteLevel") => Ok((Vec::new(), Vec::new())),
+        None if p.is_null() => Ok((Vec::new(), Vec::new())),
+        _ => Err(format!(
+            "post_processor {} is not TemplateProcessing, BertProcessing, RobertaProcessing or ByteLevel",
+            p["type"]
+        )),
     }
 }
 

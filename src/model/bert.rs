@@ -355,6 +355,7 @@ impl BertConfig {
             conv: false,
             parameters: embeddings + u(self.num_hidden_layers) * encoder_layer_parameters(h, f) + head,
             word_embedding_parameters: v * h,
+            modern: None,
         }
     }
 }

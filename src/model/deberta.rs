@@ -461,7 +461,7 @@ impl Encoder for DebertaV2ForMaskedLM {
             None => e.weight.shallow_clone(),
         });
         let rel_pos = rel.as_ref().map(|r| self.distance_buckets(s, r.device()));
-        (x, LayerInputs { mask: pad, rel_embeddings: rel, rel_pos })
+        (x, LayerInputs { mask: pad, rel_embeddings: rel, rel_pos, ..Default::default() })
     }
 
     fn num_layers(&self) -> usize {
@@ -596,6 +596,7 @@ fn shape(config: &serde_json::Value) -> Result<ModelShape> {
         conv,
         parameters: embeddings + u(d.num_hidden_layers) * layer + encoder + head,
         word_embedding_parameters: v * e,
+        modern: None,
     })
 }
 

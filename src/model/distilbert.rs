@@ -287,5 +287,6 @@ fn shape(config: &serde_json::Value) -> Result<ModelShape> {
         conv: false,
         parameters: embeddings + u(d.n_layers) * encoder_layer_parameters(h, f) + head,
         word_embedding_parameters: v * h,
+        modern: None,
     })
 }

@@ -408,6 +408,7 @@ fn shape(config: &serde_json::Value) -> Result<ModelShape> {
         attention_output_dropout: true,
         relative: None,
         conv: false,
+        modern: None,
         parameters: (v + u(c.n_positions)) * h + layers * encoder_layer_parameters(h, f) + 2 * h,
         word_embedding_parameters: v * h,
     })

@@ -41,6 +41,29 @@ pub fn normal(p: &nn::Path, name: &str, dims: &[i64], std: f64) -> Tensor {
     }
 }
 
+/// A weight under `p` drawn from normal(0, `std`) truncated to `[-cutoff std,
+/// cutoff std]` (`torch.nn.init.trunc_normal_`'s inverse-CDF method: uniform
+/// between the bounds' CDFs, through `erfinv`), unless
+/// [`without_random_init`] says zeros.
+pub fn trunc_normal(p: &nn::Path, name: &str, dims: &[i64], std: f64, cutoff: f64) -> Tensor {
+    let t = p.zeros(name, dims);
+    if RANDOM_INIT.get() {
+        let cdf = |x: f64| (1.0 + libm_erf(x / std::f64::consts::SQRT_2)) / 2.0;
+        let (lo, hi) = (cdf(-cutoff), cdf(cutoff));
+        tch::no_grad(|| {
+            let mut u = t.shallow_clone();
+            let _ = u.uniform_(2.0 * lo - 1.0, 2.0 * hi - 1.0).erfinv_();
+            let _ = u.g_mul_scalar_(std * std::f64::consts::SQRT_2).clamp_(-cutoff * std, cutoff * std);
+        });
+    }
+    t
+}
+
+/// erf(x) of one scalar, through libtorch.
+fn libm_erf(x: f64) -> f64 {
+    Tensor::from(x).erf().double_value(&[])
+}
+
 /// `nn.Dropout(p)` in training (`train`), the identity otherwise: zeroes each
 /// element with probability `p` and scales the rest by `1 / (1 - p)`, through
 /// the route the policy picks ([`policy::dropout_route`]). Ours on the CPU: the

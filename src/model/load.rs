@@ -76,8 +76,10 @@ pub fn check_vocab(tok: &TextTokenizer, model: &MaskedLm) -> Result<()> {
 
 /// The job's objective: `training.objective`, or the model's own when unset;
 /// an objective the model cannot train is refused naming both, and so are the
-/// `[data]`/`[eval]` keys of the other objective.
-pub fn objective(cfg: &Config, model: &MaskedLm) -> Result<Objective> {
+/// `[data]`/`[eval]` keys of the other objective. `eval.prompts` are checked
+/// against the tokenizer and the model's positions here, before training,
+/// not at the end of it.
+pub fn objective(cfg: &Config, model: &MaskedLm, tok: &TextTokenizer) -> Result<Objective> {
     let own = model.arch.objective();
     let objective = cfg.training.objective.unwrap_or(own);
     if objective != own {
@@ -101,6 +103,22 @@ pub fn objective(cfg: &Config, model: &MaskedLm) -> Result<Objective> {
             }
             if cfg.data.whole_word_mask {
                 bail!("data.whole_word_mask = true needs a masked LM; this job is causal (clm), nothing is masked");
+            }
+            let new = cfg.eval.max_new_tokens;
+            if !cfg.eval.prompts.is_empty() && new == 0 {
+                bail!("eval.max_new_tokens = 0: eval.prompts need at least 1 new token");
+            }
+            for p in &cfg.eval.prompts {
+                let n = tok.encode_document(p)?.len();
+                if n == 0 || (n + new) as i64 > model.max_positions() {
+                    bail!(
+                        "eval.prompts entry {} is {n} tokens: it needs 1 to {} so that eval.max_new_tokens = {new} \
+                         more fit the model's {} positions",
+                        crate::logging::excerpt(p),
+                        (model.max_positions() - new as i64).max(0),
+                        model.max_positions()
+                    );
+                }
             }
         }
         Objective::Mlm => {

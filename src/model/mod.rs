@@ -1,7 +1,8 @@
-//! Models: BERT-family encoders (BERT, DistilBERT, RoBERTa, DeBERTa-v2/v3) with
-//! their masked-language-model heads, and the GPT-2 family, a decoder with its
-//! language-model head (`Objective::Clm`: the next token; `Encoder::decode`
-//! runs it over a key/value cache), read from and written to Hugging Face's
+//! Models: BERT-family encoders (BERT, DistilBERT, RoBERTa, XLM-R, CamemBERT,
+//! DeBERTa-v2/v3, ModernBERT) with their masked-language-model heads, and the
+//! GPT-2 family, a decoder with its language-model head (`Objective::Clm`: the
+//! next token; `Encoder::decode` runs it over a key/value cache), read from and
+//! written to Hugging Face's
 //! layout (`config.json` + `model.safetensors`). `docs/models.md` lists the
 //! config keys each honours and refuses. The "MLM head" of a decoder is its LM
 //! head (GPT-2's `ln_f` + the tied `lm_head`).
@@ -25,6 +26,7 @@ pub mod gpt2;
 mod layers;
 mod linear_f32;
 pub mod load;
+pub mod modernbert;
 pub mod policy;
 mod qkv;
 pub mod roberta;
@@ -55,8 +57,16 @@ pub use weights::LoadReport;
 /// spec ends its file. Every lookup goes through it: `config.json` -> [`Arch`]
 /// (by `model_type`, or by the class name when that is absent), and from it
 /// the network, the weight names, the sizes and the class a saved model names.
-pub static ARCHITECTURES: &[&ArchSpec] =
-    &[&bert::SPEC, &distilbert::SPEC, &roberta::SPEC, &roberta::XLM_ROBERTA_SPEC, &deberta::SPEC, &gpt2::SPEC];
+pub static ARCHITECTURES: &[&ArchSpec] = &[
+    &bert::SPEC,
+    &distilbert::SPEC,
+    &roberta::SPEC,
+    &roberta::XLM_ROBERTA_SPEC,
+    &roberta::CAMEMBERT_SPEC,
+    &deberta::SPEC,
+    &modernbert::SPEC,
+    &gpt2::SPEC,
+];
 
 impl Arch {
     /// From `model_type`, or when that is absent, the first `architectures` entry.
@@ -319,10 +329,14 @@ impl MaskedLm {
                 policy::sdpa_kernel(device, kind, heads, seq, head_dim, bias, shape.attention_dropout)
             }
         };
-        let mask = match (bias, self.arch.objective()) {
-            (true, _) => "the relative-position bias",
-            (false, Objective::Clm) => "causal, no padding mask (blocks have no padding)",
-            (false, Objective::Mlm) => "no mask (blocks have no padding)",
+        let mask = if bias {
+            "the relative-position bias"
+        } else if shape.modern.is_some_and(|m| m.windowed) {
+            "no mask in the global layers (blocks have no padding), a band bias in the sliding-window layers"
+        } else if self.arch.objective() == Objective::Clm {
+            "causal, no padding mask (blocks have no padding)"
+        } else {
+            "no mask (blocks have no padding)"
         };
         format!("attention: {kernel} on {device:?} ({kind:?}, {heads} heads of {head_dim}, {seq} tokens, {mask})")
     }
@@ -359,10 +373,17 @@ impl MaskedLm {
     }
 
     /// Whether AdamW skips weight decay for this parameter: biases and
-    /// LayerNorm weights (HF's Trainer: every `nn.LayerNorm`), GPT-2's `ln_1`,
-    /// `ln_2` and `ln_f` among them.
+    /// LayerNorm weights, as HF's Trainer decides (`LayerNorm.`, `layer_norm.`,
+    /// a module named `norm` or `*_norm`: ModernBERT's `norm`, `attn_norm`,
+    /// `mlp_norm`, `final_norm`; GPT-2's `ln_1`, `ln_2` and `ln_f`).
     pub fn no_decay(name: &str) -> bool {
-        name.ends_with("bias") || name.contains("LayerNorm.") || name.contains("layer_norm.") || name.contains(".ln_")
+        let module = name.rsplit('.').nth(1).unwrap_or("");
+        name.ends_with("bias")
+            || name.contains("LayerNorm.")
+            || name.contains("layer_norm.")
+            || name.contains(".ln_")
+            || module == "norm"
+            || module.ends_with("_norm")
     }
 }
 

@@ -242,6 +242,30 @@ pub static XLM_ROBERTA_SPEC: ArchSpec = ArchSpec {
     objective: Objective::Mlm,
 };
 
+/// CamemBERT's (`CamembertForMaskedLM`): RoBERTa's network and weight names
+/// (base-model prefix `roberta`) under its own class, with
+/// `CamembertConfig`'s default `vocab_size` of 30522.
+pub static CAMEMBERT_SPEC: ArchSpec = ArchSpec {
+    model_type: "camembert",
+    mlm_class: "CamembertForMaskedLM",
+    class_prefix: "Camembert",
+    names: NAMES,
+    build: |root, c| build(root, &with_vocab_default(c, 30522)),
+    shape: |c| shape(&with_vocab_default(c, 30522), CAMEMBERT_SPEC.model_type),
+    saved_flags: &[],
+    objective: Objective::Mlm,
+};
+
+/// `config` with `vocab_size` set to `vocab` where it leaves the key out:
+/// a family whose config class defaults differ from `RobertaConfig`'s.
+fn with_vocab_default(config: &serde_json::Value, vocab: i64) -> serde_json::Value {
+    let mut c = config.clone();
+    if let Some(obj) = c.as_object_mut() {
+        obj.entry("vocab_size").or_insert(vocab.into());
+    }
+    c
+}
+
 /// How Hugging Face names RoBERTa's (and XLM-RoBERTa's) weights.
 const NAMES: NameMap = NameMap {
     prefix: "roberta",
@@ -273,5 +297,14 @@ mod tests {
         let ids = Tensor::from_slice(&[0i64, 7, 8, 2, 0, 9, 2, 1, 1]).view([3, 3]);
         let pos: Vec<i64> = Vec::try_from(position_ids(&ids, 1).view([-1])).unwrap();
         assert_eq!(pos, [2, 3, 4, 2, 3, 4, 2, 1, 1]);
+    }
+
+    #[test]
+    fn camembert_defaults_to_its_own_vocabulary_size() {
+        let small = serde_json::json!({"model_type": "camembert", "hidden_size": 8, "num_attention_heads": 2});
+        assert_eq!((CAMEMBERT_SPEC.shape)(&small).unwrap().vocab, 30522);
+        assert_eq!((SPEC.shape)(&small).unwrap().vocab, 50265);
+        let given = serde_json::json!({"vocab_size": 32005, "hidden_size": 8, "num_attention_heads": 2});
+        assert_eq!((CAMEMBERT_SPEC.shape)(&given).unwrap().vocab, 32005);
     }
 }

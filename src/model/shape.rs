@@ -51,11 +51,31 @@ pub struct ModelShape {
     pub parameters: u64,
     /// Of those, the word embeddings (also the tied decoder's weight).
     pub word_embedding_parameters: u64,
+    /// ModernBERT's layers, where they are the model's.
+    pub modern: Option<ModernLayers>,
+}
+
+/// ModernBERT's layers, as they differ from BERT's for memory: pre-LayerNorm,
+/// rotary embeddings applied to q and k in fp32, a GeGLU feed-forward (`Wi`
+/// gives `2 intermediate` features: input and gate), sliding-window layers
+/// with a band bias.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModernLayers {
+    /// Parameters of one layer (biases where the config has them).
+    pub layer_parameters: u64,
+    /// Dropout inside the feed-forward (`mlp_dropout`).
+    pub mlp_dropout: f64,
+    /// Whether some layer attends through a window shorter than the block
+    /// may be (its band bias, `[1, 1, s, s]`).
+    pub windowed: bool,
 }
 
 impl ModelShape {
     /// Parameters of one encoder layer (all layers are alike).
     pub fn layer_parameters(&self) -> u64 {
+        if let Some(modern) = self.modern {
+            return modern.layer_parameters;
+        }
         let own = self.relative.map_or(0, |r| if r.share_att_key { 0 } else { r.c2p as u64 + r.p2c as u64 });
         encoder_layer_parameters(self.hidden, self.intermediate) + own * (self.hidden * self.hidden + self.hidden)
     }
@@ -64,6 +84,12 @@ impl ModelShape {
     /// transform and the decoder bias.
     pub fn head_parameters(&self) -> u64 {
         let (h, e) = (self.hidden, self.embedding);
+        if self.modern.is_some() {
+            // ModernBERT's head (dense without bias, norm without bias) and the
+            // decoder bias, with its final norm: an upper bound by 2h where
+            // those have biases.
+            return h * e + 2 * e + self.vocab + h;
+        }
         h * e + e + 2 * e + self.vocab
     }
 }

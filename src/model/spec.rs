@@ -138,6 +138,27 @@ pub struct LayerInputs {
     /// DeBERTa: the relative-position bucket of each distance a block of
     /// length s can have, [2s - 1] i64 (`deberta_attention::distance_buckets`).
     pub rel_pos: Option<Tensor>,
+    /// ModernBERT: the sliding-window layers' additive bias [1 or b, 1, s, s]
+    /// (the band, pads folded in), `None` when the window covers the block
+    /// and nothing is padded.
+    pub window_mask: Option<Tensor>,
+    /// ModernBERT: the rotary tables `[cos, sin]` [1, s, 1, head_dim] of the
+    /// global layers (first) and of the sliding-window layers.
+    pub rotary: Vec<[Tensor; 2]>,
+}
+
+impl LayerInputs {
+    /// The same tensors (not copies).
+    pub fn shallow_clone(&self) -> Self {
+        let clone = |t: &Option<Tensor>| t.as_ref().map(Tensor::shallow_clone);
+        Self {
+            mask: clone(&self.mask),
+            rel_embeddings: clone(&self.rel_embeddings),
+            rel_pos: clone(&self.rel_pos),
+            window_mask: clone(&self.window_mask),
+            rotary: self.rotary.iter().map(|pair| pair.each_ref().map(Tensor::shallow_clone)).collect(),
+        }
+    }
 }
 
 /// What every architecture gives `MaskedLm`: one file per model implements it

@@ -31,6 +31,13 @@ fn no_mask_gives_what_an_all_ones_mask_gives_and_attention_says_its_kernel() {
         assert!(line.starts_with("attention: ") && !line.contains("none (no kernel"), "{line}");
     }
     assert!(models[0].attention_kernel_line(Device::Cpu, Kind::Float, 4).contains("no mask"));
+    let modernbert = serde_json::json!({"model_type": "modernbert", "vocab_size": 50, "hidden_size": 16,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 24, "pad_token_id": 0,
+        "local_attention": 2});
+    let modernbert = MaskedLm::from_config_json(modernbert, Device::Cpu).unwrap();
+    let with = modernbert.logits(&ids, Some(&ones), false);
+    assert!((with - modernbert.logits(&ids, None, false)).abs().max().double_value(&[]) < 1e-6);
+    assert!(modernbert.attention_kernel_line(Device::Cpu, Kind::Float, 4).contains("band bias"));
     let deberta = models[3].attention_kernel_line(Device::Cpu, Kind::Float, 4);
     assert!(deberta.contains("relative-position bias") && deberta.contains("scores written out"), "{deberta}");
 }
@@ -83,6 +90,20 @@ fn no_decay_covers_biases_and_layer_norms() {
     assert!(MaskedLm::no_decay("lm_head.bias"));
     assert!(MaskedLm::no_decay("lm_head.layer_norm.weight"));
     assert!(MaskedLm::no_decay("roberta.embeddings.LayerNorm.weight"));
+    // ModernBERT's norms, as HF's Trainer (`norm`, `*_norm` modules).
+    for name in [
+        "model.embeddings.norm.weight",
+        "model.layers.1.attn_norm.weight",
+        "model.layers.0.mlp_norm.weight",
+        "model.final_norm.weight",
+        "head.norm.weight",
+        "decoder.bias",
+    ] {
+        assert!(MaskedLm::no_decay(name), "{name}");
+    }
+    for name in ["model.layers.0.attn.Wqkv.weight", "model.layers.0.mlp.Wi.weight", "head.dense.weight"] {
+        assert!(!MaskedLm::no_decay(name), "{name}");
+    }
     assert!(MaskedLm::no_decay("deberta.encoder.LayerNorm.weight"));
     assert!(MaskedLm::no_decay("cls.predictions.transform.LayerNorm.bias"));
     assert!(MaskedLm::no_decay("deberta.encoder.layer.0.attention.self.pos_key_proj.bias"));
@@ -158,17 +179,20 @@ fn bert_and_roberta_as_decoders_are_refused() {
 }
 
 #[test]
-fn xlm_roberta_is_roberta_saved_under_its_own_class() {
-    let model = tiny("xlm-roberta");
-    assert_eq!(model.arch.model_type(), "xlm-roberta");
-    assert!(model.vs.variables().contains_key("lm_head.layer_norm.weight"));
-    assert_eq!(model.max_positions(), 10, "12 positions less pad_token_id 1 + 1");
-    let dir = tempfile::tempdir().unwrap();
-    model.save_dir(dir.path()).unwrap();
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
-    assert_eq!(config["model_type"], "xlm-roberta");
-    assert_eq!(config["architectures"][0], "XLMRobertaForMaskedLM");
+fn xlm_roberta_and_camembert_are_roberta_saved_under_their_own_class() {
+    for (model_type, class) in [("xlm-roberta", "XLMRobertaForMaskedLM"), ("camembert", "CamembertForMaskedLM")] {
+        let model = tiny(model_type);
+        assert_eq!(model.arch.model_type(), model_type);
+        assert!(model.vs.variables().contains_key("lm_head.layer_norm.weight"));
+        assert!(model.vs.variables().contains_key("roberta.embeddings.word_embeddings.weight"));
+        assert_eq!(model.max_positions(), 10, "12 positions less pad_token_id 1 + 1");
+        let dir = tempfile::tempdir().unwrap();
+        model.save_dir(dir.path()).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["model_type"], model_type);
+        assert_eq!(config["architectures"][0], class);
+    }
 }
 
 /// The count from `config.json` alone equals the built model's, for every
@@ -190,9 +214,14 @@ fn parameters_match_the_built_model() {
         c
     };
     // Every architecture with its defaults, then the options that add or drop parameters.
-    let mut cases: Vec<_> =
-        ARCHITECTURES.iter().map(|spec| serde_json::json!({"model_type": spec.model_type})).collect();
+    // (ModernBERT's default pad_token_id, 50283, lies outside the small vocabulary.)
+    let mut cases: Vec<_> = ARCHITECTURES
+        .iter()
+        .map(|spec| serde_json::json!({"model_type": spec.model_type, "pad_token_id": 0}))
+        .collect();
     cases.extend([
+        serde_json::json!({"model_type": "modernbert", "pad_token_id": 0, "norm_bias": true, "attention_bias": true,
+            "mlp_bias": true, "classifier_bias": true, "decoder_bias": false}),
         serde_json::json!({"model_type": "roberta", "type_vocab_size": 1}),
         serde_json::json!({"model_type": "gpt2", "n_inner": 40}),
         deberta(serde_json::json!({})),
@@ -213,7 +242,9 @@ fn parameters_match_the_built_model() {
         let model = MaskedLm::from_config_json(c.clone(), Device::Cpu).unwrap();
         assert_eq!(shape.parameters, model.num_parameters() as u64, "{c}");
         let vars = model.vs.variables();
-        let word = vars.iter().find(|(n, _)| n.ends_with("word_embeddings.weight") || n.ends_with(".wte.weight"));
+        let word = vars.iter().find(|(n, _)| {
+            n.ends_with("word_embeddings.weight") || n.ends_with("tok_embeddings.weight") || n.ends_with(".wte.weight")
+        });
         let word = word.unwrap().1.numel();
         assert_eq!(shape.word_embedding_parameters, word as u64, "{c}");
     }
@@ -279,7 +310,10 @@ fn every_architecture_is_found_by_model_type_and_by_class() {
         assert_eq!(by_class, by_type, "{}", spec.mlm_class);
     }
     let err = Arch::from_config(&serde_json::json!({"architectures": ["T5ForConditionalGeneration"]})).unwrap_err();
-    assert!(err.to_string().contains("bert, distilbert, roberta, xlm-roberta, deberta-v2, gpt2"), "{err}");
+    assert!(
+        err.to_string().contains("bert, distilbert, roberta, xlm-roberta, camembert, deberta-v2, modernbert, gpt2"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -303,6 +303,10 @@ impl<'a> Estimate<'a> {
         // embedding lookups keep their indices; LayerNorm its input and statistics
         let mut saved = self.batch(rows) + 2 * n * 8 + n * m.hidden * self.a + 2 * n * 4;
         saved += self.dropout(m.hidden_dropout, n * m.hidden);
+        if m.modern.is_some_and(|md| md.windowed) {
+            // ModernBERT's band bias of the sliding-window layers, [1, 1, s, s], which every such layer reads.
+            saved += self.job.block * self.job.block * self.a;
+        }
         if m.embedding != m.hidden {
             // DeBERTa's `embed_proj` keeps its input.
             saved += n * m.embedding * self.a;
@@ -319,6 +323,18 @@ impl<'a> Estimate<'a> {
     fn layer_saved(&self, rows: u64) -> u64 {
         let (m, n) = (self.model, self.tokens(rows));
         let (h, f, a) = (m.hidden, m.intermediate, self.a);
+        if let Some(md) = m.modern {
+            // ModernBERT (`src/model/modernbert.rs`): the attention norm's input
+            // and statistics, Wqkv's input; q and k in fp32 and their rotated
+            // halves (the rotary products keep them); the attention output's
+            // dropout; the feed-forward norm's input and statistics, Wi's input,
+            // the GELU's input and output and the gate, their product (Wo's
+            // input) and its dropout.
+            let mut saved = 2 * (2 * n * h * a + 2 * n * 4) + 4 * n * h * 4;
+            saved += self.dropout(m.attention_dropout, n * h);
+            saved += 4 * n * f * a + self.dropout(md.mlp_dropout, n * f);
+            return saved + self.attention_saved(rows);
+        }
         // The input (kept by the q/k/v projections), both LayerNorms' inputs and
         // statistics, the feed-forward input, the GELU's input and output.
         let mut saved = 4 * n * h * a + 2 * n * 4 * 2 + 2 * n * f * a;
@@ -429,7 +445,9 @@ impl<'a> Estimate<'a> {
     fn layer_backward(&self, rows: u64) -> u64 {
         let (m, n, s, a) = (self.model, self.tokens(rows), self.job.block, self.a);
         let nh = n * m.hidden * a;
-        let feed_forward = nh + 2 * n * m.intermediate * a + self.gemm_copies(n, m.intermediate, m.hidden);
+        // A GeGLU's gradients are [tokens, 2 intermediate] and [tokens, intermediate] twice.
+        let ff_width = if m.modern.is_some() { 4 * m.intermediate } else { 2 * m.intermediate };
+        let feed_forward = nh + n * ff_width * a + self.gemm_copies(n, m.intermediate, m.hidden);
         let attention = if self.math_attention() {
             3 * n * m.hidden * self.x + 2 * rows * m.heads * s * s * self.x
         } else {
@@ -446,7 +464,9 @@ impl<'a> Estimate<'a> {
         // Rust keeps an expression's temporaries to the end of its statement: the
         // feed-forward's input, both [tokens, intermediate] values, its output and
         // the dropped output.
-        let feed_forward = 3 * nh + 2 * n * m.intermediate * a + self.dropout(m.hidden_dropout, n * m.hidden);
+        // (A GeGLU's: Wi's output [tokens, 2 intermediate], the GELU's and the product.)
+        let ff_width = if m.modern.is_some() { 4 * m.intermediate } else { 2 * m.intermediate };
+        let feed_forward = 3 * nh + n * ff_width * a + self.dropout(m.hidden_dropout, n * m.hidden);
         let (elements, x) = (rows * m.heads * s * s, self.x);
         let dropout = train && m.attention_dropout > 0.0;
         let core = if self.math_attention() && train {

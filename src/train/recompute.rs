@@ -24,7 +24,7 @@
 use tch::{Kind, Tensor};
 
 use super::loss::{head_backward, head_loss_sum, DeviceBatch, HEAD_CHUNK_LOGITS};
-use crate::model::{DropoutSeeds, LayerInputs, MaskedLm};
+use crate::model::{DropoutSeeds, MaskedLm};
 
 /// Forward and backward of `batch` with the loss divided by `divisor`; the
 /// parameter gradients (one per tensor of `params`, undefined where a stage
@@ -56,14 +56,10 @@ pub fn forward_backward(
     let (x0, inputs) = model.embed(&batch.input_ids, batch.attention_mask.as_ref(), true);
     let shared = inputs.rel_embeddings.as_ref().filter(|t| t.requires_grad());
     let shared_leaf = shared.map(|t| t.detach().set_requires_grad(true));
-    let leaf_inputs = LayerInputs {
-        mask: inputs.mask.as_ref().map(Tensor::shallow_clone),
-        rel_embeddings: match &shared_leaf {
-            Some(l) => Some(l.shallow_clone()),
-            None => inputs.rel_embeddings.as_ref().map(Tensor::shallow_clone),
-        },
-        rel_pos: inputs.rel_pos.as_ref().map(Tensor::shallow_clone),
-    };
+    let mut leaf_inputs = inputs.shallow_clone();
+    if let Some(l) = &shared_leaf {
+        leaf_inputs.rel_embeddings = Some(l.shallow_clone());
+    }
     // Each layer's input as a leaf; without recompute also its output, with
     // the layer's graph. With recompute the layers run without autograd.
     let mut xs: Vec<Tensor> = Vec::with_capacity(layers + 1);
@@ -213,6 +209,11 @@ mod tests {
             ("bert", serde_json::json!({})),
             ("distilbert", serde_json::json!({})),
             ("roberta", serde_json::json!({"pad_token_id": 1})),
+            // Global and sliding-window layers, the window shorter than the block.
+            (
+                "modernbert",
+                serde_json::json!({"pad_token_id": 0, "global_attn_every_n_layers": 2, "local_attention": 8}),
+            ),
             ("deberta-v2", deberta.clone()),
             // deberta-v2-xlarge's convolution after the first layer.
             ("deberta-v2", {

@@ -22,7 +22,7 @@ impl Trainer {
         let startup_rss = metrics::resident_memory().map(|(now, _)| now);
         let Loaded { model: mut master, fresh_head } = load_model(&cfg, device)?;
         check_vocab(&tok, &master)?;
-        let objective = crate::model::load::objective(&cfg, &master)?;
+        let objective = crate::model::load::objective(&cfg, &master, &tok)?;
         if cfg.data.block_size as i64 > master.max_positions() {
             bail!(
                 "data.block_size = {} exceeds the model's max_position_embeddings ({})",

@@ -7,6 +7,7 @@ Writes into OUT_DIR:
   distilbert/   small random-init DistilBertForMaskedLM (save_pretrained) + tokenizer.json
   bert_bin/     the same BERT saved as pytorch_model.bin (torch.save of the state dict)
   roberta/      small random-init RobertaForMaskedLM + a byte-level BPE tokenizer
+  camembert/    small random-init CamembertForMaskedLM (RoBERTa's network) + that tokenizer
                 trained here (tokenizer.json, tokenizer_config.json)
   deberta/      small random-init DebertaV2ForMaskedLM, DeBERTa-v3 style: relative
                 attention with log position buckets, shared attention keys, c2p+p2c,
@@ -24,7 +25,7 @@ Writes into OUT_DIR:
     roberta_{input_ids,attention_mask,labels}   [3, 16], pads = 1
     deberta_{input_ids,attention_mask,labels}   [3, 32], pads = 0
     {arch}_logits   [3, seq, vocab] f32, eval mode, for bert, distilbert,
-                    roberta, deberta, deberta_abs, deberta_conv
+                    roberta, camembert (on the roberta_ batch), deberta, deberta_abs, deberta_conv
     minilm_hidden   [3, 16, 384] f32, last_hidden_state of the real MiniLM BertModel
   grads/{arch}.safetensors   d(loss)/d(parameter) under the names model.safetensors
                 holds, loss = cross-entropy mean over the labelled positions (eval mode)
@@ -46,6 +47,8 @@ from transformers import (
     BertConfig,
     BertForMaskedLM,
     BertModel,
+    CamembertConfig,
+    CamembertForMaskedLM,
     DebertaV2Config,
     DebertaV2ForMaskedLM,
     DistilBertConfig,
@@ -228,6 +231,22 @@ def main(out):
     ref["roberta_logits"] = logits_and_grads(roberta, r_ids, r_mask, r_labels)
     roberta.save_pretrained(rdir)
     save_grads(roberta, rdir, os.path.join(out, "grads", "roberta.safetensors"))
+
+    # CamemBERT: RoBERTa's network and names under its own model type and class.
+    cbdir = os.path.join(out, "camembert")
+    torch.manual_seed(6)
+    camembert = CamembertForMaskedLM(
+        CamembertConfig(
+            vocab_size=rv, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=37, max_position_embeddings=64, type_vocab_size=1,
+            pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        )
+    )
+    perturb(camembert)
+    ref["camembert_logits"] = logits_and_grads(camembert, r_ids, r_mask, r_labels)
+    camembert.save_pretrained(cbdir)
+    shutil.copy(os.path.join(rdir, "tokenizer.json"), cbdir)
+    save_grads(camembert, cbdir, os.path.join(out, "grads", "camembert.safetensors"))
 
     # DeBERTa-v3 style.
     ddir = os.path.join(out, "deberta")

@@ -114,10 +114,11 @@ impl Trainer {
         } else {
             let fresh = if self.fresh_head { " (a fresh MLM head: this measures a random head)" } else { "" };
             tracing::info!(
-                "held-out perplexity before training: {:.2} (loss {:.4} over {} masked tokens){fresh}",
+                "held-out perplexity before training: {:.2} (loss {:.4} over {} {} tokens){fresh}",
                 r.perplexity,
                 r.loss,
-                r.tokens
+                r.tokens,
+                if self.masking.causal { "predicted" } else { "masked" }
             );
             "before training".to_string()
         };
