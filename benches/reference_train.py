@@ -15,6 +15,12 @@ plain PyTorch loop so that nothing but the step is timed:
 - `clip_grad_norm_(1.0)`, `torch.optim.AdamW` (fused when supported, else foreach;
   no decay on biases and LayerNorm weights), a linear schedule.
 
+`--objective clm` is `run_clm`'s step instead: `AutoModelForCausalLM.from_config`,
+the tokenizer's output concatenated with no special tokens and cut into blocks
+(`group_texts`), `labels = input_ids` (GPT2LMHeadModel shifts inside its loss;
+logits over the whole vocabulary at every position), `default_data_collator`
+(no masking) in the step.
+
 Prints one JSON object on stdout: tokens_per_s, step_s, per-phase mean times, each
 timed step's time (`step_times_s`, where the phases are synchronised: the CPU),
 flops_per_token (model FLOPs, see `model_flops_per_token`) and, on CUDA, mfu.
@@ -36,6 +42,8 @@ def parse_args():
     p.add_argument("--config", required=True, help="config.json of the model (random init)")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json")
     p.add_argument("--files", nargs="+", required=True, help="text files or glob patterns")
+    p.add_argument("--objective", choices=["mlm", "clm"], default="mlm",
+                   help="mlm: AutoModelForMaskedLM + the masking collator; clm: AutoModelForCausalLM, labels = inputs")
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=12, help="timed steps")
@@ -54,10 +62,11 @@ def parse_args():
     return p.parse_args()
 
 
-def read_blocks(files, tokenizer_path, block):
+def read_blocks(files, tokenizer_path, block, special_tokens=True):
     """Blank-line separated documents (as `data.document_boundary = "blank_line"`),
-    each wrapped in [CLS] ... [SEP], concatenated and cut into `block` tokens; the
-    remainder is dropped (run_mlm's group_texts)."""
+    each wrapped in [CLS] ... [SEP] (`special_tokens`; none for a causal LM, as
+    GPT-2's tokenizer adds none), concatenated and cut into `block` tokens; the
+    remainder is dropped (run_mlm's and run_clm's group_texts)."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(tokenizer_path)
@@ -79,25 +88,45 @@ def read_blocks(files, tokenizer_path, block):
             if para:
                 docs.append("\n".join(para))
     ids = []
-    for enc in tok.encode_batch(docs, add_special_tokens=True):
+    for enc in tok.encode_batch(docs, add_special_tokens=special_tokens):
         ids.extend(enc.ids)
     n = len(ids) // block
     return [ids[i * block:(i + 1) * block] for i in range(n)], len(docs)
 
 
-def model_flops_per_token(cfg, block, mlm_probability=0.15):
+def model_flops_per_token(cfg, block, mlm_probability=0.15, objective="mlm"):
     """Model FLOPs per trained token, forward + backward (3x forward), the usual
     6N + 12*L*d*T estimate: 6 x the encoder's and the head transform's matmul
-    weights, 12*L*d*T for attention scores and values, and the vocabulary
-    projection counted at the masked positions only (the work the objective needs;
-    an implementation computing it everywhere does more than this).
-    DeBERTa's c2p/p2c terms are not counted (an under-estimate for it)."""
-    d = getattr(cfg, "hidden_size", None) or cfg.dim
-    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layers
-    ffn = getattr(cfg, "intermediate_size", None) or cfg.hidden_dim
-    per_layer = 4 * d * d + 2 * d * ffn
-    dense = layers * per_layer + d * d  # + head transform
-    return 6 * dense + 12 * layers * d * block + 6 * d * cfg.vocab_size * mlm_probability
+    weights, 12*L*d*T for attention scores and values (T: the positions a query
+    sees, ModernBERT's local layers `local_attention + 1` of them), and the
+    vocabulary projection counted at the masked positions only for `mlm` (the work
+    the objective needs; an implementation computing it everywhere does more than
+    this), at every position for `clm`. Reads BERT-, DistilBERT-, DeBERTa-,
+    GPT-2- and ModernBERT-style keys; ModernBERT's feed-forward is a GLU (its input
+    projection is 2 x intermediate_size wide). DeBERTa's c2p/p2c terms are not
+    counted (an under-estimate for it)."""
+    def key(*names):
+        for n in names:
+            v = getattr(cfg, n, None)
+            if v is not None:
+                return v
+        return None
+
+    d = key("hidden_size", "dim", "n_embd")
+    layers = key("num_hidden_layers", "n_layers", "n_layer")
+    ffn = key("intermediate_size", "hidden_dim", "n_inner") or 4 * d
+    model_type = key("model_type")
+    glu = model_type == "modernbert"
+    per_layer = 4 * d * d + (3 if glu else 2) * d * ffn
+    transform = 0 if model_type == "gpt2" else d * d  # GPT-2's head has no transform
+    dense = layers * per_layer + transform
+    spans = [block] * layers
+    if model_type == "modernbert":
+        every = key("global_attn_every_n_layers") or 1
+        local = min(block, (key("local_attention") or block) + 1)
+        spans = [block if i % every == 0 else local for i in range(layers)]
+    head_share = 1.0 if objective == "clm" else mlm_probability
+    return 6 * dense + 12 * d * sum(spans) + 6 * d * cfg.vocab_size * head_share
 
 
 def guess_peak_tflops(device, precision, tf32=True):
@@ -119,8 +148,8 @@ def guess_peak_tflops(device, precision, tf32=True):
 def main():
     a = parse_args()
     import torch
-    from transformers import AutoConfig, AutoModelForMaskedLM, DataCollatorForLanguageModeling
-    from transformers import PreTrainedTokenizerFast
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast, default_data_collator
 
     torch.manual_seed(a.seed)
     device = torch.device(a.device)
@@ -130,19 +159,28 @@ def main():
         torch.set_float32_matmul_precision("high" if a.tf32 == "on" else "highest")
 
     t0 = time.perf_counter()
-    blocks, n_docs = read_blocks(a.files, a.tokenizer, a.block)
+    clm = a.objective == "clm"
+    blocks, n_docs = read_blocks(a.files, a.tokenizer, a.block, special_tokens=not clm)
     need = (a.warmup + a.steps) * a.batch
     if len(blocks) < need:
         # Cycle the corpus rather than fail: the throughput does not depend on it.
         blocks = (blocks * (need // max(len(blocks), 1) + 1))[:max(need, len(blocks))]
     tokenize_s = time.perf_counter() - t0
 
-    hf_tok = PreTrainedTokenizerFast(tokenizer_file=a.tokenizer, unk_token="[UNK]", sep_token="[SEP]",
-                                     pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
-    collator = DataCollatorForLanguageModeling(hf_tok, mlm=True, mlm_probability=0.15)
+    if clm:
+        # run_clm: group_texts copies input_ids to labels (the model shifts them),
+        # the tokenizer's all-ones attention_mask rides along, default_data_collator.
+        def collator(rows):
+            return default_data_collator(
+                [{"input_ids": r["input_ids"], "attention_mask": [1] * len(r["input_ids"]),
+                  "labels": list(r["input_ids"])} for r in rows])
+    else:
+        hf_tok = PreTrainedTokenizerFast(tokenizer_file=a.tokenizer, unk_token="[UNK]", sep_token="[SEP]",
+                                         pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
+        collator = DataCollatorForLanguageModeling(hf_tok, mlm=True, mlm_probability=0.15)
 
     cfg = AutoConfig.from_pretrained(a.config)
-    model = AutoModelForMaskedLM.from_config(cfg).to(device)
+    model = (AutoModelForCausalLM if clm else AutoModelForMaskedLM).from_config(cfg).to(device)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
 
@@ -205,11 +243,13 @@ def main():
     elapsed = time.perf_counter() - start
     step_s = elapsed / a.steps
     tokens_per_s = a.batch * a.block / step_s
-    flops = model_flops_per_token(cfg, a.block)
+    flops = model_flops_per_token(cfg, a.block, objective=a.objective)
     peak = a.peak_tflops or guess_peak_tflops(device, a.precision, a.tf32 == "on")
     out = {
         "impl": "transformers+torch",
         "model_type": cfg.model_type,
+        "objective": a.objective,
+        "model_class": type(model).__name__,
         "parameters": n_params,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "precision": a.precision,
