@@ -7,6 +7,7 @@ mod common;
 
 mod activation_checkpointing;
 mod bad_input;
+mod bad_state;
 mod clm;
 mod data_arrow;
 mod data_inputs;
