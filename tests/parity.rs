@@ -14,33 +14,13 @@ use std::sync::OnceLock;
 use mlm::model::MaskedLm;
 use tch::{Device, Kind, Reduction, Tensor};
 
+use crate::common::parity::{assert_grads_match, load_clean, read_tensors, run_script, tensor_in};
 use crate::common::{process_dir, torch_rng};
 
 /// fp32 logits must agree with transformers to this max absolute difference.
 const TOL: f64 = 1e-4;
 /// fp32 gradients: ||ours - HF|| / ||HF|| per parameter, and max |ours - HF|.
 const GRAD_TOL: f64 = 1e-4;
-
-fn python() -> PathBuf {
-    std::env::var_os("MLM_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/mlm/venv/bin/python"))
-}
-
-fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python").join(name)
-}
-
-fn run_python(args: &[&Path]) {
-    let out = Command::new(python()).args(args).output().expect("running the Python reference");
-    assert!(
-        out.status.success(),
-        "{} {:?} failed:\n{}",
-        python().display(),
-        args,
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// The folder made by `make_models.py`: `bert/`, `distilbert/`, `bert_bin/`,
 /// `roberta/`, `camembert/`, `deberta/`, `deberta_lm/`, `deberta_abs/`, `deberta_conv/`, `grads/`,
@@ -49,21 +29,17 @@ fn fixture() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = process_dir("parity-fixture");
-        run_python(&[&script("make_models.py"), &dir]);
+        run_script("make_models.py", &[&dir]);
         dir
     })
 }
 
 fn read(path: &Path) -> Vec<(String, Tensor)> {
-    Tensor::read_safetensors(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    read_tensors(path)
 }
 
 fn reference(name: &str) -> Tensor {
-    let (_, t) = read(&fixture().join("reference.safetensors"))
-        .into_iter()
-        .find(|(n, _)| n == name)
-        .unwrap_or_else(|| panic!("{name} not in reference.safetensors"));
-    t
+    tensor_in(&fixture().join("reference.safetensors"), name)
 }
 
 /// The reference batch a fixture directory runs on: its key prefix in
@@ -117,14 +93,6 @@ fn load_dir(dir: &Path) -> anyhow::Result<(MaskedLm, mlm::model::LoadReport)> {
     MaskedLm::load_dir(dir, Device::Cpu)
 }
 
-/// Loads `dir` (a model is built, drawing from libtorch's generator, before
-/// its weights are read), expecting every weight and no other.
-fn load_clean(dir: &Path) -> MaskedLm {
-    let (model, report) = load_dir(dir).unwrap();
-    assert!(report.missing.is_empty() && report.unexpected.is_empty(), "{}: {report:?}", dir.display());
-    model
-}
-
 fn logits_match_transformers(arch: &str) {
     let model = load_clean(&fixture().join(arch));
     let (non_pad, all) = max_abs_diff_on(arch, &our_logits_on(arch, &model), &reference_logits(arch));
@@ -158,12 +126,7 @@ fn saved_dirs() -> &'static Path {
         }
         let jobs_file = dir.join("jobs.json");
         std::fs::write(&jobs_file, serde_json::Value::from(jobs).to_string()).unwrap();
-        run_python(&[
-            &script("check_load.py"),
-            Path::new("--jobs"),
-            &jobs_file,
-            &fixture().join("reference.safetensors"),
-        ]);
+        run_script("check_load.py", &[Path::new("--jobs"), &jobs_file, &fixture().join("reference.safetensors")]);
         dir
     })
 }
@@ -269,41 +232,8 @@ fn grads_match_transformers(arch: &str) {
         0.0,
     );
     loss.backward();
-    let vars = model.vs.variables();
     let reference = read(&fixture().join("grads").join(format!("{arch}.safetensors")));
-    let mut names: Vec<&String> = vars.keys().collect();
-    names.sort();
-    let mut theirs: Vec<&String> = reference.iter().map(|(n, _)| n).collect();
-    theirs.sort();
-    assert_eq!(names, theirs, "{arch}: parameters with gradients");
-    // Gradients that are zero in exact arithmetic (the key biases: they add a
-    // per-query constant to the scores, which the softmax cancels) come out as
-    // rounding noise, ~1e-12; relative errors of noise mean nothing, so norms
-    // are floored at 1e-6 of the model's largest gradient norm.
-    let floor = 1e-6 * reference.iter().map(|(_, g)| g.norm().double_value(&[])).fold(0.0, f64::max);
-    let (mut worst_rel, mut worst_abs) = ((0.0, String::new()), (0.0, String::new()));
-    for (name, hf) in &reference {
-        let ours = vars[name].grad();
-        assert!(ours.defined(), "{arch}: {name} has no gradient");
-        let diff = &ours - hf;
-        let rel = diff.norm().double_value(&[]) / hf.norm().double_value(&[]).max(floor);
-        let abs = diff.abs().max().double_value(&[]);
-        if rel > worst_rel.0 {
-            worst_rel = (rel, name.clone());
-        }
-        if abs > worst_abs.0 {
-            worst_abs = (abs, name.clone());
-        }
-    }
-    println!(
-        "{arch}: gradients vs transformers: max relative {:.3e} ({}), max abs {:.3e} ({}), {} parameters",
-        worst_rel.0,
-        worst_rel.1,
-        worst_abs.0,
-        worst_abs.1,
-        reference.len()
-    );
-    assert!(worst_rel.0 < GRAD_TOL && worst_abs.0 < GRAD_TOL, "{arch}: {worst_rel:?} {worst_abs:?}");
+    assert_grads_match(arch, &model.vs.variables(), &reference, GRAD_TOL);
 }
 
 #[test]

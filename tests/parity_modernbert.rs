@@ -10,52 +10,26 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use mlm::model::MaskedLm;
-use tch::{Device, Kind, Reduction, Tensor};
+use tch::{Kind, Reduction, Tensor};
 
-use crate::common::{process_dir, python, torch_rng};
+use crate::common::parity::{assert_grads_match, load_clean, read_tensors, run_script, tensor_in};
+use crate::common::process_dir;
 
 /// fp32 logits and gradients must agree with transformers to this.
 const TOL: f64 = 1e-4;
-
-fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python").join(name)
-}
-
-fn run_python(args: &[&Path]) {
-    let out = Command::new(python()).args(args).output().expect("running the Python reference");
-    assert!(out.status.success(), "{args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-}
 
 /// The folder `make_modernbert.py` writes.
 fn fixture() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = process_dir("modernbert-fixture");
-        run_python(&[&script("make_modernbert.py"), &dir]);
+        run_script("make_modernbert.py", &[&dir]);
         dir
     })
 }
 
-fn read(path: &Path) -> Vec<(String, Tensor)> {
-    Tensor::read_safetensors(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
 fn reference(name: &str) -> Tensor {
-    read(&fixture().join("reference.safetensors"))
-        .into_iter()
-        .find(|(n, _)| n == name)
-        .unwrap_or_else(|| panic!("{name} not in reference.safetensors"))
-        .1
-}
-
-/// Loads `dir`, expecting every weight and no other.
-fn load_clean(dir: &Path) -> MaskedLm {
-    let (model, report) = {
-        let _rng = torch_rng();
-        MaskedLm::load_dir(dir, Device::Cpu).unwrap()
-    };
-    assert!(report.missing.is_empty() && report.unexpected.is_empty(), "{}: {report:?}", dir.display());
-    model
+    tensor_in(&fixture().join("reference.safetensors"), name)
 }
 
 /// Max |a - b| over the padded batch's tokens.
@@ -135,26 +109,10 @@ fn modernbert_loss_and_gradients_match_transformers() {
         let hf_loss = ce(&reference(&format!("{dir}_logits"))).double_value(&[]);
         let our_loss = loss.double_value(&[]);
         assert!((our_loss - hf_loss).abs() < TOL, "{dir}: loss {our_loss} vs {hf_loss}");
+        println!("{dir}: loss {our_loss:.6} (HF {hf_loss:.6})");
         loss.backward();
-        let vars = model.vs.variables();
-        let hf = read(&fixture().join("grads").join(format!("{dir}.safetensors")));
-        let mut ours: Vec<&String> = vars.keys().collect();
-        ours.sort();
-        let mut theirs: Vec<&String> = hf.iter().map(|(n, _)| n).collect();
-        theirs.sort();
-        assert_eq!(ours, theirs, "{dir}: parameters with gradients");
-        let floor = 1e-6 * hf.iter().map(|(_, g)| g.norm().double_value(&[])).fold(0.0, f64::max);
-        let mut worst = (0.0f64, 0.0f64, String::new());
-        for (name, g) in &hf {
-            let diff = vars[name].grad() - g;
-            let rel = diff.norm().double_value(&[]) / g.norm().double_value(&[]).max(floor);
-            let abs = diff.abs().max().double_value(&[]);
-            if rel.max(abs) > worst.0.max(worst.1) {
-                worst = (rel, abs, name.clone());
-            }
-        }
-        println!("{dir}: loss {our_loss:.6} (HF {hf_loss:.6}); worst gradient {worst:?} over {} parameters", hf.len());
-        assert!(worst.0 < TOL && worst.1 < TOL, "{dir}: {worst:?}");
+        let hf = read_tensors(&fixture().join("grads").join(format!("{dir}.safetensors")));
+        assert_grads_match(dir, &model.vs.variables(), &hf, TOL);
     }
 }
 
@@ -171,19 +129,19 @@ fn modernbert_saved_dir_loads_in_transformers_without_missing_keys() {
     }
     let jobs_file = saved.join("jobs.json");
     std::fs::write(&jobs_file, serde_json::Value::from(jobs).to_string()).unwrap();
-    run_python(&[&script("check_load.py"), Path::new("--jobs"), &jobs_file, &fixture().join("reference.safetensors")]);
+    run_script("check_load.py", &[Path::new("--jobs"), &jobs_file, &fixture().join("reference.safetensors")]);
     for dir in ["modernbert_hub", "modernbert_bias"] {
         let out = saved.join(dir);
         if let Ok(msg) = std::fs::read_to_string(out.join("hf_logits.safetensors.error")) {
             panic!("transformers could not load our {dir} dir: {msg}");
         }
         let names = |p: &Path| {
-            let mut n: Vec<String> = read(p).into_iter().map(|(n, _)| n).collect();
+            let mut n: Vec<String> = read_tensors(p).into_iter().map(|(n, _)| n).collect();
             n.sort();
             n
         };
         assert_eq!(names(&out.join("model.safetensors")), names(&fixture().join(dir).join("model.safetensors")));
-        let hf = read(&out.join("hf_logits.safetensors")).remove(0).1;
+        let hf = read_tensors(&out.join("hf_logits.safetensors")).remove(0).1;
         let diff = max_diff_on_tokens(&padded_logits(&load_clean(&out)), &hf);
         let reference = max_diff_on_tokens(&hf, &reference(&format!("{}_logits", reference_name(dir))));
         println!("{dir}: saved dir, transformers vs ours {diff:.3e}, vs the original {reference:.3e}");

@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub mod parity;
+
 pub fn venv() -> PathBuf {
     std::env::var_os("MLM_VENV")
         .map(PathBuf::from)
