@@ -158,31 +158,52 @@ impl Gpt2Attention {
     }
 
     /// `x` [b, n, h], `bias` [b, 1, n, n] (`None`: causality alone), `cache`:
-    /// this layer's keys and values of the positions before these (decoding),
-    /// to which these are appended -> [b, n, h]
+    /// this layer's keys and values of the `past` positions before these
+    /// (decoding), to which these are appended -> [b, n, h]
     fn forward(
         &self,
         x: &Tensor,
         bias: Option<&Tensor>,
         train: bool,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<(&mut Option<(Tensor, Tensor)>, i64)>,
     ) -> Tensor {
         let (b, n, h) = x.size3().expect("GPT-2 attention input must be [batch, seq, hidden]");
         let by_head = |t: &Tensor| t.view([b, n, self.heads, h / self.heads]).transpose(1, 2); // [b, heads, n, d]
         let qkv = self.c_attn.forward(x).split(h, -1);
         let (q, mut k, mut v) = (by_head(&qkv[0]), by_head(&qkv[1]), by_head(&qkv[2]));
-        if let Some(cache) = cache {
-            if let Some((k0, v0)) = cache.take() {
-                k = Tensor::cat(&[k0, k], 2);
-                v = Tensor::cat(&[v0, v], 2);
-            }
-            *cache = Some((k.shallow_clone(), v.shallow_clone()));
+        if let Some((entry, past)) = cache {
+            (k, v) = append_to_cache(entry, past, &k, &v);
         }
         let p = if train { self.attention_dropout } else { 0.0 };
         let ctx = causal_attention(&q, &k, &v, bias, self.scale, p); // [b, heads, n, d]
         let ctx = ctx.transpose(1, 2).contiguous().view([b, n, h]);
         dropout(&self.c_proj.forward(&ctx), self.resid_dropout, train)
     }
+}
+
+/// Writes `k` and `v` [b, heads, n, d] after the `past` positions of a
+/// layer's cache entry and returns the keys and values of all `past + n`
+/// positions (views of the entry). The entry's buffers grow by doubling, so a
+/// generated token copies its own keys and values, not the whole cache.
+fn append_to_cache(entry: &mut Option<(Tensor, Tensor)>, past: i64, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
+    let need = past + k.size()[2];
+    if entry.as_ref().is_none_or(|(kb, _)| kb.size()[2] < need) {
+        let mut size = k.size();
+        size[2] = 2 * need;
+        let grown = (
+            Tensor::zeros(size.as_slice(), (k.kind(), k.device())),
+            Tensor::zeros(size.as_slice(), (v.kind(), v.device())),
+        );
+        if let Some((k0, v0)) = entry.take() {
+            grown.0.narrow(2, 0, past).copy_(&k0.narrow(2, 0, past));
+            grown.1.narrow(2, 0, past).copy_(&v0.narrow(2, 0, past));
+        }
+        *entry = Some(grown);
+    }
+    let (kb, vb) = entry.as_ref().expect("allocated above");
+    kb.narrow(2, past, k.size()[2]).copy_(k);
+    vb.narrow(2, past, v.size()[2]).copy_(v);
+    (kb.narrow(2, 0, need), vb.narrow(2, 0, need))
 }
 
 /// The scaled initialisation of the projections into the residual stream
@@ -242,7 +263,7 @@ impl Gpt2Block {
         x: &Tensor,
         bias: Option<&Tensor>,
         train: bool,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<(&mut Option<(Tensor, Tensor)>, i64)>,
     ) -> Tensor {
         let x = self.attn.forward(&self.ln_1.forward(x), bias, train, cache) + x;
         self.mlp.forward(&self.ln_2.forward(&x), train) + x
@@ -330,7 +351,7 @@ impl Encoder for Gpt2LmHeadModel {
         }
         let mut x = self.embeddings(input_ids, cache.len);
         for (block, entry) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            x = block.forward(&x, None, false, Some(entry));
+            x = block.forward(&x, None, false, Some((entry, cache.len)));
         }
         cache.len += input_ids.size()[1];
         Some(x)

@@ -59,8 +59,9 @@ impl Objective {
 }
 
 /// A decoder's key/value cache for generation: each layer's keys and values
-/// of the positions seen so far ([b, heads, len, head_dim] each), so that a
-/// new token costs one position.
+/// of the positions seen so far (buffers [b, heads, capacity, head_dim] whose
+/// first `len` positions hold them, grown by doubling), so that a new token
+/// costs one position.
 #[derive(Debug, Default)]
 pub struct KvCache {
     /// One entry per layer, `None` until the first call.

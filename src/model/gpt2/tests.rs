@@ -38,15 +38,21 @@ fn decoding_with_the_cache_gives_the_full_forward_logits() {
     for extra in [serde_json::json!({}), serde_json::json!({"scale_attn_weights": false, "n_inner": 24})] {
         let model = tiny(extra);
         perturb(&model);
-        let ids = Tensor::from_slice(&[3i64, 17, 9, 44, 1, 8, 30, 2, 11, 5, 6, 7, 49, 0, 21, 13, 12, 40]).view([2, 9]);
+        // 14 tokens: the cache's buffers (10 positions after the 5-token
+        // prompt) grow once, after the 10th.
+        let ids: Vec<i64> = (0..28).map(|i| (i * 7 + 3) % 50).collect();
+        let ids = Tensor::from_slice(&ids).view([2, 14]);
         let full = tch::no_grad(|| model.logits(&ids, None, false));
         let mut cache = KvCache::default();
         let mut steps = vec![model.decode_logits(&ids.narrow(1, 0, 5), &mut cache).unwrap()];
-        for i in 5..9 {
+        let capacity = |c: &KvCache| c.layers[0].as_ref().map(|(k, _)| k.size()[2]);
+        assert_eq!(capacity(&cache), Some(10));
+        for i in 5..14 {
             steps.push(model.decode_logits(&ids.narrow(1, i, 1), &mut cache).unwrap());
         }
-        assert_eq!(cache.len, 9);
-        assert!(cache.layers.iter().all(|l| l.as_ref().is_some_and(|(k, _)| k.size() == [2, 2, 9, 8])));
+        assert_eq!(cache.len, 14);
+        assert_eq!(capacity(&cache), Some(22));
+        assert!(cache.layers.iter().all(|l| l.as_ref().is_some_and(|(k, _)| k.size() == [2, 2, 22, 8])));
         let diff = max_diff(&Tensor::cat(&steps, 1), &full);
         assert!(diff < 1e-5, "cached decode vs full forward: {diff:.3e}");
         // Past the positions: refused, naming them.
