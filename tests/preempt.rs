@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::common::*;
 
@@ -97,8 +97,10 @@ fn signals_during_the_save_leave_a_valid_checkpoint() {
     let out = dir.path().join("out");
     let mut job = spawn(mlm().arg("train").arg(&cfg).args(args()));
     wait_for_step(&out, SIGNAL_AFTER, Duration::from_secs(120));
-    let mut sent = 0;
-    while !job.exited() {
+    let (mut sent, deadline) = (0, Instant::now() + Duration::from_secs(120));
+    // The storm's pace, not a wait on a condition: one signal a millisecond
+    // until the job exits (`job.wait` below bounds a job that never does).
+    while !job.exited() && Instant::now() < deadline {
         signal(job.id(), if sent % 2 == 0 { libc::SIGTERM } else { libc::SIGUSR1 });
         sent += 1;
         std::thread::sleep(Duration::from_millis(1));
