@@ -127,8 +127,11 @@ pub fn generate(
     let mut input = Tensor::from_slice(&ids.iter().map(|&t| t as i64).collect::<Vec<_>>()).view([1, -1]);
     let mut new = Vec::with_capacity(max_new_tokens);
     while new.len() < max_new_tokens {
-        let logits = model.decode_logits(&input.to_device(device), &mut cache)?;
-        let last = logits.select(0, 0).select(0, -1).to_device(Device::Cpu); // [vocab]
+        // The head at the last position only: a long prompt's other
+        // positions would cost a [prompt, vocab] projection for nothing.
+        let hidden = model.decode_hidden(&input.to_device(device), &mut cache)?;
+        let last = tch::no_grad(|| model.mlm_head(&hidden.select(0, 0).select(0, -1)).to_kind(Kind::Float));
+        let last = last.to_device(Device::Cpu); // [vocab]
         let next = match sampling {
             None => last.argmax(-1, false).int64_value(&[]),
             Some(s) => draw(&last, &s),

@@ -283,6 +283,14 @@ impl MaskedLm {
     /// [b, n] following the positions in `cache`, appending theirs to it
     /// (generation: each new token costs one position). An encoder is refused.
     pub fn decode_logits(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let hidden = self.decode_hidden(input_ids, cache)?;
+        Ok(tch::no_grad(|| self.mlm_head(&hidden).to_kind(Kind::Float)))
+    }
+
+    /// [`Self::decode_logits`] before the head: the final hidden states
+    /// [b, n, h], for a caller that needs the logits of some positions only
+    /// (generation: the last one).
+    pub fn decode_hidden(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let n = input_ids.size().get(1).copied().unwrap_or(0);
         if cache.len + n > self.max_positions() {
             bail!(
@@ -291,9 +299,8 @@ impl MaskedLm {
                 cache.len
             );
         }
-        let hidden = tch::no_grad(|| self.net.decode(input_ids, cache));
-        match hidden {
-            Some(h) => Ok(tch::no_grad(|| self.mlm_head(&h).to_kind(Kind::Float))),
+        match tch::no_grad(|| self.net.decode(input_ids, cache)) {
+            Some(h) => Ok(h),
             None => bail!("{} is an encoder (a masked LM): it cannot generate text", self.arch.model_type()),
         }
     }
